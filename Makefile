@@ -1,0 +1,32 @@
+# Task runner. `make setup main` runs the main job on the embedded default; `make setup test`
+# runs the tests (what CI runs). PYTHON may point at a conda/venv interpreter.
+PYTHON ?= python
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+FMNIST_DEB := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data main test test-fast bench clean-outputs
+
+setup:
+	@# Keep an existing torch (e.g. a CUDA build); install the pinned CPU-machine build otherwise.
+	$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PYTHON) -m pip install $(TORCH_PIN)
+	$(PYTHON) -m pip install -e ".[dev]"
+	@$(MAKE) --no-print-directory data
+
+data:
+	@# Fashion-MNIST: Debian package when root on Debian; torchvision downloads it elsewhere at first use.
+	@if [ -d $(FMNIST_DEB) ]; then echo "Fashion-MNIST: $(FMNIST_DEB)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y dataset-fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist)); \
+	else echo "Fashion-MNIST: not installed system-wide; torchvision will download it on first use"; fi
+
+main:
+	$(PYTHON) -m fcr.pipeline run --setting embedded
+
+test:
+	$(PYTHON) -m pytest -q tests
+
+test-fast:
+	$(PYTHON) -m pytest -q tests -x -k "not notebook"
+
+bench:
+	$(PYTHON) benchmarks/bench_core.py

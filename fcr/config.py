@@ -1,0 +1,264 @@
+"""Flat, validated parameters from YAML files, papermill parameters or a notebook namespace.
+
+Parameters are flat keys (papermill's ``-f`` merge is a shallow ``dict.update``). Every key is
+declared once in :data:`SCHEMA` with its type, default and constraint; :func:`validate` fails at
+once with one :class:`ConfigError` naming the key and what is allowed, before any work is done.
+YAML is read with ``yaml.safe_load`` (YAML 1.1: ``1e-4`` is a *string*, ``1.0e-4`` a float), so a
+number-looking string for a numeric key gets a message that says how to write it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["SCHEMA", "ConfigError", "Param", "from_namespace", "load_params", "load_yaml", "merge", "validate"]
+
+
+class ConfigError(ValueError):
+    """A parameter is unknown, of the wrong type or impossible."""
+
+
+Check = Callable[[Any], "str | None"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter: expected type ("int", "float", "bool", "str", "int_list", "float_list",
+    "str_list", "key_schedule"), default, one-line doc, allowed choices and an extra check that
+    returns an error text or None."""
+
+    kind: str
+    default: Any
+    doc: str
+    choices: tuple[Any, ...] | None = None
+    check: Check | None = None
+
+
+def _at_least(lo: float) -> Check:
+    return lambda v: None if v >= lo else f"must be >= {lo}"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _fraction(v: float) -> str | None:
+    return None if 0.0 <= v <= 1.0 else "must be within [0, 1]"
+
+
+def _each(check: Check) -> Check:
+    def run(values: list) -> str | None:
+        for v in values:
+            err = check(v)
+            if err:
+                return f"every entry {err} (got {v!r})"
+        return None
+
+    return run
+
+
+def _non_empty(check: Check | None = None) -> Check:
+    def run(values: list) -> str | None:
+        if not values:
+            return "must not be empty"
+        return check(values) if check else None
+
+    return run
+
+
+SCHEDULER_NAMES = ("ddim", "dpmsolver++", "euler")
+FEATURE_GROUP_NAMES = ("all", "early", "mid", "late")
+
+SCHEMA: dict[str, Param] = {
+    # --- run ---
+    "setting": Param("str", "embedded", "embedded default (Fashion-MNIST + MiniLM) or Stable Diffusion", ("embedded", "sd")),
+    "seed": Param("int", 0, "global seed", check=_at_least(0)),
+    "seeds": Param("int_list", [0, 1, 2], "seeds of repeated runs", check=_non_empty(_each(_at_least(0)))),
+    "device": Param("str", "auto", "torch device", ("auto", "cpu", "cuda")),
+    "output_dir": Param("str", "outputs/embedded", "where results are written"),
+    "run_name": Param("str", "default", "name of this variation's folder under output_dir"),
+    # --- models ---
+    "model": Param("str", "base", "embedded model name (base, base-v, derivative) or a diffusers repo id/folder"),
+    "architecture": Param("str", "base", "embedded UNet architecture", ("base", "base-v")),
+    "text_encoder": Param("str", "minilm", "text encoder: 'minilm' (embedded) or a repo id/folder"),
+    "prediction_type": Param("str", "epsilon", "what the UNet predicts", ("epsilon", "v_prediction")),
+    "num_train_timesteps": Param("int", 1000, "training diffusion steps T", check=_at_least(2)),
+    "beta_schedule": Param("str", "scaled_linear", "training beta schedule", ("linear", "scaled_linear", "squaredcos_cap_v2")),
+    "resolution": Param("int", 32, "image side in pixels", check=_at_least(8)),
+    "max_text_length": Param("int", 16, "tokens of the text encoder input", check=_at_least(2)),
+    # --- sampling (Faster Diffusion) ---
+    "scheduler": Param("str", "ddim", "sampling scheduler", SCHEDULER_NAMES),
+    "num_inference_steps": Param("int", 50, "sampling steps", check=_at_least(1)),
+    "guidance_scale": Param("float", 4.0, "classifier-free guidance scale", check=_at_least(1.0)),
+    "key_schedule": Param("key_schedule", "uniform", "'uniform' (every stride-th step), '50ls' or an explicit list of key-step indices"),
+    "stride": Param("int", 5, "key-step stride for the uniform schedule", check=_at_least(1)),
+    "strides": Param("int_list", [1, 5, 10, 15, 20], "strides of a sweep", check=_non_empty(_each(_at_least(1)))),
+    "parallel_decoding": Param("bool", True, "decode a key step and its non-key steps as one batch"),
+    "prior_noise": Param("bool", True, "Faster Diffusion's prior noise injection"),
+    "prior_noise_alpha": Param("float", 0.003, "weight of z_T added before each late step", check=_at_least(0.0)),
+    "prior_noise_threshold": Param("float", 0.5, "inject when t / T is below this", check=_fraction),
+    # --- FCR loss ---
+    "lambda_fcr": Param("float", 0.1, "weight of the FCR term", check=_at_least(0.0)),
+    "delta_max": Param("int", 10, "largest timestep gap of an FCR pair", check=_at_least(1)),
+    "delta_units": Param("str", "train", "units of delta_max: training timesteps or sampling steps", ("train", "sampling")),
+    "fcr_sampling_steps": Param("int", 50, "sampling steps that define one 'sampling' delta unit", check=_at_least(1)),
+    "feature_group": Param("str", "all", "encoder features the FCR term compares", FEATURE_GROUP_NAMES),
+    "fcr_normalize": Param("bool", False, "scale-invariant FCR (difference over feature energy)"),
+    "shared_noise": Param("bool", True, "same noise for both latents of an FCR pair"),
+    # --- training ---
+    "learning_rate": Param("float", 1.0e-5, "AdamW learning rate", check=_positive),
+    "adam_beta1": Param("float", 0.9, "AdamW beta1", check=_fraction),
+    "adam_beta2": Param("float", 0.999, "AdamW beta2", check=_fraction),
+    "weight_decay": Param("float", 1.0e-2, "AdamW weight decay", check=_at_least(0.0)),
+    "train_batch_size": Param("int", 128, "per-process batch size", check=_at_least(1)),
+    "gradient_accumulation_steps": Param("int", 1, "micro-batches per optimizer step", check=_at_least(1)),
+    "max_train_steps": Param("int", 10000, "optimizer steps", check=_at_least(1)),
+    "max_grad_norm": Param("float", 1.0, "gradient clipping norm", check=_positive),
+    "mixed_precision": Param("str", "no", "accelerate mixed precision", ("no", "fp16", "bf16")),
+    "ema_decay": Param("float", 0.0, "EMA decay (0 disables EMA)", check=_fraction),
+    "caption_dropout": Param("float", 0.1, "probability of the empty caption (for CFG)", check=_fraction),
+    "checkpoint_every": Param("int", 500, "steps between resumable checkpoints", check=_at_least(1)),
+    "log_every": Param("int", 10, "steps between log rows", check=_at_least(1)),
+    # --- evaluation ---
+    "num_eval_images": Param("int", 1000, "generated images per configuration", check=_at_least(1)),
+    "eval_batch_size": Param("int", 100, "images per sampling batch", check=_at_least(1)),
+}
+
+
+def _type_error(key: str, kind: str, value: Any) -> ConfigError:
+    hint = ""
+    if isinstance(value, str) and kind in ("float", "int"):
+        try:
+            float(value)
+            hint = (
+                f" YAML 1.1 reads numbers like {value!r} as strings: write it with a dot and a signed "
+                f"exponent (e.g. 1.0e-4) or as a plain decimal."
+            )
+        except ValueError:
+            pass
+    return ConfigError(f"parameter {key!r}: expected {kind}, got {type(value).__name__} {value!r}.{hint}")
+
+
+def _coerce(key: str, kind: str, value: Any) -> Any:
+    """Check ``value`` against ``kind``; ints are accepted for floats, bools never for numbers."""
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise _type_error(key, kind, value)
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(key, kind, value)
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _type_error(key, kind, value)
+        if not math.isfinite(value):
+            raise ConfigError(f"parameter {key!r}: must be a finite number, got {value!r}")
+        return float(value)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise _type_error(key, kind, value)
+        return value
+    if kind in ("int_list", "float_list", "str_list"):
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(key, f"a list of {kind[:-5]}", value)
+        return [_coerce(f"{key}[{i}]", kind[:-5], v) for i, v in enumerate(value)]
+    if kind == "key_schedule":
+        if isinstance(value, str):
+            if value not in ("uniform", "50ls"):
+                raise ConfigError(f"parameter {key!r}: allowed 'uniform', '50ls' or a list of key-step indices, got {value!r}")
+            return value
+        return _coerce(key, "int_list", value)
+    raise AssertionError(f"unknown parameter kind {kind!r}")
+
+
+def _check_key_schedule(params: dict[str, Any]) -> None:
+    keys = params["key_schedule"]
+    if isinstance(keys, str):
+        return
+    n = params["num_inference_steps"]
+    if not keys:
+        raise ConfigError("parameter 'key_schedule': an explicit list must not be empty")
+    if keys[0] != 0:
+        raise ConfigError(f"parameter 'key_schedule': must start with key step 0 (the first step always runs the encoder), got {keys}")
+    if any(b <= a for a, b in zip(keys, keys[1:])):
+        raise ConfigError(f"parameter 'key_schedule': key steps must be strictly increasing, got {keys}")
+    if keys[-1] >= n:
+        raise ConfigError(f"parameter 'key_schedule': key steps must lie in [0, num_inference_steps={n}), got {keys}")
+
+
+def validate(params: Mapping[str, Any], *, fill_defaults: bool = True) -> dict[str, Any]:
+    """Validate flat parameters and return them with defaults filled in.
+
+    Raises :class:`ConfigError` with one message naming the first bad key.
+    """
+    unknown = [k for k in params if k not in SCHEMA]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, SCHEMA, n=1)
+        did_you_mean = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown parameter {key!r}{did_you_mean}; known parameters: {', '.join(sorted(SCHEMA))}")
+    out: dict[str, Any] = {k: p.default for k, p in SCHEMA.items()} if fill_defaults else {}
+    for key, value in params.items():
+        spec = SCHEMA[key]
+        value = _coerce(key, spec.kind, value)
+        if spec.choices is not None and value not in spec.choices:
+            raise ConfigError(f"parameter {key!r}: allowed {list(spec.choices)}, got {value!r}")
+        if spec.check is not None:
+            err = spec.check(value)
+            if err:
+                raise ConfigError(f"parameter {key!r}: {err}, got {value!r}")
+        out[key] = value
+    if fill_defaults:
+        _check_key_schedule(out)
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read one flat YAML mapping with ``yaml.safe_load``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"parameter file {str(path)!r} does not exist")
+    with path.open() as f:
+        data = yaml.safe_load(f)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"parameter file {str(path)!r} must hold a mapping of flat keys, got {type(data).__name__}")
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise ConfigError(f"parameter file {str(path)!r}: key {key!r} holds a mapping; parameters are flat keys "
+                              "(papermill merges -f files with a shallow update)")
+    return data
+
+
+def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Shallow merge, later layers win: exactly what papermill does with repeated ``-f`` files."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        out.update(layer)
+    return out
+
+
+def load_params(*paths: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Load, merge (in order) and validate YAML files, then ``overrides``."""
+    return validate(merge(*(load_yaml(p) for p in paths), overrides or {}))
+
+
+def from_namespace(namespace: Mapping[str, Any], before: Iterable[str]) -> dict[str, Any]:
+    """Validate the parameters a notebook defined or papermill injected.
+
+    ``before`` is the set of global names that existed before the parameters cell; every new
+    public name is a parameter, so a misspelt injected key fails here instead of papermill's
+    mere warning.
+    """
+    skip = set(before)
+    params = {k: v for k, v in namespace.items() if k not in skip and not k.startswith("_")}
+    return validate(params)

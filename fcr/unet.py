@@ -1,0 +1,248 @@
+"""Encoder/decoder split of ``diffusers.UNet2DConditionModel`` as Faster Diffusion defines it.
+
+Encoder = time embedding + ``conv_in`` + every down block + the mid block. Its output is the whole
+skip tuple (starting with the ``conv_in`` output, exactly diffusers' ``down_block_res_samples``)
+and the mid-block output. Decoder = up blocks + output head, run with the time embedding of the
+step it is asked for, which may differ from the step the features were computed at (that is the
+point of encoder caching). This is the only module of ``fcr`` that touches the UNet's blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+
+__all__ = [
+    "EncoderFeatures",
+    "UnsupportedUNetError",
+    "check_supported",
+    "decode",
+    "encode",
+    "feature_group_indices",
+    "FEATURE_GROUPS",
+]
+
+# Keyword arguments accepted by encode/decode and forwarded to the blocks exactly as
+# UNet2DConditionModel.forward forwards them.
+_PASSTHROUGH = ("attention_mask", "encoder_attention_mask", "cross_attention_kwargs", "timestep_cond")
+
+FEATURE_GROUPS = ("all", "early", "mid", "late")
+
+
+class UnsupportedUNetError(ValueError):
+    """The UNet uses a feature the split does not reproduce exactly."""
+
+
+@dataclass
+class EncoderFeatures:
+    """What the decoder needs from the encoder (besides the conditioning and time embedding).
+
+    ``skips``: ``down_block_res_samples`` (``conv_in`` output first); ``mid``: mid-block output
+    (the last down block's output when the UNet has no mid block); ``forward_upsample_size``:
+    whether the input size was not a multiple of the UNet's overall down-sampling factor.
+    """
+
+    skips: tuple[torch.Tensor, ...]
+    mid: torch.Tensor
+    forward_upsample_size: bool
+
+    @property
+    def batch_size(self) -> int:
+        return self.mid.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """All feature tensors, skips first then mid (the order ``feature_group_indices`` uses)."""
+        return [*self.skips, self.mid]
+
+    def map(self, fn) -> "EncoderFeatures":
+        """Apply ``fn`` to every tensor (e.g. ``repeat_interleave`` for parallel decoding)."""
+        return EncoderFeatures(tuple(fn(s) for s in self.skips), fn(self.mid), self.forward_upsample_size)
+
+    @staticmethod
+    def cat(parts: list["EncoderFeatures"]) -> "EncoderFeatures":
+        """Concatenate along the batch dimension."""
+        skips = tuple(torch.cat(group, dim=0) for group in zip(*(p.skips for p in parts)))
+        mid = torch.cat([p.mid for p in parts], dim=0)
+        return EncoderFeatures(skips, mid, parts[0].forward_upsample_size)
+
+
+def check_supported(unet: UNet2DConditionModel) -> None:
+    """Raise :class:`UnsupportedUNetError` for configurations the split would get wrong."""
+    cfg = unet.config
+    problems = []
+    if cfg.class_embed_type is not None or cfg.num_class_embeds is not None:
+        problems.append(f"class embeddings (class_embed_type={cfg.class_embed_type!r})")
+    if cfg.addition_embed_type is not None:
+        problems.append(f"additional embeddings (addition_embed_type={cfg.addition_embed_type!r})")
+    if cfg.encoder_hid_dim_type not in (None, "text_proj"):
+        problems.append(f"encoder_hid_dim_type={cfg.encoder_hid_dim_type!r}")
+    if getattr(unet, "position_net", None) is not None:
+        problems.append("GLIGEN position net")
+    if problems:
+        raise UnsupportedUNetError(
+            "fcr.unet cannot split this UNet exactly: it uses " + ", ".join(problems) + ". "
+            "Supported: text-conditioned UNet2DConditionModel as in Stable Diffusion 1.x/2.x."
+        )
+
+
+def _check_kwargs(kwargs: dict[str, Any]) -> None:
+    unknown = sorted(set(kwargs) - set(_PASSTHROUGH))
+    if unknown:
+        raise UnsupportedUNetError(
+            f"unsupported UNet argument(s) {unknown}: ControlNet/adapter residuals, class labels and "
+            f"added conditions are not handled by the encoder/decoder split; allowed: {list(_PASSTHROUGH)}"
+        )
+    cak = kwargs.get("cross_attention_kwargs")
+    if cak is not None and cak.get("gligen") is not None:
+        raise UnsupportedUNetError("GLIGEN cross_attention_kwargs are not supported by fcr.unet")
+
+
+def _time_embedding(
+    unet: UNet2DConditionModel,
+    like: torch.Tensor,
+    timestep: torch.Tensor | float | int,
+    timestep_cond: torch.Tensor | None,
+) -> torch.Tensor:
+    """The UNet's time embedding, one row per sample of ``like`` (scalar timesteps broadcast)."""
+    t_emb = unet.get_time_embed(sample=like, timestep=timestep)
+    emb = unet.time_embedding(t_emb, timestep_cond)
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    return emb
+
+
+def _mask_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    # Same conversion as UNet2DConditionModel.forward: keep=1/discard=0 -> additive bias.
+    if mask is None:
+        return None
+    return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
+
+
+def _prepare(unet, like, encoder_hidden_states, kwargs):
+    _check_kwargs(kwargs)
+    check_supported(unet)
+    attention_mask = _mask_bias(kwargs.get("attention_mask"), like.dtype)
+    encoder_attention_mask = _mask_bias(kwargs.get("encoder_attention_mask"), like.dtype)
+    encoder_hidden_states = unet.process_encoder_hidden_states(
+        encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=None
+    )
+    return dict(
+        encoder_hidden_states=encoder_hidden_states,
+        attention_mask=attention_mask,
+        encoder_attention_mask=encoder_attention_mask,
+        cross_attention_kwargs=kwargs.get("cross_attention_kwargs"),
+    )
+
+
+def _has_cross_attention(block) -> bool:
+    return bool(getattr(block, "has_cross_attention", False))
+
+
+def encode(
+    unet: UNet2DConditionModel,
+    sample: torch.Tensor,
+    timestep: torch.Tensor | float | int,
+    encoder_hidden_states: torch.Tensor,
+    **kwargs: Any,
+) -> EncoderFeatures:
+    """Run time embedding, ``conv_in``, the down blocks and the mid block.
+
+    ``kwargs`` may hold ``attention_mask``, ``encoder_attention_mask``, ``cross_attention_kwargs``
+    and ``timestep_cond``, with the meaning they have in ``UNet2DConditionModel.forward``.
+    """
+    cond = _prepare(unet, sample, encoder_hidden_states, kwargs)
+    up_factor = 2**unet.num_upsamplers
+    forward_upsample_size = any(dim % up_factor != 0 for dim in sample.shape[-2:])
+
+    if unet.config.center_input_sample:
+        sample = 2 * sample - 1.0
+    emb = _time_embedding(unet, sample, timestep, kwargs.get("timestep_cond"))
+
+    hidden = unet.conv_in(sample)
+    skips: tuple[torch.Tensor, ...] = (hidden,)
+    for block in unet.down_blocks:
+        if _has_cross_attention(block):
+            hidden, res = block(hidden_states=hidden, temb=emb, **cond)
+        else:
+            hidden, res = block(hidden_states=hidden, temb=emb)
+        skips += res
+
+    if unet.mid_block is not None:
+        if _has_cross_attention(unet.mid_block):
+            hidden = unet.mid_block(hidden, emb, **cond)
+        else:
+            hidden = unet.mid_block(hidden, emb)
+    return EncoderFeatures(skips=skips, mid=hidden, forward_upsample_size=forward_upsample_size)
+
+
+def decode(
+    unet: UNet2DConditionModel,
+    features: EncoderFeatures,
+    timestep: torch.Tensor | float | int,
+    encoder_hidden_states: torch.Tensor,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Run the up blocks and the output head on ``features`` with the time embedding of ``timestep``.
+
+    ``timestep`` may be a scalar or one value per sample (parallel decoding of several steps in
+    one batch). Returns what ``unet(...).sample`` returns: the noise (or v) prediction.
+    """
+    like = features.mid
+    cond = _prepare(unet, like, encoder_hidden_states, kwargs)
+    emb = _time_embedding(unet, like, timestep, kwargs.get("timestep_cond"))
+
+    hidden = features.mid
+    skips = features.skips
+    upsample_size = None
+    for i, block in enumerate(unet.up_blocks):
+        is_final_block = i == len(unet.up_blocks) - 1
+        n = len(block.resnets)
+        res, skips = skips[-n:], skips[:-n]
+        if not is_final_block and features.forward_upsample_size:
+            upsample_size = skips[-1].shape[2:]
+        if _has_cross_attention(block):
+            hidden = block(
+                hidden_states=hidden,
+                temb=emb,
+                res_hidden_states_tuple=res,
+                upsample_size=upsample_size,
+                **cond,
+            )
+        else:
+            hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
+
+    if unet.conv_norm_out is not None:
+        hidden = unet.conv_norm_out(hidden)
+        hidden = unet.conv_act(hidden)
+    return unet.conv_out(hidden)
+
+
+def feature_group_indices(unet: UNet2DConditionModel, group: str) -> list[int]:
+    """Indices into ``EncoderFeatures.tensors()`` that make up a feature group.
+
+    - ``all``: every skip (``conv_in`` output and each down-block output) and the mid output;
+    - ``early``: the ``conv_in`` output and the skips produced by the first down block
+      (highest resolution);
+    - ``mid``: the mid-block output only;
+    - ``late``: the skips produced by the last down block (lowest resolution).
+    """
+    if group not in FEATURE_GROUPS:
+        raise ValueError(f"unknown feature group {group!r}; allowed: {list(FEATURE_GROUPS)}")
+    counts = []
+    for block in unet.down_blocks:
+        n = len(block.resnets)
+        if getattr(block, "downsamplers", None) is not None:
+            n += len(block.downsamplers)
+        counts.append(n)
+    num_skips = 1 + sum(counts)
+    mid_index = num_skips
+    if group == "all":
+        return list(range(num_skips + 1))
+    if group == "early":
+        return list(range(0, 1 + counts[0]))
+    if group == "mid":
+        return [mid_index]
+    return list(range(num_skips - counts[-1], num_skips))
