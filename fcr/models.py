@@ -7,11 +7,21 @@ on 1-channel 32x32 Fashion-MNIST images in pixel space.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from diffusers import UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 
-__all__ = ["EMBEDDED_ARCHITECTURES", "build_embedded_unet", "embedded_unet_config"]
+__all__ = [
+    "EMBEDDED_ARCHITECTURES",
+    "EMBEDDED_MODELS",
+    "ModelNotFoundError",
+    "build_embedded_unet",
+    "build_noise_scheduler",
+    "embedded_unet_config",
+    "load_embedded_unet",
+    "resolve_unet_dir",
+]
 
 MINILM_HIDDEN_SIZE = 384
 
@@ -56,3 +66,67 @@ def embedded_unet_config(architecture: str = "base", sample_size: int = 32) -> d
 def build_embedded_unet(architecture: str = "base", sample_size: int = 32) -> UNet2DConditionModel:
     """A randomly initialised embedded UNet (weights come from training or a checkpoint)."""
     return UNet2DConditionModel(**embedded_unet_config(architecture, sample_size))
+
+
+# ----------------------------------------------------------------------------- schedulers and loading
+
+# Stable Diffusion's training noise schedule (scaled_linear, 0.00085 -> 0.012 over 1000 steps).
+SD_NOISE_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1)
+
+# Where the shipped embedded base models live (trained by this repository's own code).
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+EMBEDDED_MODELS = {
+    "base": "notebooks/02_finetune.ipynb with params/pretrain_base.yaml (python -m fcr train ...)",
+    "base-v": "python -m fcr train -f params/fashion_mnist.yaml -f params/pretrain_base_v.yaml",
+    "derivative": "python -m fcr train -f params/fashion_mnist.yaml -f params/pretrain_derivative.yaml",
+}
+
+
+def build_noise_scheduler(
+    num_train_timesteps: int = 1000,
+    beta_schedule: str = "scaled_linear",
+    prediction_type: str = "epsilon",
+) -> DDPMScheduler:
+    """The training noise schedule (SD's betas), from which sampling schedulers take their config."""
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
+        **SD_NOISE_SCHEDULE,
+    )
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name or path that does not resolve to trained weights."""
+
+
+def resolve_unet_dir(model: str, models_dir: str | Path | None = None) -> Path:
+    """Folder of a diffusers UNet for an embedded model name or a training run folder.
+
+    A run folder prefers EMA weights (``unet_ema``) over raw ones (``unet``).
+    """
+    models_dir = Path(models_dir) if models_dir is not None else MODELS_DIR
+    candidates = [models_dir / model] if model in EMBEDDED_MODELS else [Path(model)]
+    for base in candidates:
+        for sub in ("unet_ema", "unet", "."):
+            folder = base / sub
+            if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+                return folder.resolve()
+    if model in EMBEDDED_MODELS:
+        raise ModelNotFoundError(
+            f"embedded model {model!r} has not been trained: expected weights under {models_dir / model}; "
+            f"it is produced by {EMBEDDED_MODELS[model]}"
+        )
+    raise ModelNotFoundError(
+        f"model {model!r} is neither an embedded model ({sorted(EMBEDDED_MODELS)}) nor a folder with a "
+        "diffusers UNet (config.json + *.safetensors, or unet/ / unet_ema/ inside a training run folder)"
+    )
+
+
+def load_embedded_unet(model: str, models_dir: str | Path | None = None) -> UNet2DConditionModel:
+    """Load an embedded UNet from safetensors (never pickle)."""
+    folder = resolve_unet_dir(model, models_dir)
+    try:
+        return UNet2DConditionModel.from_pretrained(folder, use_safetensors=True)
+    except Exception as exc:  # corrupt or mismatched files
+        raise ModelNotFoundError(f"could not load the UNet in {folder}: {exc}") from exc

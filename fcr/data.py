@@ -1,0 +1,497 @@
+"""Data: Fashion-MNIST with captions (embedded default) and the Stable Diffusion readers.
+
+Fashion-MNIST comes from the Debian package ``dataset-fashion-mnist`` (idx files under
+``/usr/share/datasets/fashion-mnist``) or from torchvision's download of the same files. The
+validation split is carved from the official training set; the official test set is kept for
+evaluation only. Captions are ``template.format(noun phrase)`` with disjoint training and held-out
+template sets, so held-out prompts test generalisation to unseen wording.
+
+The Stable Diffusion readers (image/caption folders, LAION parquet, webdataset tars, COCO,
+Flickr30k, ImageNet class prompts) only parse files; they never download anything.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import struct
+import tarfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DEBIAN_FASHION_MNIST",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_FILES",
+    "FASHION_MNIST_NOUNS",
+    "HELDOUT_TEMPLATES",
+    "IMAGE_EXTENSIONS",
+    "TRAIN_TEMPLATES",
+    "assign_captions",
+    "caption",
+    "captions_for",
+    "imagenet_prompts",
+    "load_fashion_mnist",
+    "locate_fashion_mnist",
+    "noun_phrase",
+    "open_image",
+    "prompt_table",
+    "read_coco_captions",
+    "read_flickr30k_captions",
+    "read_idx",
+    "read_image_caption_folder",
+    "read_laion_parquet",
+    "read_webdataset_tar",
+    "sample_subset",
+    "sd_image_transform",
+    "to_model_range",
+    "train_val_split",
+]
+
+T = TypeVar("T")
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+
+# Official class names, in label order (https://github.com/zalandoresearch/fashion-mnist).
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+# Caption-friendly nouns, same order.
+FASHION_MNIST_NOUNS: tuple[str, ...] = (
+    "t-shirt",
+    "pair of trousers",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_CACHE = Path.home() / ".cache" / "fcr"
+FASHION_MNIST_FILES: dict[str, tuple[str, str]] = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+# idx type codes -> big-endian numpy dtypes (http://yann.lecun.com/exdb/mnist/ format spec).
+_IDX_DTYPES: dict[int, str] = {
+    0x08: "u1",
+    0x09: "i1",
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an idx file (gzipped or raw, detected from its bytes) into a native-endian array."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as err:  # BadGzipFile is an OSError; truncation is EOFError
+            raise ValueError(f"{path}: corrupt or truncated gzip stream ({err})") from err
+    if len(raw) < 4:
+        raise ValueError(f"{path}: too short for an idx header ({len(raw)} bytes)")
+    zero, code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or code not in _IDX_DTYPES or ndim == 0:
+        raise ValueError(f"{path}: bad idx magic number {raw[:4].hex()} (zero={zero}, type=0x{code:02x}, ndim={ndim})")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated idx header ({len(raw)} bytes, need {header})")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[code])
+    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise ValueError(
+            f"{path}: idx payload is {len(raw) - header} bytes but dims {dims} of {dtype} need {expected}"
+            " (truncated or corrupt file)"
+        )
+    array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    return array.astype(dtype.newbyteorder("="), copy=True)  # writable, native byte order
+
+
+def _find_file(folder: Path, name: str) -> Path | None:
+    """``name`` or its uncompressed twin (torchvision keeps both) inside ``folder``."""
+    for candidate in (folder / name, folder / name.removesuffix(".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _has_fashion_mnist(folder: Path) -> bool:
+    names = [n for pair in FASHION_MNIST_FILES.values() for n in pair]
+    return all(_find_file(folder, n) is not None for n in names)
+
+
+def _torchvision_download(root: Path) -> Path:
+    """Download both splits with torchvision; returns the folder holding the idx files."""
+    from torchvision.datasets import FashionMNIST
+
+    for train in (True, False):
+        FashionMNIST(root=str(root), train=train, download=True)
+    return root / "FashionMNIST" / "raw"
+
+
+def locate_fashion_mnist(root: str | Path | None = None, download: bool = True) -> Path:
+    """Folder holding the four Fashion-MNIST idx files.
+
+    Looks in ``root`` (and torchvision's ``root/FashionMNIST/raw`` layout), then the Debian
+    folder, then (``download=True``) downloads with torchvision into ``root`` or ``~/.cache/fcr``.
+    """
+    candidates: list[Path] = []
+    if root is not None:
+        candidates += [Path(root), Path(root) / "FashionMNIST" / "raw"]
+    candidates += [DEBIAN_FASHION_MNIST, DEFAULT_CACHE / "FashionMNIST" / "raw"]
+    for folder in candidates:
+        if _has_fashion_mnist(folder):
+            return folder
+    problem = "download disabled"
+    if download:
+        target = Path(root) if root is not None else DEFAULT_CACHE
+        try:
+            folder = _torchvision_download(target)
+            if _has_fashion_mnist(folder):
+                return folder
+            problem = f"torchvision's download left no idx files in {folder}"
+        except Exception as err:  # any network/IO failure ends in the same advice below
+            problem = f"torchvision download failed: {type(err).__name__}: {err}"
+    searched = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(
+        f"Fashion-MNIST idx files not found (searched {searched}; {problem}). Either install the "
+        "Debian package as root: `apt-get install -y dataset-fashion-mnist` (files in "
+        f"{DEBIAN_FASHION_MNIST}), or allow network access so torchvision.datasets.FashionMNIST"
+        "(download=True) can fetch them."
+    )
+
+
+def load_fashion_mnist(
+    split: Literal["train", "test"], root: str | Path | None = None, download: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, 28, 28), labels int64 (N,)) of the official ``train`` or ``test`` split."""
+    if split not in FASHION_MNIST_FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    folder = locate_fashion_mnist(root, download=download)
+    image_name, label_name = FASHION_MNIST_FILES[split]
+    image_path, label_path = _find_file(folder, image_name), _find_file(folder, label_name)
+    assert image_path is not None and label_path is not None  # locate checked them
+    images, labels = read_idx(image_path), read_idx(label_path)
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise ValueError(f"{image_path}: expected uint8 (N, 28, 28), got {images.dtype} {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise ValueError(f"{label_path}: {labels.shape} labels for {len(images)} images")
+    labels = labels.astype(np.int64)
+    if labels.min() < 0 or labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise ValueError(f"{label_path}: labels outside 0..9")
+    return images, labels
+
+
+def to_model_range(images_uint8: np.ndarray | torch.Tensor, size: int = 32) -> torch.Tensor:
+    """uint8 (N, H, W) -> float32 (N, 1, size, size) in [-1, 1].
+
+    28 -> 32 is done by zero-padding (2 px each side), not resizing: the Fashion-MNIST background
+    is black (0), so padding adds background without interpolation blur and keeps pixels exact.
+    Padding happens in uint8 space, so padded pixels are exactly -1.
+    """
+    x = torch.as_tensor(np.asarray(images_uint8))
+    if x.dtype != torch.uint8 or x.ndim != 3:
+        raise ValueError(f"expected uint8 (N, H, W), got {x.dtype} {tuple(x.shape)}")
+    h, w = x.shape[1:]
+    if size < h or size < w:
+        raise ValueError(f"size {size} is smaller than the images ({h}x{w}); only padding is done")
+    top, left = (size - h) // 2, (size - w) // 2
+    padded = torch.zeros((x.shape[0], 1, size, size), dtype=torch.float32)
+    padded[:, 0, top : top + h, left : left + w] = x.float()
+    return padded / 127.5 - 1.0
+
+
+def train_val_split(num_items: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint sorted (train_idx, val_idx) from a seeded permutation of ``range(num_items)``.
+
+    Carve validation from the official training set; the test set stays for evaluation only.
+    """
+    if not 0 <= val_size <= num_items:
+        raise ValueError(f"val_size {val_size} not in [0, {num_items}]")
+    perm = np.random.default_rng(seed).permutation(num_items)
+    return np.sort(perm[val_size:]).astype(np.int64), np.sort(perm[:val_size]).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- captions
+
+# ``{}`` takes a noun phrase with its article ("a sneaker", "an ankle boot"), so every caption is
+# grammatical whatever the noun (a fixed "a {}" would give "a ankle boot").
+TRAIN_TEMPLATES: tuple[str, ...] = (
+    "a photo of {}",
+    "a product photo of {}",
+    "a black and white picture of {}",
+    "{} on a plain background",
+    "a grayscale photo of {}",
+    "a low resolution photo of {}",
+    "a catalog image of {}",
+    "a centered photo of {}",
+)
+# Never used in training: prompts with unseen wording for held-out evaluation.
+HELDOUT_TEMPLATES: tuple[str, ...] = (
+    "an image showing {}",
+    "a small picture of {}",
+    "a monochrome shot of {}",
+    "{}, photographed from the front",
+)
+assert not set(TRAIN_TEMPLATES) & set(HELDOUT_TEMPLATES), "training and held-out templates overlap"
+
+
+def noun_phrase(label: int) -> str:
+    """Caption noun of ``label`` with its indefinite article."""
+    noun = FASHION_MNIST_NOUNS[int(label)]
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def caption(label: int, template: str) -> str:
+    """Caption of class ``label`` with ``template``."""
+    return template.format(noun_phrase(label))
+
+
+def prompt_table(templates: Sequence[str]) -> list[tuple[int, int, str]]:
+    """Every (label, template_index, text), label-major."""
+    labels = range(len(FASHION_MNIST_NOUNS))
+    return [(label, t, caption(label, templ)) for label in labels for t, templ in enumerate(templates)]
+
+
+def assign_captions(labels: np.ndarray, num_templates: int, seed: int) -> np.ndarray:
+    """A seeded random template index (int64) per image: deterministic across runs."""
+    if num_templates <= 0:
+        raise ValueError("num_templates must be positive")
+    return np.random.default_rng(seed).integers(0, num_templates, size=len(labels), dtype=np.int64)
+
+
+def captions_for(labels: np.ndarray, template_indices: np.ndarray, templates: Sequence[str]) -> list[str]:
+    """Caption text per image from its label and assigned template index."""
+    if len(labels) != len(template_indices):
+        raise ValueError("labels and template_indices differ in length")
+    return [caption(int(lab), templates[int(t)]) for lab, t in zip(labels, template_indices)]
+
+
+# ----------------------------------------------------------------------------- SD readers
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def open_image(source: str | Path | bytes):
+    """RGB PIL image from a path or encoded bytes."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    return image.convert("RGB")
+
+
+def read_image_caption_folder(folder: str | Path) -> list[tuple[Path, str]]:
+    """(image path, caption) for every ``name.{jpg,jpeg,png,webp}`` with a ``name.txt`` beside it.
+
+    Images without a caption file are skipped with a warning; an empty result raises.
+    """
+    folder = Path(folder)
+    pairs: list[tuple[Path, str]] = []
+    missing = 0
+    for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+        text = image.with_suffix(".txt")
+        if text.is_file():
+            pairs.append((image, text.read_text(encoding="utf-8").strip()))
+        else:
+            missing += 1
+    if missing:
+        warnings.warn(f"{folder}: {missing} images without a .txt caption skipped", stacklevel=2)
+    if not pairs:
+        raise FileNotFoundError(f"{folder}: no image/caption pairs (name.jpg|png + name.txt)")
+    return pairs
+
+
+_CAPTION_COLUMNS = ("text", "caption")
+_IMAGE_COLUMNS = ("image_path", "path", "file_name", "filename", "image", "jpg", "png", "url")
+
+
+def _pick_column(columns: Sequence[str], wanted: str | None, options: Sequence[str], what: str, path: Path) -> str:
+    """Column named ``wanted`` (or the first of ``options``), matched case-insensitively."""
+    lower = {c.lower(): c for c in columns}
+    for name in [wanted] if wanted is not None else options:
+        if name.lower() in lower:
+            return lower[name.lower()]
+    raise ValueError(f"{path}: no {what} column among {list(columns)} (looked for {wanted or list(options)})")
+
+
+def read_laion_parquet(
+    path: str | Path,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    base_dir: str | Path | None = None,
+) -> list[tuple[Path | bytes | str, str]]:
+    """(image, caption) rows of a LAION-style parquet.
+
+    The caption column is ``TEXT`` or ``caption`` (any case) unless named. The image column
+    (auto: image_path, path, file_name, filename, image, jpg, png, URL) may hold relative paths
+    (resolved against ``base_dir``, default the parquet's folder), encoded bytes (also the
+    ``{"bytes": ...}`` structs of Hugging Face image columns), or URLs, returned unchanged because
+    this reader never downloads (use img2dataset for that). Rows lacking either value are dropped.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    frame = pd.read_parquet(path)
+    cap_col = _pick_column(list(frame.columns), caption_column, _CAPTION_COLUMNS, "caption", path)
+    img_col = _pick_column(list(frame.columns), image_column, _IMAGE_COLUMNS, "image", path)
+    base = Path(base_dir) if base_dir is not None else path.parent
+    rows: list[tuple[Path | bytes | str, str]] = []
+    for image, text in zip(frame[img_col].tolist(), frame[cap_col].tolist()):
+        if isinstance(image, dict):
+            image = image.get("bytes") or image.get("path")
+        if _is_missing(image) or _is_missing(text):
+            continue
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            rows.append((bytes(image), str(text)))
+        elif isinstance(image, str) and "://" in image:
+            rows.append((image, str(text)))
+        else:
+            rows.append((base / str(image), str(text)))
+    return rows
+
+
+def _is_missing(value: object) -> bool:
+    """None, NaN or pd.NA: how pandas may hand back an empty parquet cell."""
+    return value is None or (isinstance(value, float) and np.isnan(value)) or type(value).__name__ == "NAType"
+
+
+def read_webdataset_tar(path: str | Path) -> list[tuple[str, bytes, str]]:
+    """(key, image bytes, caption) for each sample of a webdataset shard.
+
+    Members are grouped by key (file name up to its first dot, webdataset's convention);
+    samples lacking an image (jpg/jpeg/png/webp) or a ``txt`` caption are skipped.
+    """
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            folder, _, name = member.name.rpartition("/")
+            stem, dot, ext = name.partition(".")
+            if not dot:
+                continue
+            handle = tar.extractfile(member)
+            assert handle is not None
+            key = f"{folder}/{stem}" if folder else stem
+            samples.setdefault(key, {})[ext.lower()] = handle.read()
+    out: list[tuple[str, bytes, str]] = []
+    for key, parts in samples.items():
+        image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+        if image is not None and "txt" in parts:
+            out.append((key, image, parts["txt"].decode("utf-8").strip()))
+    return out
+
+
+def sample_subset(items: Sequence[T], n: int = 50_000, seed: int = 0) -> list[T]:
+    """Seeded subset of ``n`` items in their original order (all items when ``n >= len``)."""
+    if n >= len(items):
+        return list(items)
+    chosen = np.sort(np.random.default_rng(seed).choice(len(items), size=n, replace=False))
+    return [items[int(i)] for i in chosen]
+
+
+def read_coco_captions(
+    annotations_json: str | Path, n: int = 30_000, seed: int | None = 0
+) -> list[tuple[int, str]]:
+    """(image_id, caption): one caption per image of a COCO captions file, ``n`` images at most.
+
+    With ``seed`` None the first caption (lowest annotation id) of each image is taken and the
+    first ``n`` images by id; otherwise both the caption and the image subset are seeded.
+    """
+    data = json.loads(Path(annotations_json).read_text(encoding="utf-8"))
+    by_image: dict[int, list[tuple[int, str]]] = {}
+    for ann in data["annotations"]:
+        by_image.setdefault(int(ann["image_id"]), []).append((int(ann.get("id", 0)), " ".join(ann["caption"].split())))
+    image_ids = sorted(int(img["id"]) for img in data["images"] if int(img["id"]) in by_image)
+    rng = np.random.default_rng(seed) if seed is not None else None
+    pairs: list[tuple[int, str]] = []
+    for image_id in image_ids:
+        captions = [c for _, c in sorted(by_image[image_id])]
+        pick = int(rng.integers(len(captions))) if rng is not None else 0
+        pairs.append((image_id, captions[pick]))
+    if seed is None:
+        return pairs[:n]
+    return sample_subset(pairs, n, seed)
+
+
+def read_flickr30k_captions(path: str | Path) -> list[tuple[str, int, str]]:
+    """(image name, caption number, caption) from Flickr30k's ``results.csv`` or token file.
+
+    CSV: header ``image_name| comment_number| comment``, ``|``-separated rows. Token file:
+    ``img.jpg#0<TAB>caption``. Malformed lines (the public CSV has one) are skipped with a warning.
+    """
+    path = Path(path)
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"{path}: empty Flickr30k captions file")
+    rows: list[tuple[str, int, str]] = []
+    bad = 0
+    if "|" in lines[0] and "image_name" in lines[0].lower():
+        for line in lines[1:]:
+            parts = [p.strip() for p in line.split("|", 2)]
+            if len(parts) == 3 and parts[1].isdigit() and parts[2]:
+                rows.append((parts[0], int(parts[1]), parts[2]))
+            else:
+                bad += 1
+    else:
+        for line in lines:
+            ref, tab, text = line.partition("\t")
+            name, hash_, number = ref.partition("#")
+            if tab and hash_ and number.strip().isdigit() and text.strip():
+                rows.append((name.strip(), int(number), text.strip()))
+            else:
+                bad += 1
+    if bad:
+        warnings.warn(f"{path}: {bad} malformed lines skipped", stacklevel=2)
+    return rows
+
+
+def imagenet_prompts(class_names: Sequence[str], template: str = "a photo of a {}") -> list[str]:
+    """One prompt per class; a ``"tench, Tinca tinca"`` style name uses its first synonym."""
+    return [template.format(name.split(",")[0].strip()) for name in class_names]
+
+
+def sd_image_transform(resolution: int = 512, train: bool = True):
+    """PIL image -> float32 (3, res, res) in [-1, 1]: RGB, resize shorter side, center crop,
+    horizontal flip (p=0.5) when ``train``, as diffusers' text-to-image training script."""
+    from torchvision.transforms import v2
+
+    steps = [
+        v2.Lambda(_to_rgb),
+        v2.Resize(resolution, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+        v2.CenterCrop(resolution),
+    ]
+    if train:
+        steps.append(v2.RandomHorizontalFlip(p=0.5))
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
+    return v2.Compose(steps)
+
+
+def _to_rgb(image):
+    """Module-level (picklable for DataLoader workers) RGB conversion."""
+    return image.convert("RGB") if hasattr(image, "convert") else image

@@ -1,0 +1,127 @@
+"""The embedded default's data set on disk: Fashion-MNIST splits, captions and MiniLM text states.
+
+``prepare_embedded_data`` writes (once; later calls check and reuse it) a folder with
+``manifest.json`` (what made it), ``splits.safetensors`` (validation indices carved from the
+official train set, and each training image's caption template) and ``text_states.safetensors``
+(MiniLM token states of every training, held-out and the empty prompt). ``load_split`` turns it
+into :class:`fcr.train.EmbeddedTrainData` for training or evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from fcr import data
+from fcr.text import TextEncoder, build_text_state_cache, load_text_state_cache
+from fcr.train import EmbeddedTrainData
+
+__all__ = ["EMPTY_PROMPT", "all_prompts", "load_split", "prepare_embedded_data", "prompt_ids"]
+
+EMPTY_PROMPT = ""
+MANIFEST = "manifest.json"
+
+
+def all_prompts() -> list[str]:
+    """Training prompts (label-major), then held-out prompts, then the empty prompt."""
+    train = [text for _, _, text in data.prompt_table(data.TRAIN_TEMPLATES)]
+    heldout = [text for _, _, text in data.prompt_table(data.HELDOUT_TEMPLATES)]
+    return train + heldout + [EMPTY_PROMPT]
+
+
+def prompt_ids(labels: np.ndarray, template_indices: np.ndarray, heldout: bool = False) -> np.ndarray:
+    """Row of each (label, template) caption in :func:`all_prompts`."""
+    n_train = len(data.TRAIN_TEMPLATES)
+    if heldout:
+        offset = n_train * len(data.FASHION_MNIST_NOUNS)
+        return offset + labels * len(data.HELDOUT_TEMPLATES) + template_indices
+    return labels * n_train + template_indices
+
+
+def prepare_embedded_data(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    val_size: int = 5000,
+    max_text_length: int = 16,
+    root: str | Path | None = None,
+    encoder: TextEncoder | None = None,
+) -> dict[str, Any]:
+    """Build (or verify and reuse) the embedded data folder; returns its manifest."""
+    out_dir = Path(out_dir)
+    wanted = {"seed": seed, "val_size": val_size, "max_text_length": max_text_length, "image_size": 32,
+              "padding": "28->32 px by 2 px of zero (black) padding per side; [0,255] -> [-1,1]",
+              "train_templates": list(data.TRAIN_TEMPLATES), "heldout_templates": list(data.HELDOUT_TEMPLATES)}
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        differing = [k for k, v in wanted.items() if manifest.get(k) != v]
+        if differing:
+            raise ValueError(f"{out_dir} was prepared with other settings ({differing}); use another folder or delete it")
+        return manifest
+
+    _, train_labels = data.load_fashion_mnist("train", root=root)
+    _, test_labels = data.load_fashion_mnist("test", root=root)
+    train_idx, val_idx = data.train_val_split(len(train_labels), val_size, seed)
+    templates = data.assign_captions(train_labels, len(data.TRAIN_TEMPLATES), seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {"train": torch.from_numpy(train_idx), "val": torch.from_numpy(val_idx),
+         "train_templates": torch.from_numpy(templates)},
+        str(out_dir / "splits.safetensors"),
+    )
+    encoder = encoder or TextEncoder.from_minilm()
+    build_text_state_cache(all_prompts(), encoder, out_dir / "text_states.safetensors", max_length=max_text_length)
+    manifest = {**wanted, "text_encoder": encoder.name, "num_train": len(train_idx), "num_val": len(val_idx),
+                "num_test": len(test_labels), "num_prompts": len(all_prompts()),
+                "class_counts_train": np.bincount(train_labels[train_idx], minlength=10).tolist()}
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def load_split(
+    out_dir: str | Path,
+    split: str = "train",
+    *,
+    heldout_prompts: bool = False,
+    root: str | Path | None = None,
+) -> tuple[EmbeddedTrainData, np.ndarray]:
+    """(examples, labels) of ``train`` / ``val`` (from the official train set) or ``test``.
+
+    Training images keep their assigned template; ``val``/``test`` images get a seeded template
+    from the training set, or from the held-out set with ``heldout_prompts``.
+    """
+    out_dir = Path(out_dir)
+    if not (out_dir / MANIFEST).is_file():
+        raise FileNotFoundError(f"{out_dir} has no prepared data: run notebooks/01_data_prep.ipynb or fcr.embedded.prepare_embedded_data")
+    manifest = json.loads((out_dir / MANIFEST).read_text())
+    splits = load_file(str(out_dir / "splits.safetensors"))
+    official = "test" if split == "test" else "train"
+    images, labels = data.load_fashion_mnist(official, root=root)
+    if split == "test":
+        idx = np.arange(len(labels))
+    elif split in ("train", "val"):
+        idx = splits[split].numpy()
+    else:
+        raise ValueError(f"unknown split {split!r}; allowed: train, val, test")
+    labels = labels[idx]
+    n_templates = len(data.HELDOUT_TEMPLATES if heldout_prompts else data.TRAIN_TEMPLATES)
+    if split == "train" and not heldout_prompts:
+        templates = splits["train_templates"].numpy()[idx]
+    else:
+        templates = data.assign_captions(labels, n_templates, seed=manifest["seed"] + {"train": 0, "val": 1, "test": 2}[split])
+    prompts = all_prompts()
+    cache = load_text_state_cache(out_dir / "text_states.safetensors", prompts, max_length=manifest["max_text_length"])
+    states = torch.stack([cache[p] for p in prompts])
+    examples = EmbeddedTrainData(
+        images=data.to_model_range(images[idx]),
+        prompt_ids=torch.from_numpy(prompt_ids(labels, templates, heldout_prompts)),
+        prompt_states=states,
+        empty_state=cache[EMPTY_PROMPT],
+    )
+    return examples, labels

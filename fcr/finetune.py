@@ -1,0 +1,59 @@
+"""Fine-tuning (and base pre-training) runs from validated parameters: what notebook 02 and
+``python -m fcr train`` call. Picks the data, model and noise schedule of the setting, writes the
+parameters next to the results, then runs :func:`fcr.train.train`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fcr.embedded import load_split, prepare_embedded_data
+from fcr.models import build_embedded_unet, build_noise_scheduler, load_embedded_unet
+from fcr.train import TrainConfig, TrainResult, fcr_config_from_params, train
+
+__all__ = ["finetune", "run_dir"]
+
+
+def run_dir(params: Mapping[str, Any]) -> Path:
+    """``output_dir/run_name``: where a run's log, checkpoints and weights go."""
+    return Path(params["output_dir"]) / params["run_name"]
+
+
+def _write_params(folder: Path, params: Mapping[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.yaml").write_text(yaml.safe_dump(dict(params), sort_keys=True))
+
+
+def finetune(params: Mapping[str, Any], *, progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Train a UNet with denoising + λ·FCR as ``params`` say (they must be validated already)."""
+    if params["setting"] == "sd":
+        from fcr.sd import finetune_sd  # heavy imports only for the SD setting
+
+        return finetune_sd(params, progress=progress, stop_after=stop_after)
+
+    prepare_embedded_data(params["data_dir"], seed=0, max_text_length=params["max_text_length"])
+    examples, _ = load_split(params["data_dir"], "train")
+    if params["model"] == "scratch":
+        import torch
+
+        torch.manual_seed(params["seed"])  # the initialisation is part of the run's determinism
+        unet = build_embedded_unet(params["architecture"], params["resolution"])
+    else:
+        unet = load_embedded_unet(params["model"])
+    noise_scheduler = build_noise_scheduler(params["num_train_timesteps"], params["beta_schedule"], params["prediction_type"])
+    folder = run_dir(params)
+    _write_params(folder, params)
+    return train(
+        unet,
+        noise_scheduler,
+        examples,
+        TrainConfig.from_params(params),
+        fcr_config_from_params(params),
+        folder,
+        progress=progress,
+        stop_after=stop_after,
+        run_info={"model": params["model"], "setting": params["setting"]},
+    )

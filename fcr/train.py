@@ -1,0 +1,323 @@
+"""One fine-tuning loop for the embedded model and Stable Diffusion: denoising loss + λ·FCR.
+
+Written with accelerate (mixed precision, gradient accumulation, clipping, several processes via
+``accelerate launch``). Every random draw of optimizer step ``k`` (batch indices, caption dropout,
+timesteps, noise) comes from generators seeded with ``(seed, k, micro-batch, process)``, so a run
+is deterministic for a seed and resuming from a checkpoint reproduces the uninterrupted run.
+Checkpoints are safetensors + JSON (:mod:`fcr.checkpoint`); the log is a CSV.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from fcr.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from fcr.loss import FCRConfig, fcr_training_loss
+
+__all__ = [
+    "ConditioningData",
+    "EmbeddedTrainData",
+    "FCRObjective",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDivergedError",
+    "batch_indices",
+    "fcr_config_from_params",
+    "lr_factor",
+    "train",
+]
+
+LOG_COLUMNS = ("step", "total", "denoise", "fcr", "lr", "grad_norm", "images_per_s", "elapsed_s")
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (flat keys of the same names in ``params``)."""
+
+    seed: int = 0
+    learning_rate: float = 1e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-2
+    train_batch_size: int = 128
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 10_000
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    ema_decay: float = 0.0
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 500
+    log_every: int = 10
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> TrainConfig:
+        return cls(**{k: params[k] for k in cls.__dataclass_fields__ if k in params})
+
+
+def fcr_config_from_params(params: Mapping[str, Any]) -> FCRConfig:
+    """The FCR loss settings from validated flat parameters."""
+    return FCRConfig(
+        lambda_fcr=params["lambda_fcr"],
+        delta_max=params["delta_max"],
+        delta_units=params["delta_units"],
+        sampling_steps=params["fcr_sampling_steps"],
+        feature_group=params["feature_group"],
+        normalize=params["fcr_normalize"],
+        shared_noise=params["shared_noise"],
+        prediction_type=params["prediction_type"],
+    )
+
+
+class ConditioningData(Protocol):
+    """Training examples as (clean latents x0, encoder hidden states) for given indices.
+
+    ``drop`` marks examples whose caption is replaced by the empty prompt (classifier-free
+    guidance training); ``generator`` serves any other randomness (e.g. VAE posterior sampling).
+    """
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: torch.Tensor, drop: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class EmbeddedTrainData:
+    """The embedded default: pixel images with cached text states, looked up per example.
+
+    ``images``: (N, 1, H, W) in [-1, 1]; ``prompt_ids``: (N,) rows of ``prompt_states``
+    (P, L, D); ``empty_state``: (L, D), the empty prompt's states.
+    """
+
+    images: torch.Tensor
+    prompt_ids: torch.Tensor
+    prompt_states: torch.Tensor
+    empty_state: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def batch(self, indices: torch.Tensor, drop: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        states = self.prompt_states[self.prompt_ids[indices]].clone()
+        states[drop] = self.empty_state
+        return self.images[indices], states
+
+
+class FCRObjective(torch.nn.Module):
+    """Wraps the UNet so the loss runs inside ``forward``: DDP and autocast then see the whole
+    computation (calling the UNet's blocks directly would bypass DDP's gradient hooks set-up)."""
+
+    def __init__(self, unet: torch.nn.Module, noise_scheduler: Any, fcr: FCRConfig) -> None:
+        super().__init__()
+        self.unet = unet
+        self.noise_scheduler = noise_scheduler
+        self.fcr = fcr
+
+    def forward(self, x0: torch.Tensor, encoder_hidden_states: torch.Tensor, generator: torch.Generator):
+        parts = fcr_training_loss(self.unet, self.noise_scheduler, x0, encoder_hidden_states, self.fcr, generator)
+        return parts.total, parts.denoise.detach(), parts.fcr.detach()
+
+
+def _generator(seed: int, *keys: int) -> torch.Generator:
+    # SeedSequence mixes the keys into a well-spread 64-bit seed.
+    state = np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def batch_indices(num_items: int, global_batch: int, micro_step: int, seed: int, rank: int, local_batch: int) -> torch.Tensor:
+    """Indices of one process's share of global micro-batch ``micro_step``.
+
+    Epoch ``e`` is a permutation seeded by ``(seed, e)``; the incomplete last batch is dropped.
+    """
+    per_epoch = num_items // global_batch
+    if per_epoch == 0:
+        raise ValueError(f"global batch {global_batch} is larger than the data set ({num_items} examples)")
+    epoch, j = divmod(micro_step, per_epoch)
+    perm = torch.randperm(num_items, generator=_generator(seed, 0xE90C, epoch))
+    start = j * global_batch + rank * local_batch
+    return perm[start : start + local_batch]
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based): linear warm-up, then constant or cosine."""
+    if step < cfg.lr_warmup_steps:
+        return (step + 1) / cfg.lr_warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = (step - cfg.lr_warmup_steps) / max(1, cfg.max_train_steps - cfg.lr_warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    # Warm-up of the decay so early EMA weights are not dominated by the initialisation.
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().to(e.dtype), 1.0 - d)
+
+
+@dataclass
+class TrainResult:
+    """Where a finished (or stopped) run left its results."""
+
+    run_dir: Path
+    last_step: int
+    log_path: Path
+    unet_dir: Path | None
+    ema_dir: Path | None
+    resumed_from: int | None
+
+
+def _read_log(path: Path, up_to_step: int) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return [row for row in csv.DictReader(f) if int(row["step"]) <= up_to_step]
+
+
+def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def train(
+    unet: torch.nn.Module,
+    noise_scheduler: Any,
+    data: ConditioningData,
+    cfg: TrainConfig,
+    fcr: FCRConfig,
+    run_dir: str | Path,
+    *,
+    accelerator: Accelerator | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    stop_after: int | None = None,
+    run_info: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Fine-tune ``unet`` in place on ``data`` with the denoising + FCR loss.
+
+    Writes to ``run_dir``: ``train_log.csv``, ``checkpoints/step_*`` every ``checkpoint_every``
+    steps (and at the end), final weights ``unet/`` (and ``unet_ema/`` when EMA is on) in
+    diffusers' safetensors format. ``resume`` continues from the latest checkpoint. ``stop_after``
+    ends after that many optimizer steps as an interruption would (for tests and time budgets).
+    """
+    run_dir = Path(run_dir)
+    accelerator = accelerator or Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision
+    )
+    objective = FCRObjective(unet, noise_scheduler, fcr)
+    optimizer = torch.optim.AdamW(
+        unet.parameters(),
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.weight_decay,
+    )
+    ema = copy.deepcopy(unet).float().requires_grad_(False) if cfg.ema_decay > 0 else None
+
+    ckpt_dir = run_dir / "checkpoints"
+    log_path = run_dir / "train_log.csv"
+    start_step, resumed_from = 0, None
+    if resume and (last := latest_checkpoint(ckpt_dir)) is not None:
+        state = load_training_checkpoint(last, unet, optimizer, ema)
+        start_step = resumed_from = int(state["step"])
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    if ema is not None:
+        ema.to(accelerator.device)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = cfg.train_batch_size * world
+    rows = _read_log(log_path, start_step) if accelerator.is_main_process else []
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        info = {"train": asdict(cfg), "fcr": asdict(fcr), "num_examples": len(data), "processes": world, **(run_info or {})}
+        (run_dir / "train_config.json").write_text(json.dumps(info, indent=2, default=str))
+
+    end_step = cfg.max_train_steps if stop_after is None else min(cfg.max_train_steps, stop_after)
+    bar = tqdm(range(start_step, end_step), initial=start_step, total=cfg.max_train_steps,
+               disable=not (progress and accelerator.is_main_process), desc="train")
+    window_start, window_images = time.perf_counter(), 0
+    run_start = time.perf_counter()
+    last_good = latest_checkpoint(ckpt_dir)
+    step = start_step
+    for step in bar:
+        lr = cfg.learning_rate * lr_factor(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums = torch.zeros(3, device=accelerator.device)
+        grad_norm = float("nan")
+        for micro in range(cfg.gradient_accumulation_steps):
+            micro_step = step * cfg.gradient_accumulation_steps + micro
+            gen = _generator(cfg.seed, step, micro, rank)
+            idx = batch_indices(len(data), global_batch, micro_step, cfg.seed, rank, cfg.train_batch_size)
+            drop = torch.rand(len(idx), generator=gen) < cfg.caption_dropout
+            x0, states = data.batch(idx, drop, gen)
+            x0, states = x0.to(accelerator.device), states.to(accelerator.device)
+            with accelerator.accumulate(objective):
+                total, denoise, fcr_term = objective(x0, states, gen)
+                if not torch.isfinite(total):
+                    raise TrainingDivergedError(
+                        f"loss became {total.item()} at step {step + 1} (denoise {denoise.item()}, fcr {fcr_term.item()}); "
+                        f"last good checkpoint: {last_good or 'none'}"
+                    )
+                accelerator.backward(total)
+                if accelerator.sync_gradients:
+                    grad_norm = float(accelerator.clip_grad_norm_(objective.parameters(), cfg.max_grad_norm))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            sums += torch.stack([total.detach(), denoise, fcr_term]) / cfg.gradient_accumulation_steps
+            window_images += len(idx) * world
+        if ema is not None:
+            _ema_update(ema, accelerator.unwrap_model(objective).unet, cfg.ema_decay, step)
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done == end_step:
+            sums = accelerator.reduce(sums, reduction="mean")
+            now = time.perf_counter()
+            row = dict(zip(("total", "denoise", "fcr"), sums.tolist()))
+            row.update(step=done, lr=lr, grad_norm=grad_norm,
+                       images_per_s=window_images / max(now - window_start, 1e-9), elapsed_s=now - run_start)
+            window_start, window_images = now, 0
+            if accelerator.is_main_process:
+                rows.append(row)
+                _write_log(log_path, rows)
+                bar.set_postfix(loss=f"{row['total']:.4f}", fcr=f"{row['fcr']:.4f}")
+        if done % cfg.checkpoint_every == 0 or done == cfg.max_train_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # unwrap AcceleratedOptimizer
+                model = accelerator.unwrap_model(objective).unet
+                last_good = save_training_checkpoint(ckpt_dir, done, model, inner_optimizer, {"seed": cfg.seed}, ema)
+        step = done
+    bar.close()
+
+    unet_dir = ema_dir = None
+    if step >= cfg.max_train_steps and accelerator.is_main_process:
+        model = accelerator.unwrap_model(objective).unet
+        unet_dir = run_dir / "unet"
+        model.save_pretrained(unet_dir, safe_serialization=True)
+        if ema is not None:
+            ema_dir = run_dir / "unet_ema"
+            ema.save_pretrained(ema_dir, safe_serialization=True)
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir, step, log_path, unet_dir, ema_dir, resumed_from)
+
