@@ -23,10 +23,12 @@ main:
 	$(PYTHON) -m fcr.pipeline run --setting embedded
 
 test:
-	$(PYTHON) -m pytest -q tests
+	@# Notebooks run under nbval on copies with params/smoke.yaml injected (nbval has no parameter option).
+	$(PYTHON) -m fcr.notebooks prepare -f params/fashion_mnist.yaml -f params/smoke.yaml --out build/notebooks
+	$(PYTHON) -m pytest -q tests build/notebooks --nbval-lax
 
 test-fast:
-	$(PYTHON) -m pytest -q tests -x -k "not notebook"
+	$(PYTHON) -m pytest -q tests -x
 
 bench:
 	$(PYTHON) benchmarks/bench_core.py

@@ -96,7 +96,7 @@ def test_from_namespace_catches_injected_unknown_keys() -> None:
         from_namespace(namespace, before)
 
 
-@pytest.mark.parametrize("path", sorted(PARAMS_DIR.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(PARAMS_DIR.rglob("*.yaml")), ids=lambda p: str(p.relative_to(PARAMS_DIR)))
 def test_shipped_parameter_files_are_valid(path: Path) -> None:
     if path.name == "experiments.yaml":
         pytest.skip("the experiments manifest is not a flat parameter file")

@@ -1,0 +1,17 @@
+"""Where the repository lives, so notebooks started from any folder (nbval starts the kernel in
+the notebook's folder, papermill in the caller's) resolve relative paths the same way."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["REPO_ROOT", "chdir_repo_root"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def chdir_repo_root() -> Path:
+    """Make the repository root the working directory (paths in params are relative to it)."""
+    os.chdir(REPO_ROOT)
+    return REPO_ROOT

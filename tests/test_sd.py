@@ -1,0 +1,345 @@
+"""Tests of fcr.sd on a tiny SD-like stack built in code (code paths only, never results).
+
+Real Stable Diffusion weights are not available offline; the tiny UNet/VAE/CLIP here have SD's
+interfaces (4 latent channels, VAE factor 8, 77-token CLIP states) and random weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_sd15_unet
+from diffusers import AutoencoderKL, DDPMScheduler
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from fcr.config import ConfigError, validate
+from fcr.data import TRAIN_TEMPLATES, caption, load_fashion_mnist, open_image, sd_image_transform
+from fcr.models import ModelNotFoundError
+from fcr.sampler import key_steps
+from fcr.sd import (
+    SD_MODEL_IDS,
+    SDComponents,
+    SDTrainData,
+    encode_prompts,
+    finetune_sd,
+    generate_sd,
+    generate_sd_latents,
+    load_sd_components,
+    load_train_items,
+)
+
+RES = 32
+TEXT_DIM = 32
+# SD1.5's scheduler_config.json (a PNDM config, from which the DDPM training schedule is taken).
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A character-level CLIP BPE tokenizer (printable ASCII, no merges), 77 tokens like SD's."""
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(token, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def tiny_components(seed: int = 0) -> SDComponents:
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_DIM,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=RES,
+    ).eval()
+    unet = tiny_sd15_unet(sample_size=RES // 8).eval()  # cross_attention_dim 32 == TEXT_DIM
+    config = dict(SD15_SCHEDULER_CONFIG)
+    return SDComponents(unet, vae, text_encoder, tokenizer, DDPMScheduler.from_config(config), config)
+
+
+@pytest.fixture(scope="module")
+def components() -> SDComponents:
+    return tiny_components()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, components):
+    return components.save_pretrained(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """8 real Fashion-MNIST test images as 32x32 RGB PNGs with captions (code path only)."""
+    folder = tmp_path_factory.mktemp("images")
+    images, labels = load_fashion_mnist("test")
+    for i, (image, label) in enumerate(zip(images[:8], labels[:8])):
+        Image.fromarray(image).convert("RGB").resize((RES, RES), Image.BILINEAR).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(caption(int(label), TRAIN_TEMPLATES[i % len(TRAIN_TEMPLATES)]))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def train_data(components, image_folder) -> SDTrainData:
+    return SDTrainData(load_train_items(str(image_folder)), components.vae, components.tokenizer,
+                       components.text_encoder, RES)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_model_ids():
+    assert SD_MODEL_IDS == {
+        "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "sd21": "stabilityai/stable-diffusion-2-1",
+        "openjourney": "prompthero/openjourney",
+    }
+
+
+def test_round_trip(components, model_dir):
+    loaded = load_sd_components(str(model_dir), device="cpu", dtype=torch.float32)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(components, name).state_dict(), getattr(loaded, name).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert any(model_dir.joinpath("unet").glob("*.safetensors"))
+    assert isinstance(loaded.noise_scheduler, DDPMScheduler)
+    assert loaded.noise_scheduler.config.beta_schedule == "scaled_linear"
+    assert loaded.scheduler_config["_class_name"] == "PNDMScheduler"
+    assert not any(p.requires_grad for p in loaded.vae.parameters())
+    assert not any(p.requires_grad for p in loaded.text_encoder.parameters())
+    prompts = ["a coat", ""]
+    torch.testing.assert_close(encode_prompts(loaded.tokenizer, loaded.text_encoder, prompts),
+                               encode_prompts(components.tokenizer, components.text_encoder, prompts))
+
+
+def test_load_dtype(model_dir):
+    loaded = load_sd_components(str(model_dir), device="cpu", dtype=torch.bfloat16)
+    assert loaded.unet.dtype == loaded.vae.dtype == loaded.text_encoder.dtype == torch.bfloat16
+
+
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks`")  # diffusers' own hub call
+def test_missing_model(tmp_path, model_dir):
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(ModelNotFoundError, match="no_such_model"):
+        load_sd_components(str(missing))
+    partial = tmp_path / "partial"
+    (partial / "unet").mkdir(parents=True)
+    with pytest.raises(ModelNotFoundError, match="vae"):
+        load_sd_components(str(partial))
+    with pytest.raises(ModelNotFoundError, match="no-such-org/no-such-sd-model"):
+        load_sd_components("no-such-org/no-such-sd-model", local_files_only=True)
+
+
+def test_encode_prompts(components):
+    states = encode_prompts(components.tokenizer, components.text_encoder, ["a coat", "", "a bag"])
+    assert states.shape == (3, 77, TEXT_DIM)
+    # Pipelines' unconditional states: the same whatever the batch.
+    torch.testing.assert_close(states[1:2], encode_prompts(components.tokenizer, components.text_encoder, [""]))
+    with pytest.raises(TypeError):
+        encode_prompts(components.tokenizer, components.text_encoder, "a coat")
+
+
+# ---------------------------------------------------------------- training data
+
+
+def test_train_items(image_folder, tmp_path):
+    items = load_train_items(str(image_folder))
+    assert len(items) == 8 and all(text for _, text in items)
+    with pytest.raises(ConfigError, match="train_data"):
+        load_train_items("")
+    with pytest.raises(ConfigError, match="train_data"):
+        load_train_items(str(tmp_path / "nothing.parquet"))
+
+
+def test_train_items_parquet_and_tar(image_folder, tmp_path):
+    import io
+    import tarfile
+
+    import pandas as pd
+
+    pngs = sorted(image_folder.glob("*.png"))[:3]
+    texts = [p.with_suffix(".txt").read_text() for p in pngs]
+    pd.DataFrame({"jpg": [p.read_bytes() for p in pngs], "TEXT": texts}).to_parquet(tmp_path / "laion.parquet")
+    from_parquet = load_train_items(str(tmp_path / "laion.parquet"))
+    assert [t for _, t in from_parquet] == texts and all(isinstance(s, bytes) for s, _ in from_parquet)
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        for i, (png, text) in enumerate(zip(pngs, texts)):
+            for name, data in ((f"{i:05d}.png", png.read_bytes()), (f"{i:05d}.txt", text.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    from_tar = load_train_items(str(tmp_path / "shard.tar"))
+    assert sorted(t for _, t in from_tar) == sorted(texts)
+    pd.DataFrame({"URL": ["https://example.com/a.jpg"], "TEXT": ["a"]}).to_parquet(tmp_path / "urls.parquet")
+    with pytest.raises(ConfigError, match="URL"):
+        load_train_items(str(tmp_path / "urls.parquet"))
+
+
+def test_batch_shapes_and_determinism(components, train_data):
+    idx, drop = torch.tensor([3, 0, 5]), torch.tensor([False, True, False])
+    x0, states = train_data.batch(idx, drop, torch.Generator().manual_seed(7))
+    assert x0.shape == (3, 4, RES // 8, RES // 8) and x0.dtype == torch.float32
+    assert states.shape == (3, 77, TEXT_DIM)
+    x0b, statesb = train_data.batch(idx, drop, torch.Generator().manual_seed(7))
+    assert torch.equal(x0, x0b) and torch.equal(states, statesb)
+    x0c, _ = train_data.batch(idx, drop, torch.Generator().manual_seed(8))
+    assert not torch.equal(x0, x0c)  # posterior sample (and flips) follow the generator
+    empty = encode_prompts(components.tokenizer, components.text_encoder, [""])[0]
+    torch.testing.assert_close(states[1], empty)
+    assert not torch.allclose(states[0], empty)
+    assert not any(p.requires_grad for p in train_data.vae.parameters())
+
+
+def test_flip_is_generator_driven(train_data):
+    idx = torch.arange(len(train_data))
+    plain = sd_image_transform(RES, train=False)
+    unflipped = torch.stack([plain(open_image(train_data.items[i][0])) for i in range(len(train_data))])
+    flipped_any = kept_any = False
+    for seed in range(3):
+        pixels = train_data.pixels(idx, torch.Generator().manual_seed(seed))
+        assert torch.equal(pixels, train_data.pixels(idx, torch.Generator().manual_seed(seed)))
+        same = (pixels == unflipped).flatten(1).all(1)
+        mirrored = (pixels == unflipped.flip(-1)).flatten(1).all(1)
+        assert (same | mirrored).all()
+        flipped_any |= bool((mirrored & ~same).any())
+        kept_any |= bool((same & ~mirrored).any())
+    assert flipped_any and kept_any
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+def sd_params(model_dir, image_folder, out, **over):
+    params = dict(
+        setting="sd", model=str(model_dir), train_data=str(image_folder), train_subset=6, resolution=RES,
+        train_batch_size=2, max_train_steps=2, checkpoint_every=2, log_every=1, device="cpu",
+        output_dir=str(out), run_name="tiny", learning_rate=1.0e-4, fcr_sampling_steps=10, delta_max=2,
+    )
+    params.update(over)
+    return validate(params)
+
+
+def test_finetune_sd_end_to_end(model_dir, image_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    params = sd_params(model_dir, image_folder, tmp_path)
+    result = finetune_sd(params, progress=False)
+    assert result.last_step == 2 and result.run_dir == tmp_path / "tiny"
+    with result.log_path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    assert all(np.isfinite(float(r["total"])) for r in rows)
+    weights = list(result.unet_dir.glob("*.safetensors"))
+    assert len(weights) == 1
+    trained = load_file(str(weights[0]))
+    original = load_file(str(next((model_dir / "unet").glob("*.safetensors"))))
+    assert any(not torch.equal(trained[k], original[k]) for k in original)
+    assert (result.run_dir / "params.yaml").is_file()
+
+
+def test_finetune_sd_resume_matches_uninterrupted(model_dir, image_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    full = finetune_sd(sd_params(model_dir, image_folder, tmp_path / "a", checkpoint_every=1), progress=False)
+    params = sd_params(model_dir, image_folder, tmp_path / "b", checkpoint_every=1)
+    assert finetune_sd(params, progress=False, stop_after=1).unet_dir is None
+    resumed = finetune_sd(params, progress=False)
+    assert resumed.resumed_from == 1
+    a = load_file(str(next(full.unet_dir.glob("*.safetensors"))))
+    b = load_file(str(next(resumed.unet_dir.glob("*.safetensors"))))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_sd_config_errors(model_dir, image_folder, tmp_path):
+    with pytest.raises(ConfigError, match="train_data"):
+        finetune_sd(sd_params(model_dir, "", tmp_path), progress=False)
+    with pytest.raises(ConfigError, match="prediction_type"):
+        finetune_sd(sd_params(model_dir, image_folder, tmp_path, prediction_type="v_prediction"), progress=False)
+
+
+# ---------------------------------------------------------------- sampling
+
+PROMPTS = ["a coat", "a bag", "a sandal"]
+GEN = dict(scheduler_name="ddim", num_inference_steps=6, guidance_scale=3.0, seed=3)
+
+
+def test_generate_sd(components):
+    images = generate_sd(components, PROMPTS, batch_size=2, height=RES, width=2 * RES, **GEN)
+    assert len(images) == 3
+    assert all(isinstance(im, Image.Image) and im.size == (2 * RES, RES) and im.mode == "RGB" for im in images)
+    again = generate_sd(components, PROMPTS, batch_size=2, height=RES, width=2 * RES, **GEN)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, again))
+
+
+def test_generate_latents_batching_and_shapes(components):
+    a = generate_sd_latents(components, PROMPTS, batch_size=3, **GEN)
+    b = generate_sd_latents(components, PROMPTS, batch_size=1, **GEN)
+    assert a.latents.shape == (3, 4, RES // 8, RES // 8) and len(b.stats) == 3
+    torch.testing.assert_close(a.latents, b.latents, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiples"):
+        generate_sd_latents(components, PROMPTS, height=RES + 4, **GEN)
+
+
+@pytest.mark.parametrize("scheduler_name", ["ddim", "dpmsolver++", "euler"])
+def test_stride1_cached_equals_plain(components, scheduler_name):
+    gen = {**GEN, "scheduler_name": scheduler_name}
+    plain = generate_sd_latents(components, PROMPTS, batch_size=2, **gen)
+    cached = generate_sd_latents(components, PROMPTS, batch_size=2, key_steps=key_steps(6), **gen)
+    assert plain.stats[0].unet_passes == 6 and cached.stats[0].encoder_passes == 6
+    torch.testing.assert_close(cached.latents, plain.latents, atol=1e-5, rtol=1e-5)
+    strided = generate_sd_latents(components, PROMPTS, batch_size=2, key_steps=key_steps(6, "uniform", 3),
+                                  prior_noise=True, **gen)
+    assert strided.stats[0].encoder_passes == 2 and torch.isfinite(strided.latents).all()
+
+
+def test_prepare_sd_data_writes_a_seeded_prompt_subset(model_dir, image_folder, tmp_path):
+    from fcr.sd import prepare_sd_data
+
+    coco = tmp_path / "captions_val2017.json"
+    coco.write_text(json.dumps({
+        "images": [{"id": i} for i in range(5)],
+        "annotations": [{"id": 10 + i, "image_id": i, "caption": f"caption number {i}"} for i in range(5)],
+    }))
+    params = validate({"setting": "sd", "train_data": str(image_folder), "train_subset": 4, "eval_prompts": str(coco),
+                       "num_eval_images": 3, "data_dir": str(tmp_path / "data")})
+    manifest = prepare_sd_data(params)
+    assert manifest["num_train_items"] == 4 and manifest["num_eval_prompts"] == 3
+    first = json.loads((tmp_path / "data" / "eval_prompts.json").read_text())
+    prepare_sd_data(params)
+    assert json.loads((tmp_path / "data" / "eval_prompts.json").read_text()) == first
+    with pytest.raises(ConfigError, match="eval_prompts"):
+        prepare_sd_data({**params, "eval_prompts": ""})
