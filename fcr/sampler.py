@@ -1,0 +1,322 @@
+"""Sampling loops: plain sampling and Faster-Diffusion-style encoder caching (Li et al., 2312.09608).
+
+At a *key step* the encoder runs on the current latent and its features are cached; at every step
+(key or not) the decoder runs on the cached features with the time embedding of that step, so a
+non-key step never looks at its own latent. With ``parallel=True`` the decoders of a key step and
+of the non-key steps that follow it run as one batched call; the scheduler steps are then applied
+one after the other. Optional *prior noise injection* adds a small multiple of the initial noise
+before late scheduler steps. Nothing here is specific to Stable Diffusion or to pixel space: any
+latent shape the UNet accepts works.
+
+Step indices count into ``scheduler.timesteps`` (index 0 = noisiest step).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from numbers import Integral
+from typing import Any
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UNet2DConditionModel,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from fcr.unet import EncoderFeatures, decode, encode
+
+__all__ = [
+    "FD_50LS",
+    "SCHEDULERS",
+    "PriorNoise",
+    "SampleOutput",
+    "SamplerStats",
+    "build_scheduler",
+    "key_steps",
+    "sample",
+]
+
+# Faster Diffusion's non-uniform key steps for 50 DDIM steps ("50ls" in the reference code).
+FD_50LS: tuple[int, ...] = (0, 1, 2, 3, 5, 10, 15, 25, 35)
+
+SCHEDULERS: tuple[str, ...] = ("ddim", "dpmsolver++", "euler")
+
+
+# --------------------------------------------------------------------------------------------
+# Key steps
+# --------------------------------------------------------------------------------------------
+
+
+def _validate_key_steps(num_inference_steps: int, steps: Sequence[int]) -> list[int]:
+    """Check an explicit key-step list; raise ValueError saying what is wrong."""
+    steps = list(steps)
+    if not steps:
+        raise ValueError("key steps must not be empty (step 0 must be a key step)")
+    bad = [s for s in steps if isinstance(s, bool) or not isinstance(s, Integral)]
+    if bad:
+        raise ValueError(f"key steps must be integers; got non-integer value(s) {bad!r}")
+    steps = [int(s) for s in steps]
+    dupes = sorted({s for s in steps if steps.count(s) > 1})
+    if dupes:
+        raise ValueError(f"key steps must be unique; duplicated: {dupes}")
+    if steps != sorted(steps):
+        raise ValueError(f"key steps must be sorted in increasing order; got {steps}")
+    out_of_range = [s for s in steps if not 0 <= s < num_inference_steps]
+    if out_of_range:
+        raise ValueError(
+            f"key steps must lie in [0, {num_inference_steps}) for {num_inference_steps} inference steps; "
+            f"out of range: {out_of_range}"
+        )
+    if steps[0] != 0:
+        # Without a key step at 0 there are no cached features for the first decoder call.
+        raise ValueError(f"key steps must start with 0 (the first step needs encoder features); got {steps}")
+    return steps
+
+
+def key_steps(num_inference_steps: int, schedule: str | Sequence[int] = "uniform", stride: int = 1) -> list[int]:
+    """Indices into ``scheduler.timesteps`` at which the encoder runs.
+
+    - ``"uniform"``: every ``stride``-th step, ``range(0, n, stride)`` (stride 1 = every step).
+    - ``"50ls"``: Faster Diffusion's preset :data:`FD_50LS` for ``n == 50``. For other ``n`` each
+      index ``i`` becomes ``floor(i * n / 50 + 0.5)`` (round half up), indices ``>= n`` are dropped
+      and duplicates removed, so the result is sorted, unique and starts at 0.
+    - a sequence of ints: validated (integers, strictly increasing, within ``[0, n)``, starting at 0).
+
+    ``stride`` is used by ``"uniform"`` only but must be >= 1 in every case.
+    """
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, Integral):
+        raise ValueError(f"num_inference_steps must be an integer; got {num_inference_steps!r}")
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1; got {num_inference_steps}")
+    if isinstance(stride, bool) or not isinstance(stride, Integral) or stride < 1:
+        raise ValueError(f"stride must be an integer >= 1; got {stride!r}")
+    n = int(num_inference_steps)
+    if isinstance(schedule, str):
+        if schedule == "uniform":
+            return list(range(0, n, int(stride)))
+        if schedule == "50ls":
+            scaled = {math.floor(i * n / 50 + 0.5) for i in FD_50LS}
+            return sorted(s for s in scaled if s < n)
+        raise ValueError(f"unknown key-step schedule {schedule!r}; allowed: 'uniform', '50ls' or a list of ints")
+    return _validate_key_steps(n, schedule)
+
+
+# --------------------------------------------------------------------------------------------
+# Schedulers
+# --------------------------------------------------------------------------------------------
+
+
+def build_scheduler(name: str, **config: Any) -> SchedulerMixin:
+    """A diffusers scheduler of family ``name`` (one of :data:`SCHEDULERS`) from a scheduler config.
+
+    ``config`` may be a Stable Diffusion repo's ``scheduler_config.json`` contents (keys another
+    family does not know are ignored by diffusers with a warning). ``"ddim"`` is deterministic
+    (``sample`` steps it with eta 0); ``"dpmsolver++"`` forces ``algorithm_type="dpmsolver++"``.
+    """
+    config = dict(config)
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "dpmsolver++":
+        algorithm = config.pop("algorithm_type", "dpmsolver++")
+        if algorithm != "dpmsolver++":
+            raise ValueError(f"'dpmsolver++' scheduler requested but config has algorithm_type={algorithm!r}")
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(config)
+    raise ValueError(f"unknown scheduler {name!r}; allowed: {list(SCHEDULERS)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PriorNoise:
+    """Faster Diffusion's prior noise injection: before a scheduler step at timestep ``t`` with
+    ``t / num_train_timesteps < threshold``, add ``alpha * z_T`` (``z_T`` = the unit-variance
+    initial noise passed to :func:`sample`) to the latents."""
+
+    enabled: bool = False
+    alpha: float = 0.003
+    threshold: float = 0.5
+
+
+@dataclass
+class SamplerStats:
+    """Network-call counters of one :func:`sample` call.
+
+    ``unet_passes``: full ``unet(...)`` calls (plain sampling only); ``encoder_passes``: encoder
+    calls; ``decoder_passes``: decoder calls (a batched call counts once); ``decoder_steps``:
+    step predictions produced by decoders; ``decoder_batch_sizes``: tensor batch size per decoder call.
+    """
+
+    unet_passes: int = 0
+    encoder_passes: int = 0
+    decoder_passes: int = 0
+    decoder_steps: int = 0
+    decoder_batch_sizes: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-Python copy (for JSON logs)."""
+        return asdict(self)
+
+
+@dataclass
+class SampleOutput:
+    """Final latents (before any VAE decoding) and the call counters."""
+
+    latents: torch.Tensor
+    stats: SamplerStats
+
+
+def _expand_batch(hidden: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    # A single conditioning row (e.g. one empty prompt) is broadcast to the whole batch.
+    if hidden.shape[0] == batch:
+        return hidden
+    if hidden.shape[0] == 1:
+        return hidden.expand(batch, *hidden.shape[1:])
+    raise ValueError(f"{name} has batch size {hidden.shape[0]}, expected {batch} (or 1)")
+
+
+def _repeat_kwargs(kwargs: dict[str, Any], times: int, batch: int) -> dict[str, Any]:
+    """Repeat per-sample tensors (e.g. masks, ``timestep_cond``) for a batched decoder call."""
+    if times == 1:
+        return kwargs
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+            value = value.repeat(times, *([1] * (value.ndim - 1)))
+        out[key] = value
+    return out
+
+
+def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | None) -> dict[str, Any]:
+    # DDIM/DPM/Euler accept a generator (only stochastic variants use it); others may not.
+    params = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {}
+    if generator is not None and "generator" in params:
+        kwargs["generator"] = generator
+    if "eta" in params:
+        kwargs["eta"] = 0.0  # deterministic DDIM
+    return kwargs
+
+
+def sample(
+    unet: UNet2DConditionModel,
+    scheduler: SchedulerMixin,
+    noise: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    *,
+    uncond_hidden_states: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    num_inference_steps: int = 50,
+    key_steps: Sequence[int] | None = None,
+    parallel: bool = True,
+    prior_noise: PriorNoise | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    unet_kwargs: dict[str, Any] | None = None,
+) -> SampleOutput:
+    """Denoise ``noise`` (z_T, unit variance, any latent shape) with ``scheduler``.
+
+    ``key_steps=None``: plain sampling, the full UNet at every step. A sequence: cached sampling,
+    the encoder runs at those step indices (validated as in :func:`key_steps`; ``[0..n-1]`` is
+    mathematically plain sampling) and the decoder at every step; ``parallel`` batches the decoders
+    between two key steps into one call. Classifier-free guidance is used when
+    ``uncond_hidden_states`` is given and ``guidance_scale > 1`` (the batch is ``[uncond; cond]``).
+    ``scheduler`` is reset with ``set_timesteps`` and mutated. ``unet_kwargs`` go to
+    ``unet``/``encode``/``decode``; per-sample tensors in it must match the UNet batch (``2B``
+    under guidance) and are repeated for batched decoder calls.
+    """
+    if guidance_scale < 1:
+        raise ValueError(f"guidance_scale must be >= 1; got {guidance_scale}")
+    do_cfg = uncond_hidden_states is not None and guidance_scale > 1
+    if guidance_scale > 1 and uncond_hidden_states is None:
+        raise ValueError("guidance_scale > 1 needs uncond_hidden_states (classifier-free guidance)")
+    prior_noise = prior_noise if prior_noise is not None else PriorNoise()
+    unet_kwargs = dict(unet_kwargs or {})
+    keys = None if key_steps is None else _validate_key_steps(num_inference_steps, key_steps)
+
+    batch = noise.shape[0]
+    cond = _expand_batch(encoder_hidden_states, batch, "encoder_hidden_states")
+    if do_cfg:
+        uncond = _expand_batch(uncond_hidden_states, batch, "uncond_hidden_states")
+        context = torch.cat([uncond, cond])
+    else:
+        context = cond
+    net_batch = context.shape[0]
+
+    scheduler.set_timesteps(num_inference_steps, device=noise.device)
+    timesteps = scheduler.timesteps
+    num_train = scheduler.config.num_train_timesteps
+    step_kwargs = _step_kwargs(scheduler, generator)
+    stats = SamplerStats()
+
+    def net_input(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # Called exactly once per step: Euler-type schedulers scale by sigma and track state here.
+        doubled = torch.cat([latents, latents]) if do_cfg else latents
+        return scheduler.scale_model_input(doubled, t)
+
+    def guide(pred: torch.Tensor) -> torch.Tensor:
+        if not do_cfg:
+            return pred
+        pred_uncond, pred_cond = pred.chunk(2)
+        return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+
+    def scheduler_step(pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        if prior_noise.enabled and float(t) / num_train < prior_noise.threshold:
+            latents = latents + prior_noise.alpha * noise
+        return scheduler.step(guide(pred), t, latents, **step_kwargs, return_dict=False)[0]
+
+    def run_decoder(features: EncoderFeatures, ts: torch.Tensor) -> list[torch.Tensor]:
+        """Decode ``features`` for each timestep in ``ts`` as one batched call."""
+        k = len(ts)
+        feats = features if k == 1 else features.map(lambda x: x.repeat(k, *([1] * (x.ndim - 1))))
+        t_batch = ts.repeat_interleave(net_batch)
+        ctx = context.repeat(k, *([1] * (context.ndim - 1)))
+        out = decode(unet, feats, t_batch, ctx, **_repeat_kwargs(unet_kwargs, k, net_batch))
+        stats.decoder_passes += 1
+        stats.decoder_steps += k
+        stats.decoder_batch_sizes.append(out.shape[0])
+        return list(out.chunk(k))
+
+    latents = noise * scheduler.init_noise_sigma
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_inference_steps, desc="sampling")
+
+    with torch.no_grad():
+        if keys is None:
+            for t in timesteps:
+                pred = unet(net_input(latents, t), t, context, **unet_kwargs).sample
+                stats.unet_passes += 1
+                latents = scheduler_step(pred, t, latents)
+                if bar is not None:
+                    bar.update(1)
+        else:
+            bounds = [*keys, num_inference_steps]
+            for start, stop in zip(bounds[:-1], bounds[1:]):
+                features = encode(unet, net_input(latents, timesteps[start]), timesteps[start], context, **unet_kwargs)
+                stats.encoder_passes += 1
+                if parallel:
+                    preds = run_decoder(features, timesteps[start:stop])
+                for offset, i in enumerate(range(start, stop)):
+                    t = timesteps[i]
+                    if i != start:
+                        net_input(latents, t)  # scheduler state only; the decoder never sees this latent
+                    pred = preds[offset] if parallel else run_decoder(features, timesteps[i : i + 1])[0]
+                    latents = scheduler_step(pred, t, latents)
+                    if bar is not None:
+                        bar.update(1)
+    if bar is not None:
+        bar.close()
+    return SampleOutput(latents=latents, stats=stats)
