@@ -1,0 +1,72 @@
+"""Per-configuration result files: written as each configuration finishes, skipped when already
+present, never silently reused when they were made with other parameters.
+
+A result file is JSON: ``{"config": {...}, "result": {...}, "environment": {...}}``. ``config``
+holds every parameter that shaped the result; a later run with a different config for the same
+name raises :class:`StaleResultError` instead of mixing old and new numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+__all__ = ["StaleResultError", "load_results", "run_or_load", "write_json_atomic"]
+
+
+class StaleResultError(RuntimeError):
+    """A result file exists for this name but was made with other parameters."""
+
+
+def _normalise(obj: Any) -> Any:
+    # JSON round trip so tuples/lists and int/float spellings compare the way they are stored.
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> Path:
+    """Write JSON through a temporary file and ``os.replace``: a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def run_or_load(
+    path: str | Path,
+    config: Mapping[str, Any],
+    compute: Callable[[], Mapping[str, Any]],
+    environment: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """Return ``(result, computed)``: the stored result if ``path`` holds one made with ``config``,
+    else ``compute()`` written to ``path``."""
+    path = Path(path)
+    config = _normalise(config)
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("config") == config:
+            return stored["result"], False
+        old = stored.get("config", {})
+        differing = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        raise StaleResultError(
+            f"{path} was made with other parameters (differing: {differing}); delete it or use another output_dir"
+        )
+    result = _normalise(dict(compute()))
+    write_json_atomic(path, {"config": config, "result": result, "environment": dict(environment or {})})
+    return result, True
+
+
+def load_results(folder: str | Path, pattern: str = "*.json") -> pd.DataFrame:
+    """All result files of a folder as one table: config columns then result columns."""
+    rows = []
+    for path in sorted(Path(folder).glob(pattern)):
+        stored = json.loads(path.read_text())
+        if "config" in stored and "result" in stored:
+            rows.append({**stored["config"], **stored["result"], "result_file": path.name})
+    return pd.DataFrame(rows)
