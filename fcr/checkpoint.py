@@ -21,6 +21,7 @@ __all__ = [
     "latest_checkpoint",
     "load_module_weights",
     "load_optimizer_state",
+    "prune_checkpoints",
     "save_module_weights",
     "save_optimizer_state",
     "save_training_checkpoint",
@@ -128,6 +129,19 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
         return None
     done = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / "state.json").is_file()]
     return max(done, key=lambda p: int(p.name[len(STEP_PREFIX):]), default=None)
+
+
+def prune_checkpoints(directory: str | Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` most recent complete checkpoints; returns what was deleted."""
+    directory = Path(directory)
+    done = sorted(
+        (p for p in directory.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / "state.json").is_file()),
+        key=lambda p: int(p.name[len(STEP_PREFIX):]),
+    )
+    stale = done[:-keep] if keep > 0 else done
+    for path in stale:
+        shutil.rmtree(path)
+    return stale
 
 
 def load_training_checkpoint(

@@ -131,6 +131,7 @@ SCHEMA: dict[str, Param] = {
     "ema_decay": Param("float", 0.0, "EMA decay (0 disables EMA)", check=_fraction),
     "caption_dropout": Param("float", 0.1, "probability of the empty caption (for CFG)", check=_fraction),
     "checkpoint_every": Param("int", 500, "steps between resumable checkpoints", check=_at_least(1)),
+    "keep_checkpoints": Param("int", 2, "most recent checkpoints kept (older ones are deleted)", check=_at_least(1)),
     "log_every": Param("int", 10, "steps between log rows", check=_at_least(1)),
     # --- evaluation ---
     "num_eval_images": Param("int", 1000, "generated images per configuration", check=_at_least(1)),

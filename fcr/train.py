@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from fcr.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from fcr.checkpoint import latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_training_checkpoint
 from fcr.loss import FCRConfig, fcr_training_loss
 
 __all__ = [
@@ -64,6 +64,7 @@ class TrainConfig:
     ema_decay: float = 0.0
     caption_dropout: float = 0.1
     checkpoint_every: int = 500
+    keep_checkpoints: int = 2
     log_every: int = 10
     lr_schedule: str = "constant"
     lr_warmup_steps: int = 0
@@ -307,6 +308,7 @@ def train(
                 inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # unwrap AcceleratedOptimizer
                 model = accelerator.unwrap_model(objective).unet
                 last_good = save_training_checkpoint(ckpt_dir, done, model, inner_optimizer, {"seed": cfg.seed}, ema)
+                prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
         step = done
     bar.close()
 

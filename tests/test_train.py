@@ -166,3 +166,9 @@ def test_checkpoint_files_are_safetensors_and_mismatches_fail(tmp_path: Path) ->
         load_module_weights(unet, tmp_path / "bad.safetensors")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_module_weights(unet, tmp_path / "missing.safetensors")
+
+
+def test_only_the_most_recent_checkpoints_are_kept(tmp_path: Path) -> None:
+    train(_unet(), build_noise_scheduler(), _real_examples(), _cfg(max_train_steps=4, checkpoint_every=1, keep_checkpoints=2),
+          FCRConfig(), tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000003", "step_0000004"]

@@ -1,0 +1,477 @@
+"""Image-generation metrics, as plain functions on features / probabilities.
+
+Two settings share the same set-level formulas:
+
+* embedded (Fashion-MNIST 1x32x32 in [-1, 1]): features and class probabilities come from the
+  project's own classifier (:mod:`fcr.classifier`); metric columns are suffixed with the
+  extractor name (``fd_fashioncnn``, ``kid_fashioncnn``, ...). Prompt alignment (the stand-in
+  for CLIPScore) is the classifier's accuracy / probability on the prompted class.
+* Stable Diffusion (PIL images / folders): clean-fid Inception features (:func:`sd_fid`,
+  :func:`cache_reference_statistics`, :func:`sd_folder_features`) and open_clip CLIPScore
+  (:func:`clip_score`). An Inception Score for SD images is not implemented.
+
+Conventions: features are ``(N, D)`` arrays or tensors; everything is computed in float64 on
+CPU unless stated otherwise; functions return Python floats / numpy arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from scipy.special import rel_entr
+from torch import nn
+
+if TYPE_CHECKING:  # heavy / optional imports only for type checkers
+    from PIL.Image import Image as PILImage
+
+__all__ = [
+    "DEFAULT_EXTRACTOR_NAME",
+    "cache_reference_statistics",
+    "clip_score",
+    "embedded_metrics",
+    "fid_from_features",
+    "feature_statistics",
+    "frechet_distance",
+    "inception_score",
+    "kid",
+    "metrics_from_features",
+    "precision_recall",
+    "prompt_alignment",
+    "sd_fid",
+    "sd_folder_features",
+]
+
+DEFAULT_EXTRACTOR_NAME = "fashioncnn"
+ArrayLike = np.ndarray | torch.Tensor | Sequence[Sequence[float]]
+
+
+def _as_2d_float64(x: ArrayLike, what: str) -> np.ndarray:
+    """(N, D) float64 numpy copy of features; rejects other ranks and non-finite values."""
+    a = x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"{what} must be (N, D), got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{what} contains non-finite values")
+    return a
+
+
+# ----------------------------------------------------------------------------- Fréchet distance
+
+
+def feature_statistics(feats: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(D,)`` and unbiased covariance ``(D, D)`` of ``(N, D)`` features (N >= 2)."""
+    f = _as_2d_float64(feats, "feats")
+    if f.shape[0] < 2:
+        raise ValueError(f"need at least 2 samples for a covariance, got {f.shape[0]}")
+    # atleast_2d: np.cov returns a 0-d array for D == 1.
+    return f.mean(axis=0), np.atleast_2d(np.cov(f, rowvar=False))
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2).
+
+    ``||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))``. As in the standard FID
+    code, ``eps * I`` is added to both covariances when the matrix square root is not finite
+    (near-singular product), and a numerically complex root is accepted only if the imaginary
+    part of its diagonal is negligible.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"shape mismatch: mu {mu1.shape}/{mu2.shape}, sigma {sigma1.shape}/{sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.all(np.isfinite(covmean)):
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        max_imag = float(np.max(np.abs(np.diagonal(covmean).imag)))
+        if max_imag > 1e-3:
+            raise ValueError(f"matrix square root has a significant imaginary component ({max_imag:.3g})")
+        covmean = covmean.real
+    value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    # The exact value is >= 0; tiny negatives are sqrtm round-off for (nearly) identical sets.
+    return max(value, 0.0)
+
+
+def fid_from_features(f1: ArrayLike, f2: ArrayLike) -> float:
+    """Fréchet distance between the Gaussian fits of two feature sets."""
+    mu1, s1 = feature_statistics(f1)
+    mu2, s2 = feature_statistics(f2)
+    return frechet_distance(mu1, s1, mu2, s2)
+
+
+# ----------------------------------------------------------------------------- KID
+
+
+def _poly_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Cubic polynomial kernel ``(x.y / d + 1)^3`` of Bińkowski et al. 2018."""
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+def kid(
+    f1: ArrayLike, f2: ArrayLike, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """Kernel Inception Distance: unbiased MMD^2 (cubic kernel) averaged over random subsets.
+
+    Each subset draws ``m = min(subset_size, n1, n2)`` rows without replacement from each set.
+    Returns ``(mean, std)`` over subsets; the std (ddof=0) is the spread of subset estimates,
+    not a standard error. The mean can be slightly negative (the estimator is unbiased).
+    """
+    x, y = _as_2d_float64(f1, "f1"), _as_2d_float64(f2, "f2")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"feature dims differ: {x.shape[1]} vs {y.shape[1]}")
+    m = min(subset_size, x.shape[0], y.shape[0])
+    if m < 2 or num_subsets < 1:
+        raise ValueError(f"need subsets of >= 2 rows and num_subsets >= 1, got m={m}, num_subsets={num_subsets}")
+    rng = np.random.default_rng(seed)
+    estimates = np.empty(num_subsets)
+    for i in range(num_subsets):
+        xs = x[rng.choice(x.shape[0], m, replace=False)]
+        ys = y[rng.choice(y.shape[0], m, replace=False)]
+        kxx, kyy, kxy = _poly_kernel(xs, xs), _poly_kernel(ys, ys), _poly_kernel(xs, ys)
+        # Unbiased: within-set sums exclude the diagonal (k(x, x) terms).
+        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        estimates[i] = within - 2.0 * kxy.mean()
+    return float(estimates.mean()), float(estimates.std())
+
+
+# ----------------------------------------------------------------------------- precision / recall
+
+
+def _as_tensor64(x: ArrayLike, what: str) -> torch.Tensor:
+    return torch.from_numpy(_as_2d_float64(x, what))
+
+
+def _kth_neighbour_radii(feats: torch.Tensor, k: int, chunk_size: int) -> torch.Tensor:
+    """Distance of each row to its k-th nearest other row (the row itself is the 0-th)."""
+    radii = [
+        torch.cdist(feats[i : i + chunk_size], feats).kthvalue(k + 1, dim=1).values
+        for i in range(0, feats.shape[0], chunk_size)
+    ]
+    return torch.cat(radii)
+
+
+def _manifold_coverage(query: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, chunk_size: int) -> float:
+    """Fraction of ``query`` rows inside at least one ball (support[j], radii[j])."""
+    inside = [
+        (torch.cdist(query[i : i + chunk_size], support) <= radii[None, :]).any(dim=1)
+        for i in range(0, query.shape[0], chunk_size)
+    ]
+    return float(torch.cat(inside).double().mean())
+
+
+def precision_recall(real: ArrayLike, fake: ArrayLike, k: int = 3, chunk_size: int = 1024) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019).
+
+    Each set's manifold is the union of balls around its points with radius = distance to the
+    point's k-th nearest neighbour in the same set (excluding itself). Precision: fraction of
+    fake points inside the real manifold; recall: fraction of real points inside the fake
+    manifold. Distances are computed in float64 with ``torch.cdist``, ``chunk_size`` rows at a
+    time so memory stays ``O(chunk_size * N)``.
+    """
+    r, f = _as_tensor64(real, "real"), _as_tensor64(fake, "fake")
+    if r.shape[1] != f.shape[1]:
+        raise ValueError(f"feature dims differ: {r.shape[1]} vs {f.shape[1]}")
+    if k < 1 or min(r.shape[0], f.shape[0]) <= k:
+        raise ValueError(f"need k >= 1 and more than k points per set, got k={k}, sizes {r.shape[0]}/{f.shape[0]}")
+    real_radii = _kth_neighbour_radii(r, k, chunk_size)
+    fake_radii = _kth_neighbour_radii(f, k, chunk_size)
+    precision = _manifold_coverage(f, r, real_radii, chunk_size)
+    recall = _manifold_coverage(r, f, fake_radii, chunk_size)
+    return precision, recall
+
+
+# ----------------------------------------------------------------------------- probability metrics
+
+
+def _as_probs(probs: ArrayLike) -> np.ndarray:
+    p = _as_2d_float64(probs, "probs")
+    if np.any(p < 0) or not np.allclose(p.sum(axis=1), 1.0, atol=1e-4):
+        raise ValueError("probs must be non-negative rows summing to 1")
+    return p
+
+
+def inception_score(probs: ArrayLike, splits: int = 10) -> tuple[float, float]:
+    """Inception Score ``exp(E_x KL(p(y|x) || p(y)))`` from ``(N, C)`` class probabilities.
+
+    Rows are split in order into ``splits`` contiguous chunks (as in the original code; shuffle
+    beforehand if the order is structured); returns mean and std (ddof=0) over chunks.
+    """
+    p = _as_probs(probs)
+    if not 1 <= splits <= p.shape[0]:
+        raise ValueError(f"splits must be in [1, N={p.shape[0]}], got {splits}")
+    scores = []
+    for part in np.array_split(p, splits):
+        marginal = part.mean(axis=0, keepdims=True)
+        # rel_entr gives 0 for p == 0, so one-hot rows need no epsilon.
+        scores.append(np.exp(rel_entr(part, marginal).sum(axis=1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def prompt_alignment(probs: ArrayLike, prompted_labels: ArrayLike) -> dict[str, float]:
+    """Top-1 accuracy w.r.t. the prompted class and mean probability assigned to it."""
+    p = _as_probs(probs)
+    labels = np.asarray(prompted_labels.cpu() if isinstance(prompted_labels, torch.Tensor) else prompted_labels)
+    labels = labels.astype(np.int64).reshape(-1)
+    if labels.shape[0] != p.shape[0] or labels.min(initial=0) < 0 or labels.max(initial=0) >= p.shape[1]:
+        raise ValueError(f"prompted_labels must be {p.shape[0]} ints in [0, {p.shape[1]})")
+    return {
+        "accuracy": float((p.argmax(axis=1) == labels).mean()),
+        "mean_prob": float(p[np.arange(p.shape[0]), labels].mean()),
+    }
+
+
+# ----------------------------------------------------------------------------- embedded setting
+
+
+def metrics_from_features(
+    gen_features: ArrayLike,
+    ref_features: ArrayLike,
+    gen_probs: ArrayLike | None = None,
+    prompted_labels: ArrayLike | None = None,
+    *,
+    extractor_name: str = DEFAULT_EXTRACTOR_NAME,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    pr_k: int = 3,
+    is_splits: int = 10,
+    seed: int = 0,
+) -> dict[str, float]:
+    """All set-level metrics from precomputed features (and optionally probabilities).
+
+    Columns: ``fd_/kid_/kid_std_/precision_/recall_<name>``, plus ``is_/is_std_<name>`` when
+    ``gen_probs`` is given and ``class_accuracy`` / ``class_prob`` when labels are too, and
+    ``n_generated`` / ``n_reference``.
+    """
+    gen = _as_2d_float64(gen_features, "gen_features")
+    ref = _as_2d_float64(ref_features, "ref_features")
+    name = extractor_name
+    out: dict[str, float] = {"n_generated": float(gen.shape[0]), "n_reference": float(ref.shape[0])}
+    out[f"fd_{name}"] = fid_from_features(gen, ref)
+    out[f"kid_{name}"], out[f"kid_std_{name}"] = kid(gen, ref, kid_subsets, kid_subset_size, seed)
+    out[f"precision_{name}"], out[f"recall_{name}"] = precision_recall(ref, gen, k=pr_k)
+    if gen_probs is not None:
+        out[f"is_{name}"], out[f"is_std_{name}"] = inception_score(gen_probs, splits=is_splits)
+        if prompted_labels is not None:
+            align = prompt_alignment(gen_probs, prompted_labels)
+            out["class_accuracy"], out["class_prob"] = align["accuracy"], align["mean_prob"]
+    elif prompted_labels is not None:
+        raise ValueError("prompted_labels given without gen_probs")
+    return out
+
+
+def embedded_metrics(
+    classifier: nn.Module,
+    generated: torch.Tensor,
+    prompted_labels: ArrayLike | None,
+    reference_features: ArrayLike | None = None,
+    reference_images: torch.Tensor | None = None,
+    *,
+    extractor_name: str = DEFAULT_EXTRACTOR_NAME,
+    batch_size: int = 500,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    pr_k: int = 3,
+    is_splits: int = 10,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Metrics of generated ``(N, 1, 32, 32)`` images in [-1, 1] under the embedded classifier.
+
+    Reference features are taken as given (cache them: they do not change between runs) or
+    extracted from ``reference_images``. See :func:`metrics_from_features` for the columns.
+    """
+    # Imported here so the SD-only code paths do not depend on the classifier module.
+    from fcr.classifier import extract_features, predict_proba
+
+    if generated.ndim != 4 or generated.shape[1:] != (1, 32, 32):
+        raise ValueError(f"generated must be (N, 1, 32, 32), got {tuple(generated.shape)}")
+    if reference_features is None:
+        if reference_images is None:
+            raise ValueError("give reference_features or reference_images")
+        reference_features = extract_features(classifier, reference_images, batch_size)
+    gen_feats = extract_features(classifier, generated, batch_size)
+    gen_probs = predict_proba(classifier, generated, batch_size)
+    return metrics_from_features(
+        gen_feats,
+        reference_features,
+        gen_probs,
+        prompted_labels,
+        extractor_name=extractor_name,
+        kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size,
+        pr_k=pr_k,
+        is_splits=is_splits,
+        seed=seed,
+    )
+
+
+# ----------------------------------------------------------------------------- Stable Diffusion: CLIPScore
+
+
+def _default_device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+ClipBundle = tuple[Any, Callable[[Any], torch.Tensor], Callable[[list[str]], torch.Tensor]]
+
+
+def _load_clip(model_name: str, pretrained: str | None, device: torch.device) -> ClipBundle:
+    """(model, eval preprocess, tokenizer) from open_clip; ``pretrained=None`` means random weights.
+
+    Downloads weights on first use for a pretrained tag. Call once and pass the result as
+    ``clip=`` to :func:`clip_score` when scoring many image sets.
+    """
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(model_name)
+
+
+def clip_score(
+    images: Sequence[PILImage],
+    prompts: Sequence[str],
+    model_name: str = "ViT-L-14",
+    pretrained: str | None = "openai",
+    device: str | torch.device | None = None,
+    batch_size: int = 64,
+    clip: ClipBundle | None = None,
+) -> np.ndarray:
+    """Per-image CLIPScore ``max(100 * cos(E_img(image), E_txt(prompt)), 0)``, shape ``(N,)``.
+
+    Same scale as torchmetrics' CLIPScore (Hessel et al. 2021 use 2.5 instead of 100).
+    ``clip`` injects a ``(model, preprocess, tokenizer)`` triple, else :func:`_load_clip` loads
+    ``model_name`` / ``pretrained`` from open_clip.
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    dev = _default_device(device)
+    model, preprocess, tokenizer = clip if clip is not None else _load_clip(model_name, pretrained, dev)
+    scores: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            pixels = torch.stack([preprocess(im.convert("RGB")) for im in images[i : i + batch_size]]).to(dev)
+            tokens = tokenizer(list(prompts[i : i + batch_size])).to(dev)
+            # Normalise in float32: half-precision models would otherwise lose cosine accuracy.
+            img = F.normalize(model.encode_image(pixels).float(), dim=-1)
+            txt = F.normalize(model.encode_text(tokens).float(), dim=-1)
+            scores.append((100.0 * (img * txt).sum(dim=-1)).clamp(min=0.0).cpu())
+    if not scores:
+        return np.empty(0)
+    return torch.cat(scores).double().numpy()
+
+
+# ----------------------------------------------------------------------------- Stable Diffusion: clean-fid
+
+
+def sd_folder_features(
+    folder: str | Path,
+    mode: str = "clean",
+    num_workers: int = 0,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    feature_extractor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> np.ndarray:
+    """``(N, 2048)`` clean-fid Inception features of every image in ``folder``.
+
+    For KID / precision-recall / bootstrap CIs on SD images with the functions above.
+    ``feature_extractor`` replaces the Inception network (it receives ``(B, 3, 299, 299)``
+    float images in [0, 255] after clean-fid's resize).
+    """
+    from cleanfid import fid
+
+    dev = _default_device(device)
+    model = feature_extractor if feature_extractor is not None else fid.build_feature_extractor(mode, dev)
+    return fid.get_folder_features(
+        str(folder), model, num_workers=num_workers, batch_size=batch_size, device=dev, mode=mode, verbose=False
+    )
+
+
+def sd_fid(
+    gen_dir: str | Path,
+    ref_dir: str | Path | None = None,
+    ref_stats_name: str | None = None,
+    mode: str = "clean",
+    num_workers: int = 0,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    feature_extractor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    verbose: bool = False,
+) -> float:
+    """clean-fid FID of the images in ``gen_dir`` against a folder or cached custom statistics.
+
+    Give exactly one of ``ref_dir`` and ``ref_stats_name`` (made by
+    :func:`cache_reference_statistics` with the same ``mode``). ``feature_extractor`` is
+    clean-fid's ``custom_feat_extractor`` (default: its Inception for ``mode``).
+    """
+    from cleanfid import fid
+
+    if (ref_dir is None) == (ref_stats_name is None):
+        raise ValueError("give exactly one of ref_dir and ref_stats_name")
+    if ref_stats_name is not None:
+        ref_stats_name = ref_stats_name.lower()  # as in cache_reference_statistics
+    common: dict[str, Any] = dict(
+        mode=mode,
+        num_workers=num_workers,
+        batch_size=batch_size,
+        device=_default_device(device),
+        custom_feat_extractor=feature_extractor,
+        verbose=verbose,
+        use_dataparallel=False,
+    )
+    if ref_dir is not None:
+        return float(fid.compute_fid(str(gen_dir), str(ref_dir), **common))
+    # Without this check clean-fid would try to download a file of that name from its server.
+    if not fid.test_stats_exists(ref_stats_name, mode):
+        raise FileNotFoundError(f"no clean-fid custom statistics {ref_stats_name!r} for mode {mode!r}")
+    return float(
+        fid.compute_fid(str(gen_dir), dataset_name=ref_stats_name, dataset_res="na", dataset_split="custom", **common)
+    )
+
+
+def cache_reference_statistics(
+    ref_dir: str | Path,
+    name: str,
+    mode: str = "clean",
+    num: int | None = None,
+    num_workers: int = 0,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    verbose: bool = False,
+) -> None:
+    """Store clean-fid custom Inception statistics of ``ref_dir`` under ``name``.
+
+    Thin wrapper of ``cleanfid.fid.make_custom_stats`` (files live in clean-fid's package
+    ``stats/`` folder, as clean-fid expects). ``overwrite`` removes existing stats of that name
+    first; otherwise an existing name is an error. ``name`` is lower-cased: clean-fid writes
+    lower-case file names but its existence check does not lower-case.
+    """
+    from cleanfid import fid
+
+    name = name.lower()
+    if fid.test_stats_exists(name, mode):
+        if not overwrite:
+            raise FileExistsError(f"clean-fid statistics {name!r} ({mode}) exist; pass overwrite=True")
+        fid.remove_custom_stats(name, mode)
+    fid.make_custom_stats(
+        name,
+        str(ref_dir),
+        num=num,
+        mode=mode,
+        num_workers=num_workers,
+        batch_size=batch_size,
+        device=_default_device(device),
+        verbose=verbose,
+    )

@@ -1,0 +1,211 @@
+"""Statistics for reporting: bootstrap and t intervals, paired tests, OLS fits, relative change.
+
+All functions take array-likes and return Python floats (or dicts of floats), so results drop
+straight into pandas rows. Randomness comes only from the ``seed`` arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import scipy.stats
+import statsmodels.api as sm
+
+__all__ = [
+    "bootstrap_ci",
+    "bootstrap_ci_paired",
+    "bootstrap_metric",
+    "mean_ci_over_seeds",
+    "ols",
+    "paired_test",
+    "relative_change",
+]
+
+# Statistics known to reduce along ``axis`` like numpy's: bootstrapped in one vectorised call.
+_AXIS_STATS: tuple[Callable[..., Any], ...] = (
+    np.mean,
+    np.median,
+    np.std,
+    np.var,
+    np.sum,
+    np.nanmean,
+    np.nanmedian,
+)
+
+
+def _as_1d(values: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
+    a = np.asarray(values, dtype=np.float64).reshape(-1)
+    if a.size == 0:
+        raise ValueError(f"{what} is empty")
+    return a
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+
+
+def _percentile_bounds(replicates: np.ndarray, alpha: float) -> tuple[float, float]:
+    lo, hi = np.percentile(replicates, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(lo), float(hi)
+
+
+def bootstrap_ci(
+    values: Sequence[float] | np.ndarray,
+    stat: Callable[[np.ndarray], float] = np.mean,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Percentile bootstrap ``(estimate, lo, hi)`` of ``stat`` over items (resampled with replacement).
+
+    ``estimate`` is ``stat(values)`` on the original sample. Common numpy reductions
+    (mean, median, ...) are evaluated vectorised over all resamples at once.
+    """
+    x = _as_1d(values, "values")
+    _check_alpha(alpha)
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.size, size=(n_boot, x.size))
+    if stat in _AXIS_STATS:
+        reps = np.asarray(stat(x[idx], axis=1), dtype=np.float64)
+    else:
+        reps = np.array([float(stat(x[row])) for row in idx])
+    return (float(stat(x)), *_percentile_bounds(reps, alpha))
+
+
+def bootstrap_ci_paired(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    stat: Callable[[np.ndarray], float] = np.mean,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Bootstrap CI of ``stat(a - b)`` (default: mean difference), resampling item pairs together."""
+    x, y = _as_1d(a, "a"), _as_1d(b, "b")
+    if x.shape != y.shape:
+        raise ValueError(f"paired inputs differ in length: {x.size} vs {y.size}")
+    return bootstrap_ci(x - y, stat=stat, n_boot=n_boot, alpha=alpha, seed=seed)
+
+
+def bootstrap_metric(
+    f: Callable[..., float],
+    x: np.ndarray | Any,
+    n_boot: int = 200,
+    seed: int = 0,
+    alpha: float = 0.05,
+    y: np.ndarray | Any | None = None,
+) -> tuple[float, float, float]:
+    """Percentile bootstrap of a set-level metric: resample rows of ``x`` and recompute ``f``.
+
+    ``f(x)`` (or ``f(x, y)`` when ``y`` is given; then the rows of ``y`` are resampled too,
+    independently, for the two-sample case e.g. FD of generated vs reference features).
+    Returns ``(f on the original rows, lo, hi)``. ``x``/``y`` may be numpy arrays or tensors.
+    The default ``n_boot`` is small because each replicate recomputes the whole metric.
+
+    Caveat: duplicated rows shrink the effective sample, so biased set metrics such as FD are
+    shifted upward in the replicates; the interval describes sampling variability, and the
+    estimate may lie near or outside its lower end.
+    """
+    _check_alpha(alpha)
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    rng = np.random.default_rng(seed)
+    nx = len(x)
+    ny = len(y) if y is not None else 0
+    reps = np.empty(n_boot)
+    for i in range(n_boot):
+        xb = x[rng.integers(0, nx, size=nx)]
+        reps[i] = f(xb) if y is None else f(xb, y[rng.integers(0, ny, size=ny)])
+    estimate = f(x) if y is None else f(x, y)
+    return (float(estimate), *_percentile_bounds(reps, alpha))
+
+
+def mean_ci_over_seeds(values: Sequence[float] | np.ndarray, alpha: float = 0.05) -> tuple[float, float, float]:
+    """Mean and Student-t ``1 - alpha`` interval ``(mean, lo, hi)`` across seeds / runs.
+
+    With a single value the bounds are ``nan`` (no variance estimate), not zero-width.
+    """
+    x = _as_1d(values, "values")
+    _check_alpha(alpha)
+    mean = float(x.mean())
+    if x.size == 1:
+        return mean, math.nan, math.nan
+    half = float(scipy.stats.t.ppf(1 - alpha / 2, df=x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+    return mean, mean - half, mean + half
+
+
+def paired_test(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """Paired t-test and Wilcoxon signed-rank test of ``a`` vs ``b`` (two-sided).
+
+    Returns ``t, p_t, w, p_wilcoxon, mean_diff (a - b), n``. If every difference is exactly
+    zero both tests are undefined (0/0); we report ``t = w = 0`` and ``p = 1`` (no evidence
+    of a difference) instead of nan. Wilcoxon drops zero differences (scipy's default).
+    """
+    x, y = _as_1d(a, "a"), _as_1d(b, "b")
+    if x.shape != y.shape:
+        raise ValueError(f"paired inputs differ in length: {x.size} vs {y.size}")
+    if x.size < 2:
+        raise ValueError("need at least 2 pairs")
+    diff = x - y
+    out: dict[str, float] = {"mean_diff": float(diff.mean()), "n": float(x.size)}
+    if np.all(diff == 0):
+        out.update(t=0.0, p_t=1.0, w=0.0, p_wilcoxon=1.0)
+        return out
+    with warnings.catch_warnings():
+        # Constant non-zero differences give t = +-inf, p = 0 with a precision warning: fine.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        t = scipy.stats.ttest_rel(x, y)
+        w = scipy.stats.wilcoxon(x, y)
+    out.update(t=float(t.statistic), p_t=float(t.pvalue), w=float(w.statistic), p_wilcoxon=float(w.pvalue))
+    return out
+
+
+def ols(y: Sequence[float] | np.ndarray, x: Sequence[float] | np.ndarray, alpha: float = 0.05) -> dict[str, float]:
+    """Simple linear regression ``y = intercept + slope * x`` (statsmodels OLS).
+
+    Returns ``slope, slope_lo, slope_hi`` (``1 - alpha`` CI), ``intercept, r2``, Pearson
+    ``pearson_r, pearson_p`` and ``n``. Needs ``n >= 3`` for a CI (else nan bounds).
+    """
+    yy, xx = _as_1d(y, "y"), _as_1d(x, "x")
+    if yy.shape != xx.shape:
+        raise ValueError(f"x and y differ in length: {xx.size} vs {yy.size}")
+    if xx.size < 2 or np.all(xx == xx[0]):
+        raise ValueError("need at least 2 points with distinct x")
+    _check_alpha(alpha)
+    # has_constant="add": otherwise a constant-looking x would silently lose its intercept column.
+    design = sm.add_constant(xx, has_constant="add")
+    with warnings.catch_warnings():
+        # n == 2 (zero residual df) makes statsmodels warn about division by zero.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fit = sm.OLS(yy, design).fit()
+        ci = np.asarray(fit.conf_int(alpha=alpha))
+    if np.all(yy == yy[0]):
+        r, p = math.nan, math.nan  # correlation undefined for constant y
+    else:
+        pr = scipy.stats.pearsonr(xx, yy)
+        r, p = float(pr.statistic), float(pr.pvalue)
+    lo, hi = (float(ci[1, 0]), float(ci[1, 1])) if xx.size >= 3 else (math.nan, math.nan)
+    return {
+        "slope": float(fit.params[1]),
+        "slope_lo": lo,
+        "slope_hi": hi,
+        "intercept": float(fit.params[0]),
+        "r2": float(fit.rsquared),
+        "pearson_r": r,
+        "pearson_p": p,
+        "n": float(xx.size),
+    }
+
+
+def relative_change(new: float, ref: float) -> float:
+    """Relative change in percent, ``100 * (new - ref) / |ref|`` (e.g. ΔFID %); ``ref`` must be non-zero."""
+    if ref == 0:
+        raise ValueError("relative change against a zero reference is undefined")
+    return 100.0 * (float(new) - float(ref)) / abs(float(ref))
