@@ -207,6 +207,24 @@ def load_fashion_mnist(
     return images, labels
 
 
+STYLES: tuple[str, ...] = ("none", "high_contrast")
+
+
+def apply_style(images_uint8: np.ndarray, style: str) -> np.ndarray:
+    """A visual domain for the ``derivative`` model (it plays OpenJourney: SD fine-tuned on a style).
+
+    ``high_contrast``: gamma 0.5 on intensities (``255·(p/255)^0.5``): dark garment texture turns
+    bright and bold while shapes and the black background stay, so prompts keep their meaning.
+    ``none`` returns the images unchanged.
+    """
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; allowed: {list(STYLES)}")
+    if style == "none":
+        return images_uint8
+    scaled = np.sqrt(images_uint8.astype(np.float32) / 255.0) * 255.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
 def to_model_range(images_uint8: np.ndarray | torch.Tensor, size: int = 32) -> torch.Tensor:
     """uint8 (N, H, W) -> float32 (N, 1, size, size) in [-1, 1].
 

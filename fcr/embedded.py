@@ -90,11 +90,13 @@ def load_split(
     *,
     heldout_prompts: bool = False,
     root: str | Path | None = None,
+    style: str = "none",
 ) -> tuple[EmbeddedTrainData, np.ndarray]:
     """(examples, labels) of ``train`` / ``val`` (from the official train set) or ``test``.
 
     Training images keep their assigned template; ``val``/``test`` images get a seeded template
-    from the training set, or from the held-out set with ``heldout_prompts``.
+    from the training set, or from the held-out set with ``heldout_prompts``. ``style`` applies
+    :func:`fcr.data.apply_style` to the images (the derivative model's domain).
     """
     out_dir = Path(out_dir)
     if not (out_dir / MANIFEST).is_file():
@@ -119,7 +121,7 @@ def load_split(
     cache = load_text_state_cache(out_dir / "text_states.safetensors", prompts, max_length=manifest["max_text_length"])
     states = torch.stack([cache[p] for p in prompts])
     examples = EmbeddedTrainData(
-        images=data.to_model_range(images[idx]),
+        images=data.to_model_range(data.apply_style(images[idx], style)),
         prompt_ids=torch.from_numpy(prompt_ids(labels, templates, heldout_prompts)),
         prompt_states=states,
         empty_state=cache[EMPTY_PROMPT],

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from fcr.embedded import load_split, prepare_embedded_data
-from fcr.models import build_embedded_unet, build_noise_scheduler, load_embedded_unet
+from fcr.models import build_embedded_unet, build_noise_scheduler, check_prediction_type, load_embedded_unet
 from fcr.train import TrainConfig, TrainResult, fcr_config_from_params, train
 
 __all__ = ["finetune", "run_dir"]
@@ -35,13 +35,14 @@ def finetune(params: Mapping[str, Any], *, progress: bool = True, stop_after: in
         return finetune_sd(params, progress=progress, stop_after=stop_after)
 
     prepare_embedded_data(params["data_dir"], seed=0, max_text_length=params["max_text_length"])
-    examples, _ = load_split(params["data_dir"], "train")
+    examples, _ = load_split(params["data_dir"], "train", style=params["train_style"])
     if params["model"] == "scratch":
         import torch
 
         torch.manual_seed(params["seed"])  # the initialisation is part of the run's determinism
         unet = build_embedded_unet(params["architecture"], params["resolution"])
     else:
+        check_prediction_type(params["model"], params["prediction_type"])
         unet = load_embedded_unet(params["model"])
     noise_scheduler = build_noise_scheduler(params["num_train_timesteps"], params["beta_schedule"], params["prediction_type"])
     folder = run_dir(params)

@@ -18,6 +18,8 @@ __all__ = [
     "ModelNotFoundError",
     "build_embedded_unet",
     "build_noise_scheduler",
+    "check_prediction_type",
+    "model_training_params",
     "embedded_unet_config",
     "load_embedded_unet",
     "resolve_unet_dir",
@@ -130,3 +132,23 @@ def load_embedded_unet(model: str, models_dir: str | Path | None = None) -> UNet
         return UNet2DConditionModel.from_pretrained(folder, use_safetensors=True)
     except Exception as exc:  # corrupt or mismatched files
         raise ModelNotFoundError(f"could not load the UNet in {folder}: {exc}") from exc
+
+
+def model_training_params(unet_dir: str | Path) -> dict[str, Any] | None:
+    """The params.yaml of the run that produced a UNet folder (its parent run folder), if any."""
+    import yaml
+
+    path = Path(unet_dir).parent / "params.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def check_prediction_type(model: str, prediction_type: str, models_dir: str | Path | None = None) -> None:
+    """Refuse to use a model with another prediction type than it was trained for."""
+    trained = model_training_params(resolve_unet_dir(model, models_dir))
+    if trained is not None and trained.get("prediction_type") not in (None, prediction_type):
+        from fcr.config import ConfigError
+
+        raise ConfigError(
+            f"parameter 'prediction_type': model {model!r} was trained with {trained['prediction_type']!r}, "
+            f"got {prediction_type!r}"
+        )

@@ -308,3 +308,14 @@ def test_sd_image_transform() -> None:
     torch.manual_seed(0)
     flips = [sd_image_transform(16, train=True)(image)[0, 0, 0].item() > 0 for _ in range(20)]
     assert any(flips) and not all(flips)
+
+
+def test_high_contrast_style_is_a_monotone_brightening() -> None:
+    from fcr.data import apply_style
+
+    x = np.array([[[0, 64, 128, 255]]], dtype=np.uint8)
+    y = apply_style(x, "high_contrast")
+    assert y.dtype == np.uint8 and y.tolist() == [[[0, 128, 181, 255]]]
+    assert apply_style(x, "none") is x
+    with pytest.raises(ValueError, match="unknown style"):
+        apply_style(x, "sepia")
