@@ -137,6 +137,14 @@ SCHEMA: dict[str, Param] = {
     # --- evaluation ---
     "num_eval_images": Param("int", 1000, "generated images per configuration", check=_at_least(1)),
     "eval_batch_size": Param("int", 100, "images per sampling batch", check=_at_least(1)),
+    # --- stride sweep ---
+    "sweep_models": Param("str_list", ["base"], "models (embedded names or run folders) compared in the sweep", check=_non_empty()),
+    "include_50ls": Param("bool", True, "add Faster Diffusion's non-uniform '50ls' key steps to the sweep"),
+    "dpm_reference_steps": Param("int", 20, "steps of the plain DPM-Solver++ reference line (0 disables it)", check=_at_least(0)),
+    "profile_batches": Param("int_list", [1, 8], "batch sizes of the cost timing", check=_non_empty(_each(_at_least(1)))),
+    "profile_repeats": Param("int", 3, "timed repeats per batch size (after one warm-up run)", check=_at_least(1)),
+    "n_bootstrap": Param("int", 200, "bootstrap resamples of the per-configuration intervals", check=_at_least(10)),
+    "fid_reference": Param("str", "", "SD sweep: clean-fid custom statistics name or a folder of reference images"),
 }
 
 

@@ -14,7 +14,15 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["image_grid", "save_figure", "training_curves"]
+__all__ = [
+    "config_sample_grid",
+    "cost_bars",
+    "image_grid",
+    "quality_vs_stride",
+    "quality_vs_time",
+    "save_figure",
+    "training_curves",
+]
 
 sns.set_theme(context="notebook", style="whitegrid")
 
@@ -70,3 +78,103 @@ def training_curves(log: pd.DataFrame, title: str = "") -> plt.Figure:
     axes[1].set_title("throughput (images/s)")
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------- stride sweep
+
+
+def _errorbar(ax: plt.Axes, x, y, lo, hi, color) -> None:
+    """Interval bars from ``lo`` to ``hi``; drawn as segments because a bootstrap interval of a
+    biased set metric (FD) need not contain its estimate, which ``ax.errorbar`` cannot show."""
+    x, lo, hi = np.asarray(x, float), np.asarray(lo, float), np.asarray(hi, float)
+    ok = np.isfinite(lo) & np.isfinite(hi)  # one seed: no interval to draw
+    if ok.any():
+        ax.vlines(x[ok], lo[ok], hi[ok], color=color, linewidth=1.2)
+        ax.scatter(np.r_[x[ok], x[ok]], np.r_[lo[ok], hi[ok]], marker="_", color=color, s=60)
+
+
+def quality_vs_stride(summary: pd.DataFrame, metric: str, ylabel: str | None = None) -> plt.Figure:
+    """``metric`` (mean over seeds, t-interval bars) against the key-step stride, one line per
+    model; configurations without a stride (FD-50ls, DPM++) are dashed horizontal lines."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    palette = dict(zip(summary["model"].unique(), sns.color_palette(n_colors=summary["model"].nunique())))
+    strided = summary[summary["stride"].notna()].sort_values("stride")
+    sns.lineplot(data=strided, x="stride", y=metric, hue="model", palette=palette, marker="o", ax=ax, errorbar=None)
+    for model, group in strided.groupby("model"):
+        _errorbar(ax, group["stride"], group[metric], group[f"{metric}_lo"], group[f"{metric}_hi"], palette[model])
+    styles = iter(["--", ":", "-."] * 10)
+    for config, group in summary[summary["stride"].isna()].groupby("config", sort=False):
+        style = next(styles)
+        for _, row in group.iterrows():
+            ax.axhline(row[metric], color=palette[row["model"]], linestyle=style, linewidth=1)
+        ax.plot([], [], color="gray", linestyle=style, label=config)
+    ax.set_xticks(sorted(strided["stride"].unique()))
+    ax.set_xlabel("key-step stride (1 = full UNet every step)")
+    ax.set_ylabel(ylabel or metric)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def quality_vs_time(
+    summary: pd.DataFrame,
+    costs: pd.DataFrame,
+    metric: str,
+    time_col: str = "time_per_image_s",
+    ylabel: str | None = None,
+) -> plt.Figure:
+    """Quality against measured time per image, one point per model x configuration, with each
+    model's Pareto front (points no other configuration beats on both axes; lower is better)."""
+    merged = summary.merge(costs[["architecture", "config", time_col]], on=["architecture", "config"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sns.scatterplot(data=merged, x=time_col, y=metric, hue="model", style="config", s=70, ax=ax)
+    palette = dict(zip(merged["model"].unique(), sns.color_palette(n_colors=merged["model"].nunique())))
+    for model, group in merged.groupby("model"):
+        _errorbar(ax, group[time_col], group[metric], group[f"{metric}_lo"], group[f"{metric}_hi"], palette[model])
+        front, best = [], np.inf
+        for _, row in group.sort_values([time_col, metric]).iterrows():
+            if row[metric] < best:
+                front.append(row)
+                best = row[metric]
+        front_df = pd.DataFrame(front)
+        ax.step(front_df[time_col], front_df[metric], where="post", color=palette[model], alpha=0.5)
+    ax.set_xlabel("measured time per image (s)")
+    ax.set_ylabel(ylabel or metric)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def cost_bars(costs: pd.DataFrame, passes: pd.DataFrame) -> plt.Figure:
+    """Left: network calls per sampling run (encoder / decoder / full UNet) per configuration. Right:
+    measured FLOP ratio to plain sampling next to the analytic bound (from the encoder share)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    cols = [c for c in ("unet_passes_per_run", "encoder_passes_per_run", "decoder_passes_per_run") if c in passes]
+    long = passes.melt(id_vars=["architecture", "config"], value_vars=cols, var_name="pass", value_name="per run")
+    long["pass"] = long["pass"].str.replace("_passes_per_run", "", regex=False)
+    sns.barplot(data=long, x="config", y="per run", hue="pass", ax=axes[0], errorbar=None)
+    axes[0].set_title("network calls per sampling run (batched decoders count once)")
+    ratio = costs.melt(
+        id_vars=["architecture", "config"], value_vars=["flops_ratio_vs_full", "bound_flops_ratio_vs_full"],
+        var_name="kind", value_name="FLOPs / full",
+    )
+    kinds = {"flops_ratio_vs_full": "measured (flop_counter)", "bound_flops_ratio_vs_full": "analytic bound"}
+    ratio["kind"] = ratio["kind"].map(kinds)
+    sns.barplot(data=ratio, x="config", y="FLOPs / full", hue="kind", ax=axes[1], errorbar=None)
+    axes[1].set_title("UNet FLOPs per image relative to full sampling")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig
+
+
+def config_sample_grid(
+    samples: dict[str, torch.Tensor | np.ndarray], titles: Sequence[str] | None = None
+) -> plt.Figure:
+    """Rows = configurations, columns = the same prompts and initial noise (uint8 or [-1, 1] images)."""
+    names = list(samples)
+    ncols = min(len(v) for v in samples.values())
+    parts = [v[:ncols].cpu().numpy() if torch.is_tensor(v) else np.asarray(v[:ncols]) for v in samples.values()]
+    images = np.concatenate(parts)
+    full_titles = list(titles[:ncols]) + [""] * (len(images) - ncols) if titles is not None else None
+    return image_grid(images, len(names), ncols, titles=full_titles, row_labels=names)

@@ -1,0 +1,142 @@
+"""Stride sweep: configurations, resumable result files, stale detection, cost counters.
+
+The UNet here is a randomly initialised scratch model: code paths only, never results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fcr import sweep
+from fcr.config import validate
+from fcr.embedded import all_prompts
+from fcr.models import ModelNotFoundError, build_embedded_unet, build_noise_scheduler
+from fcr.results import StaleResultError
+from fcr.sampler import FD_50LS, sample
+from fcr.sweep import SamplingConfig, evaluate_cost, paired_comparison, run_sweep, summarize, sweep_configurations
+
+REFERENCE_N = 50  # real test images used as the reference set (tests only; results use all 10k)
+
+
+def test_configurations_cover_strides_50ls_and_dpm() -> None:
+    configs = sweep_configurations([1, 5, 10], 50, "ddim", include_50ls=True, dpm_reference_steps=20)
+    assert [c.name for c in configs] == ["full", "FD-5", "FD-10", "FD-50ls", "DPM++-20"]
+    by_name = {c.name: c for c in configs}
+    assert by_name["full"].key_steps is None and by_name["full"].stride == 1
+    assert by_name["FD-5"].key_steps == tuple(range(0, 50, 5))
+    assert by_name["FD-10"].as_dict()["n_key_steps"] == 5
+    assert by_name["FD-50ls"].key_steps == FD_50LS
+    dpm = by_name["DPM++-20"]
+    assert (dpm.scheduler, dpm.num_inference_steps, dpm.key_steps) == ("dpmsolver++", 20, None)
+    plain = sweep_configurations([1], 10, "ddim", include_50ls=False, dpm_reference_steps=0)
+    assert [c.name for c in plain] == ["full"]
+    json.dumps(dpm.as_dict())  # result files store it
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict:
+    """A scratch UNet saved as a run folder and a text-state cache of random states."""
+    root = tmp_path_factory.mktemp("sweep")
+    torch.manual_seed(0)
+    unet = build_embedded_unet("base")
+    unet.save_pretrained(root / "run" / "unet", safe_serialization=True)
+    prompts = all_prompts()
+    data_dir = root / "data"
+    data_dir.mkdir()
+    states = torch.randn(len(prompts), 16, 384)
+    meta = {"prompts": json.dumps(prompts), "max_length": "16", "hidden_size": "384", "encoder": "random"}
+    save_file({"states": states}, str(data_dir / "text_states.safetensors"), metadata=meta)
+    params = validate({
+        "setting": "embedded", "device": "cpu", "data_dir": str(data_dir), "output_dir": str(root / "out"),
+        "sweep_models": [str(root / "run")], "strides": [1, 3], "num_inference_steps": 6, "include_50ls": True,
+        "dpm_reference_steps": 3, "num_eval_images": 10, "eval_batch_size": 10, "seeds": [0],
+        "guidance_scale": 2.0, "profile_batches": [1], "profile_repeats": 1, "n_bootstrap": 10,
+    })
+    return {"root": root, "unet": unet, "params": params}
+
+
+def _sweep(params: dict, out: Path, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    calls = []
+    real = sweep.generate
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("key_steps"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "generate", counting)
+    models = sweep.model_labels(params["sweep_models"])
+    try:
+        quality, cost = run_sweep(params, models, out, progress=False, reference_n=REFERENCE_N)
+    except FileNotFoundError as exc:
+        if "fashion" in str(exc).lower():
+            pytest.skip(f"Fashion-MNIST not available: {exc}")
+        raise
+    return quality, cost, calls
+
+
+def test_sweep_writes_once_skips_then_refuses_stale(workspace: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    params, out = workspace["params"], workspace["root"] / "out" / "sweep"
+    quality, cost, calls = _sweep(params, out, monkeypatch)
+    names = ["full", "FD-3", "FD-50ls", "DPM++-3"]
+    assert len(calls) == len(names)
+    assert sorted(p.stem for p in (out / "quality").glob("*.json")) == sorted(f"run__{n}__seed0" for n in names)
+    assert sorted(p.stem for p in (out / "cost").glob("*.json")) == sorted(f"base__{n}" for n in names)
+    assert len(list((out / "quality").glob("*.safetensors"))) == len(names)
+    assert set(quality["config"]) == set(names) and (quality["n_generated"] == 10).all()
+    row = quality.set_index("config").loc["FD-3"]
+    assert row["fd_fashioncnn_lo"] <= row["fd_fashioncnn_hi"] and 0 <= row["class_accuracy"] <= 1
+    assert row["encoder_passes_per_run"] == 2 and row["decoder_steps_per_run"] == 6
+
+    again, _, calls_again = _sweep(params, out, monkeypatch)
+    assert calls_again == []  # everything loaded from the result files
+    assert again["fd_fashioncnn"].tolist() == quality["fd_fashioncnn"].tolist()
+
+    with pytest.raises(StaleResultError, match="guidance_scale"):
+        _sweep({**params, "guidance_scale": 3.0}, out, monkeypatch)
+
+    # Per-image side files support paired tests between configurations; one seed -> nan t-bounds.
+    test = paired_comparison(out, "run", "FD-3", "full", 0)
+    assert test["n"] == 10 and 0 <= test["p_t"] <= 1
+    summary = summarize(quality)
+    assert (summary["n_seeds"] == 1).all() and summary["fd_fashioncnn_lo"].isna().all()
+    table = sweep.cost_table(cost, reference="FD-3")
+    assert math.isclose(table.set_index("config").loc["FD-3", "time_speedup_vs_FD-3"], 1.0)
+
+
+def test_missing_model_fails_before_anything_is_written(workspace: dict, tmp_path: Path, monkeypatch) -> None:
+    params = {**workspace["params"], "sweep_models": [str(tmp_path / "never_trained")]}
+    out = tmp_path / "out"
+    with pytest.raises(ModelNotFoundError, match="never_trained"):
+        _sweep(params, out, monkeypatch)
+    assert not out.exists()
+    with pytest.raises(ModelNotFoundError, match="has not been trained"):
+        run_sweep({**params, "sweep_models": ["base-v"]}, {"base-v": "base-v"}, out, progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("key_steps", [None, (0, 3), (0, 1, 2, 3, 4)])
+def test_cost_pass_counts_agree_with_the_sampler(workspace: dict, key_steps) -> None:
+    unet = workspace["unet"]
+    config = SamplingConfig("probe", "ddim", 6, key_steps)
+    cost = evaluate_cost(unet, config, batch_sizes=(1,), repeats=1, guidance_scale=2.0, seq_len=16)
+    noise = torch.randn(1, 1, 32, 32)
+    cond = torch.randn(1, 16, 384)
+    stats = sample(
+        unet, sweep.sampling_scheduler("ddim", build_noise_scheduler()), noise, cond,
+        uncond_hidden_states=torch.zeros(1, 16, 384), guidance_scale=2.0, num_inference_steps=6,
+        key_steps=None if key_steps is None else list(key_steps),
+    ).stats
+    for name in sweep.PASS_COUNTERS:
+        assert cost[f"{name}_per_run"] == getattr(stats, name), name
+    assert cost["decoder_batch_sizes"] == stats.decoder_batch_sizes
+    assert cost["flops_per_image"] > 0 and cost["time_per_image_s_bs1"] > 0
+    if key_steps is None:
+        assert cost["flops_bound_ratio"] == 1.0
+    else:
+        assert 0 < cost["flops_bound_ratio"] < 1
