@@ -25,6 +25,7 @@ __all__ = [
     "save_module_weights",
     "save_optimizer_state",
     "save_training_checkpoint",
+    "state_dict_mismatch",
     "load_training_checkpoint",
 ]
 
@@ -41,6 +42,16 @@ def save_module_weights(module: torch.nn.Module, path: str | Path, metadata: dic
     save_file(state, str(path), metadata=metadata)
 
 
+def state_dict_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """Describe how ``state`` fails to fit a module's ``own`` state dict (None when it fits)."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if not (missing or unexpected or wrong):
+        return None
+    return f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]} (first three of each)"
+
+
 def load_module_weights(module: torch.nn.Module, path: str | Path) -> None:
     """Load safetensors weights strictly; a missing file or mismatched keys/shapes raise CheckpointError."""
     path = Path(path)
@@ -50,15 +61,9 @@ def load_module_weights(module: torch.nn.Module, path: str | Path) -> None:
         state = load_file(str(path))
     except Exception as exc:  # safetensors raises several types for corrupt headers
         raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt or not safetensors: {exc}") from exc
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} does not match the model: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]} (first three of each)"
-        )
+    mismatch = state_dict_mismatch(module.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not match the model: {mismatch}")
     module.load_state_dict(state)
 
 

@@ -31,6 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fcr.checkpoint import state_dict_mismatch
+
 __all__ = [
     "ARCHITECTURE_VERSION",
     "DEFAULT_CLASSIFIER_PATH",
@@ -349,14 +351,9 @@ def load_classifier(
     except (KeyError, ValueError) as err:
         raise ClassifierFileError(f"{str(path)!r}: bad architecture metadata ({err})") from err
     state = load_file(str(path))
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise ClassifierFileError(
-            f"{str(path)!r} does not match FashionClassifier{widths}: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]} (first three of each)"
-        )
+    mismatch = state_dict_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise ClassifierFileError(f"{str(path)!r} does not match FashionClassifier{widths}: {mismatch}")
     model.load_state_dict(state)
     return model.to(map_location).eval()
 
