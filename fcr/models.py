@@ -78,7 +78,7 @@ SD_NOISE_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, clip_sample=False, 
 # Where the shipped embedded base models live (trained by this repository's own code).
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 EMBEDDED_MODELS = {
-    "base": "notebooks/02_finetune.ipynb with params/pretrain_base.yaml (python -m fcr train ...)",
+    "base": "python -m fcr train -f params/fashion_mnist.yaml -f params/pretrain_base.yaml (then copy the run folder to models/base)",
     "base-v": "python -m fcr train -f params/fashion_mnist.yaml -f params/pretrain_base_v.yaml",
     "derivative": "python -m fcr train -f params/fashion_mnist.yaml -f params/pretrain_derivative.yaml",
 }
