@@ -32,7 +32,8 @@ import pandas as pd
 import torch
 
 from fcr import sampler
-from fcr.models import MINILM_HIDDEN_SIZE, build_embedded_unet
+from fcr.generate import sampling_scheduler
+from fcr.models import MINILM_HIDDEN_SIZE, build_embedded_unet, build_noise_scheduler
 from fcr.profiling import (
     SD15_UNET_CONFIG,
     SD21_UNET_CONFIG,
@@ -50,16 +51,6 @@ from fcr.profiling import (
 EMBEDDED_SEQ_LEN = 16
 EMBEDDED_SHAPE = (1, 32, 32)
 GUIDANCE = 4.0
-# SD-style DDIM config (the embedded models train with the same scaled-linear schedule).
-SCHEDULER_CONFIG: dict[str, Any] = dict(
-    num_train_timesteps=1000,
-    beta_schedule="scaled_linear",
-    beta_start=0.00085,
-    beta_end=0.012,
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
 COST_ONLY = "random (cost only)"
 
 
@@ -113,7 +104,8 @@ def _run_fn(unet, scheduler, batch: int, steps: int, cfg: Config, device: torch.
 def bench_embedded(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     unet = build_embedded_unet("base").to(device).eval()  # random weights: cost only
-    scheduler = sampler.build_scheduler("ddim", **SCHEDULER_CONFIG)
+    # The embedded models' own training schedule, configured for sampling as SD's pipelines are.
+    scheduler = sampling_scheduler("ddim", build_noise_scheduler())
     per_pass = unet_flops(unet, EMBEDDED_SHAPE, EMBEDDED_SEQ_LEN, batch=1)
     configs = sampling_configs(args.steps, args.strides, not args.no_50ls)
 
