@@ -145,6 +145,23 @@ SCHEMA: dict[str, Param] = {
     "profile_repeats": Param("int", 3, "timed repeats per batch size (after one warm-up run)", check=_at_least(1)),
     "n_bootstrap": Param("int", 200, "bootstrap resamples of the per-configuration intervals", check=_at_least(10)),
     "fid_reference": Param("str", "", "SD sweep: clean-fid custom statistics name or a folder of reference images"),
+    # --- robustness (notebook 04) ---
+    "robustness_models": Param("str_list", ["base"], "models (embedded names or run folders) stress-tested in notebook 04", check=_non_empty()),
+    "robustness_strides": Param("int_list", [1, 10], "strides stress-tested (1 = full sampling)", check=_non_empty(_each(_at_least(1)))),
+    "stresses": Param("str_list", ["none", "heldout_prompts", "ood_prompts", "high_resolution", "perturbed_schedule", "adversarial_noise"],
+                      "stress conditions of notebook 04 ('none' is the unstressed reference)", check=_non_empty()),
+    "num_robustness_images": Param("int", 100, "images per model x stride x stress x seed in notebook 04", check=_at_least(1)),
+    "stress_resolution": Param("int", 64, "image side of the high-resolution stress (SD: 1024)", check=_at_least(8)),
+    "schedule_noise_std": Param("float", 0.05, "std of the per-step relative perturbation of sigma_t", check=_at_least(0.0)),
+    "adversarial_epsilon": Param("float", 0.1, "L-inf budget of the adversarial z_T perturbation, in units of the noise std", check=_at_least(0.0)),
+    "adversarial_steps": Param("int", 10, "signed-gradient steps of the adversarial attack on z_T", check=_at_least(1)),
+    # --- mechanistic regression (notebook 05) ---
+    "variance_models": Param("str_list", ["base"], "models whose encoder-feature variance notebook 05 measures", check=_non_empty()),
+    "variance_delta_max": Param("int", 10, "largest gap in training timesteps of the feature variance", check=_at_least(1)),
+    "variance_max_stride": Param("int", 20, "largest gap in sampling steps of the feature variance", check=_at_least(1)),
+    "num_variance_images": Param("int", 256, "held-out images of the feature-variance estimate", check=_at_least(2)),
+    "quality_tables": Param("str_list", [], "quality CSVs (notebooks 03 / 04) whose drops notebook 05 regresses on feature variance"),
+    # --- experiments, verdict, report ---
 }
 
 
