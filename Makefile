@@ -20,7 +20,7 @@ data:
 	else echo "Fashion-MNIST: not installed system-wide; torchvision will download it on first use"; fi
 
 main:
-	$(PYTHON) -m fcr.pipeline run --setting embedded
+	$(PYTHON) -m fcr.pipeline run --setting embedded --readme README.md
 
 test:
 	@# Notebooks run under nbval on copies with params/smoke.yaml injected (nbval has no parameter option).

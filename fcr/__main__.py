@@ -2,11 +2,13 @@
 
 Parameter files merge left to right with a shallow update (as papermill's ``-f``); ``--set``
 values are read as YAML scalars. Everything is validated before any work or output.
+Data-parallel training: ``torchrun --nproc_per_node N -m fcr train ...`` (gloo on CPU, NCCL on GPUs).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import yaml
@@ -40,9 +42,16 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(params, sort_keys=True))
         return 0
     from fcr.finetune import finetune
+    from fcr.train import DistributedSetupError, init_distributed
 
-    result = finetune(params, stop_after=args.stop_after)
-    print(f"finished at step {result.last_step}; log {result.log_path}; weights {result.ema_dir or result.unet_dir}")
+    try:
+        init_distributed()  # several launched processes: one group, or a refusal before anything is written
+        result = finetune(params, stop_after=args.stop_after)
+    except DistributedSetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        print(f"finished at step {result.last_step}; log {result.log_path}; weights {result.ema_dir or result.unet_dir}")
     return 0
 
 

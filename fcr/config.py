@@ -141,6 +141,8 @@ SCHEMA: dict[str, Param] = {
     "sweep_models": Param("str_list", ["base"], "models (embedded names or run folders) compared in the sweep", check=_non_empty()),
     "include_50ls": Param("bool", True, "add Faster Diffusion's non-uniform '50ls' key steps to the sweep"),
     "dpm_reference_steps": Param("int", 20, "steps of the plain DPM-Solver++ reference line (0 disables it)", check=_at_least(0)),
+    "dpm_strides": Param("int_list", [], "strides of DPM-Solver++ with encoder caching ('DPM++-FD-s', at dpm_reference_steps steps)", check=_each(_at_least(2))),
+    "reference_lines_all_models": Param("bool", False, "run FD-50ls and plain DPM++ for every model, not only the first (the original)"),
     "profile_batches": Param("int_list", [1, 8], "batch sizes of the cost timing", check=_non_empty(_each(_at_least(1)))),
     "profile_repeats": Param("int", 3, "timed repeats per batch size (after one warm-up run)", check=_at_least(1)),
     "n_bootstrap": Param("int", 200, "bootstrap resamples of the per-configuration intervals", check=_at_least(10)),

@@ -1,38 +1,63 @@
 """The main job: ``python -m fcr.pipeline run --setting embedded``.
 
-Runs, in order, every stage that exists, each notebook through papermill into
-``outputs/<setting>/notebooks/``, skipping stages whose outputs are already complete, and says
-plainly which stages are not built yet. It never fakes a stage that does not exist.
+Runs every experiment of ``params/experiments.yaml`` for one setting, each notebook through
+papermill: data preparation (01), the cost benchmark, then per experiment the fine-tunes (02, one
+run folder per variation) and the evaluation notebooks (03 sweep, 04 robustness, 05 mechanistic
+regression) into ``<root>/<experiment>/``, and finally the combined tables, figures and the
+success-criteria verdict (``fcr.report``) into ``<root>/report/``.
+
+Resumable: a stage that finished leaves a marker with the hash of its parameters and is skipped
+next time (run with other parameters, it runs again); inside a stage, training resumes from its
+last checkpoint and the notebooks skip per-configuration results already written. A failing
+notebook stops the job with papermill's error and the path of the failed notebook.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
-from fcr.models import ModelNotFoundError, resolve_unet_dir
+from fcr.config import load_yaml, merge, validate
+from fcr.experiments import MANIFEST, MODEL_LIST_KEYS, Experiment, load_manifest
 from fcr.notebooks import NOTEBOOKS_DIR, run_notebook
 from fcr.paths import REPO_ROOT
+from fcr.results import write_json_atomic
 
-__all__ = ["Stage", "main", "run"]
+__all__ = ["Stage", "Task", "main", "plan", "run"]
 
-SETTINGS = {"embedded": [REPO_ROOT / "params" / "fashion_mnist.yaml"]}
+SETTING_DATA_PARAMS = {"embedded": "params/fashion_mnist.yaml", "sd": "params/sd15.yaml"}
+DONE = ".pipeline_done.json"
 
-# Stages the repository does not have yet, with the issue that builds them (shown, never faked).
-NOT_BUILT = [
-    "fine-tuning of the exp-1/exp-2 variations and their stride sweep (needs all embedded base models; issues 3-4)",
-    "notebook 04_robustness and 05_mechanistic_regression, success-criteria verdict (issue 5)",
-    "params/experiments.yaml manifest over both experiments (issue 5)",
-]
+
+@dataclass
+class Task:
+    """One resumable stage: a notebook run (or a callable) and where it leaves its outputs."""
+
+    name: str
+    folder: Path
+    params: list[Path]
+    overrides: dict[str, Any]
+    notebook: str | None = None
+    action: Callable[[], None] | None = None
+
+    def merged(self) -> dict[str, Any]:
+        return merge(*(load_yaml(p) for p in self.params), self.overrides)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.merged(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass
 class Stage:
-    """One step of the main job and what it left behind."""
+    """What one task did."""
 
     name: str
     status: str
@@ -40,59 +65,182 @@ class Stage:
     seconds: float
 
 
-def _notebook_stage(name: str, setting: str, params: list[Path], done_marker: Path) -> Stage:
-    out = REPO_ROOT / "outputs" / setting / "notebooks" / f"{name}.ipynb"
-    if done_marker.exists() and out.exists():
-        return Stage(name, "skipped (already complete)", str(out.relative_to(REPO_ROOT)), 0.0)
-    start = time.perf_counter()
-    run_notebook(NOTEBOOKS_DIR / f"{name}.ipynb", out, params)
-    return Stage(name, "ran", str(out.relative_to(REPO_ROOT)), time.perf_counter() - start)
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
 
 
-def run(setting: str = "embedded", bench: bool = True) -> list[Stage]:
-    """Run every existing stage of the main job for ``setting``."""
-    if setting not in SETTINGS:
-        raise SystemExit(f"--setting {setting!r} is not runnable here; allowed: {sorted(SETTINGS)} "
-                         "(the SD setting runs on a GPU machine: see the README)")
-    params = SETTINGS[setting]
-    stages = [_notebook_stage("01_data_prep", setting, params, REPO_ROOT / "outputs" / setting / "data" / "manifest.json")]
-    if bench:
-        out = REPO_ROOT / "outputs" / setting / "benchmarks" / "core_quick.csv"
-        start = time.perf_counter()
-        if out.exists():
-            stages.append(Stage("core benchmark (quick)", "skipped (already complete)", str(out.relative_to(REPO_ROOT)), 0.0))
-        else:
+def plan(
+    setting: str = "embedded",
+    root: str | Path | None = None,
+    experiments: list[str] | None = None,
+    overlays: list[str | Path] = (),
+    manifest: str | Path = MANIFEST,
+    bench: bool = True,
+    report: bool = True,
+    data: bool = True,
+) -> list[Task]:
+    """The tasks of the main job in order. ``overlays``: parameter files applied after every
+    stage's own files (e.g. params/smoke_pipeline.yaml for a code-path run); ``root`` the output
+    folder (default ``outputs/<setting>``)."""
+    if setting not in SETTING_DATA_PARAMS:
+        raise SystemExit(f"--setting {setting!r}: allowed {sorted(SETTING_DATA_PARAMS)}")
+    root = Path(root) if root is not None else REPO_ROOT / "outputs" / setting
+    overlays = [Path(p) for p in overlays]
+    all_experiments = load_manifest(manifest)
+    chosen = experiments or list(all_experiments)
+    unknown = [e for e in chosen if e not in all_experiments]
+    if unknown:
+        raise SystemExit(f"unknown experiment(s) {unknown}; the manifest has {list(all_experiments)}")
+    common = {"data_dir": _rel(root / "data")}
+    tasks = []
+    if data:
+        tasks.append(Task("01_data_prep", root / "data", [REPO_ROOT / SETTING_DATA_PARAMS[setting], *overlays],
+                          dict(common), notebook="01_data_prep"))
+    if bench and setting == "embedded":
+        out = root / "benchmarks" / "core_quick.csv"
+
+        def core_benchmark(out: Path = out) -> None:
             subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_core.py"), "--quick", "--out", str(out)],
                            check=True, cwd=REPO_ROOT)
-            stages.append(Stage("core benchmark (quick)", "ran", str(out.relative_to(REPO_ROOT)), time.perf_counter() - start))
+
+        tasks.append(Task("core benchmark (quick)", out.parent, [], {"quick": True}, action=core_benchmark))
+    for exp_id in chosen:
+        tasks += _experiment_tasks(all_experiments[exp_id], setting, root, overlays, common)
+    if report:
+        report_dir = root / "report"
+
+        def build(root: Path = root, report_dir: Path = report_dir) -> None:
+            from fcr.report import build_report
+
+            build_report(root, report_dir)
+
+        tasks.append(Task("report", report_dir, [], {"experiments": chosen, "always": time.time()}, action=build))
+    return tasks
+
+
+def _experiment_tasks(exp: Experiment, setting: str, root: Path, overlays: list[Path], common: dict) -> list[Task]:
+    if setting not in exp.settings:
+        raise SystemExit(f"{exp.experiment_id} has no {setting!r} setting in the manifest")
+    spec = exp.settings[setting]
+    exp_dir = root / exp.experiment_id
+    tasks = []
+    finetuned = {name: _rel(exp_dir / name) for name in spec.finetunes}
+    for name, files in spec.finetunes.items():
+        tasks.append(Task(f"{exp.experiment_id}: fine-tune {name}", exp_dir / name,
+                          [*spec.params, *spec.finetune, *files, *overlays],
+                          {**common, "output_dir": _rel(exp_dir), "run_name": name}, notebook="02_finetune"))
+    tables: list[str] = []
+    for run in spec.notebooks:
+        folder = exp_dir / run.kind / run.run
+        overrides = {**common, "output_dir": _rel(exp_dir), "run_name": run.run,
+                     MODEL_LIST_KEYS[run.notebook]: [finetuned.get(m, m) for m in run.models]}
+        if run.notebook == "05_mechanistic_regression":
+            overrides["quality_tables"] = list(tables)
+        tasks.append(Task(f"{exp.experiment_id}: {run.notebook} ({run.run})", folder,
+                          [*spec.params, *run.params, *overlays], overrides, notebook=run.notebook))
+        if run.notebook == "03_stride_sweep":
+            tables.append(_rel(folder / "quality.csv"))
+        elif run.notebook == "04_robustness":
+            tables.append(_rel(folder / "robustness.csv"))
+    return tasks
+
+
+def _done(task: Task) -> bool:
+    marker = task.folder / DONE
+    if not marker.is_file():
+        return False
     try:
-        resolve_unet_dir("base")
-        base_state = "present"
-    except ModelNotFoundError as exc:
-        base_state = f"missing: {exc}"
-    if base_state == "present":
-        # The original model's stride curve (FD baselines); needs only the shipped base model.
-        sweep_params = [*params, REPO_ROOT / "params" / "sweep_base.yaml"]
-        marker = REPO_ROOT / "outputs" / setting / "sweep" / "base_strides" / "summary.csv"
-        stages.append(_notebook_stage("03_stride_sweep", setting, sweep_params, marker))
+        return json.loads(marker.read_text()).get("fingerprint") == task.fingerprint()
+    except json.JSONDecodeError:
+        return False
+
+
+def run_task(task: Task) -> Stage:
+    """Run one task unless its marker says it finished with the same parameters."""
+    if _done(task):  # the report's parameters hold the time, so it always runs
+        return Stage(task.name, "skipped (already complete)", _rel(task.folder), 0.0)
+    start = time.perf_counter()
+    if task.notebook is not None:
+        validate(task.merged())  # a bad parameter fails here, before the notebook writes anything
+        output = task.folder / f"{task.notebook}.ipynb"
+        try:
+            run_notebook(NOTEBOOKS_DIR / f"{task.notebook}.ipynb", output, task.params, task.overrides)
+        except Exception as exc:
+            raise PipelineError(f"stage {task.name!r} failed; the executed notebook is {output}\n{exc}") from exc
+    else:
+        task.action()
+    seconds = time.perf_counter() - start
+    task.folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(task.folder / DONE, {"fingerprint": task.fingerprint(), "seconds": seconds,
+                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return Stage(task.name, "ran", _rel(task.folder), seconds)
+
+
+class PipelineError(RuntimeError):
+    """A stage failed; the message names the stage and its executed notebook."""
+
+
+def _terminate(signum, frame) -> None:  # noqa: ARG001
+    # SIGTERM unwinds like Ctrl-C, so papermill shuts its kernel down; finished stages keep their markers.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(setting: str = "embedded", *, root: str | Path | None = None, experiments: list[str] | None = None,
+        overlays: list[str | Path] = (), bench: bool = True, readme: str | Path | None = None,
+        manifest: str | Path = MANIFEST, report: bool = True, data: bool = True) -> list[Stage]:
+    """Run (or resume) the main job; returns what each stage did."""
+    signal.signal(signal.SIGTERM, _terminate)
+    tasks = plan(setting, root, experiments, overlays, manifest=manifest, bench=bench, report=report, data=data)
+    stages = []
+    start = time.perf_counter()
+    for task in tasks:
+        print(f"== {task.name}", flush=True)
+        stages.append(run_task(task))
+        print(f"   {stages[-1].status} ({stages[-1].seconds:.0f} s) -> {stages[-1].output}", flush=True)
+    total = time.perf_counter() - start
+    root_dir = Path(root) if root is not None else REPO_ROOT / "outputs" / setting
+    timing = [{"name": s.name, "status": s.status, "seconds": s.seconds} for s in stages]
+    write_json_atomic(root_dir / "report" / "pipeline_timing.json",
+                      {"total_seconds_this_invocation": total, "stages": timing})
+    if readme is not None:
+        from fcr.report import update_readme, results_markdown
+
+        update_readme(readme, results_markdown(root_dir))
     print("\n== main job summary ==")
     for s in stages:
         print(f"- {s.name}: {s.status} -> {s.output} ({s.seconds:.0f} s)")
-    print(f"- embedded base model: {base_state}")
-    print("Not built yet (no result is produced for these):")
-    for item in NOT_BUILT:
-        print(f"- {item}")
+    print(f"total {total:.0f} s this invocation")
     return stages
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fcr.pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run the main job")
-    r.add_argument("--setting", default="embedded")
+    r = sub.add_parser("run", help="run (or resume) the main job")
+    r.add_argument("experiments", nargs="*", help="experiment ids (default: all in the manifest)")
+    r.add_argument("--setting", default="embedded", choices=sorted(SETTING_DATA_PARAMS))
+    r.add_argument("--root", default=None, help="output folder (default outputs/<setting>)")
+    r.add_argument("-f", "--params", action="append", default=[], dest="overlays",
+                   help="parameter file applied after every stage's own (repeatable)")
     r.add_argument("--no-bench", action="store_true", help="skip the core cost benchmark")
+    r.add_argument("--readme", default=None, help="write the results section of this README from the run")
+    r.add_argument("--manifest", default=str(MANIFEST), help="experiments manifest (default params/experiments.yaml)")
+    r.add_argument("--no-report", action="store_true", help="skip the combined report")
+    r.add_argument("--skip-data", action="store_true", help="skip data preparation (data_dir already prepared)")
     args = parser.parse_args(argv)
-    run(args.setting, bench=not args.no_bench)
+    try:
+        run(args.setting, root=args.root, experiments=args.experiments or None, overlays=args.overlays,
+            bench=not args.no_bench, readme=args.readme, manifest=args.manifest, report=not args.no_report,
+            data=not args.skip_data)
+    except PipelineError as exc:
+        print(f"\nFAILED: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        print(f"\ninterrupted ({exc}); run the same command again to resume", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "reference_features",
     "run_sweep",
     "summarize",
+    "configs_for_model",
     "sweep_configurations",
 ]
 
@@ -105,12 +106,17 @@ def sweep_configurations(
     scheduler: str,
     include_50ls: bool = True,
     dpm_reference_steps: int = 20,
+    dpm_strides: Sequence[int] = (),
 ) -> list[SamplingConfig]:
     """Configurations of a sweep: ``full`` for stride 1, ``FD-s`` (uniform key steps) for s > 1,
-    ``FD-50ls`` (Faster Diffusion's non-uniform preset), and ``DPM++-k``: plain DPM-Solver++ at
-    ``k`` steps, the reference line of the original paper (disabled by ``k = 0``)."""
+    ``FD-50ls`` (Faster Diffusion's non-uniform preset), ``DPM++-k``: plain DPM-Solver++ at
+    ``k`` steps, the reference line of the original paper (disabled by ``k = 0``), and
+    ``DPM++-FD-s``: DPM-Solver++ at ``k`` steps with encoder caching at uniform stride ``s``
+    (exp-2's "FCR + DPM-Solver" combination)."""
     if dpm_reference_steps < 0:
         raise ValueError(f"dpm_reference_steps must be >= 0 (0 disables it); got {dpm_reference_steps}")
+    if dpm_strides and dpm_reference_steps == 0:
+        raise ValueError("dpm_strides needs dpm_reference_steps > 0 (the DPM-Solver++ step count)")
     n = int(num_inference_steps)
     configs: list[SamplingConfig] = []
     for s in dict.fromkeys(int(s) for s in strides):  # unique, order kept
@@ -124,7 +130,24 @@ def sweep_configurations(
         configs.append(SamplingConfig("FD-50ls", scheduler, n, tuple(key_steps(n, "50ls"))))
     if dpm_reference_steps > 0:
         configs.append(SamplingConfig(f"DPM++-{dpm_reference_steps}", "dpmsolver++", int(dpm_reference_steps), None))
+    k = int(dpm_reference_steps)
+    for s in dict.fromkeys(int(s) for s in dpm_strides):
+        if not 1 < s <= k:
+            raise ValueError(f"dpm_strides must lie in (1, dpm_reference_steps={k}]; got {s}")
+        configs.append(SamplingConfig(f"DPM++-FD-{s}", "dpmsolver++", k, tuple(key_steps(k, "uniform", s)), stride=s))
     return configs
+
+
+REFERENCE_LINES = ("FD-50ls", "DPM++-")
+
+
+def configs_for_model(configs: Sequence[SamplingConfig], index: int, all_models: bool) -> list[SamplingConfig]:
+    """The configurations model number ``index`` of a sweep runs: every one for the first model
+    (the original), and for the others all but the reference lines (``FD-50ls``, plain ``DPM++-k``)
+    unless ``all_models``; they only place the original model's curve and cost CPU time."""
+    if index == 0 or all_models:
+        return list(configs)
+    return [c for c in configs if not (c.name == "FD-50ls" or (c.name.startswith("DPM++-") and c.key_steps is None))]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -529,7 +552,7 @@ def run_sweep(
     out_dir = Path(out_dir)
     configs = sweep_configurations(
         params["strides"], params["num_inference_steps"], params["scheduler"],
-        params["include_50ls"], params["dpm_reference_steps"],
+        params["include_50ls"], params["dpm_reference_steps"], params["dpm_strides"],
     )
     # Everything that can fail does so before anything is generated or written.
     unet_dirs = {label: resolve_unet_dir(source) for label, source in models.items()}
@@ -564,8 +587,8 @@ def run_sweep(
     for seed in params["seeds"]:
         prompts = embedded_prompt_set(params["data_dir"], params["num_eval_images"], seed)
         seq_len = int(prompts.states.shape[1])  # token states per prompt, for the cost inputs
-        for label, (unet, noise_scheduler, schedule, weights_id) in loaded.items():
-            for config in configs:
+        for index, (label, (unet, noise_scheduler, schedule, weights_id)) in enumerate(loaded.items()):
+            for config in configs_for_model(configs, index, params["reference_lines_all_models"]):
                 prior = _prior(params, config)
                 stem = _quality_stem(label, config.name, seed)
                 # eval_batch_size is left out: an image does not depend on how it is batched.
@@ -652,7 +675,7 @@ def _run_sweep_sd(
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     configs = sweep_configurations(
         params["strides"], params["num_inference_steps"], params["scheduler"],
-        params["include_50ls"], params["dpm_reference_steps"],
+        params["include_50ls"], params["dpm_reference_steps"], params["dpm_strides"],
     )
     components = {label: load_sd_components(source, device=device, dtype=dtype) for label, source in models.items()}
     ref = Path(params["fid_reference"])
@@ -661,8 +684,8 @@ def _run_sweep_sd(
     for seed in params["seeds"]:
         pairs = data.read_coco_captions(params["eval_prompts"], n=params["num_eval_images"], seed=seed)
         prompts = [caption for _, caption in pairs]
-        for label, parts in components.items():
-            for config in configs:
+        for index, (label, parts) in enumerate(components.items()):
+            for config in configs_for_model(configs, index, params["reference_lines_all_models"]):
                 prior = _prior(params, config)
                 stem = _quality_stem(label, config.name, seed)
                 key = {

@@ -1,7 +1,8 @@
 """One fine-tuning loop for the embedded model and Stable Diffusion: denoising loss + λ·FCR.
 
 Written with accelerate (mixed precision, gradient accumulation, clipping, several processes via
-``accelerate launch``). Every random draw of optimizer step ``k`` (batch indices, caption dropout,
+``torchrun`` or ``accelerate launch --multi_gpu``; without GPUs they form a gloo group on CPU, see
+:func:`init_distributed`). Every random draw of optimizer step ``k`` (batch indices, caption dropout,
 timesteps, noise) comes from generators seeded with ``(seed, k, micro-batch, process)``, so a run
 is deterministic for a seed and resuming from a checkpoint reproduces the uninterrupted run.
 Checkpoints are safetensors + JSON (:mod:`fcr.checkpoint`); the log is a CSV.
@@ -13,6 +14,7 @@ import copy
 import csv
 import json
 import math
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -21,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 
 from fcr.checkpoint import latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_training_checkpoint
@@ -29,12 +31,17 @@ from fcr.loss import FCRConfig, fcr_training_loss
 
 __all__ = [
     "ConditioningData",
+    "DistributedSetupError",
     "EmbeddedTrainData",
     "FCRObjective",
     "TrainConfig",
     "TrainResult",
     "TrainingDivergedError",
     "batch_indices",
+    "build_accelerator",
+    "check_process_group",
+    "init_distributed",
+    "launched_world_size",
     "fcr_config_from_params",
     "lr_factor",
     "train",
@@ -45,6 +52,60 @@ LOG_COLUMNS = ("step", "total", "denoise", "fcr", "lr", "grad_norm", "images_per
 
 class TrainingDivergedError(FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class DistributedSetupError(RuntimeError):
+    """A launcher started several processes but they did not form one process group."""
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher (torchrun, ``accelerate launch``, mpirun) started; 1 when none."""
+    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return 1
+
+
+def _use_cpu() -> bool:
+    return launched_world_size() > 1 and not torch.cuda.is_available()
+
+
+def init_distributed() -> PartialState:
+    """Join the process group of all processes a launcher started (nothing to join for one).
+
+    accelerate only forms a CPU (gloo) group when asked for the CPU (``cpu=True`` or
+    ``ACCELERATE_USE_CPU``); under ``torchrun`` on a machine without a GPU it would otherwise give
+    every process a separate single-process run. So several launched processes and no GPU mean
+    CPU. Raises :class:`DistributedSetupError` when the processes still did not join one group.
+    Call it before writing anything; later Accelerators share this state.
+    """
+    state = PartialState(cpu=_use_cpu())
+    check_process_group(state)
+    return state
+
+
+def build_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str = "no") -> Accelerator:
+    """The Accelerator for this process, data-parallel over all processes a launcher started
+    (see :func:`init_distributed`); the one :func:`train` makes when it is given none."""
+    init_distributed()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision, cpu=_use_cpu()
+    )
+    check_process_group(accelerator)
+    return accelerator
+
+
+def check_process_group(accelerator: Accelerator | PartialState) -> None:
+    """Refuse to train when the launcher started more processes than ``accelerator`` spans
+    (they would be independent runs writing the same folder)."""
+    world = launched_world_size()
+    if world > 1 and accelerator.num_processes != world:
+        raise DistributedSetupError(
+            f"the launcher started {world} processes but accelerate sees {accelerator.num_processes} "
+            f"(distributed type {accelerator.distributed_type}); they would train independently and write the "
+            "same run folder. Launch with `torchrun --nproc_per_node N -m fcr train ...` or "
+            "`accelerate launch --multi_gpu --num_processes N -m fcr train ...`, or run one process."
+        )
 
 
 @dataclass
@@ -223,9 +284,10 @@ def train(
     ends after that many optimizer steps as an interruption would (for tests and time budgets).
     """
     run_dir = Path(run_dir)
-    accelerator = accelerator or Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision
-    )
+    if accelerator is None:
+        accelerator = build_accelerator(cfg.gradient_accumulation_steps, cfg.mixed_precision)
+    else:
+        check_process_group(accelerator)
     objective = FCRObjective(unet, noise_scheduler, fcr)
     optimizer = torch.optim.AdamW(
         unet.parameters(),
@@ -250,7 +312,8 @@ def train(
     rows = _read_log(log_path, start_step) if accelerator.is_main_process else []
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        info = {"train": asdict(cfg), "fcr": asdict(fcr), "num_examples": len(data), "processes": world, **(run_info or {})}
+        info = {"train": asdict(cfg), "fcr": asdict(fcr), "num_examples": len(data), "processes": world,
+                "distributed_type": str(accelerator.distributed_type), **(run_info or {})}
         (run_dir / "train_config.json").write_text(json.dumps(info, indent=2, default=str))
 
     end_step = cfg.max_train_steps if stop_after is None else min(cfg.max_train_steps, stop_after)
@@ -275,7 +338,10 @@ def train(
             x0, states = x0.to(accelerator.device), states.to(accelerator.device)
             with accelerator.accumulate(objective):
                 total, denoise, fcr_term = objective(x0, states, gen)
-                if not torch.isfinite(total):
+                finite = torch.isfinite(total)
+                if world > 1:  # every process stops together (a lone one would leave the others waiting)
+                    finite = accelerator.reduce(finite.float().reshape(1), reduction="sum").item() == world
+                if not finite:
                     raise TrainingDivergedError(
                         f"loss became {total.item()} at step {step + 1} (denoise {denoise.item()}, fcr {fcr_term.item()}); "
                         f"last good checkpoint: {last_good or 'none'}"
@@ -320,6 +386,23 @@ def train(
         if ema is not None:
             ema_dir = run_dir / "unet_ema"
             ema.save_pretrained(ema_dir, safe_serialization=True)
+    if world > 1:
+        _check_replicas(accelerator, accelerator.unwrap_model(objective).unet, run_dir)
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, step, log_path, unet_dir, ema_dir, resumed_from)
+
+
+def _check_replicas(accelerator: Accelerator, model: torch.nn.Module, run_dir: Path) -> None:
+    """Data-parallel processes must end with identical weights: gather a checksum of every
+    process's parameters, write them to ``run_dir/replicas.json`` (main process), raise if they differ."""
+    with torch.no_grad():
+        flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+        local = torch.stack([flat.sum(), flat.abs().sum(), (flat * flat).sum()]).to(accelerator.device)
+    sums = accelerator.gather(local.reshape(1, 3)).cpu()
+    if accelerator.is_main_process:
+        (run_dir / "replicas.json").write_text(json.dumps(
+            {"num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+             "backend": accelerator.state.backend, "param_checksums": sums.tolist()}, indent=2))
+    if not bool((sums == sums[0]).all()):
+        raise DistributedSetupError(f"the processes ended with different weights (checksums {sums.tolist()})")
 

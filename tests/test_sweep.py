@@ -19,7 +19,7 @@ from fcr.embedded import all_prompts
 from fcr.models import ModelNotFoundError, build_embedded_unet, build_noise_scheduler
 from fcr.results import StaleResultError
 from fcr.sampler import FD_50LS, sample
-from fcr.sweep import SamplingConfig, evaluate_cost, paired_comparison, run_sweep, summarize, sweep_configurations
+from fcr.sweep import SamplingConfig, configs_for_model, evaluate_cost, paired_comparison, run_sweep, summarize, sweep_configurations
 
 REFERENCE_N = 50  # real test images used as the reference set (tests only; results use all 10k)
 
@@ -37,6 +37,19 @@ def test_configurations_cover_strides_50ls_and_dpm() -> None:
     plain = sweep_configurations([1], 10, "ddim", include_50ls=False, dpm_reference_steps=0)
     assert [c.name for c in plain] == ["full"]
     json.dumps(dpm.as_dict())  # result files store it
+
+
+def test_cached_dpm_configs_and_reference_lines_only_for_the_original_model() -> None:
+    configs = sweep_configurations([1, 10], 50, "ddim", include_50ls=True, dpm_reference_steps=20, dpm_strides=[10])
+    cached = {c.name: c for c in configs}["DPM++-FD-10"]
+    assert (cached.scheduler, cached.num_inference_steps, cached.key_steps, cached.stride) == ("dpmsolver++", 20, (0, 10), 10)
+    assert [c.name for c in configs_for_model(configs, 0, False)] == ["full", "FD-10", "FD-50ls", "DPM++-20", "DPM++-FD-10"]
+    assert [c.name for c in configs_for_model(configs, 1, False)] == ["full", "FD-10", "DPM++-FD-10"]
+    assert len(configs_for_model(configs, 1, True)) == len(configs)
+    with pytest.raises(ValueError, match="dpm_strides"):
+        sweep_configurations([1], 50, "ddim", dpm_reference_steps=20, dpm_strides=[25])
+    with pytest.raises(ValueError, match="dpm_reference_steps"):
+        sweep_configurations([1], 50, "ddim", dpm_reference_steps=0, dpm_strides=[10])
 
 
 @pytest.fixture(scope="module")

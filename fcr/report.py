@@ -1,0 +1,530 @@
+"""Result tables of both experiments, the success-criteria verdict, and the README results section.
+
+Everything here reads result files a pipeline run wrote (notebooks 03-05, the fine-tune run
+folders); nothing is computed from scratch except paired tests between configurations, which are
+run on the per-image side files notebook 03 saved. Numbers are printed with 3 significant digits,
+95 % intervals as ``[lo, hi]``.
+
+    python -m fcr.report --root outputs/embedded [--readme README.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fcr.verdict import DEFAULT_BACKBONES, EXP1, EXP2, LAYOUT, Backbone, InputError, evaluate_criteria, read_table
+
+__all__ = [
+    "README_END",
+    "README_START",
+    "build_report",
+    "exp1_table",
+    "exp2_table",
+    "format_number",
+    "main",
+    "markdown_table",
+    "paired_vs_reference",
+    "provenance_header",
+    "update_readme",
+]
+
+README_START = "<!-- results:start -->"
+README_END = "<!-- results:end -->"
+
+# Metric label -> accepted summary.csv columns (embedded first, SD second).
+TABLE_METRICS: dict[str, tuple[str, ...]] = {
+    "fd": ("fd_fashioncnn", "fid"),
+    "class_accuracy": ("class_accuracy", "clip_score"),
+    "kid": ("kid_fashioncnn",),
+    "is": ("is_fashioncnn",),
+}
+METRIC_TITLES = {"fd": "FD (fashioncnn) ↓", "class_accuracy": "class accuracy ↑", "kid": "KID ↓", "is": "IS ↑"}
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def format_number(x: Any) -> str:
+    """3 significant digits; ``n/a`` for missing values."""
+    if x is None:
+        return "n/a"
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    return "n/a" if not math.isfinite(v) else f"{v:.3g}"
+
+
+def _with_ci(v: Any, lo: Any, hi: Any) -> str:
+    s = format_number(v)
+    if s == "n/a":
+        return s
+    if format_number(lo) == "n/a" or format_number(hi) == "n/a":
+        return s
+    return f"{s} [{format_number(lo)}, {format_number(hi)}]"
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub markdown table of ``df`` as it is (cells already formatted)."""
+    if df.empty:
+        return "_(no rows)_\n"
+    cols = [str(c) for c in df.columns]
+
+    def cell(x: Any) -> str:
+        if x is None or (isinstance(x, float) and math.isnan(x)):
+            return ""
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- paired tests
+
+
+def paired_vs_reference(
+    sweep_dir: str | Path, model: str, config: str, ref_model: str, ref_config: str
+) -> dict[str, Any]:
+    """Paired t / Wilcoxon test of ``model@config`` vs ``ref_model@ref_config`` on the per-image
+    probability of the prompted class, pooled over every seed both have side files for (same seed:
+    same prompts and initial noise in every model and configuration, checked on the labels).
+
+    Falls back to ``paired_tests.csv`` (same model only; the mean difference averaged and the
+    largest p over seeds). Returns ``paired_mean_diff, paired_p_t, paired_p_wilcoxon, paired_n,
+    paired_source``; empty values when neither source has the pair.
+    """
+    from fcr.stats import paired_test
+    from fcr.sweep import _quality_stem, load_side_file
+
+    sweep_dir = Path(sweep_dir)
+    empty = {"paired_mean_diff": math.nan, "paired_p_t": math.nan, "paired_p_wilcoxon": math.nan,
+             "paired_n": math.nan, "paired_source": ""}
+    if (model, config) == (ref_model, ref_config):
+        return empty
+    folder = sweep_dir / "quality"
+    stem = _quality_stem(model, config, 0).rsplit("seed", 1)[0]
+    a_all, b_all, seeds = [], [], []
+    for path in sorted(folder.glob(f"{stem}seed*.safetensors")):
+        seed = int(path.stem.rsplit("seed", 1)[1])
+        ref = folder / f"{_quality_stem(ref_model, ref_config, seed)}.safetensors"
+        if not ref.is_file():
+            continue
+        a, b = load_side_file(path), load_side_file(ref)
+        if not bool((a["labels"] == b["labels"]).all()) or a["labels"].shape != b["labels"].shape:
+            raise ValueError(f"{path} and {ref} were not made from the same prompts")
+        a_all.append(a["prompted_prob"].double().numpy())
+        b_all.append(b["prompted_prob"].double().numpy())
+        seeds.append(seed)
+    if seeds:
+        test = paired_test(np.concatenate(a_all), np.concatenate(b_all))
+        return {"paired_mean_diff": test["mean_diff"], "paired_p_t": test["p_t"],
+                "paired_p_wilcoxon": test["p_wilcoxon"], "paired_n": test["n"],
+                "paired_source": f"side files, seeds {seeds}"}
+    path = sweep_dir / "paired_tests.csv"
+    if model == ref_model and path.is_file():
+        tests = pd.read_csv(path)
+        rows = tests[(tests["model"].astype(str) == model) & (tests["config_a"] == config)
+                     & (tests["config_b"] == ref_config)]
+        if not rows.empty:
+            return {"paired_mean_diff": float(rows["mean_diff"].mean()), "paired_p_t": float(rows["p_t"].max()),
+                    "paired_p_wilcoxon": float(rows["p_wilcoxon"].max()), "paired_n": float(rows["n"].sum()),
+                    "paired_source": f"paired_tests.csv ({len(rows)} seed(s); mean difference, largest p)"}
+    return empty
+
+
+# ----------------------------------------------------------------------------- experiment tables
+
+
+def _first_col(df: pd.DataFrame, names: Sequence[str]) -> str | None:
+    return next((n for n in names if n in df.columns), None)
+
+
+def _cost_lookup(sweep_dir: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    cost = pd.read_csv(sweep_dir / "cost.csv") if (sweep_dir / "cost.csv").is_file() else None
+    table = pd.read_csv(sweep_dir / "cost_table.csv") if (sweep_dir / "cost_table.csv").is_file() else None
+    return cost, table
+
+
+def _variation_table(sweep_dir: str | Path, specs: Sequence[tuple[str, str, str, str, str]]) -> pd.DataFrame:
+    """One row per ``(variation, model, config, ref_model, ref_config)`` with quality (mean and 95 %
+    interval over seeds), cost against ``ref_config`` of the same architecture and a paired test
+    against ``ref_model@ref_config``."""
+    sweep_dir = Path(sweep_dir)
+    summary = read_table(sweep_dir / "summary.csv")
+    quality = pd.read_csv(sweep_dir / "quality.csv") if (sweep_dir / "quality.csv").is_file() else None
+    cost, table = _cost_lookup(sweep_dir)
+    rows = []
+    for variation, model, config, ref_model, ref_config in specs:
+        out: dict[str, Any] = {"variation": variation, "model": model, "config": config, "note": ""}
+        hit = summary[(summary["model"].astype(str) == model) & (summary["config"].astype(str) == config)]
+        if hit.empty:
+            out["note"] = f"not in {sweep_dir / 'summary.csv'} (model or configuration not run)"
+            rows.append(out)
+            continue
+        s = hit.iloc[0]
+        out["n_seeds"] = int(s.get("n_seeds", 1))
+        out["ci_source"] = "t interval over seeds"
+        for key, names in TABLE_METRICS.items():
+            col = _first_col(summary, names)
+            if col is None:
+                continue
+            out[key] = s[col]
+            out[f"{key}_lo"], out[f"{key}_hi"] = s.get(f"{col}_lo", math.nan), s.get(f"{col}_hi", math.nan)
+            single = out["n_seeds"] == 1 and quality is not None and f"{col}_lo" in quality.columns
+            if single and not (math.isfinite(float(out[f"{key}_lo"])) and math.isfinite(float(out[f"{key}_hi"]))):
+                q = quality[(quality["model"].astype(str) == model) & (quality["config"].astype(str) == config)]
+                if not q.empty:
+                    out[f"{key}_lo"], out[f"{key}_hi"] = q[f"{col}_lo"].iloc[0], q[f"{col}_hi"].iloc[0]
+                    out["ci_source"] = "1 seed: bootstrap over images (FD, accuracy only)"
+        arch = str(s["architecture"]) if "architecture" in s.index else None
+        if arch is not None and cost is not None:
+            c = cost[(cost["architecture"].astype(str) == arch)].set_index("config")
+            for tcol in sorted(col for col in cost.columns if col.startswith("time_per_image_s_bs")):
+                b = tcol[len("time_per_image_s_bs"):]
+                if config in c.index:
+                    out[f"time_per_image_s_bs{b}"] = float(c.loc[config, tcol])
+                    if ref_config in c.index:
+                        out[f"time_speedup_bs{b}"] = float(c.loc[ref_config, tcol]) / float(c.loc[config, tcol])
+            if config in c.index and ref_config in c.index and "peak_memory_bytes" in c.columns:
+                mem = c["peak_memory_bytes"].astype(float)
+                out["peak_memory_vs_ref"] = mem[config] / mem[ref_config]
+        if arch is not None and table is not None:
+            t = table[(table["architecture"].astype(str) == arch) & (table["config"].astype(str) == config)]
+            if not t.empty:
+                r = t.iloc[0]
+                out["flops_per_image"] = r.get("flops_per_image", math.nan)
+                if f"flops_speedup_vs_{ref_config}" in r.index:
+                    out["flops_speedup"] = r[f"flops_speedup_vs_{ref_config}"]
+                    out["bound_flops_speedup"] = r.get(f"bound_flops_speedup_vs_{ref_config}", math.nan)
+        out.update(paired_vs_reference(sweep_dir, model, config, ref_model, ref_config))
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
+def exp1_table(
+    sweep_dir: str | Path,
+    *,
+    backbone: Backbone = DEFAULT_BACKBONES[0],
+    full_config: str = "full",
+    reference_config: str = "FD-5",
+    stride_config: str = "FD-10",
+) -> pd.DataFrame:
+    """exp-1 (main ablation): full sampling, the FD-5 and FD-10 baselines of the original model,
+    the λ = 0 control and every FCR λ at ``stride_config``. Quality: mean and 95 % interval over
+    seeds; time per image (per timed batch size) and speed-ups vs ``reference_config`` of the
+    same architecture (measured time, counted FLOPs, analytic bound); paired test vs the original
+    model's ``reference_config`` (per-image prompted-class probability; mean_diff = row − FD-5)."""
+    ref = (backbone.name, reference_config)
+    specs = [
+        ("Full sampling", backbone.name, full_config, *ref),
+        (f"{reference_config}-baseline", backbone.name, reference_config, *ref),
+        (f"{stride_config}-baseline", backbone.name, stride_config, *ref),
+    ]
+    if backbone.control:
+        specs.append((f"λ=0 control, {stride_config}", backbone.control, stride_config, *ref))
+    specs += [(f"FCR λ={lam:g}, {stride_config}", model, stride_config, *ref)
+              for lam, model in sorted(backbone.fcr_models.items())]
+    return _variation_table(sweep_dir, specs)
+
+
+def exp2_table(
+    sweep_dir: str | Path,
+    *,
+    backbones: Sequence[Backbone] = DEFAULT_BACKBONES[1:],
+    dpm_config: str = "DPM++-FD-10",
+    dpm_backbones: Sequence[str] = ("base-v",),
+    lambda_fcr: float = 0.10,
+    reference_config: str = "FD-5",
+    stride_config: str = "FD-10",
+) -> pd.DataFrame:
+    """exp-2 (generalisation): per backbone its original model at ``reference_config``, the FCR
+    model (λ = ``lambda_fcr``) at ``stride_config`` and, for ``dpm_backbones``, the FCR model with
+    encoder caching on DPM-Solver++ (``dpm_config``). Same columns as :func:`exp1_table`; speed-ups
+    and paired tests are against the backbone's original model at ``reference_config``."""
+    specs = []
+    for b in backbones:
+        ref = (b.name, reference_config)
+        fcr = b.fcr_models.get(lambda_fcr) or next(iter(b.fcr_models.values()), None)
+        specs.append((f"{b.role}: {b.name} {reference_config}", b.name, reference_config, *ref))
+        if fcr is None:
+            continue
+        specs.append((f"{b.role}: FCR λ={lambda_fcr:g} {stride_config}", fcr, stride_config, *ref))
+        if b.name in dpm_backbones:
+            specs.append((f"{b.role}: FCR λ={lambda_fcr:g} + DPM-Solver++ {stride_config}", fcr, dpm_config, *ref))
+    return _variation_table(sweep_dir, specs)
+
+
+def format_experiment_table(table: pd.DataFrame, reference_config: str = "FD-5") -> pd.DataFrame:
+    """The readable version of an experiment table (3 significant digits, CIs as [lo, hi])."""
+    out = pd.DataFrame({"variation": table.get("variation", pd.Series(dtype=str))})
+    out["model @ config"] = [f"{m} @ {c}" for m, c in zip(table["model"], table["config"])]
+    if "n_seeds" in table:
+        out["seeds"] = [format_number(x) for x in table["n_seeds"]]
+    for key, title in METRIC_TITLES.items():
+        if key in table:
+            out[title] = [_with_ci(*vals) for vals in zip(table[key], table[f"{key}_lo"], table[f"{key}_hi"])]
+    for col in sorted(c for c in table.columns if c.startswith("time_per_image_s_bs")):
+        b = col[len("time_per_image_s_bs"):]
+        out[f"s/image (batch {b})"] = [format_number(x) for x in table[col]]
+        if f"time_speedup_bs{b}" in table:
+            out[f"time speed-up vs {reference_config} (batch {b})"] = [
+                format_number(x) for x in table[f"time_speedup_bs{b}"]]
+    if "flops_speedup" in table:
+        out[f"FLOP speed-up vs {reference_config} [bound]"] = [
+            f"{format_number(f)} [{format_number(bd)}]" if format_number(f) != "n/a" else "n/a"
+            for f, bd in zip(table["flops_speedup"], table.get("bound_flops_speedup", table["flops_speedup"]))]
+    if "paired_mean_diff" in table:
+        out[f"paired vs {reference_config}: Δ prob (p_t)"] = [
+            f"{format_number(d)} (p={format_number(p)})" if format_number(d) != "n/a" else ""
+            for d, p in zip(table["paired_mean_diff"], table["paired_p_t"])]
+    if "note" in table:
+        out["note"] = table["note"].fillna("")
+    return out
+
+
+def format_verdict(verdict: pd.DataFrame) -> pd.DataFrame:
+    """The readable verdict (passed as PASS / FAIL / n/a)."""
+    word = {True: "PASS", False: "FAIL"}
+    out = verdict[["criterion", "scope", "kind", "measured", "threshold"]].copy()
+    out["passed"] = [word.get(v, "n/a") if v is not None else "n/a" for v in verdict["passed"]]
+    out["note"] = verdict["note"]
+    return out
+
+
+# ----------------------------------------------------------------------------- provenance and README
+
+
+def _git(args: Sequence[str], cwd: Path) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=30)
+        return done.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _measurement_machine(root: Path) -> str | None:
+    """The device recorded in the first cost result file of the run (where the timings were taken)."""
+    import json
+
+    for folder in (root / EXP1 / LAYOUT["sweep"] / "cost", root / EXP2 / LAYOUT["sweep"] / "cost"):
+        for path in sorted(folder.glob("*.json")):
+            env = json.loads(path.read_text()).get("environment") or {}
+            if env:
+                return (f"{env.get('device_name', '?')} ({env.get('device', '?')}, {env.get('cpu_count', '?')} CPUs, "
+                        f"{env.get('torch_threads', '?')} torch threads, torch {env.get('torch_version', '?')})")
+    return None
+
+
+def provenance_header(root: str | Path, repo: str | Path | None = None) -> str:
+    """Date, git commit (short hash, with an 'uncommitted changes' flag), this machine
+    (:func:`fcr.profiling.environment_info`) and the run the numbers come from."""
+    from fcr.paths import REPO_ROOT
+    from fcr.profiling import environment_info
+
+    repo = Path(repo) if repo is not None else REPO_ROOT
+    commit = _git(["rev-parse", "--short", "HEAD"], repo) or "unknown (not a git checkout)"
+    dirty = _git(["status", "--porcelain"], repo)
+    flag = " (uncommitted changes)" if dirty else ""
+    env = environment_info("cpu")
+    machine = (f"{env['cpu_model']}, {env['cpu_count']} CPUs, torch {env['torch_version']}, "
+               f"diffusers {env['diffusers_version']}, {env['platform']}")
+    if env.get("cuda_device"):
+        machine += f", GPU {env['cuda_device']}"
+    lines = [
+        "## Results (generated)",
+        "",
+        f"- Date: {datetime.date.today().isoformat()}",
+        f"- Git commit: `{commit}`{flag}",
+        f"- Report generated on: {machine}",
+    ]
+    measured = _measurement_machine(Path(root))
+    if measured:
+        lines.append(f"- Timings measured on: {measured} (from the cost result files)")
+    lines += ["", f"The numbers below were generated from the run in `{root}` by `python -m fcr.report`; "
+              "nothing in this section is typed by hand.", ""]
+    return "\n".join(lines)
+
+
+def update_readme(readme_path: str | Path, markdown: str, *, root: str | Path | None = None,
+                  header: str | None = None) -> Path:
+    """Replace the text between :data:`README_START` and :data:`README_END` in the README with a
+    generated section: ``header`` (default :func:`provenance_header` of ``root``) then
+    ``markdown``. The markers are appended at the end of the file when absent; everything outside
+    them is kept byte for byte. Re-running with the same input gives the same file."""
+    path = Path(readme_path)
+    text = path.read_text() if path.is_file() else ""
+    if header is None:
+        header = provenance_header(root if root is not None else "outputs/embedded")
+    block = f"{README_START}\n{header.rstrip()}\n\n{markdown.strip()}\n{README_END}"
+    pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.S)
+    if text.count(README_START) != text.count(README_END) or text.count(README_START) > 1:
+        raise ValueError(f"{path}: expected at most one {README_START} ... {README_END} pair; fix the markers by hand")
+    if pattern.search(text):
+        new = pattern.sub(lambda _: block, text, count=1)
+    else:
+        sep = "" if not text or text.endswith("\n\n") else "\n" if text.endswith("\n") else "\n\n"
+        new = f"{text}{sep}{block}\n"
+    path.write_text(new)
+    return path
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _collect_figures(root: Path, out_dir: Path) -> list[Path]:
+    """Copy the figures of the run (sweeps, robustness, mechanistic) into ``out_dir/figures``."""
+    copied = []
+    dest = out_dir / "figures"
+    for exp in (EXP1, EXP2):
+        for sub in LAYOUT.values():
+            folder = root / exp / sub / "figures"
+            if not folder.is_dir():
+                continue
+            for fig in sorted(folder.glob("*.png")):
+                target = dest / f"{exp.split('-')[0]}{exp.split('-')[1]}_{sub}_{fig.name}"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(fig, target)
+                copied.append(target)
+    return copied
+
+
+def _csv_section(title: str, path: Path, max_rows: int = 40) -> str:
+    if not path.is_file():
+        return (f"### {title}\n\n_Not available: {path} is missing "
+                "(see the verdict notes for the stage that writes it)._\n")
+    df = pd.read_csv(path)
+    shown = df.head(max_rows).map(lambda x: format_number(x) if isinstance(x, float) else x)
+    more = f"\n_{len(df) - max_rows} more rows in `{path}`._\n" if len(df) > max_rows else ""
+    return f"### {title}\n\nFrom `{path}`.\n\n{markdown_table(shown)}{more}"
+
+
+def build_report(
+    root: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    link_base: str | Path | None = None,
+    backbones: Sequence[Backbone] = DEFAULT_BACKBONES,
+    dpm_config: str = "DPM++-FD-10",
+    verdict_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the report of the run under ``root`` into ``out_dir`` (default ``root/report``):
+    ``exp1_table.csv``, ``exp2_table.csv``, ``verdict.csv`` (numbers as measured), ``report.md``
+    (formatted tables, the verdict, notebook 04/05 tables, figures copied to ``figures/``).
+
+    Returns ``{"markdown": <the text of report.md>, "readme_markdown": <a shorter version for the
+    README: criterion rows of the verdict, both experiment tables, figure links relative to
+    link_base (default out_dir)>, "verdict": DataFrame, "exp1": DataFrame | None, "exp2":
+    DataFrame | None, "files": [...]}``.
+    A missing input becomes a 'not available' line naming the file, never an error.
+    """
+    import os
+
+    root = Path(root)
+    out_dir = Path(out_dir) if out_dir is not None else root / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    link_base = Path(link_base) if link_base is not None else out_dir
+    files: list[Path] = []
+
+    verdict = evaluate_criteria(root, backbones=backbones, **dict(verdict_kwargs or {}))
+    verdict.to_csv(out_dir / "verdict.csv", index=False)
+    files.append(out_dir / "verdict.csv")
+    intro = ["### Success criteria (seed section 5)",
+             "",
+             "Embedded equivalents: FD of the `fashioncnn` classifier features plays FID; accuracy of the prompted "
+             "class plays CLIPScore. `passed` is n/a where an input is missing or the quantity cannot be measured "
+             "on this machine (the note says which). Kinds: *criterion* rows make the verdict, *part* rows feed "
+             "them, *context* rows are for reading only.",
+             ""]
+    full_verdict = [markdown_table(format_verdict(verdict))]
+    criterion_rows = verdict[verdict["kind"] == "criterion"].reset_index(drop=True)
+    compact_verdict = [markdown_table(format_verdict(criterion_rows).drop(columns=["kind"])),
+                       f"Every part and context row: `{out_dir / 'verdict.csv'}` and `{out_dir / 'report.md'}`.\n"]
+
+    exp_parts: list[str] = []
+    tables: dict[str, pd.DataFrame | None] = {"exp1": None, "exp2": None}
+    exp1_backbone = next((b for b in backbones if b.experiment == EXP1), None)
+    for key, title, make in (
+        ("exp1", "exp-1 main ablation (original model: "
+         + (f"{exp1_backbone.name}, {exp1_backbone.role})" if exp1_backbone else "n/a)"),
+         (lambda: exp1_table(root / EXP1 / LAYOUT["sweep"], backbone=exp1_backbone)) if exp1_backbone else None),
+        ("exp2", "exp-2 generalisation",
+         lambda: exp2_table(root / EXP2 / LAYOUT["sweep"], backbones=[b for b in backbones if b.experiment == EXP2],
+                            dpm_config=dpm_config)),
+    ):
+        exp_parts.append(f"### {title}\n")
+        if make is None:
+            exp_parts.append("_No backbone of this experiment is configured._\n")
+            continue
+        try:
+            table = make()
+        except InputError as exc:
+            exp_parts.append(f"_Not available: {exc}._\n")
+            continue
+        tables[key] = table
+        table.to_csv(out_dir / f"{key}_table.csv", index=False)
+        files.append(out_dir / f"{key}_table.csv")
+        exp_parts.append("Mean over seeds with 95 % t intervals (a single seed: the percentile bootstrap interval "
+                         "over images, FD and accuracy only; the FD one is shifted upward, see "
+                         "fcr.stats.bootstrap_metric); time "
+                         "per image measured per batch size; speed-ups against FD-5 of the same architecture; paired "
+                         "test against the original model's FD-5 on the per-image prompted-class probability "
+                         "(Δ = row − FD-5).\n")
+        exp_parts.append(markdown_table(format_experiment_table(table)))
+
+    extra = [
+        _csv_section("Robustness (notebook 04): drop under stress, FCR vs original",
+                     root / EXP2 / LAYOUT["robustness"] / "criterion.csv"),
+        _csv_section("Mechanistic (notebook 05): encoder-feature variance reduction",
+                     root / EXP2 / LAYOUT["mechanistic"] / "variance_reduction.csv"),
+    ]
+
+    figures = _collect_figures(root, out_dir)
+    files += figures
+
+    def figs(base: Path) -> list[str]:
+        if not figures:
+            return []
+        return ["### Figures\n"] + [f"![{f.stem}]({Path(os.path.relpath(f, base)).as_posix()})\n" for f in figures]
+
+    report_md = "\n".join(intro + full_verdict + exp_parts + extra + figs(out_dir))
+    (out_dir / "report.md").write_text(report_md)
+    files.append(out_dir / "report.md")
+    readme_md = "\n".join(intro + compact_verdict + exp_parts + figs(link_base))
+    return {"markdown": report_md, "readme_markdown": readme_md, "verdict": verdict, **tables, "files": files}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``python -m fcr.report --root outputs/embedded [--out-dir DIR] [--readme README.md]``."""
+    parser = argparse.ArgumentParser(description="Write the result tables and the success-criteria verdict of a run.")
+    parser.add_argument("--root", default="outputs/embedded", help="the run's output folder")
+    parser.add_argument("--out-dir", default=None, help="where the report goes (default ROOT/report)")
+    parser.add_argument("--readme", default=None, help="README whose results section is replaced")
+    parser.add_argument("--dpm-config", default="DPM++-FD-10", help="name of the cached DPM-Solver++ configuration")
+    args = parser.parse_args(argv)
+    from fcr.paths import chdir_repo_root
+
+    chdir_repo_root()
+    link_base = Path(args.readme).resolve().parent if args.readme else None
+    report = build_report(args.root, args.out_dir, link_base=link_base, dpm_config=args.dpm_config)
+    print(format_verdict(report["verdict"])[["criterion", "scope", "measured", "passed"]].to_string(index=False))
+    print(f"report: {Path(args.out_dir or Path(args.root) / 'report') / 'report.md'}")
+    if args.readme:
+        update_readme(args.readme, report["readme_markdown"], root=args.root)
+        print(f"updated the results section of {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

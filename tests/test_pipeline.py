@@ -1,0 +1,192 @@
+"""The experiments manifest and the pipeline runner: planning, failure messages, and resuming after
+SIGTERM and SIGKILL with nothing finished recomputed and the same final tables (smoke sizes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from fcr.experiments import ManifestError, load_manifest
+from fcr.pipeline import DONE, plan
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "params" / "smoke_pipeline.yaml"
+
+
+def test_manifest_maps_every_seed_variation_in_both_settings() -> None:
+    experiments = load_manifest()
+    assert list(experiments) == ["exp-1-main-ablation", "exp-2-generalisation-robustness"]
+    for exp in experiments.values():
+        assert 3 <= len(exp.run_variations) <= 5
+        for setting in ("embedded", "sd"):
+            plan_ = exp.settings[setting]
+            evaluated = {m for run in plan_.notebooks for m in run.models}
+            for row in [*plan_.variations.values(), *plan_.controls.values()]:
+                assert row["model"] in evaluated, (exp.experiment_id, setting, row)
+    raw = yaml.safe_load((REPO / "params" / "experiments.yaml").read_text())
+    assert raw["expected_models"] and raw["expected_datasets"]
+
+
+def _write_manifest(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "experiments.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_manifest_errors_name_what_is_wrong(tmp_path: Path) -> None:
+    missing_file = _write_manifest(tmp_path, """
+experiments:
+  - experiment_id: e
+    run_variations: [a]
+    settings:
+      embedded:
+        params: [params/no_such_file.yaml]
+        variations: {a: {model: base, config: FD-5}}
+""")
+    with pytest.raises(ManifestError, match="no_such_file.yaml"):
+        load_manifest(missing_file)
+    unmapped = _write_manifest(tmp_path, """
+experiments:
+  - experiment_id: e
+    run_variations: [a, b]
+    settings:
+      embedded:
+        params: [params/fashion_mnist.yaml]
+        variations: {a: {model: base, config: FD-5}}
+""")
+    with pytest.raises(ManifestError, match=r"\['b'\]"):
+        load_manifest(unmapped)
+    bad_notebook = _write_manifest(tmp_path, """
+experiments:
+  - experiment_id: e
+    settings:
+      embedded:
+        notebooks: [{notebook: 07_nothing, models: [base]}]
+""")
+    with pytest.raises(ManifestError, match="07_nothing"):
+        load_manifest(bad_notebook)
+
+
+def test_plan_fills_model_lists_and_quality_tables(tmp_path: Path) -> None:
+    tasks = plan("embedded", root=tmp_path / "out", overlays=[SMOKE], bench=False)
+    names = [t.name for t in tasks]
+    assert names[0] == "01_data_prep" and names[-1] == "report"
+    sweep = next(t for t in tasks if t.name.startswith("exp-1-main-ablation: 03_stride_sweep"))
+    assert sweep.overrides["sweep_models"][0] == "base"
+    assert sweep.overrides["sweep_models"][1].endswith("exp-1-main-ablation/control_lambda0_fd10")
+    mech = next(t for t in tasks if t.name.startswith("exp-2-generalisation-robustness: 05"))
+    assert [Path(p).name for p in mech.overrides["quality_tables"]] == ["quality.csv", "robustness.csv"]
+    finetune = next(t for t in tasks if "fine-tune base-v" in t.name)
+    merged = finetune.merged()
+    assert (merged["model"], merged["prediction_type"], merged["lambda_fcr"]) == ("base-v", "v_prediction", 0.1)
+    assert merged["max_train_steps"] == 2  # the overlay comes after the experiment's own files
+    # every fine-tune of one experiment sees the same data and steps; only the variation differs
+    exp1 = [t.merged() for t in tasks if t.name.startswith("exp-1-main-ablation: fine-tune")]
+    assert len({(m["seed"], m["max_train_steps"], m["train_batch_size"], m["learning_rate"]) for m in exp1}) == 1
+    assert sorted(m["lambda_fcr"] for m in exp1) == [0.0, 0.05, 0.1, 0.2]
+
+
+# A small manifest for the kill/resume test: one fine-tune and the sweep, smoke sizes.
+KILL_MANIFEST = """
+experiments:
+  - experiment_id: exp-k
+    run_variations: [FD-5-baseline]
+    settings:
+      embedded:
+        params: [params/fashion_mnist.yaml]
+        finetune: [params/finetune_embedded.yaml]
+        finetunes:
+          control: [params/variations/control_lambda0_fd10.yaml]
+        notebooks:
+          - {notebook: 03_stride_sweep, models: [base, control]}
+        variations:
+          FD-5-baseline: {model: base, config: FD-5}
+"""
+
+
+def _pipeline(manifest: Path, root: Path) -> list[str]:
+    return [sys.executable, "-m", "fcr.pipeline", "run", "--manifest", str(manifest), "--root", str(root),
+            "-f", str(SMOKE), "--no-bench", "--no-report"]
+
+
+def _start(cmd: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def _wait_for(proc: subprocess.Popen, predicate, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"pipeline ended (rc {proc.returncode}) before the kill point: {proc.stderr.read().decode()[-2000:]}")
+        if time.time() > deadline:
+            raise AssertionError("kill point not reached in time")
+        time.sleep(0.5)
+
+
+QUALITY_COLUMNS = ["model", "config", "n_seeds", "fd_fashioncnn", "class_accuracy", "class_prob"]
+
+
+@pytest.mark.slow
+def test_killed_pipeline_resumes_without_recomputing(tmp_path: Path) -> None:
+    manifest = _write_manifest(tmp_path, KILL_MANIFEST)
+    # Uninterrupted reference run.
+    reference = tmp_path / "reference"
+    done = subprocess.run(_pipeline(manifest, reference), cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    root = tmp_path / "killed"
+    exp = root / "exp-k"
+    # 1. SIGTERM once the first fine-tune has finished.
+    proc = _start(_pipeline(manifest, root))
+    _wait_for(proc, lambda: (exp / "control" / DONE).is_file())
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    first_weights = sorted((exp / "control").rglob("*.safetensors"))
+    assert first_weights
+    stamps = {p: p.stat().st_mtime_ns for p in first_weights}
+    # 2. SIGKILL (the whole process group, kernel included) once the sweep has written a result.
+    proc = _start(_pipeline(manifest, root))
+    _wait_for(proc, lambda: any((exp / "sweep" / "main" / "quality").glob("*.json")))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    finished = {p: p.stat().st_mtime_ns for p in (exp / "sweep" / "main" / "quality").glob("*.json")}
+    assert finished
+    # 3. Resume to the end.
+    resumed = subprocess.run(_pipeline(manifest, root), cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in first_weights} == stamps  # the finished fine-tune was skipped
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items())  # finished sweep results were reused
+    got = pd.read_csv(exp / "sweep" / "main" / "summary.csv")[QUALITY_COLUMNS]
+    want = pd.read_csv(reference / "exp-k" / "sweep" / "main" / "summary.csv")[QUALITY_COLUMNS]
+    pd.testing.assert_frame_equal(got, want)
+
+
+def test_failed_stage_names_the_notebook(tmp_path: Path) -> None:
+    manifest = _write_manifest(tmp_path, """
+experiments:
+  - experiment_id: exp-f
+    settings:
+      embedded:
+        params: [params/fashion_mnist.yaml]
+        notebooks:
+          - {notebook: 03_stride_sweep, models: [no_such_model]}
+""")
+    root = tmp_path / "out"
+    (root / "data").mkdir(parents=True)
+    out = subprocess.run([*_pipeline(manifest, root), "--skip-data"], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 1
+    assert "03_stride_sweep" in out.stderr and "FAILED" in out.stderr
+    assert str(root / "exp-f" / "sweep" / "main" / "03_stride_sweep.ipynb") in out.stderr

@@ -1,0 +1,154 @@
+"""Report tables, README section replacement and the whole report on a hand-made run tree (test inputs only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fcr.report import (
+    README_END,
+    README_START,
+    build_report,
+    exp1_table,
+    exp2_table,
+    format_number,
+    main,
+    paired_vs_reference,
+    update_readme,
+)
+from fcr.verdict import EXP1, EXP2
+from test_verdict import flops_fn, make_run_tree
+
+
+def write_side_file(sweep: Path, model: str, config: str, seed: int, prob: list[float]) -> None:
+    n = len(prob)
+    folder = sweep / "quality"
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"labels": torch.arange(n) % 10, "prompted_prob": torch.tensor(prob, dtype=torch.float64),
+               "correct": torch.ones(n, dtype=torch.float64)}
+    save_file(tensors, str(folder / f"{model}__{config}__seed{seed}.safetensors"))
+
+
+def test_format_number():
+    assert format_number(1234.5678) == "1.23e+03"
+    assert format_number(0.012345) == "0.0123"
+    assert format_number(float("nan")) == "n/a" and format_number(None) == "n/a"
+
+
+def test_paired_vs_reference_pools_seeds_across_models(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_side_file(sweep, "base", "FD-5", 0, [0.5, 0.6, 0.7, 0.8])
+    write_side_file(sweep, "fcr", "FD-10", 0, [0.6, 0.7, 0.8, 0.95])
+    write_side_file(sweep, "base", "FD-5", 1, [0.5, 0.5, 0.5, 0.5])
+    write_side_file(sweep, "fcr", "FD-10", 1, [0.6, 0.6, 0.6, 0.6])
+    out = paired_vs_reference(sweep, "fcr", "FD-10", "base", "FD-5")
+    assert out["paired_n"] == 8 and out["paired_mean_diff"] == pytest.approx((0.1 * 7 + 0.15) / 8)
+    assert "seeds [0, 1]" in out["paired_source"]
+    # Different prompts (labels) must not be paired.
+    save_file({"labels": torch.arange(4) + 1, "prompted_prob": torch.zeros(4, dtype=torch.float64),
+               "correct": torch.zeros(4, dtype=torch.float64)}, str(sweep / "quality" / "x__FD-10__seed0.safetensors"))
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_vs_reference(sweep, "x", "FD-10", "base", "FD-5")
+    assert paired_vs_reference(sweep, "base", "FD-5", "base", "FD-5")["paired_source"] == ""
+
+
+def test_exp_tables_rows_and_costs(tmp_path):
+    root, _ = make_run_tree(tmp_path)
+    t1 = exp1_table(root / EXP1 / "sweep")
+    assert list(t1["variation"]) == ["Full sampling", "FD-5-baseline", "FD-10-baseline", "λ=0 control, FD-10",
+                                     "FCR λ=0.05, FD-10", "FCR λ=0.1, FD-10", "FCR λ=0.2, FD-10"]
+    fcr = t1.set_index("variation").loc["FCR λ=0.1, FD-10"]
+    assert fcr["fd"] == pytest.approx(10.4) and fcr["fd_lo"] == pytest.approx(10.3)
+    assert fcr["time_speedup_bs1"] == pytest.approx(1.0 / 0.7) and fcr["time_speedup_bs8"] == pytest.approx(1.25)
+    assert fcr["flops_speedup"] == pytest.approx(75.0 / 72.0)
+    t2 = exp2_table(root / EXP2 / "sweep")
+    assert list(t2["variation"]) == ["SD2.1 role: base-v FD-5", "SD2.1 role: FCR λ=0.1 FD-10",
+                                     "SD2.1 role: FCR λ=0.1 + DPM-Solver++ FD-10", "OpenJourney role: derivative FD-5",
+                                     "OpenJourney role: FCR λ=0.1 FD-10"]
+    assert t2.iloc[2]["config"] == "DPM++-FD-10" and t2.iloc[2]["fd"] == pytest.approx(10.3)
+    # A configuration name not in the sweep gives an empty row with a note, not an error.
+    t2 = exp2_table(root / EXP2 / "sweep", dpm_config="DPM++-cached-10")
+    assert "not in" in t2.iloc[2]["note"] and pd.isna(t2.iloc[2].get("fd"))
+
+
+def test_update_readme_replaces_only_the_block_and_is_idempotent(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\nintro text\n")
+    update_readme(readme, "| a |\n|---|\n| 1 |", header="## Results (generated)\nheader v1")
+    first = readme.read_text()
+    assert first.startswith("# Title\n\nintro text\n") and first.count(README_START) == 1
+    assert first.rstrip().endswith(README_END) and "| 1 |" in first
+    update_readme(readme, "| a |\n|---|\n| 1 |", header="## Results (generated)\nheader v1")
+    assert readme.read_text() == first  # idempotent
+    # Text after the block survives; the block is replaced, not duplicated.
+    readme.write_text(first + "\n## Afterwards\nkept\n")
+    update_readme(readme, "| a |\n|---|\n| 2 |", header="## Results (generated)\nheader v2")
+    text = readme.read_text()
+    assert text.count(README_START) == 1 and "| 1 |" not in text and "| 2 |" in text and "header v1" not in text
+    assert text.startswith("# Title\n\nintro text\n") and text.endswith("## Afterwards\nkept\n")
+    # A lone marker is refused rather than guessed around.
+    readme.write_text(f"x\n{README_START}\ny\n")
+    with pytest.raises(ValueError, match="markers"):
+        update_readme(readme, "z", header="h")
+
+
+def test_update_readme_default_header_names_the_run(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n")
+    update_readme(readme, "body", root="outputs/embedded")
+    text = readme.read_text()
+    assert "Git commit: `" in text and "generated from the run in `outputs/embedded`" in text and "Date: " in text
+
+
+def test_build_report_writes_markdown_and_tables(tmp_path):
+    root, models = make_run_tree(tmp_path)
+    write_side_file(root / EXP1 / "sweep", "base", "FD-5", 0, [0.5, 0.6, 0.7])
+    write_side_file(root / EXP1 / "sweep", "fcr_lambda0.10_fd10", "FD-10", 0, [0.6, 0.6, 0.9])
+    fig_dir = root / EXP1 / "sweep" / "figures"
+    fig_dir.mkdir()
+    (fig_dir / "fd_fashioncnn_vs_stride.png").write_bytes(b"\x89PNG fake")
+    out = build_report(root, link_base=tmp_path,
+                       verdict_kwargs={"models_dir": models, "train_flops_per_image": flops_fn})
+    report = root / "report"
+    for name in ("report.md", "verdict.csv", "exp1_table.csv", "exp2_table.csv"):
+        assert (report / name).is_file(), name
+    md = (report / "report.md").read_text()
+    assert "Success criteria" in md and "FCR λ=0.1, FD-10" in md and "OpenJourney role" in md
+    assert "10.4 [10.3, 10.5]" in md  # 3 significant digits, CI as [lo, hi]
+    assert "(figures/exp1_sweep_fd_fashioncnn_vs_stride.png)" in md
+    assert (report / "figures" / "exp1_sweep_fd_fashioncnn_vs_stride.png").is_file()
+    t1 = pd.read_csv(report / "exp1_table.csv").set_index("variation")
+    assert t1.loc["FCR λ=0.1, FD-10", "paired_mean_diff"] == pytest.approx(0.1)
+    assert out["verdict"].iloc[-1]["criterion"] == "overall"
+    # The README version: criterion rows only, figure links relative to link_base.
+    assert "(run/report/figures/exp1_sweep_fd_fashioncnn_vs_stride.png)" in out["readme_markdown"]
+    assert "| part |" in md and "| part |" not in out["readme_markdown"]
+
+
+def test_build_report_on_empty_run_says_what_is_missing(tmp_path):
+    out = build_report(tmp_path / "empty", tmp_path / "rep",
+                       verdict_kwargs={"models_dir": tmp_path / "nomodels", "train_flops_per_image": flops_fn})
+    md = out["markdown"]
+    assert "Not available" in md and "summary.csv" in md and "criterion.csv" in md
+    assert out["exp1"] is None and (tmp_path / "rep" / "verdict.csv").is_file()
+
+
+def test_cli_updates_readme(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # main() changes to the repository root; restore the folder afterwards
+    root, models = make_run_tree(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("# R\n")
+    import fcr.report as report_mod
+    import fcr.verdict as verdict_mod
+
+    # The CLI uses the default models folder and FLOP counter: point them at the test tree.
+    monkeypatch.setattr(verdict_mod, "_default_flops_per_image", lambda: flops_fn)
+    monkeypatch.setattr("fcr.models.MODELS_DIR", models)
+    assert main(["--root", str(root), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert README_START in text and "FCR λ=0.1, FD-10" in text and f"the run in `{root}`" in text
+    assert report_mod.README_END in text
