@@ -160,6 +160,22 @@ def _kth_neighbour_radii(feats: torch.Tensor, k: int, chunk_size: int) -> torch.
     return torch.cat(radii)
 
 
+_RADII_CACHE: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def _reference_radii(real: torch.Tensor, k: int, chunk_size: int) -> torch.Tensor:
+    """k-NN radii of the real set, memoised by content: a sweep scores every configuration
+    against the same 10k reference features, and recomputing their radii dominated scoring."""
+    import hashlib
+
+    key = (hashlib.sha256(real.numpy().tobytes()).hexdigest() + str(tuple(real.shape)), k)
+    if key not in _RADII_CACHE:
+        if len(_RADII_CACHE) >= 4:
+            _RADII_CACHE.pop(next(iter(_RADII_CACHE)))
+        _RADII_CACHE[key] = _kth_neighbour_radii(real, k, chunk_size)
+    return _RADII_CACHE[key]
+
+
 def _manifold_coverage(query: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, chunk_size: int) -> float:
     """Fraction of ``query`` rows inside at least one ball (support[j], radii[j])."""
     inside = [
@@ -183,7 +199,7 @@ def precision_recall(real: ArrayLike, fake: ArrayLike, k: int = 3, chunk_size: i
         raise ValueError(f"feature dims differ: {r.shape[1]} vs {f.shape[1]}")
     if k < 1 or min(r.shape[0], f.shape[0]) <= k:
         raise ValueError(f"need k >= 1 and more than k points per set, got k={k}, sizes {r.shape[0]}/{f.shape[0]}")
-    real_radii = _kth_neighbour_radii(r, k, chunk_size)
+    real_radii = _reference_radii(r, k, chunk_size)
     fake_radii = _kth_neighbour_radii(f, k, chunk_size)
     precision = _manifold_coverage(f, r, real_radii, chunk_size)
     recall = _manifold_coverage(r, f, fake_radii, chunk_size)

@@ -81,6 +81,7 @@ def plan(
     bench: bool = True,
     report: bool = True,
     data: bool = True,
+    readme: str | Path | None = None,
 ) -> list[Task]:
     """The tasks of the main job in order. ``overlays``: parameter files applied after every
     stage's own files (e.g. params/smoke_pipeline.yaml for a code-path run); ``root`` the output
@@ -113,9 +114,13 @@ def plan(
         report_dir = root / "report"
 
         def build(root: Path = root, report_dir: Path = report_dir) -> None:
-            from fcr.report import build_report
+            from fcr.report import build_report, update_readme
 
-            build_report(root, report_dir)
+            # Figure links in the README are relative to the README's folder.
+            link_base = Path(readme).resolve().parent if readme is not None else None
+            result = build_report(root, report_dir, link_base=link_base)
+            if readme is not None:
+                update_readme(readme, result["readme_markdown"], root=root)
 
         tasks.append(Task("report", report_dir, [], {"experiments": chosen, "always": time.time()}, action=build))
     return tasks
@@ -193,7 +198,8 @@ def run(setting: str = "embedded", *, root: str | Path | None = None, experiment
         manifest: str | Path = MANIFEST, report: bool = True, data: bool = True) -> list[Stage]:
     """Run (or resume) the main job; returns what each stage did."""
     signal.signal(signal.SIGTERM, _terminate)
-    tasks = plan(setting, root, experiments, overlays, manifest=manifest, bench=bench, report=report, data=data)
+    tasks = plan(setting, root, experiments, overlays, manifest=manifest, bench=bench, report=report, data=data,
+                 readme=readme)
     stages = []
     start = time.perf_counter()
     for task in tasks:
@@ -205,10 +211,6 @@ def run(setting: str = "embedded", *, root: str | Path | None = None, experiment
     timing = [{"name": s.name, "status": s.status, "seconds": s.seconds} for s in stages]
     write_json_atomic(root_dir / "report" / "pipeline_timing.json",
                       {"total_seconds_this_invocation": total, "stages": timing})
-    if readme is not None:
-        from fcr.report import update_readme, results_markdown
-
-        update_readme(readme, results_markdown(root_dir))
     print("\n== main job summary ==")
     for s in stages:
         print(f"- {s.name}: {s.status} -> {s.output} ({s.seconds:.0f} s)")

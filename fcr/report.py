@@ -10,6 +10,8 @@ run on the per-image side files notebook 03 saved. Numbers are printed with 3 si
 
 from __future__ import annotations
 
+import json
+
 import argparse
 import datetime
 import math
@@ -23,7 +25,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fcr.verdict import DEFAULT_BACKBONES, EXP1, EXP2, LAYOUT, Backbone, InputError, evaluate_criteria, read_table
+from fcr.verdict import (
+    DEFAULT_BACKBONES,
+    EXP1,
+    EXP2,
+    LAYOUT,
+    Backbone,
+    InputError,
+    evaluate_criteria,
+    read_table,
+    result_dir,
+)
 
 __all__ = [
     "README_END",
@@ -318,8 +330,8 @@ def _measurement_machine(root: Path) -> str | None:
     """The device recorded in the first cost result file of the run (where the timings were taken)."""
     import json
 
-    for folder in (root / EXP1 / LAYOUT["sweep"] / "cost", root / EXP2 / LAYOUT["sweep"] / "cost"):
-        for path in sorted(folder.glob("*.json")):
+    for exp in (EXP1, EXP2):
+        for path in sorted((root / exp / LAYOUT["sweep"]).rglob("cost/*.json")):
             env = json.loads(path.read_text()).get("environment") or {}
             if env:
                 return (f"{env.get('device_name', '?')} ({env.get('device', '?')}, {env.get('cpu_count', '?')} CPUs, "
@@ -388,12 +400,13 @@ def _collect_figures(root: Path, out_dir: Path) -> list[Path]:
     copied = []
     dest = out_dir / "figures"
     for exp in (EXP1, EXP2):
-        for sub in LAYOUT.values():
-            folder = root / exp / sub / "figures"
-            if not folder.is_dir():
-                continue
-            for fig in sorted(folder.glob("*.png")):
-                target = dest / f"{exp.split('-')[0]}{exp.split('-')[1]}_{sub}_{fig.name}"
+        for kind in ("sweep", "robustness", "mechanistic"):
+            base = root / exp / LAYOUT[kind]
+            for fig in sorted(base.rglob("figures/*.png")) if base.is_dir() else []:
+                # exp1_sweep_<name>.png, with the run folder in between when it is not the default one
+                run = fig.parent.parent.relative_to(base).as_posix().replace("/", "_")
+                middle = "" if run in (".", LAYOUT["run"]) else f"{run}_"
+                target = dest / f"{exp.split('-')[0]}{exp.split('-')[1]}_{kind}_{middle}{fig.name}"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(fig, target)
                 copied.append(target)
@@ -408,6 +421,30 @@ def _csv_section(title: str, path: Path, max_rows: int = 40) -> str:
     shown = df.head(max_rows).map(lambda x: format_number(x) if isinstance(x, float) else x)
     more = f"\n_{len(df) - max_rows} more rows in `{path}`._\n" if len(df) > max_rows else ""
     return f"### {title}\n\nFrom `{path}`.\n\n{markdown_table(shown)}{more}"
+
+
+def stage_times(root: str | Path) -> pd.DataFrame:
+    """Wall time of every finished pipeline stage under ``root``, from the markers the pipeline
+    leaves (``.pipeline_done.json``): the main job's time even when it ran over several resumed
+    invocations. Columns: stage (folder relative to root), seconds, finished."""
+    root = Path(root)
+    rows = []
+    for marker in sorted(root.rglob(".pipeline_done.json")):
+        info = json.loads(marker.read_text())
+        rows.append({"stage": marker.parent.relative_to(root).as_posix() or ".",
+                     "seconds": float(info.get("seconds", float("nan"))), "finished": info.get("finished", "")})
+    return pd.DataFrame(rows, columns=["stage", "seconds", "finished"])
+
+
+def _timing_section(root: Path) -> list[str]:
+    times = stage_times(root)
+    if times.empty:
+        return []
+    total = times["seconds"].sum()
+    shown = times.assign(minutes=(times["seconds"] / 60).round(1))[["stage", "minutes", "finished"]]
+    return [f"### Main job wall time\n\nSum of the finished stages: **{total / 60:.1f} min** "
+            f"({len(times)} stages; each stage's own wall time, read from its `.pipeline_done.json`).\n",
+            markdown_table(shown), ""]
 
 
 def build_report(
@@ -458,9 +495,9 @@ def build_report(
     for key, title, make in (
         ("exp1", "exp-1 main ablation (original model: "
          + (f"{exp1_backbone.name}, {exp1_backbone.role})" if exp1_backbone else "n/a)"),
-         (lambda: exp1_table(root / EXP1 / LAYOUT["sweep"], backbone=exp1_backbone)) if exp1_backbone else None),
+         (lambda: exp1_table(result_dir(root, EXP1, "sweep"), backbone=exp1_backbone)) if exp1_backbone else None),
         ("exp2", "exp-2 generalisation",
-         lambda: exp2_table(root / EXP2 / LAYOUT["sweep"], backbones=[b for b in backbones if b.experiment == EXP2],
+         lambda: exp2_table(result_dir(root, EXP2, "sweep"), backbones=[b for b in backbones if b.experiment == EXP2],
                             dpm_config=dpm_config)),
     ):
         exp_parts.append(f"### {title}\n")
@@ -485,10 +522,11 @@ def build_report(
 
     extra = [
         _csv_section("Robustness (notebook 04): drop under stress, FCR vs original",
-                     root / EXP2 / LAYOUT["robustness"] / "criterion.csv"),
-        _csv_section("Mechanistic (notebook 05): encoder-feature variance reduction",
-                     root / EXP2 / LAYOUT["mechanistic"] / "variance_reduction.csv"),
+                     result_dir(root, EXP2, "robustness") / "criterion.csv"),
     ]
+    extra += [_csv_section(f"Mechanistic (notebook 05, {exp}): encoder-feature variance reduction",
+                           result_dir(root, exp, "mechanistic") / "variance_reduction.csv")
+              for exp in dict.fromkeys(b.experiment for b in backbones)]
 
     figures = _collect_figures(root, out_dir)
     files += figures
@@ -498,10 +536,11 @@ def build_report(
             return []
         return ["### Figures\n"] + [f"![{f.stem}]({Path(os.path.relpath(f, base)).as_posix()})\n" for f in figures]
 
-    report_md = "\n".join(intro + full_verdict + exp_parts + extra + figs(out_dir))
+    timing = _timing_section(root)
+    report_md = "\n".join(intro + full_verdict + exp_parts + extra + timing + figs(out_dir))
     (out_dir / "report.md").write_text(report_md)
     files.append(out_dir / "report.md")
-    readme_md = "\n".join(intro + compact_verdict + exp_parts + figs(link_base))
+    readme_md = "\n".join(intro + compact_verdict + exp_parts + timing + figs(link_base))
     return {"markdown": report_md, "readme_markdown": readme_md, "verdict": verdict, **tables, "files": files}
 
 

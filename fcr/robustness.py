@@ -374,6 +374,26 @@ def _stats_total(total: dict[str, Any], stats: SamplerStats) -> None:
             total[key] = total.get(key, 0) + value
 
 
+def _attack(
+    unet: torch.nn.Module,
+    make_scheduler: Callable[[], Any],
+    noise: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    config: SamplingConfig,
+    guidance_scale: float,
+    attack: Mapping[str, Any] | None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    if attack is None:
+        raise ValueError("the adversarial stress needs attack = {'stride', 'epsilon', 'steps'}")
+    return adversarial_noise(
+        unet, make_scheduler, noise, cond, uncond, guidance_scale=guidance_scale,
+        num_inference_steps=config.num_inference_steps, stride=int(attack["stride"]),
+        epsilon=float(attack["epsilon"]), steps=int(attack["steps"]),
+        chunk_size=int(attack.get("chunk_size", ATTACK_CHUNK)),
+    )
+
+
 def sample_stressed(
     unet: torch.nn.Module,
     make_scheduler: Callable[[], Any],
@@ -388,21 +408,18 @@ def sample_stressed(
     prior_noise: PriorNoise | None,
     schedule_seed_value: int = 0,
     attack: Mapping[str, Any] | None = None,
+    attacked_noise: tuple[torch.Tensor, dict[str, float]] | None = None,
 ) -> tuple[torch.Tensor, SamplerStats, dict[str, float]]:
     """One batch of any latent shape (pixels or VAE latents) under ``stress``: the adversarial
     perturbation of ``noise`` (``attack`` = ``stride``, ``epsilon``, ``steps``), then sampling with
-    ``config`` on the (perturbed, for ``schedule_noise_std``) scheduler. Returns the final latents,
-    the sampler counters and the attack's cache errors (empty without attack)."""
+    ``config`` on the (perturbed, for ``schedule_noise_std``) scheduler. ``attacked_noise``: an
+    attack already computed for this batch (same noise, prompts and attack), reused as is. Returns
+    the final latents, the sampler counters and the attack's cache errors (empty without attack)."""
     info: dict[str, float] = {}
     if stress.adversarial:
-        if attack is None:
-            raise ValueError("the adversarial stress needs attack = {'stride', 'epsilon', 'steps'}")
-        noise, info = adversarial_noise(
-            unet, make_scheduler, noise, cond, uncond, guidance_scale=guidance_scale,
-            num_inference_steps=config.num_inference_steps, stride=int(attack["stride"]),
-            epsilon=float(attack["epsilon"]), steps=int(attack["steps"]),
-            chunk_size=int(attack.get("chunk_size", ATTACK_CHUNK)),
-        )
+        if attacked_noise is None:
+            attacked_noise = _attack(unet, make_scheduler, noise, cond, uncond, config, guidance_scale, attack)
+        noise, info = attacked_noise
     scheduler = make_scheduler()
     if stress.schedule_noise_std is not None:
         scheduler = perturbed_scheduler(scheduler, stress.schedule_noise_std, schedule_seed_value)
@@ -430,6 +447,7 @@ def generate_stressed(
     prior_noise: PriorNoise | None,
     batch_size: int,
     attack: Mapping[str, Any] | None = None,
+    attack_cache: dict[Any, tuple[torch.Tensor, dict[str, float]]] | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -438,8 +456,10 @@ def generate_stressed(
     Image ``i`` starts from :func:`fcr.generate.initial_noise` of ``(prompts.seed, i)`` at the
     stress's size, so the unstressed case is exactly :func:`fcr.generate.generate`. The schedule
     perturbation of batch ``b`` is seeded by :func:`schedule_seed` ``(prompts.seed, b)`` (one
-    scheduler per batch: the perturbed images depend on ``batch_size``). Returns the images and
-    the summed sampler counters (plus the attack's mean cache errors, averaged over batches).
+    scheduler per batch: the perturbed images depend on ``batch_size``). The attack does not
+    depend on the key steps, so configurations attacked with the same stride share it through
+    ``attack_cache`` (a dict owned by the caller for one model, prompt set and seed). Returns the
+    images and the summed sampler counters (plus the attack's mean cache errors over images).
     """
     unet = unet.to(device).eval()
     channels = unet.config.in_channels
@@ -451,10 +471,23 @@ def generate_stressed(
         noise = initial_noise(idx, (channels, size, size), prompts.seed).to(device)
         cond = prompts.states[start : idx.stop].to(device)
         uncond = prompts.empty_state.expand_as(cond).to(device)
+
+        def make(name=config.scheduler):
+            return sampling_scheduler(name, noise_scheduler)
+
+        attacked = None
+        if stress.adversarial:
+            cache_key = (b, batch_size, config.scheduler, config.num_inference_steps, size,
+                         *sorted((k, str(v)) for k, v in (attack or {}).items()))
+            attacked = attack_cache.get(cache_key) if attack_cache is not None else None
+            stats["attack_batches_reused"] = stats.get("attack_batches_reused", 0) + int(attacked is not None)
+            if attacked is None:
+                attacked = _attack(unet, make, noise, cond, uncond, config, guidance_scale, attack)
+                if attack_cache is not None:
+                    attack_cache[cache_key] = attacked
         latents, batch_stats, info = sample_stressed(
-            unet, lambda: sampling_scheduler(config.scheduler, noise_scheduler), noise, cond, uncond, config,
-            stress, guidance_scale=guidance_scale, parallel=parallel, prior_noise=prior_noise,
-            schedule_seed_value=schedule_seed(prompts.seed, b), attack=attack,
+            unet, make, noise, cond, uncond, config, stress, guidance_scale=guidance_scale, parallel=parallel,
+            prior_noise=prior_noise, schedule_seed_value=schedule_seed(prompts.seed, b), attacked_noise=attacked,
         )
         images.append(latents.clamp(-1, 1).cpu())
         _stats_total(stats, batch_stats)
@@ -543,7 +576,9 @@ def ood_text_states(
     return build_text_state_cache(wanted, encoder, path, max_length=max_length, overwrite=True)
 
 
-def ood_prompt_set(table: pd.DataFrame, states: Mapping[str, torch.Tensor], n: int, seed: int) -> tuple[PromptSet, list[str]]:
+def ood_prompt_set(
+    table: pd.DataFrame, states: Mapping[str, torch.Tensor], n: int, seed: int
+) -> tuple[PromptSet, list[str]]:
     """``n`` class-balanced OOD prompts (labels cycle 0..9 as in
     :func:`fcr.generate.embedded_prompt_set`), image ``i`` taking a seeded choice among its
     class's prompts; returns the prompt set (noise seed ``seed``) and each image's prompt kind."""
@@ -650,8 +685,8 @@ def _model_meta(source: str) -> dict[str, Any]:
 
 def model_origins(models: Mapping[str, str]) -> dict[str, str]:
     """{label: label of the model it was fine-tuned from} for models whose origin
-    (``model_training_params(...)["model"]``) is itself one of ``models`` (compared as resolved
-    UNet folders, so ``base`` and ``models/base`` match)."""
+    (``model_training_params(...)["model"]``) is itself one of ``models``: the same source string
+    (e.g. an SD hub id) or the same resolved UNet folder (so ``base`` and ``models/base`` match)."""
     resolved: dict[str, Path] = {}
     for label, source in models.items():
         with contextlib.suppress(ModelNotFoundError):
@@ -661,12 +696,12 @@ def model_origins(models: Mapping[str, str]) -> dict[str, str]:
         origin = (model_training_params(folder) or {}).get("model")
         if not origin or origin == "scratch":
             continue
-        try:
+        origin_dir = None
+        with contextlib.suppress(ModelNotFoundError):
             origin_dir = resolve_unet_dir(str(origin))
-        except ModelNotFoundError:
-            continue
-        for other, other_dir in resolved.items():
-            if other != label and other_dir == origin_dir:
+        for other, source in models.items():
+            same_dir = origin_dir is not None and resolved.get(other) == origin_dir
+            if other != label and (str(source) == str(origin) or same_dir):
                 out[label] = other
                 break
     return out
@@ -744,7 +779,11 @@ def run_robustness(
     }
     rows = []
     n = params["num_robustness_images"]
+    # The attack on z_T ignores the key steps: `full` reuses the largest stride's attack (same
+    # model, prompts, noise and seed) instead of recomputing it.
+    attack_caches: dict[tuple[int, str], dict] = {}
     for seed in params["seeds"]:
+        attack_caches.clear()  # one seed's attacks at a time (memory)
         prompt_sets: dict[str, tuple[PromptSet, list[str] | None]] = {}
         for kind in {s.prompts for s in stresses.values()}:
             if kind == "ood":
@@ -775,7 +814,8 @@ def run_robustness(
                             unet, noise_scheduler, prompts, config, stress,
                             guidance_scale=params["guidance_scale"], parallel=params["parallel_decoding"],
                             prior_noise=prior, batch_size=params["eval_batch_size"], attack=attack,
-                            device=device, progress=progress,
+                            attack_cache=attack_caches.setdefault((seed, label), {}), device=device,
+                            progress=progress,
                         )
                         sampling_s = time.perf_counter() - start
                         metrics, per_image = score_images(images, prompts.labels, classifier, ref_feats,
@@ -786,7 +826,8 @@ def run_robustness(
                             correct = per_image["correct"].numpy()
                             for kind in OOD_FILES:
                                 mask = np.array([k == kind for k in kinds])
-                                result[f"class_accuracy_{kind}"] = float(correct[mask].mean()) if mask.any() else math.nan
+                                acc = float(correct[mask].mean()) if mask.any() else math.nan
+                                result[f"class_accuracy_{kind}"] = acc
                         images_u8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
                         _save_safetensors_atomic(
                             {"images": images_u8, "labels": torch.as_tensor(prompts.labels), **per_image},
@@ -817,7 +858,9 @@ def _sd_prompts(params: Mapping[str, Any], kind: str, n: int, seed: int) -> tupl
         rng = np.random.default_rng([int(seed), 13])
         return [lists[k][int(rng.integers(len(lists[k])))] for k in kinds], kinds
     if not params["eval_prompts"]:
-        raise ConfigError("parameter 'eval_prompts': the SD robustness run needs a COCO captions JSON (captions_val2017.json)")
+        raise ConfigError(
+            "parameter 'eval_prompts': the SD robustness run needs a COCO captions JSON (captions_val2017.json)"
+        )
     return [c for _, c in data.read_coco_captions(params["eval_prompts"], n=n, seed=seed)], None
 
 
@@ -945,7 +988,8 @@ def _run_robustness_sd(
                                   **{k: v for k, v in stats.items() if not isinstance(v, list)}}
                         if kinds is not None:  # per prompt list (the lists alternate, so both are present)
                             for kind in SD_OOD_FILES:
-                                result[f"clip_score_{kind}"] = float(np.mean([c for c, k in zip(clip, kinds) if k == kind]))
+                                mine = [c for c, k in zip(clip, kinds) if k == kind]
+                                result[f"clip_score_{kind}"] = float(np.mean(mine))
                         _save_safetensors_atomic({"clip_score": torch.from_numpy(clip)},
                                                  out_dir / "results" / f"{stem}.safetensors",
                                                  {"model": label, "config": config.name, "stress": stress.name,
@@ -957,7 +1001,7 @@ def _run_robustness_sd(
                     )
                     if progress:
                         print(f"robustness {stem}: {'computed' if computed else 'loaded'}", flush=True)
-                    rows.append({**key, **result, "original_model": None, "lambda_fcr": None})
+                    rows.append({**key, **result, **_model_meta(str(models[label]))})
     return pd.DataFrame(rows)
 
 
@@ -1007,11 +1051,12 @@ def per_seed_drops(results: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFram
             if math.isnan(stressed) or math.isnan(unstressed):
                 continue
             rows.append({
-                "model": row["model"], "config": row["config"], "stride": row.get("stride"), "stress": row["stress"],
-                "seed": row["seed"], "metric": metric, "value_stressed": stressed, "value_unstressed": unstressed,
+                "model": row["model"], "lambda_fcr": row.get("lambda_fcr"), "config": row["config"],
+                "stride": row.get("stride"), "stress": row["stress"], "seed": row["seed"], "metric": metric,
+                "value_stressed": stressed, "value_unstressed": unstressed,
                 "drop": METRIC_DIRECTIONS[metric] * (stressed - unstressed),
             })
-    return pd.DataFrame(rows, columns=["model", "config", "stride", "stress", "seed", "metric",
+    return pd.DataFrame(rows, columns=["model", "lambda_fcr", "config", "stride", "stress", "seed", "metric",
                                        "value_stressed", "value_unstressed", "drop"])
 
 
@@ -1025,7 +1070,8 @@ def drop_table(per_seed: pd.DataFrame) -> pd.DataFrame:
         drop, lo, hi = mean_ci_over_seeds(g["drop"].to_numpy(dtype=float))
         unstressed = float(g["value_unstressed"].mean())
         rows.append({
-            "model": model, "config": config, "stride": g["stride"].iloc[0], "stress": stress, "metric": metric,
+            "model": model, "lambda_fcr": g["lambda_fcr"].iloc[0], "config": config, "stride": g["stride"].iloc[0],
+            "stress": stress, "metric": metric,
             "n_seeds": len(g), "value_stressed": float(g["value_stressed"].mean()), "value_unstressed": unstressed,
             "drop": drop, "drop_lo": lo, "drop_hi": hi,
             "relative_drop_pct": 100.0 * drop / abs(unstressed) if unstressed != 0 else math.nan,
@@ -1043,7 +1089,8 @@ def criterion_table(
     under stress with FCR is no larger than the original model's)."""
     if metrics is not None:
         per_seed = per_seed[per_seed["metric"].isin(metrics)]
-    cols = ["model", "original_model", "config", "stride", "stress", "metric", "n_seeds", "drop_fcr", "drop_fcr_lo",
+    cols = ["model", "lambda_fcr", "original_model", "config", "stride", "stress", "metric", "n_seeds", "drop_fcr",
+            "drop_fcr_lo",
             "drop_fcr_hi", "drop_original", "drop_original_lo", "drop_original_hi", "diff", "diff_lo", "diff_hi",
             "passed"]
     rows = []
@@ -1060,7 +1107,8 @@ def criterion_table(
             diff = (mean_ci_over_seeds((paired["drop_fcr"] - paired["drop_orig"]).to_numpy(dtype=float))
                     if len(paired) else (math.nan,) * 3)
             rows.append({
-                "model": model, "original_model": original, "config": config, "stride": g["stride"].iloc[0],
+                "model": model, "lambda_fcr": g["lambda_fcr"].iloc[0], "original_model": original, "config": config,
+                "stride": g["stride"].iloc[0],
                 "stress": stress, "metric": metric, "n_seeds": len(paired),
                 "drop_fcr": fcr[0], "drop_fcr_lo": fcr[1], "drop_fcr_hi": fcr[2],
                 "drop_original": orig[0], "drop_original_lo": orig[1], "drop_original_hi": orig[2],
@@ -1095,9 +1143,11 @@ def plot_drops(drops: pd.DataFrame, metric: str, ylabel: str | None = None):
         for model, container in zip(models, ax.containers):
             rows = part[part["model"] == model].set_index("stress")
             xs, lo, hi = [], [], []
-            for stress, bar in zip(stresses, container):
+            for bar in container:  # a bar's centre lies within 0.5 of its category's position
+                x = bar.get_x() + bar.get_width() / 2
+                stress = stresses[int(round(x))]
                 if stress in rows.index:
-                    xs.append(bar.get_x() + bar.get_width() / 2)
+                    xs.append(x)
                     lo.append(rows.loc[stress, "drop_lo"])
                     hi.append(rows.loc[stress, "drop_hi"])
             if xs:
@@ -1106,8 +1156,13 @@ def plot_drops(drops: pd.DataFrame, metric: str, ylabel: str | None = None):
         ax.set_title(config)
         ax.set_xlabel("")
         ax.tick_params(axis="x", rotation=35)
-        if ax is not axes.flat[0] and ax.get_legend() is not None:
+        for tick in ax.get_xticklabels():
+            tick.set_horizontalalignment("right")
+        if ax.get_legend() is not None:
             ax.get_legend().remove()
+    handles = [plt.Rectangle((0, 0), 1, 1, color=palette[m]) for m in models]
+    axes.flat[len(configs) - 1 if configs else 0].legend(handles, models, title="model", fontsize=8,
+                                                          bbox_to_anchor=(1.02, 1), loc="upper left")
     axes.flat[0].set_ylabel(ylabel or f"drop in {metric} (positive = worse)")
     fig.tight_layout()
     return fig

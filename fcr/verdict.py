@@ -14,13 +14,15 @@ classifier agreement with the prompt) plays CLIPScore. An SD run's summary with 
 Row kinds: ``criterion`` rows make the verdict (``overall`` is their three-valued AND),
 ``part`` rows are the pieces a criterion row combines, ``context`` rows are shown for reading only.
 
-Expected layout (names in :data:`LAYOUT`, :data:`DEFAULT_BACKBONES`, columns in :data:`COLUMNS`)::
+Expected layout (params/experiments.yaml; names in :data:`LAYOUT`, :data:`DEFAULT_BACKBONES`,
+columns in :data:`COLUMNS`). ``<kind>/<run>/`` with run ``main``; a results folder directly in
+``<kind>/`` is accepted too (:func:`result_dir`)::
 
-    <root>/exp-1-main-ablation/<variation>/   fine-tune run folders (train_config.json, params.yaml, train_log.csv)
-    <root>/exp-1-main-ablation/sweep/         notebook 03: summary.csv, cost.csv, cost_table.csv, paired_tests.csv
-    <root>/exp-2-generalisation-robustness/<variation>/, sweep/   the same for base-v and derivative
-    <root>/exp-2-generalisation-robustness/robustness/criterion.csv    notebook 04
-    <root>/exp-2-generalisation-robustness/mechanistic/variance_reduction.csv, regression.json   notebook 05
+    <root>/exp-1-main-ablation/<variation>/    fine-tune run folders (train_config.json, params.yaml, train_log.csv)
+    <root>/exp-1-main-ablation/sweep/main/     notebook 03: summary.csv, cost.csv, cost_table.csv, paired_tests.csv
+    <root>/exp-1-main-ablation/mechanistic/main/   notebook 05: variance_reduction.csv, regression.json
+    <root>/exp-2-generalisation-robustness/<variation>/, sweep/main/, mechanistic/main/   the same for exp-2
+    <root>/exp-2-generalisation-robustness/robustness/main/criterion.csv   notebook 04
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ __all__ = [
     "VERDICT_COLUMNS",
     "Backbone",
     "InputError",
+    "result_dir",
     "all_of",
     "evaluate_criteria",
     "lookup_column",
@@ -70,7 +73,7 @@ EXP1 = "exp-1-main-ablation"
 EXP2 = "exp-2-generalisation-robustness"
 
 # Sub-folders of an experiment folder and which stage writes them (for the missing-file notes).
-LAYOUT: dict[str, str] = {"sweep": "sweep", "robustness": "robustness", "mechanistic": "mechanistic"}
+LAYOUT: dict[str, str] = {"sweep": "sweep", "robustness": "robustness", "mechanistic": "mechanistic", "run": "main"}
 PRODUCERS: dict[str, str] = {
     "summary.csv": "notebook 03_stride_sweep (fcr.sweep.summarize)",
     "cost.csv": "notebook 03_stride_sweep (fcr.sweep.run_sweep)",
@@ -166,8 +169,8 @@ DEFAULT_BACKBONES: tuple[Backbone, ...] = (
         {0.05: "fcr_lambda0.05_fd10", 0.10: "fcr_lambda0.10_fd10", 0.20: "fcr_lambda0.20_fd10"},
         control="control_lambda0_fd10",
     ),
-    Backbone("base-v", "SD2.1 role", EXP2, {0.10: "base-v_fcr_lambda0.10"}),
-    Backbone("derivative", "OpenJourney role", EXP2, {0.10: "derivative_fcr_lambda0.10"}),
+    Backbone("base-v", "SD2.1 role", EXP2, {0.10: "base-v_fcr_lambda0.10_fd10"}),
+    Backbone("derivative", "OpenJourney role", EXP2, {0.10: "derivative_fcr_lambda0.10_fd10"}),
 )
 
 
@@ -271,8 +274,22 @@ def _bool_or_none(x: Any) -> bool | None:
     return bool(x)
 
 
+def result_dir(root: str | Path, experiment: str, kind: str, run: str | None = None) -> Path:
+    """Results folder of a notebook kind (``sweep``, ``robustness``, ``mechanistic``) in an experiment:
+    ``<root>/<experiment>/<kind>/<run>/`` (run ``main`` by default) when it exists, else
+    ``<root>/<experiment>/<kind>/`` when that holds result files itself, else the expected
+    ``<kind>/<run>/`` (so a missing-file message names where the pipeline writes)."""
+    base = Path(root) / experiment / LAYOUT.get(kind, kind)
+    with_run = base / (run or LAYOUT["run"])
+    if with_run.is_dir():
+        return with_run
+    if base.is_dir() and any(p.suffix in (".csv", ".json") for p in base.iterdir()):
+        return base
+    return with_run
+
+
 def _sweep_dir(root: Path, backbone: Backbone) -> Path:
-    return root / backbone.experiment / LAYOUT["sweep"]
+    return result_dir(root, backbone.experiment, "sweep")
 
 
 def _scope(b: Backbone) -> str:
@@ -492,10 +509,21 @@ C_NAME = "c. robustness"
 C_THRESHOLD = "quality drop with FCR ≤ drop of the original model, every stress and metric"
 
 
-def _criterion_c(robustness_dir: Path, backbones: Sequence[Backbone]) -> list[dict]:
-    path = robustness_dir / "criterion.csv"
+def _read_tables(folders: Sequence[Path], name: str) -> tuple[pd.DataFrame, str]:
+    """``name`` from every folder that has it, concatenated, and a description of where it came from;
+    :class:`InputError` naming every expected path when none has it."""
+    paths = [Path(f) / name for f in folders]
+    present = [p for p in paths if p.is_file()]
+    if not present:
+        where = " and ".join(map(str, paths)) or name
+        raise InputError(f"missing {where}: written by {PRODUCERS.get(name, 'the pipeline')}")
+    frames = [pd.read_csv(p) for p in present]
+    return pd.concat(frames, ignore_index=True), " + ".join(map(str, present))
+
+
+def _criterion_c(robustness_dirs: Sequence[Path], backbones: Sequence[Backbone]) -> list[dict]:
     try:
-        df = read_table(path)
+        df, path = _read_tables(robustness_dirs, "criterion.csv")
         ocol = lookup_column(df, "criterion", "original_model", path)
         fcol = lookup_column(df, "criterion", "fcr_model", path)
         scol = lookup_column(df, "criterion", "stress", path)
@@ -552,13 +580,48 @@ PREFERRED_FEATURE_GROUP = "all"
 PREFERRED_UNITS = "sampling"
 
 
-def _criterion_e(mechanistic_dir: Path, selected: Sequence[str]) -> list[dict]:
+def _regression_row(path: Path, r2_thr: str, rows: list[dict]) -> bool | None:
+    """Append the regression part row of one notebook 05 run (``regression.json``); return its verdict."""
+    scope = f"variance vs quality difference ({path.parent})"
+    try:
+        reg = _read_json(path)
+        if lookup_column(reg, "regression", "r2", path, required=False) is None and "status" in reg:
+            raise InputError(f"{path}: the primary regression was not fitted (status: {reg['status']})")
+        r2 = float(reg[lookup_column(reg, "regression", "r2", path)])
+        slope = float(reg[lookup_column(reg, "regression", "slope", path)])
+        lo_c = lookup_column(reg, "regression", "slope_lo", path, required=False)
+        hi_c = lookup_column(reg, "regression", "slope_hi", path, required=False)
+        n_c = lookup_column(reg, "regression", "n", path, required=False)
+        ok = bool(r2 >= THRESHOLDS["r2"] and slope > 0)
+        measured = f"R² {_g(r2)}, slope {_g(slope)}"
+        if lo_c and hi_c and reg[lo_c] is not None and reg[hi_c] is not None:
+            measured += f" [{_g(float(reg[lo_c]))}, {_g(float(reg[hi_c]))}]"
+        if n_c and reg[n_c] is not None:
+            measured += f", n = {int(float(reg[n_c]))}"
+        note = ("OLS of the quality difference on the encoder-feature variance (notebook 05). A positive slope is "
+                "required too: a strong negative relation would contradict the mechanism.")
+        own = reg.get("criterion")
+        if isinstance(own, Mapping) and "passed" in own:
+            note += (f" Notebook 05's own criterion (some fine-tuned model reduces the variance enough): "
+                     f"passed = {own['passed']}.")
+        rows.append(_row(f"{E_NAME}: regression", scope, measured, r2_thr, ok, note, kind="part", value=r2))
+        return ok
+    except InputError as exc:
+        rows.append(_row(f"{E_NAME}: regression", scope, "n/a", r2_thr, None, str(exc), kind="part"))
+    except (TypeError, ValueError) as exc:
+        rows.append(_row(f"{E_NAME}: regression", scope, "n/a", r2_thr, None, f"{path}: unreadable value ({exc})",
+                         kind="part"))
+    return None
+
+
+def _criterion_e(mechanistic_dirs: Sequence[Path], selected: Sequence[str]) -> list[dict]:
     rows: list[dict] = []
     var_thr = f"variance reduction ≥ {THRESHOLDS['variance_reduction_pct']:g} %"
-    path = mechanistic_dir / "variance_reduction.csv"
     var_verdicts: list[bool | None] = []
+    missing = [Path(d) / "variance_reduction.csv" for d in mechanistic_dirs
+               if not (Path(d) / "variance_reduction.csv").is_file()]
     try:
-        df = read_table(path)
+        df, path = _read_tables(mechanistic_dirs, "variance_reduction.csv")
         mcol = lookup_column(df, "variance_reduction", "model", path)
         rcol = lookup_column(df, "variance_reduction", "reduction_pct", path)
         gcol = lookup_column(df, "variance_reduction", "feature_group", path, required=False)
@@ -566,7 +629,10 @@ def _criterion_e(mechanistic_dir: Path, selected: Sequence[str]) -> list[dict]:
         if df.empty:
             raise InputError(f"{path} has no rows")
         chosen = [m for m in dict.fromkeys(df[mcol].astype(str)) if m in set(selected)]
-        verdict_models = chosen or list(dict.fromkeys(df[mcol].astype(str)))
+        if not chosen:  # no best-λ model known (criterion a not measurable): every FCR model (λ > 0) counts
+            fcr_rows = df[df["lambda_fcr"].astype(float) > 0] if "lambda_fcr" in df.columns else df
+            chosen = list(dict.fromkeys(fcr_rows[mcol].astype(str)))
+        verdict_models = chosen
         for model, group in df.groupby(df[mcol].astype(str), sort=False):
             if gcol is not None and (group[gcol].astype(str) == PREFERRED_FEATURE_GROUP).any():
                 group = group[group[gcol].astype(str) == PREFERRED_FEATURE_GROUP]
@@ -586,49 +652,24 @@ def _criterion_e(mechanistic_dir: Path, selected: Sequence[str]) -> list[dict]:
                              f"Encoder-feature variance of the FCR model vs its original ({group_txt}; the smallest "
                              f"reduction counts), column '{rcol}' of variance_reduction.csv.",
                              kind=kind, value=worst))
+        for miss in missing:  # some experiments have the table, others not: the gap is not measurable
+            var_verdicts.append(None)
+            rows.append(_row(f"{E_NAME}: variance reduction", f"models of {miss.parent}", "n/a", var_thr, None,
+                             f"missing {miss}: written by {_producer(miss)}", kind="part"))
     except InputError as exc:
         var_verdicts.append(None)
         rows.append(_row(f"{E_NAME}: variance reduction", "FCR models", "n/a", var_thr, None, str(exc), kind="part"))
 
     r2_thr = f"R² ≥ {THRESHOLDS['r2']:g} with a positive slope"
-    path = mechanistic_dir / "regression.json"
-    try:
-        reg = _read_json(path)
-        if lookup_column(reg, "regression", "r2", path, required=False) is None and "status" in reg:
-            raise InputError(f"{path}: the primary regression was not fitted (status: {reg['status']})")
-        r2 = float(reg[lookup_column(reg, "regression", "r2", path)])
-        slope = float(reg[lookup_column(reg, "regression", "slope", path)])
-        lo_c = lookup_column(reg, "regression", "slope_lo", path, required=False)
-        hi_c = lookup_column(reg, "regression", "slope_hi", path, required=False)
-        n_c = lookup_column(reg, "regression", "n", path, required=False)
-        r2_ok = bool(r2 >= THRESHOLDS["r2"] and slope > 0)
-        measured = f"R² {_g(r2)}, slope {_g(slope)}"
-        if lo_c and hi_c:
-            measured += f" [{_g(float(reg[lo_c]))}, {_g(float(reg[hi_c]))}]"
-        if n_c:
-            measured += f", n = {int(float(reg[n_c]))}"
-        note = ("OLS of the quality difference on the encoder-feature variance (notebook 05). A positive slope is "
-                "required too: a strong negative relation would contradict the mechanism.")
-        own = reg.get("criterion")
-        if isinstance(own, Mapping) and "passed" in own:
-            note += (f" Notebook 05's own criterion (some fine-tuned model reduces the variance enough): "
-                     f"passed = {own['passed']}.")
-        rows.append(_row(f"{E_NAME}: regression", "variance vs quality difference", measured, r2_thr, r2_ok, note,
-                         kind="part", value=r2))
-    except InputError as exc:
-        r2_ok = None
-        rows.append(_row(f"{E_NAME}: regression", "variance vs quality difference", "n/a", r2_thr, None, str(exc),
-                         kind="part"))
-    except (TypeError, ValueError) as exc:
-        r2_ok = None
-        rows.append(_row(f"{E_NAME}: regression", "variance vs quality difference", "n/a", r2_thr, None,
-                         f"{path}: unreadable value ({exc})", kind="part"))
+    r2_verdicts = [_regression_row(Path(d) / "regression.json", r2_thr, rows) for d in mechanistic_dirs]
+    r2_ok = all_of(r2_verdicts)
     ok = all_of([*var_verdicts, r2_ok])
-    r2_word = "pass" if r2_ok else "n/a" if r2_ok is None else "FAIL"
-    rows.insert(0, _row(E_NAME, "selected FCR models", f"variance: {_count(var_verdicts, 'models')}; R²: {r2_word}",
+    rows.insert(0, _row(E_NAME, "selected FCR models",
+                        f"variance: {_count(var_verdicts, 'models')}; R²: {_count(r2_verdicts, 'regressions')}",
                         f"{var_thr} and {r2_thr}", ok,
                         "Models in the verdict: the best-λ model of each backbone (criterion a) found in "
-                        "variance_reduction.csv, else every model in it."))
+                        "variance_reduction.csv, else every FCR model (λ > 0) in it; every regression of notebook "
+                        "05 (one per experiment)."))
     return rows
 
 
@@ -838,8 +879,8 @@ def evaluate_criteria(
     *,
     backbones: Sequence[Backbone] = DEFAULT_BACKBONES,
     models_dir: str | Path | None = None,
-    robustness_dir: str | Path | None = None,
-    mechanistic_dir: str | Path | None = None,
+    robustness_dirs: Sequence[str | Path] | None = None,
+    mechanistic_dirs: Sequence[str | Path] | None = None,
     stride_config: str = "FD-10",
     reference_config: str = "FD-5",
     train_flops_per_image: Callable[[str, bool], float] | None = None,
@@ -853,7 +894,8 @@ def evaluate_criteria(
     The last row, ``overall``, is the three-valued AND of all ``criterion`` rows.
 
     ``models_dir``: the original models' folders (pre-training logs for f; default ``models/``).
-    ``robustness_dir`` / ``mechanistic_dir``: notebook 04 / 05 outputs (default under exp-2).
+    ``robustness_dirs`` / ``mechanistic_dirs``: notebook 04 / 05 result folders (default: exp-2's
+    robustness folder; the mechanistic folders of every experiment of ``backbones``).
     ``train_flops_per_image(architecture, fcr)``: FLOPs per image of a training step (default:
     counted with :func:`training_step_flops` on the embedded architecture, once per pair).
     ``sd_finetune_gpu_hours``: GPU-hours of an SD FCR fine-tune, if one was run elsewhere.
@@ -862,8 +904,15 @@ def evaluate_criteria(
 
     root = Path(root)
     models_dir = Path(models_dir) if models_dir is not None else MODELS_DIR
-    robustness_dir = Path(robustness_dir) if robustness_dir is not None else root / EXP2 / LAYOUT["robustness"]
-    mechanistic_dir = Path(mechanistic_dir) if mechanistic_dir is not None else root / EXP2 / LAYOUT["mechanistic"]
+    experiments = list(dict.fromkeys(b.experiment for b in backbones))
+    if robustness_dirs is None:  # notebook 04 runs in exp-2 (params/experiments.yaml); exp-1's is read if present
+        robustness_dirs = [result_dir(root, EXP2, "robustness")]
+        robustness_dirs += [result_dir(root, e, "robustness") for e in experiments if e != EXP2
+                            and result_dir(root, e, "robustness").is_dir()]
+    if mechanistic_dirs is None:
+        mechanistic_dirs = [result_dir(root, e, "mechanistic") for e in experiments]
+    robustness_dirs = [Path(d) for d in robustness_dirs]
+    mechanistic_dirs = [Path(d) for d in mechanistic_dirs]
     flops_fn = train_flops_per_image or _default_flops_per_image()
 
     rows: list[dict] = []
@@ -876,7 +925,7 @@ def evaluate_criteria(
         if best:
             selected.append(best)
         per_backbone[b.name] = (a_ok, b_ok)
-    rows += _criterion_c(robustness_dir, backbones)
+    rows += _criterion_c(robustness_dirs, backbones)
 
     def word(v: bool | None) -> str:
         return "pass" if v else "n/a" if v is None else "FAIL"
@@ -887,7 +936,7 @@ def evaluate_criteria(
                      "every backbone passes a and b", d_ok,
                      "Backbones and the roles they play: "
                      + ", ".join(f"{b.name} = {b.role}" for b in backbones) + "."))
-    rows += _criterion_e(mechanistic_dir, selected)
+    rows += _criterion_e(mechanistic_dirs, selected)
     rows += _criterion_f(root, backbones, selected, models_dir, flops_fn, sd_finetune_gpu_hours)
 
     table = pd.DataFrame(rows, columns=VERDICT_COLUMNS)

@@ -58,7 +58,7 @@ def test_paired_vs_reference_pools_seeds_across_models(tmp_path):
 
 def test_exp_tables_rows_and_costs(tmp_path):
     root, _ = make_run_tree(tmp_path)
-    t1 = exp1_table(root / EXP1 / "sweep")
+    t1 = exp1_table(root / EXP1 / "sweep" / "main")
     assert list(t1["variation"]) == ["Full sampling", "FD-5-baseline", "FD-10-baseline", "λ=0 control, FD-10",
                                      "FCR λ=0.05, FD-10", "FCR λ=0.1, FD-10", "FCR λ=0.2, FD-10"]
     fcr = t1.set_index("variation").loc["FCR λ=0.1, FD-10"]
@@ -106,9 +106,9 @@ def test_update_readme_default_header_names_the_run(tmp_path):
 
 def test_build_report_writes_markdown_and_tables(tmp_path):
     root, models = make_run_tree(tmp_path)
-    write_side_file(root / EXP1 / "sweep", "base", "FD-5", 0, [0.5, 0.6, 0.7])
-    write_side_file(root / EXP1 / "sweep", "fcr_lambda0.10_fd10", "FD-10", 0, [0.6, 0.6, 0.9])
-    fig_dir = root / EXP1 / "sweep" / "figures"
+    write_side_file(root / EXP1 / "sweep" / "main", "base", "FD-5", 0, [0.5, 0.6, 0.7])
+    write_side_file(root / EXP1 / "sweep" / "main", "fcr_lambda0.10_fd10", "FD-10", 0, [0.6, 0.6, 0.9])
+    fig_dir = root / EXP1 / "sweep" / "main" / "figures"
     fig_dir.mkdir()
     (fig_dir / "fd_fashioncnn_vs_stride.png").write_bytes(b"\x89PNG fake")
     out = build_report(root, link_base=tmp_path,
@@ -152,3 +152,17 @@ def test_cli_updates_readme(tmp_path, monkeypatch):
     text = readme.read_text()
     assert README_START in text and "FCR λ=0.1, FD-10" in text and f"the run in `{root}`" in text
     assert report_mod.README_END in text
+
+
+def test_stage_times_sum_the_pipeline_markers(tmp_path) -> None:
+    import json as _json
+
+    from fcr.report import _timing_section, stage_times
+
+    for stage, seconds in (("data", 30.0), ("exp-1-main-ablation/sweep/main", 90.0)):
+        (tmp_path / stage).mkdir(parents=True)
+        (tmp_path / stage / ".pipeline_done.json").write_text(_json.dumps({"seconds": seconds, "finished": "t"}))
+    times = stage_times(tmp_path)
+    assert list(times["stage"]) == ["data", "exp-1-main-ablation/sweep/main"]
+    assert times["seconds"].sum() == 120.0
+    assert "**2.0 min**" in _timing_section(tmp_path)[0]

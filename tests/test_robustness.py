@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import make_unet
 from safetensors.torch import save_file
 
 from fcr import robustness
@@ -38,7 +37,6 @@ from fcr.robustness import (
     per_seed_drops,
     perturbed_scheduler,
     run_robustness,
-    sample_stressed,
 )
 from fcr.sweep import SamplingConfig
 
@@ -162,26 +160,33 @@ def test_attack_stride_choice() -> None:
         attack_stride(full, [1])
 
 
-def test_stresses_work_on_sd_latents() -> None:
-    """The same stressed sampler on 4-channel SD-like latents (tiny SD1.5-like UNet)."""
-    unet, channels, cross = make_unet("sd15", sample_size=8)
-    noise = torch.randn(2, channels, 8, 8, generator=torch.Generator().manual_seed(0))
-    cond = torch.randn(2, 77, cross, generator=torch.Generator().manual_seed(1))
-    uncond = torch.zeros(1, 77, cross)
-    config = SamplingConfig("FD-2", "dpmsolver++", 4, (0, 2), 2)
-    noise_scheduler = build_noise_scheduler()
+def test_sd_stresses_on_latents() -> None:
+    """The same stressed sampler in SD's VAE latent space (tiny SD-like stack of tests/test_sd.py)."""
+    from test_sd import tiny_components
 
-    def make():
-        return sampling_scheduler("dpmsolver++", noise_scheduler)
+    from fcr.sd import decode_latents
 
-    kw = dict(guidance_scale=2.0, parallel=True, prior_noise=None)
-    plain, _, _ = sample_stressed(unet, make, noise, cond, uncond, config, Stress("none"), **kw)
-    pert, _, _ = sample_stressed(unet, make, noise, cond, uncond, config, Stress("p", schedule_noise_std=0.1), **kw)
-    adv, _, info = sample_stressed(unet, make, noise, cond, uncond, config, Stress("a", adversarial=True),
-                                   attack={"stride": 2, "epsilon": 0.05, "steps": 1}, **kw)
-    assert plain.shape == pert.shape == adv.shape == noise.shape
-    assert not torch.equal(plain, pert) and not torch.equal(plain, adv)
-    assert info["attack_error_attacked"] > info["attack_error_clean"]
+    parts = tiny_components()
+    params = validate({"setting": "sd", "stresses": ["none", "ood_prompts"]})
+    prompts, kinds = robustness._sd_prompts(params, "ood", 4, seed=0)
+    assert kinds == ["abstract", "medical"] * 2
+    assert prompts[0] in load_sd_prompt_list("abstract") and prompts[1] in load_sd_prompt_list("medical")
+    with pytest.raises(ConfigError, match="eval_prompts"):
+        robustness._sd_prompts(params, "train", 4, seed=0)
+    config = SamplingConfig("FD-2", "ddim", 4, (0, 2), 2)
+    kw = dict(guidance_scale=2.0, parallel=True, prior_noise=None, batch_size=2, seed=0)
+    plain, _ = robustness.generate_sd_stressed(parts, prompts[:2], config, Stress("none"), **kw)
+    assert plain.shape == (2, 4, 4, 4)  # native 32 px / VAE factor 8
+    same, _ = robustness.generate_sd_stressed(parts, prompts[:2], config, Stress("p", schedule_noise_std=0.0), **kw)
+    assert torch.equal(same, plain)
+    pert, _ = robustness.generate_sd_stressed(parts, prompts[:2], config, Stress("p", schedule_noise_std=0.2), **kw)
+    assert not torch.equal(pert, plain)
+    high, _ = robustness.generate_sd_stressed(parts, prompts[:2], config, Stress("h", resolution=48), **kw)
+    assert high.shape == (2, 4, 6, 6) and decode_latents(parts.vae, high)[0].size == (48, 48)
+    adv, stats = robustness.generate_sd_stressed(parts, prompts[:2], config, Stress("a", adversarial=True),
+                                                 attack={"stride": 2, "epsilon": 0.05, "steps": 1}, **kw)
+    assert not torch.equal(adv, plain)
+    assert stats["attack_error_attacked"] > stats["attack_error_clean"]
 
 
 # ----------------------------------------------------------------------------- prompt lists
@@ -264,6 +269,11 @@ def test_drop_and_criterion_tables_by_hand() -> None:
     with pytest.raises(ValueError, match="'none'"):
         per_seed_drops(worse[worse["stress"] != "none"], ["class_accuracy"])
 
+    fig = robustness.plot_drops(drop_table(per_seed), "fd_fashioncnn")
+    ax = fig.axes[0]
+    segments = [c for c in ax.collections if c.__class__.__name__ == "LineCollection"]
+    assert len(segments) == 2  # one interval line set per model (2 seeds: finite t-intervals)
+
 
 # ----------------------------------------------------------------------------- the run
 
@@ -321,6 +331,10 @@ def test_run_writes_each_result_once_and_builds_tables(workspace: dict, monkeypa
     assert by.loc[("ft", "full", "adversarial_noise"), "attack_stride"] == 2
     assert by.loc[("ft", "FD-2", "adversarial_noise"), "attack_error_attacked"] > by.loc[
         ("ft", "FD-2", "adversarial_noise"), "attack_error_clean"]
+    # `full` computed the stride-2 attack (the largest stride); FD-2 reused that same perturbed z_T.
+    full_adv, fd_adv = by.loc[("ft", "full", "adversarial_noise")], by.loc[("ft", "FD-2", "adversarial_noise")]
+    assert (full_adv["attack_batches_reused"], fd_adv["attack_batches_reused"]) == (0, 1)
+    assert full_adv["attack_error_attacked"] == fd_adv["attack_error_attacked"]
     assert {"class_accuracy_paraphrase", "class_accuracy_compositional"} <= set(results.columns)
     assert by.loc[("ft", "full", "none"), "original_model"] == str(workspace["root"] / "orig")
     assert (out / "text_states_ood.safetensors").is_file()
