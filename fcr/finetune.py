@@ -14,7 +14,56 @@ from fcr.embedded import load_split, prepare_embedded_data
 from fcr.models import build_embedded_unet, build_noise_scheduler, check_prediction_type, load_embedded_unet
 from fcr.train import TrainConfig, TrainResult, fcr_config_from_params, train
 
-__all__ = ["finetune", "run_dir"]
+__all__ = ["FINETUNE_KEYS", "finetune", "run_dir"]
+
+
+# Every parameter a fine-tune reads (embedded and SD). Notebook 02 declares all of them in its
+# parameters cell: papermill injects only declared keys, so a missing one would silently fall back to
+# its default (tests/test_notebooks.py checks this list against the code and the notebook).
+FINETUNE_KEYS = (
+    "setting",
+    "seed",
+    "device",
+    "output_dir",
+    "run_name",
+    "data_dir",
+    "train_data",
+    "train_subset",
+    "eval_prompts",
+    "model",
+    "architecture",
+    "text_encoder",
+    "prediction_type",
+    "num_train_timesteps",
+    "beta_schedule",
+    "resolution",
+    "train_style",
+    "max_text_length",
+    "lambda_fcr",
+    "delta_max",
+    "delta_units",
+    "fcr_sampling_steps",
+    "feature_group",
+    "fcr_normalize",
+    "shared_noise",
+    "learning_rate",
+    "adam_beta1",
+    "adam_beta2",
+    "weight_decay",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "max_train_steps",
+    "max_grad_norm",
+    "lr_schedule",
+    "lr_warmup_steps",
+    "mixed_precision",
+    "ema_decay",
+    "caption_dropout",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "num_eval_images",
+)
 
 
 def run_dir(params: Mapping[str, Any]) -> Path:

@@ -41,3 +41,22 @@ def test_prepare_injects_only_declared_keys(tmp_path: Path) -> None:
     nb02 = nbformat.read(written[1], as_version=4)
     injected = next(c for c in nb02.cells if "injected-parameters" in c.metadata.get("tags", []))
     assert "lambda_fcr = 0.1" in injected.source and 'model = "scratch"' in injected.source
+
+
+def test_finetune_notebook_declares_every_parameter_the_finetune_reads() -> None:
+    """papermill injects only declared keys: an undeclared training key would silently keep its
+    default (this once dropped weight_decay and lr_warmup_steps from the experiment overlays)."""
+    import dataclasses
+    import re
+
+    from fcr.config import SCHEMA
+    from fcr.finetune import FINETUNE_KEYS
+    from fcr.train import TrainConfig
+
+    source = "".join((REPO / "fcr" / name).read_text() for name in ("finetune.py", "train.py", "sd.py"))
+    read = set(re.findall(r'params\["([a-z_0-9]+)"\]', source)) | set(re.findall(r'params\.get\("([a-z_0-9]+)"', source))
+    read |= {f.name for f in dataclasses.fields(TrainConfig)}
+    missing_from_list = sorted(k for k in read if k in SCHEMA and k not in FINETUNE_KEYS)
+    assert not missing_from_list, missing_from_list
+    declared = set(pm.inspect_notebook(str(REPO / "notebooks" / "02_finetune.ipynb")))
+    assert not sorted(set(FINETUNE_KEYS) - declared), sorted(set(FINETUNE_KEYS) - declared)
