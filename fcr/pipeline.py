@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from fcr.config import load_yaml, merge, validate
 from fcr.experiments import MANIFEST, MODEL_LIST_KEYS, Experiment, load_manifest
-from fcr.notebooks import NOTEBOOKS_DIR, run_notebook
+from fcr.notebooks import NOTEBOOKS_DIR, _for_notebook, run_notebook
 from fcr.paths import REPO_ROOT
 from fcr.results import write_json_atomic
 
@@ -52,7 +52,12 @@ class Task:
         return merge(*(load_yaml(p) for p in self.params), self.overrides)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.merged(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """Hash of the parameters the stage uses (for a notebook: the keys it declares), so a size
+        change for another notebook does not invalidate this stage."""
+        params = self.merged()
+        if self.notebook is not None:
+            params = _for_notebook(NOTEBOOKS_DIR / f"{self.notebook}.ipynb", params)
+        return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -128,6 +128,7 @@ def test_missing_model_fails_before_anything_is_written(workspace: dict, tmp_pat
     with pytest.raises(ModelNotFoundError, match="never_trained"):
         _sweep(params, out, monkeypatch)
     assert not out.exists()
+    monkeypatch.setattr("fcr.models.MODELS_DIR", tmp_path / "empty_models")  # an embedded model not trained yet
     with pytest.raises(ModelNotFoundError, match="has not been trained"):
         run_sweep({**params, "sweep_models": ["base-v"]}, {"base-v": "base-v"}, out, progress=False)
     assert not out.exists()
