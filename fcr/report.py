@@ -443,7 +443,9 @@ def _timing_section(root: Path) -> list[str]:
     total = times["seconds"].sum()
     shown = times.assign(minutes=(times["seconds"] / 60).round(1))[["stage", "minutes", "finished"]]
     return [f"### Main job wall time\n\nSum of the finished stages: **{total / 60:.1f} min** "
-            f"({len(times)} stages; each stage's own wall time, read from its `.pipeline_done.json`).\n",
+            f"({len(times)} stages; each stage's wall time in its last run, read from its `.pipeline_done.json`: "
+            "a stage that was interrupted and resumed counts only the resumed part, so the sum is the time of an "
+            "uninterrupted run only when no stage was resumed).\n",
             markdown_table(shown), ""]
 
 
