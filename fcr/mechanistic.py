@@ -327,9 +327,8 @@ def run_variance(
     or run folder) for validated ``params``; results under ``out_dir/variance`` (JSON via
     :func:`fcr.results.run_or_load` plus per-image safetensors). ``inputs`` replaces the
     validation images (tests only); by default they come from :func:`load_variance_inputs`."""
-    from diffusers import UNet2DConditionModel
 
-    from fcr.models import EMBEDDED_MODELS, ModelNotFoundError, model_training_params, resolve_unet_dir
+    from fcr.models import EMBEDDED_MODELS, load_unet_folder, model_training_params, resolve_unet_dir
     from fcr.profiling import environment_info
     from fcr.results import run_or_load
     from fcr.sweep import _device, _noise_scheduler_for, _weights_fingerprint
@@ -374,10 +373,7 @@ def run_variance(
         side = out_dir / "variance" / f"{label.replace('/', '_')}.safetensors"
 
         def compute(folder=folder, noise_scheduler=noise_scheduler, inp=inp, side=side, label=label):
-            try:
-                unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True).eval()
-            except Exception as exc:  # corrupt or mismatched files
-                raise ModelNotFoundError(f"could not load the UNet of {label!r} in {folder}: {exc}") from exc
+            unet = load_unet_folder(folder, label).eval()
             draws = variance_draws(inp.x0.shape[0], inp.x0.shape[1:], params["seed"])
             grid = sampling_grid(noise_scheduler, params["scheduler"], params["num_inference_steps"])
             values = measure_feature_variance(unet, noise_scheduler, inp, draws, deltas=deltas, grid=grid,

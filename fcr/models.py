@@ -125,13 +125,19 @@ def resolve_unet_dir(model: str, models_dir: str | Path | None = None) -> Path:
     )
 
 
-def load_embedded_unet(model: str, models_dir: str | Path | None = None) -> UNet2DConditionModel:
-    """Load an embedded UNet from safetensors (never pickle)."""
-    folder = resolve_unet_dir(model, models_dir)
+def load_unet_folder(folder: str | Path, label: str | None = None) -> UNet2DConditionModel:
+    """Load a diffusers UNet folder from safetensors (never pickle); corrupt or mismatched files
+    raise ModelNotFoundError naming the folder (and the model's label when given)."""
     try:
         return UNet2DConditionModel.from_pretrained(folder, use_safetensors=True)
     except Exception as exc:  # corrupt or mismatched files
-        raise ModelNotFoundError(f"could not load the UNet in {folder}: {exc}") from exc
+        of = f" of {label!r}" if label is not None else ""
+        raise ModelNotFoundError(f"could not load the UNet{of} in {folder}: {exc}") from exc
+
+
+def load_embedded_unet(model: str, models_dir: str | Path | None = None) -> UNet2DConditionModel:
+    """Load an embedded UNet from safetensors (never pickle)."""
+    return load_unet_folder(resolve_unet_dir(model, models_dir))
 
 
 def model_training_params(unet_dir: str | Path) -> dict[str, Any] | None:

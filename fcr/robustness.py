@@ -47,7 +47,7 @@ from fcr import data
 from fcr.config import ConfigError
 from fcr.generate import PromptSet, embedded_prompt_set, initial_noise, sampling_scheduler
 from fcr.metrics import DEFAULT_EXTRACTOR_NAME, feature_statistics, frechet_distance, metrics_from_features
-from fcr.models import ModelNotFoundError, model_training_params, resolve_unet_dir
+from fcr.models import ModelNotFoundError, load_unet_folder, model_training_params, resolve_unet_dir
 from fcr.results import run_or_load
 from fcr.sampler import PriorNoise, SamplerStats, sample
 from fcr.stats import bootstrap_ci, bootstrap_metric, mean_ci_over_seeds
@@ -722,7 +722,6 @@ def run_robustness(
     reference images (tests only)."""
     if params["setting"] == "sd":
         return _run_robustness_sd(params, models, out_dir, progress)
-    from diffusers import UNet2DConditionModel
 
     from fcr.classifier import load_classifier
     from fcr.profiling import environment_info
@@ -747,10 +746,7 @@ def run_robustness(
     classifier = load_classifier(map_location=device)
     loaded = {}
     for label, folder in unet_dirs.items():
-        try:
-            unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True).eval()
-        except Exception as exc:  # corrupt or mismatched files
-            raise ModelNotFoundError(f"could not load the UNet of {label!r} in {folder}: {exc}") from exc
+        unet = load_unet_folder(folder, label).eval()
         res = stresses.get("high_resolution")
         if res is not None and res.resolution <= unet.config.sample_size:
             raise ConfigError(

@@ -31,6 +31,7 @@ from fcr.models import (
     EMBEDDED_ARCHITECTURES,
     EMBEDDED_MODELS,
     ModelNotFoundError,
+    load_unet_folder,
     build_noise_scheduler,
     embedded_unet_config,
     model_training_params,
@@ -545,7 +546,6 @@ def run_sweep(
     ``out_dir/cost``. ``reference_n`` limits the real reference images (tests only)."""
     if params["setting"] == "sd":
         return _run_sweep_sd(params, models, out_dir, progress)
-    from diffusers import UNet2DConditionModel
 
     from fcr.classifier import load_classifier
 
@@ -563,10 +563,7 @@ def run_sweep(
     classifier = load_classifier(map_location=device)
     loaded = {}
     for label, folder in unet_dirs.items():
-        try:
-            unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True).eval()
-        except Exception as exc:  # corrupt or mismatched files
-            raise ModelNotFoundError(f"could not load the UNet of {label!r} in {folder}: {exc}") from exc
+        unet = load_unet_folder(folder, label).eval()
         loaded[label] = (unet, *_noise_scheduler_for(folder, params), _weights_fingerprint(folder))
 
     arches = {label: architecture_name(item[0]) for label, item in loaded.items()}
