@@ -30,16 +30,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default="benchmarks/results/bench_train_step")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    unet = build_embedded_unet(args.architecture)
+    device = torch.device(args.device)
+    unet = build_embedded_unet(args.architecture).to(device)
     sched = build_noise_scheduler()
-    x0 = torch.rand(args.batch, 1, 32, 32) * 2 - 1
-    cond = torch.randn(args.batch, 16, MINILM_HIDDEN_SIZE)
+    x0 = (torch.rand(args.batch, 1, 32, 32) * 2 - 1).to(device)
+    cond = torch.randn(args.batch, 16, MINILM_HIDDEN_SIZE).to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
 
     def step(lam: float, seed: int = 0) -> None:
@@ -57,9 +59,11 @@ def main() -> None:
         rows.append({"lambda_fcr": lam, "gflops_per_step": counter.get_total_flops() / 1e9})
     # Interleave the timed repeats so machine-load changes hit both alike.
     times = {0.0: [], 0.1: []}
+    for lam in times:  # warm-up (kernels, allocator)
+        step(lam)
     for _ in range(args.repeats):
         for lam in times:
-            times[lam].append(time_fn(lambda: step(lam), warmup=0, repeats=1)["median_s"])
+            times[lam].append(time_fn(lambda: step(lam), warmup=0, repeats=1, device=device)["median_s"])
     share = unet_flops(unet, (1, 32, 32), 16)["encoder_share"]
     for row in rows:
         t = pd.Series(times[row["lambda_fcr"]])
@@ -72,7 +76,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out.with_suffix(".csv"), index=False)
-    out.with_suffix(".env.json").write_text(json.dumps({**environment_info(), "args": vars(args)}, indent=2, default=str))
+    out.with_suffix(".env.json").write_text(json.dumps({**environment_info(device), "args": vars(args)}, indent=2, default=str))
     print(df.to_string(index=False))
 
 
