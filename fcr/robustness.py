@@ -231,6 +231,17 @@ def perturbed_scheduler(scheduler: Any, std: float, seed: int) -> Any:
     fresh.alphas_cumprod = perturbed.to(dtype=table.dtype, device=table.device)
     if hasattr(fresh, "final_alpha_cumprod") and not fresh.config.get("set_alpha_to_one", False):
         fresh.final_alpha_cumprod = fresh.alphas_cumprod[0]
+    if hasattr(fresh, "_get_variance"):
+        # DDIM's step variance (beta_prev / beta_t)(1 - abar_t / abar_prev) is negative wherever the
+        # perturbed noise level rises from one step to the next (adjacent high-noise steps differ by
+        # less than the perturbation); DDIM multiplies its square root by eta, and 0 * sqrt(-v) is NaN.
+        # Clamping at 0 is exact for eta = 0 and adds no noise on a rising step for eta > 0.
+        nominal_variance = fresh._get_variance
+
+        def _variance(timestep: Any, prev_timestep: Any) -> torch.Tensor:
+            return torch.clamp(torch.as_tensor(nominal_variance(timestep, prev_timestep)), min=0.0)
+
+        fresh._get_variance = _variance
     return fresh
 
 
