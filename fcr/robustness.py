@@ -65,6 +65,7 @@ from fcr.sweep import (
     reference_features,
     sweep_configurations,
 )
+from fcr.sweep import score_images as sweep_score_images
 from fcr.unet import decode, encode
 
 __all__ = [
@@ -629,34 +630,9 @@ def score_images(
     n_boot: int,
     seed: int,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """The metrics of :func:`fcr.sweep.evaluate_quality` for given images in [-1, 1] (pooled to
-    32x32 first when larger): set metrics of :func:`fcr.metrics.metrics_from_features`, percentile
-    bootstrap 95 % intervals over images for FD, class accuracy and prompted-class probability.
-    Returns the metrics and per-image tensors (``prompted_prob``, ``correct``, ``probs``, ``features``)."""
-    from fcr.classifier import extract_features, predict_proba
-
-    scored = to_classifier_size(images)
-    feats = extract_features(classifier, scored)
-    probs = predict_proba(classifier, scored)
-    label_t = torch.as_tensor(labels, dtype=torch.long)
-    metrics = metrics_from_features(feats, ref_feats, probs, labels, is_splits=min(10, len(labels)), seed=seed)
-    prompted = probs[torch.arange(len(label_t)), label_t].double().numpy()
-    correct = (probs.argmax(dim=1) == label_t).double().numpy()
-    mu_ref, sigma_ref = feature_statistics(ref_feats)
-    _, fd_lo, fd_hi = bootstrap_metric(
-        lambda g: frechet_distance(*feature_statistics(g), mu_ref, sigma_ref), feats.double().numpy(),
-        n_boot=n_boot, seed=seed,
-    )
-    _, acc_lo, acc_hi = bootstrap_ci(correct, n_boot=n_boot, seed=seed)
-    _, prob_lo, prob_hi = bootstrap_ci(prompted, n_boot=n_boot, seed=seed)
-    metrics.update({
-        f"{FD_COLUMN}_lo": fd_lo, f"{FD_COLUMN}_hi": fd_hi,
-        "class_accuracy_lo": acc_lo, "class_accuracy_hi": acc_hi,
-        "class_prob_lo": prob_lo, "class_prob_hi": prob_hi,
-    })
-    per_image = {"prompted_prob": torch.from_numpy(prompted), "correct": torch.from_numpy(correct),
-                 "probs": probs, "features": feats}
-    return metrics, per_image
+    """:func:`fcr.sweep.score_images` (the sweep's metrics and intervals) after pooling images
+    larger than the classifier's 32x32 input (:func:`to_classifier_size`)."""
+    return sweep_score_images(to_classifier_size(images), labels, classifier, ref_feats, n_boot=n_boot, seed=seed)
 
 
 # ----------------------------------------------------------------------------- the run

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from safetensors import safe_open
@@ -48,6 +49,7 @@ __all__ = [
     "cost_table",
     "evaluate_cost",
     "evaluate_quality",
+    "score_images",
     "load_samples",
     "load_side_file",
     "model_labels",
@@ -257,6 +259,46 @@ def reference_features(
 # ----------------------------------------------------------------------------- quality
 
 
+def score_images(
+    images: torch.Tensor,
+    labels: np.ndarray,
+    classifier: torch.nn.Module,
+    ref_feats: torch.Tensor,
+    *,
+    n_boot: int,
+    seed: int,
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Score images in [-1, 1] at the classifier's size against ``ref_feats``: the set metrics of
+    :func:`fcr.metrics.metrics_from_features` plus percentile bootstrap 95 % intervals over images
+    (``*_lo`` / ``*_hi``; the reference set held fixed) for the FD, class accuracy and prompted-class
+    probability. Returns the metrics and per-image tensors (``prompted_prob``, ``correct``,
+    ``probs``, ``features``) for paired tests."""
+    from fcr.classifier import extract_features, predict_proba
+
+    # Features and probabilities once, shared by the set metrics and the per-image tensors.
+    feats = extract_features(classifier, images)
+    probs = predict_proba(classifier, images)
+    label_t = torch.as_tensor(labels, dtype=torch.long)
+    metrics = metrics_from_features(feats, ref_feats, probs, labels, is_splits=min(10, len(labels)), seed=seed)
+    prompted = probs[torch.arange(len(label_t)), label_t].double().numpy()
+    correct = (probs.argmax(dim=1) == label_t).double().numpy()
+    mu_ref, sigma_ref = feature_statistics(ref_feats)
+    _, fd_lo, fd_hi = bootstrap_metric(
+        lambda g: frechet_distance(*feature_statistics(g), mu_ref, sigma_ref), feats.double().numpy(),
+        n_boot=n_boot, seed=seed,
+    )
+    _, acc_lo, acc_hi = bootstrap_ci(correct, n_boot=n_boot, seed=seed)
+    _, prob_lo, prob_hi = bootstrap_ci(prompted, n_boot=n_boot, seed=seed)
+    metrics.update({
+        f"{FD_COLUMN}_lo": fd_lo, f"{FD_COLUMN}_hi": fd_hi,
+        "class_accuracy_lo": acc_lo, "class_accuracy_hi": acc_hi,
+        "class_prob_lo": prob_lo, "class_prob_hi": prob_hi,
+    })
+    per_image = {"prompted_prob": torch.from_numpy(prompted), "correct": torch.from_numpy(correct),
+                 "probs": probs, "features": feats}
+    return metrics, per_image
+
+
 def evaluate_quality(
     model_label: str,
     unet: torch.nn.Module,
@@ -285,8 +327,6 @@ def evaluate_quality(
     per-image prompted-class probability, correctness, probabilities and features, for paired
     tests between configurations.
     """
-    from fcr.classifier import extract_features, predict_proba
-
     start = time.perf_counter()
     gen = generate(
         unet,
@@ -303,38 +343,11 @@ def evaluate_quality(
         progress=progress,
     )
     sampling_s = time.perf_counter() - start
-    # Features and probabilities once, shared by the set metrics and the per-image side file
-    # (embedded_metrics would extract them again).
-    feats = extract_features(classifier, gen.images)
-    probs = predict_proba(classifier, gen.images)
-    labels = torch.as_tensor(prompts.labels, dtype=torch.long)
-    metrics = metrics_from_features(
-        feats, ref_feats, probs, prompts.labels, is_splits=min(10, len(prompts)), seed=seed
-    )
-    prompted = probs[torch.arange(len(labels)), labels].double().numpy()
-    correct = (probs.argmax(dim=1) == labels).double().numpy()
-
-    mu_ref, sigma_ref = feature_statistics(ref_feats)
-    _, fd_lo, fd_hi = bootstrap_metric(
-        lambda g: frechet_distance(*feature_statistics(g), mu_ref, sigma_ref),
-        feats.double().numpy(),
-        n_boot=n_boot,
-        seed=seed,
-    )
-    _, acc_lo, acc_hi = bootstrap_ci(correct, n_boot=n_boot, seed=seed)
-    _, prob_lo, prob_hi = bootstrap_ci(prompted, n_boot=n_boot, seed=seed)
-
+    metrics, per_image = score_images(gen.images, prompts.labels, classifier, ref_feats, n_boot=n_boot, seed=seed)
     if side_file is not None:
         images_u8 = ((gen.images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         _save_safetensors_atomic(
-            {
-                "images": images_u8,
-                "labels": labels,
-                "prompted_prob": torch.from_numpy(prompted),
-                "correct": torch.from_numpy(correct),
-                "probs": probs,
-                "features": feats,
-            },
+            {"images": images_u8, "labels": torch.as_tensor(prompts.labels, dtype=torch.long), **per_image},
             Path(side_file),
             {"model": model_label, "config": config.name, "seed": str(seed), "prompts": json.dumps(prompts.texts)},
         )
@@ -343,12 +356,6 @@ def evaluate_quality(
     counters = {k: gen.stats.get(k, 0) / n_runs for k in PASS_COUNTERS}
     return {
         **metrics,
-        f"{FD_COLUMN}_lo": fd_lo,
-        f"{FD_COLUMN}_hi": fd_hi,
-        "class_accuracy_lo": acc_lo,
-        "class_accuracy_hi": acc_hi,
-        "class_prob_lo": prob_lo,
-        "class_prob_hi": prob_hi,
         **{f"{k}_per_run": v for k, v in counters.items()},
         "sampling_runs": n_runs,
         "sampling_s": sampling_s,
