@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fcr.paths import REPO_ROOT
 from fcr.verdict import (
     DEFAULT_BACKBONES,
     EXP1,
@@ -65,6 +66,10 @@ METRIC_TITLES = {"fd": "FD (fashioncnn) ↓", "class_accuracy": "class accuracy 
 
 
 # ----------------------------------------------------------------------------- formatting
+
+
+# The GPU cost benchmark at SD scale, when one was run (benchmarks/bench_sd_gpu.py).
+SD_GPU_COST = REPO_ROOT / "benchmarks" / "results" / "bench_sd_gpu.csv"
 
 
 def format_number(x: Any) -> str:
@@ -457,6 +462,7 @@ def build_report(
     backbones: Sequence[Backbone] = DEFAULT_BACKBONES,
     dpm_config: str = "DPM++-FD-10",
     verdict_kwargs: Mapping[str, Any] | None = None,
+    sd_gpu_cost: str | Path | None = SD_GPU_COST,
 ) -> dict[str, Any]:
     """Write the report of the run under ``root`` into ``out_dir`` (default ``root/report``):
     ``exp1_table.csv``, ``exp2_table.csv``, ``verdict.csv`` (numbers as measured), ``report.md``
@@ -466,6 +472,8 @@ def build_report(
     README: criterion rows of the verdict, both experiment tables, figure links relative to
     link_base (default out_dir)>, "verdict": DataFrame, "exp1": DataFrame | None, "exp2":
     DataFrame | None, "files": [...]}``.
+    ``sd_gpu_cost``: ``benchmarks/bench_sd_gpu.py``'s CSV (criterion-b context at SD scale; skipped
+    when the file does not exist, e.g. on a machine that never had a GPU).
     A missing input becomes a 'not available' line naming the file, never an error.
     """
     import os
@@ -476,7 +484,10 @@ def build_report(
     link_base = Path(link_base) if link_base is not None else out_dir
     files: list[Path] = []
 
-    verdict = evaluate_criteria(root, backbones=backbones, **dict(verdict_kwargs or {}))
+    kwargs = dict(verdict_kwargs or {})
+    if sd_gpu_cost is not None and Path(sd_gpu_cost).is_file():
+        kwargs.setdefault("sd_gpu_cost", sd_gpu_cost)
+    verdict = evaluate_criteria(root, backbones=backbones, **kwargs)
     verdict.to_csv(out_dir / "verdict.csv", index=False)
     files.append(out_dir / "verdict.csv")
     intro = ["### Success criteria (seed section 5)",
@@ -490,6 +501,13 @@ def build_report(
     criterion_rows = verdict[verdict["kind"] == "criterion"].reset_index(drop=True)
     compact_verdict = [markdown_table(format_verdict(criterion_rows).drop(columns=["kind"])),
                        f"Every part and context row: `{out_dir / 'verdict.csv'}` and `{out_dir / 'report.md'}`.\n"]
+    sd_rows = verdict[verdict["criterion"].astype(str).str.contains("SD scale", regex=False)]
+    if not sd_rows.empty and sd_rows["passed"].notna().any():
+        compact_verdict += [
+            "#### Criterion b at Stable Diffusion scale (GPU, cost only)\n",
+            f"{sd_rows['note'].iloc[0]}\n",
+            markdown_table(format_verdict(sd_rows.reset_index(drop=True))[["scope", "measured", "threshold", "passed"]]),
+        ]
 
     exp_parts: list[str] = []
     tables: dict[str, pd.DataFrame | None] = {"exp1": None, "exp2": None}

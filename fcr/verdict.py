@@ -54,6 +54,7 @@ __all__ = [
     "overhead_percent",
     "read_table",
     "run_compute",
+    "sd_gpu_cost_rows",
     "training_step_flops",
 ]
 
@@ -503,6 +504,43 @@ def _criterion_b(root: Path, b: Backbone, fcr_model: str | None, quality_passed:
     return rows, passed
 
 
+def sd_gpu_cost_rows(path: str | Path, stride_config: str = "FD-10", ref_config: str = "FD-5") -> list[dict]:
+    """Context rows for criterion b at Stable Diffusion scale from ``benchmarks/bench_sd_gpu.py``'s CSV
+    (SD1.5/SD2.1 UNet architectures with random weights on a GPU: cost only, no quality): per model,
+    batch and decoding mode, the wall-time speed-up of ``stride_config`` over ``ref_config`` and its
+    extra peak allocated memory. A missing file gives one n/a row naming it."""
+    path = Path(path)
+    speed_thr = f"≥ {THRESHOLDS['speedup']:g}× and ≤ +{THRESHOLDS['memory_increase_pct']:g} % memory vs {ref_config}"
+    name = f"{B_NAME} (SD scale, GPU, cost only)"
+    if not path.is_file():
+        return [_row(name, "SD1.5 / SD2.1 architectures", "n/a", speed_thr, None,
+                     f"missing {path}: written by benchmarks/bench_sd_gpu.py on a CUDA machine", kind="context")]
+    df = pd.read_csv(path)
+    rows = []
+    for (model, batch), group in df.groupby(["model", "batch"], sort=False):
+        by_config = group.set_index("config")
+        parts, ok = [], []
+        for mode in ("par", "seq"):
+            c10, c5 = f"{stride_config}-{mode}", f"{ref_config}-{mode}"
+            if c10 not in by_config.index or c5 not in by_config.index:
+                continue
+            speed = float(by_config.loc[c5, "time_median_s"]) / float(by_config.loc[c10, "time_median_s"])
+            mem = 100.0 * (float(by_config.loc[c10, "peak_mem_mib"]) / float(by_config.loc[c5, "peak_mem_mib"]) - 1)
+            parts.append(f"{'parallel' if mode == 'par' else 'sequential'} decoding: {_g(speed)}×, {_pct(mem)} memory")
+            ok.append(speed >= THRESHOLDS["speedup"] and mem <= THRESHOLDS["memory_increase_pct"])
+        if not parts:
+            continue
+        device = str(group["device"].iloc[0]) if "device" in group else "GPU"
+        short = str(model).split(" ")[0]
+        rows.append(_row(name, f"{short} architecture, batch {batch}", "; ".join(parts), speed_thr, any(ok),
+                         f"{path}: {device}, fp16, 50 DDIM steps with guidance, random weights (time and memory do "
+                         "not depend on them), CUDA-event medians and torch.cuda.max_memory_allocated. Passed if "
+                         "either decoding mode meets both bounds. Parallel decoding batches a key interval's decoder "
+                         "calls: fewer, larger launches (faster where the GPU is launch-bound) at memory growing "
+                         "with the stride; sequential decoding keeps FD-5's memory.", kind="context"))
+    return rows
+
+
 # ----------------------------------------------------------------------------- c. robustness
 
 C_NAME = "c. robustness"
@@ -885,6 +923,7 @@ def evaluate_criteria(
     reference_config: str = "FD-5",
     train_flops_per_image: Callable[[str, bool], float] | None = None,
     sd_finetune_gpu_hours: float | None = None,
+    sd_gpu_cost: str | Path | None = None,
 ) -> pd.DataFrame:
     """Evaluate the seed's success criteria a–f on the run under ``root``.
 
@@ -899,6 +938,7 @@ def evaluate_criteria(
     ``train_flops_per_image(architecture, fcr)``: FLOPs per image of a training step (default:
     counted with :func:`training_step_flops` on the embedded architecture, once per pair).
     ``sd_finetune_gpu_hours``: GPU-hours of an SD FCR fine-tune, if one was run elsewhere.
+    ``sd_gpu_cost``: ``benchmarks/bench_sd_gpu.py``'s CSV: adds criterion-b context rows at SD scale.
     """
     from fcr.models import MODELS_DIR
 
@@ -925,6 +965,8 @@ def evaluate_criteria(
         if best:
             selected.append(best)
         per_backbone[b.name] = (a_ok, b_ok)
+    if sd_gpu_cost is not None:
+        rows += sd_gpu_cost_rows(sd_gpu_cost, stride_config, reference_config)
     rows += _criterion_c(robustness_dirs, backbones)
 
     def word(v: bool | None) -> str:

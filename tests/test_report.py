@@ -166,3 +166,17 @@ def test_stage_times_sum_the_pipeline_markers(tmp_path) -> None:
     assert list(times["stage"]) == ["data", "exp-1-main-ablation/sweep/main"]
     assert times["seconds"].sum() == 120.0
     assert "**2.0 min**" in _timing_section(tmp_path)[0]
+
+
+def test_build_report_adds_the_sd_gpu_cost_rows_when_given(tmp_path):
+    csv = tmp_path / "bench_sd_gpu.csv"
+    pd.DataFrame([{"model": "SD2.1 UNet architecture", "device": "GPU X", "batch": 4, "config": c,
+                   "time_median_s": t, "peak_mem_mib": m}
+                  for c, t, m in (("FD-5-par", 1.0, 10.0), ("FD-10-par", 0.5, 20.0),
+                                  ("FD-5-seq", 1.0, 10.0), ("FD-10-seq", 0.9, 10.0))]).to_csv(csv, index=False)
+    kw = {"models_dir": tmp_path / "nomodels", "train_flops_per_image": flops_fn}
+    out = build_report(tmp_path / "run", tmp_path / "rep", verdict_kwargs=kw, sd_gpu_cost=csv)
+    assert "Stable Diffusion scale" in out["readme_markdown"] and "SD2.1 architecture, batch 4" in out["readme_markdown"]
+    assert "parallel decoding: 2×, +100 % memory" in out["readme_markdown"]
+    none = build_report(tmp_path / "run", tmp_path / "rep2", verdict_kwargs=kw, sd_gpu_cost=tmp_path / "absent.csv")
+    assert "Stable Diffusion scale" not in none["readme_markdown"]

@@ -339,3 +339,32 @@ def test_training_step_flops_tiny_unet():
 
     forward = unet_flops(unet, (4, 8, 8), 4, batch=2)["full"]
     assert 2.5 < plain / forward < 3.5
+
+
+def _gpu_cost_csv(path: Path, t10_par: float, mem10_par: float) -> Path:
+    # Hand-made rows in bench_sd_gpu.py's layout (test input, not a measurement).
+    rows = []
+    for config, t, mem in (("FD-5-par", 1.0, 100.0), ("FD-5-seq", 2.0, 50.0), ("FD-10-par", t10_par, mem10_par),
+                           ("FD-10-seq", 1.9, 50.0)):
+        rows.append({"model": "SD1.5 UNet architecture (random weights, fp16)", "device": "GPU X", "batch": 1,
+                     "config": config, "time_median_s": t, "peak_mem_mib": mem})
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_sd_gpu_cost_rows_speed_and_memory_bounds(tmp_path):
+    from fcr.verdict import sd_gpu_cost_rows
+
+    # Parallel: 1.6x but +30 % memory (fails); sequential: 1.05x at +0 % (fails) -> context row fails.
+    (row,) = sd_gpu_cost_rows(_gpu_cost_csv(tmp_path / "a.csv", 0.625, 130.0))
+    assert row["passed"] is False and row["kind"] == "context" and row["scope"] == "SD1.5 architecture, batch 1"
+    assert "parallel decoding: 1.6×, +30 % memory" in row["measured"] and "sequential decoding: 1.05×" in row["measured"]
+    (row,) = sd_gpu_cost_rows(_gpu_cost_csv(tmp_path / "b.csv", 0.625, 101.0))  # 1.6x at +1 %: passes
+    assert row["passed"] is True
+    (row,) = sd_gpu_cost_rows(tmp_path / "absent.csv")
+    assert row["passed"] is None and "bench_sd_gpu.py" in row["note"]
+    table = evaluate_criteria(tmp_path / "empty", models_dir=tmp_path / "nomodels", train_flops_per_image=flops_fn,
+                              sd_gpu_cost=tmp_path / "a.csv")
+    sd = table[table["criterion"].str.contains("SD scale")]
+    assert len(sd) == 1 and sd.iloc[0]["passed"] is False
+    assert table.iloc[-1]["criterion"] == "overall"  # context rows never decide the verdict
