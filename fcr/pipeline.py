@@ -35,6 +35,8 @@ __all__ = ["Stage", "Task", "main", "plan", "run"]
 
 SETTING_DATA_PARAMS = {"embedded": "params/fashion_mnist.yaml", "sd": "params/sd15.yaml"}
 DONE = ".pipeline_done.json"
+# Start times of a stage's unfinished attempts; a resumed stage adds their durations to its own.
+ATTEMPTS = ".pipeline_attempts.json"
 
 
 @dataclass
@@ -168,10 +170,37 @@ def _done(task: Task) -> bool:
         return False
 
 
+def _last_write(folder: Path, since: float) -> float:
+    """Latest modification time of anything under ``folder`` (``since`` when nothing is newer)."""
+    times = [p.stat().st_mtime for p in folder.rglob("*") if p.is_file() and p.name != ATTEMPTS]
+    return max([since, *times])
+
+
+def begin_attempt(folder: Path) -> tuple[float, int]:
+    """Record that a stage starts (again) and return the wall time and number of its earlier,
+    unfinished attempts. An attempt killed without warning (SIGKILL, power loss) leaves only its
+    start time; at the next start it is closed with the last write under ``folder``, so its
+    duration is a lower bound, exact up to the time since its last file."""
+    path = folder / ATTEMPTS
+    attempts: list[dict[str, float]] = []
+    if path.is_file():
+        try:
+            attempts = [{k: float(v) for k, v in a.items()} for a in json.loads(path.read_text())["attempts"]]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            attempts = []
+    if attempts and "seconds" not in attempts[-1]:
+        attempts[-1]["seconds"] = _last_write(folder, attempts[-1]["started"]) - attempts[-1]["started"]
+    earlier = sum(a.get("seconds", 0.0) for a in attempts), len(attempts)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"attempts": [*attempts, {"started": time.time()}]})
+    return earlier
+
+
 def run_task(task: Task) -> Stage:
     """Run one task unless its marker says it finished with the same parameters."""
     if _done(task):  # the report's parameters hold the time, so it always runs
         return Stage(task.name, "skipped (already complete)", _rel(task.folder), 0.0)
+    earlier_s, earlier_n = begin_attempt(task.folder)
     start = time.perf_counter()
     if task.notebook is not None:
         validate(task.merged())  # a bad parameter fails here, before the notebook writes anything
@@ -184,9 +213,14 @@ def run_task(task: Task) -> Stage:
         task.action()
     seconds = time.perf_counter() - start
     task.folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(task.folder / DONE, {"fingerprint": task.fingerprint(), "seconds": seconds,
+    # "seconds": the stage's whole wall time, earlier interrupted attempts included (estimated from
+    # their files, see begin_attempt); "seconds_last_attempt": the run that finished.
+    write_json_atomic(task.folder / DONE, {"fingerprint": task.fingerprint(), "seconds": seconds + earlier_s,
+                                           "seconds_last_attempt": seconds, "attempts": earlier_n + 1,
                                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    return Stage(task.name, "ran", _rel(task.folder), seconds)
+    (task.folder / ATTEMPTS).unlink(missing_ok=True)
+    return Stage(task.name, "ran" if not earlier_n else f"ran (resumed; {earlier_n} earlier attempt(s))",
+                 _rel(task.folder), seconds)
 
 
 class PipelineError(RuntimeError):

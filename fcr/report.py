@@ -431,14 +431,15 @@ def _csv_section(title: str, path: Path, max_rows: int = 40) -> str:
 def stage_times(root: str | Path) -> pd.DataFrame:
     """Wall time of every finished pipeline stage under ``root``, from the markers the pipeline
     leaves (``.pipeline_done.json``): the main job's time even when it ran over several resumed
-    invocations. Columns: stage (folder relative to root), seconds, finished."""
+    invocations. Columns: stage (folder relative to root), seconds, attempts, finished."""
     root = Path(root)
     rows = []
     for marker in sorted(root.rglob(".pipeline_done.json")):
         info = json.loads(marker.read_text())
         rows.append({"stage": marker.parent.relative_to(root).as_posix() or ".",
-                     "seconds": float(info.get("seconds", float("nan"))), "finished": info.get("finished", "")})
-    return pd.DataFrame(rows, columns=["stage", "seconds", "finished"])
+                     "seconds": float(info.get("seconds", float("nan"))), "attempts": info.get("attempts", 1),
+                     "finished": info.get("finished", "")})
+    return pd.DataFrame(rows, columns=["stage", "seconds", "attempts", "finished"])
 
 
 def _timing_section(root: Path) -> list[str]:
@@ -446,11 +447,11 @@ def _timing_section(root: Path) -> list[str]:
     if times.empty:
         return []
     total = times["seconds"].sum()
-    shown = times.assign(minutes=(times["seconds"] / 60).round(1))[["stage", "minutes", "finished"]]
+    shown = times.assign(minutes=(times["seconds"] / 60).round(1))[["stage", "minutes", "attempts", "finished"]]
     return [f"### Main job wall time\n\nSum of the finished stages: **{total / 60:.1f} min** "
-            f"({len(times)} stages; each stage's wall time in its last run, read from its `.pipeline_done.json`: "
-            "a stage that was interrupted and resumed counts only the resumed part, so the sum is the time of an "
-            "uninterrupted run only when no stage was resumed).\n",
+            f"({len(times)} stages; each stage's wall time read from its `.pipeline_done.json`, earlier interrupted "
+            "attempts of a resumed stage included: an attempt killed without warning counts until its last written "
+            "file, a lower bound; markers written before 2026-11-25 hold only the last attempt).\n",
             markdown_table(shown), ""]
 
 

@@ -190,3 +190,35 @@ experiments:
     assert out.returncode == 1
     assert "03_stride_sweep" in out.stderr and "FAILED" in out.stderr
     assert str(root / "exp-f" / "sweep" / "main" / "03_stride_sweep.ipynb") in out.stderr
+
+
+def test_resumed_stage_counts_its_interrupted_attempt(tmp_path: Path) -> None:
+    import json
+
+    from fcr.pipeline import ATTEMPTS, Task, run_task
+
+    folder = tmp_path / "stage"
+
+    def interrupted() -> None:
+        (folder / "partial.txt").write_text("half")
+        raise KeyboardInterrupt("killed")
+
+    task = Task("s", folder, [], {"x": 1}, action=interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_task(task)
+    assert not (folder / DONE).exists() and (folder / ATTEMPTS).is_file()
+    # Place the interrupted attempt 100 s in the past, its last write 40 s in the past: it lasted 60 s.
+    now = time.time()
+    (folder / ATTEMPTS).write_text(json.dumps({"attempts": [{"started": now - 100}]}))
+    os.utime(folder / "partial.txt", (now - 40, now - 40))
+    task.action = lambda: (folder / "result.txt").write_text("done")
+    stage = run_task(task)
+    marker = json.loads((folder / DONE).read_text())
+    assert marker["attempts"] == 2 and "resumed" in stage.status
+    assert marker["seconds"] == pytest.approx(60 + marker["seconds_last_attempt"], abs=0.5)
+    assert not (folder / ATTEMPTS).exists()
+    assert run_task(task).status.startswith("skipped")
+    # An uninterrupted stage: one attempt, seconds = its own time.
+    fresh = run_task(Task("t", tmp_path / "fresh", [], {"x": 2}, action=lambda: None))
+    marker = json.loads((tmp_path / "fresh" / DONE).read_text())
+    assert marker["attempts"] == 1 and marker["seconds"] == marker["seconds_last_attempt"] and fresh.status == "ran"
