@@ -46,11 +46,11 @@ from tqdm.auto import tqdm
 from fcr import data
 from fcr.config import ConfigError
 from fcr.generate import PromptSet, embedded_prompt_set, initial_noise, sampling_scheduler
-from fcr.metrics import DEFAULT_EXTRACTOR_NAME, feature_statistics, frechet_distance, metrics_from_features
+from fcr.metrics import DEFAULT_EXTRACTOR_NAME
 from fcr.models import ModelNotFoundError, load_unet_folder, model_training_params, resolve_unet_dir
 from fcr.results import run_or_load
 from fcr.sampler import PriorNoise, SamplerStats, sample
-from fcr.stats import bootstrap_ci, bootstrap_metric, mean_ci_over_seeds
+from fcr.stats import bootstrap_ci, mean_ci_over_seeds
 from fcr.sweep import (
     FD_COLUMN,
     SamplingConfig,

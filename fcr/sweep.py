@@ -27,7 +27,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fcr.generate import PromptSet, embedded_prompt_set, generate, sampling_scheduler
-from fcr.metrics import DEFAULT_EXTRACTOR_NAME, feature_statistics, frechet_distance, metrics_from_features
+from fcr.metrics import (
+    DEFAULT_EXTRACTOR_NAME,
+    FrechetToReference,
+    feature_statistics,
+    metrics_from_features,
+)
 from fcr.models import (
     EMBEDDED_ARCHITECTURES,
     EMBEDDED_MODELS,
@@ -282,11 +287,9 @@ def score_images(
     metrics = metrics_from_features(feats, ref_feats, probs, labels, is_splits=min(10, len(labels)), seed=seed)
     prompted = probs[torch.arange(len(label_t)), label_t].double().numpy()
     correct = (probs.argmax(dim=1) == label_t).double().numpy()
-    mu_ref, sigma_ref = feature_statistics(ref_feats)
-    _, fd_lo, fd_hi = bootstrap_metric(
-        lambda g: frechet_distance(*feature_statistics(g), mu_ref, sigma_ref), feats.double().numpy(),
-        n_boot=n_boot, seed=seed,
-    )
+    # The reference is fixed, so the replicates use FrechetToReference (exact, no sqrtm per replicate).
+    _, fd_lo, fd_hi = bootstrap_metric(FrechetToReference(*feature_statistics(ref_feats)), feats.double().numpy(),
+                                       n_boot=n_boot, seed=seed)
     _, acc_lo, acc_hi = bootstrap_ci(correct, n_boot=n_boot, seed=seed)
     _, prob_lo, prob_hi = bootstrap_ci(prompted, n_boot=n_boot, seed=seed)
     metrics.update({

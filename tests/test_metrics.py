@@ -361,3 +361,18 @@ def test_cached_reference_statistics(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert metrics.sd_fid(b, ref_stats_name="fcr_test_ref", device="cpu") == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(FileNotFoundError):
         metrics.sd_fid(a, ref_stats_name="missing_stats", device="cpu")
+
+
+@pytest.mark.parametrize("n, d", [(12, 40), (200, 8), (5, 1)])
+def test_frechet_to_reference_equals_frechet_distance(n: int, d: int) -> None:
+    rng = np.random.default_rng(n + d)
+    ref = rng.normal(size=(3000, d)) @ rng.normal(size=(d, d)) * 0.3 + 1.0
+    feats = rng.normal(size=(n, d)) * 0.7
+    mu_r, s_r = metrics.feature_statistics(ref)
+    exact = metrics.frechet_distance(*metrics.feature_statistics(feats), mu_r, s_r)
+    fast = metrics.FrechetToReference(mu_r, s_r)
+    assert fast(feats) == pytest.approx(exact, rel=1e-6)
+    assert fast(ref[:500]) == pytest.approx(metrics.frechet_distance(*metrics.feature_statistics(ref[:500]), mu_r, s_r),
+                                            rel=1e-6, abs=1e-9)
+    with pytest.raises(ValueError, match="at least 2"):
+        fast(feats[:1])
