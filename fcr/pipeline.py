@@ -232,6 +232,23 @@ def _terminate(signum, frame) -> None:  # noqa: ARG001
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _record_invocation(root: Path) -> None:
+    """Append this invocation's code revision and start time to ``<root>/pipeline_run.json``: the
+    report's provenance names the commit(s) the results were made with, not the one it runs at."""
+    from fcr.report import RUN_INFO, code_revision
+
+    path = root / RUN_INFO
+    invocations = []
+    if path.is_file():
+        try:
+            invocations = list(json.loads(path.read_text()).get("invocations", []))
+        except (json.JSONDecodeError, AttributeError):
+            invocations = []
+    invocations.append({**code_revision(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"invocations": invocations})
+
+
 def run(setting: str = "embedded", *, root: str | Path | None = None, experiments: list[str] | None = None,
         overlays: list[str | Path] = (), bench: bool = True, readme: str | Path | None = None,
         manifest: str | Path = MANIFEST, report: bool = True, data: bool = True) -> list[Stage]:
@@ -239,6 +256,8 @@ def run(setting: str = "embedded", *, root: str | Path | None = None, experiment
     signal.signal(signal.SIGTERM, _terminate)
     tasks = plan(setting, root, experiments, overlays, manifest=manifest, bench=bench, report=report, data=data,
                  readme=readme)
+    root_dir = Path(root) if root is not None else REPO_ROOT / "outputs" / setting
+    _record_invocation(root_dir)
     stages = []
     start = time.perf_counter()
     for task in tasks:
@@ -246,7 +265,6 @@ def run(setting: str = "embedded", *, root: str | Path | None = None, experiment
         stages.append(run_task(task))
         print(f"   {stages[-1].status} ({stages[-1].seconds:.0f} s) -> {stages[-1].output}", flush=True)
     total = time.perf_counter() - start
-    root_dir = Path(root) if root is not None else REPO_ROOT / "outputs" / setting
     timing = [{"name": s.name, "status": s.status, "seconds": s.seconds} for s in stages]
     write_json_atomic(root_dir / "report" / "pipeline_timing.json",
                       {"total_seconds_this_invocation": total, "stages": timing})

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fcr.paths import REPO_ROOT
+from fcr.paths import REPO_ROOT, display_path
 from fcr.verdict import (
     DEFAULT_BACKBONES,
     EXP1,
@@ -344,16 +344,42 @@ def _measurement_machine(root: Path) -> str | None:
     return None
 
 
-def provenance_header(root: str | Path, repo: str | Path | None = None) -> str:
-    """Date, git commit (short hash, with an 'uncommitted changes' flag), this machine
-    (:func:`fcr.profiling.environment_info`) and the run the numbers come from."""
+# What the main job writes: changes there do not make the code that produced a run "uncommitted".
+RUN_OUTPUTS = ("outputs", "README.md")
+RUN_INFO = "pipeline_run.json"
+
+
+def code_revision(repo: str | Path | None = None) -> dict[str, Any]:
+    """``commit`` (short hash, None outside git) and ``dirty`` (uncommitted changes to anything but
+    what the main job writes, :data:`RUN_OUTPUTS`) of the checkout at ``repo``."""
     from fcr.paths import REPO_ROOT
-    from fcr.profiling import environment_info
 
     repo = Path(repo) if repo is not None else REPO_ROOT
-    commit = _git(["rev-parse", "--short", "HEAD"], repo) or "unknown (not a git checkout)"
-    dirty = _git(["status", "--porcelain"], repo)
-    flag = " (uncommitted changes)" if dirty else ""
+    commit = _git(["rev-parse", "--short", "HEAD"], repo)
+    status = _git(["status", "--porcelain", "--", ".", *(f":(exclude){p}" for p in RUN_OUTPUTS)], repo)
+    return {"commit": commit, "dirty": bool(status)}
+
+
+def provenance_header(root: str | Path, repo: str | Path | None = None) -> str:
+    """Date, the git commit the run was made with (``<root>/pipeline_run.json``, written by the
+    pipeline when it starts; else the checkout's commit now), this machine
+    (:func:`fcr.profiling.environment_info`) and the run the numbers come from."""
+    from fcr.paths import display_path
+    from fcr.profiling import environment_info
+
+    run_info = Path(root) / RUN_INFO
+    invocations = json.loads(run_info.read_text()).get("invocations", []) if run_info.is_file() else []
+    if invocations:
+        first, last = invocations[0], invocations[-1]
+        commits = list(dict.fromkeys(str(i.get("commit")) for i in invocations))
+        commit = "`, `".join(commits)
+        flag = " with uncommitted code changes" if any(i.get("dirty") for i in invocations) else ""
+        source = (f"the pipeline started {first.get('started', '?')}" if len(invocations) == 1 else
+                  f"{len(invocations)} pipeline invocations, {first.get('started', '?')} to {last.get('started', '?')}")
+    else:
+        info = code_revision(repo)
+        commit, source = info.get("commit") or "unknown (not a git checkout)", "when this report was made"
+        flag = " with uncommitted code changes" if info.get("dirty") else ""
     env = environment_info("cpu")
     machine = (f"{env['cpu_model']}, {env['cpu_count']} CPUs, torch {env['torch_version']}, "
                f"diffusers {env['diffusers_version']}, {env['platform']}")
@@ -363,13 +389,13 @@ def provenance_header(root: str | Path, repo: str | Path | None = None) -> str:
         "## Results (generated)",
         "",
         f"- Date: {datetime.date.today().isoformat()}",
-        f"- Git commit: `{commit}`{flag}",
+        f"- Git commit: `{commit}`{flag} ({source})",
         f"- Report generated on: {machine}",
     ]
     measured = _measurement_machine(Path(root))
     if measured:
         lines.append(f"- Timings measured on: {measured} (from the cost result files)")
-    lines += ["", f"The numbers below were generated from the run in `{root}` by `python -m fcr.report`; "
+    lines += ["", f"The numbers below were generated from the run in `{display_path(root)}` by `python -m fcr.report`; "
               "nothing in this section is typed by hand.", ""]
     return "\n".join(lines)
 
@@ -420,12 +446,12 @@ def _collect_figures(root: Path, out_dir: Path) -> list[Path]:
 
 def _csv_section(title: str, path: Path, max_rows: int = 40) -> str:
     if not path.is_file():
-        return (f"### {title}\n\n_Not available: {path} is missing "
+        return (f"### {title}\n\n_Not available: {display_path(path)} is missing "
                 "(see the verdict notes for the stage that writes it)._\n")
     df = pd.read_csv(path)
     shown = df.head(max_rows).map(lambda x: format_number(x) if isinstance(x, float) else x)
-    more = f"\n_{len(df) - max_rows} more rows in `{path}`._\n" if len(df) > max_rows else ""
-    return f"### {title}\n\nFrom `{path}`.\n\n{markdown_table(shown)}{more}"
+    more = f"\n_{len(df) - max_rows} more rows in `{display_path(path)}`._\n" if len(df) > max_rows else ""
+    return f"### {title}\n\nFrom `{display_path(path)}`.\n\n{markdown_table(shown)}{more}"
 
 
 def stage_times(root: str | Path) -> pd.DataFrame:
@@ -489,6 +515,9 @@ def build_report(
     if sd_gpu_cost is not None and Path(sd_gpu_cost).is_file():
         kwargs.setdefault("sd_gpu_cost", sd_gpu_cost)
     verdict = evaluate_criteria(root, backbones=backbones, **kwargs)
+    # Paths in the notes as a reader of this checkout opens them (relative to the repository).
+    for col in ("measured", "note"):
+        verdict[col] = verdict[col].astype(str).str.replace(f"{REPO_ROOT.as_posix()}/", "", regex=False)
     verdict.to_csv(out_dir / "verdict.csv", index=False)
     files.append(out_dir / "verdict.csv")
     intro = ["### Success criteria (seed section 5)",
@@ -501,7 +530,8 @@ def build_report(
     full_verdict = [markdown_table(format_verdict(verdict))]
     criterion_rows = verdict[verdict["kind"] == "criterion"].reset_index(drop=True)
     compact_verdict = [markdown_table(format_verdict(criterion_rows).drop(columns=["kind"])),
-                       f"Every part and context row: `{out_dir / 'verdict.csv'}` and `{out_dir / 'report.md'}`.\n"]
+                       f"Every part and context row: `{display_path(out_dir / 'verdict.csv')}` and "
+                       f"`{display_path(out_dir / 'report.md')}`.\n"]
     sd_rows = verdict[verdict["criterion"].astype(str).str.contains("SD scale", regex=False)]
     if not sd_rows.empty and sd_rows["passed"].notna().any():
         compact_verdict += [

@@ -38,6 +38,8 @@ import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from fcr.paths import display_path
+
 __all__ = [
     "COLUMNS",
     "DEFAULT_BACKBONES",
@@ -514,7 +516,7 @@ def sd_gpu_cost_rows(path: str | Path, stride_config: str = "FD-10", ref_config:
     name = f"{B_NAME} (SD scale, GPU, cost only)"
     if not path.is_file():
         return [_row(name, "SD1.5 / SD2.1 architectures", "n/a", speed_thr, None,
-                     f"missing {path}: written by benchmarks/bench_sd_gpu.py on a CUDA machine", kind="context")]
+                     f"missing {display_path(path)}: written by benchmarks/bench_sd_gpu.py on a CUDA machine", kind="context")]
     df = pd.read_csv(path)
     rows = []
     for (model, batch), group in df.groupby(["model", "batch"], sort=False):
@@ -533,7 +535,7 @@ def sd_gpu_cost_rows(path: str | Path, stride_config: str = "FD-10", ref_config:
         device = str(group["device"].iloc[0]) if "device" in group else "GPU"
         short = str(model).split(" ")[0]
         rows.append(_row(name, f"{short} architecture, batch {batch}", "; ".join(parts), speed_thr, any(ok),
-                         f"{path}: {device}, fp16, 50 DDIM steps with guidance, random weights (time and memory do "
+                         f"{display_path(path)}: {device}, fp16, 50 DDIM steps with guidance, random weights (time and memory do "
                          "not depend on them), CUDA-event medians and torch.cuda.max_memory_allocated. Passed if "
                          "either decoding mode meets both bounds. Parallel decoding batches a key interval's decoder "
                          "calls: fewer, larger launches (faster where the GPU is launch-bound) at memory growing "

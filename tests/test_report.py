@@ -180,3 +180,20 @@ def test_build_report_adds_the_sd_gpu_cost_rows_when_given(tmp_path):
     assert "parallel decoding: 2×, +100 % memory" in out["readme_markdown"]
     none = build_report(tmp_path / "run", tmp_path / "rep2", verdict_kwargs=kw, sd_gpu_cost=tmp_path / "absent.csv")
     assert "Stable Diffusion scale" not in none["readme_markdown"]
+
+
+def test_provenance_names_the_commits_the_run_was_made_with(tmp_path):
+    import json
+
+    from fcr.report import RUN_INFO, provenance_header
+
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / RUN_INFO).write_text(json.dumps({"invocations": [
+        {"commit": "abc1234", "dirty": False, "started": "2026-01-01T10:00:00"},
+        {"commit": "def5678", "dirty": True, "started": "2026-01-01T11:00:00"}]}))
+    header = provenance_header(root)
+    assert "`abc1234`, `def5678`" in header and "uncommitted code changes" in header
+    assert "2 pipeline invocations, 2026-01-01T10:00:00 to 2026-01-01T11:00:00" in header
+    (root / RUN_INFO).unlink()
+    assert "when this report was made" in provenance_header(root)
