@@ -35,6 +35,7 @@ from fcr.verdict import (
     InputError,
     evaluate_criteria,
     read_table,
+    robustness_rows,
     result_dir,
 )
 
@@ -481,6 +482,33 @@ def _timing_section(root: Path) -> list[str]:
             markdown_table(shown), ""]
 
 
+def _supplementary_robustness(root: Path, backbones: Sequence[Backbone]) -> list[str]:
+    """Criterion c on notebook-04 runs beside the main job's (``<exp-2>/robustness/<run>/``, e.g. the
+    3-seed run of params/robustness_seeds3.yaml): not part of the verdict, shown next to it."""
+    base = Path(root) / EXP2 / LAYOUT.get("robustness", "robustness")
+    main_run = result_dir(root, EXP2, "robustness")
+    runs = sorted(p for p in base.glob("*/criterion.csv") if p.parent != main_run) if base.is_dir() else []
+    parts: list[str] = []
+    for path in runs:
+        criterion = pd.read_csv(path)
+        seeds = sorted(set(criterion["n_seeds"].astype(int))) if "n_seeds" in criterion else []
+        rows = pd.DataFrame(robustness_rows([path.parent], backbones))
+        rows = rows[rows["kind"] == "part"] if (rows["kind"] == "part").any() else rows
+        shown = format_verdict(rows.reset_index(drop=True))[["scope", "measured", "passed"]]
+        excluded = ""
+        if {"diff_lo", "diff_hi"} <= set(criterion.columns):
+            stressed = criterion[criterion["stress"].astype(str) != "none"]
+            worse = int((stressed["diff_lo"] > 0).sum())
+            better = int((stressed["diff_hi"] < 0).sum())
+            excluded = (f" Paired over seeds, the 95 % interval of drop(FCR) − drop(original) lies above 0 (FCR worse) "
+                        f"for {worse} and below 0 (FCR better) for {better} of {len(stressed)} stress × metric × "
+                        "stride rows.")
+        parts += [f"### Robustness, supplementary run `{path.parent.name}` (not in the verdict)\n",
+                  f"From `{display_path(path)}`; seeds per row: {seeds or 'n/a'}.{excluded}\n",
+                  markdown_table(shown), ""]
+    return parts
+
+
 def build_report(
     root: str | Path,
     out_dir: str | Path | None = None,
@@ -587,11 +615,12 @@ def build_report(
             return []
         return ["### Figures\n"] + [f"![{f.stem}]({Path(os.path.relpath(f, base)).as_posix()})\n" for f in figures]
 
+    supplementary = _supplementary_robustness(root, backbones)
     timing = _timing_section(root)
-    report_md = "\n".join(intro + full_verdict + exp_parts + extra + timing + figs(out_dir))
+    report_md = "\n".join(intro + full_verdict + exp_parts + extra + supplementary + timing + figs(out_dir))
     (out_dir / "report.md").write_text(report_md)
     files.append(out_dir / "report.md")
-    readme_md = "\n".join(intro + compact_verdict + exp_parts + timing + figs(link_base))
+    readme_md = "\n".join(intro + compact_verdict + exp_parts + supplementary + timing + figs(link_base))
     return {"markdown": report_md, "readme_markdown": readme_md, "verdict": verdict, **tables, "files": files}
 
 

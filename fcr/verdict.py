@@ -55,6 +55,7 @@ __all__ = [
     "lookup_column",
     "overhead_percent",
     "read_table",
+    "robustness_rows",
     "run_compute",
     "sd_gpu_cost_rows",
     "training_step_flops",
@@ -559,6 +560,12 @@ def _read_tables(folders: Sequence[Path], name: str) -> tuple[pd.DataFrame, str]
         raise InputError(f"missing {where}: written by {PRODUCERS.get(name, 'the pipeline')}")
     frames = [pd.read_csv(p) for p in present]
     return pd.concat(frames, ignore_index=True), " + ".join(map(str, present))
+
+
+def robustness_rows(robustness_dirs: Sequence[str | Path], backbones: Sequence[Backbone] = DEFAULT_BACKBONES) -> list[dict]:
+    """Criterion c's rows (verdict columns) for the notebook-04 result folders given, e.g. a
+    supplementary run with more seeds than the main job's."""
+    return _criterion_c([Path(d) for d in robustness_dirs], backbones)
 
 
 def _criterion_c(robustness_dirs: Sequence[Path], backbones: Sequence[Backbone]) -> list[dict]:

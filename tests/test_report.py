@@ -197,3 +197,25 @@ def test_provenance_names_the_commits_the_run_was_made_with(tmp_path):
     assert "2 pipeline invocations, 2026-01-01T10:00:00 to 2026-01-01T11:00:00" in header
     (root / RUN_INFO).unlink()
     assert "when this report was made" in provenance_header(root)
+
+
+def test_supplementary_robustness_run_is_reported_beside_the_verdict(tmp_path):
+    root = tmp_path / "run"
+    folder = root / EXP2 / "robustness" / "seeds3"
+    folder.mkdir(parents=True)
+    # Hand-made notebook-04 criterion rows (test input): one pair passes, one fails with its interval above 0.
+    pd.DataFrame([
+        {"model": "base-v_fcr", "lambda_fcr": 0.1, "original_model": "base-v", "config": "FD-10", "stride": 10,
+         "stress": "ood_prompts", "metric": "class_accuracy", "n_seeds": 3, "drop_fcr": 0.1, "drop_original": 0.2,
+         "diff": -0.1, "diff_lo": -0.3, "diff_hi": 0.1, "passed": True},
+        {"model": "base-v_fcr", "lambda_fcr": 0.1, "original_model": "base-v", "config": "FD-10", "stride": 10,
+         "stress": "high_resolution", "metric": "fd_fashioncnn", "n_seeds": 3, "drop_fcr": 5.0, "drop_original": 3.0,
+         "diff": 2.0, "diff_lo": 0.5, "diff_hi": 3.5, "passed": False},
+    ]).to_csv(folder / "criterion.csv", index=False)
+    kw = {"models_dir": tmp_path / "nomodels", "train_flops_per_image": flops_fn}
+    out = build_report(root, tmp_path / "rep", verdict_kwargs=kw, sd_gpu_cost=None)
+    md = out["readme_markdown"]
+    assert "supplementary run `seeds3`" in md and "seeds per row: [3]" in md
+    assert "1 pass, 1 FAIL of 2 stress × metric pairs" in md
+    assert "above 0 (FCR worse) for 1 and below 0 (FCR better) for 0 of 2" in md
+    assert out["verdict"].query("criterion == 'c. robustness'")["passed"].isna().all()  # main run absent
