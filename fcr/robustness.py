@@ -63,9 +63,9 @@ from fcr.sweep import (
     load_side_file,
     module_fingerprint,
     reference_features,
+    score_images,
     sweep_configurations,
 )
-from fcr.sweep import score_images as sweep_score_images
 from fcr.unet import decode, encode
 
 __all__ = [
@@ -98,7 +98,6 @@ __all__ = [
     "run_robustness",
     "sample_stressed",
     "schedule_seed",
-    "score_images",
     "stress_definitions",
     "stress_sample_grid",
     "stress_table",
@@ -621,20 +620,6 @@ def to_classifier_size(images: torch.Tensor, size: int = CLASSIFIER_SIZE) -> tor
     return F.adaptive_avg_pool2d(images, size)
 
 
-def score_images(
-    images: torch.Tensor,
-    labels: np.ndarray,
-    classifier: torch.nn.Module,
-    ref_feats: torch.Tensor,
-    *,
-    n_boot: int,
-    seed: int,
-) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """:func:`fcr.sweep.score_images` (the sweep's metrics and intervals) after pooling images
-    larger than the classifier's 32x32 input (:func:`to_classifier_size`)."""
-    return sweep_score_images(to_classifier_size(images), labels, classifier, ref_feats, n_boot=n_boot, seed=seed)
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -801,8 +786,9 @@ def run_robustness(
                             progress=progress,
                         )
                         sampling_s = time.perf_counter() - start
-                        metrics, per_image = score_images(images, prompts.labels, classifier, ref_feats,
-                                                          n_boot=params["n_bootstrap"], seed=seed)
+                        # Images larger than the classifier's input are pooled to 32x32 first.
+                        metrics, per_image = score_images(to_classifier_size(images), prompts.labels, classifier,
+                                                          ref_feats, n_boot=params["n_bootstrap"], seed=seed)
                         result = {**metrics, "sampling_s": sampling_s, "image_size": int(images.shape[-1]),
                                   **{k: v for k, v in stats.items() if not isinstance(v, list)}}
                         if kinds is not None:  # accuracy per OOD prompt kind (nan: no image of that kind)
