@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    env = {**environment_info(device), "args": vars(args), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    env = {**environment_info(device), "args": vars(args), "started": started}
     out.with_suffix(".env.json").write_text(json.dumps(env, indent=2, default=str) + "\n")
     rows: list[dict[str, Any]] = []
     for name in args.models:

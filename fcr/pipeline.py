@@ -170,6 +170,16 @@ def _done(task: Task) -> bool:
         return False
 
 
+def _json_list(path: Path, key: str) -> list[Any]:
+    """The list under ``key`` of a small JSON record the pipeline keeps; empty when the file is
+    missing or unreadable (a record cut short by a kill must not stop the next run)."""
+    try:
+        value = json.loads(path.read_text()).get(key, [])
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return []
+    return list(value) if isinstance(value, list) else []
+
+
 def _last_write(folder: Path, since: float) -> float:
     """Latest modification time of anything under ``folder`` (``since`` when nothing is newer)."""
     times = [p.stat().st_mtime for p in folder.rglob("*") if p.is_file() and p.name != ATTEMPTS]
@@ -182,12 +192,10 @@ def begin_attempt(folder: Path) -> tuple[float, int]:
     start time; at the next start it is closed with the last write under ``folder``, so its
     duration is a lower bound, exact up to the time since its last file."""
     path = folder / ATTEMPTS
-    attempts: list[dict[str, float]] = []
-    if path.is_file():
-        try:
-            attempts = [{k: float(v) for k, v in a.items()} for a in json.loads(path.read_text())["attempts"]]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-            attempts = []
+    try:
+        attempts = [{k: float(v) for k, v in a.items()} for a in _json_list(path, "attempts")]
+    except (TypeError, ValueError, AttributeError):  # a hand-edited or truncated record
+        attempts = []
     if attempts and "seconds" not in attempts[-1]:
         attempts[-1]["seconds"] = _last_write(folder, attempts[-1]["started"]) - attempts[-1]["started"]
     earlier = sum(a.get("seconds", 0.0) for a in attempts), len(attempts)
@@ -238,12 +246,7 @@ def _record_invocation(root: Path) -> None:
     from fcr.report import RUN_INFO, code_revision
 
     path = root / RUN_INFO
-    invocations = []
-    if path.is_file():
-        try:
-            invocations = list(json.loads(path.read_text()).get("invocations", []))
-        except (json.JSONDecodeError, AttributeError):
-            invocations = []
+    invocations = _json_list(path, "invocations")
     invocations.append({**code_revision(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {"invocations": invocations})

@@ -353,8 +353,6 @@ RUN_INFO = "pipeline_run.json"
 def code_revision(repo: str | Path | None = None) -> dict[str, Any]:
     """``commit`` (short hash, None outside git) and ``dirty`` (uncommitted changes to anything but
     what the main job writes, :data:`RUN_OUTPUTS`) of the checkout at ``repo``."""
-    from fcr.paths import REPO_ROOT
-
     repo = Path(repo) if repo is not None else REPO_ROOT
     commit = _git(["rev-parse", "--short", "HEAD"], repo)
     status = _git(["status", "--porcelain", "--", ".", *(f":(exclude){p}" for p in RUN_OUTPUTS)], repo)
@@ -365,7 +363,6 @@ def provenance_header(root: str | Path, repo: str | Path | None = None) -> str:
     """Date, the git commit the run was made with (``<root>/pipeline_run.json``, written by the
     pipeline when it starts; else the checkout's commit now), this machine
     (:func:`fcr.profiling.environment_info`) and the run the numbers come from."""
-    from fcr.paths import display_path
     from fcr.profiling import environment_info
 
     run_info = Path(root) / RUN_INFO
@@ -500,8 +497,8 @@ def _supplementary_robustness(root: Path, backbones: Sequence[Backbone]) -> list
             stressed = criterion[criterion["stress"].astype(str) != "none"]
             worse = int((stressed["diff_lo"] > 0).sum())
             better = int((stressed["diff_hi"] < 0).sum())
-            excluded = (f" Paired over seeds, the 95 % interval of drop(FCR) − drop(original) lies above 0 (FCR worse) "
-                        f"for {worse} and below 0 (FCR better) for {better} of {len(stressed)} stress × metric × "
+            excluded = (" Paired over seeds, the 95 % interval of drop(FCR) − drop(original) lies above 0 "
+                        f"(FCR worse) for {worse} and below 0 (FCR better) for {better} of {len(stressed)} stress × metric × "
                         "stride rows.")
         parts += [f"### Robustness, supplementary run `{path.parent.name}` (not in the verdict)\n",
                   f"From `{display_path(path)}`; seeds per row: {seeds or 'n/a'}.{excluded}\n",
@@ -565,7 +562,8 @@ def build_report(
         compact_verdict += [
             "#### Criterion b at Stable Diffusion scale (GPU, cost only)\n",
             f"{sd_rows['note'].iloc[0]}\n",
-            markdown_table(format_verdict(sd_rows.reset_index(drop=True))[["scope", "measured", "threshold", "passed"]]),
+            markdown_table(format_verdict(sd_rows.reset_index(drop=True))[
+                ["scope", "measured", "threshold", "passed"]]),
         ]
 
     exp_parts: list[str] = []

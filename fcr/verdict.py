@@ -38,8 +38,6 @@ import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from fcr.paths import display_path
-
 __all__ = [
     "COLUMNS",
     "DEFAULT_BACKBONES",
@@ -513,11 +511,12 @@ def sd_gpu_cost_rows(path: str | Path, stride_config: str = "FD-10", ref_config:
     batch and decoding mode, the wall-time speed-up of ``stride_config`` over ``ref_config`` and its
     extra peak allocated memory. A missing file gives one n/a row naming it."""
     path = Path(path)
-    speed_thr = f"≥ {THRESHOLDS['speedup']:g}× and ≤ +{THRESHOLDS['memory_increase_pct']:g} % memory vs {ref_config}"
+    speed_thr = (f"≥ {THRESHOLDS['speedup']:g}× and ≤ +{THRESHOLDS['memory_increase_pct']:g} % memory "
+                 f"vs {ref_config}")
     name = f"{B_NAME} (SD scale, GPU, cost only)"
     if not path.is_file():
         return [_row(name, "SD1.5 / SD2.1 architectures", "n/a", speed_thr, None,
-                     f"missing {display_path(path)}: written by benchmarks/bench_sd_gpu.py on a CUDA machine", kind="context")]
+                     f"missing {path}: written by benchmarks/bench_sd_gpu.py on a CUDA machine", kind="context")]
     df = pd.read_csv(path)
     rows = []
     for (model, batch), group in df.groupby(["model", "batch"], sort=False):
@@ -536,8 +535,8 @@ def sd_gpu_cost_rows(path: str | Path, stride_config: str = "FD-10", ref_config:
         device = str(group["device"].iloc[0]) if "device" in group else "GPU"
         short = str(model).split(" ")[0]
         rows.append(_row(name, f"{short} architecture, batch {batch}", "; ".join(parts), speed_thr, any(ok),
-                         f"{display_path(path)}: {device}, fp16, 50 DDIM steps with guidance, random weights (time and memory do "
-                         "not depend on them), CUDA-event medians and torch.cuda.max_memory_allocated. Passed if "
+                         f"{path}: {device}, fp16, 50 DDIM steps with guidance, random weights (time and memory "
+                         "do not depend on them), CUDA-event medians and torch.cuda.max_memory_allocated. Passed if "
                          "either decoding mode meets both bounds. Parallel decoding batches a key interval's decoder "
                          "calls: fewer, larger launches (faster where the GPU is launch-bound) at memory growing "
                          "with the stride; sequential decoding keeps FD-5's memory.", kind="context"))
@@ -562,15 +561,12 @@ def _read_tables(folders: Sequence[Path], name: str) -> tuple[pd.DataFrame, str]
     return pd.concat(frames, ignore_index=True), " + ".join(map(str, present))
 
 
-def robustness_rows(robustness_dirs: Sequence[str | Path], backbones: Sequence[Backbone] = DEFAULT_BACKBONES) -> list[dict]:
-    """Criterion c's rows (verdict columns) for the notebook-04 result folders given, e.g. a
-    supplementary run with more seeds than the main job's."""
-    return _criterion_c([Path(d) for d in robustness_dirs], backbones)
-
-
-def _criterion_c(robustness_dirs: Sequence[Path], backbones: Sequence[Backbone]) -> list[dict]:
+def robustness_rows(robustness_dirs: Sequence[str | Path],
+                    backbones: Sequence[Backbone] = DEFAULT_BACKBONES) -> list[dict]:
+    """Criterion c's rows (verdict columns) for the notebook-04 result folders given: the main
+    job's for the verdict, or e.g. a supplementary run with more seeds."""
     try:
-        df, path = _read_tables(robustness_dirs, "criterion.csv")
+        df, path = _read_tables([Path(d) for d in robustness_dirs], "criterion.csv")
         ocol = lookup_column(df, "criterion", "original_model", path)
         fcol = lookup_column(df, "criterion", "fcr_model", path)
         scol = lookup_column(df, "criterion", "stress", path)
@@ -976,7 +972,7 @@ def evaluate_criteria(
         per_backbone[b.name] = (a_ok, b_ok)
     if sd_gpu_cost is not None:
         rows += sd_gpu_cost_rows(sd_gpu_cost, stride_config, reference_config)
-    rows += _criterion_c(robustness_dirs, backbones)
+    rows += robustness_rows(robustness_dirs, backbones)
 
     def word(v: bool | None) -> str:
         return "pass" if v else "n/a" if v is None else "FAIL"
