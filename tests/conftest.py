@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -62,3 +64,64 @@ def make_unet(name: str, seed: int = 0, sample_size: int = 16):
 @pytest.fixture(params=sorted(UNET_BUILDERS))
 def any_unet(request):
     return (request.param, *make_unet(request.param))
+
+
+# ---------------------------------------------------------------- process-global state
+
+def _global_state() -> dict[str, object]:
+    """What a test must not leave changed: torch threads, default dtype, determinism flags, env."""
+    return {
+        "torch.get_num_threads()": torch.get_num_threads(),
+        "torch.get_default_dtype()": torch.get_default_dtype(),
+        "torch.are_deterministic_algorithms_enabled()": torch.are_deterministic_algorithms_enabled(),
+        # pytest itself sets PYTEST_CURRENT_TEST while a test runs
+        "os.environ": {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"},
+    }
+
+
+_SESSION_STATE = _global_state()  # conftest is imported before any test module
+
+
+def _changes(now: dict[str, object]) -> list[str]:
+    out = []
+    for key, before in _SESSION_STATE.items():
+        after = now[key]
+        if key == "os.environ":
+            keys = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            if keys:
+                out.append(f"os.environ keys {keys}")
+        elif after != before:
+            out.append(f"{key}: {before} -> {after}")
+    return out
+
+
+def _restore_session_state() -> None:
+    torch.set_num_threads(_SESSION_STATE["torch.get_num_threads()"])
+    torch.set_default_dtype(_SESSION_STATE["torch.get_default_dtype()"])
+    torch.use_deterministic_algorithms(_SESSION_STATE["torch.are_deterministic_algorithms_enabled()"])
+    for key in set(os.environ) - set(_SESSION_STATE["os.environ"]) - {"PYTEST_CURRENT_TEST"}:
+        del os.environ[key]
+    os.environ.update(_SESSION_STATE["os.environ"])
+
+
+@pytest.fixture(autouse=True)
+def _no_global_state_change(request):
+    """Fail a test that finds or leaves process-global state changed (e.g. torch.set_num_threads at
+    a test module's import), so no result depends on test order; the state is restored either way."""
+    found = _changes(_global_state())
+    if found:
+        _restore_session_state()
+        pytest.fail(f"global state changed before {request.node.nodeid} (at import or by an earlier test): {found}")
+    yield
+    left = _changes(_global_state())
+    _restore_session_state()
+    assert not left, f"{request.node.nodeid} changed global state without restoring it: {left}"
+
+
+@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
+def torch_threads(request):
+    """Run a test with 1 and with 2 torch threads (kernels, and so summation order, differ), then restore."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)

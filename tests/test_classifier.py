@@ -23,9 +23,6 @@ from fcr.classifier import (
 )
 from fcr.data import load_fashion_mnist, to_model_range, train_val_split
 
-torch.set_num_threads(1)  # the test machine is shared; small convs do not gain from more
-
-
 @pytest.fixture(scope="module")
 def real_data() -> dict[str, torch.Tensor]:
     """Disjoint real subsets: 2000 train, 500 val (both from the train split), 500 test."""

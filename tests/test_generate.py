@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from equivalence import assert_float32_equivalent
 
 from fcr.embedded import prepare_embedded_data
 from fcr.generate import embedded_prompt_set, generate, initial_noise
@@ -48,7 +49,7 @@ def test_generation_is_deterministic_and_batch_independent(data_dir: Path) -> No
     kw = dict(num_inference_steps=6, guidance_scale=3.0, progress=False)
     a = generate(unet, sched, prompts, batch_size=4, **kw)
     b = generate(unet, sched, prompts, batch_size=2, **kw)
-    torch.testing.assert_close(a.images, b.images, atol=1e-5, rtol=0)
+    assert_float32_equivalent(a.images, b.images)  # batch 4 vs 2: other summation order
     assert a.images.shape == (4, 1, 32, 32) and a.images.abs().max() <= 1
     assert a.stats["unet_passes"] == 6
     cached = generate(unet, sched, prompts, batch_size=2, key_steps=key_steps(6, "uniform", 3), **kw)

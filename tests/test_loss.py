@@ -112,7 +112,7 @@ CASES = [("sd15", "epsilon"), ("embedded-v", "v_prediction")]
 @pytest.mark.parametrize("name,prediction_type", CASES)
 @pytest.mark.parametrize("group", ["all", "early", "mid", "late"])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_matches_independent_computation(unets, name, prediction_type, group, normalize):
+def test_matches_independent_computation(unets, name, prediction_type, group, normalize, torch_threads):
     unet, channels, cross_dim = unets[name]
     x0, cond = _batch(channels, cross_dim)
     sched = _scheduler(prediction_type)

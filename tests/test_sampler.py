@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_unet
+from equivalence import assert_float32_equivalent
+
+import fcr.sampler
 
 from fcr.sampler import (
     FD_50LS,
@@ -18,7 +21,6 @@ from fcr.sampler import (
 
 STEPS = 10
 BATCH = 2
-ATOL = 1e-5
 # A small SD-like scheduler config (as found in a repo's scheduler_config.json).
 SD_CONFIG = dict(
     num_train_timesteps=1000,
@@ -113,23 +115,41 @@ def test_build_scheduler():
 
 
 @pytest.mark.parametrize("scheduler_name", ["ddim", "dpmsolver++", "euler"])
-def test_stride1_cached_equals_plain(setup, scheduler_name):
+def test_stride1_cached_equals_plain(setup, scheduler_name, torch_threads):
     plain = run(setup, scheduler_name)
     cached = run(setup, scheduler_name, key_steps=key_steps(STEPS))
     seq = run(setup, scheduler_name, key_steps=key_steps(STEPS), parallel=False)
     assert torch.isfinite(plain.latents).all()
-    torch.testing.assert_close(cached.latents, plain.latents, atol=ATOL, rtol=1e-5)
-    torch.testing.assert_close(seq.latents, plain.latents, atol=ATOL, rtol=1e-5)
+    assert_float32_equivalent(cached.latents, plain.latents)
+    assert_float32_equivalent(seq.latents, plain.latents)
 
 
-@pytest.mark.parametrize("scheduler_name", ["ddim", "dpmsolver++"])
+@pytest.mark.parametrize("scheduler_name", ["ddim", "dpmsolver++", "euler"])
 @pytest.mark.parametrize("stride", [3, 5])
-def test_parallel_equals_sequential(setup, scheduler_name, stride):
+def test_parallel_equals_sequential(setup, scheduler_name, stride, torch_threads):
     ks = key_steps(STEPS, "uniform", stride)
     par = run(setup, scheduler_name, key_steps=ks, parallel=True)
     seq = run(setup, scheduler_name, key_steps=ks, parallel=False)
-    torch.testing.assert_close(par.latents, seq.latents, atol=ATOL, rtol=1e-5)
+    assert_float32_equivalent(par.latents, seq.latents)
     assert par.stats.decoder_passes < seq.stats.decoder_passes
+
+
+@pytest.mark.parametrize("scheduler_name", ["ddim", "dpmsolver++"])
+def test_equivalence_tolerance_catches_a_timestep_off_by_one(setup, scheduler_name, monkeypatch):
+    """The float32 tolerance is tight enough to see a real bug: batched (parallel) decoder calls
+    that get each step's timestep one training timestep too high must fail the comparison."""
+    ks = key_steps(STEPS, "uniform", 5)
+    seq = run(setup, scheduler_name, key_steps=ks, parallel=False)
+    decode = fcr.sampler.decode
+
+    def decode_off_by_one(unet, features, timesteps, context, **kwargs):
+        several_steps = timesteps.unique().numel() > 1  # a parallel (batched) decoder call
+        return decode(unet, features, timesteps + 1 if several_steps else timesteps, context, **kwargs)
+
+    monkeypatch.setattr(fcr.sampler, "decode", decode_off_by_one)
+    par = run(setup, scheduler_name, key_steps=ks, parallel=True)
+    with pytest.raises(AssertionError, match="more than float32 rounding"):
+        assert_float32_equivalent(par.latents, seq.latents)
 
 
 def test_caching_changes_result(setup):
@@ -203,7 +223,7 @@ def test_prior_noise_only_late_steps(setup):
     a_t = sched.alphas_cumprod[t]
     a_prev = sched.alphas_cumprod[0]  # set_alpha_to_one=False
     coeff = (a_prev / a_t).sqrt()
-    torch.testing.assert_close(injected, base + coeff * 0.01 * noise, atol=1e-5, rtol=1e-5)
+    assert_float32_equivalent(injected, base + coeff * 0.01 * noise)
 
 
 @pytest.mark.parametrize("key", [None, "stride3"])
@@ -256,7 +276,7 @@ def test_vae_latent_shape():
     plain = sample(unet, build_scheduler("dpmsolver++", **SD_CONFIG), noise, cond, **kw)
     cached = sample(unet, build_scheduler("dpmsolver++", **SD_CONFIG), noise, cond, **kw, key_steps=[0, 1, 2, 3])
     assert plain.latents.shape == noise.shape
-    torch.testing.assert_close(cached.latents, plain.latents, atol=ATOL, rtol=1e-5)
+    assert_float32_equivalent(cached.latents, plain.latents)
 
 
 def test_unet_kwargs_forwarded_and_repeated(setup):
@@ -269,8 +289,8 @@ def test_unet_kwargs_forwarded_and_repeated(setup):
     masked = run(setup, key_steps=ks, unet_kwargs={"encoder_attention_mask": mask})
     masked_seq = run(setup, key_steps=ks, parallel=False, unet_kwargs={"encoder_attention_mask": mask})
     unmasked = run(setup, key_steps=ks)
-    torch.testing.assert_close(masked.latents, masked_seq.latents, atol=ATOL, rtol=1e-5)
+    assert_float32_equivalent(masked.latents, masked_seq.latents)
     assert (masked.latents - unmasked.latents).abs().max() > 1e-3
     masked_plain = run(setup, unet_kwargs={"encoder_attention_mask": mask})
     masked_stride1 = run(setup, key_steps=key_steps(STEPS), unet_kwargs={"encoder_attention_mask": mask})
-    torch.testing.assert_close(masked_stride1.latents, masked_plain.latents, atol=ATOL, rtol=1e-5)
+    assert_float32_equivalent(masked_stride1.latents, masked_plain.latents)
