@@ -68,14 +68,20 @@ def any_unet(request):
 
 # ---------------------------------------------------------------- process-global state
 
+# Set by pytest while a test runs, or by libraries when first imported (scikit-learn: KMP_*;
+# diffusers/open_clip: TORCHINDUCTOR_CACHE_DIR, TOKENIZERS_PARALLELISM): not a test's doing.
+_ENV_SET_BY_TOOLS = frozenset(
+    {"PYTEST_CURRENT_TEST", "KMP_INIT_AT_FORK", "KMP_DUPLICATE_LIB_OK", "TORCHINDUCTOR_CACHE_DIR", "TOKENIZERS_PARALLELISM"}
+)
+
+
 def _global_state() -> dict[str, object]:
     """What a test must not leave changed: torch threads, default dtype, determinism flags, env."""
     return {
         "torch.get_num_threads()": torch.get_num_threads(),
         "torch.get_default_dtype()": torch.get_default_dtype(),
         "torch.are_deterministic_algorithms_enabled()": torch.are_deterministic_algorithms_enabled(),
-        # pytest itself sets PYTEST_CURRENT_TEST while a test runs
-        "os.environ": {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"},
+        "os.environ": {k: v for k, v in os.environ.items() if k not in _ENV_SET_BY_TOOLS},
     }
 
 
@@ -99,7 +105,7 @@ def _restore_session_state() -> None:
     torch.set_num_threads(_SESSION_STATE["torch.get_num_threads()"])
     torch.set_default_dtype(_SESSION_STATE["torch.get_default_dtype()"])
     torch.use_deterministic_algorithms(_SESSION_STATE["torch.are_deterministic_algorithms_enabled()"])
-    for key in set(os.environ) - set(_SESSION_STATE["os.environ"]) - {"PYTEST_CURRENT_TEST"}:
+    for key in set(os.environ) - set(_SESSION_STATE["os.environ"]) - _ENV_SET_BY_TOOLS:
         del os.environ[key]
     os.environ.update(_SESSION_STATE["os.environ"])
 
