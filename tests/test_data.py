@@ -218,7 +218,8 @@ def test_read_laion_parquet(tmp_path: Path) -> None:
     ((image, text),) = read_laion_parquet(tmp_path / "bytes.parquet")
     assert image == encoded and text == "red" and data.open_image(image).size == (6, 4)
     pd.DataFrame({"URL": ["https://x/y.jpg"], "TEXT": ["u"]}).to_parquet(tmp_path / "url.parquet")
-    assert read_laion_parquet(tmp_path / "url.parquet") == [("https://x/y.jpg", "u")]
+    with pytest.raises(ValueError, match="img2dataset --url_list"):
+        read_laion_parquet(tmp_path / "url.parquet")  # nothing is downloaded: URLs are refused
     with pytest.raises(ValueError, match="caption"):
         read_laion_parquet(tmp_path / "url.parquet", caption_column="alt")
 
@@ -264,7 +265,8 @@ def test_read_coco_captions(tmp_path: Path) -> None:
     }
     path = tmp_path / "captions_val2017.json"
     path.write_text(json.dumps(annotations))
-    first = read_coco_captions(path, n=30000, seed=None)
+    with pytest.warns(UserWarning, match=r"30000 prompts asked but only 3 available"):
+        first = read_coco_captions(path, n=30000, seed=None)
     assert first == [(139, "A room with chairs."), (285, "A big bear."), (632, "A bedroom.")]
     seeded = read_coco_captions(path, n=2, seed=0)
     assert seeded == read_coco_captions(path, n=2, seed=0) and len(seeded) == 2
@@ -319,3 +321,360 @@ def test_high_contrast_style_is_a_monotone_brightening() -> None:
     assert apply_style(x, "none") is x
     with pytest.raises(ValueError, match="unknown style"):
         apply_style(x, "sepia")
+
+
+# ----------------------------------------------------------------------------- SD data layouts
+# Built in tmp_path with real Fashion-MNIST test images, in the layouts the public tools write.
+
+
+@pytest.fixture(scope="module")
+def fashion_images() -> list[tuple[bytes, str]]:
+    """Six real Fashion-MNIST test images as (JPEG bytes, unique caption)."""
+    try:
+        images, labels = load_fashion_mnist("test", download=False)
+    except FileNotFoundError as err:
+        pytest.skip(f"Fashion-MNIST not available offline: {err}")
+    out = []
+    for i, (image, label) in enumerate(zip(images[:6], labels[:6])):
+        buf = io.BytesIO()
+        Image.fromarray(image).convert("RGB").save(buf, format="JPEG", quality=90)
+        out.append((buf.getvalue(), f"{caption(int(label), 'a photo of {}')}, item {i}"))
+    return out
+
+
+def _write_tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def _img2dataset_meta(path: Path, keys: list[str], captions: list[str]) -> None:
+    """img2dataset's per-shard metadata parquet (URLs, no images) and stats file."""
+    import pandas as pd
+
+    urls = [f"https://example.com/{k}.jpg" for k in keys]
+    pd.DataFrame({"url": urls, "caption": captions, "key": keys, "status": ["success"] * len(keys),
+                  "error_message": [None] * len(keys)}).to_parquet(path)
+    path.with_name(f"{path.stem}_stats.json").write_text(json.dumps({"count": len(keys)}))
+
+
+def test_img2dataset_files_layout(tmp_path: Path, fashion_images) -> None:
+    out = tmp_path / "laion_out"
+    expected = []
+    for shard_id, items in ((0, fashion_images[:3]), (1, fashion_images[3:5])):
+        shard = out / f"{shard_id:05d}"
+        shard.mkdir(parents=True)
+        keys = [f"{shard_id * 10000 + i:09d}" for i in range(len(items))]
+        for key, (jpg, text) in zip(keys, items):
+            (shard / f"{key}.jpg").write_bytes(jpg)
+            (shard / f"{key}.txt").write_text(text)
+            (shard / f"{key}.json").write_text(json.dumps({"key": key, "caption": text}))
+            expected.append((shard / f"{key}.jpg", text))
+        _img2dataset_meta(out / f"{shard_id:05d}.parquet", keys, [t for _, t in items])
+    (out / "00001" / "000010002.jpg").write_bytes(fashion_images[5][0])  # no caption file: skipped
+    with pytest.warns(UserWarning, match="1 images without a .txt caption"):
+        assert data.read_image_shards(out) == expected
+    with pytest.warns(UserWarning, match="1 images without"):
+        assert data.read_training_pairs(out) == expected
+    assert data.open_image(expected[0][0]).size == (28, 28)
+    # A plain image+caption folder still reads as before.
+    assert data.read_training_pairs(out / "00000") == expected[:3]
+
+
+def test_img2dataset_webdataset_layout(tmp_path: Path, fashion_images) -> None:
+    out = tmp_path / "wds"
+    out.mkdir()
+    expected = []
+    for shard_id, items in ((0, fashion_images[:3]), (1, fashion_images[3:])):
+        members: dict[str, bytes] = {}
+        keys = [f"{shard_id * 10000 + i:09d}" for i in range(len(items))]
+        for key, (jpg, text) in zip(keys, items):
+            members |= {f"{key}.jpg": jpg, f"{key}.txt": text.encode(), f"{key}.json": b"{}"}
+            expected.append((jpg, text))
+        _write_tar(out / f"{shard_id:05d}.tar", members)
+        _img2dataset_meta(out / f"{shard_id:05d}.parquet", keys, [t for _, t in items])
+    assert data.read_image_shards(out) == expected
+    assert data.read_training_pairs(out) == expected
+    assert data.read_training_pairs(out / "00001.tar") == expected[3:]
+
+
+def test_img2dataset_parquet_layout(tmp_path: Path, fashion_images) -> None:
+    import pandas as pd
+
+    out = tmp_path / "pq"
+    out.mkdir()
+    expected = []
+    for shard_id, items in ((0, fashion_images[:3]), (1, fashion_images[3:])):
+        keys = [f"{shard_id * 10000 + i:09d}" for i in range(len(items) + 1)]
+        jpgs = [jpg for jpg, _ in items] + [None]  # the last URL failed to download
+        texts = [text for _, text in items] + ["a failed download"]
+        pd.DataFrame({
+            "key": keys, "caption": texts, "url": [f"https://example.com/{k}.jpg" for k in keys], "jpg": jpgs,
+            "status": ["success"] * len(items) + ["failed_to_download"], "width": [28] * len(items) + [None],
+        }).to_parquet(out / f"{shard_id:05d}.parquet")
+        (out / f"{shard_id:05d}_stats.json").write_text("{}")
+        expected += [(jpg, text) for jpg, text in items]
+    assert data.read_image_shards(out) == expected
+    assert data.read_training_pairs(out) == expected
+
+
+def test_url_only_parquet_refused_with_img2dataset_command(tmp_path: Path) -> None:
+    import pandas as pd
+
+    meta = pd.DataFrame({"URL": ["https://example.com/a.jpg", "https://example.com/b.jpg"],
+                         "TEXT": ["a cat", "a dog"], "similarity": [0.3, 0.4]})
+    meta.to_parquet(tmp_path / "laion.parquet")
+    command = (
+        f"img2dataset --url_list {tmp_path}/laion.parquet --input_format parquet --url_col URL --caption_col TEXT "
+        f"--output_format files --output_folder {tmp_path}/laion_images --image_size 512 --resize_mode center_crop"
+    )
+    for read in (read_laion_parquet, data.read_training_pairs):
+        with pytest.raises(ValueError) as info:
+            read(tmp_path / "laion.parquet")
+        assert command in str(info.value) and "2 of 2 rows" in str(info.value)
+    assert data.img2dataset_command(tmp_path / "laion.parquet", tmp_path / "laion_images") == command
+    # A folder of metadata shards: the command downloads the whole folder.
+    folder = tmp_path / "laion-aesthetics"
+    folder.mkdir()
+    for i in range(2):
+        meta.rename(columns={"URL": "url", "TEXT": "caption"}).to_parquet(folder / f"part-{i:05d}.parquet")
+    with pytest.raises(ValueError) as info:
+        data.read_training_pairs(folder)
+    assert (f"img2dataset --url_list {folder} --input_format parquet --url_col url --caption_col caption "
+            f"--output_format files --output_folder {tmp_path}/laion-aesthetics_images") in str(info.value)
+    # img2dataset's own metadata parquet beside its shard folder points at the output folder instead.
+    (tmp_path / "out" / "00000").mkdir(parents=True)
+    _img2dataset_meta(tmp_path / "out" / "00000.parquet", ["000000000"], ["a cat"])
+    with pytest.raises(ValueError, match=f"point at the whole output folder {tmp_path}/out"):
+        read_laion_parquet(tmp_path / "out" / "00000.parquet")
+
+
+def test_read_training_pairs_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nothing.*does not exist"):
+        data.read_training_pairs(tmp_path / "nothing")
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="notes.csv: a file that is neither a .parquet nor a .tar"):
+        data.read_training_pairs(tmp_path / "notes.csv")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="img2dataset shard folders"):
+        data.read_training_pairs(tmp_path / "empty")
+
+
+def _artbench(base: Path, files: dict[str, bytes]) -> None:
+    for name, payload in files.items():
+        (base / name).parent.mkdir(parents=True, exist_ok=True)
+        (base / name).write_bytes(payload)
+
+
+ARTBENCH_CSV_HEADER = "name,url,file_name,artist,split,label,cv_fold,is_public_domain,length\n"
+
+
+def test_read_artbench10_with_csv(tmp_path: Path, fashion_images) -> None:
+    root = tmp_path / "ArtBench-10"
+    base = root / "artbench-10-imagefolder-split"
+    jpg = [j for j, _ in fashion_images]
+    _artbench(base, {
+        "train/baroque/rembrandt_the-night-watch-1642.jpg": jpg[0],
+        "train/baroque/unlisted.jpg": jpg[1],
+        "train/renaissance/albrecht-durer_melencolia-i-1514.jpg": jpg[2],
+        "train/ukiyo_e/katsushika-hokusai_the-great-wave.jpg": jpg[3],
+        "test/baroque/rembrandt_self-portrait-1660.jpg": jpg[4],
+    })
+    rows = [
+        ("rembrandt_the-night-watch-1642.jpg", "rembrandt", "train", "baroque"),
+        ("albrecht-durer_melencolia-i-1514.jpg", "albrecht-durer", "train", "renaissance"),
+        ("katsushika-hokusai_the-great-wave.jpg", "katsushika-hokusai", "train", "ukiyo_e"),
+        ("rembrandt_self-portrait-1660.jpg", "rembrandt", "test", "baroque"),
+    ]
+    (root / "ArtBench-10.csv").write_text(ARTBENCH_CSV_HEADER + "".join(
+        f"{name},https://uploads.wikiart.org/{name},{name},{artist},{split},{label},1,True,256\n"
+        for name, artist, split, label in rows))
+    train = [
+        (base / "train/baroque/rembrandt_the-night-watch-1642.jpg", "a baroque painting by Rembrandt"),
+        (base / "train/baroque/unlisted.jpg", "a baroque painting"),
+        (base / "train/renaissance/albrecht-durer_melencolia-i-1514.jpg", "a renaissance painting by Albrecht Durer"),
+        (base / "train/ukiyo_e/katsushika-hokusai_the-great-wave.jpg", "a ukiyo-e painting by Katsushika Hokusai"),
+    ]
+    with pytest.warns(UserWarning, match="no artist for 1 of 4 images"):
+        assert data.read_artbench10(root) == train
+    with pytest.warns(UserWarning, match="no artist for 1 of 4"):
+        assert data.read_training_pairs(root) == train  # detected; the train split
+    with pytest.warns(UserWarning, match="no artist for 1 of 4"):
+        assert data.read_training_pairs(base / "train") == train
+    assert data.read_training_pairs(base / "train" / "ukiyo_e") == train[3:]
+    # The imagefolder itself as root: the CSV is found in its parent.
+    assert data.read_artbench10(base, "test") == [
+        (base / "test/baroque/rembrandt_self-portrait-1660.jpg", "a baroque painting by Rembrandt")]
+    assert data.is_artbench10(root) and data.is_artbench10(base) and not data.is_artbench10(base / "train")
+    assert data.artist_name("albrecht-durer") == "Albrecht Durer"
+    assert data.artist_name("a.y.-jackson") == "A.Y. Jackson"
+
+
+def test_read_artbench10_without_csv_and_errors(tmp_path: Path, fashion_images) -> None:
+    base = tmp_path / "artbench-10-imagefolder-split"
+    _artbench(base, {
+        "train/impressionism/claude-monet_water-lilies.jpg": fashion_images[0][0],
+        "train/post_impressionism/paul-cezanne_card-players.jpg": fashion_images[1][0],
+    })
+    expected = [
+        (base / "train/impressionism/claude-monet_water-lilies.jpg", "an impressionist painting"),
+        (base / "train/post_impressionism/paul-cezanne_card-players.jpg", "a post-impressionist painting"),
+    ]
+    with pytest.warns(UserWarning, match="no ArtBench-10.csv"):
+        assert data.read_artbench10(base) == expected
+    with pytest.warns(UserWarning, match="no ArtBench-10.csv"):
+        assert data.read_artbench10(tmp_path, styles=["post_impressionism"]) == expected[1:]
+    with pytest.raises(FileNotFoundError, match="not an ArtBench-10 folder"):
+        data.read_artbench10(base / "train")
+    with pytest.raises(FileNotFoundError, match="no ArtBench-10 'test' split"):
+        data.read_artbench10(base, "test")
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        data.read_artbench10(base, "val")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown ArtBench-10 styles \\['cubism'\\]"):
+        data.read_artbench10(base, styles=["cubism"])
+    (tmp_path / "wrong.csv").write_text("image,style\n")
+    with pytest.raises(ValueError, match="wrong.csv: expected ArtBench-10 metadata columns"):
+        data.read_artbench10(base, metadata=tmp_path / "wrong.csv")
+    with pytest.raises(FileNotFoundError, match="absent.csv"):
+        data.read_artbench10(base, metadata=tmp_path / "absent.csv")
+
+
+def _coco_file(path: Path, captions_per_image: list[int]) -> Path:
+    """A COCO captions file: image i has captions_per_image[i] captions, annotation ids shuffled."""
+    images = [{"id": 100 + i, "file_name": f"{100 + i:012d}.jpg"} for i in range(len(captions_per_image))]
+    annotations = [{"image_id": 100 + i, "id": 1000 * (j + 1) + i, "caption": f"image {i} caption {j}."}
+                   for i, count in enumerate(captions_per_image) for j in range(count)]
+    np.random.default_rng(5).shuffle(annotations)
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "licenses": []}))
+    return path
+
+
+def _coco_before(path: Path, n: int, seed: int | None) -> list[tuple[int, str]]:
+    """read_coco_captions as it was before captions_per_image (one caption per image)."""
+    loaded = json.loads(path.read_text())
+    by_image: dict[int, list[tuple[int, str]]] = {}
+    for ann in loaded["annotations"]:
+        by_image.setdefault(int(ann["image_id"]), []).append((int(ann.get("id", 0)), " ".join(ann["caption"].split())))
+    image_ids = sorted(int(img["id"]) for img in loaded["images"] if int(img["id"]) in by_image)
+    rng = np.random.default_rng(seed) if seed is not None else None
+    pairs = []
+    for image_id in image_ids:
+        captions = [c for _, c in sorted(by_image[image_id])]
+        pairs.append((image_id, captions[int(rng.integers(len(captions))) if rng is not None else 0]))
+    return pairs[:n] if seed is None else sample_subset(pairs, n, seed)
+
+
+def test_coco_default_unchanged_and_shortfall_warns(tmp_path: Path) -> None:
+    path = _coco_file(tmp_path / "captions_val2017.json", [5, 6, 5, 7, 5, 5, 6, 5, 5, 5, 5, 5])
+    for seed in (None, 0, 1, 7):
+        assert read_coco_captions(path, n=8, seed=seed) == _coco_before(path, 8, seed)
+        with pytest.warns(UserWarning) as record:
+            assert read_coco_captions(path, n=30000, seed=seed) == _coco_before(path, 30000, seed)
+        (message,) = [str(w.message) for w in record]
+        assert message.startswith(f"{path}: 30000 prompts asked but only 12 available")
+        assert "captions_per_image" in message and "captions_val2014.json" in message
+
+
+def test_coco_captions_per_image(tmp_path: Path) -> None:
+    path = _coco_file(tmp_path / "captions_val2017.json", [5, 6, 5])
+    with pytest.warns(UserWarning, match=r"captions_per_image=6 .* 2 of 18 prompts repeat"):
+        pairs = read_coco_captions(path, n=18, seed=None, captions_per_image=6)
+    assert pairs == (
+        [(100, f"image 0 caption {j}.") for j in (0, 1, 2, 3, 4, 0)]
+        + [(101, f"image 1 caption {j}.") for j in range(6)]
+        + [(102, f"image 2 caption {j}.") for j in (0, 1, 2, 3, 4, 0)]
+    )
+    every = read_coco_captions(path, n=16, seed=None, captions_per_image=None)
+    assert len(every) == 16 and len(set(every)) == 16
+    seeded = read_coco_captions(path, n=6, seed=3, captions_per_image=2)
+    assert seeded == read_coco_captions(path, n=6, seed=3, captions_per_image=2)
+    assert sorted(i for i, _ in seeded) == [100, 100, 101, 101, 102, 102] and len(set(seeded)) == 6
+    with pytest.warns(UserWarning, match="10 prompts asked but only 6 available"):
+        read_coco_captions(path, n=10, seed=0, captions_per_image=2)
+    with pytest.raises(ValueError, match="captions_per_image must be"):
+        read_coco_captions(path, n=3, captions_per_image=0)
+
+
+def test_coco_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="absent.json: no such file"):
+        read_coco_captions(tmp_path / "absent.json")
+    (tmp_path / "instances_val2017.json").write_text(json.dumps(
+        {"images": [{"id": 1}], "annotations": [{"image_id": 1, "id": 1, "bbox": [0, 0, 1, 1]}]}))
+    with pytest.raises(ValueError, match="not a COCO captions file"):
+        read_coco_captions(tmp_path / "instances_val2017.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json: not JSON"):
+        read_coco_captions(tmp_path / "broken.json")
+
+
+def test_read_eval_prompts_dispatch(tmp_path: Path) -> None:
+    coco = _coco_file(tmp_path / "captions_val2017.json", [5, 5])
+    assert data.read_eval_prompts(coco, 2, seed=None) == ["image 0 caption 0.", "image 1 caption 0."]
+    assert data.read_eval_prompts(coco, 2, seed=0) == [c for _, c in read_coco_captions(coco, 2, 0)]
+    flickr_csv = tmp_path / "results.csv"
+    flickr_csv.write_text("image_name| comment_number| comment\n1000092795.jpg| 1| Two males .\n"
+                          "1000092795.jpg| 0| Two young guys .\n10002456.jpg| 0| Workers look down .\n")
+    assert data.read_eval_prompts(flickr_csv, 2, seed=None) == ["Two young guys .", "Workers look down ."]
+    flickr_token = tmp_path / "results_20130124.token"
+    flickr_token.write_text("1000092795.jpg#0\tTwo young guys .\n1000092795.jpg#1\tTwo males .\n"
+                            "10002456.jpg#0\tWorkers look down .\n")
+    assert data.read_eval_prompts(flickr_token, 3, seed=None, captions_per_image=None) == [
+        "Two young guys .", "Two males .", "Workers look down ."]
+    classes = tmp_path / "imagenet_classes.txt"
+    classes.write_text("tench, Tinca tinca\ngoldfish, Carassius auratus\ngreat white shark\n")
+    three = ["a photo of a tench", "a photo of a goldfish", "a photo of a great white shark"]
+    assert data.read_eval_prompts(classes, 3, seed=0) == three
+    assert data.read_eval_prompts(classes, 7, seed=None) == three * 2 + three[:1]
+    balanced = data.read_eval_prompts(classes, 8, seed=1)
+    assert balanced[:6] == three * 2 and len(set(balanced[6:])) == 2 and set(balanced[6:]) <= set(three)
+    synsets = tmp_path / "LOC_synset_mapping.txt"
+    synsets.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n")
+    assert data.read_eval_prompts(synsets, 2, seed=None, template="a {} in a pond") == [
+        "a tench in a pond", "a goldfish in a pond"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# my prompts\na red car\n\na blue bird\n")
+    with pytest.warns(UserWarning, match="5 prompts asked but only 2 available"):
+        assert data.read_eval_prompts(prompts, 5, seed=0) == ["a red car", "a blue bird"]
+    parti = tmp_path / "PartiPrompts.tsv"
+    parti.write_text("Prompt\tCategory\tChallenge\tNote\nbond\tAbstract\tBasic\t\na cat on a mat\tAnimals\tBasic\t\n")
+    assert data.read_eval_prompts(parti, 2, seed=None) == ["bond", "a cat on a mat"]
+    headerless = tmp_path / "ood.tsv"
+    headerless.write_text("# label<TAB>prompt\nCoat\ta coat in the rain\nBag\ta leather bag\n")
+    assert data.read_eval_prompts(headerless, 2, seed=None) == ["a coat in the rain", "a leather bag"]
+    many = tmp_path / "many.txt"
+    many.write_text("".join(f"prompt {i}\n" for i in range(10)))
+    assert data.read_eval_prompts(many, 3, seed=1) == sample_subset([f"prompt {i}" for i in range(10)], 3, 1)
+    kinds = {p.name: data.eval_prompt_kind(p) for p in (coco, flickr_csv, flickr_token, classes, synsets, prompts,
+                                                         parti)}
+    assert kinds == {"captions_val2017.json": "coco", "results.csv": "flickr30k",
+                     "results_20130124.token": "flickr30k", "imagenet_classes.txt": "imagenet",
+                     "LOC_synset_mapping.txt": "imagenet", "prompts.txt": "prompts", "PartiPrompts.tsv": "prompts"}
+    assert data.read_eval_prompts(many, 2, seed=None, kind="imagenet") == ["a photo of a prompt 0",
+                                                                          "a photo of a prompt 1"]
+
+
+def test_read_eval_prompts_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="absent.json: does not exist .*COCO captions"):
+        data.read_eval_prompts(tmp_path / "absent.json", 10, 0)
+    with pytest.raises(ValueError, match="a folder, not a file"):
+        data.read_eval_prompts(tmp_path, 10, 0)
+    (tmp_path / "prompts.bin").write_bytes(b"\x00\x01")
+    with pytest.raises(ValueError, match="prompts.bin: unknown prompt source"):
+        data.read_eval_prompts(tmp_path / "prompts.bin", 10, 0)
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match="empty.txt: empty"):
+        data.read_eval_prompts(tmp_path / "empty.txt", 10, 0)
+    with pytest.raises(ValueError, match="kind must be 'auto' or one of"):
+        data.read_eval_prompts(tmp_path / "empty.txt", 10, 0, kind="laion")
+    (tmp_path / "ok.txt").write_text("a cat\n")
+    with pytest.raises(ValueError, match="number of prompts must be an integer >= 1"):
+        data.read_eval_prompts(tmp_path / "ok.txt", 0, 0)
+
+
+def test_read_imagenet_classes_formats(tmp_path: Path) -> None:
+    path = tmp_path / "imagenet1000_clsidx_to_labels.txt"
+    path.write_text("{0: 'tench, Tinca tinca',\n 1: 'goldfish, Carassius auratus',\n 2: \"great white shark\"}\n")
+    assert data.read_imagenet_classes(path) == ["tench, Tinca tinca", "goldfish, Carassius auratus",
+                                                "great white shark"]
