@@ -1,7 +1,9 @@
 """Command line: ``python -m fcr {validate,train} -f params/a.yaml [-f b.yaml] [--set key=value]``.
 
 Parameter files merge left to right with a shallow update (as papermill's ``-f``); ``--set``
-values are read as YAML scalars. Everything is validated before any work or output.
+values are read as YAML scalars. Everything is validated before any work or output; ``validate``
+also runs the setting's checks for each ``--task`` (default: every task the setting implements).
+Bad parameters, data or model paths print ``error: ...`` and exit with status 2.
 Data-parallel training: ``torchrun --nproc_per_node N -m fcr train ...`` (gloo on CPU, NCCL on GPUs).
 """
 
@@ -13,7 +15,7 @@ import sys
 
 import yaml
 
-from fcr.config import ConfigError, load_params
+from fcr.config import SETTING_TASKS, TASKS, ConfigError, check_task, load_params
 
 
 def _parse_sets(items: list[str]) -> dict:
@@ -32,10 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-f", "--params", action="append", default=[], help="parameter YAML file (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one parameter")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after this many optimizer steps (resumable)")
+    parser.add_argument("--task", action="append", choices=TASKS, default=None,
+                        help="validate: check the parameters for this task (repeatable; default all of the setting's)")
     args = parser.parse_args(argv)
+    from fcr.models import ModelNotFoundError
+
     try:
         params = load_params(*args.params, overrides=_parse_sets(args.set))
-    except ConfigError as exc:
+        tasks = ["finetune"] if args.command == "train" else args.task or list(SETTING_TASKS[params["setting"]])
+        for task in tasks:
+            check_task(params, task)
+    except (ConfigError, ModelNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.command == "validate":
@@ -50,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except DistributedSetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except (ConfigError, ModelNotFoundError, FileNotFoundError) as exc:  # data or model paths
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
         print(f"finished at step {result.last_step}; log {result.log_path}; weights {result.ema_dir or result.unet_dir}")
     return 0

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["SCHEMA", "ConfigError", "Param", "from_namespace", "load_params", "load_yaml", "merge", "validate"]
+__all__ = ["SCHEMA", "SETTING_TASKS", "TASKS", "ConfigError", "Param", "check_task", "from_namespace", "load_params", "load_yaml", "merge", "validate"]
 
 
 class ConfigError(ValueError):
@@ -85,12 +85,16 @@ SCHEMA: dict[str, Param] = {
     "output_dir": Param("str", "outputs/embedded", "where results are written"),
     "run_name": Param("str", "default", "name of this variation's folder under output_dir"),
     "data_dir": Param("str", "outputs/embedded/data", "prepared embedded data (splits, captions, text states)"),
-    "train_data": Param("str", "", "SD training data: image+caption folder, .parquet or webdataset .tar (local)"),
+    "train_data": Param("str", "", "SD training data (local): image+caption folder, img2dataset output, ArtBench-10 root, .parquet or webdataset .tar"),
     "train_subset": Param("int", 50000, "training items sampled from train_data (seeded by seed)", check=_at_least(1)),
-    "eval_prompts": Param("str", "", "COCO captions JSON (captions_val2017.json) for SD evaluation"),
+    "eval_prompts": Param("str", "", "SD evaluation prompts: COCO captions JSON, Flickr30k results.csv/token file, ImageNet class list or a prompt list (.txt/.tsv)"),
+    "eval_prompt_kind": Param("str", "auto", "kind of eval_prompts ('auto' detects it)", ("auto", "coco", "flickr30k", "imagenet", "prompts")),
+    "captions_per_image": Param("int", 1, "COCO/Flickr30k captions taken per image (0 = all); val2017 has 5,000 images", check=_at_least(0)),
     # --- models ---
     "model": Param("str", "base", "'scratch' (random init of `architecture`), an embedded model (base, base-v, derivative), a training run folder, or an SD repo id/folder"),
     "architecture": Param("str", "base", "embedded UNet architecture", ("base", "base-v")),
+    "revision": Param("str", "", "SD: hub revision (branch, tag or commit) of `model`; '' = the default branch"),
+    "variant": Param("str", "", "SD: weight-file variant of `model`, e.g. 'fp16'; '' = the full-precision files"),
     "text_encoder": Param("str", "minilm", "text encoder: 'minilm' (embedded) or a repo id/folder"),
     "prediction_type": Param("str", "epsilon", "what the UNet predicts", ("epsilon", "v_prediction")),
     "num_train_timesteps": Param("int", 1000, "training diffusion steps T", check=_at_least(2)),
@@ -147,6 +151,9 @@ SCHEMA: dict[str, Param] = {
     "profile_repeats": Param("int", 3, "timed repeats per batch size (after one warm-up run)", check=_at_least(1)),
     "n_bootstrap": Param("int", 200, "bootstrap resamples of the per-configuration intervals", check=_at_least(10)),
     "fid_reference": Param("str", "", "SD sweep: clean-fid custom statistics name or a folder of reference images"),
+    "fid_inception_dir": Param("str", "", "SD: folder holding clean-fid's Inception file inception-2015-12-05.pt (no download); '' = clean-fid fetches it"),
+    "clip_model": Param("str", "ViT-L-14", "SD CLIPScore: open_clip model name, or a local open_clip model-config .json"),
+    "clip_pretrained": Param("str", "openai", "SD CLIPScore: open_clip pretrained tag, or a local checkpoint file (.safetensors)"),
     # --- robustness (notebook 04) ---
     "robustness_models": Param("str_list", ["base"], "models (embedded names or run folders) stress-tested in notebook 04", check=_non_empty()),
     "robustness_strides": Param("int_list", [1, 10], "strides stress-tested (1 = full sampling)", check=_non_empty(_each(_at_least(1)))),
@@ -256,6 +263,28 @@ def validate(params: Mapping[str, Any], *, fill_defaults: bool = True) -> dict[s
     return out
 
 
+TASKS = ("data", "finetune", "sweep", "robustness", "mechanistic")
+# The tasks each setting implements (notebook 05's feature variance is embedded-only so far).
+SETTING_TASKS = {"embedded": TASKS, "sd": ("data", "finetune", "sweep", "robustness")}
+
+
+def check_task(params: Mapping[str, Any], task: str) -> None:
+    """Checks of validated ``params`` that depend on the setting and on what ``task`` (one of
+    :data:`TASKS`) will do with them: data paths that must be set and exist, resolutions, stresses.
+    Raises :class:`ConfigError` naming the key, before any work or output."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; allowed {list(TASKS)}")
+    if task == "robustness" and "high_resolution" in params["stresses"] and params["stress_resolution"] <= params["resolution"]:
+        raise ConfigError(
+            f"parameter 'stress_resolution': the high-resolution stress needs a side above resolution="
+            f"{params['resolution']}, got {params['stress_resolution']}"
+        )
+    if params["setting"] == "sd":
+        from fcr.sd_params import check_sd_params  # diffusers is imported only for the SD setting
+
+        check_sd_params(params, task)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read one flat YAML mapping with ``yaml.safe_load``."""
     path = Path(path)
@@ -287,13 +316,16 @@ def load_params(*paths: str | Path, overrides: Mapping[str, Any] | None = None) 
     return validate(merge(*(load_yaml(p) for p in paths), overrides or {}))
 
 
-def from_namespace(namespace: Mapping[str, Any], before: Iterable[str]) -> dict[str, Any]:
-    """Validate the parameters a notebook defined or papermill injected.
+def from_namespace(namespace: Mapping[str, Any], before: Iterable[str], task: str | None = None) -> dict[str, Any]:
+    """Validate the parameters a notebook defined or papermill injected (and, with ``task``,
+    :func:`check_task` them).
 
     ``before`` is the set of global names that existed before the parameters cell; every new
     public name is a parameter, so a misspelt injected key fails here instead of papermill's
     mere warning.
     """
     skip = set(before)
-    params = {k: v for k, v in namespace.items() if k not in skip and not k.startswith("_")}
-    return validate(params)
+    params = validate({k: v for k, v in namespace.items() if k not in skip and not k.startswith("_")})
+    if task is not None:
+        check_task(params, task)
+    return params

@@ -31,6 +31,8 @@ FINETUNE_KEYS = (
     "train_subset",
     "eval_prompts",
     "model",
+    "revision",
+    "variant",
     "architecture",
     "text_encoder",
     "prediction_type",

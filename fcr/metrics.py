@@ -44,6 +44,8 @@ __all__ = [
     "metrics_from_features",
     "precision_recall",
     "prompt_alignment",
+    "clean_fid_inception",
+    "load_clip",
     "sd_fid",
     "sd_folder_features",
 ]
@@ -375,14 +377,18 @@ def _default_device(device: str | torch.device | None) -> torch.device:
 ClipBundle = tuple[Any, Callable[[Any], torch.Tensor], Callable[[list[str]], torch.Tensor]]
 
 
-def _load_clip(model_name: str, pretrained: str | None, device: torch.device) -> ClipBundle:
+def load_clip(model_name: str, pretrained: str | None, device: torch.device) -> ClipBundle:
     """(model, eval preprocess, tokenizer) from open_clip; ``pretrained=None`` means random weights.
 
-    Downloads weights on first use for a pretrained tag. Call once and pass the result as
+    ``model_name``: an open_clip name or a local model-config ``.json`` (its stem becomes the name);
+    ``pretrained``: a tag (weights downloaded on first use) or a local checkpoint file. Call once and pass the result as
     ``clip=`` to :func:`clip_score` when scoring many image sets.
     """
     import open_clip
 
+    if model_name.endswith(".json"):  # a local model config (machines without internet, tests)
+        open_clip.add_model_config(model_name)
+        model_name = Path(model_name).stem
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(model_name)
@@ -400,7 +406,7 @@ def clip_score(
     """Per-image CLIPScore ``max(100 * cos(E_img(image), E_txt(prompt)), 0)``, shape ``(N,)``.
 
     Same scale as torchmetrics' CLIPScore (Hessel et al. 2021 use 2.5 instead of 100).
-    ``clip`` injects a ``(model, preprocess, tokenizer)`` triple, else :func:`_load_clip` loads
+    ``clip`` injects a ``(model, preprocess, tokenizer)`` triple, else :func:`load_clip` loads
     ``model_name`` / ``pretrained`` from open_clip.
     """
     if len(images) != len(prompts):
@@ -408,7 +414,7 @@ def clip_score(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     dev = _default_device(device)
-    model, preprocess, tokenizer = clip if clip is not None else _load_clip(model_name, pretrained, dev)
+    model, preprocess, tokenizer = clip if clip is not None else load_clip(model_name, pretrained, dev)
     scores: list[torch.Tensor] = []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
@@ -449,6 +455,20 @@ def sd_folder_features(
     )
 
 
+def clean_fid_inception(inception_dir: str | Path, mode: str = "clean", device: str | torch.device = "cpu"):
+    """clean-fid's Inception feature extractor from a local ``inception_dir/inception-2015-12-05.pt``
+    (the TorchScript file clean-fid otherwise downloads), for machines without internet."""
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    path = Path(inception_dir) / "inception-2015-12-05.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: copy clean-fid's inception-2015-12-05.pt there")
+    if mode not in ("clean", "legacy_tensorflow"):
+        raise ValueError(f"a local Inception file serves modes 'clean' and 'legacy_tensorflow', not {mode!r}")
+    model = InceptionV3W(str(inception_dir), download=False, resize_inside=mode == "legacy_tensorflow")
+    return model.to(device).eval()
+
+
 def sd_fid(
     gen_dir: str | Path,
     ref_dir: str | Path | None = None,
@@ -459,17 +479,21 @@ def sd_fid(
     device: str | torch.device | None = None,
     feature_extractor: Callable[[torch.Tensor], torch.Tensor] | None = None,
     verbose: bool = False,
+    inception_dir: str | Path | None = None,
 ) -> float:
     """clean-fid FID of the images in ``gen_dir`` against a folder or cached custom statistics.
 
     Give exactly one of ``ref_dir`` and ``ref_stats_name`` (made by
     :func:`cache_reference_statistics` with the same ``mode``). ``feature_extractor`` is
-    clean-fid's ``custom_feat_extractor`` (default: its Inception for ``mode``).
+    clean-fid's ``custom_feat_extractor``; else ``inception_dir`` (a folder with clean-fid's
+    ``inception-2015-12-05.pt``, see :func:`clean_fid_inception`); else clean-fid's own download.
     """
     from cleanfid import fid
 
     if (ref_dir is None) == (ref_stats_name is None):
         raise ValueError("give exactly one of ref_dir and ref_stats_name")
+    if feature_extractor is None and inception_dir:
+        feature_extractor = clean_fid_inception(inception_dir, mode, _default_device(device))
     if ref_stats_name is not None:
         ref_stats_name = ref_stats_name.lower()  # as in cache_reference_statistics
     common: dict[str, Any] = dict(

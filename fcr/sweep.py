@@ -665,16 +665,14 @@ def _run_sweep_sd(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The SD sweep (GPU machine): COCO captions, clean-fid FID and CLIPScore per configuration.
 
-    Needs ``eval_prompts`` (COCO captions JSON) and ``fid_reference`` (clean-fid custom
+    Needs ``eval_prompts`` (e.g. COCO captions JSON) and ``fid_reference`` (clean-fid custom
     statistics name, or a folder of reference images). Not exercised with real weights here.
     """
-    from fcr import data
-    from fcr.metrics import clip_score, sd_fid
+    from fcr.metrics import clip_score, load_clip, sd_fid
     from fcr.sd import load_sd_components
+    from fcr.sd_params import sd_eval_prompts, sd_fid_reference
     from fcr.sd import generate_sd as _generate_sd
 
-    if not params["eval_prompts"]:
-        raise ValueError("parameter 'eval_prompts': the SD sweep needs a COCO captions JSON (captions_val2017.json)")
     if not params["fid_reference"]:
         raise ValueError("parameter 'fid_reference': give a clean-fid statistics name or a folder of reference images")
     out_dir = Path(out_dir)
@@ -684,13 +682,13 @@ def _run_sweep_sd(
         params["strides"], params["num_inference_steps"], params["scheduler"],
         params["include_50ls"], params["dpm_reference_steps"], params["dpm_strides"],
     )
-    components = {label: load_sd_components(source, device=device, dtype=dtype) for label, source in models.items()}
-    ref = Path(params["fid_reference"])
-    ref_kw = {"ref_dir": ref} if ref.is_dir() else {"ref_stats_name": params["fid_reference"]}
+    components = {label: load_sd_components(source, device=device, dtype=dtype, revision=params["revision"] or None,
+                                            variant=params["variant"] or None) for label, source in models.items()}
+    ref_kw = sd_fid_reference(params)
+    clip = load_clip(params["clip_model"], params["clip_pretrained"] or None, device)  # once, for every configuration
     quality_rows, cost_rows = [], []
     for seed in params["seeds"]:
-        pairs = data.read_coco_captions(params["eval_prompts"], n=params["num_eval_images"], seed=seed)
-        prompts = [caption for _, caption in pairs]
+        prompts = sd_eval_prompts(params, params["num_eval_images"], seed)
         for index, (label, parts) in enumerate(components.items()):
             for config in configs_for_model(configs, index, params["reference_lines_all_models"]):
                 prior = _prior(params, config)
@@ -719,10 +717,10 @@ def _run_sweep_sd(
                     for i, image in enumerate(images):
                         image.save(folder / f"{i:06d}.png")
                     fid = sd_fid(folder, device=device, **ref_kw)
-                    clip = clip_score(images, prompts, device=device)
-                    est, lo, hi = bootstrap_ci(clip, n_boot=params["n_bootstrap"], seed=seed)
+                    scores = clip_score(images, prompts, device=device, clip=clip)
+                    est, lo, hi = bootstrap_ci(scores, n_boot=params["n_bootstrap"], seed=seed)
                     _save_safetensors_atomic(
-                        {"clip_score": torch.from_numpy(clip)}, out_dir / "quality" / f"{stem}.safetensors",
+                        {"clip_score": torch.from_numpy(scores)}, out_dir / "quality" / f"{stem}.safetensors",
                         {"model": label, "config": config.name, "seed": str(seed)},
                     )
                     return {"fid": fid, "clip_score": est, "clip_score_lo": lo, "clip_score_hi": hi,

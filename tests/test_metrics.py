@@ -257,7 +257,7 @@ def _tiny_clip(tmp_path: Path) -> metrics.ClipBundle:
     (tmp_path / "fcr-test-tiny-clip.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(tmp_path / "fcr-test-tiny-clip.json")
     torch.manual_seed(0)
-    return metrics._load_clip("fcr-test-tiny-clip", None, torch.device("cpu"))
+    return metrics.load_clip("fcr-test-tiny-clip", None, torch.device("cpu"))
 
 
 def test_clip_score_code_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -268,7 +268,7 @@ def test_clip_score_code_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         calls.append((name, pretrained))
         return bundle
 
-    monkeypatch.setattr(metrics, "_load_clip", fake_load)
+    monkeypatch.setattr(metrics, "load_clip", fake_load)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(5)]
     images[1] = images[1].convert("L")  # grayscale input must be accepted

