@@ -18,6 +18,7 @@ __all__ = [
     "config_sample_grid",
     "cost_bars",
     "image_grid",
+    "interval_bars",
     "quality_vs_stride",
     "quality_vs_time",
     "save_figure",
@@ -83,14 +84,21 @@ def training_curves(log: pd.DataFrame, title: str = "") -> plt.Figure:
 # ----------------------------------------------------------------------------- stride sweep
 
 
-def _errorbar(ax: plt.Axes, x, y, lo, hi, color) -> None:
-    """Interval bars from ``lo`` to ``hi``; drawn as segments because a bootstrap interval of a
-    biased set metric (FD) need not contain its estimate, which ``ax.errorbar`` cannot show."""
+def interval_bars(ax: plt.Axes, x, lo, hi, color) -> None:
+    """Interval bars from ``lo`` to ``hi`` at ``x`` (non-finite ends skipped); drawn as segments
+    because a bootstrap interval of a biased set metric (FD) need not contain its estimate, which
+    ``ax.errorbar`` cannot show."""
     x, lo, hi = np.asarray(x, float), np.asarray(lo, float), np.asarray(hi, float)
     ok = np.isfinite(lo) & np.isfinite(hi)  # one seed: no interval to draw
     if ok.any():
         ax.vlines(x[ok], lo[ok], hi[ok], color=color, linewidth=1.2)
         ax.scatter(np.r_[x[ok], x[ok]], np.r_[lo[ok], hi[ok]], marker="_", color=color, s=60)
+
+
+def _metric_bars(ax: plt.Axes, group: pd.DataFrame, x: str, metric: str, color) -> None:
+    # Only where the table has intervals: an SD FID of one seed is a single number per image set.
+    if f"{metric}_lo" in group and f"{metric}_hi" in group:
+        interval_bars(ax, group[x], group[f"{metric}_lo"], group[f"{metric}_hi"], color)
 
 
 def quality_vs_stride(summary: pd.DataFrame, metric: str, ylabel: str | None = None) -> plt.Figure:
@@ -101,7 +109,7 @@ def quality_vs_stride(summary: pd.DataFrame, metric: str, ylabel: str | None = N
     strided = summary[summary["stride"].notna()].sort_values("stride")
     sns.lineplot(data=strided, x="stride", y=metric, hue="model", palette=palette, marker="o", ax=ax, errorbar=None)
     for model, group in strided.groupby("model"):
-        _errorbar(ax, group["stride"], group[metric], group[f"{metric}_lo"], group[f"{metric}_hi"], palette[model])
+        _metric_bars(ax, group, "stride", metric, palette[model])
     styles = iter(["--", ":", "-."] * 10)
     for config, group in summary[summary["stride"].isna()].groupby("config", sort=False):
         style = next(styles)
@@ -130,7 +138,7 @@ def quality_vs_time(
     sns.scatterplot(data=merged, x=time_col, y=metric, hue="model", style="config", s=70, ax=ax)
     palette = dict(zip(merged["model"].unique(), sns.color_palette(n_colors=merged["model"].nunique())))
     for model, group in merged.groupby("model"):
-        _errorbar(ax, group[time_col], group[metric], group[f"{metric}_lo"], group[f"{metric}_hi"], palette[model])
+        _metric_bars(ax, group, time_col, metric, palette[model])
         front, best = [], np.inf
         for _, row in group.sort_values([time_col, metric]).iterrows():
             if row[metric] < best:

@@ -1095,7 +1095,7 @@ def plot_drops(drops: pd.DataFrame, metric: str, ylabel: str | None = None):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    from fcr.plots import _errorbar
+    from fcr.plots import interval_bars
 
     sub = drops[drops["metric"] == metric]
     configs = list(dict.fromkeys(sub["config"]))
@@ -1120,7 +1120,7 @@ def plot_drops(drops: pd.DataFrame, metric: str, ylabel: str | None = None):
                     lo.append(rows.loc[stress, "drop_lo"])
                     hi.append(rows.loc[stress, "drop_hi"])
             if xs:
-                _errorbar(ax, xs, None, lo, hi, "black")
+                interval_bars(ax, xs, lo, hi, "black")
         ax.axhline(0, color="gray", linewidth=0.8)
         ax.set_title(config)
         ax.set_xlabel("")

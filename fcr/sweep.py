@@ -727,7 +727,7 @@ def _run_sweep_sd(
                             "sampling_s": sampling_s, "images": str(folder)}
 
                 result, _ = run_or_load(out_dir / "quality" / f"{stem}.json", key, compute, environment_info(device))
-                quality_rows.append({**key, **result})
+                quality_rows.append({**key, **result, "architecture": "sd"})  # the cost rows' architecture
     first = next(iter(components.values()))
     for config in configs:
         prior = _prior(params, config)

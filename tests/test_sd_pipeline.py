@@ -1,0 +1,121 @@
+"""The Stable Diffusion setting end to end through the pipeline runner, on a tiny SD pipeline built
+in code (random weights: code paths only, never results): notebook 01 (data) -> 02 (FCR fine-tune
+on real Fashion-MNIST images with captions) -> 03 (stride sweep of the base model and of the
+fine-tuned run folder) -> 04 (robustness). CLIP and Inception are tiny local stand-ins passed through
+the documented parameters (clip_model / clip_pretrained, fid_inception_dir), exactly as a user
+without internet points them at local weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
+from test_sd import RES, tiny_components
+
+from fcr.data import TRAIN_TEMPLATES, caption, load_fashion_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _TinyInception(torch.nn.Module):
+    """Shape stand-in for clean-fid's Inception TorchScript: ``layers`` maps normalised
+    (B, 3, 299, 299) images to (B, 2048, 1, 1) features, as the real file's ``layers`` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 2048),
+                                          torch.nn.Unflatten(1, (2048, 1, 1)))
+
+    def forward(self, x: torch.Tensor, return_features: bool = True) -> torch.Tensor:
+        return self.layers(x)
+
+
+def _local_metric_weights(folder: Path) -> dict[str, str]:
+    """A tiny open_clip model (config .json + safetensors checkpoint) and an Inception stand-in file."""
+    import open_clip
+
+    folder.mkdir(parents=True)
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    config = folder / "fcr-e2e-tiny-clip.json"
+    config.write_text(json.dumps(cfg))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    model = open_clip.create_model("fcr-e2e-tiny-clip", pretrained=None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "clip.safetensors"))
+    torch.manual_seed(0)
+    torch.jit.script(_TinyInception()).save(str(folder / "inception-2015-12-05.pt"))
+    return {"clip_model": str(config), "clip_pretrained": str(folder / "clip.safetensors"),
+            "fid_inception_dir": str(folder)}
+
+
+def _real_image_folder(folder: Path, n: int = 8) -> Path:
+    """n real Fashion-MNIST test images as RES x RES RGB PNGs with .txt captions."""
+    folder.mkdir(parents=True)
+    images, labels = load_fashion_mnist("test")
+    for i, (image, label) in enumerate(zip(images[:n], labels[:n])):
+        Image.fromarray(image).convert("RGB").resize((RES, RES), Image.BILINEAR).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(caption(int(label), TRAIN_TEMPLATES[i % len(TRAIN_TEMPLATES)]))
+    return folder
+
+
+@pytest.mark.slow
+def test_sd_setting_end_to_end_through_the_pipeline(tmp_path: Path) -> None:
+    model = tiny_components().save_pretrained(tmp_path / "tiny_sd")
+    images = _real_image_folder(tmp_path / "train_images")
+    reference = _real_image_folder(tmp_path / "fid_reference")  # same images, no captions needed
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"{caption(label, TRAIN_TEMPLATES[0])}\n" for label in range(10)))
+    overlay = {
+        "model": str(model), "train_data": str(images), "eval_prompts": str(prompts), "fid_reference": str(reference),
+        **_local_metric_weights(tmp_path / "metric_weights"),
+        "device": "cpu", "resolution": RES, "mixed_precision": "no", "prediction_type": "epsilon",
+        "train_subset": 8, "train_batch_size": 2, "gradient_accumulation_steps": 1, "max_train_steps": 2,
+        "checkpoint_every": 2, "log_every": 1, "fcr_sampling_steps": 10, "delta_max": 2,
+        "num_inference_steps": 4, "strides": [1, 2], "include_50ls": False, "dpm_reference_steps": 0,
+        "num_eval_images": 4, "eval_batch_size": 4, "seeds": [0], "profile_batches": [1], "profile_repeats": 1,
+        "n_bootstrap": 10, "robustness_strides": [1, 2], "num_robustness_images": 4,
+        "stresses": ["none", "ood_prompts", "high_resolution", "perturbed_schedule"], "stress_resolution": 2 * RES,
+    }
+    overlay_file = tmp_path / "tiny_sd.yaml"
+    overlay_file.write_text(yaml.safe_dump(overlay))
+    manifest = tmp_path / "experiments.yaml"
+    manifest.write_text(yaml.safe_dump({"experiments": [{
+        "experiment_id": "sd-e2e",
+        "settings": {"sd": {
+            "params": [str(REPO / "params" / "sd15.yaml"), str(overlay_file)],
+            "finetunes": {"fcr": [str(REPO / "params" / "variations" / "fcr_lambda0.10_fd10.yaml"), str(overlay_file)]},
+            "notebooks": [{"notebook": "03_stride_sweep", "models": [str(model), "fcr"]},
+                          {"notebook": "04_robustness", "models": [str(model), "fcr"]}],
+        }},
+    }]}))
+    root = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "fcr.pipeline", "run", "--setting", "sd", "--root", str(root), "--manifest", str(manifest),
+         "--no-report", "-f", str(overlay_file)],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1500,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+    run = root / "sd-e2e" / "fcr"
+    assert (run / "params.yaml").is_file() and any((run / "unet").glob("*.safetensors"))
+    quality = pd.read_csv(root / "sd-e2e" / "sweep" / "main" / "quality.csv")
+    assert set(quality["model"]) == {"tiny_sd", "fcr"}
+    assert {"full", "FD-2"} <= set(quality["config"])
+    assert quality["fid"].notna().all() and (quality["clip_score"] >= 0).all()
+    # The fine-tuned run folder was sampled as its own model: its images differ from the base's.
+    by = quality.set_index(["model", "config"])
+    assert by.loc[("fcr", "full"), "fid"] != by.loc[("tiny_sd", "full"), "fid"]
+    robustness = pd.read_csv(root / "sd-e2e" / "robustness" / "main" / "robustness.csv")
+    assert {"none", "ood_prompts", "high_resolution", "perturbed_schedule"} <= set(robustness["stress"])
+    assert set(robustness["model"]) == {"tiny_sd", "fcr"}
