@@ -31,10 +31,10 @@ from typing import Any
 import pandas as pd
 import torch
 
-from fcr import sampler
-from fcr.generate import sampling_scheduler
-from fcr.models import MINILM_HIDDEN_SIZE, build_embedded_unet, build_noise_scheduler
-from fcr.profiling import (
+from fcr.core import sampler
+from fcr.settings.generate import sampling_scheduler
+from fcr.settings.models import MINILM_HIDDEN_SIZE, build_embedded_unet, build_noise_scheduler
+from fcr.eval.profiling import (
     SD15_UNET_CONFIG,
     SD21_UNET_CONFIG,
     SD_TEXT_SEQ_LEN,

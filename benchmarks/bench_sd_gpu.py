@@ -3,7 +3,7 @@
 The public SD1.5 (512 px, 4x64x64 latents) and SD2.1 (768 px, 4x96x96) UNet architectures are
 built with *random* weights (none can be downloaded here) and random-normal text conditioning:
 time and memory do not depend on either, so these rows measure cost only, never quality.
-Sampling: ``fcr.sampler.sample`` with DDIM (SD's scheduler config), 50 steps, classifier-free
+Sampling: ``fcr.core.sampler.sample`` with DDIM (SD's scheduler config), 50 steps, classifier-free
 guidance (UNet batch 2B), fp16. Configurations: plain, FD-1 (every step a key step: the cost of
 the split itself), FD-5/10/20 with parallel and sequential decoding. Times: CUDA events,
 configurations interleaved round by round, median; peak memory: ``torch.cuda.max_memory_allocated``
@@ -26,8 +26,8 @@ import pandas as pd
 import torch
 from diffusers import UNet2DConditionModel
 
-from fcr import sampler
-from fcr.profiling import SD15_UNET_CONFIG, SD21_UNET_CONFIG, SD_TEXT_SEQ_LEN, Timer, environment_info, peak_memory
+from fcr.core import sampler
+from fcr.eval.profiling import SD15_UNET_CONFIG, SD21_UNET_CONFIG, SD_TEXT_SEQ_LEN, Timer, environment_info, peak_memory
 
 # SD v1/v2 scheduler_config.json values that matter for sampling (scaled-linear betas, 1000 steps).
 SD_SCHEDULER = dict(

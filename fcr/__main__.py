@@ -15,7 +15,8 @@ import sys
 
 import yaml
 
-from fcr.config import SETTING_TASKS, TASKS, ConfigError, check_task, load_params
+from fcr.config import SETTING_TASKS, TASKS, ConfigError, load_params
+from fcr.settings.checks import check_task
 
 
 def _parse_sets(items: list[str]) -> dict:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", action="append", choices=TASKS, default=None,
                         help="validate: check the parameters for this task (repeatable; default all of the setting's)")
     args = parser.parse_args(argv)
-    from fcr.models import ModelNotFoundError
+    from fcr.settings.models import ModelNotFoundError
 
     try:
         params = load_params(*args.params, overrides=_parse_sets(args.set))
@@ -50,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "validate":
         print(yaml.safe_dump(params, sort_keys=True))
         return 0
-    from fcr.finetune import finetune
-    from fcr.train import DistributedSetupError, init_distributed
+    from fcr.train.finetune import finetune
+    from fcr.train.loop import DistributedSetupError, init_distributed
 
     try:
         init_distributed()  # several launched processes: one group, or a refusal before anything is written

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["SCHEMA", "SETTING_TASKS", "TASKS", "ConfigError", "Param", "check_task", "from_namespace", "load_params", "load_yaml", "merge", "validate"]
+__all__ = ["SCHEMA", "SETTING_TASKS", "TASKS", "ConfigError", "Param", "from_namespace", "load_params", "load_yaml", "merge", "validate"]
 
 
 class ConfigError(ValueError):
@@ -100,7 +100,7 @@ SCHEMA: dict[str, Param] = {
     "num_train_timesteps": Param("int", 1000, "training diffusion steps T", check=_at_least(2)),
     "beta_schedule": Param("str", "scaled_linear", "training beta schedule", ("linear", "scaled_linear", "squaredcos_cap_v2")),
     "resolution": Param("int", 32, "image side in pixels", check=_at_least(8)),
-    "train_style": Param("str", "none", "visual domain of the training images (fcr.data.apply_style)", ("none", "high_contrast")),
+    "train_style": Param("str", "none", "visual domain of the training images (fcr.settings.data.apply_style)", ("none", "high_contrast")),
     "max_text_length": Param("int", 16, "tokens of the text encoder input", check=_at_least(2)),
     # --- sampling (Faster Diffusion) ---
     "scheduler": Param("str", "ddim", "sampling scheduler", SCHEDULER_NAMES),
@@ -268,23 +268,6 @@ TASKS = ("data", "finetune", "sweep", "robustness", "mechanistic")
 SETTING_TASKS = {"embedded": TASKS, "sd": ("data", "finetune", "sweep", "robustness")}
 
 
-def check_task(params: Mapping[str, Any], task: str) -> None:
-    """Checks of validated ``params`` that depend on the setting and on what ``task`` (one of
-    :data:`TASKS`) will do with them: data paths that must be set and exist, resolutions, stresses.
-    Raises :class:`ConfigError` naming the key, before any work or output."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; allowed {list(TASKS)}")
-    if task == "robustness" and "high_resolution" in params["stresses"] and params["stress_resolution"] <= params["resolution"]:
-        raise ConfigError(
-            f"parameter 'stress_resolution': the high-resolution stress needs a side above resolution="
-            f"{params['resolution']}, got {params['stress_resolution']}"
-        )
-    if params["setting"] == "sd":
-        from fcr.sd_params import check_sd_params  # diffusers is imported only for the SD setting
-
-        check_sd_params(params, task)
-
-
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read one flat YAML mapping with ``yaml.safe_load``."""
     path = Path(path)
@@ -316,16 +299,12 @@ def load_params(*paths: str | Path, overrides: Mapping[str, Any] | None = None) 
     return validate(merge(*(load_yaml(p) for p in paths), overrides or {}))
 
 
-def from_namespace(namespace: Mapping[str, Any], before: Iterable[str], task: str | None = None) -> dict[str, Any]:
-    """Validate the parameters a notebook defined or papermill injected (and, with ``task``,
-    :func:`check_task` them).
+def from_namespace(namespace: Mapping[str, Any], before: Iterable[str]) -> dict[str, Any]:
+    """Validate the parameters a notebook defined or papermill injected.
 
     ``before`` is the set of global names that existed before the parameters cell; every new
     public name is a parameter, so a misspelt injected key fails here instead of papermill's
     mere warning.
     """
     skip = set(before)
-    params = validate({k: v for k, v in namespace.items() if k not in skip and not k.startswith("_")})
-    if task is not None:
-        check_task(params, task)
-    return params
+    return validate({k: v for k, v in namespace.items() if k not in skip and not k.startswith("_")})

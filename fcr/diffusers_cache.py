@@ -10,10 +10,10 @@ Usage (like DeepCache's ``DeepCacheSDHelper``)::
 
 ``enable_encoder_cache`` replaces ``pipe.unet.forward`` (an instance attribute, nothing else of
 the UNet changes) with a callable that follows the pipeline's step loop: at a *key step* it runs
-:func:`fcr.unet.encode` and :func:`fcr.unet.decode` and keeps the encoder features; at any other
-step it runs only :func:`fcr.unet.decode` on the kept features with that step's timestep, exactly
-as :func:`fcr.sampler.sample` does. Step ``i`` is the index into ``pipe.scheduler.timesteps``
-(0 = noisiest); the key steps are resolved with :func:`fcr.sampler.key_steps` from the length of
+:func:`fcr.core.unet.encode` and :func:`fcr.core.unet.decode` and keeps the encoder features; at any other
+step it runs only :func:`fcr.core.unet.decode` on the kept features with that step's timestep, exactly
+as :func:`fcr.core.sampler.sample` does. Step ``i`` is the index into ``pipe.scheduler.timesteps``
+(0 = noisiest); the key steps are resolved with :func:`fcr.core.sampler.key_steps` from the length of
 ``pipe.scheduler.timesteps`` at call time, so every call may use another ``num_inference_steps``.
 Each call starts from a clean state: a new call is recognised by the new ``timesteps`` tensor that
 the pipeline's ``scheduler.set_timesteps`` creates. Prior noise injection wraps
@@ -44,9 +44,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from fcr.sampler import PriorNoise
-from fcr.sampler import key_steps as resolve_key_steps
-from fcr.unet import EncoderFeatures, UnsupportedUNetError, check_supported, decode, encode
+from fcr.core.sampler import PriorNoise
+from fcr.core.sampler import key_steps as resolve_key_steps
+from fcr.core.unet import EncoderFeatures, UnsupportedUNetError, check_supported, decode, encode
 
 __all__ = [
     "CacheSettings",
@@ -66,7 +66,7 @@ _MATCHING_FIELDS = ("in_channels", "out_channels", "cross_attention_dim", "sampl
 @dataclass(frozen=True)
 class CacheSettings:
     """What :func:`enable_encoder_cache` was given: ``schedule`` is ``"uniform"`` (with ``stride``),
-    another :func:`fcr.sampler.key_steps` schedule name (e.g. ``"50ls"``) or an explicit index tuple."""
+    another :func:`fcr.core.sampler.key_steps` schedule name (e.g. ``"50ls"``) or an explicit index tuple."""
 
     schedule: str | tuple[int, ...]
     stride: int
@@ -276,7 +276,7 @@ class _EncoderCache:
         args = dict(bound.arguments)
         sample, timestep, context = args.pop("sample"), args.pop("timestep"), args.pop("encoder_hidden_states")
         return_dict = args.pop("return_dict", True)
-        # Every other argument that is set goes to fcr.unet, which refuses those it cannot split
+        # Every other argument that is set goes to fcr.core.unet, which refuses those it cannot split
         # (ControlNet residuals, class labels, added conditions) with an UnsupportedUNetError.
         kwargs = {k: v for k, v in args.items() if v is not None and not (isinstance(v, dict) and not v)}
         attention_kwargs = kwargs.get("cross_attention_kwargs")
@@ -284,7 +284,7 @@ class _EncoderCache:
             # forward() applies a LoRA scale around the blocks; the split does not, so only 1.0 is exact.
             if float(attention_kwargs["scale"]) != 1.0:
                 raise UnsupportedUNetError(
-                    "a LoRA scale in cross_attention_kwargs is not applied by fcr.unet's encoder/decoder "
+                    "a LoRA scale in cross_attention_kwargs is not applied by fcr.core.unet's encoder/decoder "
                     "split; fuse the LoRA weights (pipe.fuse_lora(lora_scale=...)) instead"
                 )
             kwargs["cross_attention_kwargs"] = {k: v for k, v in attention_kwargs.items() if k != "scale"} or None
@@ -328,7 +328,7 @@ class _EncoderCache:
         if not self.settings.parallel or stop - i == 1:
             return self.decode(unet, run, features, timestep, context, kwargs)
         # Parallel decoding: everything a non-key step's decoder needs is known now, so the decoders
-        # of steps i..stop-1 run as one batched call (as fcr.sampler.sample(parallel=True) does).
+        # of steps i..stop-1 run as one batched call (as fcr.core.sampler.sample(parallel=True) does).
         k, batch = stop - i, sample.shape[0]
         ts = run.timesteps[i:stop].to(sample.device)
         repeated = features.map(lambda x: x.repeat(k, *([1] * (x.ndim - 1))))
@@ -402,7 +402,7 @@ def _settings(
     elif isinstance(prior_noise, PriorNoise):
         prior = prior_noise
     else:
-        raise ValueError(f"prior_noise must be a bool or an fcr.sampler.PriorNoise; got {prior_noise!r}")
+        raise ValueError(f"prior_noise must be a bool or an fcr.core.sampler.PriorNoise; got {prior_noise!r}")
     if stride is not None:
         resolve_key_steps(1, "uniform", stride)  # ValueError unless an integer >= 1
         return CacheSettings("uniform", int(stride), parallel, prior)
@@ -495,7 +495,7 @@ def _unet_folder(folder: Path, subfolder: str | None) -> Path:
     for path in candidates:
         if is_unet(path):
             return path
-    from fcr.models import ModelNotFoundError
+    from fcr.settings.models import ModelNotFoundError
 
     raise ModelNotFoundError(
         f"no diffusers UNet in {folder}: expected config.json + diffusion_pytorch_model.safetensors in "
@@ -511,7 +511,7 @@ def load_fcr_unet(pipe: Any, folder: str | Path, *, subfolder: str | None = None
     Raises ValueError naming the config field when the UNet does not fit the pipeline. Encoder
     caching, when enabled, stays enabled on the new UNet; attention processors are not carried over.
     """
-    from fcr.models import load_unet_folder
+    from fcr.settings.models import load_unet_folder
 
     path = _unet_folder(Path(folder).expanduser(), subfolder)
     unet = load_unet_folder(path)

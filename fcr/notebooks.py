@@ -15,7 +15,7 @@ import papermill as pm
 from fcr.config import SCHEMA, load_yaml, merge, validate
 from fcr.paths import REPO_ROOT
 
-__all__ = ["NOTEBOOKS_DIR", "list_notebooks", "prepare", "run_notebook"]
+__all__ = ["NOTEBOOKS_DIR", "list_notebooks", "notebook_parameters", "prepare", "run_notebook"]
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 
@@ -31,7 +31,7 @@ def _parameters(param_files: list[str | Path], overrides: dict | None = None) ->
     return merged
 
 
-def _for_notebook(notebook: Path, params: dict) -> dict:
+def notebook_parameters(notebook: Path, params: dict) -> dict:
     """The parameters a notebook declares (shared files hold keys of every notebook); keys unknown
     to the schema are kept so the notebook's own validation names them."""
     declared = set(pm.inspect_notebook(str(notebook)))
@@ -46,7 +46,7 @@ def prepare(param_files: list[str | Path], out_dir: str | Path, notebooks: list[
     written = []
     for nb in notebooks or list_notebooks():
         target = out_dir / nb.name
-        pm.execute_notebook(str(nb), str(target), parameters=_for_notebook(nb, params), prepare_only=True, progress_bar=False)
+        pm.execute_notebook(str(nb), str(target), parameters=notebook_parameters(nb, params), prepare_only=True, progress_bar=False)
         written.append(target)
     return written
 
@@ -54,7 +54,7 @@ def prepare(param_files: list[str | Path], out_dir: str | Path, notebooks: list[
 def run_notebook(notebook: str | Path, output: str | Path, param_files: list[str | Path], overrides: dict | None = None) -> Path:
     """Execute one notebook with papermill from the repository root; errors raise papermill's
     ``PapermillExecutionError`` and leave the failed notebook at ``output``."""
-    params = _for_notebook(Path(notebook), _parameters(param_files, overrides))
+    params = notebook_parameters(Path(notebook), _parameters(param_files, overrides))
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     pm.execute_notebook(str(notebook), str(output), parameters=params, cwd=str(REPO_ROOT), progress_bar=False)

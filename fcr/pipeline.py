@@ -4,7 +4,7 @@ Runs every experiment of ``params/experiments.yaml`` for one setting, each noteb
 papermill: data preparation (01), the cost benchmark, then per experiment the fine-tunes (02, one
 run folder per variation) and the evaluation notebooks (03 sweep, 04 robustness, 05 mechanistic
 regression) into ``<root>/<experiment>/``, and finally the combined tables, figures and the
-success-criteria verdict (``fcr.report``) into ``<root>/report/``.
+success-criteria verdict (``fcr.report.tables``) into ``<root>/report/``.
 
 Resumable: a stage that finished leaves a marker with the hash of its parameters and is skipped
 next time (run with other parameters, it runs again); inside a stage, training resumes from its
@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fcr.config import load_yaml, merge, validate
-from fcr.experiments import MANIFEST, MODEL_LIST_KEYS, Experiment, load_manifest
-from fcr.notebooks import NOTEBOOKS_DIR, _for_notebook, run_notebook
+from fcr.manifest import MANIFEST, MODEL_LIST_KEYS, Experiment, load_manifest
+from fcr.notebooks import NOTEBOOKS_DIR, notebook_parameters, run_notebook
 from fcr.paths import REPO_ROOT
-from fcr.results import write_json_atomic
+from fcr.eval.results import write_json_atomic
 
 __all__ = ["Stage", "Task", "main", "plan", "run"]
 
@@ -58,7 +58,7 @@ class Task:
         change for another notebook does not invalidate this stage."""
         params = self.merged()
         if self.notebook is not None:
-            params = _for_notebook(NOTEBOOKS_DIR / f"{self.notebook}.ipynb", params)
+            params = notebook_parameters(NOTEBOOKS_DIR / f"{self.notebook}.ipynb", params)
         return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -121,7 +121,7 @@ def plan(
         report_dir = root / "report"
 
         def build(root: Path = root, report_dir: Path = report_dir) -> None:
-            from fcr.report import build_report, update_readme
+            from fcr.report.tables import build_report, update_readme
 
             # Figure links in the README are relative to the README's folder.
             link_base = Path(readme).resolve().parent if readme is not None else None
@@ -243,7 +243,7 @@ def _terminate(signum, frame) -> None:  # noqa: ARG001
 def _record_invocation(root: Path) -> None:
     """Append this invocation's code revision and start time to ``<root>/pipeline_run.json``: the
     report's provenance names the commit(s) the results were made with, not the one it runs at."""
-    from fcr.report import RUN_INFO, code_revision
+    from fcr.report.tables import RUN_INFO, code_revision
 
     path = root / RUN_INFO
     invocations = _json_list(path, "invocations")

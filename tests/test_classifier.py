@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fcr.classifier import (
+from fcr.eval.classifier import (
     ClassifierFileError,
     FashionClassifier,
     augment_batch,
@@ -21,7 +21,7 @@ from fcr.classifier import (
     save_classifier,
     train_classifier,
 )
-from fcr.data import load_fashion_mnist, to_model_range, train_val_split
+from fcr.settings.data import load_fashion_mnist, to_model_range, train_val_split
 
 @pytest.fixture(scope="module")
 def real_data() -> dict[str, torch.Tensor]:

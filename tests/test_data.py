@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fcr import data
-from fcr.data import (
+from fcr.settings import data
+from fcr.settings.data import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_NOUNS,
     HELDOUT_TEMPLATES,
@@ -313,7 +313,7 @@ def test_sd_image_transform() -> None:
 
 
 def test_high_contrast_style_is_a_monotone_brightening() -> None:
-    from fcr.data import apply_style
+    from fcr.settings.data import apply_style
 
     x = np.array([[[0, 64, 128, 255]]], dtype=np.uint8)
     y = apply_style(x, "high_contrast")

@@ -3,7 +3,7 @@
 Tiny SD-like pipelines (random weights, 32 px, 4x4 latents) are built in code, saved with
 ``save_pretrained`` and loaded back with ``StableDiffusionPipeline.from_pretrained``: SD1.5-like
 (epsilon) and SD2.1-like (v_prediction). References come from the stock pipeline and from
-:func:`fcr.sampler.sample`.
+:func:`fcr.core.sampler.sample`.
 
 Tolerance: the cached pipeline runs the encoder/decoder split (and, with ``parallel``, batched
 decoders) where the stock pipeline runs ``unet.forward``; those are different float32 computations
@@ -12,7 +12,7 @@ they happen to be equal). They are compared with the project's one float32-equiv
 (``tests/equivalence.py``: 1e-5 of the largest magnitude, ~84 float32 eps), while every real change
 tested here (stride 3 instead of 1, prior noise on/off, another conditioning) moves the latents by
 more than 1e-4 relative L2 (``rel_l2``), most by more than 1e-2. The same computation twice (same
-seed; disabled vs never enabled; fcr.sampler vs the stock pipeline, the same calls in the same
+seed; disabled vs never enabled; fcr.core.sampler vs the stock pipeline, the same calls in the same
 order) is compared exactly.
 """
 
@@ -29,9 +29,9 @@ from test_sd import SD15_SCHEDULER_CONFIG, tiny_components, tiny_tokenizer
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import fcr.diffusers_cache as fc
-from fcr.models import ModelNotFoundError
-from fcr.sampler import PriorNoise, build_scheduler, key_steps, sample
-from fcr.unet import UnsupportedUNetError
+from fcr.settings.models import ModelNotFoundError
+from fcr.core.sampler import PriorNoise, build_scheduler, key_steps, sample
+from fcr.core.unet import UnsupportedUNetError
 
 RES = 32
 STEPS = 8
@@ -134,7 +134,7 @@ def call(pipe, noise: torch.Tensor | None = None, *, steps: int = STEPS, guidanc
 
 def reference(pipe, scheduler_name: str, kind: str, noise: torch.Tensor, *, steps: int = STEPS,
               guidance: float = 3.0, **kwargs) -> torch.Tensor:
-    """fcr.sampler.sample with the pipeline's UNet and text states, a fresh scheduler and z_T."""
+    """fcr.core.sampler.sample with the pipeline's UNet and text states, a fresh scheduler and z_T."""
     assert fc.encoder_cache_settings(pipe) is None  # the plain UNet forward
     cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 1, guidance > 1)
     return sample(pipe.unet, build_scheduler(scheduler_name, **CONFIGS[kind]), noise, cond,
@@ -159,7 +159,7 @@ def test_stride1_matches_stock_pipeline(pipe_of, kind, scheduler_name):
     assert fc.encoder_cache_stats(pipe).encoder_steps == [0, 3, 6]
 
 
-# ---------------------------------------------------------------- 2. fcr.sampler == stock pipeline
+# ---------------------------------------------------------------- 2. fcr.core.sampler == stock pipeline
 
 
 @pytest.mark.parametrize("scheduler_name", SCHEDULERS)
@@ -174,7 +174,7 @@ def test_sampler_matches_stock_pipeline(pipe_of, kind, scheduler_name):
         assert torch.equal(reference(pipe, scheduler_name, kind, noise, guidance=guidance), expected), guidance
 
 
-# ---------------------------------------------------------------- 3. cached pipe == cached fcr.sampler
+# ---------------------------------------------------------------- 3. cached pipe == cached fcr.core.sampler
 
 
 SETTINGS = [  # (enable_encoder_cache kwargs, steps, guidance)

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fcr.classifier import load_classifier
-from fcr.embedded import prepare_embedded_data
-from fcr.evaluate import class_agreement
-from fcr.models import build_embedded_unet, build_noise_scheduler
+from fcr.eval.classifier import load_classifier
+from fcr.settings.embedded import prepare_embedded_data
+from fcr.eval.quality_bar import class_agreement
+from fcr.settings.models import build_embedded_unet, build_noise_scheduler
 
 
 def test_class_agreement_counts_prompted_classes(tmp_path: Path, monkeypatch) -> None:

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from conftest import make_unet
-from fcr.loss import (
+from fcr.core.loss import (
     FCRConfig,
     LossParts,
     delta_in_train_timesteps,
@@ -15,7 +15,7 @@ from fcr.loss import (
     feature_distance,
     sample_timestep_pairs,
 )
-from fcr.unet import EncoderFeatures
+from fcr.core.unet import EncoderFeatures
 
 T = 1000
 BATCH = 2
@@ -38,7 +38,7 @@ def _scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
 
 
 class _Capture:
-    """Collects encoder features with forward hooks, independently of ``fcr.unet``."""
+    """Collects encoder features with forward hooks, independently of ``fcr.core.unet``."""
 
     def __init__(self, unet):
         self.conv: list[torch.Tensor] = []

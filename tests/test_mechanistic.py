@@ -16,11 +16,11 @@ import torch
 import yaml
 
 from conftest import make_unet
-from fcr import mechanistic as mech
+from fcr.experiments import mechanistic as mech
 from fcr.config import validate
-from fcr.generate import sampling_scheduler
-from fcr.loss import feature_distance
-from fcr.mechanistic import (
+from fcr.settings.generate import sampling_scheduler
+from fcr.core.loss import feature_distance
+from fcr.experiments.mechanistic import (
     ModelVariance,
     VarianceInputs,
     fit_regressions,
@@ -38,9 +38,9 @@ from fcr.mechanistic import (
     variance_reduction,
     variance_table,
 )
-from fcr.models import build_noise_scheduler
-from fcr.results import StaleResultError
-from fcr.unet import FEATURE_GROUPS, EncoderFeatures
+from fcr.settings.models import build_noise_scheduler
+from fcr.eval.results import StaleResultError
+from fcr.core.unet import FEATURE_GROUPS, EncoderFeatures
 
 SIZE = 16
 
@@ -78,7 +78,7 @@ def test_zero_at_delta_zero_positive_otherwise_and_same_as_fcr_term(tiny) -> Non
     # Larger gaps move the features more (training-timestep units, same images and noise).
     assert values[("train", 20, "all", "norm")].mean() > values[("train", 1, "all", "norm")].mean()
 
-    # The per-image distance averages to fcr.loss.feature_distance of the batch: the FCR term itself.
+    # The per-image distance averages to fcr.core.loss.feature_distance of the batch: the FCR term itself.
     g = torch.Generator().manual_seed(1)
     a = EncoderFeatures((torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 5, 4, 4, generator=g)),
                         torch.randn(4, 6, 2, 2, generator=g), False)

@@ -1,4 +1,4 @@
-"""Tests of fcr.metrics: closed forms, limiting cases, and the SD code paths with random-weight models.
+"""Tests of fcr.eval.metrics: closed forms, limiting cases, and the SD code paths with random-weight models.
 
 No Inception / CLIP weights are downloaded: the SD tests inject randomly initialised extractors,
 so they check the code path and the arithmetic, never a real score.
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fcr import metrics
+from fcr.eval import metrics
 
 # ----------------------------------------------------------------------------- Fréchet distance
 
@@ -205,7 +205,7 @@ def _classifiers() -> list[nn.Module]:
     torch.manual_seed(0)
     models: list[nn.Module] = [_TinyClassifier()]
     try:
-        from fcr.classifier import FashionClassifier
+        from fcr.eval.classifier import FashionClassifier
     except ImportError:  # classifier module still being written: the stand-in covers the path
         return models
     models.append(FashionClassifier(widths=(4, 4, 4), feature_dim=8))
@@ -233,7 +233,7 @@ def test_embedded_metrics_columns_and_values(model: nn.Module) -> None:
     assert out["n_generated"] == 60.0
 
     # Precomputed reference features, custom name, shifted references give FD > 0.
-    from fcr.classifier import extract_features
+    from fcr.eval.classifier import extract_features
 
     ref = extract_features(model, (gen * 0.5).clamp(-1, 1), 32)
     out2 = metrics.embedded_metrics(model, gen, None, ref, extractor_name="x", kid_subsets=5, is_splits=3)

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from fcr.experiments import ManifestError, load_manifest
+from fcr.manifest import ManifestError, load_manifest
 from fcr.pipeline import DONE, plan
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests of fcr.profiling: FLOP counting (real and meta device), the analytic bounds, timing."""
+"""Tests of fcr.eval.profiling: FLOP counting (real and meta device), the analytic bounds, timing."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fcr.profiling import (
+from fcr.eval.profiling import (
     SD15_UNET_CONFIG,
     Timer,
     count_flops,

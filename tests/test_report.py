@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fcr.report import (
+from fcr.report.tables import (
     README_END,
     README_START,
     build_report,
@@ -20,7 +20,7 @@ from fcr.report import (
     paired_vs_reference,
     update_readme,
 )
-from fcr.verdict import EXP1, EXP2
+from fcr.report.verdict import EXP1, EXP2
 from test_verdict import flops_fn, make_run_tree
 
 
@@ -142,12 +142,12 @@ def test_cli_updates_readme(tmp_path, monkeypatch):
     root, models = make_run_tree(tmp_path)
     readme = tmp_path / "README.md"
     readme.write_text("# R\n")
-    import fcr.report as report_mod
-    import fcr.verdict as verdict_mod
+    import fcr.report.tables as report_mod
+    import fcr.report.verdict as verdict_mod
 
     # The CLI uses the default models folder and FLOP counter: point them at the test tree.
     monkeypatch.setattr(verdict_mod, "_default_flops_per_image", lambda: flops_fn)
-    monkeypatch.setattr("fcr.models.MODELS_DIR", models)
+    monkeypatch.setattr("fcr.settings.models.MODELS_DIR", models)
     assert main(["--root", str(root), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert README_START in text and "FCR λ=0.1, FD-10" in text and f"the run in `{root}`" in text
@@ -157,7 +157,7 @@ def test_cli_updates_readme(tmp_path, monkeypatch):
 def test_stage_times_sum_the_pipeline_markers(tmp_path) -> None:
     import json as _json
 
-    from fcr.report import _timing_section, stage_times
+    from fcr.report.tables import _timing_section, stage_times
 
     for stage, seconds in (("data", 30.0), ("exp-1-main-ablation/sweep/main", 90.0)):
         (tmp_path / stage).mkdir(parents=True)
@@ -185,7 +185,7 @@ def test_build_report_adds_the_sd_gpu_cost_rows_when_given(tmp_path):
 def test_provenance_names_the_commits_the_run_was_made_with(tmp_path):
     import json
 
-    from fcr.report import RUN_INFO, provenance_header
+    from fcr.report.tables import RUN_INFO, provenance_header
 
     root = tmp_path / "run"
     root.mkdir()

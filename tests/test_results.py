@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fcr.results import StaleResultError, load_results, run_or_load
+from fcr.eval.results import StaleResultError, load_results, run_or_load
 
 
 def test_finished_configurations_are_skipped(tmp_path: Path) -> None:

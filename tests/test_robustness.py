@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,13 +16,13 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from fcr import robustness
+from fcr.experiments import robustness
 from fcr.config import ConfigError, validate
-from fcr.data import FASHION_MNIST_CLASSES
-from fcr.embedded import all_prompts
-from fcr.generate import PromptSet, generate, sampling_scheduler
-from fcr.models import build_embedded_unet, build_noise_scheduler
-from fcr.robustness import (
+from fcr.settings.data import FASHION_MNIST_CLASSES
+from fcr.settings.embedded import all_prompts
+from fcr.settings.generate import PromptSet, generate, sampling_scheduler
+from fcr.settings.models import build_embedded_unet, build_noise_scheduler
+from fcr.experiments.robustness import (
     Stress,
     adversarial_noise,
     attack_stride,
@@ -38,7 +37,7 @@ from fcr.robustness import (
     perturbed_scheduler,
     run_robustness,
 )
-from fcr.sweep import SamplingConfig
+from fcr.core.configurations import SamplingConfig
 
 REFERENCE_N = 50
 STEPS = 6
@@ -184,7 +183,7 @@ def test_sd_stresses_on_latents() -> None:
     """The same stressed sampler in SD's VAE latent space (tiny SD-like stack of tests/test_sd.py)."""
     from test_sd import tiny_components
 
-    from fcr.sd import decode_latents
+    from fcr.settings.sd import decode_latents
 
     parts = tiny_components()
     params = validate({"setting": "sd", "stresses": ["none", "ood_prompts"]})
@@ -323,7 +322,7 @@ def workspace(tmp_path_factory) -> dict:
 
 
 def test_run_writes_each_result_once_and_builds_tables(workspace: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fcr.sweep import model_labels
+    from fcr.experiments.sweep import model_labels
 
     params, out = workspace["params"], workspace["root"] / "out" / "robustness"
     models = model_labels(params["robustness_models"])
@@ -371,7 +370,7 @@ def test_run_writes_each_result_once_and_builds_tables(workspace: dict, monkeypa
     assert calls == []  # every result loaded, nothing regenerated
     pd.testing.assert_frame_equal(again, results)
     # A changed attack budget invalidates the adversarial results only (stale file, not reused).
-    from fcr.results import StaleResultError
+    from fcr.eval.results import StaleResultError
 
     changed = validate({**params, "adversarial_epsilon": 0.2, "stresses": ["none", "adversarial_noise"]})
     with pytest.raises(StaleResultError, match="adversarial_epsilon"):

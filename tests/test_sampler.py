@@ -1,4 +1,4 @@
-"""Tests of fcr.sampler: key-step schedules, schedulers, plain vs cached vs parallel sampling."""
+"""Tests of fcr.core.sampler: key-step schedules, schedulers, plain vs cached vs parallel sampling."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 from conftest import make_unet
 from equivalence import assert_float32_equivalent
 
-import fcr.sampler
+import fcr.core.sampler
 
-from fcr.sampler import (
+from fcr.core.sampler import (
     FD_50LS,
     SCHEDULERS,
     PriorNoise,
@@ -140,13 +140,13 @@ def test_equivalence_tolerance_catches_a_timestep_off_by_one(setup, scheduler_na
     that get each step's timestep one training timestep too high must fail the comparison."""
     ks = key_steps(STEPS, "uniform", 5)
     seq = run(setup, scheduler_name, key_steps=ks, parallel=False)
-    decode = fcr.sampler.decode
+    decode = fcr.core.sampler.decode
 
     def decode_off_by_one(unet, features, timesteps, context, **kwargs):
         several_steps = timesteps.unique().numel() > 1  # a parallel (batched) decoder call
         return decode(unet, features, timesteps + 1 if several_steps else timesteps, context, **kwargs)
 
-    monkeypatch.setattr(fcr.sampler, "decode", decode_off_by_one)
+    monkeypatch.setattr(fcr.core.sampler, "decode", decode_off_by_one)
     par = run(setup, scheduler_name, key_steps=ks, parallel=True)
     with pytest.raises(AssertionError, match="more than float32 rounding"):
         assert_float32_equivalent(par.latents, seq.latents)

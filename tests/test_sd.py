@@ -1,4 +1,4 @@
-"""Tests of fcr.sd on a tiny SD-like stack built in code (code paths only, never results).
+"""Tests of fcr.settings.sd on a tiny SD-like stack built in code (code paths only, never results).
 
 Real Stable Diffusion weights are not available offline; the tiny UNet/VAE/CLIP here have SD's
 interfaces (4 latent channels, VAE factor 8, 77-token CLIP states) and random weights.
@@ -19,23 +19,24 @@ from equivalence import assert_float32_equivalent
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from fcr.config import ConfigError, check_task, validate
-from fcr.data import TRAIN_TEMPLATES, caption, load_fashion_mnist, open_image, sd_image_transform
-from fcr.models import ModelNotFoundError
-from fcr.sampler import key_steps
-from fcr.sd import (
+from fcr.config import ConfigError, validate
+from fcr.settings.checks import check_task
+from fcr.settings.data import TRAIN_TEMPLATES, caption, load_fashion_mnist, open_image, sd_image_transform
+from fcr.settings.models import ModelNotFoundError
+from fcr.core.sampler import key_steps
+from fcr.settings.sd import (
     SD_MODEL_IDS,
     SDComponents,
     SDTrainData,
     encode_prompts,
-    finetune_sd,
     generate_sd,
     generate_sd_latents,
     load_sd_components,
     load_train_items,
     sd_run_base,
 )
-from fcr.sd_params import native_resolution
+from fcr.settings.sd_params import native_resolution
+from fcr.train.finetune import finetune_sd
 
 RES = 32
 TEXT_DIM = 32
@@ -404,7 +405,7 @@ def test_stride1_cached_equals_plain(components, scheduler_name):
 
 
 def test_prepare_sd_data_writes_a_seeded_prompt_subset(model_dir, image_folder, tmp_path):
-    from fcr.sd_params import prepare_sd_data
+    from fcr.settings.sd_params import prepare_sd_data
 
     coco = tmp_path / "captions_val2017.json"
     coco.write_text(json.dumps({

@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from test_sd import RES, tiny_components
 
-from fcr.data import TRAIN_TEMPLATES, caption, load_fashion_mnist
+from fcr.settings.data import TRAIN_TEMPLATES, caption, load_fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,13 +13,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fcr import sweep
+from fcr.experiments import sweep
 from fcr.config import validate
-from fcr.embedded import all_prompts
-from fcr.models import ModelNotFoundError, build_embedded_unet, build_noise_scheduler
-from fcr.results import StaleResultError
-from fcr.sampler import FD_50LS, sample
-from fcr.sweep import SamplingConfig, configs_for_model, evaluate_cost, paired_comparison, run_sweep, summarize, sweep_configurations
+from fcr.settings.embedded import all_prompts
+from fcr.settings.models import ModelNotFoundError, build_embedded_unet, build_noise_scheduler
+from fcr.eval.results import StaleResultError
+from fcr.core.sampler import FD_50LS, sample
+from fcr.core.configurations import SamplingConfig, configs_for_model, sweep_configurations
+from fcr.experiments.sweep import evaluate_cost, paired_comparison, run_sweep, summarize
 
 REFERENCE_N = 50  # real test images used as the reference set (tests only; results use all 10k)
 
@@ -128,7 +129,7 @@ def test_missing_model_fails_before_anything_is_written(workspace: dict, tmp_pat
     with pytest.raises(ModelNotFoundError, match="never_trained"):
         _sweep(params, out, monkeypatch)
     assert not out.exists()
-    monkeypatch.setattr("fcr.models.MODELS_DIR", tmp_path / "empty_models")  # an embedded model not trained yet
+    monkeypatch.setattr("fcr.settings.models.MODELS_DIR", tmp_path / "empty_models")  # an embedded model not trained yet
     with pytest.raises(ModelNotFoundError, match="has not been trained"):
         run_sweep({**params, "sweep_models": ["base-v"]}, {"base-v": "base-v"}, out, progress=False)
     assert not out.exists()

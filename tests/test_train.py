@@ -9,11 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fcr import data
-from fcr.checkpoint import CheckpointError, latest_checkpoint, load_module_weights, save_module_weights
-from fcr.loss import FCRConfig, fcr_training_loss
-from fcr.models import build_embedded_unet, build_noise_scheduler
-from fcr.train import EmbeddedTrainData, TrainConfig, TrainingDivergedError, batch_indices, lr_factor, train
+from fcr.settings import data
+from fcr.train.checkpoint import CheckpointError, latest_checkpoint, load_module_weights, save_module_weights
+from fcr.core.loss import FCRConfig, fcr_training_loss
+from fcr.settings.models import build_embedded_unet, build_noise_scheduler
+from fcr.settings.embedded import EmbeddedTrainData
+from fcr.train.loop import TrainConfig, TrainingDivergedError, batch_indices, lr_factor, train
 
 
 def _real_examples(n: int = 32) -> EmbeddedTrainData:
@@ -114,7 +115,7 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path: Path) -> None:
 
 
 def test_divergence_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path: Path, monkeypatch) -> None:
-    import fcr.train as train_module
+    import fcr.train.loop as train_module
 
     examples = _real_examples()
     real_loss = train_module.fcr_training_loss

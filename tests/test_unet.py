@@ -8,7 +8,7 @@ from conftest import UNET_BUILDERS, make_unet, tiny_sd15_unet
 from diffusers import UNet2DConditionModel
 from equivalence import assert_float32_equivalent
 
-from fcr.unet import (
+from fcr.core.unet import (
     EncoderFeatures,
     UnsupportedUNetError,
     decode,

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from fcr.verdict import (
+from fcr.report.verdict import (
     DEFAULT_BACKBONES,
     EXP1,
     EXP2,
@@ -335,7 +335,7 @@ def test_training_step_flops_tiny_unet():
     assert training_step_flops(unet, 4, 0.0, seq_len=4) == 2 * plain  # linear in the batch
     assert all(p.grad is None for p in unet.parameters())
     # Forward + backward of the UNet is about 3 forward passes.
-    from fcr.profiling import unet_flops
+    from fcr.eval.profiling import unet_flops
 
     forward = unet_flops(unet, (4, 8, 8), 4, batch=2)["full"]
     assert 2.5 < plain / forward < 3.5
@@ -353,7 +353,7 @@ def _gpu_cost_csv(path: Path, t10_par: float, mem10_par: float) -> Path:
 
 
 def test_sd_gpu_cost_rows_speed_and_memory_bounds(tmp_path):
-    from fcr.verdict import sd_gpu_cost_rows
+    from fcr.report.verdict import sd_gpu_cost_rows
 
     # Parallel: 1.6x but +30 % memory (fails); sequential: 1.05x at +0 % (fails) -> context row fails.
     (row,) = sd_gpu_cost_rows(_gpu_cost_csv(tmp_path / "a.csv", 0.625, 130.0))

@@ -3,7 +3,7 @@
 Two settings share the same set-level formulas:
 
 * embedded (Fashion-MNIST 1x32x32 in [-1, 1]): features and class probabilities come from the
-  project's own classifier (:mod:`fcr.classifier`); metric columns are suffixed with the
+  project's own classifier (:mod:`fcr.eval.classifier`); metric columns are suffixed with the
   extractor name (``fd_fashioncnn``, ``kid_fashioncnn``, ...). Prompt alignment (the stand-in
   for CLIPScore) is the classifier's accuracy / probability on the prompted class.
 * Stable Diffusion (PIL images / folders): clean-fid Inception features (:func:`sd_fid`,
@@ -343,7 +343,7 @@ def embedded_metrics(
     extracted from ``reference_images``. See :func:`metrics_from_features` for the columns.
     """
     # Imported here so the SD-only code paths do not depend on the classifier module.
-    from fcr.classifier import extract_features, predict_proba
+    from fcr.eval.classifier import extract_features, predict_proba
 
     if generated.ndim != 4 or generated.shape[1:] != (1, 32, 32):
         raise ValueError(f"generated must be (N, 1, 32, 32), got {tuple(generated.shape)}")

@@ -7,10 +7,14 @@ on 1-channel 32x32 Fashion-MNIST images in pixel space.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
+
+from fcr.paths import REPO_ROOT
 
 __all__ = [
     "EMBEDDED_ARCHITECTURES",
@@ -20,6 +24,8 @@ __all__ = [
     "build_noise_scheduler",
     "check_prediction_type",
     "model_training_params",
+    "noise_scheduler_for",
+    "resolve_device",
     "embedded_unet_config",
     "load_embedded_unet",
     "resolve_unet_dir",
@@ -76,7 +82,7 @@ def build_embedded_unet(architecture: str = "base", sample_size: int = 32) -> UN
 SD_NOISE_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1)
 
 # Where the shipped embedded base models live (trained by this repository's own code).
-MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+MODELS_DIR = REPO_ROOT / "models"
 EMBEDDED_MODELS = {
     "base": "python -m fcr train -f params/fashion_mnist.yaml -f params/pretrain_base.yaml (then copy the run folder to models/base)",
     "base-v": "python -m fcr train -f params/fashion_mnist.yaml -f params/pretrain_base_v.yaml",
@@ -158,3 +164,18 @@ def check_prediction_type(model: str, prediction_type: str, models_dir: str | Pa
             f"parameter 'prediction_type': model {model!r} was trained with {trained['prediction_type']!r}, "
             f"got {prediction_type!r}"
         )
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The ``device`` parameter as a torch device: ``auto`` (or None) is CUDA when available, else the CPU."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def noise_scheduler_for(unet_dir: Path, params: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The training noise scheduler of a UNet folder and its schedule keys: a run folder's recorded
+    schedule wins over ``params``, so e.g. a v-prediction model is never sampled as an epsilon model."""
+    trained = model_training_params(unet_dir) or {}
+    schedule = {k: trained.get(k, params[k]) for k in ("num_train_timesteps", "beta_schedule", "prediction_type")}
+    return build_noise_scheduler(**schedule), schedule

@@ -2,8 +2,8 @@
 
 Per model x sampling configuration (stride 1 = plain sampling, stride s > 1 = Faster-Diffusion
 uniform key steps) x stress x seed, images are generated and scored as in the stride sweep
-(:mod:`fcr.sweep`); each result is a JSON file written when it is finished
-(:func:`fcr.results.run_or_load`). Stresses (:data:`STRESSES`):
+(:mod:`fcr.experiments.sweep`); each result is a JSON file written when it is finished
+(:func:`fcr.eval.results.run_or_load`). Stresses (:data:`STRESSES`):
 
 - ``none``: the unstressed reference (training prompt templates, training resolution, the
   nominal schedule, Gaussian z_T);
@@ -43,30 +43,31 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fcr import data
 from fcr.config import ConfigError
-from fcr.generate import PromptSet, embedded_prompt_set, initial_noise, sampling_scheduler
-from fcr.metrics import DEFAULT_EXTRACTOR_NAME
-from fcr.models import ModelNotFoundError, load_unet_folder, model_training_params, resolve_unet_dir
-from fcr.results import run_or_load
-from fcr.sampler import PriorNoise, SamplerStats, sample
-from fcr.stats import bootstrap_ci, mean_ci_over_seeds
-from fcr.sweep import (
+from fcr.core.configurations import SamplingConfig, sweep_configurations
+from fcr.core.sampler import PriorNoise, SamplerStats, sample
+from fcr.core.unet import decode, encode
+from fcr.eval.metrics import DEFAULT_EXTRACTOR_NAME
+from fcr.eval.results import module_fingerprint, run_or_load, save_safetensors_atomic, weights_fingerprint
+from fcr.eval.stats import bootstrap_ci, mean_ci_over_seeds
+from fcr.experiments.sweep import (
     FD_COLUMN,
-    SamplingConfig,
-    _device,
-    _noise_scheduler_for,
-    _prior,
-    _save_safetensors_atomic,
-    _weights_fingerprint,
     architecture_name,
     load_side_file,
-    module_fingerprint,
+    prior_noise_for,
     reference_features,
     score_images,
-    sweep_configurations,
 )
-from fcr.unet import decode, encode
+from fcr.settings import data
+from fcr.settings.generate import PromptSet, embedded_prompt_set, initial_noise, sampling_scheduler
+from fcr.settings.models import (
+    ModelNotFoundError,
+    load_unet_folder,
+    model_training_params,
+    noise_scheduler_for,
+    resolve_device,
+    resolve_unet_dir,
+)
 
 __all__ = [
     "CLASSIFIER_SIZE",
@@ -215,7 +216,7 @@ def perturbed_scheduler(scheduler: Any, std: float, seed: int) -> Any:
     DDIM's ``step`` looks up ``alphas_cumprod[t]`` and ``[t_prev]`` (the last step's
     ``final_alpha_cumprod``, ``abar_0`` unless ``set_alpha_to_one``, is perturbed with ``eps_0``);
     DPM-Solver++ and Euler build their ``sigmas`` from it in ``set_timesteps`` (which
-    :func:`fcr.sampler.sample` calls after this); Euler's default ``linspace`` timesteps are
+    :func:`fcr.core.sampler.sample` calls after this); Euler's default ``linspace`` timesteps are
     fractional, so its step sigma interpolates linearly between two perturbed table entries. The
     timesteps, and so what the UNet is told, stay nominal (DPM-Solver++'s ``lambda_t``, used only
     to place timesteps, is left nominal too).
@@ -464,8 +465,8 @@ def generate_stressed(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Embedded images in [-1, 1] (side ``stress.resolution`` or the UNet's) for ``prompts``.
 
-    Image ``i`` starts from :func:`fcr.generate.initial_noise` of ``(prompts.seed, i)`` at the
-    stress's size, so the unstressed case is exactly :func:`fcr.generate.generate`. The schedule
+    Image ``i`` starts from :func:`fcr.settings.generate.initial_noise` of ``(prompts.seed, i)`` at the
+    stress's size, so the unstressed case is exactly :func:`fcr.settings.generate.generate`. The schedule
     perturbation of batch ``b`` is seeded by :func:`schedule_seed` ``(prompts.seed, b)`` (one
     scheduler per batch: the perturbed images depend on ``batch_size``). The attack does not
     depend on the key steps, so configurations attacked with the same stride share it through
@@ -573,8 +574,8 @@ def ood_text_states(
     prompts: Sequence[str], cache_path: str | Path, max_length: int, encoder: Any = None
 ) -> dict[str, torch.Tensor]:
     """MiniLM token states of ``prompts`` and of the empty prompt, cached in ``cache_path``
-    (:func:`fcr.text.build_text_state_cache`; a cache lacking a prompt is rebuilt)."""
-    from fcr.text import MINILM_NAME, TextEncoder, build_text_state_cache, load_text_state_cache
+    (:func:`fcr.settings.text.build_text_state_cache`; a cache lacking a prompt is rebuilt)."""
+    from fcr.settings.text import MINILM_NAME, TextEncoder, build_text_state_cache, load_text_state_cache
 
     wanted = list(dict.fromkeys([*prompts, ""]))
     path = Path(cache_path)
@@ -591,7 +592,7 @@ def ood_prompt_set(
     table: pd.DataFrame, states: Mapping[str, torch.Tensor], n: int, seed: int
 ) -> tuple[PromptSet, list[str]]:
     """``n`` class-balanced OOD prompts (labels cycle 0..9 as in
-    :func:`fcr.generate.embedded_prompt_set`), image ``i`` taking a seeded choice among its
+    :func:`fcr.settings.generate.embedded_prompt_set`), image ``i`` taking a seeded choice among its
     class's prompts; returns the prompt set (noise seed ``seed``) and each image's prompt kind."""
     labels = np.arange(n, dtype=np.int64) % len(data.FASHION_MNIST_CLASSES)
     rng = np.random.default_rng([int(seed), 11])
@@ -695,8 +696,8 @@ def run_robustness(
     if params["setting"] == "sd":
         return _run_robustness_sd(params, models, out_dir, progress)
 
-    from fcr.classifier import load_classifier
-    from fcr.profiling import environment_info
+    from fcr.eval.classifier import load_classifier
+    from fcr.eval.profiling import environment_info
 
     out_dir = Path(out_dir)
     stresses = stress_definitions(params)
@@ -714,7 +715,7 @@ def run_robustness(
         if prepared != params["max_text_length"]:
             raise ConfigError(f"parameter 'max_text_length': {params['max_text_length']} but {params['data_dir']} "
                               f"was prepared with {prepared}")
-    device = _device(params.get("device"))
+    device = resolve_device(params.get("device"))
     classifier = load_classifier(map_location=device)
     loaded = {}
     for label, folder in unet_dirs.items():
@@ -725,7 +726,7 @@ def run_robustness(
                 f"parameter 'stress_resolution': {res.resolution} is not above {label!r}'s training size "
                 f"{unet.config.sample_size}"
             )
-        loaded[label] = (unet, *_noise_scheduler_for(folder, params), _weights_fingerprint(folder))
+        loaded[label] = (unet, *noise_scheduler_for(folder, params), weights_fingerprint(folder))
     arches = {label: architecture_name(item[0]) for label, item in loaded.items()}
     ref_feats = reference_features(
         classifier, out_dir / "reference" / f"fashion_mnist_test_features_n{reference_n or 'all'}.safetensors",
@@ -760,7 +761,7 @@ def run_robustness(
                 prompt_sets[kind] = (embedded_prompt_set(params["data_dir"], n, seed, templates=kind), None)
         for label, (unet, noise_scheduler, schedule, weights_id) in loaded.items():
             for config in configs:
-                prior = _prior(params, config)
+                prior = prior_noise_for(params, config)
                 for stress in stresses.values():
                     prompts, kinds = prompt_sets[stress.prompts]
                     attack = None
@@ -798,7 +799,7 @@ def run_robustness(
                                 acc = float(correct[mask].mean()) if mask.any() else math.nan
                                 result[f"class_accuracy_{kind}"] = acc
                         images_u8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-                        _save_safetensors_atomic(
+                        save_safetensors_atomic(
                             {"images": images_u8, "labels": torch.as_tensor(prompts.labels), **per_image},
                             out_dir / "results" / f"{stem}.safetensors",
                             {"model": label, "config": config.name, "stress": stress.name, "seed": str(seed),
@@ -826,7 +827,7 @@ def _sd_prompts(params: Mapping[str, Any], kind: str, n: int, seed: int) -> tupl
         kinds = [list(lists)[i % len(lists)] for i in range(n)]
         rng = np.random.default_rng([int(seed), 13])
         return [lists[k][int(rng.integers(len(lists[k])))] for k in kinds], kinds
-    from fcr.sd_params import sd_eval_prompts
+    from fcr.settings.sd_params import sd_eval_prompts
 
     return sd_eval_prompts(params, n, seed), None
 
@@ -848,9 +849,9 @@ def generate_sd_stressed(
     """SD latents ``(N, 4, side/8, side/8)`` under ``stress``: the same :func:`sample_stressed` as
     the embedded model, in VAE latent space (side = ``stress.resolution`` or the UNet's native
     ``sample_size * 8``), noise of image ``i`` from ``(seed, i)``; decode with
-    :func:`fcr.sd.decode_latents`. Adversarial chunks hold one image (memory)."""
-    from fcr.sampler import build_scheduler
-    from fcr.sd import encode_prompts
+    :func:`fcr.settings.sd.decode_latents`. Adversarial chunks hold one image (memory)."""
+    from fcr.core.sampler import build_scheduler
+    from fcr.settings.sd import encode_prompts
 
     unet, factor = components.unet, components.vae_scale_factor
     side = stress.resolution or native_size or unet.config.sample_size * factor
@@ -888,10 +889,10 @@ def _run_robustness_sd(
     """The SD robustness run (GPU machine): FID (clean-fid, against ``fid_reference``; COCO-prompt
     stresses only, as the OOD lists have no reference images) and CLIPScore per result. Not
     exercised with real weights here."""
-    from fcr.metrics import clip_score, load_clip, sd_fid
-    from fcr.profiling import environment_info
-    from fcr.sd import decode_latents, load_sd_components
-    from fcr.sd_params import sd_fid_reference
+    from fcr.eval.metrics import clip_score, load_clip, sd_fid
+    from fcr.eval.profiling import environment_info
+    from fcr.settings.sd import decode_latents, load_sd_components
+    from fcr.settings.sd_params import sd_fid_reference
 
     out_dir = Path(out_dir)
     stresses = stress_definitions(params)
@@ -900,7 +901,7 @@ def _run_robustness_sd(
         raise ConfigError("parameter 'fid_reference': give a clean-fid statistics name or a folder of reference images")
     attacks = {c.name: attack_stride(c, params["robustness_strides"]) for c in configs} if any(
         s.adversarial for s in stresses.values()) else {}
-    device = _device(params.get("device"))
+    device = resolve_device(params.get("device"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     components = {label: load_sd_components(source, device=device, dtype=dtype, revision=params["revision"] or None,
                                             variant=params["variant"] or None) for label, source in models.items()}
@@ -916,7 +917,7 @@ def _run_robustness_sd(
             if res is not None and res.resolution <= native:
                 raise ConfigError(f"parameter 'stress_resolution': {res.resolution} is not above {label!r}'s {native}")
             for config in configs:
-                prior = _prior(params, config)
+                prior = prior_noise_for(params, config)
                 for stress in stresses.values():
                     prompts, kinds = prompt_sets[stress.prompts]
                     attack = None
@@ -959,7 +960,7 @@ def _run_robustness_sd(
                             for kind in SD_OOD_FILES:
                                 mine = [c for c, k in zip(clip, kinds) if k == kind]
                                 result[f"clip_score_{kind}"] = float(np.mean(mine))
-                        _save_safetensors_atomic({"clip_score": torch.from_numpy(clip)},
+                        save_safetensors_atomic({"clip_score": torch.from_numpy(clip)},
                                                  out_dir / "results" / f"{stem}.safetensors",
                                                  {"model": label, "config": config.name, "stress": stress.name,
                                                   "seed": str(seed), "prompts": json.dumps(list(prompts))})
@@ -1032,7 +1033,7 @@ def per_seed_drops(results: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFram
 def drop_table(per_seed: pd.DataFrame) -> pd.DataFrame:
     """Per model x config x stress x metric: means over seeds of the stressed and unstressed
     values, the mean paired drop with its Student-t 95 % interval over seeds
-    (:func:`fcr.stats.mean_ci_over_seeds`; nan bounds with one seed) and the relative drop
+    (:func:`fcr.eval.stats.mean_ci_over_seeds`; nan bounds with one seed) and the relative drop
     ``100 * drop / |mean unstressed|`` (nan when that is 0)."""
     rows = []
     for (model, config, stress, metric), g in per_seed.groupby(["model", "config", "stress", "metric"], sort=False):

@@ -5,7 +5,7 @@ Written with accelerate (mixed precision, gradient accumulation, clipping, sever
 :func:`init_distributed`). Every random draw of optimizer step ``k`` (batch indices, caption dropout,
 timesteps, noise) comes from generators seeded with ``(seed, k, micro-batch, process)``, so a run
 is deterministic for a seed and resuming from a checkpoint reproduces the uninterrupted run.
-Checkpoints are safetensors + JSON (:mod:`fcr.checkpoint`); the log is a CSV.
+Checkpoints are safetensors + JSON (:mod:`fcr.train.checkpoint`); the log is a CSV.
 """
 
 from __future__ import annotations
@@ -26,13 +26,12 @@ import torch
 from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 
-from fcr.checkpoint import latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_training_checkpoint
-from fcr.loss import FCRConfig, fcr_training_loss
+from fcr.train.checkpoint import latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_training_checkpoint
+from fcr.core.loss import FCRConfig, fcr_training_loss
 
 __all__ = [
     "ConditioningData",
     "DistributedSetupError",
-    "EmbeddedTrainData",
     "FCRObjective",
     "TrainConfig",
     "TrainResult",
@@ -159,28 +158,6 @@ class ConditioningData(Protocol):
     def __len__(self) -> int: ...
 
     def batch(self, indices: torch.Tensor, drop: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-@dataclass
-class EmbeddedTrainData:
-    """The embedded default: pixel images with cached text states, looked up per example.
-
-    ``images``: (N, 1, H, W) in [-1, 1]; ``prompt_ids``: (N,) rows of ``prompt_states``
-    (P, L, D); ``empty_state``: (L, D), the empty prompt's states.
-    """
-
-    images: torch.Tensor
-    prompt_ids: torch.Tensor
-    prompt_states: torch.Tensor
-    empty_state: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def batch(self, indices: torch.Tensor, drop: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        states = self.prompt_states[self.prompt_ids[indices]].clone()
-        states[drop] = self.empty_state
-        return self.images[indices], states
 
 
 class FCRObjective(torch.nn.Module):

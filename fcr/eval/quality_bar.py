@@ -1,8 +1,8 @@
 """The base models' quality bar: do generated images show the prompted class?
 
 With plain 50-step DDIM and classifier-free guidance, the evaluation classifier
-(:mod:`fcr.classifier`) labels each generated image; class agreement is the share labelled as the
-prompted class (per class too). ``python -m fcr.evaluate --model base`` writes
+(:mod:`fcr.eval.classifier`) labels each generated image; class agreement is the share labelled as the
+prompted class (per class too). ``python -m fcr.eval.quality_bar --model base`` writes
 ``quality.json`` and a class-by-class sample grid next to the model.
 """
 
@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from fcr import data, plots
-from fcr.classifier import load_classifier, predict_proba
-from fcr.embedded import prepare_embedded_data
-from fcr.generate import embedded_prompt_set, generate
-from fcr.models import build_noise_scheduler, load_embedded_unet, model_training_params, resolve_unet_dir
-from fcr.profiling import environment_info
+from fcr.settings import data
+from fcr import plots
+from fcr.eval.classifier import load_classifier, predict_proba
+from fcr.settings.embedded import prepare_embedded_data
+from fcr.settings.generate import embedded_prompt_set, generate
+from fcr.settings.models import build_noise_scheduler, load_embedded_unet, model_training_params, resolve_unet_dir
+from fcr.eval.profiling import environment_info
 
 __all__ = ["class_agreement", "main"]
 
@@ -62,7 +63,7 @@ def class_agreement(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fcr.evaluate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fcr.eval.quality_bar", description=__doc__)
     parser.add_argument("--model", required=True, help="embedded model name or run folder")
     parser.add_argument("--data-dir", default="outputs/embedded/data")
     parser.add_argument("--n", type=int, default=500)

@@ -3,11 +3,11 @@ quality lost to encoder caching.
 
 **Feature variance.** ``σ²_Δ = E ‖Enc(x_t) − Enc(x_{t−Δ})‖²`` with ``x_t`` and ``x_{t−Δ}`` made from
 the SAME clean image ``x_0`` and the SAME noise ``ε`` (FCR's shared-noise pairs), the image's true
-caption as conditioning, and the distance :func:`fcr.loss.feature_distance` over a feature group of
-:func:`fcr.unet.feature_group_indices`: exactly the quantity the FCR term penalises, in its raw
+caption as conditioning, and the distance :func:`fcr.core.loss.feature_distance` over a feature group of
+:func:`fcr.core.unet.feature_group_indices`: exactly the quantity the FCR term penalises, in its raw
 (mean squared difference per element, averaged over the group's tensors) and its normalised
 (difference over feature energy, scale-invariant) form. Δ is counted in training timesteps
-(``units='train'``: ``t ~ U{Δ..T−1}``, the draw of :func:`fcr.loss.sample_timestep_pairs` given Δ)
+(``units='train'``: ``t ~ U{Δ..T−1}``, the draw of :func:`fcr.core.loss.sample_timestep_pairs` given Δ)
 or in sampling steps (``units='sampling'``: ``t`` and ``t−Δ`` are entries ``i`` and ``i+Δ`` of the
 sampling scheduler's ``num_inference_steps``-step grid, i.e. what a cache suffers when features of
 step ``i`` are reused ``Δ`` steps later). Every model sees identical ``(x_0, ε, u)`` draws (``u``
@@ -34,10 +34,10 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from fcr import unet as fcr_unet
-from fcr.loss import feature_distance
-from fcr.stats import bootstrap_ci, bootstrap_metric, ols, relative_change
-from fcr.unet import FEATURE_GROUPS, EncoderFeatures
+from fcr.core import unet as fcr_unet
+from fcr.core.loss import feature_distance
+from fcr.eval.stats import bootstrap_ci, bootstrap_metric, ols, relative_change
+from fcr.core.unet import FEATURE_GROUPS, EncoderFeatures
 
 __all__ = [
     "FD_COLUMN",
@@ -101,7 +101,7 @@ class VarianceInputs:
 def load_variance_inputs(data_dir: str | Path, n: int, seed: int, style: str = "none") -> VarianceInputs:
     """``n`` held-out images of the embedded validation split (carved from the official train set,
     never trained on), a seeded subset, with their true captions in training templates."""
-    from fcr.embedded import load_split
+    from fcr.settings.embedded import load_split
 
     examples, labels = load_split(data_dir, "val", style=style)
     if n > len(examples):
@@ -134,9 +134,9 @@ def variance_draws(n: int, shape: Sequence[int], seed: int) -> VarianceDraws:
 
 
 def sampling_grid(noise_scheduler: Any, scheduler_name: str, num_inference_steps: int) -> torch.Tensor:
-    """The sampling scheduler's timesteps (int64, noisiest first), as :func:`fcr.sampler.sample`
+    """The sampling scheduler's timesteps (int64, noisiest first), as :func:`fcr.core.sampler.sample`
     steps through them."""
-    from fcr.generate import sampling_scheduler
+    from fcr.settings.generate import sampling_scheduler
 
     sched = sampling_scheduler(scheduler_name, noise_scheduler)
     sched.set_timesteps(num_inference_steps)
@@ -187,7 +187,7 @@ def gap_timesteps(
 def per_sample_feature_distance(
     a: EncoderFeatures, b: EncoderFeatures, indices: Sequence[int], normalize: bool
 ) -> torch.Tensor:
-    """(N,) distances: :func:`fcr.loss.feature_distance` on each sample alone (its batch mean is
+    """(N,) distances: :func:`fcr.core.loss.feature_distance` on each sample alone (its batch mean is
     the FCR term of the batch)."""
     n = a.batch_size
     return torch.stack([
@@ -279,9 +279,9 @@ def _parse_key(name: str) -> tuple[str, int, str, str]:
 
 
 def _save_values(values: Mapping[tuple[str, int, str, str], np.ndarray], path: Path, meta: Mapping[str, str]) -> None:
-    from fcr.sweep import _save_safetensors_atomic
+    from fcr.eval.results import save_safetensors_atomic
 
-    _save_safetensors_atomic({_key_name(k): torch.from_numpy(np.ascontiguousarray(v)) for k, v in values.items()},
+    save_safetensors_atomic({_key_name(k): torch.from_numpy(np.ascontiguousarray(v)) for k, v in values.items()},
                              path, dict(meta))
 
 
@@ -300,7 +300,7 @@ def _summary(values: Mapping[tuple[str, int, str, str], np.ndarray]) -> dict[str
 
 def _match_original(original: str, unet_dirs: Mapping[str, Path], sources: Mapping[str, str]) -> str:
     """Label of the measured model that ``original`` names (by label, source or resolved folder)."""
-    from fcr.models import ModelNotFoundError, resolve_unet_dir
+    from fcr.settings.models import ModelNotFoundError, resolve_unet_dir
 
     if not original:
         return ""
@@ -325,20 +325,21 @@ def run_variance(
 ) -> list[ModelVariance]:
     """Measure (or load) the feature variance of every model in ``models`` (label -> embedded name
     or run folder) for validated ``params``; results under ``out_dir/variance`` (JSON via
-    :func:`fcr.results.run_or_load` plus per-image safetensors). ``inputs`` replaces the
+    :func:`fcr.eval.results.run_or_load` plus per-image safetensors). ``inputs`` replaces the
     validation images (tests only); by default they come from :func:`load_variance_inputs`."""
 
-    from fcr.models import EMBEDDED_MODELS, load_unet_folder, model_training_params, resolve_unet_dir
-    from fcr.profiling import environment_info
-    from fcr.results import run_or_load
-    from fcr.sweep import _device, _noise_scheduler_for, _weights_fingerprint
+    from fcr.settings.models import EMBEDDED_MODELS, load_unet_folder, model_training_params, resolve_unet_dir
+    from fcr.eval.profiling import environment_info
+    from fcr.eval.results import run_or_load
+    from fcr.eval.results import weights_fingerprint
+    from fcr.settings.models import noise_scheduler_for, resolve_device
 
     if params["setting"] != "embedded":
         raise ValueError(
             "parameter 'setting': the feature-variance measurement is implemented for the embedded default only"
         )
     out_dir = Path(out_dir)
-    device = _device(params.get("device"))
+    device = resolve_device(params.get("device"))
     deltas = {"train": list(range(1, params["variance_delta_max"] + 1)),
               "sampling": list(range(1, params["variance_max_stride"] + 1))}
     if params["variance_max_stride"] >= params["num_inference_steps"]:
@@ -355,7 +356,7 @@ def run_variance(
             cached_inputs[style] = inputs if inputs is not None else load_variance_inputs(
                 params["data_dir"], params["num_variance_images"], params["seed"], style)
         inp = cached_inputs[style]
-        noise_scheduler, schedule = _noise_scheduler_for(folder, params)
+        noise_scheduler, schedule = noise_scheduler_for(folder, params)
         if params["variance_delta_max"] >= schedule["num_train_timesteps"]:
             raise ValueError("parameter 'variance_delta_max': must be < the model's num_train_timesteps")
         source = str(models[label])
@@ -363,12 +364,12 @@ def run_variance(
         original = "" if source in EMBEDDED_MODELS else str(trained[label].get("model", ""))
         original = "" if original == "scratch" else original
         key = {
-            "setting": "embedded", "model": label, "model_source": source, "weights": _weights_fingerprint(folder),
+            "setting": "embedded", "model": label, "model_source": source, "weights": weights_fingerprint(folder),
             **schedule, "split": inp.split, "inputs": inp.digest(), "num_variance_images": int(inp.x0.shape[0]),
             "prompt_templates": "train", "train_style": style, "seed": params["seed"], "shared_noise": True,
             "deltas_train": deltas["train"], "deltas_sampling": deltas["sampling"], "scheduler": params["scheduler"],
             "num_inference_steps": params["num_inference_steps"], "feature_groups": list(FEATURE_GROUPS),
-            "distance": "fcr.loss.feature_distance",
+            "distance": "fcr.core.loss.feature_distance",
         }
         side = out_dir / "variance" / f"{label.replace('/', '_')}.safetensors"
 
@@ -609,7 +610,7 @@ def regression_points(
 
 
 def fit_regressions(points: pd.DataFrame, min_points: int = 3) -> pd.DataFrame:
-    """OLS of each quality drop on each variance column (:func:`fcr.stats.ols`): ``status``
+    """OLS of each quality drop on each variance column (:func:`fcr.eval.stats.ols`): ``status``
     'fitted', 'not enough points' (fewer than ``min_points`` finite points) or 'x constant';
     ``primary`` marks FD increase on normalised σ²."""
     rows = []

@@ -8,6 +8,7 @@ name raises :class:`StaleResultError` instead of mixing old and new numbers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -15,8 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
+from safetensors.torch import save_file
 
-__all__ = ["StaleResultError", "load_results", "run_or_load", "write_json_atomic"]
+__all__ = [
+    "StaleResultError",
+    "load_results",
+    "module_fingerprint",
+    "run_or_load",
+    "save_safetensors_atomic",
+    "weights_fingerprint",
+    "write_json_atomic",
+]
 
 
 class StaleResultError(RuntimeError):
@@ -70,3 +81,35 @@ def load_results(folder: str | Path, pattern: str = "*.json") -> pd.DataFrame:
         if "config" in stored and "result" in stored:
             rows.append({**stored["config"], **stored["result"], "result_file": path.name})
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- inputs and side files
+
+
+def _digest(*chunks: bytes) -> str:
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """Short hash of a module's state dict (which classifier / weights made a result)."""
+    parts = []
+    for key, value in sorted(module.state_dict().items()):
+        parts.append(key.encode())
+        parts.append(value.detach().cpu().contiguous().numpy().tobytes())
+    return _digest(*parts)
+
+
+def weights_fingerprint(unet_dir: Path) -> str:
+    """Short hash of a UNet folder's weight files, so retrained weights under the same name are never mixed up."""
+    return _digest(*(p.read_bytes() for p in sorted(unet_dir.glob("*.safetensors"))))
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write per-image tensors beside a result file; a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)

@@ -8,7 +8,7 @@ reported once, in the log written next to the weights.
 
 CLI::
 
-    python -m fcr.classifier --out models/classifier/fashion_classifier.safetensors --epochs E
+    python -m fcr.eval.classifier --out models/classifier/fashion_classifier.safetensors --epochs E
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fcr.checkpoint import state_dict_mismatch
+from fcr.paths import REPO_ROOT
+from fcr.train.checkpoint import state_dict_mismatch
 
 __all__ = [
     "ARCHITECTURE_VERSION",
@@ -53,7 +54,7 @@ __all__ = [
 ARCHITECTURE_VERSION = "fashion-cnn-v1"
 FILE_FORMAT = "fcr-fashion-classifier"
 DEFAULT_CLASSIFIER_PATH = (
-    Path(__file__).resolve().parents[1] / "models" / "classifier" / "fashion_classifier.safetensors"
+    REPO_ROOT / "models" / "classifier" / "fashion_classifier.safetensors"
 )
 NUM_CLASSES = 10
 
@@ -323,7 +324,7 @@ def read_classifier_metadata(path: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise FileNotFoundError(
             f"classifier weights {str(path)!r} not found; train them with "
-            f"`python -m fcr.classifier --out {path}`"
+            f"`python -m fcr.eval.classifier --out {path}`"
         )
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -343,7 +344,7 @@ def load_classifier(
     if meta.get("architecture_version") != ARCHITECTURE_VERSION:
         raise ClassifierFileError(
             f"{str(path)!r} has architecture {meta.get('architecture_version')!r}, this code builds "
-            f"{ARCHITECTURE_VERSION!r}; retrain with `python -m fcr.classifier --out {path}`"
+            f"{ARCHITECTURE_VERSION!r}; retrain with `python -m fcr.eval.classifier --out {path}`"
         )
     try:
         widths = tuple(int(w) for w in meta["widths"].split(","))
@@ -363,7 +364,7 @@ def load_classifier(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train on train-minus-val, select on val, report test accuracy once, write weights + log."""
-    parser = argparse.ArgumentParser(prog="python -m fcr.classifier", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fcr.eval.classifier", description=main.__doc__)
     parser.add_argument("--out", type=Path, default=DEFAULT_CLASSIFIER_PATH, help="output .safetensors path")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -384,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-progress", action="store_true", help="no batch progress bar (epoch lines stay)")
     args = parser.parse_args(argv)
 
-    from fcr.data import load_fashion_mnist, to_model_range, train_val_split
+    from fcr.settings.data import load_fashion_mnist, to_model_range, train_val_split
 
     wall_start = time.perf_counter()
     torch.set_num_threads(args.threads)

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fcr import data
-from fcr.embedded import EMPTY_PROMPT, all_prompts, prompt_ids
-from fcr.sampler import PriorNoise, SamplerStats, build_scheduler, sample
-from fcr.text import load_text_state_cache
+from fcr.settings import data
+from fcr.settings.embedded import EMPTY_PROMPT, all_prompts, prompt_ids
+from fcr.core.sampler import PriorNoise, SamplerStats, build_scheduler, sample
+from fcr.settings.text import load_text_state_cache
 
 __all__ = ["GenerationResult", "PromptSet", "embedded_prompt_set", "generate", "initial_noise", "sampling_scheduler"]
 

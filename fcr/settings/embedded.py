@@ -4,12 +4,13 @@
 ``manifest.json`` (what made it), ``splits.safetensors`` (validation indices carved from the
 official train set, and each training image's caption template) and ``text_states.safetensors``
 (MiniLM token states of every training, held-out and the empty prompt). ``load_split`` turns it
-into :class:`fcr.train.EmbeddedTrainData` for training or evaluation.
+into :class:`EmbeddedTrainData` for training or evaluation.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,35 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from fcr import data
-from fcr.text import TextEncoder, build_text_state_cache, load_text_state_cache
-from fcr.train import EmbeddedTrainData
+from fcr.settings import data
+from fcr.settings.text import TextEncoder, build_text_state_cache, load_text_state_cache
 
-__all__ = ["EMPTY_PROMPT", "all_prompts", "load_split", "prepare_embedded_data", "prompt_ids"]
+__all__ = ["EMPTY_PROMPT", "EmbeddedTrainData", "all_prompts", "load_split", "prepare_embedded_data", "prompt_ids"]
 
 EMPTY_PROMPT = ""
 MANIFEST = "manifest.json"
+
+
+@dataclass
+class EmbeddedTrainData:
+    """The embedded default: pixel images with cached text states, looked up per example.
+
+    ``images``: (N, 1, H, W) in [-1, 1]; ``prompt_ids``: (N,) rows of ``prompt_states``
+    (P, L, D); ``empty_state``: (L, D), the empty prompt's states.
+    """
+
+    images: torch.Tensor
+    prompt_ids: torch.Tensor
+    prompt_states: torch.Tensor
+    empty_state: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def batch(self, indices: torch.Tensor, drop: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        states = self.prompt_states[self.prompt_ids[indices]].clone()
+        states[drop] = self.empty_state
+        return self.images[indices], states
 
 
 def all_prompts() -> list[str]:
@@ -96,11 +118,11 @@ def load_split(
 
     Training images keep their assigned template; ``val``/``test`` images get a seeded template
     from the training set, or from the held-out set with ``heldout_prompts``. ``style`` applies
-    :func:`fcr.data.apply_style` to the images (the derivative model's domain).
+    :func:`fcr.settings.data.apply_style` to the images (the derivative model's domain).
     """
     out_dir = Path(out_dir)
     if not (out_dir / MANIFEST).is_file():
-        raise FileNotFoundError(f"{out_dir} has no prepared data: run notebooks/01_data_prep.ipynb or fcr.embedded.prepare_embedded_data")
+        raise FileNotFoundError(f"{out_dir} has no prepared data: run notebooks/01_data_prep.ipynb or fcr.settings.embedded.prepare_embedded_data")
     manifest = json.loads((out_dir / MANIFEST).read_text())
     splits = load_file(str(out_dir / "splits.safetensors"))
     official = "test" if split == "test" else "train"

@@ -29,7 +29,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from fcr.unet import EncoderFeatures, decode, encode
+from fcr.core.unet import EncoderFeatures, decode, encode
 
 __all__ = [
     "FD_50LS",

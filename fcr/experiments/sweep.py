@@ -1,22 +1,20 @@
 """Stride sweep: quality and cost of Faster-Diffusion sampling configurations, per model and seed.
 
 Every configuration of a model samples the SAME prompts from the SAME initial noise for a given
-seed (:mod:`fcr.generate`), so differences between configurations are paired. Quality is measured
-with the embedded classifier (:mod:`fcr.classifier`) against real Fashion-MNIST test images; cost
+seed (:mod:`fcr.settings.generate`), so differences between configurations are paired. Quality is measured
+with the embedded classifier (:mod:`fcr.eval.classifier`) against real Fashion-MNIST test images; cost
 (FLOPs, wall time, peak memory, network passes) depends on the architecture and configuration
 only, so it is measured once per architecture x configuration. Each result is a JSON file written
-as soon as it is finished (:func:`fcr.results.run_or_load`): a re-run skips finished ones and a
-file made with other parameters raises :class:`fcr.results.StaleResultError`.
+as soon as it is finished (:func:`fcr.eval.results.run_or_load`): a re-run skips finished ones and a
+file made with other parameters raises :class:`fcr.eval.results.StaleResultError`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,29 +22,30 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from fcr.generate import PromptSet, embedded_prompt_set, generate, sampling_scheduler
-from fcr.metrics import (
+from fcr.settings.generate import PromptSet, embedded_prompt_set, generate, sampling_scheduler
+from fcr.eval.metrics import (
     DEFAULT_EXTRACTOR_NAME,
     FrechetToReference,
     feature_statistics,
     metrics_from_features,
 )
-from fcr.models import (
+from fcr.core.configurations import SamplingConfig, configs_for_model, sweep_configurations
+from fcr.settings.models import (
     EMBEDDED_ARCHITECTURES,
     EMBEDDED_MODELS,
-    ModelNotFoundError,
-    load_unet_folder,
     build_noise_scheduler,
     embedded_unet_config,
-    model_training_params,
+    load_unet_folder,
+    noise_scheduler_for,
+    resolve_device,
     resolve_unet_dir,
 )
-from fcr.profiling import count_flops, environment_info, peak_memory, sampling_flops_ratio, time_fn, unet_flops
-from fcr.results import run_or_load
-from fcr.sampler import PriorNoise, key_steps, sample
-from fcr.stats import bootstrap_ci, bootstrap_metric, mean_ci_over_seeds, paired_test
+from fcr.eval.profiling import count_flops, environment_info, peak_memory, sampling_flops_ratio, time_fn, unet_flops
+from fcr.eval.results import module_fingerprint, run_or_load, save_safetensors_atomic, weights_fingerprint
+from fcr.core.sampler import PriorNoise, sample
+from fcr.eval.stats import bootstrap_ci, bootstrap_metric, mean_ci_over_seeds, paired_test
 
 __all__ = [
     "QUALITY_METRICS",
@@ -59,6 +58,8 @@ __all__ = [
     "load_side_file",
     "model_labels",
     "paired_comparison",
+    "prior_noise_for",
+    "quality_stem",
     "reference_features",
     "run_sweep",
     "summarize",
@@ -86,100 +87,7 @@ PASS_COUNTERS: tuple[str, ...] = ("unet_passes", "encoder_passes", "decoder_pass
 # ----------------------------------------------------------------------------- configurations
 
 
-@dataclass(frozen=True)
-class SamplingConfig:
-    """One sampling configuration: plain (``key_steps`` None) or encoder caching at ``key_steps``.
-
-    ``stride`` is the uniform key-step stride the configuration stands for (1 for plain sampling
-    with the sweep's scheduler, None for non-uniform schedules and reference lines).
-    """
-
-    name: str
-    scheduler: str
-    num_inference_steps: int
-    key_steps: tuple[int, ...] | None
-    stride: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready copy, with the number of key steps (encoder passes per image)."""
-        out = asdict(self)
-        out["key_steps"] = None if self.key_steps is None else list(self.key_steps)
-        out["n_key_steps"] = self.num_inference_steps if self.key_steps is None else len(self.key_steps)
-        return out
-
-
-def sweep_configurations(
-    strides: Sequence[int],
-    num_inference_steps: int,
-    scheduler: str,
-    include_50ls: bool = True,
-    dpm_reference_steps: int = 20,
-    dpm_strides: Sequence[int] = (),
-) -> list[SamplingConfig]:
-    """Configurations of a sweep: ``full`` for stride 1, ``FD-s`` (uniform key steps) for s > 1,
-    ``FD-50ls`` (Faster Diffusion's non-uniform preset), ``DPM++-k``: plain DPM-Solver++ at
-    ``k`` steps, the reference line of the original paper (disabled by ``k = 0``), and
-    ``DPM++-FD-s``: DPM-Solver++ at ``k`` steps with encoder caching at uniform stride ``s``
-    (exp-2's "FCR + DPM-Solver" combination)."""
-    if dpm_reference_steps < 0:
-        raise ValueError(f"dpm_reference_steps must be >= 0 (0 disables it); got {dpm_reference_steps}")
-    if dpm_strides and dpm_reference_steps == 0:
-        raise ValueError("dpm_strides needs dpm_reference_steps > 0 (the DPM-Solver++ step count)")
-    n = int(num_inference_steps)
-    configs: list[SamplingConfig] = []
-    for s in dict.fromkeys(int(s) for s in strides):  # unique, order kept
-        if s < 1:
-            raise ValueError(f"strides must be >= 1; got {s}")
-        if s == 1:
-            configs.append(SamplingConfig("full", scheduler, n, None, stride=1))
-        else:
-            configs.append(SamplingConfig(f"FD-{s}", scheduler, n, tuple(key_steps(n, "uniform", s)), stride=s))
-    if include_50ls:
-        configs.append(SamplingConfig("FD-50ls", scheduler, n, tuple(key_steps(n, "50ls"))))
-    if dpm_reference_steps > 0:
-        configs.append(SamplingConfig(f"DPM++-{dpm_reference_steps}", "dpmsolver++", int(dpm_reference_steps), None))
-    k = int(dpm_reference_steps)
-    for s in dict.fromkeys(int(s) for s in dpm_strides):
-        if not 1 < s <= k:
-            raise ValueError(f"dpm_strides must lie in (1, dpm_reference_steps={k}]; got {s}")
-        configs.append(SamplingConfig(f"DPM++-FD-{s}", "dpmsolver++", k, tuple(key_steps(k, "uniform", s)), stride=s))
-    return configs
-
-
-REFERENCE_LINES = ("FD-50ls", "DPM++-")
-
-
-def configs_for_model(configs: Sequence[SamplingConfig], index: int, all_models: bool) -> list[SamplingConfig]:
-    """The configurations model number ``index`` of a sweep runs: every one for the first model
-    (the original), and for the others all but the reference lines (``FD-50ls``, plain ``DPM++-k``)
-    unless ``all_models``; they only place the original model's curve and cost CPU time."""
-    if index == 0 or all_models:
-        return list(configs)
-    return [c for c in configs if not (c.name == "FD-50ls" or (c.name.startswith("DPM++-") and c.key_steps is None))]
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def _digest(*chunks: bytes) -> str:
-    h = hashlib.sha256()
-    for chunk in chunks:
-        h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """Short hash of a module's state dict (which classifier / weights made a result)."""
-    parts = []
-    for key, value in sorted(module.state_dict().items()):
-        parts.append(key.encode())
-        parts.append(value.detach().cpu().contiguous().numpy().tobytes())
-    return _digest(*parts)
-
-
-def _weights_fingerprint(unet_dir: Path) -> str:
-    # Hash of the weight files, so retrained weights under the same name are never mixed up.
-    return _digest(*(p.read_bytes() for p in sorted(unet_dir.glob("*.safetensors"))))
 
 
 def _arch_config(unet: torch.nn.Module) -> dict[str, Any]:
@@ -195,7 +103,7 @@ def architecture_name(unet: torch.nn.Module) -> str:
         wanted = json.loads(json.dumps(embedded_unet_config(name, config.get("sample_size", 32))))
         if all(config.get(k) == v for k, v in wanted.items()):
             return name
-    return "arch-" + _digest(json.dumps(config, sort_keys=True).encode())[:8]
+    return "arch-" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def model_labels(sources: Sequence[str]) -> dict[str, str]:
@@ -209,22 +117,9 @@ def model_labels(sources: Sequence[str]) -> dict[str, str]:
     return labels
 
 
-def _device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)  # a kill never leaves half a file
-
-
-def _prior(params: Mapping[str, Any], config: SamplingConfig) -> PriorNoise:
-    # Prior noise injection is part of Faster Diffusion's cached sampler only: the plain lines
-    # (full, DPM++) stay the unmodified samplers they are references for.
+def prior_noise_for(params: Mapping[str, Any], config: SamplingConfig) -> PriorNoise:
+    """Prior noise injection as the parameters say, for cached configurations only: the plain lines
+    (full, DPM++) stay the unmodified samplers they are references for."""
     enabled = bool(params["prior_noise"]) and config.key_steps is not None
     return PriorNoise(enabled, params["prior_noise_alpha"], params["prior_noise_threshold"])
 
@@ -242,9 +137,9 @@ def reference_features(
 ) -> torch.Tensor:
     """Classifier features ``(N, D)`` of real Fashion-MNIST official test images (the first ``n``,
     all 10k by default), cached in ``cache_path`` (computed once; a cache made by another
-    classifier or ``n`` is recomputed). ``root``: where Fashion-MNIST lies (see fcr.data)."""
-    from fcr import data
-    from fcr.classifier import extract_features
+    classifier or ``n`` is recomputed). ``root``: where Fashion-MNIST lies (see fcr.settings.data)."""
+    from fcr.settings import data
+    from fcr.eval.classifier import extract_features
 
     fingerprint = module_fingerprint(classifier)
     wanted = {"classifier": fingerprint, "n": str(n), "split": "test"}
@@ -257,7 +152,7 @@ def reference_features(
         images = images[:n]
     feats = extract_features(classifier, data.to_model_range(images), batch_size)
     if cache_path is not None:
-        _save_safetensors_atomic({"features": feats}, Path(cache_path), wanted)
+        save_safetensors_atomic({"features": feats}, Path(cache_path), wanted)
     return feats
 
 
@@ -274,11 +169,11 @@ def score_images(
     seed: int,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Score images in [-1, 1] at the classifier's size against ``ref_feats``: the set metrics of
-    :func:`fcr.metrics.metrics_from_features` plus percentile bootstrap 95 % intervals over images
+    :func:`fcr.eval.metrics.metrics_from_features` plus percentile bootstrap 95 % intervals over images
     (``*_lo`` / ``*_hi``; the reference set held fixed) for the FD, class accuracy and prompted-class
     probability. Returns the metrics and per-image tensors (``prompted_prob``, ``correct``,
     ``probs``, ``features``) for paired tests."""
-    from fcr.classifier import extract_features, predict_proba
+    from fcr.eval.classifier import extract_features, predict_proba
 
     # Features and probabilities once, shared by the set metrics and the per-image tensors.
     feats = extract_features(classifier, images)
@@ -323,7 +218,7 @@ def evaluate_quality(
 ) -> dict[str, Any]:
     """Generate one image per prompt with ``config`` and score it against ``ref_feats``.
 
-    Returns the set metrics of :func:`fcr.metrics.metrics_from_features`, percentile bootstrap
+    Returns the set metrics of :func:`fcr.eval.metrics.metrics_from_features`, percentile bootstrap
     95 % intervals over generated images (``*_lo`` / ``*_hi``; the reference set is held fixed)
     for the FD, class accuracy and prompted-class probability, the sampler's pass counters per
     sampling run (one batch) and the sampling wall time. ``side_file`` (safetensors) receives the images (uint8),
@@ -349,7 +244,7 @@ def evaluate_quality(
     metrics, per_image = score_images(gen.images, prompts.labels, classifier, ref_feats, n_boot=n_boot, seed=seed)
     if side_file is not None:
         images_u8 = ((gen.images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        _save_safetensors_atomic(
+        save_safetensors_atomic(
             {"images": images_u8, "labels": torch.as_tensor(prompts.labels, dtype=torch.long), **per_image},
             Path(side_file),
             {"model": model_label, "config": config.name, "seed": str(seed), "prompts": json.dumps(prompts.texts)},
@@ -379,10 +274,10 @@ def load_samples(
     """The first ``n`` generated images (uint8 ``(n, 1, H, W)``) of each configuration: the same
     prompts and initial noise in every configuration."""
     folder = Path(out_dir) / "quality"
-    return {c: load_side_file(folder / f"{_quality_stem(model, c, seed)}.safetensors")["images"][:n] for c in configs}
+    return {c: load_side_file(folder / f"{quality_stem(model, c, seed)}.safetensors")["images"][:n] for c in configs}
 
 
-def _quality_stem(model: str, config: str, seed: int) -> str:
+def quality_stem(model: str, config: str, seed: int) -> str:
     return f"{model.replace('/', '_')}__{config}__seed{seed}"
 
 
@@ -390,8 +285,8 @@ def paired_comparison(out_dir: str | Path, model: str, config_a: str, config_b: 
     """Paired t and Wilcoxon tests of ``config_a`` vs ``config_b`` on the per-image prompted-class
     probability (same prompts and initial noise), plus the difference in class accuracy."""
     folder = Path(out_dir) / "quality"
-    a = load_side_file(folder / f"{_quality_stem(model, config_a, seed)}.safetensors")
-    b = load_side_file(folder / f"{_quality_stem(model, config_b, seed)}.safetensors")
+    a = load_side_file(folder / f"{quality_stem(model, config_a, seed)}.safetensors")
+    b = load_side_file(folder / f"{quality_stem(model, config_b, seed)}.safetensors")
     if not torch.equal(a["labels"], b["labels"]):
         raise ValueError(f"{config_a} and {config_b} of {model} (seed {seed}) were not made from the same prompts")
     test = paired_test(a["prompted_prob"].numpy(), b["prompted_prob"].numpy())
@@ -534,14 +429,6 @@ def summarize(quality: pd.DataFrame, metrics: Sequence[str] = QUALITY_METRICS) -
 # ----------------------------------------------------------------------------- the sweep
 
 
-def _noise_scheduler_for(unet_dir: Path, params: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
-    # A run folder records the noise schedule its UNet was trained with; use it over the params
-    # so e.g. a v-prediction model is never sampled as an epsilon model.
-    trained = model_training_params(unet_dir) or {}
-    schedule = {k: trained.get(k, params[k]) for k in ("num_train_timesteps", "beta_schedule", "prediction_type")}
-    return build_noise_scheduler(**schedule), schedule
-
-
 def run_sweep(
     params: Mapping[str, Any],
     models: Mapping[str, str],
@@ -557,7 +444,7 @@ def run_sweep(
     if params["setting"] == "sd":
         return _run_sweep_sd(params, models, out_dir, progress)
 
-    from fcr.classifier import load_classifier
+    from fcr.eval.classifier import load_classifier
 
     out_dir = Path(out_dir)
     configs = sweep_configurations(
@@ -569,12 +456,12 @@ def run_sweep(
     text_states = Path(params["data_dir"]) / "text_states.safetensors"
     if not text_states.is_file():
         raise FileNotFoundError(f"{text_states} not found: prepare the data with notebooks/01_data_prep.ipynb")
-    device = _device(params.get("device"))
+    device = resolve_device(params.get("device"))
     classifier = load_classifier(map_location=device)
     loaded = {}
     for label, folder in unet_dirs.items():
         unet = load_unet_folder(folder, label).eval()
-        loaded[label] = (unet, *_noise_scheduler_for(folder, params), _weights_fingerprint(folder))
+        loaded[label] = (unet, *noise_scheduler_for(folder, params), weights_fingerprint(folder))
 
     arches = {label: architecture_name(item[0]) for label, item in loaded.items()}
     ref_feats = reference_features(
@@ -596,8 +483,8 @@ def run_sweep(
         seq_len = int(prompts.states.shape[1])  # token states per prompt, for the cost inputs
         for index, (label, (unet, noise_scheduler, schedule, weights_id)) in enumerate(loaded.items()):
             for config in configs_for_model(configs, index, params["reference_lines_all_models"]):
-                prior = _prior(params, config)
-                stem = _quality_stem(label, config.name, seed)
+                prior = prior_noise_for(params, config)
+                stem = quality_stem(label, config.name, seed)
                 # eval_batch_size is left out: an image does not depend on how it is batched.
                 key = {
                     **common, **config.as_dict(), **schedule,
@@ -633,7 +520,7 @@ def run_sweep(
             continue
         done_arch.add(arch)
         for config in configs:
-            prior = _prior(params, config)
+            prior = prior_noise_for(params, config)
             key = {
                 **common, **config.as_dict(),
                 "architecture": arch, "architecture_config": _arch_config(unet), "config": config.name,
@@ -668,15 +555,15 @@ def _run_sweep_sd(
     Needs ``eval_prompts`` (e.g. COCO captions JSON) and ``fid_reference`` (clean-fid custom
     statistics name, or a folder of reference images). Not exercised with real weights here.
     """
-    from fcr.metrics import clip_score, load_clip, sd_fid
-    from fcr.sd import load_sd_components
-    from fcr.sd_params import sd_eval_prompts, sd_fid_reference
-    from fcr.sd import generate_sd as _generate_sd
+    from fcr.eval.metrics import clip_score, load_clip, sd_fid
+    from fcr.settings.sd import load_sd_components
+    from fcr.settings.sd_params import sd_eval_prompts, sd_fid_reference
+    from fcr.settings.sd import generate_sd as _generate_sd
 
     if not params["fid_reference"]:
         raise ValueError("parameter 'fid_reference': give a clean-fid statistics name or a folder of reference images")
     out_dir = Path(out_dir)
-    device = _device(params.get("device"))
+    device = resolve_device(params.get("device"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     configs = sweep_configurations(
         params["strides"], params["num_inference_steps"], params["scheduler"],
@@ -691,8 +578,8 @@ def _run_sweep_sd(
         prompts = sd_eval_prompts(params, params["num_eval_images"], seed)
         for index, (label, parts) in enumerate(components.items()):
             for config in configs_for_model(configs, index, params["reference_lines_all_models"]):
-                prior = _prior(params, config)
-                stem = _quality_stem(label, config.name, seed)
+                prior = prior_noise_for(params, config)
+                stem = quality_stem(label, config.name, seed)
                 key = {
                     "setting": "sd", **config.as_dict(), "model": label, "model_source": str(models[label]),
                     "config": config.name, "seed": seed, "num_eval_images": len(prompts),
@@ -719,7 +606,7 @@ def _run_sweep_sd(
                     fid = sd_fid(folder, device=device, **ref_kw)
                     scores = clip_score(images, prompts, device=device, clip=clip)
                     est, lo, hi = bootstrap_ci(scores, n_boot=params["n_bootstrap"], seed=seed)
-                    _save_safetensors_atomic(
+                    save_safetensors_atomic(
                         {"clip_score": torch.from_numpy(scores)}, out_dir / "quality" / f"{stem}.safetensors",
                         {"model": label, "config": config.name, "seed": str(seed)},
                     )
@@ -730,7 +617,7 @@ def _run_sweep_sd(
                 quality_rows.append({**key, **result, "architecture": "sd"})  # the cost rows' architecture
     first = next(iter(components.values()))
     for config in configs:
-        prior = _prior(params, config)
+        prior = prior_noise_for(params, config)
         key = {"setting": "sd", **config.as_dict(), "architecture": "sd", "config": config.name,
                "architecture_config": _arch_config(first.unet), "batch_sizes": list(params["profile_batches"]),
                "repeats": params["profile_repeats"], "seq_len": 77, "device": device.type,

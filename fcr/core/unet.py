@@ -83,7 +83,7 @@ def check_supported(unet: UNet2DConditionModel) -> None:
         problems.append("GLIGEN position net")
     if problems:
         raise UnsupportedUNetError(
-            "fcr.unet cannot split this UNet exactly: it uses " + ", ".join(problems) + ". "
+            "fcr.core.unet cannot split this UNet exactly: it uses " + ", ".join(problems) + ". "
             "Supported: text-conditioned UNet2DConditionModel as in Stable Diffusion 1.x/2.x."
         )
 
@@ -97,7 +97,7 @@ def _check_kwargs(kwargs: dict[str, Any]) -> None:
         )
     cak = kwargs.get("cross_attention_kwargs")
     if cak is not None and cak.get("gligen") is not None:
-        raise UnsupportedUNetError("GLIGEN cross_attention_kwargs are not supported by fcr.unet")
+        raise UnsupportedUNetError("GLIGEN cross_attention_kwargs are not supported by fcr.core.unet")
 
 
 def _time_embedding(

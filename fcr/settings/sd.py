@@ -1,8 +1,9 @@
-"""Stable Diffusion: loading a diffusers checkpoint, its training data, FCR fine-tuning and sampling.
+"""Stable Diffusion: loading a diffusers checkpoint (or a fine-tuning run folder), its training data and sampling.
 
 The UNet is the only trained part; the VAE and the CLIP text encoder stay frozen. Training
 examples are VAE latents (``latent_dist.sample() * scaling_factor``) with CLIP token states, as
-diffusers' text-to-image training script builds them; sampling runs :func:`fcr.sampler.sample`
+diffusers' text-to-image training script builds them (the fine-tune itself is
+:func:`fcr.train.finetune.finetune_sd`); sampling runs :func:`fcr.core.sampler.sample`
 (plain or with encoder caching) in latent space and decodes with the VAE.
 """
 
@@ -18,11 +19,9 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from fcr.config import ConfigError
-from fcr.data import open_image, sample_subset, sd_image_transform
-from fcr.finetune import _write_params, run_dir
-from fcr.models import ModelNotFoundError
-from fcr.sampler import PriorNoise, SamplerStats, build_scheduler, sample
-from fcr.train import TrainConfig, TrainResult, fcr_config_from_params, train
+from fcr.core.sampler import PriorNoise, SamplerStats, build_scheduler, sample
+from fcr.settings.data import open_image, sd_image_transform
+from fcr.settings.models import ModelNotFoundError
 
 __all__ = [
     "SD_MODEL_IDS",
@@ -33,7 +32,6 @@ __all__ = [
     "SDTrainData",
     "decode_latents",
     "encode_prompts",
-    "finetune_sd",
     "generate_sd",
     "generate_sd_latents",
     "load_sd_components",
@@ -182,7 +180,7 @@ def _load_sd_run(
     folder: Path, base: Mapping[str, Any], *, device: str | torch.device, dtype: torch.dtype, local_files_only: bool
 ) -> SDComponents:
     """A run folder: its base model's components with the fine-tuned UNet in place of the base UNet."""
-    from fcr.models import load_unet_folder, resolve_unet_dir
+    from fcr.settings.models import load_unet_folder, resolve_unet_dir
 
     unet_dir = resolve_unet_dir(str(folder))  # unet_ema/ over unet/
     parts = load_sd_components(
@@ -241,7 +239,7 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> list[Any]:
 
 
 class SDTrainData:
-    """SD training examples for :func:`fcr.train.train`: (image source, caption) items turned into
+    """SD training examples for :func:`fcr.train.loop.train`: (image source, caption) items turned into
     (VAE latents, CLIP states) per batch. The VAE and text encoder are frozen.
 
     All randomness (horizontal flip, VAE posterior sample) comes from the batch's generator, so a
@@ -299,11 +297,11 @@ def load_train_items(train_data: str) -> list[tuple[ImageSource, str]]:
     """(image path or bytes, caption) of ``train_data``: a folder of ``name.jpg`` + ``name.txt`` pairs,
     an img2dataset output folder (shard folders, webdataset ``.tar`` or parquet shards), an ArtBench-10
     root (its train split) or one of its split/style folders, a ``.parquet`` with image paths or bytes,
-    or a webdataset ``.tar`` (:func:`fcr.data.read_training_pairs`). Nothing is downloaded here: a
+    or a webdataset ``.tar`` (:func:`fcr.settings.data.read_training_pairs`). Nothing is downloaded here: a
     URL-only (LAION metadata) parquet is refused with the img2dataset command that fetches it."""
     import tarfile
 
-    from fcr.data import TRAIN_DATA_KINDS, read_training_pairs
+    from fcr.settings.data import TRAIN_DATA_KINDS, read_training_pairs
 
     if not train_data:
         raise ConfigError(
@@ -326,61 +324,6 @@ def check_train_files(items: Sequence[tuple[ImageSource, str]]) -> None:
     missing = [str(src) for src, _ in items if isinstance(src, Path) and not src.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} training images do not exist, e.g. {missing[:3]}")
-
-
-_WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def finetune_sd(params: Mapping[str, Any], *, progress: bool = True, stop_after: int | None = None) -> TrainResult:
-    """Fine-tune an SD UNet with denoising + λ·FCR as validated ``params`` say.
-
-    Data: ``train_subset`` items (seeded by ``seed``) of ``train_data``; model: ``params["model"]``
-    (repo id, short name or folder); images at ``resolution``. Results go to ``output_dir/run_name``.
-    """
-    from accelerate import Accelerator
-
-    items = sample_subset(load_train_items(params["train_data"]), params["train_subset"], params["seed"])
-    check_train_files(items)
-    cfg = TrainConfig.from_params(params)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision=cfg.mixed_precision,
-        cpu=params.get("device") == "cpu",
-    )
-    # The trained UNet stays float32 (accelerate keeps fp32 master weights and autocasts).
-    parts = load_sd_components(params["model"], device=accelerator.device, dtype=torch.float32,
-                               revision=params["revision"] or None, variant=params["variant"] or None)
-    repo_prediction = parts.noise_scheduler.config.prediction_type
-    if params["prediction_type"] != repo_prediction:
-        # Training with the other target would silently ruin the model (SD2.1 is v_prediction).
-        raise ConfigError(
-            f"parameter 'prediction_type': {params['prediction_type']!r} but {params['model']!r} was trained "
-            f"with {repo_prediction!r}; set prediction_type: {repo_prediction}"
-        )
-    weight_dtype = _WEIGHT_DTYPES.get(cfg.mixed_precision, torch.float32)
-    parts.vae.to(dtype=weight_dtype)
-    parts.text_encoder.to(dtype=weight_dtype)
-    data = SDTrainData(items, parts.vae, parts.tokenizer, parts.text_encoder, params["resolution"])
-    folder = run_dir(params)
-    if accelerator.is_main_process:
-        _write_params(folder, params)
-    return train(
-        parts.unet,
-        parts.noise_scheduler,
-        data,
-        cfg,
-        fcr_config_from_params(params),
-        folder,
-        accelerator=accelerator,
-        progress=progress,
-        stop_after=stop_after,
-        run_info={
-            "model": params["model"],
-            "setting": "sd",
-            "train_data": params["train_data"],
-            "scheduler_config": parts.scheduler_config,
-        },
-    )
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -476,7 +419,7 @@ def generate_sd(
     width: int | None = None,
     progress: bool = False,
 ) -> list[Any]:
-    """One RGB PIL image per prompt: :func:`fcr.sampler.sample` in VAE latent space from seeded
+    """One RGB PIL image per prompt: :func:`fcr.core.sampler.sample` in VAE latent space from seeded
     noise (B, 4, H/8, W/8), then ``vae.decode(latents / scaling_factor)``.
 
     ``key_steps=None`` is plain sampling; a list enables encoder caching (``parallel`` batches the

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
-from fcr import unet as fcr_unet
-from fcr.unet import FEATURE_GROUPS, EncoderFeatures
+from fcr.core import unet as fcr_unet
+from fcr.core.unet import FEATURE_GROUPS, EncoderFeatures
 
 __all__ = [
     "DELTA_UNITS",
@@ -47,7 +47,7 @@ class FCRConfig:
     - ``delta_units``: ``"train"`` (training timesteps) or ``"sampling"`` (sampling steps of a
       ``sampling_steps``-step DDIM 'leading' schedule: one step = ``T // sampling_steps`` training
       timesteps, so Δ_max = 10 at 50 steps and T = 1000 is 200 training timesteps).
-    - ``feature_group``: which encoder features are regularised (see ``fcr.unet.feature_group_indices``).
+    - ``feature_group``: which encoder features are regularised (see ``fcr.core.unet.feature_group_indices``).
     - ``normalize``: use the scale-invariant distance (see :func:`feature_distance`); raw MSE can be
       lowered by shrinking feature magnitudes and compensating in the decoder.
     - ``shared_noise``: the same ε for x_t and x_{t−Δ}; False draws an independent ε'.

@@ -21,7 +21,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from fcr import unet as fcr_unet
+from fcr.core import unet as fcr_unet
 
 __all__ = [
     "SD15_UNET_CONFIG",

@@ -1,6 +1,6 @@
 """What the Stable Diffusion setting's parameters point at: checks before any work (local data
 paths, resolutions, stresses, local metric weights), the evaluation prompts, the FID reference,
-and notebook 01's SD data preparation. Kept apart from :mod:`fcr.sd` (models, training, sampling)
+and notebook 01's SD data preparation. Kept apart from :mod:`fcr.settings.sd` (models, training, sampling)
 so the fine-tune's own parameters stay readable there."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from fcr.config import ConfigError
-from fcr.data import read_eval_prompts, sample_subset
-from fcr.sd import SD_NATIVE_RESOLUTION, check_train_files, load_train_items, sd_run_base
+from fcr.settings.data import read_eval_prompts, sample_subset
+from fcr.settings.sd import SD_NATIVE_RESOLUTION, check_train_files, load_train_items, sd_run_base
 
 __all__ = ["SD_STRESSES", "check_sd_params", "native_resolution", "prepare_sd_data", "sd_eval_prompts", "sd_fid_reference"]
 
@@ -91,7 +91,7 @@ def check_sd_params(params: Mapping[str, Any], task: str) -> None:
 
 def sd_eval_prompts(params: Mapping[str, Any], n: int, seed: int) -> list[str]:
     """The ``n`` evaluation prompts of ``seed`` from ``eval_prompts`` (any source kind of
-    :func:`fcr.data.read_eval_prompts`); the same list for every model and configuration."""
+    :func:`fcr.settings.data.read_eval_prompts`); the same list for every model and configuration."""
     if not params["eval_prompts"]:
         raise ConfigError("parameter 'eval_prompts': empty; give e.g. MS-COCO's annotations/captions_val2017.json")
     try:
@@ -102,7 +102,7 @@ def sd_eval_prompts(params: Mapping[str, Any], n: int, seed: int) -> list[str]:
 
 
 def sd_fid_reference(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of :func:`fcr.metrics.sd_fid` from ``fid_reference`` (a folder of reference
+    """Keyword arguments of :func:`fcr.eval.metrics.sd_fid` from ``fid_reference`` (a folder of reference
     images, or the name of clean-fid statistics) and ``fid_inception_dir`` (local Inception file)."""
     ref = Path(params["fid_reference"]).expanduser()
     kw: dict[str, Any] = {"ref_dir": ref} if ref.is_dir() else {"ref_stats_name": params["fid_reference"]}

@@ -5,7 +5,7 @@ folders); nothing is computed from scratch except paired tests between configura
 run on the per-image side files notebook 03 saved. Numbers are printed with 3 significant digits,
 95 % intervals as ``[lo, hi]``.
 
-    python -m fcr.report --root outputs/embedded [--readme README.md]
+    python -m fcr.report.tables --root outputs/embedded [--readme README.md]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from fcr.paths import REPO_ROOT, display_path
-from fcr.verdict import (
+from fcr.report.verdict import (
     DEFAULT_BACKBONES,
     EXP1,
     EXP2,
@@ -123,8 +123,8 @@ def paired_vs_reference(
     largest p over seeds). Returns ``paired_mean_diff, paired_p_t, paired_p_wilcoxon, paired_n,
     paired_source``; empty values when neither source has the pair.
     """
-    from fcr.stats import paired_test
-    from fcr.sweep import _quality_stem, load_side_file
+    from fcr.eval.stats import paired_test
+    from fcr.experiments.sweep import load_side_file, quality_stem
 
     sweep_dir = Path(sweep_dir)
     empty = {"paired_mean_diff": math.nan, "paired_p_t": math.nan, "paired_p_wilcoxon": math.nan,
@@ -132,11 +132,11 @@ def paired_vs_reference(
     if (model, config) == (ref_model, ref_config):
         return empty
     folder = sweep_dir / "quality"
-    stem = _quality_stem(model, config, 0).rsplit("seed", 1)[0]
+    stem = quality_stem(model, config, 0).rsplit("seed", 1)[0]
     a_all, b_all, seeds = [], [], []
     for path in sorted(folder.glob(f"{stem}seed*.safetensors")):
         seed = int(path.stem.rsplit("seed", 1)[1])
-        ref = folder / f"{_quality_stem(ref_model, ref_config, seed)}.safetensors"
+        ref = folder / f"{quality_stem(ref_model, ref_config, seed)}.safetensors"
         if not ref.is_file():
             continue
         a, b = load_side_file(path), load_side_file(ref)
@@ -362,8 +362,8 @@ def code_revision(repo: str | Path | None = None) -> dict[str, Any]:
 def provenance_header(root: str | Path, repo: str | Path | None = None) -> str:
     """Date, the git commit the run was made with (``<root>/pipeline_run.json``, written by the
     pipeline when it starts; else the checkout's commit now), this machine
-    (:func:`fcr.profiling.environment_info`) and the run the numbers come from."""
-    from fcr.profiling import environment_info
+    (:func:`fcr.eval.profiling.environment_info`) and the run the numbers come from."""
+    from fcr.eval.profiling import environment_info
 
     run_info = Path(root) / RUN_INFO
     invocations = json.loads(run_info.read_text()).get("invocations", []) if run_info.is_file() else []
@@ -393,7 +393,7 @@ def provenance_header(root: str | Path, repo: str | Path | None = None) -> str:
     measured = _measurement_machine(Path(root))
     if measured:
         lines.append(f"- Timings measured on: {measured} (from the cost result files)")
-    lines += ["", f"The numbers below were generated from the run in `{display_path(root)}` by `python -m fcr.report`; "
+    lines += ["", f"The numbers below were generated from the run in `{display_path(root)}` by `python -m fcr.report.tables`; "
               "nothing in this section is typed by hand.", ""]
     return "\n".join(lines)
 
@@ -591,7 +591,7 @@ def build_report(
         files.append(out_dir / f"{key}_table.csv")
         exp_parts.append("Mean over seeds with 95 % t intervals (a single seed: the percentile bootstrap interval "
                          "over images, FD and accuracy only; the FD one is shifted upward, see "
-                         "fcr.stats.bootstrap_metric); time "
+                         "fcr.eval.stats.bootstrap_metric); time "
                          "per image measured per batch size; speed-ups against FD-5 of the same architecture; paired "
                          "test against the original model's FD-5 on the per-image prompted-class probability "
                          "(Δ = row − FD-5).\n")
@@ -623,7 +623,7 @@ def build_report(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m fcr.report --root outputs/embedded [--out-dir DIR] [--readme README.md]``."""
+    """CLI: ``python -m fcr.report.tables --root outputs/embedded [--out-dir DIR] [--readme README.md]``."""
     parser = argparse.ArgumentParser(description="Write the result tables and the success-criteria verdict of a run.")
     parser.add_argument("--root", default="outputs/embedded", help="the run's output folder")
     parser.add_argument("--out-dir", default=None, help="where the report goes (default ROOT/report)")

@@ -77,10 +77,10 @@ EXP2 = "exp-2-generalisation-robustness"
 # Sub-folders of an experiment folder and which stage writes them (for the missing-file notes).
 LAYOUT: dict[str, str] = {"sweep": "sweep", "robustness": "robustness", "mechanistic": "mechanistic", "run": "main"}
 PRODUCERS: dict[str, str] = {
-    "summary.csv": "notebook 03_stride_sweep (fcr.sweep.summarize)",
-    "cost.csv": "notebook 03_stride_sweep (fcr.sweep.run_sweep)",
-    "cost_table.csv": "notebook 03_stride_sweep (fcr.sweep.cost_table)",
-    "paired_tests.csv": "notebook 03_stride_sweep (fcr.sweep.paired_comparison)",
+    "summary.csv": "notebook 03_stride_sweep (fcr.experiments.sweep.summarize)",
+    "cost.csv": "notebook 03_stride_sweep (fcr.experiments.sweep.run_sweep)",
+    "cost_table.csv": "notebook 03_stride_sweep (fcr.experiments.sweep.cost_table)",
+    "paired_tests.csv": "notebook 03_stride_sweep (fcr.experiments.sweep.paired_comparison)",
     "criterion.csv": "notebook 04_robustness",
     "variance_reduction.csv": "notebook 05_mechanistic_regression",
     "regression.json": "notebook 05_mechanistic_regression",
@@ -437,7 +437,7 @@ def _criterion_b(root: Path, b: Backbone, fcr_model: str | None, quality_passed:
             time_pass = all(v >= THRESHOLDS["speedup"] for v in speed.values())
             note = (f"Measured wall time per image of {stride_config} vs {ref_config} on architecture {arch} "
                     f"(cost depends on the architecture, not the weights), device {device}; medians of timed repeats "
-                    "(fcr.sweep.evaluate_cost). The seed times on an A100; these timings are from the device named.")
+                    "(fcr.experiments.sweep.evaluate_cost). The seed times on an A100; these timings are from the device named.")
             rows.append(_row(f"{B_NAME} (wall time)", scope, measured, speed_thr, time_pass, note, kind="part",
                              value=min(speed.values())))
         except InputError as exc:
@@ -482,7 +482,7 @@ def _criterion_b(root: Path, b: Backbone, fcr_model: str | None, quality_passed:
                 note = "Peak allocated GPU memory (torch.cuda.max_memory_allocated) at the largest timed batch."
             else:
                 note = (f"Not measurable on device {device}: the CPU figure is the process-wide RSS high-water mark "
-                        "(fcr.profiling.peak_memory), which never decreases and cannot separate configurations timed "
+                        "(fcr.eval.profiling.peak_memory), which never decreases and cannot separate configurations timed "
                         "in one process; the seed's criterion is on GPU memory (VRAM).")
             rows.append(_row(f"{B_NAME} (peak memory)", scope, measured, mem_thr, mem_pass, note, kind="part",
                              value=inc))
@@ -741,15 +741,15 @@ def training_step_flops(
     seed: int = 0,
     **fcr_kwargs: Any,
 ) -> int:
-    """FLOPs of one training step (forward + backward of :func:`fcr.loss.fcr_training_loss`) at ``batch``.
+    """FLOPs of one training step (forward + backward of :func:`fcr.core.loss.fcr_training_loss`) at ``batch``.
 
     Counted with ``torch.utils.flop_counter`` (matrix products, convolutions, attention; 2 FLOPs per
     multiply-accumulate; element-wise work and the optimizer update count zero). Inputs are random:
     the count depends on shapes only. λ > 0 adds the encoder forward + backward on x_{t−Δ}; the value
     of λ (and Δ_max, the feature group) does not change the count. Gradients are cleared afterwards.
     """
-    from fcr.loss import FCRConfig, fcr_training_loss
-    from fcr.models import build_noise_scheduler
+    from fcr.core.loss import FCRConfig, fcr_training_loss
+    from fcr.settings.models import build_noise_scheduler
 
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -839,7 +839,7 @@ def _default_flops_per_image() -> Callable[[str, bool], float]:
 
     def flops(arch: str, fcr: bool) -> float:
         if (arch, fcr) not in cache:
-            from fcr.models import build_embedded_unet
+            from fcr.settings.models import build_embedded_unet
 
             torch.manual_seed(0)
             unet = build_embedded_unet(arch)
@@ -887,7 +887,7 @@ def _criterion_f(root: Path, backbones: Sequence[Backbone], selected: Sequence[s
                         f"{_g(ft_img / 1e9)} GFLOP per image of a λ={run.lambda_fcr:g} training step. Pre-training: "
                         f"{'; '.join(lineage)}. "
                         "FLOPs per image counted with torch.utils.flop_counter on one forward + backward "
-                        "(fcr.verdict.training_step_flops).")
+                        "(fcr.report.verdict.training_step_flops).")
             except (InputError, FileNotFoundError) as exc:
                 ok, measured, note, pct = None, "n/a", str(exc), None
             if kind == "part":
@@ -945,7 +945,7 @@ def evaluate_criteria(
     ``sd_finetune_gpu_hours``: GPU-hours of an SD FCR fine-tune, if one was run elsewhere.
     ``sd_gpu_cost``: ``benchmarks/bench_sd_gpu.py``'s CSV: adds criterion-b context rows at SD scale.
     """
-    from fcr.models import MODELS_DIR
+    from fcr.settings.models import MODELS_DIR
 
     root = Path(root)
     models_dir = Path(models_dir) if models_dir is not None else MODELS_DIR

@@ -1,6 +1,6 @@
 """Fine-tuning (and base pre-training) runs from validated parameters: what notebook 02 and
 ``python -m fcr train`` call. Picks the data, model and noise schedule of the setting, writes the
-parameters next to the results, then runs :func:`fcr.train.train`."""
+parameters next to the results, then runs :func:`fcr.train.loop.train`."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from typing import Any
 
 import yaml
 
-from fcr.embedded import load_split, prepare_embedded_data
-from fcr.models import build_embedded_unet, build_noise_scheduler, check_prediction_type, load_embedded_unet
-from fcr.train import TrainConfig, TrainResult, fcr_config_from_params, train
+from fcr.config import ConfigError
+from fcr.settings.embedded import load_split, prepare_embedded_data
+from fcr.settings.models import build_embedded_unet, build_noise_scheduler, check_prediction_type, load_embedded_unet
+from fcr.train.loop import TrainConfig, TrainResult, fcr_config_from_params, train
 
-__all__ = ["FINETUNE_KEYS", "finetune", "run_dir"]
+__all__ = ["FINETUNE_KEYS", "finetune", "finetune_sd", "run_dir"]
 
 
 # Every parameter a fine-tune reads (embedded and SD). Notebook 02 declares all of them in its
@@ -81,8 +82,6 @@ def _write_params(folder: Path, params: Mapping[str, Any]) -> None:
 def finetune(params: Mapping[str, Any], *, progress: bool = True, stop_after: int | None = None) -> TrainResult:
     """Train a UNet with denoising + λ·FCR as ``params`` say (they must be validated already)."""
     if params["setting"] == "sd":
-        from fcr.sd import finetune_sd  # heavy imports only for the SD setting
-
         return finetune_sd(params, progress=progress, stop_after=stop_after)
 
     prepare_embedded_data(params["data_dir"], seed=0, max_text_length=params["max_text_length"])
@@ -108,4 +107,61 @@ def finetune(params: Mapping[str, Any], *, progress: bool = True, stop_after: in
         progress=progress,
         stop_after=stop_after,
         run_info={"model": params["model"], "setting": params["setting"]},
+    )
+
+
+def finetune_sd(params: Mapping[str, Any], *, progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Fine-tune an SD UNet with denoising + λ·FCR as validated ``params`` say.
+
+    Data: ``train_subset`` items (seeded by ``seed``) of ``train_data``; model: ``params["model"]``
+    (repo id, short name or folder); images at ``resolution``. Results go to ``output_dir/run_name``.
+    """
+    import torch
+    from accelerate import Accelerator
+
+    from fcr.settings.data import sample_subset
+    from fcr.settings.sd import SDTrainData, check_train_files, load_sd_components, load_train_items
+
+    items = sample_subset(load_train_items(params["train_data"]), params["train_subset"], params["seed"])
+    check_train_files(items)
+    cfg = TrainConfig.from_params(params)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        cpu=params.get("device") == "cpu",
+    )
+    # The trained UNet stays float32 (accelerate keeps fp32 master weights and autocasts).
+    parts = load_sd_components(params["model"], device=accelerator.device, dtype=torch.float32,
+                               revision=params["revision"] or None, variant=params["variant"] or None)
+    repo_prediction = parts.noise_scheduler.config.prediction_type
+    if params["prediction_type"] != repo_prediction:
+        # Training with the other target would silently ruin the model (SD2.1 is v_prediction).
+        raise ConfigError(
+            f"parameter 'prediction_type': {params['prediction_type']!r} but {params['model']!r} was trained "
+            f"with {repo_prediction!r}; set prediction_type: {repo_prediction}"
+        )
+    # The frozen VAE and text encoder run in the mixed-precision dtype.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    parts.vae.to(dtype=weight_dtype)
+    parts.text_encoder.to(dtype=weight_dtype)
+    data = SDTrainData(items, parts.vae, parts.tokenizer, parts.text_encoder, params["resolution"])
+    folder = run_dir(params)
+    if accelerator.is_main_process:
+        _write_params(folder, params)
+    return train(
+        parts.unet,
+        parts.noise_scheduler,
+        data,
+        cfg,
+        fcr_config_from_params(params),
+        folder,
+        accelerator=accelerator,
+        progress=progress,
+        stop_after=stop_after,
+        run_info={
+            "model": params["model"],
+            "setting": "sd",
+            "train_data": params["train_data"],
+            "scheduler_config": parts.scheduler_config,
+        },
     )

@@ -1,0 +1,82 @@
+"""Sampling configurations: plain sampling or encoder caching at given key steps, with a name
+(``full``, ``FD-s``, ``FD-50ls``, ``DPM++-k``, ``DPM++-FD-s``) that every result file and table
+uses. Built from the sweep's parameters by :func:`sweep_configurations`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fcr.core.sampler import key_steps
+
+__all__ = ["SamplingConfig", "configs_for_model", "sweep_configurations"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """One sampling configuration: plain (``key_steps`` None) or encoder caching at ``key_steps``.
+
+    ``stride`` is the uniform key-step stride the configuration stands for (1 for plain sampling
+    with the sweep's scheduler, None for non-uniform schedules and reference lines).
+    """
+
+    name: str
+    scheduler: str
+    num_inference_steps: int
+    key_steps: tuple[int, ...] | None
+    stride: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready copy, with the number of key steps (encoder passes per image)."""
+        out = asdict(self)
+        out["key_steps"] = None if self.key_steps is None else list(self.key_steps)
+        out["n_key_steps"] = self.num_inference_steps if self.key_steps is None else len(self.key_steps)
+        return out
+
+
+def sweep_configurations(
+    strides: Sequence[int],
+    num_inference_steps: int,
+    scheduler: str,
+    include_50ls: bool = True,
+    dpm_reference_steps: int = 20,
+    dpm_strides: Sequence[int] = (),
+) -> list[SamplingConfig]:
+    """Configurations of a sweep: ``full`` for stride 1, ``FD-s`` (uniform key steps) for s > 1,
+    ``FD-50ls`` (Faster Diffusion's non-uniform preset), ``DPM++-k``: plain DPM-Solver++ at
+    ``k`` steps, the reference line of the original paper (disabled by ``k = 0``), and
+    ``DPM++-FD-s``: DPM-Solver++ at ``k`` steps with encoder caching at uniform stride ``s``
+    (exp-2's "FCR + DPM-Solver" combination)."""
+    if dpm_reference_steps < 0:
+        raise ValueError(f"dpm_reference_steps must be >= 0 (0 disables it); got {dpm_reference_steps}")
+    if dpm_strides and dpm_reference_steps == 0:
+        raise ValueError("dpm_strides needs dpm_reference_steps > 0 (the DPM-Solver++ step count)")
+    n = int(num_inference_steps)
+    configs: list[SamplingConfig] = []
+    for s in dict.fromkeys(int(s) for s in strides):  # unique, order kept
+        if s < 1:
+            raise ValueError(f"strides must be >= 1; got {s}")
+        if s == 1:
+            configs.append(SamplingConfig("full", scheduler, n, None, stride=1))
+        else:
+            configs.append(SamplingConfig(f"FD-{s}", scheduler, n, tuple(key_steps(n, "uniform", s)), stride=s))
+    if include_50ls:
+        configs.append(SamplingConfig("FD-50ls", scheduler, n, tuple(key_steps(n, "50ls"))))
+    if dpm_reference_steps > 0:
+        configs.append(SamplingConfig(f"DPM++-{dpm_reference_steps}", "dpmsolver++", int(dpm_reference_steps), None))
+    k = int(dpm_reference_steps)
+    for s in dict.fromkeys(int(s) for s in dpm_strides):
+        if not 1 < s <= k:
+            raise ValueError(f"dpm_strides must lie in (1, dpm_reference_steps={k}]; got {s}")
+        configs.append(SamplingConfig(f"DPM++-FD-{s}", "dpmsolver++", k, tuple(key_steps(k, "uniform", s)), stride=s))
+    return configs
+
+
+def configs_for_model(configs: Sequence[SamplingConfig], index: int, all_models: bool) -> list[SamplingConfig]:
+    """The configurations model number ``index`` of a sweep runs: every one for the first model
+    (the original), and for the others all but the reference lines (``FD-50ls``, plain ``DPM++-k``)
+    unless ``all_models``; they only place the original model's curve and cost CPU time."""
+    if index == 0 or all_models:
+        return list(configs)
+    return [c for c in configs if not (c.name == "FD-50ls" or (c.name.startswith("DPM++-") and c.key_steps is None))]

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, statistics, the evaluation classifier, cost profiling, result files."""

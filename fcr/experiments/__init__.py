@@ -1,0 +1,1 @@
+"""Experiments: stride sweep, robustness, mechanistic regression (each a runner over configurations)."""

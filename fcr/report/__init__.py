@@ -1,0 +1,1 @@
+"""Report: the seed's success criteria (verdict) and the tables / README section built from results."""

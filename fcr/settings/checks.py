@@ -1,0 +1,28 @@
+"""Checks of validated parameters that depend on the setting and on the task a notebook or CLI
+runs: everything that can be known before any work (paths, resolutions, stresses) fails here, with
+one message naming the key, before anything is written."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fcr.config import TASKS, ConfigError
+from fcr.settings.sd_params import check_sd_params
+
+__all__ = ["check_task"]
+
+
+def check_task(params: Mapping[str, Any], task: str) -> None:
+    """Checks of validated ``params`` that depend on the setting and on what ``task`` (one of
+    :data:`TASKS`) will do with them: data paths that must be set and exist, resolutions, stresses.
+    Raises :class:`ConfigError` naming the key, before any work or output."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; allowed {list(TASKS)}")
+    if task == "robustness" and "high_resolution" in params["stresses"] and params["stress_resolution"] <= params["resolution"]:
+        raise ConfigError(
+            f"parameter 'stress_resolution': the high-resolution stress needs a side above resolution="
+            f"{params['resolution']}, got {params['stress_resolution']}"
+        )
+    if params["setting"] == "sd":
+        check_sd_params(params, task)

@@ -1,0 +1,1 @@
+"""Training: the accelerate loop, checkpoints, fine-tuning runs from parameters."""
