@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fcr.settings import data
+from fcr.settings import data, prompt_sources, sd_data
 from fcr.settings.data import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_NOUNS,
@@ -23,20 +23,20 @@ from fcr.settings.data import (
     assign_captions,
     caption,
     captions_for,
-    imagenet_prompts,
     load_fashion_mnist,
     locate_fashion_mnist,
     prompt_table,
-    read_coco_captions,
-    read_flickr30k_captions,
     read_idx,
+    to_model_range,
+    train_val_split,
+)
+from fcr.settings.prompt_sources import imagenet_prompts, read_coco_captions, read_flickr30k_captions
+from fcr.settings.sd_data import (
     read_image_caption_folder,
     read_laion_parquet,
     read_webdataset_tar,
     sample_subset,
     sd_image_transform,
-    to_model_range,
-    train_val_split,
 )
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
@@ -216,7 +216,7 @@ def test_read_laion_parquet(tmp_path: Path) -> None:
     encoded = _png_bytes()
     pd.DataFrame({"jpg": [encoded], "Caption": ["red"]}).to_parquet(tmp_path / "bytes.parquet")
     ((image, text),) = read_laion_parquet(tmp_path / "bytes.parquet")
-    assert image == encoded and text == "red" and data.open_image(image).size == (6, 4)
+    assert image == encoded and text == "red" and sd_data.open_image(image).size == (6, 4)
     pd.DataFrame({"URL": ["https://x/y.jpg"], "TEXT": ["u"]}).to_parquet(tmp_path / "url.parquet")
     with pytest.raises(ValueError, match="img2dataset --url_list"):
         read_laion_parquet(tmp_path / "url.parquet")  # nothing is downloaded: URLs are refused
@@ -375,12 +375,12 @@ def test_img2dataset_files_layout(tmp_path: Path, fashion_images) -> None:
         _img2dataset_meta(out / f"{shard_id:05d}.parquet", keys, [t for _, t in items])
     (out / "00001" / "000010002.jpg").write_bytes(fashion_images[5][0])  # no caption file: skipped
     with pytest.warns(UserWarning, match="1 images without a .txt caption"):
-        assert data.read_image_shards(out) == expected
+        assert sd_data.read_image_shards(out) == expected
     with pytest.warns(UserWarning, match="1 images without"):
-        assert data.read_training_pairs(out) == expected
-    assert data.open_image(expected[0][0]).size == (28, 28)
+        assert sd_data.read_training_pairs(out) == expected
+    assert sd_data.open_image(expected[0][0]).size == (28, 28)
     # A plain image+caption folder still reads as before.
-    assert data.read_training_pairs(out / "00000") == expected[:3]
+    assert sd_data.read_training_pairs(out / "00000") == expected[:3]
 
 
 def test_img2dataset_webdataset_layout(tmp_path: Path, fashion_images) -> None:
@@ -395,9 +395,9 @@ def test_img2dataset_webdataset_layout(tmp_path: Path, fashion_images) -> None:
             expected.append((jpg, text))
         _write_tar(out / f"{shard_id:05d}.tar", members)
         _img2dataset_meta(out / f"{shard_id:05d}.parquet", keys, [t for _, t in items])
-    assert data.read_image_shards(out) == expected
-    assert data.read_training_pairs(out) == expected
-    assert data.read_training_pairs(out / "00001.tar") == expected[3:]
+    assert sd_data.read_image_shards(out) == expected
+    assert sd_data.read_training_pairs(out) == expected
+    assert sd_data.read_training_pairs(out / "00001.tar") == expected[3:]
 
 
 def test_img2dataset_parquet_layout(tmp_path: Path, fashion_images) -> None:
@@ -416,8 +416,8 @@ def test_img2dataset_parquet_layout(tmp_path: Path, fashion_images) -> None:
         }).to_parquet(out / f"{shard_id:05d}.parquet")
         (out / f"{shard_id:05d}_stats.json").write_text("{}")
         expected += [(jpg, text) for jpg, text in items]
-    assert data.read_image_shards(out) == expected
-    assert data.read_training_pairs(out) == expected
+    assert sd_data.read_image_shards(out) == expected
+    assert sd_data.read_training_pairs(out) == expected
 
 
 def test_url_only_parquet_refused_with_img2dataset_command(tmp_path: Path) -> None:
@@ -430,18 +430,18 @@ def test_url_only_parquet_refused_with_img2dataset_command(tmp_path: Path) -> No
         f"img2dataset --url_list {tmp_path}/laion.parquet --input_format parquet --url_col URL --caption_col TEXT "
         f"--output_format files --output_folder {tmp_path}/laion_images --image_size 512 --resize_mode center_crop"
     )
-    for read in (read_laion_parquet, data.read_training_pairs):
+    for read in (read_laion_parquet, sd_data.read_training_pairs):
         with pytest.raises(ValueError) as info:
             read(tmp_path / "laion.parquet")
         assert command in str(info.value) and "2 of 2 rows" in str(info.value)
-    assert data.img2dataset_command(tmp_path / "laion.parquet", tmp_path / "laion_images") == command
+    assert sd_data.img2dataset_command(tmp_path / "laion.parquet", tmp_path / "laion_images") == command
     # A folder of metadata shards: the command downloads the whole folder.
     folder = tmp_path / "laion-aesthetics"
     folder.mkdir()
     for i in range(2):
         meta.rename(columns={"URL": "url", "TEXT": "caption"}).to_parquet(folder / f"part-{i:05d}.parquet")
     with pytest.raises(ValueError) as info:
-        data.read_training_pairs(folder)
+        sd_data.read_training_pairs(folder)
     assert (f"img2dataset --url_list {folder} --input_format parquet --url_col url --caption_col caption "
             f"--output_format files --output_folder {tmp_path}/laion-aesthetics_images") in str(info.value)
     # img2dataset's own metadata parquet beside its shard folder points at the output folder instead.
@@ -453,13 +453,13 @@ def test_url_only_parquet_refused_with_img2dataset_command(tmp_path: Path) -> No
 
 def test_read_training_pairs_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nothing.*does not exist"):
-        data.read_training_pairs(tmp_path / "nothing")
+        sd_data.read_training_pairs(tmp_path / "nothing")
     (tmp_path / "notes.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match="notes.csv: a file that is neither a .parquet nor a .tar"):
-        data.read_training_pairs(tmp_path / "notes.csv")
+        sd_data.read_training_pairs(tmp_path / "notes.csv")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="img2dataset shard folders"):
-        data.read_training_pairs(tmp_path / "empty")
+        sd_data.read_training_pairs(tmp_path / "empty")
 
 
 def _artbench(base: Path, files: dict[str, bytes]) -> None:
@@ -498,18 +498,18 @@ def test_read_artbench10_with_csv(tmp_path: Path, fashion_images) -> None:
         (base / "train/ukiyo_e/katsushika-hokusai_the-great-wave.jpg", "a ukiyo-e painting by Katsushika Hokusai"),
     ]
     with pytest.warns(UserWarning, match="no artist for 1 of 4 images"):
-        assert data.read_artbench10(root) == train
+        assert sd_data.read_artbench10(root) == train
     with pytest.warns(UserWarning, match="no artist for 1 of 4"):
-        assert data.read_training_pairs(root) == train  # detected; the train split
+        assert sd_data.read_training_pairs(root) == train  # detected; the train split
     with pytest.warns(UserWarning, match="no artist for 1 of 4"):
-        assert data.read_training_pairs(base / "train") == train
-    assert data.read_training_pairs(base / "train" / "ukiyo_e") == train[3:]
+        assert sd_data.read_training_pairs(base / "train") == train
+    assert sd_data.read_training_pairs(base / "train" / "ukiyo_e") == train[3:]
     # The imagefolder itself as root: the CSV is found in its parent.
-    assert data.read_artbench10(base, "test") == [
+    assert sd_data.read_artbench10(base, "test") == [
         (base / "test/baroque/rembrandt_self-portrait-1660.jpg", "a baroque painting by Rembrandt")]
-    assert data.is_artbench10(root) and data.is_artbench10(base) and not data.is_artbench10(base / "train")
-    assert data.artist_name("albrecht-durer") == "Albrecht Durer"
-    assert data.artist_name("a.y.-jackson") == "A.Y. Jackson"
+    assert sd_data.is_artbench10(root) and sd_data.is_artbench10(base) and not sd_data.is_artbench10(base / "train")
+    assert sd_data.artist_name("albrecht-durer") == "Albrecht Durer"
+    assert sd_data.artist_name("a.y.-jackson") == "A.Y. Jackson"
 
 
 def test_read_artbench10_without_csv_and_errors(tmp_path: Path, fashion_images) -> None:
@@ -523,22 +523,22 @@ def test_read_artbench10_without_csv_and_errors(tmp_path: Path, fashion_images) 
         (base / "train/post_impressionism/paul-cezanne_card-players.jpg", "a post-impressionist painting"),
     ]
     with pytest.warns(UserWarning, match="no ArtBench-10.csv"):
-        assert data.read_artbench10(base) == expected
+        assert sd_data.read_artbench10(base) == expected
     with pytest.warns(UserWarning, match="no ArtBench-10.csv"):
-        assert data.read_artbench10(tmp_path, styles=["post_impressionism"]) == expected[1:]
+        assert sd_data.read_artbench10(tmp_path, styles=["post_impressionism"]) == expected[1:]
     with pytest.raises(FileNotFoundError, match="not an ArtBench-10 folder"):
-        data.read_artbench10(base / "train")
+        sd_data.read_artbench10(base / "train")
     with pytest.raises(FileNotFoundError, match="no ArtBench-10 'test' split"):
-        data.read_artbench10(base, "test")
+        sd_data.read_artbench10(base, "test")
     with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
-        data.read_artbench10(base, "val")  # type: ignore[arg-type]
+        sd_data.read_artbench10(base, "val")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown ArtBench-10 styles \\['cubism'\\]"):
-        data.read_artbench10(base, styles=["cubism"])
+        sd_data.read_artbench10(base, styles=["cubism"])
     (tmp_path / "wrong.csv").write_text("image,style\n")
     with pytest.raises(ValueError, match="wrong.csv: expected ArtBench-10 metadata columns"):
-        data.read_artbench10(base, metadata=tmp_path / "wrong.csv")
+        sd_data.read_artbench10(base, metadata=tmp_path / "wrong.csv")
     with pytest.raises(FileNotFoundError, match="absent.csv"):
-        data.read_artbench10(base, metadata=tmp_path / "absent.csv")
+        sd_data.read_artbench10(base, metadata=tmp_path / "absent.csv")
 
 
 def _coco_file(path: Path, captions_per_image: list[int]) -> Path:
@@ -611,70 +611,70 @@ def test_coco_errors(tmp_path: Path) -> None:
 
 def test_read_eval_prompts_dispatch(tmp_path: Path) -> None:
     coco = _coco_file(tmp_path / "captions_val2017.json", [5, 5])
-    assert data.read_eval_prompts(coco, 2, seed=None) == ["image 0 caption 0.", "image 1 caption 0."]
-    assert data.read_eval_prompts(coco, 2, seed=0) == [c for _, c in read_coco_captions(coco, 2, 0)]
+    assert prompt_sources.read_eval_prompts(coco, 2, seed=None) == ["image 0 caption 0.", "image 1 caption 0."]
+    assert prompt_sources.read_eval_prompts(coco, 2, seed=0) == [c for _, c in read_coco_captions(coco, 2, 0)]
     flickr_csv = tmp_path / "results.csv"
     flickr_csv.write_text("image_name| comment_number| comment\n1000092795.jpg| 1| Two males .\n"
                           "1000092795.jpg| 0| Two young guys .\n10002456.jpg| 0| Workers look down .\n")
-    assert data.read_eval_prompts(flickr_csv, 2, seed=None) == ["Two young guys .", "Workers look down ."]
+    assert prompt_sources.read_eval_prompts(flickr_csv, 2, seed=None) == ["Two young guys .", "Workers look down ."]
     flickr_token = tmp_path / "results_20130124.token"
     flickr_token.write_text("1000092795.jpg#0\tTwo young guys .\n1000092795.jpg#1\tTwo males .\n"
                             "10002456.jpg#0\tWorkers look down .\n")
-    assert data.read_eval_prompts(flickr_token, 3, seed=None, captions_per_image=None) == [
+    assert prompt_sources.read_eval_prompts(flickr_token, 3, seed=None, captions_per_image=None) == [
         "Two young guys .", "Two males .", "Workers look down ."]
     classes = tmp_path / "imagenet_classes.txt"
     classes.write_text("tench, Tinca tinca\ngoldfish, Carassius auratus\ngreat white shark\n")
     three = ["a photo of a tench", "a photo of a goldfish", "a photo of a great white shark"]
-    assert data.read_eval_prompts(classes, 3, seed=0) == three
-    assert data.read_eval_prompts(classes, 7, seed=None) == three * 2 + three[:1]
-    balanced = data.read_eval_prompts(classes, 8, seed=1)
+    assert prompt_sources.read_eval_prompts(classes, 3, seed=0) == three
+    assert prompt_sources.read_eval_prompts(classes, 7, seed=None) == three * 2 + three[:1]
+    balanced = prompt_sources.read_eval_prompts(classes, 8, seed=1)
     assert balanced[:6] == three * 2 and len(set(balanced[6:])) == 2 and set(balanced[6:]) <= set(three)
     synsets = tmp_path / "LOC_synset_mapping.txt"
     synsets.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n")
-    assert data.read_eval_prompts(synsets, 2, seed=None, template="a {} in a pond") == [
+    assert prompt_sources.read_eval_prompts(synsets, 2, seed=None, template="a {} in a pond") == [
         "a tench in a pond", "a goldfish in a pond"]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# my prompts\na red car\n\na blue bird\n")
     with pytest.warns(UserWarning, match="5 prompts asked but only 2 available"):
-        assert data.read_eval_prompts(prompts, 5, seed=0) == ["a red car", "a blue bird"]
+        assert prompt_sources.read_eval_prompts(prompts, 5, seed=0) == ["a red car", "a blue bird"]
     parti = tmp_path / "PartiPrompts.tsv"
     parti.write_text("Prompt\tCategory\tChallenge\tNote\nbond\tAbstract\tBasic\t\na cat on a mat\tAnimals\tBasic\t\n")
-    assert data.read_eval_prompts(parti, 2, seed=None) == ["bond", "a cat on a mat"]
+    assert prompt_sources.read_eval_prompts(parti, 2, seed=None) == ["bond", "a cat on a mat"]
     headerless = tmp_path / "ood.tsv"
     headerless.write_text("# label<TAB>prompt\nCoat\ta coat in the rain\nBag\ta leather bag\n")
-    assert data.read_eval_prompts(headerless, 2, seed=None) == ["a coat in the rain", "a leather bag"]
+    assert prompt_sources.read_eval_prompts(headerless, 2, seed=None) == ["a coat in the rain", "a leather bag"]
     many = tmp_path / "many.txt"
     many.write_text("".join(f"prompt {i}\n" for i in range(10)))
-    assert data.read_eval_prompts(many, 3, seed=1) == sample_subset([f"prompt {i}" for i in range(10)], 3, 1)
-    kinds = {p.name: data.eval_prompt_kind(p) for p in (coco, flickr_csv, flickr_token, classes, synsets, prompts,
+    assert prompt_sources.read_eval_prompts(many, 3, seed=1) == sample_subset([f"prompt {i}" for i in range(10)], 3, 1)
+    kinds = {p.name: prompt_sources.eval_prompt_kind(p) for p in (coco, flickr_csv, flickr_token, classes, synsets, prompts,
                                                          parti)}
     assert kinds == {"captions_val2017.json": "coco", "results.csv": "flickr30k",
                      "results_20130124.token": "flickr30k", "imagenet_classes.txt": "imagenet",
                      "LOC_synset_mapping.txt": "imagenet", "prompts.txt": "prompts", "PartiPrompts.tsv": "prompts"}
-    assert data.read_eval_prompts(many, 2, seed=None, kind="imagenet") == ["a photo of a prompt 0",
+    assert prompt_sources.read_eval_prompts(many, 2, seed=None, kind="imagenet") == ["a photo of a prompt 0",
                                                                           "a photo of a prompt 1"]
 
 
 def test_read_eval_prompts_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="absent.json: does not exist .*COCO captions"):
-        data.read_eval_prompts(tmp_path / "absent.json", 10, 0)
+        prompt_sources.read_eval_prompts(tmp_path / "absent.json", 10, 0)
     with pytest.raises(ValueError, match="a folder, not a file"):
-        data.read_eval_prompts(tmp_path, 10, 0)
+        prompt_sources.read_eval_prompts(tmp_path, 10, 0)
     (tmp_path / "prompts.bin").write_bytes(b"\x00\x01")
     with pytest.raises(ValueError, match="prompts.bin: unknown prompt source"):
-        data.read_eval_prompts(tmp_path / "prompts.bin", 10, 0)
+        prompt_sources.read_eval_prompts(tmp_path / "prompts.bin", 10, 0)
     (tmp_path / "empty.txt").write_text("# nothing\n\n")
     with pytest.raises(ValueError, match="empty.txt: empty"):
-        data.read_eval_prompts(tmp_path / "empty.txt", 10, 0)
+        prompt_sources.read_eval_prompts(tmp_path / "empty.txt", 10, 0)
     with pytest.raises(ValueError, match="kind must be 'auto' or one of"):
-        data.read_eval_prompts(tmp_path / "empty.txt", 10, 0, kind="laion")
+        prompt_sources.read_eval_prompts(tmp_path / "empty.txt", 10, 0, kind="laion")
     (tmp_path / "ok.txt").write_text("a cat\n")
     with pytest.raises(ValueError, match="number of prompts must be an integer >= 1"):
-        data.read_eval_prompts(tmp_path / "ok.txt", 0, 0)
+        prompt_sources.read_eval_prompts(tmp_path / "ok.txt", 0, 0)
 
 
 def test_read_imagenet_classes_formats(tmp_path: Path) -> None:
     path = tmp_path / "imagenet1000_clsidx_to_labels.txt"
     path.write_text("{0: 'tench, Tinca tinca',\n 1: 'goldfish, Carassius auratus',\n 2: \"great white shark\"}\n")
-    assert data.read_imagenet_classes(path) == ["tench, Tinca tinca", "goldfish, Carassius auratus",
+    assert prompt_sources.read_imagenet_classes(path) == ["tench, Tinca tinca", "goldfish, Carassius auratus",
                                                 "great white shark"]

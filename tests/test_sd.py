@@ -21,7 +21,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from fcr.config import ConfigError, validate
 from fcr.settings.checks import check_task
-from fcr.settings.data import TRAIN_TEMPLATES, caption, load_fashion_mnist, open_image, sd_image_transform
+from fcr.settings.data import TRAIN_TEMPLATES, caption, load_fashion_mnist
+from fcr.settings.sd_data import open_image, sd_image_transform
 from fcr.settings.models import ModelNotFoundError
 from fcr.core.sampler import key_steps
 from fcr.settings.sd import (

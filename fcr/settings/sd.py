@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from fcr.config import ConfigError
 from fcr.core.sampler import PriorNoise, SamplerStats, build_scheduler, sample
-from fcr.settings.data import open_image, sd_image_transform
+from fcr.settings.sd_data import open_image, sd_image_transform
 from fcr.settings.models import ModelNotFoundError
 
 __all__ = [
@@ -301,7 +301,7 @@ def load_train_items(train_data: str) -> list[tuple[ImageSource, str]]:
     URL-only (LAION metadata) parquet is refused with the img2dataset command that fetches it."""
     import tarfile
 
-    from fcr.settings.data import TRAIN_DATA_KINDS, read_training_pairs
+    from fcr.settings.sd_data import TRAIN_DATA_KINDS, read_training_pairs
 
     if not train_data:
         raise ConfigError(

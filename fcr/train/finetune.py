@@ -119,7 +119,7 @@ def finetune_sd(params: Mapping[str, Any], *, progress: bool = True, stop_after:
     import torch
     from accelerate import Accelerator
 
-    from fcr.settings.data import sample_subset
+    from fcr.settings.sd_data import sample_subset
     from fcr.settings.sd import SDTrainData, check_train_files, load_sd_components, load_train_items
 
     items = sample_subset(load_train_items(params["train_data"]), params["train_subset"], params["seed"])
