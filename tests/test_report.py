@@ -143,10 +143,9 @@ def test_cli_updates_readme(tmp_path, monkeypatch):
     readme = tmp_path / "README.md"
     readme.write_text("# R\n")
     import fcr.report.tables as report_mod
-    import fcr.report.verdict as verdict_mod
 
     # The CLI uses the default models folder and FLOP counter: point them at the test tree.
-    monkeypatch.setattr(verdict_mod, "_default_flops_per_image", lambda: flops_fn)
+    monkeypatch.setattr("fcr.eval.training_cost.embedded_flops_per_image", lambda: flops_fn)
     monkeypatch.setattr("fcr.settings.models.MODELS_DIR", models)
     assert main(["--root", str(root), "--readme", str(readme)]) == 0
     text = readme.read_text()

@@ -18,10 +18,8 @@ from fcr.report.verdict import (
     all_of,
     evaluate_criteria,
     lookup_column,
-    overhead_percent,
-    run_compute,
-    training_step_flops,
 )
+from fcr.eval.training_cost import TrainingRunError, overhead_percent, run_compute, training_step_flops
 
 # Hand-made FLOPs per training image: λ = 0 step 2.0, FCR step 3.0 (easy arithmetic).
 FLOPS = {False: 2.0, True: 3.0}
@@ -300,7 +298,7 @@ def test_training_overhead_arithmetic(tmp_path):
 def test_run_compute_reads_log_steps(tmp_path):
     run = run_compute(write_run(tmp_path / "r", arch="base", steps=30, batch=4, lam=0.2, parent="base"))
     assert (run.steps, run.images_per_step, run.images, run.lambda_fcr, run.parent) == (30, 4, 120, 0.2, "base")
-    with pytest.raises(InputError, match="train_config.json"):
+    with pytest.raises(TrainingRunError, match="train_config.json.*02_finetune"):
         run_compute(tmp_path / "absent")
 
 

@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from fcr.core import unet as fcr_unet
 
 __all__ = [
+    "FLOP_FORMULAS",
     "SD15_UNET_CONFIG",
     "SD21_UNET_CONFIG",
     "Timer",
@@ -68,21 +69,21 @@ SD21_UNET_CONFIG: dict[str, Any] = dict(
 SD_TEXT_SEQ_LEN = 77  # CLIP context length
 
 
-def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-# The CPU fused attention kernel has no registered formula in FlopCounterMode and would count zero
-# (on the meta device and on CUDA, attention is counted); map it to the standard SDPA formula so
-# counts do not depend on the device.
-_CUSTOM_FLOPS: dict[Any, Callable[..., int]] = {}
+# FlopCounterMode has no formula for the fused CPU attention kernels and would count them as zero
+# (on the meta device and on CUDA, attention is counted): map them to the standard SDPA forward /
+# backward formulas so counts do not depend on the device.
+FLOP_FORMULAS: dict[Any, Callable[..., int]] = {}
 if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
-    _CUSTOM_FLOPS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flops
+    FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = (
+        lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v))
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+    FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
+        lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v))
 
 
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     """Total FLOPs of ``fn(*args, **kwargs)`` (run once under ``FlopCounterMode``, no grad)."""
-    counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS)
+    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
     with torch.no_grad(), counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())

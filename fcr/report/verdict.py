@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from fcr.eval import training_cost
 
 __all__ = [
     "COLUMNS",
@@ -51,12 +51,9 @@ __all__ = [
     "all_of",
     "evaluate_criteria",
     "lookup_column",
-    "overhead_percent",
     "read_table",
     "robustness_rows",
-    "run_compute",
     "sd_gpu_cost_rows",
-    "training_step_flops",
 ]
 
 # ----------------------------------------------------------------------------- configuration
@@ -720,142 +717,12 @@ def _criterion_e(mechanistic_dirs: Sequence[Path], selected: Sequence[str]) -> l
 
 F_NAME = "f. training overhead"
 
-_SDPA_CPU: dict[Any, Callable[..., int]] = {}
-if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
-    # FlopCounterMode has no formula for the fused CPU attention kernels (it counts them as zero);
-    # map them to the standard SDPA forward / backward formulas so counts do not depend on the device.
-    _SDPA_CPU[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = (
-        lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v))
-if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
-    _SDPA_CPU[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
-        lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v))
-
-
-def training_step_flops(
-    unet: torch.nn.Module,
-    batch: int = 2,
-    lambda_fcr: float = 0.0,
-    *,
-    noise_scheduler: Any = None,
-    seq_len: int = 16,
-    seed: int = 0,
-    **fcr_kwargs: Any,
-) -> int:
-    """FLOPs of one training step (forward + backward of :func:`fcr.core.loss.fcr_training_loss`) at ``batch``.
-
-    Counted with ``torch.utils.flop_counter`` (matrix products, convolutions, attention; 2 FLOPs per
-    multiply-accumulate; element-wise work and the optimizer update count zero). Inputs are random:
-    the count depends on shapes only. λ > 0 adds the encoder forward + backward on x_{t−Δ}; the value
-    of λ (and Δ_max, the feature group) does not change the count. Gradients are cleared afterwards.
-    """
-    from fcr.core.loss import FCRConfig, fcr_training_loss
-    from fcr.settings.models import build_noise_scheduler
-
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    param = next(unet.parameters())
-    gen = torch.Generator().manual_seed(seed)
-    cfg = unet.config
-    shape = (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    x0 = (torch.rand(shape, generator=gen) * 2 - 1).to(param.device, param.dtype)
-    cond = torch.randn(batch, seq_len, cfg.cross_attention_dim, generator=gen).to(param.device, param.dtype)
-    scheduler = noise_scheduler if noise_scheduler is not None else build_noise_scheduler()
-    was_training = unet.training
-    unet.train()
-    try:
-        counter = FlopCounterMode(display=False, custom_mapping=_SDPA_CPU)
-        with torch.enable_grad(), counter:
-            parts = fcr_training_loss(unet, scheduler, x0, cond, FCRConfig(lambda_fcr=lambda_fcr, **fcr_kwargs),
-                                      torch.Generator(device=param.device).manual_seed(seed))
-            parts.total.backward()
-    finally:
-        unet.zero_grad(set_to_none=True)
-        unet.train(was_training)
-    return int(counter.get_total_flops())
-
-
-def overhead_percent(finetune_flops: float, pretraining_flops: float) -> float:
-    """Fine-tune compute as a percentage of pre-training compute."""
-    if pretraining_flops <= 0:
-        raise ValueError("pre-training compute must be positive")
-    return 100.0 * float(finetune_flops) / float(pretraining_flops)
-
-
-@dataclass
-class RunCompute:
-    """Training compute of one run folder: optimizer steps × images per step × FLOPs per image."""
-
-    run: str
-    architecture: str
-    lambda_fcr: float
-    steps: int
-    images_per_step: int
-    steps_source: str
-    parent: str | None
-
-    @property
-    def images(self) -> int:
-        return self.steps * self.images_per_step
-
-
-def run_compute(run_dir: str | Path) -> RunCompute:
-    """Steps, batch and λ of a training run folder (train_config.json, params.yaml, train_log.csv).
-
-    Steps are the last logged step of ``train_log.csv`` (what actually ran), else ``max_train_steps``.
-    Images per step = ``train_batch_size × gradient_accumulation_steps × processes``.
-    """
-    import yaml
-
-    run_dir = Path(run_dir)
-    cfg = _read_json(run_dir / "train_config.json")
-    train = cfg.get("train", {})
-    params_path = run_dir / "params.yaml"
-    params = yaml.safe_load(params_path.read_text()) if params_path.is_file() else {}
-    arch = params.get("architecture") or cfg.get("architecture")
-    if not arch:
-        raise InputError(f"missing {params_path} (or no 'architecture' in it): written by {_producer(params_path)}")
-    log = run_dir / "train_log.csv"
-    steps, source = None, ""
-    if log.is_file():
-        steps_col = pd.read_csv(log, usecols=["step"])["step"]
-        if len(steps_col):
-            steps, source = int(steps_col.max()), f"last logged step of {log}"
-    if steps is None:
-        if "max_train_steps" not in train:
-            raise InputError(f"{run_dir / 'train_config.json'}: no train.max_train_steps and no {log}")
-        steps, source = int(train["max_train_steps"]), f"max_train_steps of {run_dir / 'train_config.json'} (no log)"
-    per_step = int(train.get("train_batch_size", 0)) * int(train.get("gradient_accumulation_steps", 1)) * int(
-        cfg.get("processes", 1))
-    if per_step < 1:
-        raise InputError(f"{run_dir / 'train_config.json'}: no train.train_batch_size")
-    lam = float(cfg.get("fcr", {}).get("lambda_fcr", params.get("lambda_fcr", 0.0)))
-    parent = cfg.get("model", params.get("model"))
-    return RunCompute(run_dir.name, str(arch), lam, steps, per_step, source,
-                      None if parent in (None, "scratch", "") else str(parent))
-
-
-def _default_flops_per_image() -> Callable[[str, bool], float]:
-    cache: dict[tuple[str, bool], float] = {}
-
-    def flops(arch: str, fcr: bool) -> float:
-        if (arch, fcr) not in cache:
-            from fcr.settings.models import build_embedded_unet
-
-            torch.manual_seed(0)
-            unet = build_embedded_unet(arch)
-            batch = 2
-            cache[(arch, fcr)] = training_step_flops(unet, batch, 0.1 if fcr else 0.0) / batch
-        return cache[(arch, fcr)]
-
-    return flops
-
-
 def _pretraining(model: str, models_dir: Path, flops_fn: Callable[[str, bool], float],
                  depth: int = 0) -> tuple[float, list[str]]:
     """Pre-training FLOPs of an embedded model, its ancestors' included (a derivative model is a fine-tune)."""
     if depth > 5:
         raise InputError(f"model lineage of {model!r} is deeper than 5 levels (a cycle?)")
-    run = run_compute(models_dir / model)
+    run = training_cost.run_compute(models_dir / model)
     per_image = flops_fn(run.architecture, run.lambda_fcr > 0)
     total = run.images * per_image
     parts = [f"{model}: {run.steps} steps × {run.images_per_step} images × {_g(per_image / 1e9)} GFLOP "
@@ -876,19 +743,19 @@ def _criterion_f(root: Path, backbones: Sequence[Backbone], selected: Sequence[s
             kind = "part" if label in selected or not selected else "context"
             scope = f"{label} (from {b.name})"
             try:
-                run = run_compute(root / b.experiment / label)
+                run = training_cost.run_compute(root / b.experiment / label)
                 ft_img = flops_fn(run.architecture, run.lambda_fcr > 0)
                 ft = run.images * ft_img
                 pre, lineage = _pretraining(b.name, models_dir, flops_fn)
-                pct = overhead_percent(ft, pre)
+                pct = training_cost.overhead_percent(ft, pre)
                 ok = pct <= THRESHOLDS["overhead_pct"]
                 measured = f"{_g(pct)} % ({_g(ft / 1e15)} PFLOP vs {_g(pre / 1e15)} PFLOP)"
                 note = (f"Fine-tune: {run.steps} steps ({run.steps_source}) × {run.images_per_step} images × "
                         f"{_g(ft_img / 1e9)} GFLOP per image of a λ={run.lambda_fcr:g} training step. Pre-training: "
                         f"{'; '.join(lineage)}. "
                         "FLOPs per image counted with torch.utils.flop_counter on one forward + backward "
-                        "(fcr.report.verdict.training_step_flops).")
-            except (InputError, FileNotFoundError) as exc:
+                        "(fcr.eval.training_cost.training_step_flops).")
+            except (InputError, training_cost.TrainingRunError, FileNotFoundError) as exc:
                 ok, measured, note, pct = None, "n/a", str(exc), None
             if kind == "part":
                 verdicts.append(ok)
@@ -941,7 +808,7 @@ def evaluate_criteria(
     ``robustness_dirs`` / ``mechanistic_dirs``: notebook 04 / 05 result folders (default: exp-2's
     robustness folder; the mechanistic folders of every experiment of ``backbones``).
     ``train_flops_per_image(architecture, fcr)``: FLOPs per image of a training step (default:
-    counted with :func:`training_step_flops` on the embedded architecture, once per pair).
+    counted with :func:`fcr.eval.training_cost.training_step_flops` on the embedded architecture, once per pair).
     ``sd_finetune_gpu_hours``: GPU-hours of an SD FCR fine-tune, if one was run elsewhere.
     ``sd_gpu_cost``: ``benchmarks/bench_sd_gpu.py``'s CSV: adds criterion-b context rows at SD scale.
     """
@@ -958,7 +825,7 @@ def evaluate_criteria(
         mechanistic_dirs = [result_dir(root, e, "mechanistic") for e in experiments]
     robustness_dirs = [Path(d) for d in robustness_dirs]
     mechanistic_dirs = [Path(d) for d in mechanistic_dirs]
-    flops_fn = train_flops_per_image or _default_flops_per_image()
+    flops_fn = train_flops_per_image or training_cost.embedded_flops_per_image()
 
     rows: list[dict] = []
     selected: list[str] = []
