@@ -4,7 +4,8 @@ a path, a model or a notebook name fails before anything runs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,12 @@ from fcr.paths import REPO_ROOT
 __all__ = [
     "MODEL_LIST_KEYS",
     "NOTEBOOK_KINDS",
+    "Backbone",
     "Experiment",
     "ManifestError",
     "NotebookRun",
     "SettingPlan",
+    "backbones_of",
     "load_manifest",
 ]
 
@@ -48,6 +51,22 @@ class NotebookRun:
 
 
 @dataclass(frozen=True)
+class Backbone:
+    """One backbone of an experiment, as the verdict and tables read it: the original model's label,
+    the role it plays, the FCR fine-tunes by λ (run folder names, as in the sweep's ``summary.csv``),
+    the λ = 0 control if the experiment has one, and the notebook runs its results are in."""
+
+    name: str
+    role: str
+    experiment: str
+    fcr_models: Mapping[float, str] = field(default_factory=dict)
+    control: str | None = None
+    sweep_run: str = "main"
+    robustness_run: str | None = "main"  # None: the experiment has no notebook-04 run of that name
+    fcr_configs: tuple[str, ...] = ()  # configurations the setting's variations read the FCR models at
+
+
+@dataclass(frozen=True)
 class SettingPlan:
     """What an experiment runs in one setting (embedded or sd)."""
 
@@ -57,6 +76,7 @@ class SettingPlan:
     notebooks: tuple[NotebookRun, ...]
     variations: dict[str, dict[str, str]]
     controls: dict[str, dict[str, str]] = field(default_factory=dict)
+    backbones: tuple[Backbone, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,9 +105,36 @@ def _mapping(value: Any, where: str) -> dict:
     return value
 
 
-def _setting(raw: Any, where: str, root: Path) -> SettingPlan:
+def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun]) -> tuple[Backbone, ...]:
+    """The ``backbones`` list of a setting; every model it names must be evaluated by the sweep run it names."""
+    if not isinstance(raw, list):
+        raise ManifestError(f"{where}: expected a list of backbones")
+    out = []
+    for i, spec in enumerate(raw):
+        spec = _mapping(spec, f"{where}[{i}]")
+        unknown = set(spec) - {"original", "role", "fcr_models", "control", "sweep_run", "robustness_run"}
+        if unknown or not isinstance(spec.get("original"), str) or not isinstance(spec.get("role"), str):
+            raise ManifestError(f"{where}[{i}]: needs 'original' and 'role' (and optionally fcr_models, control, "
+                                f"sweep_run, robustness_run); unknown keys {sorted(unknown)}")
+        fcr_models = _mapping(spec.get("fcr_models", {}), f"{where}[{i}].fcr_models")
+        if not all(isinstance(lam, (int, float)) and not isinstance(lam, bool) and lam > 0 for lam in fcr_models):
+            raise ManifestError(f"{where}[{i}].fcr_models: keys are the fine-tunes' λ > 0, got {list(fcr_models)}")
+        b = Backbone(spec["original"], spec["role"], experiment, {float(k): str(v) for k, v in fcr_models.items()},
+                     spec.get("control"), str(spec.get("sweep_run", "main")), str(spec.get("robustness_run", "main")))
+        if not any(r.notebook == "04_robustness" and r.run == b.robustness_run for r in runs):
+            b = replace(b, robustness_run=None)  # this experiment does not stress-test the backbone
+        sweep = next((r for r in runs if r.notebook == "03_stride_sweep" and r.run == b.sweep_run), None)
+        named = [b.name, *b.fcr_models.values(), *([b.control] if b.control else [])]
+        if sweep is None or any(m not in sweep.models for m in named):
+            raise ManifestError(f"{where}[{i}]: models {named} must all be evaluated by the 03_stride_sweep run "
+                                f"{b.sweep_run!r}")
+        out.append(b)
+    return tuple(out)
+
+
+def _setting(raw: Any, where: str, root: Path, experiment: str) -> SettingPlan:
     raw = _mapping(raw, where)
-    unknown = set(raw) - {"params", "finetune", "finetunes", "notebooks", "variations", "controls"}
+    unknown = set(raw) - {"params", "finetune", "finetunes", "notebooks", "variations", "controls", "backbones"}
     if unknown:
         raise ManifestError(f"{where}: unknown keys {sorted(unknown)}")
     finetunes = {str(name): _paths(files, f"{where}.finetunes.{name}", root)
@@ -121,6 +168,10 @@ def _setting(raw: Any, where: str, root: Path) -> SettingPlan:
         notebooks=tuple(runs),
         variations=rows["variations"],
         controls=rows["controls"],
+        backbones=tuple(
+            replace(b, fcr_configs=tuple(dict.fromkeys(
+                spec["config"] for spec in rows["variations"].values() if spec["model"] in b.fcr_models.values())))
+            for b in _backbones(raw.get("backbones", []), f"{where}.backbones", experiment, runs)),
     )
 
 
@@ -139,7 +190,7 @@ def load_manifest(path: str | Path = MANIFEST, root: str | Path = REPO_ROOT) -> 
         if not isinstance(exp_id, str) or not exp_id:
             raise ManifestError(f"experiments[{i}].experiment_id: expected a name")
         variations = tuple(raw.get("run_variations", []))
-        settings = {name: _setting(spec, f"{exp_id}.settings.{name}", root)
+        settings = {name: _setting(spec, f"{exp_id}.settings.{name}", root, exp_id)
                     for name, spec in _mapping(raw.get("settings", {}), f"{exp_id}.settings").items()}
         for name, plan in settings.items():
             missing = [v for v in variations if v not in plan.variations]
@@ -149,3 +200,9 @@ def load_manifest(path: str | Path = MANIFEST, root: str | Path = REPO_ROOT) -> 
     if not experiments:
         raise ManifestError(f"{path}: no experiments")
     return experiments
+
+
+def backbones_of(setting: str, path: str | Path = MANIFEST) -> tuple[Backbone, ...]:
+    """Every experiment's backbones in ``setting``, in manifest order (what the verdict and tables read)."""
+    return tuple(b for exp in load_manifest(path).values() if setting in exp.settings
+                 for b in exp.settings[setting].backbones)

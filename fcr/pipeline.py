@@ -120,12 +120,12 @@ def plan(
     if report:
         report_dir = root / "report"
 
-        def build(root: Path = root, report_dir: Path = report_dir) -> None:
+        def build(root: Path = root, report_dir: Path = report_dir, setting: str = setting) -> None:
             from fcr.report.tables import build_report, update_readme
 
             # Figure links in the README are relative to the README's folder.
             link_base = Path(readme).resolve().parent if readme is not None else None
-            result = build_report(root, report_dir, link_base=link_base)
+            result = build_report(root, report_dir, link_base=link_base, setting=setting)
             if readme is not None:
                 update_readme(readme, result["readme_markdown"], root=root)
 

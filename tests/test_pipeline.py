@@ -73,6 +73,27 @@ experiments:
 """)
     with pytest.raises(ManifestError, match="07_nothing"):
         load_manifest(bad_notebook)
+    unevaluated_backbone = _write_manifest(tmp_path, """
+experiments:
+  - experiment_id: e
+    settings:
+      embedded:
+        notebooks: [{notebook: 03_stride_sweep, models: [base]}]
+        backbones: [{original: base, role: r, fcr_models: {0.1: not_in_the_sweep}}]
+""")
+    with pytest.raises(ManifestError, match="not_in_the_sweep"):
+        load_manifest(unevaluated_backbone)
+
+
+def test_backbones_come_from_the_manifest() -> None:
+    from fcr.manifest import backbones_of
+
+    embedded = {b.name: b for b in backbones_of("embedded")}
+    assert list(embedded) == ["base", "base-v", "derivative"]
+    assert embedded["base"].control == "control_lambda0_fd10" and embedded["base"].robustness_run is None
+    assert embedded["base-v"].fcr_configs == ("FD-10", "DPM++-FD-10") and embedded["derivative"].fcr_configs == ("FD-10",)
+    sd = {b.name: b for b in backbones_of("sd")}
+    assert (sd["sd21"].sweep_run, sd["sd21"].robustness_run) == ("sd21", "sd21")
 
 
 def test_plan_fills_model_lists_and_quality_tables(tmp_path: Path) -> None:

@@ -70,9 +70,17 @@ def test_exp_tables_rows_and_costs(tmp_path):
                                      "SD2.1 role: FCR λ=0.1 + DPM-Solver++ FD-10", "OpenJourney role: derivative FD-5",
                                      "OpenJourney role: FCR λ=0.1 FD-10"]
     assert t2.iloc[2]["config"] == "DPM++-FD-10" and t2.iloc[2]["fd"] == pytest.approx(10.3)
-    # A configuration name not in the sweep gives an empty row with a note, not an error.
-    t2 = exp2_table(root / EXP2 / "sweep", dpm_config="DPM++-cached-10")
+    # The DPM row comes from the manifest (base-v's FCR model is read at DPM++-FD-10 there); a
+    # configuration the manifest names but the sweep did not run gives an empty row with a note.
+    from dataclasses import replace
+
+    from fcr.manifest import backbones_of
+
+    exp2 = [replace(b, fcr_configs=("FD-10", "DPM++-cached-10")) if b.name == "base-v" else b
+            for b in backbones_of("embedded") if b.experiment == EXP2]
+    t2 = exp2_table(root / EXP2 / "sweep", backbones=exp2, dpm_config="DPM++-cached-10")
     assert "not in" in t2.iloc[2]["note"] and pd.isna(t2.iloc[2].get("fd"))
+    assert len(exp2_table(root / EXP2 / "sweep", dpm_config="DPM++-cached-10")) == 4  # not in the manifest: no row
 
 
 def test_update_readme_replaces_only_the_block_and_is_idempotent(tmp_path):

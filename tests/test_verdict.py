@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from fcr.report.verdict import (
-    DEFAULT_BACKBONES,
     EXP1,
     EXP2,
     VERDICT_COLUMNS,
@@ -20,6 +19,9 @@ from fcr.report.verdict import (
     lookup_column,
 )
 from fcr.eval.training_cost import TrainingRunError, overhead_percent, run_compute, training_step_flops
+from fcr.manifest import backbones_of
+
+DEFAULT_BACKBONES = backbones_of("embedded")  # the embedded backbones of params/experiments.yaml
 
 # Hand-made FLOPs per training image: λ = 0 step 2.0, FCR step 3.0 (easy arithmetic).
 FLOPS = {False: 2.0, True: 3.0}

@@ -26,12 +26,11 @@ import numpy as np
 import pandas as pd
 
 from fcr.paths import REPO_ROOT, display_path
+from fcr.manifest import Backbone, backbones_of
 from fcr.report.verdict import (
-    DEFAULT_BACKBONES,
     EXP1,
     EXP2,
     LAYOUT,
-    Backbone,
     InputError,
     evaluate_criteria,
     read_table,
@@ -234,7 +233,7 @@ def _variation_table(sweep_dir: str | Path, specs: Sequence[tuple[str, str, str,
 def exp1_table(
     sweep_dir: str | Path,
     *,
-    backbone: Backbone = DEFAULT_BACKBONES[0],
+    backbone: Backbone | None = None,
     full_config: str = "full",
     reference_config: str = "FD-5",
     stride_config: str = "FD-10",
@@ -243,7 +242,10 @@ def exp1_table(
     the λ = 0 control and every FCR λ at ``stride_config``. Quality: mean and 95 % interval over
     seeds; time per image (per timed batch size) and speed-ups vs ``reference_config`` of the
     same architecture (measured time, counted FLOPs, analytic bound); paired test vs the original
-    model's ``reference_config`` (per-image prompted-class probability; mean_diff = row − FD-5)."""
+    model's ``reference_config`` (per-image prompted-class probability; mean_diff = row − FD-5).
+    ``backbone``: default the embedded exp-1 backbone of ``params/experiments.yaml``."""
+    if backbone is None:
+        backbone = next(b for b in backbones_of("embedded") if b.experiment == EXP1)
     ref = (backbone.name, reference_config)
     specs = [
         ("Full sampling", backbone.name, full_config, *ref),
@@ -260,17 +262,19 @@ def exp1_table(
 def exp2_table(
     sweep_dir: str | Path,
     *,
-    backbones: Sequence[Backbone] = DEFAULT_BACKBONES[1:],
+    backbones: Sequence[Backbone] | None = None,
     dpm_config: str = "DPM++-FD-10",
-    dpm_backbones: Sequence[str] = ("base-v",),
     lambda_fcr: float = 0.10,
     reference_config: str = "FD-5",
     stride_config: str = "FD-10",
 ) -> pd.DataFrame:
     """exp-2 (generalisation): per backbone its original model at ``reference_config``, the FCR
-    model (λ = ``lambda_fcr``) at ``stride_config`` and, for ``dpm_backbones``, the FCR model with
-    encoder caching on DPM-Solver++ (``dpm_config``). Same columns as :func:`exp1_table`; speed-ups
-    and paired tests are against the backbone's original model at ``reference_config``."""
+    model (λ = ``lambda_fcr``) at ``stride_config`` and, where the manifest's variations read a
+    backbone's FCR model at ``dpm_config``, that too (encoder caching on DPM-Solver++). Same columns as :func:`exp1_table`; speed-ups
+    and paired tests are against the backbone's original model at ``reference_config``.
+    ``backbones``: default the embedded exp-2 backbones of ``params/experiments.yaml``."""
+    if backbones is None:
+        backbones = [b for b in backbones_of("embedded") if b.experiment == EXP2]
     specs = []
     for b in backbones:
         ref = (b.name, reference_config)
@@ -279,9 +283,19 @@ def exp2_table(
         if fcr is None:
             continue
         specs.append((f"{b.role}: FCR λ={lambda_fcr:g} {stride_config}", fcr, stride_config, *ref))
-        if b.name in dpm_backbones:
+        if dpm_config in b.fcr_configs:
             specs.append((f"{b.role}: FCR λ={lambda_fcr:g} + DPM-Solver++ {stride_config}", fcr, dpm_config, *ref))
     return _variation_table(sweep_dir, specs)
+
+
+def _exp2_table_by_sweep_run(root: Path, backbones: Sequence[Backbone], dpm_config: str) -> pd.DataFrame:
+    """exp-2's table over every sweep run its backbones were evaluated in (one run in the embedded
+    setting; one per backbone for SD, whose backbones differ in resolution and prediction type)."""
+    exp2 = [b for b in backbones if b.experiment == EXP2]
+    runs = list(dict.fromkeys(b.sweep_run for b in exp2))
+    parts = [exp2_table(result_dir(root, EXP2, "sweep", run), backbones=[b for b in exp2 if b.sweep_run == run],
+                        dpm_config=dpm_config) for run in runs]
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
 
 
 def format_experiment_table(table: pd.DataFrame, reference_config: str = "FD-5") -> pd.DataFrame:
@@ -479,12 +493,18 @@ def _timing_section(root: Path) -> list[str]:
             markdown_table(shown), ""]
 
 
+def _robustness_dirs(root: Path, backbones: Sequence[Backbone]) -> list[Path]:
+    """The notebook-04 result folders of the backbones' robustness runs (the verdict's)."""
+    return list(dict.fromkeys(result_dir(root, b.experiment, "robustness", b.robustness_run)
+                              for b in backbones if b.robustness_run is not None))
+
+
 def _supplementary_robustness(root: Path, backbones: Sequence[Backbone]) -> list[str]:
     """Criterion c on notebook-04 runs beside the main job's (``<exp-2>/robustness/<run>/``, e.g. the
     3-seed run of params/robustness_seeds3.yaml): not part of the verdict, shown next to it."""
     base = Path(root) / EXP2 / LAYOUT.get("robustness", "robustness")
-    main_run = result_dir(root, EXP2, "robustness")
-    runs = sorted(p for p in base.glob("*/criterion.csv") if p.parent != main_run) if base.is_dir() else []
+    main_runs = set(_robustness_dirs(root, backbones))
+    runs = sorted(p for p in base.glob("*/criterion.csv") if p.parent not in main_runs) if base.is_dir() else []
     parts: list[str] = []
     for path in runs:
         criterion = pd.read_csv(path)
@@ -511,7 +531,8 @@ def build_report(
     out_dir: str | Path | None = None,
     *,
     link_base: str | Path | None = None,
-    backbones: Sequence[Backbone] = DEFAULT_BACKBONES,
+    setting: str = "embedded",
+    backbones: Sequence[Backbone] | None = None,
     dpm_config: str = "DPM++-FD-10",
     verdict_kwargs: Mapping[str, Any] | None = None,
     sd_gpu_cost: str | Path | None = SD_GPU_COST,
@@ -519,6 +540,7 @@ def build_report(
     """Write the report of the run under ``root`` into ``out_dir`` (default ``root/report``):
     ``exp1_table.csv``, ``exp2_table.csv``, ``verdict.csv`` (numbers as measured), ``report.md``
     (formatted tables, the verdict, notebook 04/05 tables, figures copied to ``figures/``).
+    ``backbones``: default those of ``setting`` in ``params/experiments.yaml``.
 
     Returns ``{"markdown": <the text of report.md>, "readme_markdown": <a shorter version for the
     README: criterion rows of the verdict, both experiment tables, figure links relative to
@@ -531,6 +553,7 @@ def build_report(
     import os
 
     root = Path(root)
+    backbones = backbones_of(setting) if backbones is None else backbones
     out_dir = Path(out_dir) if out_dir is not None else root / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     link_base = Path(link_base) if link_base is not None else out_dir
@@ -539,7 +562,7 @@ def build_report(
     kwargs = dict(verdict_kwargs or {})
     if sd_gpu_cost is not None and Path(sd_gpu_cost).is_file():
         kwargs.setdefault("sd_gpu_cost", sd_gpu_cost)
-    verdict = evaluate_criteria(root, backbones=backbones, **kwargs)
+    verdict = evaluate_criteria(root, setting=setting, backbones=backbones, **kwargs)
     # Paths in the notes as a reader of this checkout opens them (relative to the repository).
     for col in ("measured", "note"):
         verdict[col] = verdict[col].astype(str).str.replace(f"{REPO_ROOT.as_posix()}/", "", regex=False)
@@ -572,10 +595,9 @@ def build_report(
     for key, title, make in (
         ("exp1", "exp-1 main ablation (original model: "
          + (f"{exp1_backbone.name}, {exp1_backbone.role})" if exp1_backbone else "n/a)"),
-         (lambda: exp1_table(result_dir(root, EXP1, "sweep"), backbone=exp1_backbone)) if exp1_backbone else None),
-        ("exp2", "exp-2 generalisation",
-         lambda: exp2_table(result_dir(root, EXP2, "sweep"), backbones=[b for b in backbones if b.experiment == EXP2],
-                            dpm_config=dpm_config)),
+         (lambda: exp1_table(result_dir(root, EXP1, "sweep", exp1_backbone.sweep_run), backbone=exp1_backbone))
+         if exp1_backbone else None),
+        ("exp2", "exp-2 generalisation", lambda: _exp2_table_by_sweep_run(root, backbones, dpm_config)),
     ):
         exp_parts.append(f"### {title}\n")
         if make is None:
@@ -597,10 +619,10 @@ def build_report(
                          "(Δ = row − FD-5).\n")
         exp_parts.append(markdown_table(format_experiment_table(table)))
 
-    extra = [
-        _csv_section("Robustness (notebook 04): drop under stress, FCR vs original",
-                     result_dir(root, EXP2, "robustness") / "criterion.csv"),
-    ]
+    robustness_dirs = _robustness_dirs(root, backbones)
+    extra = [_csv_section("Robustness (notebook 04): drop under stress, FCR vs original"
+                          + (f" ({folder.name})" if len(robustness_dirs) > 1 else ""), folder / "criterion.csv")
+             for folder in robustness_dirs]
     extra += [_csv_section(f"Mechanistic (notebook 05, {exp}): encoder-feature variance reduction",
                            result_dir(root, exp, "mechanistic") / "variance_reduction.csv")
               for exp in dict.fromkeys(b.experiment for b in backbones)]
@@ -623,9 +645,11 @@ def build_report(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m fcr.report.tables --root outputs/embedded [--out-dir DIR] [--readme README.md]``."""
+    """CLI: ``python -m fcr.report --root outputs/embedded [--setting sd] [--out-dir DIR] [--readme README.md]``."""
     parser = argparse.ArgumentParser(description="Write the result tables and the success-criteria verdict of a run.")
     parser.add_argument("--root", default="outputs/embedded", help="the run's output folder")
+    parser.add_argument("--setting", default="embedded", choices=("embedded", "sd"),
+                        help="whose backbones (params/experiments.yaml) the report reads")
     parser.add_argument("--out-dir", default=None, help="where the report goes (default ROOT/report)")
     parser.add_argument("--readme", default=None, help="README whose results section is replaced")
     parser.add_argument("--dpm-config", default="DPM++-FD-10", help="name of the cached DPM-Solver++ configuration")
@@ -634,7 +658,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     chdir_repo_root()
     link_base = Path(args.readme).resolve().parent if args.readme else None
-    report = build_report(args.root, args.out_dir, link_base=link_base, dpm_config=args.dpm_config)
+    report = build_report(args.root, args.out_dir, link_base=link_base, setting=args.setting,
+                          dpm_config=args.dpm_config)
     print(format_verdict(report["verdict"])[["criterion", "scope", "measured", "passed"]].to_string(index=False))
     print(f"report: {Path(args.out_dir or Path(args.root) / 'report') / 'report.md'}")
     if args.readme:

@@ -14,8 +14,8 @@ classifier agreement with the prompt) plays CLIPScore. An SD run's summary with 
 Row kinds: ``criterion`` rows make the verdict (``overall`` is their three-valued AND),
 ``part`` rows are the pieces a criterion row combines, ``context`` rows are shown for reading only.
 
-Expected layout (params/experiments.yaml; names in :data:`LAYOUT`, :data:`DEFAULT_BACKBONES`,
-columns in :data:`COLUMNS`). ``<kind>/<run>/`` with run ``main``; a results folder directly in
+Expected layout (params/experiments.yaml, whose ``backbones`` say which models and runs the verdict
+reads; folder names in :data:`LAYOUT`, columns in :data:`COLUMNS`). ``<kind>/<run>/`` with run ``main``; a results folder directly in
 ``<kind>/`` is accepted too (:func:`result_dir`)::
 
     <root>/exp-1-main-ablation/<variation>/    fine-tune run folders (train_config.json, params.yaml, train_log.csv)
@@ -30,22 +30,20 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from fcr.eval import training_cost
+from fcr.manifest import Backbone, backbones_of
 
 __all__ = [
     "COLUMNS",
-    "DEFAULT_BACKBONES",
     "LAYOUT",
     "SD_PRETRAINING",
     "THRESHOLDS",
     "VERDICT_COLUMNS",
-    "Backbone",
     "InputError",
     "result_dir",
     "all_of",
@@ -145,32 +143,6 @@ SD_PRETRAINING: dict[str, Any] = {
     "source": "Stable Diffusion v1 model card (CompVis/stable-diffusion-v1-4, runwayml/stable-diffusion-v1-5), "
     "'Environmental Impact': Hardware Type A100 PCIe 40GB, Hours used 150000",
 }
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """One backbone of the study: its original model label, the role it plays, where it lives.
-
-    ``fcr_models`` maps λ to the label of the fine-tuned model (its run folder name, as in the
-    sweep's ``summary.csv``); ``control`` is the λ = 0 control fine-tune, if the experiment has one.
-    """
-
-    name: str
-    role: str
-    experiment: str
-    fcr_models: Mapping[float, str] = field(default_factory=dict)
-    control: str | None = None
-
-
-DEFAULT_BACKBONES: tuple[Backbone, ...] = (
-    Backbone(
-        "base", "SD1.5 role", EXP1,
-        {0.05: "fcr_lambda0.05_fd10", 0.10: "fcr_lambda0.10_fd10", 0.20: "fcr_lambda0.20_fd10"},
-        control="control_lambda0_fd10",
-    ),
-    Backbone("base-v", "SD2.1 role", EXP2, {0.10: "base-v_fcr_lambda0.10_fd10"}),
-    Backbone("derivative", "OpenJourney role", EXP2, {0.10: "derivative_fcr_lambda0.10_fd10"}),
-)
 
 
 class InputError(RuntimeError):
@@ -288,7 +260,7 @@ def result_dir(root: str | Path, experiment: str, kind: str, run: str | None = N
 
 
 def _sweep_dir(root: Path, backbone: Backbone) -> Path:
-    return result_dir(root, backbone.experiment, "sweep")
+    return result_dir(root, backbone.experiment, "sweep", backbone.sweep_run)
 
 
 def _scope(b: Backbone) -> str:
@@ -558,8 +530,7 @@ def _read_tables(folders: Sequence[Path], name: str) -> tuple[pd.DataFrame, str]
     return pd.concat(frames, ignore_index=True), " + ".join(map(str, present))
 
 
-def robustness_rows(robustness_dirs: Sequence[str | Path],
-                    backbones: Sequence[Backbone] = DEFAULT_BACKBONES) -> list[dict]:
+def robustness_rows(robustness_dirs: Sequence[str | Path], backbones: Sequence[Backbone]) -> list[dict]:
     """Criterion c's rows (verdict columns) for the notebook-04 result folders given: the main
     job's for the verdict, or e.g. a supplementary run with more seeds."""
     try:
@@ -787,7 +758,8 @@ def _criterion_f(root: Path, backbones: Sequence[Backbone], selected: Sequence[s
 def evaluate_criteria(
     root: str | Path,
     *,
-    backbones: Sequence[Backbone] = DEFAULT_BACKBONES,
+    setting: str = "embedded",
+    backbones: Sequence[Backbone] | None = None,
     models_dir: str | Path | None = None,
     robustness_dirs: Sequence[str | Path] | None = None,
     mechanistic_dirs: Sequence[str | Path] | None = None,
@@ -804,9 +776,10 @@ def evaluate_criteria(
     key number), ``threshold``, ``passed`` (True / False / None when not measurable) and ``note``.
     The last row, ``overall``, is the three-valued AND of all ``criterion`` rows.
 
+    ``backbones``: default those of ``setting`` in ``params/experiments.yaml``.
     ``models_dir``: the original models' folders (pre-training logs for f; default ``models/``).
-    ``robustness_dirs`` / ``mechanistic_dirs``: notebook 04 / 05 result folders (default: exp-2's
-    robustness folder; the mechanistic folders of every experiment of ``backbones``).
+    ``robustness_dirs`` / ``mechanistic_dirs``: notebook 04 / 05 result folders (default: the
+    backbones' notebook-04 runs; the mechanistic folders of every experiment of ``backbones``).
     ``train_flops_per_image(architecture, fcr)``: FLOPs per image of a training step (default:
     counted with :func:`fcr.eval.training_cost.training_step_flops` on the embedded architecture, once per pair).
     ``sd_finetune_gpu_hours``: GPU-hours of an SD FCR fine-tune, if one was run elsewhere.
@@ -815,12 +788,12 @@ def evaluate_criteria(
     from fcr.settings.models import MODELS_DIR
 
     root = Path(root)
+    backbones = backbones_of(setting) if backbones is None else backbones
     models_dir = Path(models_dir) if models_dir is not None else MODELS_DIR
     experiments = list(dict.fromkeys(b.experiment for b in backbones))
-    if robustness_dirs is None:  # notebook 04 runs in exp-2 (params/experiments.yaml); exp-1's is read if present
-        robustness_dirs = [result_dir(root, EXP2, "robustness")]
-        robustness_dirs += [result_dir(root, e, "robustness") for e in experiments if e != EXP2
-                            and result_dir(root, e, "robustness").is_dir()]
+    if robustness_dirs is None:
+        robustness_dirs = list(dict.fromkeys(result_dir(root, b.experiment, "robustness", b.robustness_run)
+                                             for b in backbones if b.robustness_run is not None))
     if mechanistic_dirs is None:
         mechanistic_dirs = [result_dir(root, e, "mechanistic") for e in experiments]
     robustness_dirs = [Path(d) for d in robustness_dirs]
