@@ -14,6 +14,7 @@ import yaml
 from fcr.paths import REPO_ROOT
 
 __all__ = [
+    "MANIFEST",
     "MODEL_LIST_KEYS",
     "NOTEBOOK_KINDS",
     "Backbone",
@@ -105,6 +106,10 @@ def _mapping(value: Any, where: str) -> dict:
     return value
 
 
+def _label(model: str) -> str:
+    return Path(model).name or model
+
+
 def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun]) -> tuple[Backbone, ...]:
     """The ``backbones`` list of a setting; every model it names must be evaluated by the sweep run it names."""
     if not isinstance(raw, list):
@@ -128,7 +133,9 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
         if sweep is None or any(m not in sweep.models for m in named):
             raise ManifestError(f"{where}[{i}]: models {named} must all be evaluated by the 03_stride_sweep run "
                                 f"{b.sweep_run!r}")
-        out.append(b)
+        # Result tables name a model by its label: a folder or hub id by its last part (fcr.experiments.sweep.model_labels).
+        out.append(replace(b, name=_label(b.name), fcr_models={k: _label(v) for k, v in b.fcr_models.items()},
+                           control=_label(b.control) if b.control else None))
     return tuple(out)
 
 

@@ -120,12 +120,13 @@ def plan(
     if report:
         report_dir = root / "report"
 
-        def build(root: Path = root, report_dir: Path = report_dir, setting: str = setting) -> None:
+        def build(root: Path = root, report_dir: Path = report_dir, setting: str = setting,
+                  manifest: str | Path = manifest) -> None:
             from fcr.report.tables import build_report, update_readme
 
             # Figure links in the README are relative to the README's folder.
             link_base = Path(readme).resolve().parent if readme is not None else None
-            result = build_report(root, report_dir, link_base=link_base, setting=setting)
+            result = build_report(root, report_dir, link_base=link_base, setting=setting, manifest=manifest)
             if readme is not None:
                 update_readme(readme, result["readme_markdown"], root=root)
 

@@ -16,28 +16,19 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from fcr.experiments import robustness
 from fcr.config import ConfigError, validate
+from fcr.core.configurations import SamplingConfig
+from fcr.experiments.robustness import prompts, run, sampling, stresses, tables
+from fcr.experiments.robustness.attack import adversarial_noise, cache_error
+from fcr.experiments.robustness.prompts import load_ood_prompts, load_sd_prompt_list
+from fcr.experiments.robustness.run import model_origins, run_robustness
+from fcr.experiments.robustness.sampling import generate_stressed
+from fcr.experiments.robustness.stresses import Stress, attack_stride, perturbed_scheduler
+from fcr.experiments.robustness.tables import criterion_table, drop_table, per_seed_drops
 from fcr.settings.data import FASHION_MNIST_CLASSES
 from fcr.settings.embedded import all_prompts
 from fcr.settings.generate import PromptSet, generate, sampling_scheduler
 from fcr.settings.models import build_embedded_unet, build_noise_scheduler
-from fcr.experiments.robustness import (
-    Stress,
-    adversarial_noise,
-    attack_stride,
-    cache_error,
-    criterion_table,
-    drop_table,
-    generate_stressed,
-    load_ood_prompts,
-    load_sd_prompt_list,
-    model_origins,
-    per_seed_drops,
-    perturbed_scheduler,
-    run_robustness,
-)
-from fcr.core.configurations import SamplingConfig
 
 REFERENCE_N = 50
 STEPS = 6
@@ -137,9 +128,9 @@ def test_unstressed_generation_is_the_sweeps(tiny: dict) -> None:
     assert torch.equal(ours, theirs.images)
     high = _generate(tiny, config, Stress("high_resolution", resolution=48))
     assert high.shape == (4, 1, 48, 48)
-    assert robustness.to_classifier_size(high).shape == (4, 1, 32, 32)
+    assert sampling.to_classifier_size(high).shape == (4, 1, 32, 32)
     block = torch.arange(64.0).reshape(1, 1, 8, 8)
-    assert torch.allclose(robustness.to_classifier_size(block, 4), block.reshape(1, 1, 4, 2, 4, 2).mean((3, 5)))
+    assert torch.allclose(sampling.to_classifier_size(block, 4), block.reshape(1, 1, 4, 2, 4, 2).mean((3, 5)))
 
 
 # ----------------------------------------------------------------------------- adversarial noise
@@ -187,22 +178,22 @@ def test_sd_stresses_on_latents() -> None:
 
     parts = tiny_components()
     params = validate({"setting": "sd", "stresses": ["none", "ood_prompts"]})
-    prompts, kinds = robustness._sd_prompts(params, "ood", 4, seed=0)
+    prompts, kinds = run._sd_prompts(params, "ood", 4, seed=0)
     assert kinds == ["abstract", "medical"] * 2
     assert prompts[0] in load_sd_prompt_list("abstract") and prompts[1] in load_sd_prompt_list("medical")
     with pytest.raises(ConfigError, match="eval_prompts"):
-        robustness._sd_prompts(params, "train", 4, seed=0)
+        run._sd_prompts(params, "train", 4, seed=0)
     config = SamplingConfig("FD-2", "ddim", 4, (0, 2), 2)
     kw = dict(guidance_scale=2.0, parallel=True, prior_noise=None, batch_size=2, seed=0)
-    plain, _ = robustness.generate_sd_stressed(parts, prompts[:2], config, Stress("none"), **kw)
+    plain, _ = sampling.generate_sd_stressed(parts, prompts[:2], config, Stress("none"), **kw)
     assert plain.shape == (2, 4, 4, 4)  # native 32 px / VAE factor 8
-    same, _ = robustness.generate_sd_stressed(parts, prompts[:2], config, Stress("p", schedule_noise_std=0.0), **kw)
+    same, _ = sampling.generate_sd_stressed(parts, prompts[:2], config, Stress("p", schedule_noise_std=0.0), **kw)
     assert torch.equal(same, plain)
-    pert, _ = robustness.generate_sd_stressed(parts, prompts[:2], config, Stress("p", schedule_noise_std=0.2), **kw)
+    pert, _ = sampling.generate_sd_stressed(parts, prompts[:2], config, Stress("p", schedule_noise_std=0.2), **kw)
     assert not torch.equal(pert, plain)
-    high, _ = robustness.generate_sd_stressed(parts, prompts[:2], config, Stress("h", resolution=48), **kw)
+    high, _ = sampling.generate_sd_stressed(parts, prompts[:2], config, Stress("h", resolution=48), **kw)
     assert high.shape == (2, 4, 6, 6) and decode_latents(parts.vae, high)[0].size == (48, 48)
-    adv, stats = robustness.generate_sd_stressed(parts, prompts[:2], config, Stress("a", adversarial=True),
+    adv, stats = sampling.generate_sd_stressed(parts, prompts[:2], config, Stress("a", adversarial=True),
                                                  attack={"stride": 2, "epsilon": 0.05, "steps": 1}, **kw)
     assert not torch.equal(adv, plain)
     assert stats["attack_error_attacked"] > stats["attack_error_clean"]
@@ -227,17 +218,17 @@ def test_ood_prompt_files_parse_with_valid_labels() -> None:
     for kind in ("abstract", "medical"):
         lines = load_sd_prompt_list(kind)
         assert len(lines) >= 30 and len(set(lines)) == len(lines) and all(lines)
-    assert robustness._parse_label("7", "x") == 7 and robustness._parse_label("ankle boot", "x") == 9
+    assert prompts._parse_label("7", "x") == 7 and prompts._parse_label("ankle boot", "x") == 9
     with pytest.raises(ValueError, match="unknown class"):
-        robustness._parse_label("hat", "x")
+        prompts._parse_label("hat", "x")
 
 
 def test_sd_rejects_heldout_prompts() -> None:
     params = validate({"setting": "sd", "stresses": ["none", "heldout_prompts"]})
     with pytest.raises(ConfigError, match="embedded setting only"):
-        robustness.stress_definitions(params)
+        stresses.stress_definitions(params)
     with pytest.raises(ConfigError, match="unknown stress"):
-        robustness.stress_definitions(validate({"stresses": ["none", "rain"]}))
+        stresses.stress_definitions(validate({"stresses": ["none", "rain"]}))
 
 
 # ----------------------------------------------------------------------------- tables
@@ -288,7 +279,7 @@ def test_drop_and_criterion_tables_by_hand() -> None:
     with pytest.raises(ValueError, match="'none'"):
         per_seed_drops(worse[worse["stress"] != "none"], ["class_accuracy"])
 
-    fig = robustness.plot_drops(drop_table(per_seed), "fd_fashioncnn")
+    fig = tables.plot_drops(drop_table(per_seed), "fd_fashioncnn")
     ax = fig.axes[0]
     segments = [c for c in ax.collections if c.__class__.__name__ == "LineCollection"]
     assert len(segments) == 2  # one interval line set per model (2 seeds: finite t-intervals)
@@ -328,13 +319,13 @@ def test_run_writes_each_result_once_and_builds_tables(workspace: dict, monkeypa
     models = model_labels(params["robustness_models"])
     assert model_origins(models) == {"ft": "orig"}
     calls = []
-    real = robustness.generate_stressed
+    real = sampling.generate_stressed
 
     def counting(*args, **kwargs):
         calls.append(args[4].name)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(robustness, "generate_stressed", counting)
+    monkeypatch.setattr(run, "generate_stressed", counting)  # where run_robustness looks it up
     try:
         results = run_robustness(params, models, out, progress=False, reference_n=REFERENCE_N)
     except FileNotFoundError as exc:
@@ -357,10 +348,10 @@ def test_run_writes_each_result_once_and_builds_tables(workspace: dict, monkeypa
     assert {"class_accuracy_paraphrase", "class_accuracy_compositional"} <= set(results.columns)
     assert by.loc[("ft", "full", "none"), "original_model"] == str(workspace["root"] / "orig")
     assert (out / "text_states_ood.safetensors").is_file()
-    table = robustness.robustness_table(results)
-    assert list(table.columns[:8]) == list(robustness.ID_COLUMNS)
+    table = tables.robustness_table(results)
+    assert list(table.columns[:8]) == list(tables.ID_COLUMNS)
     assert {"fd_fashioncnn_lo", "class_accuracy_hi"} <= set(table.columns)
-    drops = drop_table(per_seed_drops(results, robustness.DROP_METRICS["embedded"]))
+    drops = drop_table(per_seed_drops(results, tables.DROP_METRICS["embedded"]))
     assert len(drops) == 2 * 2 * 5 * 4  # models x configs x stressed x metrics
     crit = criterion_table(per_seed_drops(results, ["fd_fashioncnn", "class_accuracy"]), model_origins(models))
     assert len(crit) == 2 * 5 * 2 and set(crit["model"]) == {"ft"}

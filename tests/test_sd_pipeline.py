@@ -82,7 +82,7 @@ def test_sd_setting_end_to_end_through_the_pipeline(tmp_path: Path) -> None:
         "device": "cpu", "resolution": RES, "mixed_precision": "no", "prediction_type": "epsilon",
         "train_subset": 8, "train_batch_size": 2, "gradient_accumulation_steps": 1, "max_train_steps": 2,
         "checkpoint_every": 2, "log_every": 1, "fcr_sampling_steps": 10, "delta_max": 2,
-        "num_inference_steps": 4, "strides": [1, 2], "include_50ls": False, "dpm_reference_steps": 0,
+        "num_inference_steps": 10, "strides": [1, 5, 10], "include_50ls": False, "dpm_reference_steps": 0,
         "num_eval_images": 4, "eval_batch_size": 4, "seeds": [0], "profile_batches": [1], "profile_repeats": 1,
         "n_bootstrap": 10, "robustness_strides": [1, 2], "num_robustness_images": 4,
         "stresses": ["none", "ood_prompts", "high_resolution", "perturbed_schedule"], "stress_resolution": 2 * RES,
@@ -91,31 +91,41 @@ def test_sd_setting_end_to_end_through_the_pipeline(tmp_path: Path) -> None:
     overlay_file.write_text(yaml.safe_dump(overlay))
     manifest = tmp_path / "experiments.yaml"
     manifest.write_text(yaml.safe_dump({"experiments": [{
-        "experiment_id": "sd-e2e",
+        "experiment_id": "exp-1-main-ablation",
         "settings": {"sd": {
             "params": [str(REPO / "params" / "sd15.yaml"), str(overlay_file)],
             "finetunes": {"fcr": [str(REPO / "params" / "variations" / "fcr_lambda0.10_fd10.yaml"), str(overlay_file)]},
             "notebooks": [{"notebook": "03_stride_sweep", "models": [str(model), "fcr"]},
                           {"notebook": "04_robustness", "models": [str(model), "fcr"]}],
+            "backbones": [{"original": str(model), "role": "SD1.5 role (tiny)", "fcr_models": {0.1: "fcr"}}],
         }},
     }]}))
     root = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, "-m", "fcr.pipeline", "run", "--setting", "sd", "--root", str(root), "--manifest", str(manifest),
-         "--no-report", "-f", str(overlay_file)],
+         "-f", str(overlay_file)],
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1500,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
-    run = root / "sd-e2e" / "fcr"
+    exp = root / "exp-1-main-ablation"
+    run = exp / "fcr"
     assert (run / "params.yaml").is_file() and any((run / "unet").glob("*.safetensors"))
-    quality = pd.read_csv(root / "sd-e2e" / "sweep" / "main" / "quality.csv")
+    quality = pd.read_csv(exp / "sweep" / "main" / "quality.csv")
     assert set(quality["model"]) == {"tiny_sd", "fcr"}
-    assert {"full", "FD-2"} <= set(quality["config"])
+    assert {"full", "FD-5", "FD-10"} <= set(quality["config"])
     assert quality["fid"].notna().all() and (quality["clip_score"] >= 0).all()
     # The fine-tuned run folder was sampled as its own model: its images differ from the base's.
     by = quality.set_index(["model", "config"])
     assert by.loc[("fcr", "full"), "fid"] != by.loc[("tiny_sd", "full"), "fid"]
-    robustness = pd.read_csv(root / "sd-e2e" / "robustness" / "main" / "robustness.csv")
+    robustness = pd.read_csv(exp / "robustness" / "main" / "robustness.csv")
     assert {"none", "ood_prompts", "high_resolution", "perturbed_schedule"} <= set(robustness["stress"])
     assert set(robustness["model"]) == {"tiny_sd", "fcr"}
+
+    # The report reads the SD backbone from the manifest: criterion a is measured on FID / CLIPScore
+    # (code paths only: random tiny weights), the exp-1 table has the run folder's rows.
+    verdict = pd.read_csv(root / "report" / "verdict.csv")
+    a = verdict[(verdict["criterion"] == "a. quality preservation (stride 10)") & (verdict["kind"] == "criterion")]
+    assert len(a) == 1 and a["scope"].iloc[0].startswith("tiny_sd") and "fid" in a["measured"].iloc[0]
+    table = pd.read_csv(root / "report" / "exp1_table.csv")
+    assert "FCR λ=0.1, FD-10" in set(table["variation"]) and table["fd"].notna().all()

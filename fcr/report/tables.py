@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from fcr.paths import REPO_ROOT, display_path
-from fcr.manifest import Backbone, backbones_of
+from fcr.manifest import MANIFEST, Backbone, backbones_of
 from fcr.report.verdict import (
     EXP1,
     EXP2,
@@ -532,6 +532,7 @@ def build_report(
     *,
     link_base: str | Path | None = None,
     setting: str = "embedded",
+    manifest: str | Path = MANIFEST,
     backbones: Sequence[Backbone] | None = None,
     dpm_config: str = "DPM++-FD-10",
     verdict_kwargs: Mapping[str, Any] | None = None,
@@ -540,7 +541,7 @@ def build_report(
     """Write the report of the run under ``root`` into ``out_dir`` (default ``root/report``):
     ``exp1_table.csv``, ``exp2_table.csv``, ``verdict.csv`` (numbers as measured), ``report.md``
     (formatted tables, the verdict, notebook 04/05 tables, figures copied to ``figures/``).
-    ``backbones``: default those of ``setting`` in ``params/experiments.yaml``.
+    ``backbones``: default those of ``setting`` in ``manifest`` (``params/experiments.yaml``).
 
     Returns ``{"markdown": <the text of report.md>, "readme_markdown": <a shorter version for the
     README: criterion rows of the verdict, both experiment tables, figure links relative to
@@ -553,7 +554,7 @@ def build_report(
     import os
 
     root = Path(root)
-    backbones = backbones_of(setting) if backbones is None else backbones
+    backbones = backbones_of(setting, manifest) if backbones is None else backbones
     out_dir = Path(out_dir) if out_dir is not None else root / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     link_base = Path(link_base) if link_base is not None else out_dir
