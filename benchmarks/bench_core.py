@@ -32,8 +32,6 @@ import pandas as pd
 import torch
 
 from fcr.core import sampler
-from fcr.settings.generate import sampling_scheduler
-from fcr.settings.models import MINILM_HIDDEN_SIZE, build_embedded_unet, build_noise_scheduler
 from fcr.eval.profiling import (
     SD15_UNET_CONFIG,
     SD21_UNET_CONFIG,
@@ -47,6 +45,8 @@ from fcr.eval.profiling import (
     sd_unet_on_meta,
     unet_flops,
 )
+from fcr.settings.generate import sampling_scheduler
+from fcr.settings.models import MINILM_HIDDEN_SIZE, build_embedded_unet, build_noise_scheduler
 
 EMBEDDED_SEQ_LEN = 16
 EMBEDDED_SHAPE = (1, 32, 32)

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from fcr import contract
 from fcr.config import load_yaml, merge, validate
+from fcr.eval.results import write_json_atomic
 from fcr.manifest import MANIFEST, MODEL_LIST_KEYS, Experiment, load_manifest
 from fcr.notebooks import NOTEBOOKS_DIR, notebook_parameters, run_notebook
 from fcr.paths import REPO_ROOT
-from fcr.eval.results import write_json_atomic
 
 __all__ = ["Stage", "Task", "main", "plan", "run"]
 
@@ -155,9 +156,9 @@ def _experiment_tasks(exp: Experiment, setting: str, root: Path, overlays: list[
         tasks.append(Task(f"{exp.experiment_id}: {run.notebook} ({run.run})", folder,
                           [*spec.params, *run.params, *overlays], overrides, notebook=run.notebook))
         if run.notebook == "03_stride_sweep":
-            tables.append(_rel(folder / "quality.csv"))
+            tables.append(_rel(folder / contract.QUALITY))
         elif run.notebook == "04_robustness":
-            tables.append(_rel(folder / "robustness.csv"))
+            tables.append(_rel(folder / contract.ROBUSTNESS))
     return tasks
 
 

@@ -23,6 +23,7 @@ from fcr.eval.classifier import (
 )
 from fcr.settings.data import load_fashion_mnist, to_model_range, train_val_split
 
+
 @pytest.fixture(scope="module")
 def real_data() -> dict[str, torch.Tensor]:
     """Disjoint real subsets: 2000 train, 500 val (both from the train split), 500 test."""

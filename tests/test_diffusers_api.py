@@ -29,9 +29,9 @@ from test_sd import SD15_SCHEDULER_CONFIG, tiny_components, tiny_tokenizer
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import fcr.diffusers_cache as fc
-from fcr.settings.models import ModelNotFoundError
 from fcr.core.sampler import PriorNoise, build_scheduler, key_steps, sample
 from fcr.core.unet import UnsupportedUNetError
+from fcr.settings.models import ModelNotFoundError
 
 RES = 32
 STEPS = 8

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fcr.eval.classifier import load_classifier
-from fcr.settings.embedded import prepare_embedded_data
 from fcr.eval.quality_bar import class_agreement
+from fcr.settings.embedded import prepare_embedded_data
 from fcr.settings.models import build_embedded_unet, build_noise_scheduler
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from equivalence import assert_float32_equivalent
 
+from fcr.core.sampler import key_steps
 from fcr.settings.embedded import prepare_embedded_data
 from fcr.settings.generate import embedded_prompt_set, generate, initial_noise
 from fcr.settings.models import build_embedded_unet, build_noise_scheduler
-from fcr.core.sampler import key_steps
 
 
 @pytest.fixture(scope="module")

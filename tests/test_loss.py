@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_unet
 from diffusers import DDPMScheduler
 
-from conftest import make_unet
 from fcr.core.loss import (
     FCRConfig,
     LossParts,

@@ -14,20 +14,21 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from conftest import make_unet
-from fcr.experiments import mechanistic as mech
+
 from fcr.config import validate
-from fcr.settings.generate import sampling_scheduler
 from fcr.core.loss import feature_distance
+from fcr.core.unet import FEATURE_GROUPS, EncoderFeatures
+from fcr.eval.results import StaleResultError
+from fcr.experiments import mechanistic as mech
 from fcr.experiments.mechanistic import (
     ModelVariance,
     VarianceInputs,
     fit_regressions,
     gap_timesteps,
     load_quality_tables,
-    mechanistic_criterion,
     measure_feature_variance,
+    mechanistic_criterion,
     per_sample_feature_distance,
     quality_drops,
     regression_points,
@@ -38,9 +39,8 @@ from fcr.experiments.mechanistic import (
     variance_reduction,
     variance_table,
 )
+from fcr.settings.generate import sampling_scheduler
 from fcr.settings.models import build_noise_scheduler
-from fcr.eval.results import StaleResultError
-from fcr.core.unet import FEATURE_GROUPS, EncoderFeatures
 
 SIZE = 16
 

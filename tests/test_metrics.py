@@ -212,13 +212,23 @@ def _classifiers() -> list[nn.Module]:
     return models
 
 
+def _classifier_metrics(model: nn.Module, gen: torch.Tensor, labels, reference_features, **kwargs) -> dict[str, float]:
+    """Classifier features and probabilities of ``gen``, then every metric (as the sweep scores images)."""
+    from fcr.eval.classifier import extract_features, predict_proba
+
+    return metrics.metrics_from_features(extract_features(model, gen, 32), reference_features,
+                                         predict_proba(model, gen, 32), labels, **kwargs)
+
+
 # A random ReLU network has dead feature units, hence singular covariances and sqrtm warnings.
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
 @pytest.mark.parametrize("model", _classifiers(), ids=lambda m: type(m).__name__)
-def test_embedded_metrics_columns_and_values(model: nn.Module) -> None:
+def test_classifier_metrics_columns_and_values(model: nn.Module) -> None:
     gen = torch.rand(60, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     labels = torch.arange(60) % 10
-    out = metrics.embedded_metrics(model, gen, labels, reference_images=gen, kid_subsets=5, is_splits=3)
+    from fcr.eval.classifier import extract_features
+
+    out = _classifier_metrics(model, gen, labels, extract_features(model, gen, 32), kid_subsets=5, is_splits=3)
     name = metrics.DEFAULT_EXTRACTOR_NAME
     for col in ("fd", "kid", "kid_std", "precision", "recall", "is", "is_std"):
         assert math.isfinite(out[f"{col}_{name}"]), col
@@ -232,14 +242,10 @@ def test_embedded_metrics_columns_and_values(model: nn.Module) -> None:
     assert out["class_prob"] == pytest.approx(float(probs[torch.arange(60), labels].mean()), rel=1e-5)
     assert out["n_generated"] == 60.0
 
-    # Precomputed reference features, custom name, shifted references give FD > 0.
-    from fcr.eval.classifier import extract_features
-
+    # Custom name, shifted references give FD > 0; no labels, no class agreement.
     ref = extract_features(model, (gen * 0.5).clamp(-1, 1), 32)
-    out2 = metrics.embedded_metrics(model, gen, None, ref, extractor_name="x", kid_subsets=5, is_splits=3)
+    out2 = _classifier_metrics(model, gen, None, ref, extractor_name="x", kid_subsets=5, is_splits=3)
     assert out2["fd_x"] > 0 and "class_accuracy" not in out2
-    with pytest.raises(ValueError):
-        metrics.embedded_metrics(model, gen, labels)
 
 
 # ----------------------------------------------------------------------------- SD: CLIPScore

@@ -19,10 +19,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from fcr import __main__ as cli
-from fcr.settings.embedded import prepare_embedded_data
 from fcr.core.loss import FCRConfig
+from fcr.settings.embedded import EmbeddedTrainData, prepare_embedded_data
 from fcr.settings.models import build_embedded_unet, build_noise_scheduler
-from fcr.settings.embedded import EmbeddedTrainData
 from fcr.train.loop import DistributedSetupError, TrainConfig, batch_indices, train
 
 REPO = Path(__file__).resolve().parents[1]

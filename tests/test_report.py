@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_verdict import flops_fn, make_run_tree
 
 from fcr.report.tables import (
     README_END,
@@ -21,7 +22,6 @@ from fcr.report.tables import (
     update_readme,
 )
 from fcr.report.verdict import EXP1, EXP2
-from test_verdict import flops_fn, make_run_tree
 
 
 def write_side_file(sweep: Path, model: str, config: str, seed: int, prob: list[float]) -> None:

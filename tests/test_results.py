@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from fcr.eval.results import StaleResultError, load_results, run_or_load
+from fcr.eval.results import StaleResultError, run_or_load
 
 
 def test_finished_configurations_are_skipped(tmp_path: Path) -> None:
@@ -39,12 +38,3 @@ def test_a_failed_computation_leaves_no_file(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         run_or_load(path, {"a": 1}, boom)
     assert not path.exists() and not list(tmp_path.iterdir())
-
-
-def test_load_results_table(tmp_path: Path) -> None:
-    run_or_load(tmp_path / "a.json", {"stride": 5}, lambda: {"fd": 1.0})
-    run_or_load(tmp_path / "b.json", {"stride": 10}, lambda: {"fd": 2.0})
-    (tmp_path / "notes.json").write_text(json.dumps({"other": 1}))
-    table = load_results(tmp_path)
-    assert table.sort_values("stride")["fd"].tolist() == [1.0, 2.0]
-    assert set(table["result_file"]) == {"a.json", "b.json"}

@@ -8,7 +8,6 @@ from conftest import make_unet
 from equivalence import assert_float32_equivalent
 
 import fcr.core.sampler
-
 from fcr.core.sampler import (
     FD_50LS,
     SCHEDULERS,

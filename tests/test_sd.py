@@ -20,11 +20,10 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from fcr.config import ConfigError, validate
+from fcr.core.sampler import key_steps
 from fcr.settings.checks import check_task
 from fcr.settings.data import TRAIN_TEMPLATES, caption, load_fashion_mnist
-from fcr.settings.sd_data import open_image, sd_image_transform
 from fcr.settings.models import ModelNotFoundError
-from fcr.core.sampler import key_steps
 from fcr.settings.sd import (
     SD_MODEL_IDS,
     SDComponents,
@@ -36,6 +35,7 @@ from fcr.settings.sd import (
     load_train_items,
     sd_run_base,
 )
+from fcr.settings.sd_data import open_image, sd_image_transform
 from fcr.settings.sd_params import native_resolution
 from fcr.train.finetune import finetune_sd
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fcr.experiments import sweep
 from fcr.config import validate
+from fcr.core.configurations import SamplingConfig, configs_for_model, sweep_configurations
+from fcr.core.sampler import FD_50LS, sample
+from fcr.eval.results import StaleResultError
+from fcr.experiments import sweep
+from fcr.experiments.sweep import evaluate_cost, paired_comparison, run_sweep, summarize
 from fcr.settings.embedded import all_prompts
 from fcr.settings.models import ModelNotFoundError, build_embedded_unet, build_noise_scheduler
-from fcr.eval.results import StaleResultError
-from fcr.core.sampler import FD_50LS, sample
-from fcr.core.configurations import SamplingConfig, configs_for_model, sweep_configurations
-from fcr.experiments.sweep import evaluate_cost, paired_comparison, run_sweep, summarize
 
 REFERENCE_N = 50  # real test images used as the reference set (tests only; results use all 10k)
 

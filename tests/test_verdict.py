@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from fcr.eval.training_cost import TrainingRunError, overhead_percent, run_compute, training_step_flops
+from fcr.manifest import backbones_of
 from fcr.report.verdict import (
     EXP1,
     EXP2,
@@ -18,8 +20,6 @@ from fcr.report.verdict import (
     evaluate_criteria,
     lookup_column,
 )
-from fcr.eval.training_cost import TrainingRunError, overhead_percent, run_compute, training_step_flops
-from fcr.manifest import backbones_of
 
 DEFAULT_BACKBONES = backbones_of("embedded")  # the embedded backbones of params/experiments.yaml
 
@@ -118,7 +118,7 @@ def make_run_tree(tmp: Path, *, fd_fcr: dict[float, float] | None = None, acc_fc
         crit = []
         for b in DEFAULT_BACKBONES[1:]:
             for stress in ("none", "perturbed_schedule", "adversarial_noise"):
-                crit.append({"fcr_model": b.fcr_models[0.10], "original_model": b.name, "config": "FD-10",
+                crit.append({"model": b.fcr_models[0.10], "original_model": b.name, "config": "FD-10",
                              "stress": stress, "metric": "fd_fashioncnn", "drop_fcr": 1.0, "drop_original": 2.0,
                              "passed": True})
         pd.DataFrame(crit).to_csv(rob / "criterion.csv", index=False)

@@ -25,7 +25,6 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 from scipy.special import rel_entr
-from torch import nn
 
 if TYPE_CHECKING:  # heavy / optional imports only for type checkers
     from PIL.Image import Image as PILImage
@@ -34,7 +33,6 @@ __all__ = [
     "DEFAULT_EXTRACTOR_NAME",
     "cache_reference_statistics",
     "clip_score",
-    "embedded_metrics",
     "fid_from_features",
     "feature_statistics",
     "frechet_distance",
@@ -320,54 +318,6 @@ def metrics_from_features(
     elif prompted_labels is not None:
         raise ValueError("prompted_labels given without gen_probs")
     return out
-
-
-def embedded_metrics(
-    classifier: nn.Module,
-    generated: torch.Tensor,
-    prompted_labels: ArrayLike | None,
-    reference_features: ArrayLike | None = None,
-    reference_images: torch.Tensor | None = None,
-    *,
-    extractor_name: str = DEFAULT_EXTRACTOR_NAME,
-    batch_size: int = 500,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
-    pr_k: int = 3,
-    is_splits: int = 10,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Metrics of generated ``(N, 1, 32, 32)`` images in [-1, 1] under the embedded classifier.
-
-    Reference features are taken as given (cache them: they do not change between runs) or
-    extracted from ``reference_images``. See :func:`metrics_from_features` for the columns.
-    """
-    # Imported here so the SD-only code paths do not depend on the classifier module.
-    from fcr.eval.classifier import extract_features, predict_proba
-
-    if generated.ndim != 4 or generated.shape[1:] != (1, 32, 32):
-        raise ValueError(f"generated must be (N, 1, 32, 32), got {tuple(generated.shape)}")
-    if reference_features is None:
-        if reference_images is None:
-            raise ValueError("give reference_features or reference_images")
-        reference_features = extract_features(classifier, reference_images, batch_size)
-    gen_feats = extract_features(classifier, generated, batch_size)
-    gen_probs = predict_proba(classifier, generated, batch_size)
-    return metrics_from_features(
-        gen_feats,
-        reference_features,
-        gen_probs,
-        prompted_labels,
-        extractor_name=extractor_name,
-        kid_subsets=kid_subsets,
-        kid_subset_size=kid_subset_size,
-        pr_k=pr_k,
-        is_splits=is_splits,
-        seed=seed,
-    )
-
-
-# ----------------------------------------------------------------------------- Stable Diffusion: CLIPScore
 
 
 def _default_device(device: str | torch.device | None) -> torch.device:

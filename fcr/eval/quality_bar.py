@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from fcr.settings import data
 from fcr import plots
 from fcr.eval.classifier import load_classifier, predict_proba
+from fcr.eval.profiling import environment_info
+from fcr.settings import data
 from fcr.settings.embedded import prepare_embedded_data
 from fcr.settings.generate import embedded_prompt_set, generate
 from fcr.settings.models import build_noise_scheduler, load_embedded_unet, model_training_params, resolve_unet_dir
-from fcr.eval.profiling import environment_info
 
 __all__ = ["class_agreement", "main"]
 

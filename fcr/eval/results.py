@@ -15,13 +15,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from safetensors.torch import save_file
 
 __all__ = [
     "StaleResultError",
-    "load_results",
     "module_fingerprint",
     "run_or_load",
     "save_safetensors_atomic",
@@ -71,16 +69,6 @@ def run_or_load(
     result = _normalise(dict(compute()))
     write_json_atomic(path, {"config": config, "result": result, "environment": dict(environment or {})})
     return result, True
-
-
-def load_results(folder: str | Path, pattern: str = "*.json") -> pd.DataFrame:
-    """All result files of a folder as one table: config columns then result columns."""
-    rows = []
-    for path in sorted(Path(folder).glob(pattern)):
-        stored = json.loads(path.read_text())
-        if "config" in stored and "result" in stored:
-            rows.append({**stored["config"], **stored["result"], "result_file": path.name})
-    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------- inputs and side files

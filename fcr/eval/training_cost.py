@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from fcr import contract
 from fcr.eval.profiling import FLOP_FORMULAS
 
 __all__ = ["RunCompute", "TrainingRunError", "embedded_flops_per_image", "overhead_percent", "run_compute",
@@ -101,17 +102,17 @@ def run_compute(run_dir: str | Path) -> RunCompute:
     import yaml
 
     run_dir = Path(run_dir)
-    config_path = run_dir / "train_config.json"
+    config_path = run_dir / contract.TRAIN_CONFIG
     if not config_path.is_file():
         raise TrainingRunError(f"missing {config_path}: it is written by {WRITTEN_BY}")
     cfg = json.loads(config_path.read_text())
     train = cfg.get("train", {})
-    params_path = run_dir / "params.yaml"
+    params_path = run_dir / contract.RUN_PARAMS
     params = yaml.safe_load(params_path.read_text()) if params_path.is_file() else {}
     arch = params.get("architecture") or cfg.get("architecture")
     if not arch:
         raise TrainingRunError(f"missing {params_path} (or no 'architecture' in it): written by {WRITTEN_BY}")
-    log = run_dir / "train_log.csv"
+    log = run_dir / contract.TRAIN_LOG
     steps, source = None, ""
     if log.is_file():
         steps_col = pd.read_csv(log, usecols=["step"])["step"]

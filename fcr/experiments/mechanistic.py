@@ -36,8 +36,8 @@ from safetensors.torch import load_file
 
 from fcr.core import unet as fcr_unet
 from fcr.core.loss import feature_distance
-from fcr.eval.stats import bootstrap_ci, bootstrap_metric, ols, relative_change
 from fcr.core.unet import FEATURE_GROUPS, EncoderFeatures
+from fcr.eval.stats import bootstrap_ci, bootstrap_metric, ols, relative_change
 
 __all__ = [
     "FD_COLUMN",
@@ -328,11 +328,16 @@ def run_variance(
     :func:`fcr.eval.results.run_or_load` plus per-image safetensors). ``inputs`` replaces the
     validation images (tests only); by default they come from :func:`load_variance_inputs`."""
 
-    from fcr.settings.models import EMBEDDED_MODELS, load_unet_folder, model_training_params, resolve_unet_dir
     from fcr.eval.profiling import environment_info
-    from fcr.eval.results import run_or_load
-    from fcr.eval.results import weights_fingerprint
-    from fcr.settings.models import noise_scheduler_for, resolve_device
+    from fcr.eval.results import run_or_load, weights_fingerprint
+    from fcr.settings.models import (
+        EMBEDDED_MODELS,
+        load_unet_folder,
+        model_training_params,
+        noise_scheduler_for,
+        resolve_device,
+        resolve_unet_dir,
+    )
 
     if params["setting"] != "embedded":
         raise ValueError(

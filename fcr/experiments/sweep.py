@@ -24,14 +24,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fcr.settings.generate import PromptSet, embedded_prompt_set, generate, sampling_scheduler
+from fcr.core.configurations import SamplingConfig, configs_for_model, sweep_configurations
+from fcr.core.sampler import PriorNoise, sample
 from fcr.eval.metrics import (
     DEFAULT_EXTRACTOR_NAME,
     FrechetToReference,
     feature_statistics,
     metrics_from_features,
 )
-from fcr.core.configurations import SamplingConfig, configs_for_model, sweep_configurations
+from fcr.eval.profiling import count_flops, environment_info, peak_memory, sampling_flops_ratio, time_fn, unet_flops
+from fcr.eval.results import module_fingerprint, run_or_load, save_safetensors_atomic, weights_fingerprint
+from fcr.eval.stats import bootstrap_ci, bootstrap_metric, mean_ci_over_seeds, paired_test
+from fcr.settings.generate import PromptSet, embedded_prompt_set, generate, sampling_scheduler
 from fcr.settings.models import (
     EMBEDDED_ARCHITECTURES,
     EMBEDDED_MODELS,
@@ -42,10 +46,6 @@ from fcr.settings.models import (
     resolve_device,
     resolve_unet_dir,
 )
-from fcr.eval.profiling import count_flops, environment_info, peak_memory, sampling_flops_ratio, time_fn, unet_flops
-from fcr.eval.results import module_fingerprint, run_or_load, save_safetensors_atomic, weights_fingerprint
-from fcr.core.sampler import PriorNoise, sample
-from fcr.eval.stats import bootstrap_ci, bootstrap_metric, mean_ci_over_seeds, paired_test
 
 __all__ = [
     "QUALITY_METRICS",
@@ -138,8 +138,8 @@ def reference_features(
     """Classifier features ``(N, D)`` of real Fashion-MNIST official test images (the first ``n``,
     all 10k by default), cached in ``cache_path`` (computed once; a cache made by another
     classifier or ``n`` is recomputed). ``root``: where Fashion-MNIST lies (see fcr.settings.data)."""
-    from fcr.settings import data
     from fcr.eval.classifier import extract_features
+    from fcr.settings import data
 
     fingerprint = module_fingerprint(classifier)
     wanted = {"classifier": fingerprint, "n": str(n), "split": "test"}
@@ -556,9 +556,9 @@ def _run_sweep_sd(
     statistics name, or a folder of reference images). Not exercised with real weights here.
     """
     from fcr.eval.metrics import clip_score, load_clip, sd_fid
+    from fcr.settings.sd import generate_sd as _generate_sd
     from fcr.settings.sd import load_sd_components
     from fcr.settings.sd_params import sd_eval_prompts, sd_fid_reference
-    from fcr.settings.sd import generate_sd as _generate_sd
 
     if not params["fid_reference"]:
         raise ValueError("parameter 'fid_reference': give a clean-fid statistics name or a folder of reference images")

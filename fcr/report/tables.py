@@ -10,10 +10,9 @@ run on the per-image side files notebook 03 saved. Numbers are printed with 3 si
 
 from __future__ import annotations
 
-import json
-
 import argparse
 import datetime
+import json
 import math
 import re
 import shutil
@@ -25,8 +24,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fcr.paths import REPO_ROOT, display_path
+from fcr import contract
 from fcr.manifest import MANIFEST, Backbone, backbones_of
+from fcr.paths import REPO_ROOT, display_path
 from fcr.report.verdict import (
     EXP1,
     EXP2,
@@ -34,8 +34,8 @@ from fcr.report.verdict import (
     InputError,
     evaluate_criteria,
     read_table,
-    robustness_rows,
     result_dir,
+    robustness_rows,
 )
 
 __all__ = [
@@ -111,12 +111,17 @@ def markdown_table(df: pd.DataFrame) -> str:
 # ----------------------------------------------------------------------------- paired tests
 
 
+# Per-image endpoints of the sweep's side files a paired test uses, first found in both files wins.
+PAIRED_ENDPOINTS: tuple[str, ...] = ("prompted_prob", "clip_score")
+
+
 def paired_vs_reference(
     sweep_dir: str | Path, model: str, config: str, ref_model: str, ref_config: str
 ) -> dict[str, Any]:
     """Paired t / Wilcoxon test of ``model@config`` vs ``ref_model@ref_config`` on the per-image
-    probability of the prompted class, pooled over every seed both have side files for (same seed:
-    same prompts and initial noise in every model and configuration, checked on the labels).
+    probability of the prompted class (SD: the per-image CLIPScore; :data:`PAIRED_ENDPOINTS`), pooled
+    over every seed both have side files for (same seed: same prompts and initial noise in every
+    model and configuration, checked on the labels where the side files have them).
 
     Falls back to ``paired_tests.csv`` (same model only; the mean difference averaged and the
     largest p over seeds). Returns ``paired_mean_diff, paired_p_t, paired_p_wilcoxon, paired_n,
@@ -139,17 +144,22 @@ def paired_vs_reference(
         if not ref.is_file():
             continue
         a, b = load_side_file(path), load_side_file(ref)
-        if not bool((a["labels"] == b["labels"]).all()) or a["labels"].shape != b["labels"].shape:
+        if "labels" in a and "labels" in b and (
+                a["labels"].shape != b["labels"].shape or not bool((a["labels"] == b["labels"]).all())):
             raise ValueError(f"{path} and {ref} were not made from the same prompts")
-        a_all.append(a["prompted_prob"].double().numpy())
-        b_all.append(b["prompted_prob"].double().numpy())
+        endpoint = next((k for k in PAIRED_ENDPOINTS if k in a and k in b), None)
+        if endpoint is None:
+            continue
+        a_all.append(a[endpoint].double().numpy())
+        b_all.append(b[endpoint].double().numpy())
         seeds.append(seed)
     if seeds:
         test = paired_test(np.concatenate(a_all), np.concatenate(b_all))
+        what = "" if endpoint == PAIRED_ENDPOINTS[0] else f" (per-image {endpoint})"
         return {"paired_mean_diff": test["mean_diff"], "paired_p_t": test["p_t"],
                 "paired_p_wilcoxon": test["p_wilcoxon"], "paired_n": test["n"],
-                "paired_source": f"side files, seeds {seeds}"}
-    path = sweep_dir / "paired_tests.csv"
+                "paired_source": f"side files{what}, seeds {seeds}"}
+    path = sweep_dir / contract.PAIRED_TESTS
     if model == ref_model and path.is_file():
         tests = pd.read_csv(path)
         rows = tests[(tests["model"].astype(str) == model) & (tests["config_a"] == config)
@@ -169,8 +179,8 @@ def _first_col(df: pd.DataFrame, names: Sequence[str]) -> str | None:
 
 
 def _cost_lookup(sweep_dir: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
-    cost = pd.read_csv(sweep_dir / "cost.csv") if (sweep_dir / "cost.csv").is_file() else None
-    table = pd.read_csv(sweep_dir / "cost_table.csv") if (sweep_dir / "cost_table.csv").is_file() else None
+    cost = pd.read_csv(sweep_dir / contract.COST) if (sweep_dir / contract.COST).is_file() else None
+    table = pd.read_csv(sweep_dir / contract.COST_TABLE) if (sweep_dir / contract.COST_TABLE).is_file() else None
     return cost, table
 
 
@@ -179,8 +189,8 @@ def _variation_table(sweep_dir: str | Path, specs: Sequence[tuple[str, str, str,
     interval over seeds), cost against ``ref_config`` of the same architecture and a paired test
     against ``ref_model@ref_config``."""
     sweep_dir = Path(sweep_dir)
-    summary = read_table(sweep_dir / "summary.csv")
-    quality = pd.read_csv(sweep_dir / "quality.csv") if (sweep_dir / "quality.csv").is_file() else None
+    summary = read_table(sweep_dir / contract.SUMMARY)
+    quality = pd.read_csv(sweep_dir / contract.QUALITY) if (sweep_dir / contract.QUALITY).is_file() else None
     cost, table = _cost_lookup(sweep_dir)
     rows = []
     for variation, model, config, ref_model, ref_config in specs:
@@ -598,7 +608,8 @@ def build_report(
          + (f"{exp1_backbone.name}, {exp1_backbone.role})" if exp1_backbone else "n/a)"),
          (lambda: exp1_table(result_dir(root, EXP1, "sweep", exp1_backbone.sweep_run), backbone=exp1_backbone))
          if exp1_backbone else None),
-        ("exp2", "exp-2 generalisation", lambda: _exp2_table_by_sweep_run(root, backbones, dpm_config)),
+        ("exp2", "exp-2 generalisation", (lambda: _exp2_table_by_sweep_run(root, backbones, dpm_config))
+         if any(b.experiment == EXP2 for b in backbones) else None),
     ):
         exp_parts.append(f"### {title}\n")
         if make is None:
@@ -622,10 +633,10 @@ def build_report(
 
     robustness_dirs = _robustness_dirs(root, backbones)
     extra = [_csv_section("Robustness (notebook 04): drop under stress, FCR vs original"
-                          + (f" ({folder.name})" if len(robustness_dirs) > 1 else ""), folder / "criterion.csv")
+                          + (f" ({folder.name})" if len(robustness_dirs) > 1 else ""), folder / contract.CRITERION)
              for folder in robustness_dirs]
     extra += [_csv_section(f"Mechanistic (notebook 05, {exp}): encoder-feature variance reduction",
-                           result_dir(root, exp, "mechanistic") / "variance_reduction.csv")
+                           result_dir(root, exp, "mechanistic") / contract.VARIANCE_REDUCTION)
               for exp in dict.fromkeys(b.experiment for b in backbones)]
 
     figures = _collect_figures(root, out_dir)

@@ -15,7 +15,7 @@ Row kinds: ``criterion`` rows make the verdict (``overall`` is their three-value
 ``part`` rows are the pieces a criterion row combines, ``context`` rows are shown for reading only.
 
 Expected layout (params/experiments.yaml, whose ``backbones`` say which models and runs the verdict
-reads; folder names in :data:`LAYOUT`, columns in :data:`COLUMNS`). ``<kind>/<run>/`` with run ``main``; a results folder directly in
+reads; folder names in :data:`LAYOUT`, file and column names in :mod:`fcr.contract`). ``<kind>/<run>/`` with run ``main``; a results folder directly in
 ``<kind>/`` is accepted too (:func:`result_dir`)::
 
     <root>/exp-1-main-ablation/<variation>/    fine-tune run folders (train_config.json, params.yaml, train_log.csv)
@@ -35,11 +35,12 @@ from typing import Any
 
 import pandas as pd
 
+from fcr import contract
+from fcr.contract import COLUMNS, PRODUCERS
 from fcr.eval import training_cost
 from fcr.manifest import Backbone, backbones_of
 
 __all__ = [
-    "COLUMNS",
     "LAYOUT",
     "SD_PRETRAINING",
     "THRESHOLDS",
@@ -71,67 +72,6 @@ EXP2 = "exp-2-generalisation-robustness"
 
 # Sub-folders of an experiment folder and which stage writes them (for the missing-file notes).
 LAYOUT: dict[str, str] = {"sweep": "sweep", "robustness": "robustness", "mechanistic": "mechanistic", "run": "main"}
-PRODUCERS: dict[str, str] = {
-    "summary.csv": "notebook 03_stride_sweep (fcr.experiments.sweep.summarize)",
-    "cost.csv": "notebook 03_stride_sweep (fcr.experiments.sweep.run_sweep)",
-    "cost_table.csv": "notebook 03_stride_sweep (fcr.experiments.sweep.cost_table)",
-    "paired_tests.csv": "notebook 03_stride_sweep (fcr.experiments.sweep.paired_comparison)",
-    "criterion.csv": "notebook 04_robustness",
-    "variance_reduction.csv": "notebook 05_mechanistic_regression",
-    "regression.json": "notebook 05_mechanistic_regression",
-    "train_config.json": "the fine-tune (notebook 02_finetune / python -m fcr train)",
-    "params.yaml": "the fine-tune (notebook 02_finetune / python -m fcr train)",
-}
-
-# Logical column -> accepted spellings, per table. Edit here when a notebook renames a column.
-COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {
-    "summary": {
-        "model": ("model",),
-        "config": ("config",),
-        "fd": ("fd_fashioncnn", "fid"),
-        "accuracy": ("class_accuracy", "clip_score"),
-        "architecture": ("architecture",),
-    },
-    "cost": {
-        "architecture": ("architecture",),
-        "config": ("config",),
-        "peak_memory": ("peak_memory_bytes",),
-        "device": ("device",),
-    },
-    "cost_table": {
-        "architecture": ("architecture",),
-        "config": ("config",),
-        "time_speedup": ("time_speedup_vs_FD-5",),
-        "flops_speedup": ("flops_speedup_vs_FD-5",),
-        "bound_speedup": ("bound_flops_speedup_vs_FD-5",),
-        "time_column": ("time_column",),
-    },
-    "criterion": {
-        "fcr_model": ("fcr_model", "model"),
-        "original_model": ("original_model", "original", "baseline_model"),
-        "config": ("config",),
-        "stress": ("stress",),
-        "metric": ("metric",),
-        "drop_fcr": ("drop_fcr",),
-        "drop_original": ("drop_original",),
-        "passed": ("passed",),
-    },
-    "variance_reduction": {
-        "model": ("model", "fcr_model"),
-        "original_model": ("original_model", "original"),
-        "feature_group": ("feature_group",),
-        "units": ("units", "delta_units"),
-        "reduction_pct": ("reduction_pct", "reduction_pct_abs", "reduction_pct_norm"),
-    },
-    "regression": {
-        "r2": ("r2", "R2", "r_squared"),
-        "slope": ("slope",),
-        "slope_lo": ("slope_lo",),
-        "slope_hi": ("slope_hi",),
-        "n": ("n",),
-    },
-}
-
 VERDICT_COLUMNS = ["criterion", "scope", "kind", "measured", "value", "threshold", "passed", "note"]
 
 # Published pre-training compute of Stable Diffusion v1, as stated by its model card (section
@@ -306,7 +246,7 @@ def _criterion_a(
     root: Path, b: Backbone, stride_config: str, ref_config: str
 ) -> tuple[list[dict], str | None, bool | None]:
     """Rows of criterion a for one backbone, the selected FCR model label and its verdict."""
-    path = _sweep_dir(root, b) / "summary.csv"
+    path = _sweep_dir(root, b) / contract.SUMMARY
     scope = _scope(b)
     try:
         summary = read_table(path)
@@ -383,7 +323,7 @@ def _criterion_b(root: Path, b: Backbone, fcr_model: str | None, quality_passed:
 
     # Wall time per timed batch size (cost.csv).
     try:
-        arch = _architecture(sweep / "summary.csv", [m for m in (fcr_model, b.name) if m])
+        arch = _architecture(sweep / contract.SUMMARY, [m for m in (fcr_model, b.name) if m])
     except InputError as exc:
         arch, arch_error = None, str(exc)
     time_pass: bool | None = None
@@ -393,10 +333,10 @@ def _criterion_b(root: Path, b: Backbone, fcr_model: str | None, quality_passed:
         rows.append(_row(f"{B_NAME} (wall time)", scope, "n/a", speed_thr, None, arch_error, kind="part"))
     else:
         try:
-            cost = read_table(sweep / "cost.csv")
-            dcol = lookup_column(cost, "cost", "device", sweep / "cost.csv", required=False)
-            r10 = _cost_row(cost, "cost", sweep / "cost.csv", arch, stride_config)
-            r5 = _cost_row(cost, "cost", sweep / "cost.csv", arch, ref_config)
+            cost = read_table(sweep / contract.COST)
+            dcol = lookup_column(cost, "cost", "device", sweep / contract.COST, required=False)
+            r10 = _cost_row(cost, "cost", sweep / contract.COST, arch, stride_config)
+            r5 = _cost_row(cost, "cost", sweep / contract.COST, arch, ref_config)
             device = str(r10[dcol]) if dcol else device
             tcols = sorted((c for c in cost.columns if c.startswith("time_per_image_s_bs")), key=lambda c: int(c[19:]))
             if not tcols:
@@ -415,7 +355,7 @@ def _criterion_b(root: Path, b: Backbone, fcr_model: str | None, quality_passed:
     # FLOPs and the analytic bound (cost_table.csv): shown next to the wall time.
     bound_note = ""
     if arch is not None:
-        path = sweep / "cost_table.csv"
+        path = sweep / contract.COST_TABLE
         try:
             table = read_table(path)
             row = _cost_row(table, "cost_table", path, arch, stride_config)
@@ -439,7 +379,7 @@ def _criterion_b(root: Path, b: Backbone, fcr_model: str | None, quality_passed:
     mem_thr = f"≤ +{THRESHOLDS['memory_increase_pct']:g} % peak memory vs {ref_config}"
     mem_pass: bool | None = None
     if arch is not None and cost is not None:
-        path = sweep / "cost.csv"
+        path = sweep / contract.COST
         try:
             mcol = lookup_column(cost, "cost", "peak_memory", path)
             m10 = float(_cost_row(cost, "cost", path, arch, stride_config)[mcol])
@@ -534,7 +474,7 @@ def robustness_rows(robustness_dirs: Sequence[str | Path], backbones: Sequence[B
     """Criterion c's rows (verdict columns) for the notebook-04 result folders given: the main
     job's for the verdict, or e.g. a supplementary run with more seeds."""
     try:
-        df, path = _read_tables([Path(d) for d in robustness_dirs], "criterion.csv")
+        df, path = _read_tables([Path(d) for d in robustness_dirs], contract.CRITERION)
         ocol = lookup_column(df, "criterion", "original_model", path)
         fcol = lookup_column(df, "criterion", "fcr_model", path)
         scol = lookup_column(df, "criterion", "stress", path)
@@ -629,10 +569,10 @@ def _criterion_e(mechanistic_dirs: Sequence[Path], selected: Sequence[str]) -> l
     rows: list[dict] = []
     var_thr = f"variance reduction ≥ {THRESHOLDS['variance_reduction_pct']:g} %"
     var_verdicts: list[bool | None] = []
-    missing = [Path(d) / "variance_reduction.csv" for d in mechanistic_dirs
-               if not (Path(d) / "variance_reduction.csv").is_file()]
+    missing = [Path(d) / contract.VARIANCE_REDUCTION for d in mechanistic_dirs
+               if not (Path(d) / contract.VARIANCE_REDUCTION).is_file()]
     try:
-        df, path = _read_tables(mechanistic_dirs, "variance_reduction.csv")
+        df, path = _read_tables(mechanistic_dirs, contract.VARIANCE_REDUCTION)
         mcol = lookup_column(df, "variance_reduction", "model", path)
         rcol = lookup_column(df, "variance_reduction", "reduction_pct", path)
         gcol = lookup_column(df, "variance_reduction", "feature_group", path, required=False)
@@ -672,7 +612,7 @@ def _criterion_e(mechanistic_dirs: Sequence[Path], selected: Sequence[str]) -> l
         rows.append(_row(f"{E_NAME}: variance reduction", "FCR models", "n/a", var_thr, None, str(exc), kind="part"))
 
     r2_thr = f"R² ≥ {THRESHOLDS['r2']:g} with a positive slope"
-    r2_verdicts = [_regression_row(Path(d) / "regression.json", r2_thr, rows) for d in mechanistic_dirs]
+    r2_verdicts = [_regression_row(Path(d) / contract.REGRESSION, r2_thr, rows) for d in mechanistic_dirs]
     r2_ok = all_of(r2_verdicts)
     ok = all_of([*var_verdicts, r2_ok])
     rows.insert(0, _row(E_NAME, "selected FCR models",

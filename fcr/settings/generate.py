@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fcr.core.sampler import PriorNoise, SamplerStats, build_scheduler, sample
 from fcr.settings import data
 from fcr.settings.embedded import EMPTY_PROMPT, all_prompts, prompt_ids
-from fcr.core.sampler import PriorNoise, SamplerStats, build_scheduler, sample
 from fcr.settings.text import load_text_state_cache
 
 __all__ = ["GenerationResult", "PromptSet", "embedded_prompt_set", "generate", "initial_noise", "sampling_scheduler"]

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
+from fcr import contract
 from fcr.paths import REPO_ROOT
 
 __all__ = [
@@ -150,7 +151,7 @@ def model_training_params(unet_dir: str | Path) -> dict[str, Any] | None:
     """The params.yaml of the run that produced a UNet folder (its parent run folder), if any."""
     import yaml
 
-    path = Path(unet_dir).parent / "params.yaml"
+    path = Path(unet_dir).parent / contract.RUN_PARAMS
     return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+from fcr import contract
 from fcr.config import ConfigError
 from fcr.core.sampler import PriorNoise, SamplerStats, build_scheduler, sample
-from fcr.settings.sd_data import open_image, sd_image_transform
 from fcr.settings.models import ModelNotFoundError
+from fcr.settings.sd_data import open_image, sd_image_transform
 
 __all__ = [
     "SD_MODEL_IDS",
@@ -111,7 +112,7 @@ def sd_run_base(folder: str | Path) -> dict[str, Any] | None:
     ``variant`` of its ``params.yaml``), or None when ``folder`` is not an SD run folder."""
     import yaml
 
-    path = Path(folder).expanduser() / "params.yaml"
+    path = Path(folder).expanduser() / contract.RUN_PARAMS
     if not path.is_file():
         return None
     trained = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

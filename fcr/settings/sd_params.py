@@ -12,8 +12,8 @@ from typing import Any
 
 from fcr.config import ConfigError
 from fcr.settings.prompt_sources import read_eval_prompts
-from fcr.settings.sd_data import sample_subset
 from fcr.settings.sd import SD_NATIVE_RESOLUTION, check_train_files, load_train_items, sd_run_base
+from fcr.settings.sd_data import sample_subset
 
 __all__ = ["SD_STRESSES", "check_sd_params", "native_resolution", "prepare_sd_data", "sd_eval_prompts", "sd_fid_reference"]
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from fcr import contract
 from fcr.config import ConfigError
 from fcr.settings.embedded import load_split, prepare_embedded_data
 from fcr.settings.models import build_embedded_unet, build_noise_scheduler, check_prediction_type, load_embedded_unet
@@ -76,7 +77,7 @@ def run_dir(params: Mapping[str, Any]) -> Path:
 
 def _write_params(folder: Path, params: Mapping[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "params.yaml").write_text(yaml.safe_dump(dict(params), sort_keys=True))
+    (folder / contract.RUN_PARAMS).write_text(yaml.safe_dump(dict(params), sort_keys=True))
 
 
 def finetune(params: Mapping[str, Any], *, progress: bool = True, stop_after: int | None = None) -> TrainResult:
@@ -119,8 +120,8 @@ def finetune_sd(params: Mapping[str, Any], *, progress: bool = True, stop_after:
     import torch
     from accelerate import Accelerator
 
-    from fcr.settings.sd_data import sample_subset
     from fcr.settings.sd import SDTrainData, check_train_files, load_sd_components, load_train_items
+    from fcr.settings.sd_data import sample_subset
 
     items = sample_subset(load_train_items(params["train_data"]), params["train_subset"], params["seed"])
     check_train_files(items)

@@ -26,8 +26,14 @@ import torch
 from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 
-from fcr.train.checkpoint import latest_checkpoint, load_training_checkpoint, prune_checkpoints, save_training_checkpoint
+from fcr import contract
 from fcr.core.loss import FCRConfig, fcr_training_loss
+from fcr.train.checkpoint import (
+    latest_checkpoint,
+    load_training_checkpoint,
+    prune_checkpoints,
+    save_training_checkpoint,
+)
 
 __all__ = [
     "ConditioningData",
@@ -275,7 +281,7 @@ def train(
     ema = copy.deepcopy(unet).float().requires_grad_(False) if cfg.ema_decay > 0 else None
 
     ckpt_dir = run_dir / "checkpoints"
-    log_path = run_dir / "train_log.csv"
+    log_path = run_dir / contract.TRAIN_LOG
     start_step, resumed_from = 0, None
     if resume and (last := latest_checkpoint(ckpt_dir)) is not None:
         state = load_training_checkpoint(last, unet, optimizer, ema)
@@ -291,7 +297,7 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         info = {"train": asdict(cfg), "fcr": asdict(fcr), "num_examples": len(data), "processes": world,
                 "distributed_type": str(accelerator.distributed_type), **(run_info or {})}
-        (run_dir / "train_config.json").write_text(json.dumps(info, indent=2, default=str))
+        (run_dir / contract.TRAIN_CONFIG).write_text(json.dumps(info, indent=2, default=str))
 
     end_step = cfg.max_train_steps if stop_after is None else min(cfg.max_train_steps, stop_after)
     bar = tqdm(range(start_step, end_step), initial=start_step, total=cfg.max_train_steps,

@@ -1,0 +1,116 @@
+"""Every result file a stage writes and the report reads, and the columns the report reads from
+them: one name each, imported by writers and readers alike, so renaming one is one edit here.
+
+The quality columns differ by setting: the embedded default's Fréchet distance of the ``fashioncnn``
+classifier features plays FID, and its prompted-class accuracy plays CLIPScore.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "COLUMNS",
+    "COST",
+    "COST_TABLE",
+    "CRITERION",
+    "DROPS",
+    "PAIRED_TESTS",
+    "PRODUCERS",
+    "QUALITY",
+    "QUALITY_DROPS",
+    "REGRESSION",
+    "REGRESSION_FITS",
+    "REGRESSION_POINTS",
+    "ROBUSTNESS",
+    "RUN_PARAMS",
+    "SUMMARY",
+    "TRAIN_CONFIG",
+    "TRAIN_LOG",
+    "VARIANCE",
+    "VARIANCE_REDUCTION",
+]
+
+# Training run folder (notebook 02 / python -m fcr train).
+RUN_PARAMS = "params.yaml"
+TRAIN_CONFIG = "train_config.json"
+TRAIN_LOG = "train_log.csv"
+# Stride sweep (notebook 03).
+QUALITY = "quality.csv"
+SUMMARY = "summary.csv"
+COST = "cost.csv"
+COST_TABLE = "cost_table.csv"
+PAIRED_TESTS = "paired_tests.csv"
+# Robustness (notebook 04).
+ROBUSTNESS = "robustness.csv"
+DROPS = "drops.csv"
+CRITERION = "criterion.csv"
+# Mechanistic regression (notebook 05).
+VARIANCE = "variance.csv"
+VARIANCE_REDUCTION = "variance_reduction.csv"
+QUALITY_DROPS = "quality_drops.csv"
+REGRESSION_POINTS = "regression_points.csv"
+REGRESSION_FITS = "regression.csv"
+REGRESSION = "regression.json"
+
+_FINETUNE = "the fine-tune (notebook 02_finetune / python -m fcr train)"
+# Which stage writes a file (named in the report's 'missing file' notes).
+PRODUCERS: dict[str, str] = {
+    SUMMARY: "notebook 03_stride_sweep (fcr.experiments.sweep.summarize)",
+    COST: "notebook 03_stride_sweep (fcr.experiments.sweep.run_sweep)",
+    COST_TABLE: "notebook 03_stride_sweep (fcr.experiments.sweep.cost_table)",
+    PAIRED_TESTS: "notebook 03_stride_sweep (fcr.experiments.sweep.paired_comparison)",
+    CRITERION: "notebook 04_robustness",
+    VARIANCE_REDUCTION: "notebook 05_mechanistic_regression",
+    REGRESSION: "notebook 05_mechanistic_regression",
+    TRAIN_CONFIG: _FINETUNE,
+    RUN_PARAMS: _FINETUNE,
+}
+
+# Logical column -> its spelling, per table; the quality metrics have one spelling per setting
+# (embedded, SD), the only case where a logical column has two.
+COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {
+    "summary": {
+        "model": ("model",),
+        "config": ("config",),
+        "fd": ("fd_fashioncnn", "fid"),
+        "accuracy": ("class_accuracy", "clip_score"),
+        "architecture": ("architecture",),
+    },
+    "cost": {
+        "architecture": ("architecture",),
+        "config": ("config",),
+        "peak_memory": ("peak_memory_bytes",),
+        "device": ("device",),
+    },
+    "cost_table": {
+        "architecture": ("architecture",),
+        "config": ("config",),
+        "time_speedup": ("time_speedup_vs_FD-5",),
+        "flops_speedup": ("flops_speedup_vs_FD-5",),
+        "bound_speedup": ("bound_flops_speedup_vs_FD-5",),
+        "time_column": ("time_column",),
+    },
+    "criterion": {
+        "fcr_model": ("model",),
+        "original_model": ("original_model",),
+        "config": ("config",),
+        "stress": ("stress",),
+        "metric": ("metric",),
+        "drop_fcr": ("drop_fcr",),
+        "drop_original": ("drop_original",),
+        "passed": ("passed",),
+    },
+    "variance_reduction": {
+        "model": ("model",),
+        "original_model": ("original_model",),
+        "feature_group": ("feature_group",),
+        "units": ("units",),
+        "reduction_pct": ("reduction_pct",),
+    },
+    "regression": {
+        "r2": ("r2",),
+        "slope": ("slope",),
+        "slope_lo": ("slope_lo",),
+        "slope_hi": ("slope_hi",),
+        "n": ("n",),
+    },
+}
