@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 from test_verdict import flops_fn, make_run_tree
 
+from fcr.report.rows import EXP1, EXP2
 from fcr.report.tables import (
     README_END,
     README_START,
@@ -21,7 +22,6 @@ from fcr.report.tables import (
     paired_vs_reference,
     update_readme,
 )
-from fcr.report.verdict import EXP1, EXP2
 
 
 def write_side_file(sweep: Path, model: str, config: str, seed: int, prob: list[float]) -> None:

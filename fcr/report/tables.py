@@ -27,16 +27,9 @@ import pandas as pd
 from fcr import contract
 from fcr.manifest import MANIFEST, Backbone, backbones_of
 from fcr.paths import REPO_ROOT, display_path
-from fcr.report.verdict import (
-    EXP1,
-    EXP2,
-    LAYOUT,
-    InputError,
-    evaluate_criteria,
-    read_table,
-    result_dir,
-    robustness_rows,
-)
+from fcr.report.robustness_criterion import robustness_rows
+from fcr.report.rows import EXP1, EXP2, LAYOUT, InputError, read_table, result_dir
+from fcr.report.verdict import evaluate_criteria
 
 __all__ = [
     "README_END",
