@@ -123,7 +123,8 @@ def plan(
 
         def build(root: Path = root, report_dir: Path = report_dir, setting: str = setting,
                   manifest: str | Path = manifest) -> None:
-            from fcr.report.tables import build_report, update_readme
+            from fcr.report.readme import update_readme
+            from fcr.report.tables import build_report
 
             # Figure links in the README are relative to the README's folder.
             link_base = Path(readme).resolve().parent if readme is not None else None
@@ -245,7 +246,7 @@ def _terminate(signum, frame) -> None:  # noqa: ARG001
 def _record_invocation(root: Path) -> None:
     """Append this invocation's code revision and start time to ``<root>/pipeline_run.json``: the
     report's provenance names the commit(s) the results were made with, not the one it runs at."""
-    from fcr.report.tables import RUN_INFO, code_revision
+    from fcr.report.readme import RUN_INFO, code_revision
 
     path = root / RUN_INFO
     invocations = _json_list(path, "invocations")

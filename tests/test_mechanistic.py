@@ -20,22 +20,24 @@ from fcr.config import validate
 from fcr.core.loss import feature_distance
 from fcr.core.unet import FEATURE_GROUPS, EncoderFeatures
 from fcr.eval.results import StaleResultError
-from fcr.experiments import mechanistic as mech
-from fcr.experiments.mechanistic import (
+from fcr.experiments import feature_variance as fv
+from fcr.experiments.feature_variance import (
     ModelVariance,
     VarianceInputs,
-    fit_regressions,
     gap_timesteps,
-    load_quality_tables,
     measure_feature_variance,
-    mechanistic_criterion,
     per_sample_feature_distance,
-    quality_drops,
-    regression_points,
-    regression_report,
     run_variance,
     sampling_grid,
     variance_draws,
+)
+from fcr.experiments.mechanistic import (
+    fit_regressions,
+    load_quality_tables,
+    mechanistic_criterion,
+    quality_drops,
+    regression_points,
+    regression_report,
     variance_reduction,
     variance_table,
 )
@@ -277,13 +279,13 @@ def test_run_variance_pairs_models_and_skips_finished_results(tmp_path: Path, mo
     })
     models = {"orig": str(orig), "ft": str(ft)}
     seen = []
-    real = mech.measure_feature_variance
+    real = fv.measure_feature_variance
 
     def recording(unet, noise_scheduler, inputs, draws, **kw):
         seen.append((draws.noise.clone(), draws.u.copy(), inputs.x0.clone()))
         return real(unet, noise_scheduler, inputs, draws, **kw)
 
-    monkeypatch.setattr(mech, "measure_feature_variance", recording)
+    monkeypatch.setattr(fv, "measure_feature_variance", recording)
     out = tmp_path / "out"
     first = run_variance(params, models, out, inputs=_inputs(), progress=False)
     assert len(seen) == 2
@@ -301,7 +303,7 @@ def test_run_variance_pairs_models_and_skips_finished_results(tmp_path: Path, mo
     def fail(*args, **kwargs):
         raise AssertionError("a finished result was recomputed")
 
-    monkeypatch.setattr(mech, "measure_feature_variance", fail)
+    monkeypatch.setattr(fv, "measure_feature_variance", fail)
     again = run_variance(params, models, out, inputs=_inputs(), progress=False)
     for m in again:
         for key, v in by[m.label].values.items():

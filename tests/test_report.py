@@ -10,17 +10,15 @@ import torch
 from safetensors.torch import save_file
 from test_verdict import flops_fn, make_run_tree
 
+from fcr.report.readme import README_END, README_START, update_readme
 from fcr.report.rows import EXP1, EXP2
 from fcr.report.tables import (
-    README_END,
-    README_START,
     build_report,
     exp1_table,
     exp2_table,
     format_number,
     main,
     paired_vs_reference,
-    update_readme,
 )
 
 
@@ -150,7 +148,7 @@ def test_cli_updates_readme(tmp_path, monkeypatch):
     root, models = make_run_tree(tmp_path)
     readme = tmp_path / "README.md"
     readme.write_text("# R\n")
-    import fcr.report.tables as report_mod
+    import fcr.report.readme as report_mod
 
     # The CLI uses the default models folder and FLOP counter: point them at the test tree.
     monkeypatch.setattr("fcr.eval.training_cost.embedded_flops_per_image", lambda: flops_fn)
@@ -192,7 +190,7 @@ def test_build_report_adds_the_sd_gpu_cost_rows_when_given(tmp_path):
 def test_provenance_names_the_commits_the_run_was_made_with(tmp_path):
     import json
 
-    from fcr.report.tables import RUN_INFO, provenance_header
+    from fcr.report.readme import RUN_INFO, provenance_header
 
     root = tmp_path / "run"
     root.mkdir()
