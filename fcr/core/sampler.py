@@ -37,7 +37,9 @@ __all__ = [
     "PriorNoise",
     "SampleOutput",
     "SamplerStats",
+    "apply_guidance",
     "build_scheduler",
+    "guidance_context",
     "key_steps",
     "sample",
 ]
@@ -185,6 +187,23 @@ def _expand_batch(hidden: torch.Tensor, batch: int, name: str) -> torch.Tensor:
     raise ValueError(f"{name} has batch size {hidden.shape[0]}, expected {batch} (or 1)")
 
 
+def guidance_context(
+    cond: torch.Tensor, uncond: torch.Tensor | None, batch: int, guidance_scale: float
+) -> torch.Tensor:
+    """The UNet's conditioning for ``batch`` latents: ``[uncond; cond]`` under classifier-free
+    guidance (``uncond`` given and ``guidance_scale > 1``), else ``cond``; a single row is broadcast."""
+    cond = _expand_batch(cond, batch, "encoder_hidden_states")
+    if uncond is None or guidance_scale <= 1:
+        return cond
+    return torch.cat([_expand_batch(uncond, batch, "uncond_hidden_states"), cond])
+
+
+def apply_guidance(pred: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance of a ``[uncond; cond]`` prediction batch."""
+    pred_uncond, pred_cond = pred.chunk(2)
+    return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+
+
 def _repeat_kwargs(kwargs: dict[str, Any], times: int, batch: int) -> dict[str, Any]:
     """Repeat per-sample tensors (e.g. masks, ``timestep_cond``) for a batched decoder call."""
     if times == 1:
@@ -245,12 +264,7 @@ def sample(
     keys = None if key_steps is None else _validate_key_steps(num_inference_steps, key_steps)
 
     batch = noise.shape[0]
-    cond = _expand_batch(encoder_hidden_states, batch, "encoder_hidden_states")
-    if do_cfg:
-        uncond = _expand_batch(uncond_hidden_states, batch, "uncond_hidden_states")
-        context = torch.cat([uncond, cond])
-    else:
-        context = cond
+    context = guidance_context(encoder_hidden_states, uncond_hidden_states, batch, guidance_scale)
     net_batch = context.shape[0]
 
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
@@ -264,16 +278,11 @@ def sample(
         doubled = torch.cat([latents, latents]) if do_cfg else latents
         return scheduler.scale_model_input(doubled, t)
 
-    def guide(pred: torch.Tensor) -> torch.Tensor:
-        if not do_cfg:
-            return pred
-        pred_uncond, pred_cond = pred.chunk(2)
-        return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
-
     def scheduler_step(pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         if prior_noise.enabled and float(t) / num_train < prior_noise.threshold:
             latents = latents + prior_noise.alpha * noise
-        return scheduler.step(guide(pred), t, latents, **step_kwargs, return_dict=False)[0]
+        guided = apply_guidance(pred, guidance_scale) if do_cfg else pred
+        return scheduler.step(guided, t, latents, **step_kwargs, return_dict=False)[0]
 
     def run_decoder(features: EncoderFeatures, ts: torch.Tensor) -> list[torch.Tensor]:
         """Decode ``features`` for each timestep in ``ts`` as one batched call."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from fcr.core.sampler import apply_guidance, guidance_context
 from fcr.core.unet import decode, encode
 
 ATTACK_CHUNK = 8  # images per adversarial-attack chunk (memory of the backward pass; images are independent)
@@ -28,14 +29,6 @@ def _frozen(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for p, flag in zip(module.parameters(), flags):
             p.requires_grad_(flag)
-
-
-def _context(cond: torch.Tensor, uncond: torch.Tensor | None, batch: int, guidance_scale: float) -> torch.Tensor:
-    cond = cond if cond.shape[0] == batch else cond.expand(batch, *cond.shape[1:])
-    if uncond is None or guidance_scale <= 1:
-        return cond
-    uncond = uncond if uncond.shape[0] == batch else uncond.expand(batch, *uncond.shape[1:])
-    return torch.cat([uncond, cond])
 
 
 def cache_error(
@@ -62,13 +55,10 @@ def cache_error(
         raise ValueError(f"the cache error needs a key interval of at least 2 steps; got stride {stride}")
     batch = noise.shape[0]
     do_cfg = uncond is not None and guidance_scale > 1
-    context = _context(cond, uncond, batch, guidance_scale)
+    context = guidance_context(cond, uncond, batch, guidance_scale)
 
     def guide(pred: torch.Tensor) -> torch.Tensor:
-        if not do_cfg:
-            return pred
-        u, c = pred.chunk(2)
-        return u + guidance_scale * (c - u)
+        return apply_guidance(pred, guidance_scale) if do_cfg else pred
 
     scheduler = make_scheduler()
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
