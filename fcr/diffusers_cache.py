@@ -44,7 +44,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from fcr.core.sampler import PriorNoise
+from fcr.core.sampler import PriorNoise, repeat_per_sample
 from fcr.core.sampler import key_steps as resolve_key_steps
 from fcr.core.unet import EncoderFeatures, UnsupportedUNetError, check_supported, decode, encode
 
@@ -130,13 +130,6 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:  # e.g. objects without a boolean equality
         return False
-
-
-def _repeat(value: Any, times: int, batch: int) -> Any:
-    # Per-sample tensors (first dimension = the UNet batch) are repeated for a batched decoder call.
-    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
-        return value.repeat(times, *([1] * (value.ndim - 1)))
-    return value
 
 
 class _EncoderCache:
@@ -332,9 +325,9 @@ class _EncoderCache:
         k, batch = stop - i, sample.shape[0]
         ts = run.timesteps[i:stop].to(sample.device)
         repeated = features.map(lambda x: x.repeat(k, *([1] * (x.ndim - 1))))
-        batched_kwargs = {name: _repeat(value, k, batch) for name, value in kwargs.items()}
+        batched_kwargs = {name: repeat_per_sample(value, k, batch) for name, value in kwargs.items()}
         out = self.decode(
-            unet, run, repeated, ts.repeat_interleave(batch), _repeat(context, k, batch), batched_kwargs
+            unet, run, repeated, ts.repeat_interleave(batch), repeat_per_sample(context, k, batch), batched_kwargs
         )
         predictions = out.chunk(k)
         run.predictions = {i + j: p for j, p in enumerate(predictions) if j > 0}

@@ -41,6 +41,7 @@ __all__ = [
     "build_scheduler",
     "guidance_context",
     "key_steps",
+    "repeat_per_sample",
     "sample",
 ]
 
@@ -204,16 +205,19 @@ def apply_guidance(pred: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
 
 
+def repeat_per_sample(value: Any, times: int, batch: int) -> Any:
+    """``value`` repeated ``times`` along dim 0 when it is a per-sample tensor of the UNet batch
+    (e.g. a mask or ``timestep_cond``), for a batched decoder call; anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+        return value.repeat(times, *([1] * (value.ndim - 1)))
+    return value
+
+
 def _repeat_kwargs(kwargs: dict[str, Any], times: int, batch: int) -> dict[str, Any]:
-    """Repeat per-sample tensors (e.g. masks, ``timestep_cond``) for a batched decoder call."""
+    """Repeat per-sample tensors of the UNet keyword arguments for a batched decoder call."""
     if times == 1:
         return kwargs
-    out = {}
-    for key, value in kwargs.items():
-        if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
-            value = value.repeat(times, *([1] * (value.ndim - 1)))
-        out[key] = value
-    return out
+    return {key: repeat_per_sample(value, times, batch) for key, value in kwargs.items()}
 
 
 def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | None) -> dict[str, Any]:
