@@ -7,6 +7,8 @@ classifier features plays FID, and its prompted-class accuracy plays CLIPScore.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 __all__ = [
     "COLUMNS",
     "COST",
@@ -25,6 +27,7 @@ __all__ = [
     "SUMMARY",
     "TRAIN_CONFIG",
     "TRAIN_LOG",
+    "model_label",
     "VARIANCE",
     "VARIANCE_REDUCTION",
 ]
@@ -114,3 +117,9 @@ COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {
         "n": ("n",),
     },
 }
+
+
+def model_label(source: str) -> str:
+    """The name a model has in result tables: an embedded model name as it is, a run folder or hub
+    id by its last part (the sweep, robustness and mechanistic runners and the manifest's backbones)."""
+    return Path(source).name or source

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from fcr.contract import model_label
 from fcr.paths import REPO_ROOT
 
 __all__ = [
@@ -106,10 +107,6 @@ def _mapping(value: Any, where: str) -> dict:
     return value
 
 
-def _label(model: str) -> str:
-    return Path(model).name or model
-
-
 def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun]) -> tuple[Backbone, ...]:
     """The ``backbones`` list of a setting; every model it names must be evaluated by the sweep run it names."""
     if not isinstance(raw, list):
@@ -133,9 +130,9 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
         if sweep is None or any(m not in sweep.models for m in named):
             raise ManifestError(f"{where}[{i}]: models {named} must all be evaluated by the 03_stride_sweep run "
                                 f"{b.sweep_run!r}")
-        # Result tables name a model by its label: a folder or hub id by its last part (fcr.experiments.sweep.model_labels).
-        out.append(replace(b, name=_label(b.name), fcr_models={k: _label(v) for k, v in b.fcr_models.items()},
-                           control=_label(b.control) if b.control else None))
+        # Result tables name a model by its label (fcr.contract.model_label).
+        out.append(replace(b, name=model_label(b.name), fcr_models={k: model_label(v) for k, v in b.fcr_models.items()},
+                           control=model_label(b.control) if b.control else None))
     return tuple(out)
 
 

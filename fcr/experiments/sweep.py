@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from fcr.contract import model_label
 from fcr.core.configurations import SamplingConfig, configs_for_model, sweep_configurations
 from fcr.core.sampler import PriorNoise, sample
 from fcr.eval.metrics import (
@@ -38,7 +39,6 @@ from fcr.eval.stats import bootstrap_ci, bootstrap_metric, mean_ci_over_seeds, p
 from fcr.settings.generate import PromptSet, embedded_prompt_set, generate, sampling_scheduler
 from fcr.settings.models import (
     EMBEDDED_ARCHITECTURES,
-    EMBEDDED_MODELS,
     build_noise_scheduler,
     embedded_unet_config,
     load_unet_folder,
@@ -107,10 +107,11 @@ def architecture_name(unet: torch.nn.Module) -> str:
 
 
 def model_labels(sources: Sequence[str]) -> dict[str, str]:
-    """Short, unique labels for model sources: embedded names stay, run folders become their name."""
+    """Short, unique labels for model sources (:func:`fcr.contract.model_label`); two run folders of
+    the same name keep their parent folder too."""
     labels: dict[str, str] = {}
     for source in sources:
-        label = source if source in EMBEDDED_MODELS else Path(source).name or source
+        label = model_label(source)
         if label in labels:  # two run folders of the same name: keep the parent too
             label = "/".join(Path(source).parts[-2:])
         labels[label] = source
