@@ -45,6 +45,14 @@ def tiny_sd21_unet(sample_size: int = 16) -> UNet2DConditionModel:
     )
 
 
+# A tiny open_clip model config (random weights when built): CLIPScore code paths only.
+TINY_OPEN_CLIP_CONFIG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
 UNET_BUILDERS = {
     "sd15": (tiny_sd15_unet, 4, 32),
     "sd21": (tiny_sd21_unet, 4, 48),

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_OPEN_CLIP_CONFIG
 from PIL import Image
 from torch import nn
 
@@ -255,12 +256,7 @@ def _tiny_clip(tmp_path: Path) -> metrics.ClipBundle:
     """A real open_clip model built through its factory from a tiny config (random weights)."""
     import open_clip
 
-    cfg = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    (tmp_path / "fcr-test-tiny-clip.json").write_text(json.dumps(cfg))
+    (tmp_path / "fcr-test-tiny-clip.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
     open_clip.add_model_config(tmp_path / "fcr-test-tiny-clip.json")
     torch.manual_seed(0)
     return metrics.load_clip("fcr-test-tiny-clip", None, torch.device("cpu"))

@@ -107,15 +107,20 @@ def model_dir(tmp_path_factory, components):
     return components.save_pretrained(tmp_path_factory.mktemp("tiny_sd"))
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """8 real Fashion-MNIST test images as 32x32 RGB PNGs with captions (code path only)."""
-    folder = tmp_path_factory.mktemp("images")
+def write_caption_folder(folder: Path, n: int = 8) -> Path:
+    """n real Fashion-MNIST test images as RES x RES RGB PNGs with .txt captions (code paths only)."""
+    folder.mkdir(parents=True, exist_ok=True)
     images, labels = load_fashion_mnist("test")
-    for i, (image, label) in enumerate(zip(images[:8], labels[:8])):
+    for i, (image, label) in enumerate(zip(images[:n], labels[:n])):
         Image.fromarray(image).convert("RGB").resize((RES, RES), Image.BILINEAR).save(folder / f"{i:02d}.png")
         (folder / f"{i:02d}.txt").write_text(caption(int(label), TRAIN_TEMPLATES[i % len(TRAIN_TEMPLATES)]))
     return folder
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """8 real Fashion-MNIST test images as 32x32 RGB PNGs with captions (code path only)."""
+    return write_caption_folder(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from PIL import Image
+from conftest import TINY_OPEN_CLIP_CONFIG
 from safetensors.torch import save_file
-from test_sd import RES, tiny_components
+from test_sd import RES, tiny_components, write_caption_folder
 
-from fcr.settings.data import TRAIN_TEMPLATES, caption, load_fashion_mnist
+from fcr.settings.data import TRAIN_TEMPLATES, caption
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,11 +44,8 @@ def _local_metric_weights(folder: Path) -> dict[str, str]:
     import open_clip
 
     folder.mkdir(parents=True)
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
     config = folder / "fcr-e2e-tiny-clip.json"
-    config.write_text(json.dumps(cfg))
+    config.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
     open_clip.add_model_config(config)
     torch.manual_seed(0)
     model = open_clip.create_model("fcr-e2e-tiny-clip", pretrained=None)
@@ -59,21 +56,11 @@ def _local_metric_weights(folder: Path) -> dict[str, str]:
             "fid_inception_dir": str(folder)}
 
 
-def _real_image_folder(folder: Path, n: int = 8) -> Path:
-    """n real Fashion-MNIST test images as RES x RES RGB PNGs with .txt captions."""
-    folder.mkdir(parents=True)
-    images, labels = load_fashion_mnist("test")
-    for i, (image, label) in enumerate(zip(images[:n], labels[:n])):
-        Image.fromarray(image).convert("RGB").resize((RES, RES), Image.BILINEAR).save(folder / f"{i:02d}.png")
-        (folder / f"{i:02d}.txt").write_text(caption(int(label), TRAIN_TEMPLATES[i % len(TRAIN_TEMPLATES)]))
-    return folder
-
-
 @pytest.mark.slow
 def test_sd_setting_end_to_end_through_the_pipeline(tmp_path: Path) -> None:
     model = tiny_components().save_pretrained(tmp_path / "tiny_sd")
-    images = _real_image_folder(tmp_path / "train_images")
-    reference = _real_image_folder(tmp_path / "fid_reference")  # same images, no captions needed
+    images = write_caption_folder(tmp_path / "train_images")
+    reference = write_caption_folder(tmp_path / "fid_reference")  # same images, no captions needed
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"{caption(label, TRAIN_TEMPLATES[0])}\n" for label in range(10)))
     overlay = {
