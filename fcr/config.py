@@ -264,8 +264,8 @@ def validate(params: Mapping[str, Any], *, fill_defaults: bool = True) -> dict[s
 
 
 TASKS = ("data", "finetune", "sweep", "robustness", "mechanistic")
-# The tasks each setting implements (notebook 05's feature variance is embedded-only so far).
-SETTING_TASKS = {"embedded": TASKS, "sd": ("data", "finetune", "sweep", "robustness")}
+# The tasks each setting implements.
+SETTING_TASKS = {"embedded": TASKS, "sd": TASKS}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

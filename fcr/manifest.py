@@ -65,6 +65,7 @@ class Backbone:
     control: str | None = None
     sweep_run: str = "main"
     robustness_run: str | None = "main"  # None: the experiment has no notebook-04 run of that name
+    mechanistic_run: str | None = "main"  # None: the experiment has no notebook-05 run of that name
     fcr_configs: tuple[str, ...] = ()  # configurations the setting's variations read the FCR models at
 
 
@@ -114,17 +115,21 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
     out = []
     for i, spec in enumerate(raw):
         spec = _mapping(spec, f"{where}[{i}]")
-        unknown = set(spec) - {"original", "role", "fcr_models", "control", "sweep_run", "robustness_run"}
+        unknown = set(spec) - {"original", "role", "fcr_models", "control", "sweep_run", "robustness_run",
+                               "mechanistic_run"}
         if unknown or not isinstance(spec.get("original"), str) or not isinstance(spec.get("role"), str):
             raise ManifestError(f"{where}[{i}]: needs 'original' and 'role' (and optionally fcr_models, control, "
-                                f"sweep_run, robustness_run); unknown keys {sorted(unknown)}")
+                                f"sweep_run, robustness_run, mechanistic_run); unknown keys {sorted(unknown)}")
         fcr_models = _mapping(spec.get("fcr_models", {}), f"{where}[{i}].fcr_models")
         if not all(isinstance(lam, (int, float)) and not isinstance(lam, bool) and lam > 0 for lam in fcr_models):
             raise ManifestError(f"{where}[{i}].fcr_models: keys are the fine-tunes' λ > 0, got {list(fcr_models)}")
         b = Backbone(spec["original"], spec["role"], experiment, {float(k): str(v) for k, v in fcr_models.items()},
-                     spec.get("control"), str(spec.get("sweep_run", "main")), str(spec.get("robustness_run", "main")))
+                     spec.get("control"), str(spec.get("sweep_run", "main")), str(spec.get("robustness_run", "main")),
+                     str(spec.get("mechanistic_run", "main")))
         if not any(r.notebook == "04_robustness" and r.run == b.robustness_run for r in runs):
             b = replace(b, robustness_run=None)  # this experiment does not stress-test the backbone
+        if not any(r.notebook == "05_mechanistic_regression" and r.run == b.mechanistic_run for r in runs):
+            b = replace(b, mechanistic_run=None)  # this experiment does not measure the backbone's features
         sweep = next((r for r in runs if r.notebook == "03_stride_sweep" and r.run == b.sweep_run), None)
         named = [b.name, *b.fcr_models.values(), *([b.control] if b.control else [])]
         if sweep is None or any(m not in sweep.models for m in named):

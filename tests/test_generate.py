@@ -10,8 +10,8 @@ import torch
 from equivalence import assert_float32_equivalent
 
 from fcr.core.sampler import key_steps
-from fcr.settings.embedded import prepare_embedded_data
-from fcr.settings.generate import embedded_prompt_set, generate, initial_noise
+from fcr.settings.embedded import EmbeddedModel, embedded_prompt_set, prepare_embedded_data
+from fcr.settings.generate import generate, initial_noise
 from fcr.settings.models import build_embedded_unet, build_noise_scheduler
 
 
@@ -45,13 +45,13 @@ def test_generation_is_deterministic_and_batch_independent(data_dir: Path) -> No
     torch.manual_seed(0)
     unet = build_embedded_unet("base")
     prompts = embedded_prompt_set(data_dir, 4, seed=1)
-    sched = build_noise_scheduler()
-    kw = dict(num_inference_steps=6, guidance_scale=3.0, progress=False)
-    a = generate(unet, sched, prompts, batch_size=4, **kw)
-    b = generate(unet, sched, prompts, batch_size=2, **kw)
+    model = EmbeddedModel(unet, build_noise_scheduler())
+    kw = dict(seed=prompts.seed, num_inference_steps=6, guidance_scale=3.0, progress=False)
+    a = generate(model, prompts, batch_size=4, **kw)
+    b = generate(model, prompts, batch_size=2, **kw)
     assert_float32_equivalent(a.images, b.images)  # batch 4 vs 2: other summation order
     assert a.images.shape == (4, 1, 32, 32) and a.images.abs().max() <= 1
     assert a.stats["unet_passes"] == 6
-    cached = generate(unet, sched, prompts, batch_size=2, key_steps=key_steps(6, "uniform", 3), **kw)
+    cached = generate(model, prompts, batch_size=2, key_steps=key_steps(6, "uniform", 3), **kw)
     assert cached.stats["encoder_passes"] == 2 * 2 and cached.stats["decoder_steps"] == 6 * 2
     assert not torch.allclose(cached.images, a.images)

@@ -18,16 +18,18 @@ from safetensors.torch import save_file
 
 from fcr.config import ConfigError, validate
 from fcr.core.configurations import SamplingConfig
-from fcr.experiments.robustness import prompts, run, sampling, stresses, tables
+from fcr.eval import context
+from fcr.eval.scoring import to_classifier_size
+from fcr.experiments.robustness import prompts, stresses, tables
 from fcr.experiments.robustness.attack import adversarial_noise, cache_error
-from fcr.experiments.robustness.prompts import load_ood_prompts, load_sd_prompt_list
+from fcr.experiments.robustness.prompts import load_ood_prompts, load_sd_prompt_list, sd_ood_prompts
 from fcr.experiments.robustness.run import model_origins, run_robustness
-from fcr.experiments.robustness.sampling import generate_stressed
+from fcr.experiments.robustness.sampling import StressHooks
 from fcr.experiments.robustness.stresses import Stress, attack_stride, perturbed_scheduler
 from fcr.experiments.robustness.tables import criterion_table, drop_table, per_seed_drops
 from fcr.settings.data import FASHION_MNIST_CLASSES
-from fcr.settings.embedded import all_prompts
-from fcr.settings.generate import PromptSet, generate, sampling_scheduler
+from fcr.settings.embedded import EmbeddedModel, PromptSet, all_prompts
+from fcr.settings.generate import generate, sampling_scheduler
 from fcr.settings.models import build_embedded_unet, build_noise_scheduler
 
 REFERENCE_N = 50
@@ -47,12 +49,19 @@ def tiny() -> dict:
     return {"unet": unet, "noise_scheduler": build_noise_scheduler(), "prompts": prompts}
 
 
-def _generate(tiny: dict, config: SamplingConfig, stress: Stress, **kw) -> torch.Tensor:
-    images, _ = generate_stressed(
-        tiny["unet"], tiny["noise_scheduler"], tiny["prompts"], config, stress, guidance_scale=2.0, parallel=True,
-        prior_noise=None, batch_size=kw.pop("batch_size", 4), **kw,
-    )
-    return images
+def _stressed(model, prompts, config: SamplingConfig, stress: Stress, *, seed: int, batch_size: int,
+              attack: dict | None = None, **hook_kw):
+    """The one generation loop with a stress's hooks, as run_robustness composes them."""
+    hooks = StressHooks(stress, config, seed=seed, batch_size=batch_size, attack=attack, **hook_kw)
+    return generate(model, prompts, seed=seed, scheduler_name=config.scheduler,
+                    num_inference_steps=config.num_inference_steps, guidance_scale=2.0, key_steps=config.key_steps,
+                    parallel=True, batch_size=batch_size, image_size=stress.resolution,
+                    noise_hook=hooks.noise_hook, scheduler_hook=hooks.scheduler_hook)
+
+
+def _generate(tiny: dict, config: SamplingConfig, stress: Stress, batch_size: int = 4) -> torch.Tensor:
+    model = EmbeddedModel(tiny["unet"], tiny["noise_scheduler"])
+    return _stressed(model, tiny["prompts"], config, stress, seed=tiny["prompts"].seed, batch_size=batch_size).images
 
 
 # ----------------------------------------------------------------------------- perturbed schedule
@@ -123,14 +132,15 @@ def test_perturbed_schedule_std0_is_identity_std_positive_differs(tiny: dict, sc
 def test_unstressed_generation_is_the_sweeps(tiny: dict) -> None:
     config = SamplingConfig("FD-3", "ddim", STEPS, (0, 3), 3)
     ours = _generate(tiny, config, Stress("none"))
-    theirs = generate(tiny["unet"], tiny["noise_scheduler"], tiny["prompts"], scheduler_name="ddim",
-                      num_inference_steps=STEPS, guidance_scale=2.0, key_steps=[0, 3], batch_size=4, progress=False)
+    theirs = generate(EmbeddedModel(tiny["unet"], tiny["noise_scheduler"]), tiny["prompts"], seed=3,
+                      scheduler_name="ddim", num_inference_steps=STEPS, guidance_scale=2.0, key_steps=[0, 3],
+                      batch_size=4)
     assert torch.equal(ours, theirs.images)
     high = _generate(tiny, config, Stress("high_resolution", resolution=48))
     assert high.shape == (4, 1, 48, 48)
-    assert sampling.to_classifier_size(high).shape == (4, 1, 32, 32)
+    assert to_classifier_size(high).shape == (4, 1, 32, 32)
     block = torch.arange(64.0).reshape(1, 1, 8, 8)
-    assert torch.allclose(sampling.to_classifier_size(block, 4), block.reshape(1, 1, 4, 2, 4, 2).mean((3, 5)))
+    assert torch.allclose(to_classifier_size(block, 4), block.reshape(1, 1, 4, 2, 4, 2).mean((3, 5)))
 
 
 # ----------------------------------------------------------------------------- adversarial noise
@@ -175,28 +185,29 @@ def test_sd_stresses_on_latents() -> None:
     from test_sd import tiny_components
 
     from fcr.settings.sd import decode_latents
+    from fcr.settings.sd_params import sd_eval_prompts
 
     parts = tiny_components()
     params = validate({"setting": "sd", "stresses": ["none", "ood_prompts"]})
-    prompts, kinds = run._sd_prompts(params, "ood", 4, seed=0)
+    prompts, kinds = sd_ood_prompts(4, seed=0)
     assert kinds == ["abstract", "medical"] * 2
     assert prompts[0] in load_sd_prompt_list("abstract") and prompts[1] in load_sd_prompt_list("medical")
     with pytest.raises(ConfigError, match="eval_prompts"):
-        run._sd_prompts(params, "train", 4, seed=0)
+        sd_eval_prompts(params, 4, seed=0)
     config = SamplingConfig("FD-2", "ddim", 4, (0, 2), 2)
-    kw = dict(guidance_scale=2.0, parallel=True, prior_noise=None, batch_size=2, seed=0)
-    plain, _ = sampling.generate_sd_stressed(parts, prompts[:2], config, Stress("none"), **kw)
+
+    def stressed(stress: Stress, **kw):
+        return _stressed(parts, prompts[:2], config, stress, seed=0, batch_size=2, chunk_size=1, **kw)
+
+    plain = stressed(Stress("none")).images
     assert plain.shape == (2, 4, 4, 4)  # native 32 px / VAE factor 8
-    same, _ = sampling.generate_sd_stressed(parts, prompts[:2], config, Stress("p", schedule_noise_std=0.0), **kw)
-    assert torch.equal(same, plain)
-    pert, _ = sampling.generate_sd_stressed(parts, prompts[:2], config, Stress("p", schedule_noise_std=0.2), **kw)
-    assert not torch.equal(pert, plain)
-    high, _ = sampling.generate_sd_stressed(parts, prompts[:2], config, Stress("h", resolution=48), **kw)
+    assert torch.equal(stressed(Stress("p", schedule_noise_std=0.0)).images, plain)
+    assert not torch.equal(stressed(Stress("p", schedule_noise_std=0.2)).images, plain)
+    high = stressed(Stress("h", resolution=48)).images
     assert high.shape == (2, 4, 6, 6) and decode_latents(parts.vae, high)[0].size == (48, 48)
-    adv, stats = sampling.generate_sd_stressed(parts, prompts[:2], config, Stress("a", adversarial=True),
-                                                 attack={"stride": 2, "epsilon": 0.05, "steps": 1}, **kw)
-    assert not torch.equal(adv, plain)
-    assert stats["attack_error_attacked"] > stats["attack_error_clean"]
+    adv = stressed(Stress("a", adversarial=True), attack={"stride": 2, "epsilon": 0.05, "steps": 1})
+    assert not torch.equal(adv.images, plain)
+    assert adv.stats["attack_error_attacked"] > adv.stats["attack_error_clean"]
 
 
 # ----------------------------------------------------------------------------- prompt lists
@@ -319,13 +330,13 @@ def test_run_writes_each_result_once_and_builds_tables(workspace: dict, monkeypa
     models = model_labels(params["robustness_models"])
     assert model_origins(models) == {"ft": "orig"}
     calls = []
-    real = sampling.generate_stressed
+    real = context.generate
 
     def counting(*args, **kwargs):
-        calls.append(args[4].name)
+        calls.append(kwargs.get("key_steps"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(run, "generate_stressed", counting)  # where run_robustness looks it up
+    monkeypatch.setattr(context, "generate", counting)  # where RunContext.generate looks it up
     try:
         results = run_robustness(params, models, out, progress=False, reference_n=REFERENCE_N)
     except FileNotFoundError as exc:

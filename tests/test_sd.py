@@ -20,9 +20,10 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from fcr.config import ConfigError, validate
-from fcr.core.sampler import key_steps
+from fcr.core.sampler import PriorNoise, key_steps
 from fcr.settings.checks import check_task
 from fcr.settings.data import TRAIN_TEMPLATES, caption, load_fashion_mnist
+from fcr.settings.generate import generate
 from fcr.settings.models import ModelNotFoundError
 from fcr.settings.sd import (
     SD_MODEL_IDS,
@@ -30,7 +31,6 @@ from fcr.settings.sd import (
     SDTrainData,
     encode_prompts,
     generate_sd,
-    generate_sd_latents,
     load_sd_components,
     load_train_items,
     sd_run_base,
@@ -390,24 +390,28 @@ def test_generate_sd(components):
 
 
 def test_generate_latents_batching_and_shapes(components):
-    a = generate_sd_latents(components, PROMPTS, batch_size=3, **GEN)
-    b = generate_sd_latents(components, PROMPTS, batch_size=1, **GEN)
-    assert a.latents.shape == (3, 4, RES // 8, RES // 8) and len(b.stats) == 3
-    assert_float32_equivalent(a.latents, b.latents)  # batch 3 vs 1
+    a = generate(components, PROMPTS, batch_size=3, **GEN)
+    b = generate(components, PROMPTS, batch_size=1, **GEN)
+    assert a.images.shape == (3, 4, RES // 8, RES // 8) and b.stats["sampling_runs"] == 3
+    assert_float32_equivalent(a.images, b.images)  # batch 3 vs 1
     with pytest.raises(ValueError, match="multiples"):
-        generate_sd_latents(components, PROMPTS, height=RES + 4, **GEN)
+        generate(components, PROMPTS, image_size=RES + 4, **GEN)
+    # The same z_T rule as the embedded setting: image i's noise depends on (seed, i) only.
+    first = generate(components, PROMPTS[:1], batch_size=1, **GEN)
+    assert torch.equal(first.images[0], b.images[0])
 
 
 @pytest.mark.parametrize("scheduler_name", ["ddim", "dpmsolver++", "euler"])
 def test_stride1_cached_equals_plain(components, scheduler_name):
     gen = {**GEN, "scheduler_name": scheduler_name}
-    plain = generate_sd_latents(components, PROMPTS, batch_size=2, **gen)
-    cached = generate_sd_latents(components, PROMPTS, batch_size=2, key_steps=key_steps(6), **gen)
-    assert plain.stats[0].unet_passes == 6 and cached.stats[0].encoder_passes == 6
-    assert_float32_equivalent(cached.latents, plain.latents)
-    strided = generate_sd_latents(components, PROMPTS, batch_size=2, key_steps=key_steps(6, "uniform", 3),
-                                  prior_noise=True, **gen)
-    assert strided.stats[0].encoder_passes == 2 and torch.isfinite(strided.latents).all()
+    plain = generate(components, PROMPTS, batch_size=2, **gen)
+    cached = generate(components, PROMPTS, batch_size=2, key_steps=key_steps(6), **gen)
+    runs = plain.stats["sampling_runs"]
+    assert plain.stats["unet_passes"] == 6 * runs and cached.stats["encoder_passes"] == 6 * runs
+    assert_float32_equivalent(cached.images, plain.images)
+    strided = generate(components, PROMPTS, batch_size=2, key_steps=key_steps(6, "uniform", 3),
+                       prior_noise=PriorNoise(True), **gen)
+    assert strided.stats["encoder_passes"] == 2 * runs and torch.isfinite(strided.images).all()
 
 
 def test_prepare_sd_data_writes_a_seeded_prompt_subset(model_dir, image_folder, tmp_path):

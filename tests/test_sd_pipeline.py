@@ -1,7 +1,8 @@
 """The Stable Diffusion setting end to end through the pipeline runner, on a tiny SD pipeline built
 in code (random weights: code paths only, never results): notebook 01 (data) -> 02 (FCR fine-tune
 on real Fashion-MNIST images with captions) -> 03 (stride sweep of the base model and of the
-fine-tuned run folder) -> 04 (robustness). CLIP and Inception are tiny local stand-ins passed through
+fine-tuned run folder) -> 04 (robustness) -> 05 (feature variance on held-out images, its regression)
+-> the report. CLIP and Inception are tiny local stand-ins passed through
 the documented parameters (clip_model / clip_pretrained, fid_inception_dir), exactly as a user
 without internet points them at local weights."""
 
@@ -59,7 +60,8 @@ def _local_metric_weights(folder: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_sd_setting_end_to_end_through_the_pipeline(tmp_path: Path) -> None:
     model = tiny_components().save_pretrained(tmp_path / "tiny_sd")
-    images = write_caption_folder(tmp_path / "train_images")
+    # 12 images: the fine-tune takes 8 (train_subset), notebook 05 measures on the 4 it left out.
+    images = write_caption_folder(tmp_path / "train_images", n=12)
     reference = write_caption_folder(tmp_path / "fid_reference")  # same images, no captions needed
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"{caption(label, TRAIN_TEMPLATES[0])}\n" for label in range(10)))
@@ -73,6 +75,7 @@ def test_sd_setting_end_to_end_through_the_pipeline(tmp_path: Path) -> None:
         "num_eval_images": 4, "eval_batch_size": 4, "seeds": [0], "profile_batches": [1], "profile_repeats": 1,
         "n_bootstrap": 10, "robustness_strides": [1, 2], "num_robustness_images": 4,
         "stresses": ["none", "ood_prompts", "high_resolution", "perturbed_schedule"], "stress_resolution": 2 * RES,
+        "num_variance_images": 4, "variance_delta_max": 2, "variance_max_stride": 9,
     }
     overlay_file = tmp_path / "tiny_sd.yaml"
     overlay_file.write_text(yaml.safe_dump(overlay))
@@ -83,7 +86,8 @@ def test_sd_setting_end_to_end_through_the_pipeline(tmp_path: Path) -> None:
             "params": [str(REPO / "params" / "sd15.yaml"), str(overlay_file)],
             "finetunes": {"fcr": [str(REPO / "params" / "variations" / "fcr_lambda0.10_fd10.yaml"), str(overlay_file)]},
             "notebooks": [{"notebook": "03_stride_sweep", "models": [str(model), "fcr"]},
-                          {"notebook": "04_robustness", "models": [str(model), "fcr"]}],
+                          {"notebook": "04_robustness", "models": [str(model), "fcr"]},
+                          {"notebook": "05_mechanistic_regression", "models": [str(model), "fcr"]}],
             "backbones": [{"original": str(model), "role": "SD1.5 role (tiny)", "fcr_models": {0.1: "fcr"}}],
         }},
     }]}))
@@ -109,6 +113,18 @@ def test_sd_setting_end_to_end_through_the_pipeline(tmp_path: Path) -> None:
     assert {"none", "ood_prompts", "high_resolution", "perturbed_schedule"} <= set(robustness["stress"])
     assert set(robustness["model"]) == {"tiny_sd", "fcr"}
 
+    # Notebook 05 measured both models on the same held-out latents and paired the fine-tune with
+    # its base; the regression joined the sweep's FID drops (strides 5 and 10) with the variance.
+    mech = exp / "mechanistic" / "main"
+    variance = pd.read_csv(mech / "variance.csv")
+    assert set(variance["model"]) == {"tiny_sd", "fcr"}
+    reduction = pd.read_csv(mech / "variance_reduction.csv")
+    assert set(reduction["model"]) == {"fcr"} and set(reduction["original_model"]) == {"tiny_sd"}
+    points = pd.read_csv(mech / "regression_points.csv")
+    assert set(points["stride"]) >= {5, 10} and points["fd_increase_pct"].notna().all()
+    keys = [json.loads(p.read_text())["config"] for p in (mech / "variance").glob("*.json")]
+    assert len({k["inputs"] for k in keys}) == 1  # the same held-out inputs for both models
+
     # The report reads the SD backbone from the manifest and its FID / CLIPScore results (code paths
     # only: random tiny weights): one row per criterion for the backbone, the exp-1 table with the run
     # folder's FID, criterion c from the SD robustness run.
@@ -116,6 +132,8 @@ def test_sd_setting_end_to_end_through_the_pipeline(tmp_path: Path) -> None:
     scopes = verdict.groupby("criterion")["scope"].apply(list)
     for criterion in ("a. quality preservation (stride 10)", "b. speed-up vs FD-5", "c. robustness"):
         assert any(str(s).startswith("tiny_sd (SD1.5 role (tiny))") for s in scopes[criterion]), criterion
+    mechanistic = verdict[verdict["criterion"].str.startswith("e. mechanistic")]
+    assert (mechanistic["measured"] != "n/a").any(), mechanistic.to_dict("records")
     table = pd.read_csv(root / "report" / "exp1_table.csv").set_index("variation")
     assert table.loc["FCR λ=0.1, FD-10", "fd"] == pytest.approx(by.loc[("fcr", "FD-10"), "fid"])
     assert table.loc["FD-5-baseline", "fd"] == pytest.approx(by.loc[("tiny_sd", "FD-5"), "fid"])

@@ -16,10 +16,12 @@ from safetensors.torch import save_file
 from fcr.config import validate
 from fcr.core.configurations import SamplingConfig, configs_for_model, sweep_configurations
 from fcr.core.sampler import FD_50LS, sample
+from fcr.eval import context
 from fcr.eval.results import StaleResultError
 from fcr.experiments import sweep
 from fcr.experiments.sweep import evaluate_cost, paired_comparison, run_sweep, summarize
 from fcr.settings.embedded import all_prompts
+from fcr.settings.generate import sampling_scheduler
 from fcr.settings.models import ModelNotFoundError, build_embedded_unet, build_noise_scheduler
 
 REFERENCE_N = 50  # real test images used as the reference set (tests only; results use all 10k)
@@ -77,13 +79,13 @@ def workspace(tmp_path_factory) -> dict:
 
 def _sweep(params: dict, out: Path, monkeypatch: pytest.MonkeyPatch) -> tuple:
     calls = []
-    real = sweep.generate
+    real = context.generate
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("key_steps"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sweep, "generate", counting)
+    monkeypatch.setattr(context, "generate", counting)  # where RunContext.generate looks it up
     models = sweep.model_labels(params["sweep_models"])
     try:
         quality, cost = run_sweep(params, models, out, progress=False, reference_n=REFERENCE_N)
@@ -143,7 +145,7 @@ def test_cost_pass_counts_agree_with_the_sampler(workspace: dict, key_steps) -> 
     noise = torch.randn(1, 1, 32, 32)
     cond = torch.randn(1, 16, 384)
     stats = sample(
-        unet, sweep.sampling_scheduler("ddim", build_noise_scheduler()), noise, cond,
+        unet, sampling_scheduler("ddim", build_noise_scheduler()), noise, cond,
         uncond_hidden_states=torch.zeros(1, 16, 384), guidance_scale=2.0, num_inference_steps=6,
         key_steps=None if key_steps is None else list(key_steps),
     ).stats

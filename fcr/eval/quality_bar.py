@@ -22,8 +22,8 @@ from fcr import plots
 from fcr.eval.classifier import load_classifier, predict_proba
 from fcr.eval.profiling import environment_info
 from fcr.settings import data
-from fcr.settings.embedded import prepare_embedded_data
-from fcr.settings.generate import embedded_prompt_set, generate
+from fcr.settings.embedded import EmbeddedModel, embedded_prompt_set, prepare_embedded_data
+from fcr.settings.generate import generate
 from fcr.settings.models import build_noise_scheduler, load_embedded_unet, model_training_params, resolve_unet_dir
 
 __all__ = ["class_agreement", "main"]
@@ -46,8 +46,9 @@ def class_agreement(
 ) -> tuple[dict[str, Any], torch.Tensor, np.ndarray]:
     """(summary, images, prompted labels): accuracy of the classifier against the prompted class."""
     prompts = embedded_prompt_set(data_dir, n, seed, templates)
-    result = generate(unet, noise_scheduler, prompts, scheduler_name=scheduler_name, num_inference_steps=num_inference_steps,
-                      guidance_scale=guidance_scale, batch_size=batch_size, progress=progress)
+    result = generate(EmbeddedModel(unet, noise_scheduler), prompts, seed=seed, scheduler_name=scheduler_name,
+                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size,
+                      progress=progress)
     probs = predict_proba(classifier or load_classifier(), result.images)
     predicted = probs.argmax(1).numpy()
     correct = predicted == prompts.labels

@@ -283,6 +283,101 @@ def _match_original(original: str, unet_dirs: Mapping[str, Path], sources: Mappi
     return next((label for label, d in unet_dirs.items() if Path(d).resolve() == folder), "")
 
 
+def load_sd_variance_inputs(params: Mapping[str, Any], components: Any, batch_size: int = 8) -> VarianceInputs:
+    """SD's held-out inputs: ``num_variance_images`` items (seeded by ``seed``) of the ``train_data``
+    items the fine-tune left out (:func:`fcr.settings.sd_params.sd_heldout_items`), as VAE latents
+    at ``resolution`` (posterior sample from a generator seeded by ``seed``, no flip) with the CLIP
+    states of their captions, exactly as SD's training examples are made."""
+    from fcr.settings.sd import SDTrainData
+    from fcr.settings.sd_params import sd_heldout_items
+
+    items = sd_heldout_items(params)
+    n = params["num_variance_images"]
+    if n > len(items):
+        raise ValueError(f"num_variance_images={n} exceeds the {len(items)} held-out train_data items")
+    idx = np.sort(np.random.default_rng([params["seed"], 5]).choice(len(items), size=n, replace=False))
+    data = SDTrainData([items[int(i)] for i in idx], components.vae, components.tokenizer, components.text_encoder,
+                       params["resolution"], random_flip=False)
+    generator = torch.Generator().manual_seed(int(params["seed"]))
+    latents, states = [], []
+    for start in range(0, n, batch_size):
+        batch = torch.arange(start, min(start + batch_size, n))
+        x0, c = data.batch(batch, torch.zeros(len(batch), dtype=torch.bool), generator)
+        latents.append(x0.cpu())
+        states.append(c.cpu())
+    return VarianceInputs(torch.cat(latents), torch.cat(states), idx, np.full(n, -1), "train_data held out")
+
+
+@dataclass
+class _Measured:
+    """A model to measure: its UNet, training noise schedule, identity keys and origin."""
+
+    label: str
+    source: str
+    unet: torch.nn.Module
+    noise_scheduler: Any
+    schedule: dict[str, Any]
+    weights: str
+    original: str
+    lambda_fcr: float
+    style: str
+    folder: Path | None
+    vae_key: str = ""  # SD: which VAE / text encoder made the inputs
+    components: Any = None
+
+
+def _embedded_targets(params: Mapping[str, Any], models: Mapping[str, str]) -> list[_Measured]:
+    from fcr.eval.results import weights_fingerprint
+    from fcr.settings.models import (
+        EMBEDDED_MODELS,
+        load_unet_folder,
+        model_training_params,
+        noise_scheduler_for,
+        resolve_unet_dir,
+    )
+
+    unet_dirs = {label: resolve_unet_dir(source) for label, source in models.items()}  # fails before any work
+    out = []
+    for label, folder in unet_dirs.items():
+        trained = model_training_params(folder) or {}
+        noise_scheduler, schedule = noise_scheduler_for(folder, params)
+        source = str(models[label])
+        # Only a fine-tuned run folder has an original model (embedded names and scratch runs do not).
+        original = "" if source in EMBEDDED_MODELS else str(trained.get("model", ""))
+        out.append(_Measured(
+            label, source, load_unet_folder(folder, label).eval(), noise_scheduler, schedule,
+            weights_fingerprint(folder), "" if original == "scratch" else original,
+            float(trained.get("lambda_fcr", math.nan)), str(trained.get("train_style", "none")), folder,
+        ))
+    return out
+
+
+def _sd_targets(params: Mapping[str, Any], models: Mapping[str, str], device: torch.device) -> list[_Measured]:
+    from fcr.eval.context import model_meta
+    from fcr.eval.results import weights_fingerprint
+    from fcr.settings.models import resolve_unet_dir
+    from fcr.settings.sd import load_sd_components, sd_run_base
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    out = []
+    for label, source in models.items():
+        parts = load_sd_components(source, device=device, dtype=dtype, revision=params["revision"] or None,
+                                   variant=params["variant"] or None)
+        folder = Path(source).expanduser()
+        base = sd_run_base(folder)
+        weights = (weights_fingerprint(resolve_unet_dir(str(folder))) if base is not None
+                   else f"{source}@{params['revision'] or 'default'}/{params['variant'] or 'default'}")
+        meta = model_meta(str(source))
+        schedule = {k: parts.noise_scheduler.config[k] for k in ("num_train_timesteps", "beta_schedule", "prediction_type")}
+        lam = meta["lambda_fcr"]
+        out.append(_Measured(
+            label, str(source), parts.unet.eval(), parts.noise_scheduler, schedule, weights,
+            str(base["model"]) if base else "", float(lam) if lam is not None else math.nan, "none",
+            folder if base else None, vae_key=str(base["model"]) if base else str(source), components=parts,
+        ))
+    return out
+
+
 def run_variance(
     params: Mapping[str, Any],
     models: Mapping[str, str],
@@ -292,26 +387,17 @@ def run_variance(
     batch_size: int = 64,
     progress: bool = True,
 ) -> list[ModelVariance]:
-    """Measure (or load) the feature variance of every model in ``models`` (label -> embedded name
-    or run folder) for validated ``params``; results under ``out_dir/variance`` (JSON via
-    :func:`fcr.eval.results.run_or_load` plus per-image safetensors). ``inputs`` replaces the
-    validation images (tests only); by default they come from :func:`load_variance_inputs`."""
+    """Measure (or load) the feature variance of every model in ``models`` (label -> embedded name,
+    SD checkpoint or run folder) for validated ``params``; results under ``out_dir/variance`` (JSON
+    via :func:`fcr.eval.results.run_or_load` plus per-image safetensors). The inputs are held-out
+    images never trained on: the embedded validation split (:func:`load_variance_inputs`), or SD's
+    ``train_data`` items outside the fine-tune's subset (:func:`load_sd_variance_inputs`), shared by
+    every model with the same VAE. ``inputs`` replaces them (tests only)."""
 
     from fcr.eval.profiling import environment_info
-    from fcr.eval.results import run_or_load, weights_fingerprint
-    from fcr.settings.models import (
-        EMBEDDED_MODELS,
-        load_unet_folder,
-        model_training_params,
-        noise_scheduler_for,
-        resolve_device,
-        resolve_unet_dir,
-    )
+    from fcr.eval.results import run_or_load
+    from fcr.settings.models import resolve_device
 
-    if params["setting"] != "embedded":
-        raise ValueError(
-            "parameter 'setting': the feature-variance measurement is implemented for the embedded default only"
-        )
     out_dir = Path(out_dir)
     device = resolve_device(params.get("device"))
     deltas = {"train": list(range(1, params["variance_delta_max"] + 1)),
@@ -320,51 +406,51 @@ def run_variance(
         raise ValueError(
             f"parameter 'variance_max_stride': must be < num_inference_steps={params['num_inference_steps']}"
         )
-    unet_dirs = {label: resolve_unet_dir(source) for label, source in models.items()}  # fails before any work
-    trained = {label: model_training_params(d) or {} for label, d in unet_dirs.items()}
+    sd = params["setting"] == "sd"
+    targets = _sd_targets(params, models, device) if sd else _embedded_targets(params, models)
     cached_inputs: dict[str, VarianceInputs] = {}
     results = []
-    for label, folder in unet_dirs.items():
-        style = str(trained[label].get("train_style", "none"))
-        if style not in cached_inputs:
-            cached_inputs[style] = inputs if inputs is not None else load_variance_inputs(
-                params["data_dir"], params["num_variance_images"], params["seed"], style)
-        inp = cached_inputs[style]
-        noise_scheduler, schedule = noise_scheduler_for(folder, params)
-        if params["variance_delta_max"] >= schedule["num_train_timesteps"]:
+    for m in targets:
+        inputs_key = m.vae_key if sd else m.style
+        if inputs_key not in cached_inputs:
+            if inputs is not None:
+                cached_inputs[inputs_key] = inputs
+            elif sd:
+                cached_inputs[inputs_key] = load_sd_variance_inputs(params, m.components)
+            else:
+                cached_inputs[inputs_key] = load_variance_inputs(params["data_dir"], params["num_variance_images"],
+                                                                 params["seed"], m.style)
+        inp = cached_inputs[inputs_key]
+        if params["variance_delta_max"] >= m.schedule["num_train_timesteps"]:
             raise ValueError("parameter 'variance_delta_max': must be < the model's num_train_timesteps")
-        source = str(models[label])
-        # Only a fine-tuned run folder has an original model (embedded names and scratch runs do not).
-        original = "" if source in EMBEDDED_MODELS else str(trained[label].get("model", ""))
-        original = "" if original == "scratch" else original
         key = {
-            "setting": "embedded", "model": label, "model_source": source, "weights": weights_fingerprint(folder),
-            **schedule, "split": inp.split, "inputs": inp.digest(), "num_variance_images": int(inp.x0.shape[0]),
-            "prompt_templates": "train", "train_style": style, "seed": params["seed"], "shared_noise": True,
+            "setting": params["setting"], "model": m.label, "model_source": m.source, "weights": m.weights,
+            **m.schedule, "split": inp.split, "inputs": inp.digest(), "num_variance_images": int(inp.x0.shape[0]),
+            "prompt_templates": "train", "train_style": m.style, "seed": params["seed"], "shared_noise": True,
             "deltas_train": deltas["train"], "deltas_sampling": deltas["sampling"], "scheduler": params["scheduler"],
             "num_inference_steps": params["num_inference_steps"], "feature_groups": list(FEATURE_GROUPS),
             "distance": "fcr.core.loss.feature_distance",
         }
-        side = out_dir / "variance" / f"{label.replace('/', '_')}.safetensors"
+        side = out_dir / "variance" / f"{m.label.replace('/', '_')}.safetensors"
 
-        def compute(folder=folder, noise_scheduler=noise_scheduler, inp=inp, side=side, label=label):
-            unet = load_unet_folder(folder, label).eval()
+        def compute(m=m, inp=inp, side=side):
             draws = variance_draws(inp.x0.shape[0], inp.x0.shape[1:], params["seed"])
-            grid = sampling_grid(noise_scheduler, params["scheduler"], params["num_inference_steps"])
-            values = measure_feature_variance(unet, noise_scheduler, inp, draws, deltas=deltas, grid=grid,
+            grid = sampling_grid(m.noise_scheduler, params["scheduler"], params["num_inference_steps"])
+            values = measure_feature_variance(m.unet, m.noise_scheduler, inp, draws, deltas=deltas, grid=grid,
                                               batch_size=batch_size, device=device, progress=progress)
-            _save_values(values, side, {"model": label, "seed": str(params["seed"])})
+            _save_values(values, side, {"model": m.label, "seed": str(params["seed"])})
             return {"mean": _summary(values), "grid": grid.tolist(), "side_file": side.name}
 
-        result, computed = run_or_load(out_dir / "variance" / f"{label.replace('/', '_')}.json", key, compute,
+        result, computed = run_or_load(out_dir / "variance" / f"{m.label.replace('/', '_')}.json", key, compute,
                                        environment_info(device))
         if progress:
-            print(f"variance {label}: {'computed' if computed else 'loaded'}", flush=True)
+            print(f"variance {m.label}: {'computed' if computed else 'loaded'}", flush=True)
         results.append(ModelVariance(
-            label=label, source=source, values=_load_values(side), original_model=original,
-            lambda_fcr=float(trained[label].get("lambda_fcr", math.nan)), style=style, result=result,
+            label=m.label, source=m.source, values=_load_values(side), original_model=m.original,
+            lambda_fcr=m.lambda_fcr, style=m.style, result=result,
         ))
     sources = {m.label: m.source for m in results}
+    unet_dirs = {m.label: m.folder for m in targets if m.folder is not None}
     for m in results:
         m.original_label = _match_original(m.original_model, unet_dirs, sources) if m.original_model else ""
         if m.original_label == m.label:

@@ -41,6 +41,7 @@ __all__ = [
 
 FD_COLUMN = "fd_fashioncnn"
 ACC_COLUMN = "class_accuracy"
+SD_FD_COLUMN, SD_ALIGN_COLUMN = "fid", "clip_score"  # the SD setting's FD and prompt alignment
 # Regression columns: y (quality drop) and x (feature variance at the cache's gaps).
 Y_COLUMNS: tuple[str, ...] = ("fd_increase_pct", "class_accuracy_drop_pp")
 X_COLUMNS: tuple[str, ...] = ("sigma2_norm_gap", "sigma2_gap")
@@ -145,7 +146,9 @@ def load_quality_tables(paths: Iterable[str | Path]) -> pd.DataFrame:
                 f"quality table {path} not found: it is written by notebook 03 (quality.csv) or 04 (robustness.csv)"
             )
         df = pd.read_csv(path)
-        missing = [c for c in ("model", "seed", "stride", FD_COLUMN) if c not in df.columns]
+        missing = [c for c in ("model", "seed", "stride") if c not in df.columns]
+        if FD_COLUMN not in df.columns and SD_FD_COLUMN not in df.columns:
+            missing.append(f"{FD_COLUMN} (embedded) or {SD_FD_COLUMN} (SD)")
         if missing:
             raise ValueError(f"quality table {path} lacks column(s) {missing}")
         df["stress"] = df["stress"].fillna("none") if "stress" in df.columns else "none"
@@ -163,8 +166,12 @@ def quality_drops(quality: pd.DataFrame) -> pd.DataFrame:
     ``class_accuracy_drop_pp`` = ``100 (acc_1 − acc_s)`` (percentage points); both averaged over
     seeds. Rows without a uniform stride (NaN) are ignored; a (model, stress, stride, seed) found
     in several tables is taken from the first table. Two rows for one pair key raise ValueError.
+    SD tables (no embedded FD column) use FID for the FD and CLIPScore for the accuracy: its drop
+    is in CLIPScore points (already on a 0-100 scale).
     """
-    cols = ["model", "stress", "stride", "n_seeds", "seeds", FD_COLUMN + "_stride1", FD_COLUMN + "_stride",
+    sd = not quality.empty and FD_COLUMN not in quality.columns
+    fd_col, acc_col, acc_scale = (SD_FD_COLUMN, SD_ALIGN_COLUMN, 1.0) if sd else (FD_COLUMN, ACC_COLUMN, 100.0)
+    cols = ["model", "stress", "stride", "n_seeds", "seeds", fd_col + "_stride1", fd_col + "_stride",
             "fd_increase_pct", "class_accuracy_drop_pp", "num_inference_steps", "scheduler", "table"]
     if quality.empty:
         return pd.DataFrame(columns=cols)
@@ -186,13 +193,13 @@ def quality_drops(quality: pd.DataFrame) -> pd.DataFrame:
             continue
         b = base.iloc[0]
         for _, r in g[g["stride"] > 1].iterrows():
-            acc = (100.0 * (b[ACC_COLUMN] - r[ACC_COLUMN])) if ACC_COLUMN in g.columns else math.nan
-            fd_inc = relative_change(r[FD_COLUMN], b[FD_COLUMN]) if b[FD_COLUMN] != 0 else math.nan
+            acc = (acc_scale * (b[acc_col] - r[acc_col])) if acc_col in g.columns else math.nan
+            fd_inc = relative_change(r[fd_col], b[fd_col]) if b[fd_col] != 0 else math.nan
             per_seed.append({
                 "table": r["table"], "model": r["model"], "stress": r["stress"], "seed": int(r["seed"]),
                 "stride": int(r["stride"]), "num_inference_steps": r["num_inference_steps"],
                 "scheduler": r["scheduler"],
-                "fd1": float(b[FD_COLUMN]), "fds": float(r[FD_COLUMN]), "fd_inc": fd_inc, "acc_drop": acc,
+                "fd1": float(b[fd_col]), "fds": float(r[fd_col]), "fd_inc": fd_inc, "acc_drop": acc,
             })
     if not per_seed:
         return pd.DataFrame(columns=cols)
@@ -204,7 +211,7 @@ def quality_drops(quality: pd.DataFrame) -> pd.DataFrame:
         rows.append({
             "model": model, "stress": stress, "stride": int(stride), "n_seeds": len(g),
             "seeds": ",".join(str(s) for s in sorted(g["seed"])),
-            FD_COLUMN + "_stride1": float(g["fd1"].mean()), FD_COLUMN + "_stride": float(g["fds"].mean()),
+            fd_col + "_stride1": float(g["fd1"].mean()), fd_col + "_stride": float(g["fds"].mean()),
             "fd_increase_pct": float(g["fd_inc"].mean()), "class_accuracy_drop_pp": float(g["acc_drop"].mean()),
             "num_inference_steps": g["num_inference_steps"].iloc[0], "scheduler": g["scheduler"].iloc[0],
             "table": ",".join(str(t) for t in sorted(g["table"].unique())),

@@ -520,9 +520,11 @@ def build_report(
     extra = [_csv_section("Robustness (notebook 04): drop under stress, FCR vs original"
                           + (f" ({folder.name})" if len(robustness_dirs) > 1 else ""), folder / contract.CRITERION)
              for folder in robustness_dirs]
-    extra += [_csv_section(f"Mechanistic (notebook 05, {exp}): encoder-feature variance reduction",
-                           result_dir(root, exp, "mechanistic") / contract.VARIANCE_REDUCTION)
-              for exp in dict.fromkeys(b.experiment for b in backbones)]
+    mechanistic = dict.fromkeys((b.experiment, b.mechanistic_run) for b in backbones if b.mechanistic_run is not None)
+    extra += [_csv_section(f"Mechanistic (notebook 05, {exp}{'' if run == 'main' else f', {run}'}): "
+                           "encoder-feature variance reduction",
+                           result_dir(root, exp, "mechanistic", run) / contract.VARIANCE_REDUCTION)
+              for exp, run in mechanistic]
 
     figures = _collect_figures(root, out_dir)
     files += figures

@@ -72,7 +72,7 @@ def evaluate_criteria(
     ``backbones``: default those of ``setting`` in ``params/experiments.yaml``.
     ``models_dir``: the original models' folders (pre-training logs for f; default ``models/``).
     ``robustness_dirs`` / ``mechanistic_dirs``: notebook 04 / 05 result folders (default: the
-    backbones' notebook-04 runs; the mechanistic folders of every experiment of ``backbones``).
+    backbones' notebook-04 and notebook-05 runs).
     ``train_flops_per_image(architecture, fcr)``: FLOPs per image of a training step (default:
     counted with :func:`fcr.eval.training_cost.training_step_flops` on the embedded architecture, once per pair).
     ``sd_finetune_gpu_hours``: GPU-hours of an SD FCR fine-tune, if one was run elsewhere.
@@ -83,12 +83,12 @@ def evaluate_criteria(
     root = Path(root)
     backbones = backbones_of(setting) if backbones is None else backbones
     models_dir = Path(models_dir) if models_dir is not None else MODELS_DIR
-    experiments = list(dict.fromkeys(b.experiment for b in backbones))
     if robustness_dirs is None:
         robustness_dirs = list(dict.fromkeys(result_dir(root, b.experiment, "robustness", b.robustness_run)
                                              for b in backbones if b.robustness_run is not None))
     if mechanistic_dirs is None:
-        mechanistic_dirs = [result_dir(root, e, "mechanistic") for e in experiments]
+        mechanistic_dirs = list(dict.fromkeys(result_dir(root, b.experiment, "mechanistic", b.mechanistic_run)
+                                              for b in backbones if b.mechanistic_run is not None))
     robustness_dirs = [Path(d) for d in robustness_dirs]
     mechanistic_dirs = [Path(d) for d in mechanistic_dirs]
     flops_fn = train_flops_per_image or training_cost.embedded_flops_per_image()

@@ -1,10 +1,12 @@
-"""The embedded default's data set on disk: Fashion-MNIST splits, captions and MiniLM text states.
+"""The embedded default: its data set on disk, its evaluation prompt sets and its sampling adapter.
 
 ``prepare_embedded_data`` writes (once; later calls check and reuse it) a folder with
 ``manifest.json`` (what made it), ``splits.safetensors`` (validation indices carved from the
 official train set, and each training image's caption template) and ``text_states.safetensors``
 (MiniLM token states of every training, held-out and the empty prompt). ``load_split`` turns it
-into :class:`EmbeddedTrainData` for training or evaluation.
+into :class:`EmbeddedTrainData` for training or evaluation. :func:`embedded_prompt_set` draws the
+class-balanced evaluation prompts, and :class:`EmbeddedModel` is how the one generation loop
+(:func:`fcr.settings.generate.generate`) samples an embedded UNet.
 """
 
 from __future__ import annotations
@@ -19,9 +21,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fcr.settings import data
+from fcr.settings.generate import sampling_scheduler
 from fcr.settings.text import TextEncoder, build_text_state_cache, load_text_state_cache
 
-__all__ = ["EMPTY_PROMPT", "EmbeddedTrainData", "all_prompts", "load_split", "prepare_embedded_data", "prompt_ids"]
+__all__ = [
+    "EMPTY_PROMPT",
+    "EmbeddedModel",
+    "EmbeddedTrainData",
+    "PromptSet",
+    "all_prompts",
+    "embedded_prompt_set",
+    "load_split",
+    "prepare_embedded_data",
+    "prompt_ids",
+]
 
 EMPTY_PROMPT = ""
 MANIFEST = "manifest.json"
@@ -149,3 +162,71 @@ def load_split(
         empty_state=cache[EMPTY_PROMPT],
     )
     return examples, labels
+
+
+# ----------------------------------------------------------------------------- evaluation prompts
+
+
+@dataclass
+class PromptSet:
+    """N prompts (class-balanced) with their text states; ``seed`` is the seed they were drawn with."""
+
+    labels: np.ndarray
+    texts: list[str]
+    states: torch.Tensor
+    empty_state: torch.Tensor
+    seed: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def embedded_prompt_set(data_dir: str | Path, n: int, seed: int, templates: str = "train") -> PromptSet:
+    """``n`` class-balanced prompts (labels cycle 0..9) with seeded templates.
+
+    ``templates``: ``train`` (the training templates) or ``heldout`` (never seen in training).
+    """
+    if templates not in ("train", "heldout"):
+        raise ValueError(f"templates must be 'train' or 'heldout', got {templates!r}")
+    heldout = templates == "heldout"
+    labels = np.arange(n, dtype=np.int64) % len(data.FASHION_MNIST_NOUNS)
+    n_templates = len(data.HELDOUT_TEMPLATES if heldout else data.TRAIN_TEMPLATES)
+    template_idx = np.random.default_rng([seed, 7]).integers(0, n_templates, size=n)
+    ids = prompt_ids(labels, template_idx, heldout)
+    prompts = all_prompts()
+    texts = [prompts[i] for i in ids]
+    manifest = Path(data_dir) / "text_states.safetensors"
+    cache = load_text_state_cache(manifest, texts + [EMPTY_PROMPT])
+    states = torch.stack([cache[t] for t in texts])
+    return PromptSet(labels=labels, texts=texts, states=states, empty_state=cache[EMPTY_PROMPT], seed=seed)
+
+
+# ----------------------------------------------------------------------------- sampling adapter
+
+
+class EmbeddedModel:
+    """An embedded UNet (pixel space, cached MiniLM states) for :func:`fcr.settings.generate.generate`:
+    prompts are a :class:`PromptSet`, images come back clamped to [-1, 1] on the CPU."""
+
+    def __init__(self, unet: torch.nn.Module, noise_scheduler: Any, device: str | torch.device = "cpu") -> None:
+        self.unet = unet.to(device).eval()
+        self.noise_scheduler = noise_scheduler
+
+    @property
+    def native_resolution(self) -> int:
+        """The image side the UNet was trained at (pixel space: its ``sample_size``)."""
+        return self.unet.config.sample_size
+
+    def make_scheduler(self, name: str) -> Any:
+        return sampling_scheduler(name, self.noise_scheduler)
+
+    def latent_shape(self, image_size: tuple[int, int] | None) -> tuple[int, int, int]:
+        side = self.unet.config.sample_size
+        return (self.unet.config.in_channels, *(image_size or (side, side)))
+
+    def condition(self, prompts: PromptSet, start: int, stop: int, guidance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cond = prompts.states[start:stop].to(self.unet.device)
+        return cond, prompts.empty_state.expand_as(cond).to(self.unet.device) if guidance else None
+
+    def finish(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.clamp(-1, 1).cpu()

@@ -1,63 +1,65 @@
-"""Generating the embedded model's images for evaluation: fixed, paired prompt/noise sets.
+"""The one generation loop of both settings: paired prompt/noise sets sampled in batches.
 
-Every configuration of a sweep samples the SAME prompts from the SAME initial noise (image ``i``
-gets noise from a generator seeded by ``(seed, i)``, independent of the batch size), so quality
-differences between configurations are paired comparisons.
+A setting plugs in through :class:`SamplingModel` (the embedded adapter
+:class:`fcr.settings.embedded.EmbeddedModel`, SD's :class:`fcr.settings.sd.SDComponents`): how
+prompts become text states, the latent shape, the sampling schedulers and what the final latents
+become. Image ``i`` starts from noise seeded by ``(seed, i)`` (:func:`initial_noise`), so an image
+never depends on the batch size and every configuration of a sweep or stress test samples the
+SAME prompts from the SAME z_T: differences between configurations are paired comparisons.
+
+Stresses inject themselves the way diffusers' ``latents=`` does, through two hooks: one that may
+replace a batch's z_T (the adversarial attack) and one that may replace a batch's scheduler (the
+perturbed noise schedule).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from fcr.core.sampler import PriorNoise, SamplerStats, build_scheduler, sample
-from fcr.settings import data
-from fcr.settings.embedded import EMPTY_PROMPT, all_prompts, prompt_ids
-from fcr.settings.text import load_text_state_cache
 
-__all__ = ["GenerationResult", "PromptSet", "embedded_prompt_set", "generate", "initial_noise", "sampling_scheduler"]
-
-
-@dataclass
-class PromptSet:
-    """N prompts (class-balanced) with their text states and per-image noise seeds."""
-
-    labels: np.ndarray
-    texts: list[str]
-    states: torch.Tensor
-    empty_state: torch.Tensor
-    seed: int
-
-    def __len__(self) -> int:
-        return len(self.labels)
+__all__ = [
+    "Batch",
+    "GenerationResult",
+    "NoiseHook",
+    "SamplingModel",
+    "SchedulerHook",
+    "generate",
+    "initial_noise",
+    "sampling_scheduler",
+]
 
 
-def embedded_prompt_set(data_dir: str | Path, n: int, seed: int, templates: str = "train") -> PromptSet:
-    """``n`` class-balanced prompts (labels cycle 0..9) with seeded templates.
+class SamplingModel(Protocol):
+    """A loaded model of a setting, as :func:`generate` sees it."""
 
-    ``templates``: ``train`` (the training templates) or ``heldout`` (never seen in training).
-    """
-    if templates not in ("train", "heldout"):
-        raise ValueError(f"templates must be 'train' or 'heldout', got {templates!r}")
-    heldout = templates == "heldout"
-    labels = np.arange(n, dtype=np.int64) % len(data.FASHION_MNIST_NOUNS)
-    n_templates = len(data.HELDOUT_TEMPLATES if heldout else data.TRAIN_TEMPLATES)
-    template_idx = np.random.default_rng([seed, 7]).integers(0, n_templates, size=n)
-    ids = prompt_ids(labels, template_idx, heldout)
-    prompts = all_prompts()
-    texts = [prompts[i] for i in ids]
-    manifest = Path(data_dir) / "text_states.safetensors"
-    cache = load_text_state_cache(manifest, texts + [EMPTY_PROMPT])
-    states = torch.stack([cache[t] for t in texts])
-    return PromptSet(labels=labels, texts=texts, states=states, empty_state=cache[EMPTY_PROMPT], seed=seed)
+    unet: torch.nn.Module
+    noise_scheduler: Any  # the training noise schedule
+
+    @property
+    def native_resolution(self) -> int:
+        """The image side the UNet was trained at, in pixels."""
+
+    def make_scheduler(self, name: str) -> Any:
+        """A fresh sampling scheduler ``name`` on the model's training noise schedule."""
+
+    def latent_shape(self, image_size: tuple[int, int] | None) -> tuple[int, int, int]:
+        """(C, h, w) of z_T for images of ``image_size`` = (height, width) pixels (None: the native size)."""
+
+    def condition(self, prompts: Any, start: int, stop: int, guidance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text states of ``prompts[start:stop]`` and, with ``guidance``, the empty prompt's (on the UNet's device)."""
+
+    def finish(self, latents: torch.Tensor) -> torch.Tensor:
+        """One batch's final latents as the loop returns them (e.g. clamped pixels on the CPU)."""
 
 
-def initial_noise(indices: range | list[int], shape: tuple[int, ...], seed: int) -> torch.Tensor:
+def initial_noise(indices: range | Sequence[int], shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """z_T for images ``indices``: one CPU generator per image, so image i never depends on batching."""
     out = []
     for i in indices:
@@ -72,8 +74,31 @@ def sampling_scheduler(name: str, noise_scheduler: Any):
 
 
 @dataclass
+class Batch:
+    """What a hook sees of one batch: its position, z_T, text states and how to sample it."""
+
+    index: int
+    indices: range
+    noise: torch.Tensor
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    unet: torch.nn.Module
+    make_scheduler: Callable[[], Any]
+    guidance_scale: float
+    num_inference_steps: int
+
+
+# Replaces a batch's z_T; returns the new noise and per-batch numbers averaged over images.
+NoiseHook = Callable[[Batch], tuple[torch.Tensor, Mapping[str, float]]]
+# Replaces a batch's scheduler: (batch index, scheduler) -> scheduler.
+SchedulerHook = Callable[[int, Any], Any]
+
+
+@dataclass
 class GenerationResult:
-    """Images in [-1, 1] and the sampler's pass counters summed over batches."""
+    """The finished batches (see :meth:`SamplingModel.finish`) and the sampler's pass counters
+    summed over batches (lists concatenated), plus the noise hook's numbers averaged over images
+    and ``sampling_runs`` (batches)."""
 
     images: torch.Tensor
     stats: dict[str, Any] = field(default_factory=dict)
@@ -87,43 +112,74 @@ def _add_stats(total: dict[str, Any], stats: SamplerStats) -> None:
             total[key] = total.get(key, 0) + value
 
 
-@torch.no_grad()
 def generate(
-    unet: torch.nn.Module,
-    noise_scheduler: Any,
-    prompts: PromptSet,
+    model: SamplingModel,
+    prompts: Any,
     *,
+    seed: int,
     scheduler_name: str = "ddim",
     num_inference_steps: int = 50,
     guidance_scale: float = 4.0,
-    key_steps: list[int] | None = None,
+    key_steps: Sequence[int] | None = None,
     parallel: bool = True,
     prior_noise: PriorNoise | None = None,
     batch_size: int = 100,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
+    image_size: int | tuple[int, int] | None = None,
+    noise_hook: NoiseHook | None = None,
+    scheduler_hook: SchedulerHook | None = None,
+    progress: bool = False,
+    desc: str = "generate",
 ) -> GenerationResult:
-    """Sample one image per prompt of ``prompts`` (plain when ``key_steps`` is None, else cached)."""
-    unet = unet.to(device).eval()
-    channels, size = unet.config.in_channels, unet.config.sample_size
-    images, stats = [], {}
-    for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="generate"):
+    """Sample one image per prompt (plain when ``key_steps`` is None, else encoder-cached).
+
+    ``prompts``: whatever ``model.condition`` reads (a :class:`fcr.settings.embedded.PromptSet`,
+    a list of strings for SD), with ``len``. Classifier-free guidance when ``guidance_scale > 1``.
+    ``image_size``: output side or (height, width) in pixels (the model's native size when None). ``noise_hook`` and
+    ``scheduler_hook`` apply a stress to each batch (see the module docstring).
+    """
+    if isinstance(prompts, str):
+        raise TypeError("generate takes a sequence of prompts, not a single string")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    unet = model.unet
+    device, dtype = unet.device, unet.dtype
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    shape = model.latent_shape(image_size)
+    guidance = guidance_scale > 1
+    chunks, stats, infos = [], {}, []
+    batches = range(0, len(prompts), batch_size)
+    for b, start in enumerate(tqdm(batches, disable=not progress, desc=desc)):
         idx = range(start, min(start + batch_size, len(prompts)))
-        noise = initial_noise(idx, (channels, size, size), prompts.seed).to(device)
-        cond = prompts.states[start : idx.stop].to(device)
-        uncond = prompts.empty_state.expand_as(cond).to(device)
+        noise = initial_noise(idx, shape, seed).to(device=device, dtype=dtype)
+        cond, uncond = model.condition(prompts, start, idx.stop, guidance)
+
+        def make_scheduler(name: str = scheduler_name) -> Any:
+            return model.make_scheduler(name)
+
+        if noise_hook is not None:
+            noise, info = noise_hook(Batch(b, idx, noise, cond, uncond, unet, make_scheduler, guidance_scale,
+                                           num_inference_steps))
+            infos.append((len(idx), info))
+        scheduler = make_scheduler()
+        if scheduler_hook is not None:
+            scheduler = scheduler_hook(b, scheduler)
         out = sample(
-            unet,
-            sampling_scheduler(scheduler_name, noise_scheduler),
-            noise,
-            cond,
-            uncond_hidden_states=uncond if guidance_scale > 1 else None,
+            unet, scheduler, noise, cond,
+            uncond_hidden_states=uncond,
             guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps,
-            key_steps=key_steps,
+            key_steps=None if key_steps is None else list(key_steps),
             parallel=parallel,
             prior_noise=prior_noise,
         )
-        images.append(out.latents.clamp(-1, 1).cpu())
+        chunks.append(model.finish(out.latents))
         _add_stats(stats, out.stats)
-    return GenerationResult(torch.cat(images), stats)
+    infos = [(n, info) for n, info in infos if info]
+    if infos:
+        total = sum(n for n, _ in infos)
+        for key in infos[0][1]:
+            stats[key] = sum(n * info[key] for n, info in infos) / total
+    stats["sampling_runs"] = len(batches)
+    images = torch.cat(chunks) if chunks else torch.empty(0, *shape)
+    return GenerationResult(images, stats)

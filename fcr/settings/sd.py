@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from fcr import contract
 from fcr.config import ConfigError
-from fcr.core.sampler import PriorNoise, SamplerStats, build_scheduler, sample
+from fcr.core.sampler import build_scheduler
 from fcr.settings.models import ModelNotFoundError
 from fcr.settings.sd_data import open_image, sd_image_transform
 
@@ -29,12 +29,10 @@ __all__ = [
     "SD_NATIVE_RESOLUTION",
     "SD_SUBFOLDERS",
     "SDComponents",
-    "SDSampleOutput",
     "SDTrainData",
     "decode_latents",
     "encode_prompts",
     "generate_sd",
-    "generate_sd_latents",
     "load_sd_components",
     "check_train_files",
     "load_train_items",
@@ -78,6 +76,32 @@ class SDComponents:
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell (8 for SD)."""
         return vae_scale_factor(self.vae)
+
+    @property
+    def native_resolution(self) -> int:
+        """The image side the UNet was trained at (``sample_size`` latent cells)."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    # The sampling adapter of :func:`fcr.settings.generate.generate` (VAE latent space, CLIP states).
+
+    def make_scheduler(self, name: str) -> Any:
+        return build_scheduler(name, **self.scheduler_config)
+
+    def latent_shape(self, image_size: tuple[int, int] | None) -> tuple[int, int, int]:
+        height, width = image_size or (self.native_resolution, self.native_resolution)
+        factor = self.vae_scale_factor
+        if height % factor or width % factor:
+            raise ValueError(f"height and width must be multiples of the VAE factor {factor}; got {height}x{width}")
+        return (self.unet.config.in_channels, height // factor, width // factor)
+
+    def condition(self, prompts: Sequence[str], start: int, stop: int, guidance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        device, dtype = self.unet.device, self.unet.dtype
+        cond = encode_prompts(self.tokenizer, self.text_encoder, list(prompts[start:stop]), device).to(dtype)
+        uncond = encode_prompts(self.tokenizer, self.text_encoder, [""], device).to(dtype) if guidance else None
+        return cond, uncond
+
+    def finish(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.cpu()  # decoded by decode_latents batch by batch
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the diffusers subfolder layout (safetensors) that :func:`load_sd_components` reads."""
@@ -330,119 +354,27 @@ def check_train_files(items: Sequence[tuple[ImageSource, str]]) -> None:
 # ----------------------------------------------------------------------------- sampling
 
 
-@dataclass
-class SDSampleOutput:
-    """Final latents (N, C, H/8, W/8) of all prompts and the sampler counters of each batch."""
-
-    latents: torch.Tensor
-    stats: list[SamplerStats] = field(default_factory=list)
-
-
-def _prior_noise(prior_noise: PriorNoise | bool | None) -> PriorNoise:
-    if isinstance(prior_noise, PriorNoise):
-        return prior_noise
-    return PriorNoise(enabled=bool(prior_noise))
-
-
-def generate_sd_latents(
-    components: SDComponents,
-    prompts: Sequence[str],
-    *,
-    scheduler_name: str = "ddim",
-    num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
-    key_steps: Sequence[int] | None = None,
-    parallel: bool = True,
-    prior_noise: PriorNoise | bool | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
-    height: int | None = None,
-    width: int | None = None,
-    progress: bool = False,
-) -> SDSampleOutput:
-    """Sample latents for ``prompts`` (see :func:`generate_sd`), without decoding them."""
-    if isinstance(prompts, str):
-        raise TypeError("generate_sd takes a list of prompts, not a single string")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    unet, factor = components.unet, components.vae_scale_factor
-    height = height or unet.config.sample_size * factor
-    width = width or unet.config.sample_size * factor
-    if height % factor or width % factor:
-        raise ValueError(f"height and width must be multiples of {factor}; got {height}x{width}")
-    prompts = list(prompts)
-    # All noise drawn at once from one CPU generator: an image depends on (seed, position) only,
-    # not on batch_size or the device.
-    shape = (len(prompts), unet.config.in_channels, height // factor, width // factor)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    device, dtype = unet.device, unet.dtype
-    uncond = None
-    if guidance_scale > 1:
-        uncond = encode_prompts(components.tokenizer, components.text_encoder, [""], device).to(dtype)
-    prior = _prior_noise(prior_noise)
-    chunks: list[torch.Tensor] = []
-    stats: list[SamplerStats] = []
-    for start in range(0, len(prompts), batch_size):
-        batch_prompts = prompts[start : start + batch_size]
-        cond = encode_prompts(components.tokenizer, components.text_encoder, batch_prompts, device).to(dtype)
-        out = sample(
-            unet,
-            build_scheduler(scheduler_name, **components.scheduler_config),
-            noise[start : start + batch_size].to(device=device, dtype=dtype),
-            cond,
-            uncond_hidden_states=uncond,
-            guidance_scale=guidance_scale,
-            num_inference_steps=num_inference_steps,
-            key_steps=key_steps,
-            parallel=parallel,
-            prior_noise=prior,
-            progress=progress,
-        )
-        chunks.append(out.latents)
-        stats.append(out.stats)
-    latents = torch.cat(chunks) if chunks else noise.to(device=device, dtype=dtype)
-    return SDSampleOutput(latents, stats)
-
-
 def generate_sd(
     components: SDComponents,
     prompts: Sequence[str],
     *,
-    scheduler_name: str = "ddim",
-    num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
-    key_steps: Sequence[int] | None = None,
-    parallel: bool = True,
-    prior_noise: PriorNoise | bool | None = None,
     seed: int = 0,
     batch_size: int = 8,
     height: int | None = None,
     width: int | None = None,
-    progress: bool = False,
+    **sampling: Any,
 ) -> list[Any]:
-    """One RGB PIL image per prompt: :func:`fcr.core.sampler.sample` in VAE latent space from seeded
-    noise (B, 4, H/8, W/8), then ``vae.decode(latents / scaling_factor)``.
+    """One RGB PIL image per prompt: the one generation loop (:func:`fcr.settings.generate.generate`,
+    whose keywords ``sampling`` takes: scheduler, steps, guidance, key steps, prior noise) in VAE
+    latent space from z_T seeded per image by ``(seed, i)``, then ``vae.decode``. ``height`` /
+    ``width`` default to the native size."""
+    from fcr.settings.generate import generate
 
-    ``key_steps=None`` is plain sampling; a list enables encoder caching (``parallel`` batches the
-    decoders). ``prior_noise`` True uses :class:`PriorNoise`'s defaults. ``height``/``width``
-    default to the UNet's native size; classifier-free guidance when ``guidance_scale > 1``.
-    """
-    out = generate_sd_latents(
-        components,
-        prompts,
-        scheduler_name=scheduler_name,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        key_steps=key_steps,
-        parallel=parallel,
-        prior_noise=prior_noise,
-        seed=seed,
-        batch_size=batch_size,
-        height=height,
-        width=width,
-        progress=progress,
-    )
+    size = None
+    if height or width:
+        size = (height or components.native_resolution, width or components.native_resolution)
+    latents = generate(components, prompts, seed=seed, batch_size=batch_size, image_size=size, **sampling).images
     images: list[Any] = []
-    for start in range(0, out.latents.shape[0], batch_size):
-        images += decode_latents(components.vae, out.latents[start : start + batch_size])
+    for start in range(0, latents.shape[0], batch_size):
+        images += decode_latents(components.vae, latents[start : start + batch_size])
     return images

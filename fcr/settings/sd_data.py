@@ -428,12 +428,16 @@ def read_training_pairs(path: str | Path) -> list[tuple[Path | bytes, str]]:
     return read_image_shards(path)
 
 
+def subset_indices(n_items: int, n: int = 50_000, seed: int = 0) -> np.ndarray:
+    """Sorted indices of the seeded subset of ``n`` of ``n_items`` items (all when ``n >= n_items``)."""
+    if n >= n_items:
+        return np.arange(n_items)
+    return np.sort(np.random.default_rng(seed).choice(n_items, size=n, replace=False))
+
+
 def sample_subset(items: Sequence[T], n: int = 50_000, seed: int = 0) -> list[T]:
     """Seeded subset of ``n`` items in their original order (all items when ``n >= len``)."""
-    if n >= len(items):
-        return list(items)
-    chosen = np.sort(np.random.default_rng(seed).choice(len(items), size=n, replace=False))
-    return [items[int(i)] for i in chosen]
+    return [items[int(i)] for i in subset_indices(len(items), n, seed)]
 
 
 def sd_image_transform(resolution: int = 512, train: bool = True):

@@ -10,10 +10,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fcr.config import ConfigError
 from fcr.settings.prompt_sources import read_eval_prompts
 from fcr.settings.sd import SD_NATIVE_RESOLUTION, check_train_files, load_train_items, sd_run_base
-from fcr.settings.sd_data import sample_subset
+from fcr.settings.sd_data import sample_subset, subset_indices
 
 __all__ = ["SD_STRESSES", "check_sd_params", "native_resolution", "prepare_sd_data", "sd_eval_prompts", "sd_fid_reference"]
 
@@ -69,11 +71,12 @@ def check_sd_params(params: Mapping[str, Any], task: str) -> None:
             if value.endswith((".json", ".safetensors", ".bin", ".pt")) and not Path(value).expanduser().is_file():
                 raise ConfigError(f"parameter {key!r}: local file {value!r} does not exist")
     if task == "mechanistic":
-        raise ConfigError("parameter 'setting': the feature-variance measurement (notebook 05) is implemented for the embedded setting only")
+        _need_path(params, "train_data", "held-out image+caption pairs: the train_data items outside the fine-tune's subset")
     sizes = [("resolution", params["resolution"])]
     if task == "robustness" and "high_resolution" in params["stresses"]:
         sizes.append(("stress_resolution", params["stress_resolution"]))
-    models = {"sweep": params["sweep_models"], "robustness": params["robustness_models"]}.get(task, [params["model"]])
+    models = {"sweep": params["sweep_models"], "robustness": params["robustness_models"],
+              "mechanistic": params["variance_models"]}.get(task, [params["model"]])
     for key, size in sizes:
         if size % 8:
             raise ConfigError(f"parameter {key!r}: SD image sides are multiples of 8 (the VAE factor), got {size}")
@@ -128,3 +131,17 @@ def prepare_sd_data(params: Mapping[str, Any]) -> dict[str, Any]:
                 "eval_prompts": params["eval_prompts"], "num_eval_prompts": len(prompts), "resolution": params["resolution"]}
     (out / "sd_manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def sd_heldout_items(params: Mapping[str, Any]) -> list[tuple[Any, str]]:
+    """The (image, caption) items of ``train_data`` that the fine-tune's seeded ``train_subset``
+    (same ``seed``) left out: never trained on, they are SD's held-out images (the embedded
+    setting's validation split) for the feature-variance measurement of notebook 05."""
+    items = load_train_items(params["train_data"])
+    if params["train_subset"] >= len(items):
+        raise ConfigError(
+            f"parameter 'train_subset': {params['train_subset']} takes all {len(items)} items of train_data, leaving no "
+            "held-out images for the feature variance; lower it or give a larger train_data"
+        )
+    rest = np.setdiff1d(np.arange(len(items)), subset_indices(len(items), params["train_subset"], params["seed"]))
+    return [items[int(i)] for i in rest]

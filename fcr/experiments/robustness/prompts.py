@@ -1,5 +1,5 @@
-"""Out-of-distribution prompt lists shipped with the package (``fcr/prompt_lists``) and their
-cached text states."""
+"""Out-of-distribution prompt lists shipped with the package (``fcr/prompt_lists``), their cached
+text states, and the prompt sets of every stress in either setting (:class:`StressPrompts`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from fcr.settings import data
-from fcr.settings.generate import PromptSet
+from fcr.settings.embedded import PromptSet
 
 OOD_FILES: dict[str, str] = {"paraphrase": "fashion_paraphrases.tsv", "compositional": "fashion_compositional.tsv"}
 SD_OOD_FILES: dict[str, str] = {"abstract": "sd_abstract.txt", "medical": "sd_medical.txt"}
@@ -99,7 +99,7 @@ def ood_prompt_set(
     table: pd.DataFrame, states: Mapping[str, torch.Tensor], n: int, seed: int
 ) -> tuple[PromptSet, list[str]]:
     """``n`` class-balanced OOD prompts (labels cycle 0..9 as in
-    :func:`fcr.settings.generate.embedded_prompt_set`), image ``i`` taking a seeded choice among its
+    :func:`fcr.settings.embedded.embedded_prompt_set`), image ``i`` taking a seeded choice among its
     class's prompts; returns the prompt set (noise seed ``seed``) and each image's prompt kind."""
     labels = np.arange(n, dtype=np.int64) % len(data.FASHION_MNIST_CLASSES)
     rng = np.random.default_rng([int(seed), 11])
@@ -113,3 +113,36 @@ def ood_prompt_set(
         labels=labels, texts=texts, states=torch.stack([states[t] for t in texts]), empty_state=states[""], seed=seed
     )
     return prompt_set, [row["kind"] for row in picks]
+
+
+def sd_ood_prompts(n: int, seed: int) -> tuple[list[str], list[str]]:
+    """``n`` SD OOD prompts alternating the shipped lists (abstract, medical), a seeded choice within
+    each; returns the prompts and each one's list."""
+    lists = {name: load_sd_prompt_list(name) for name in SD_OOD_FILES}
+    kinds = [list(lists)[i % len(lists)] for i in range(n)]
+    rng = np.random.default_rng([int(seed), 13])
+    return [lists[k][int(rng.integers(len(lists[k])))] for k in kinds], kinds
+
+
+class StressPrompts:
+    """The prompts of each stress's prompt kind (``train`` / ``heldout`` / ``ood``) for a run context
+    (:class:`fcr.eval.context.RunContext`): ``ood`` is the shipped OOD lists (embedded: labelled
+    Fashion-MNIST paraphrases and compositions, text states cached in ``cache_dir``; SD: abstract
+    and medical lists); the others are the setting's evaluation prompts. :meth:`get` returns the
+    prompts and, for ``ood``, each prompt's list (``kinds``, None otherwise)."""
+
+    def __init__(self, ctx: Any, kinds: set[str], cache_dir: Path, max_text_length: int) -> None:
+        self.ctx = ctx
+        self.files = SD_OOD_FILES if ctx.setting == "sd" else OOD_FILES
+        self._table = self._states = None
+        if "ood" in kinds and ctx.setting != "sd":
+            self._table = load_ood_prompts()
+            self._states = ood_text_states(self._table["prompt"].tolist(), cache_dir / "text_states_ood.safetensors",
+                                           max_length=max_text_length)
+
+    def get(self, kind: str, n: int, seed: int) -> tuple[Any, list[str] | None]:
+        if kind == "ood":
+            if self.ctx.setting == "sd":
+                return sd_ood_prompts(n, seed)
+            return ood_prompt_set(self._table, self._states, n, seed)
+        return self.ctx.eval_prompts(n, seed, templates=kind), None

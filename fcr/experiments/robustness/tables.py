@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from fcr.eval.metrics import DEFAULT_EXTRACTOR_NAME
+from fcr.eval.scoring import FD_COLUMN
 from fcr.eval.stats import mean_ci_over_seeds
 from fcr.experiments.robustness.stresses import result_stem
-from fcr.experiments.sweep import FD_COLUMN, load_side_file
+from fcr.experiments.sweep import load_side_file
 
 # +1: higher is worse (distances); -1: higher is better. A drop is positive when quality got worse.
 METRIC_DIRECTIONS: dict[str, int] = {

@@ -1,0 +1,253 @@
+"""The run context of an evaluation notebook: built ONCE from validated parameters, passed down as
+typed objects, so the sweep and the robustness runner are one runner each for both settings.
+
+:func:`build_context` loads every model of a run (embedded UNet folders or SD checkpoints / run
+folders) behind :class:`fcr.settings.generate.SamplingModel`, the setting's scorer
+(:mod:`fcr.eval.scoring`), and the sampling options every configuration shares. Everything that can
+fail (missing data, unknown models, metric weights) fails here, before anything is generated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fcr.core.configurations import SamplingConfig
+from fcr.core.sampler import PriorNoise
+from fcr.eval.results import weights_fingerprint
+from fcr.eval.scoring import EmbeddedScorer, SDScorer, reference_features
+from fcr.settings.generate import GenerationResult, NoiseHook, SamplingModel, SchedulerHook, generate
+from fcr.settings.models import (
+    EMBEDDED_ARCHITECTURES,
+    ModelNotFoundError,
+    embedded_unet_config,
+    model_training_params,
+    resolve_device,
+    resolve_unet_dir,
+)
+
+__all__ = [
+    "LoadedModel",
+    "RunContext",
+    "Sampling",
+    "architecture_config",
+    "architecture_name",
+    "build_context",
+    "model_meta",
+]
+
+
+def architecture_config(unet: torch.nn.Module) -> dict[str, Any]:
+    """The UNet config without bookkeeping keys, JSON-normalised (tuples become lists)."""
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    return json.loads(json.dumps(config, sort_keys=True, default=str))
+
+
+def architecture_name(unet: torch.nn.Module) -> str:
+    """``base`` / ``base-v`` when the UNet is that embedded architecture, else ``arch-<hash>``."""
+    config = architecture_config(unet)
+    for name in EMBEDDED_ARCHITECTURES:
+        wanted = json.loads(json.dumps(embedded_unet_config(name, config.get("sample_size", 32))))
+        if all(config.get(k) == v for k, v in wanted.items()):
+            return name
+    return "arch-" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def model_meta(source: str) -> dict[str, Any]:
+    """``original_model`` (the model it was fine-tuned from) and ``lambda_fcr`` of a run folder's
+    params.yaml (None for models without one)."""
+    try:
+        trained = model_training_params(resolve_unet_dir(source)) or {}
+    except ModelNotFoundError:
+        trained = {}
+    return {"original_model": trained.get("model"), "lambda_fcr": trained.get("lambda_fcr")}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How every configuration of a run samples: guidance, decoding mode, prior noise, batch size."""
+
+    guidance_scale: float
+    parallel: bool
+    prior_noise: bool
+    prior_noise_alpha: float
+    prior_noise_threshold: float
+    batch_size: int
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> Sampling:
+        return cls(float(params["guidance_scale"]), bool(params["parallel_decoding"]), bool(params["prior_noise"]),
+                   float(params["prior_noise_alpha"]), float(params["prior_noise_threshold"]),
+                   int(params["eval_batch_size"]))
+
+    def prior_for(self, config: SamplingConfig) -> PriorNoise:
+        """Prior noise injection for cached configurations only: the plain lines (full, DPM++)
+        stay the unmodified samplers they are references for."""
+        return PriorNoise(self.prior_noise and config.key_steps is not None, self.prior_noise_alpha,
+                          self.prior_noise_threshold)
+
+
+@dataclass
+class LoadedModel:
+    """One model of a run: its label, where it came from, the sampling adapter, its noise schedule
+    (``schedule``: the keys result files record), a fingerprint of its weights and its
+    architecture's name."""
+
+    label: str
+    source: str
+    model: SamplingModel
+    schedule: dict[str, Any]
+    weights: str
+    architecture: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunContext:
+    """Everything an evaluation runner needs, built once by :func:`build_context`."""
+
+    setting: str
+    device: torch.device
+    sampling: Sampling
+    models: dict[str, LoadedModel]
+    scorer: EmbeddedScorer | SDScorer
+    data_dir: Path | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def sampling_key(self) -> dict[str, Any]:
+        """The shared sampling options as they appear in every result file's key."""
+        s = self.sampling
+        key: dict[str, Any] = {"setting": self.setting, "guidance_scale": s.guidance_scale,
+                               "parallel_decoding": s.parallel, "prior_noise_alpha": s.prior_noise_alpha,
+                               "prior_noise_threshold": s.prior_noise_threshold}
+        if self.setting == "sd":
+            key["resolution"] = self.params["resolution"]
+        return key
+
+    def eval_prompts(self, n: int, seed: int, templates: str = "train") -> Any:
+        """The ``n`` evaluation prompts of ``seed``, the same for every model and configuration:
+        embedded: class-balanced captions of the training (or held-out) templates; SD: ``eval_prompts``."""
+        if self.setting == "sd":
+            from fcr.settings.sd_params import sd_eval_prompts
+
+            return sd_eval_prompts(self.params, n, seed)
+        from fcr.settings.embedded import embedded_prompt_set
+
+        return embedded_prompt_set(self.data_dir, n, seed, templates=templates)
+
+    @staticmethod
+    def prompt_texts(prompts: Any) -> list[str]:
+        """The prompt strings of a prompt set (embedded) or list (SD)."""
+        return list(getattr(prompts, "texts", prompts))
+
+    def generate(
+        self,
+        loaded: LoadedModel,
+        prompts: Any,
+        config: SamplingConfig,
+        *,
+        seed: int,
+        image_size: int | None = None,
+        noise_hook: NoiseHook | None = None,
+        scheduler_hook: SchedulerHook | None = None,
+        progress: bool = False,
+        desc: str = "generate",
+    ) -> GenerationResult:
+        """:func:`fcr.settings.generate.generate` of one configuration with the run's sampling options."""
+        s = self.sampling
+        return generate(
+            loaded.model, prompts, seed=seed, scheduler_name=config.scheduler,
+            num_inference_steps=config.num_inference_steps, guidance_scale=s.guidance_scale,
+            key_steps=config.key_steps, parallel=s.parallel, prior_noise=s.prior_for(config),
+            batch_size=s.batch_size, image_size=image_size, noise_hook=noise_hook, scheduler_hook=scheduler_hook,
+            progress=progress, desc=desc,
+        )
+
+    def images(self, loaded: LoadedModel, latents: torch.Tensor) -> Any:
+        """What the scorer reads: the embedded pixels as they are, SD latents decoded by the VAE."""
+        if self.setting != "sd":
+            return latents
+        from fcr.settings.sd import decode_latents
+
+        out: list[Any] = []
+        for start in range(0, latents.shape[0], self.sampling.batch_size):
+            out += decode_latents(loaded.model.vae, latents[start : start + self.sampling.batch_size])
+        return out
+
+
+def build_context(
+    params: Mapping[str, Any],
+    models: Mapping[str, str],
+    out_dir: str | Path,
+    *,
+    reference_n: int | None = None,
+    check_model: Callable[[LoadedModel], None] | None = None,
+) -> RunContext:
+    """The run context of validated ``params`` for ``models`` ({label: model name or run folder}).
+    ``out_dir`` holds the cached reference features (embedded); ``reference_n`` limits the real
+    reference images (tests only). ``check_model`` runs on each model as it is loaded, before the
+    scorer is built or anything is written (e.g. a stress size against the native size)."""
+    device = resolve_device(params.get("device"))
+    sampling = Sampling.from_params(params)
+    check = check_model or (lambda loaded: None)
+    if params["setting"] == "sd":
+        return _build_sd(params, models, device, sampling, check)
+    from fcr.eval.classifier import load_classifier
+    from fcr.settings.embedded import EmbeddedModel
+    from fcr.settings.models import load_unet_folder, noise_scheduler_for
+
+    unet_dirs = {label: resolve_unet_dir(source) for label, source in models.items()}
+    text_states = Path(params["data_dir"]) / "text_states.safetensors"
+    if not text_states.is_file():
+        raise FileNotFoundError(f"{text_states} not found: prepare the data with notebooks/01_data_prep.ipynb")
+    classifier = load_classifier(map_location=device)
+    loaded = {}
+    for label, folder in unet_dirs.items():
+        unet = load_unet_folder(folder, label).eval()
+        noise_scheduler, schedule = noise_scheduler_for(folder, params)
+        loaded[label] = LoadedModel(
+            label, str(models[label]), EmbeddedModel(unet, noise_scheduler, device),
+            schedule, weights_fingerprint(folder), architecture_name(unet),
+            model_meta(str(models[label])),
+        )
+        check(loaded[label])
+    ref_feats = reference_features(
+        classifier, Path(out_dir) / "reference" / f"fashion_mnist_test_features_n{reference_n or 'all'}.safetensors",
+        n=reference_n,
+    )
+    scorer = EmbeddedScorer(classifier, ref_feats, params["n_bootstrap"])
+    return RunContext("embedded", device, sampling, loaded, scorer, Path(params["data_dir"]), params)
+
+
+def _build_sd(params: Mapping[str, Any], models: Mapping[str, str], device: torch.device,
+              sampling: Sampling, check: Callable[[LoadedModel], None]) -> RunContext:
+    """SD: every checkpoint or run folder (fp16 on CUDA), CLIP once, the FID reference."""
+    from fcr.config import ConfigError
+    from fcr.eval.metrics import load_clip
+    from fcr.settings.sd import load_sd_components, sd_run_base
+    from fcr.settings.sd_params import sd_fid_reference
+
+    if not params["fid_reference"]:
+        raise ConfigError("parameter 'fid_reference': give a clean-fid statistics name or a folder of reference images")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    loaded = {}
+    for label, source in models.items():
+        parts = load_sd_components(source, device=device, dtype=dtype, revision=params["revision"] or None,
+                                   variant=params["variant"] or None)
+        if sd_run_base(Path(source).expanduser()) is not None:  # a fine-tuning run folder: its own weights
+            weights = weights_fingerprint(resolve_unet_dir(str(Path(source).expanduser())))
+        else:  # a checkpoint: named by its id, revision and variant
+            weights = f"{source}@{params['revision'] or 'default'}/{params['variant'] or 'default'}"
+        # Cost depends on the architecture only: every SD model of a run shares the name "sd".
+        loaded[label] = LoadedModel(label, str(source), parts, {}, weights, "sd", model_meta(str(source)))
+        check(loaded[label])
+    clip = load_clip(params["clip_model"], params["clip_pretrained"] or None, device)  # once, for every configuration
+    scorer = SDScorer(clip, sd_fid_reference(params), device, params["n_bootstrap"], params["fid_reference"])
+    return RunContext("sd", device, sampling, loaded, scorer, None, params)
