@@ -13,8 +13,11 @@ __all__ = [
     "COLUMNS",
     "COST",
     "COST_TABLE",
+    "CONTRASTS",
     "CRITERION",
     "DROPS",
+    "FIDELITY",
+    "FIDELITY_DIRECTIONS",
     "PAIRED_TESTS",
     "PRODUCERS",
     "QUALITY",
@@ -23,6 +26,7 @@ __all__ = [
     "REGRESSION_FITS",
     "REGRESSION_POINTS",
     "ROBUSTNESS",
+    "SAFE_STRIDES",
     "RUN_PARAMS",
     "SUMMARY",
     "TRAIN_CONFIG",
@@ -42,6 +46,10 @@ SUMMARY = "summary.csv"
 COST = "cost.csv"
 COST_TABLE = "cost_table.csv"
 PAIRED_TESTS = "paired_tests.csv"
+FIDELITY = "fidelity.csv"  # per cell x reference: paired caching fidelity (fcr.experiments.paired_fidelity)
+# Paired fidelity endpoints (fcr.eval.fidelity): +1 higher is better (closer to the full-sampling
+# image), -1 lower is better.
+FIDELITY_DIRECTIONS: dict[str, int] = {"psnr": 1, "ssim": 1, "rmse": -1, "feature_distance": -1, "clip_drift": -1}
 # Robustness (notebook 04).
 ROBUSTNESS = "robustness.csv"
 DROPS = "drops.csv"
@@ -53,6 +61,9 @@ QUALITY_DROPS = "quality_drops.csv"
 REGRESSION_POINTS = "regression_points.csv"
 REGRESSION_FITS = "regression.csv"
 REGRESSION = "regression.json"
+# The report (python -m fcr.report): the pre-registered contrasts and each model's safe stride.
+CONTRASTS = "contrasts.csv"
+SAFE_STRIDES = "safe_strides.csv"
 
 _FINETUNE = "the fine-tune (notebook 02_finetune / python -m fcr train)"
 # Which stage writes a file (named in the report's 'missing file' notes).
@@ -61,6 +72,7 @@ PRODUCERS: dict[str, str] = {
     COST: "notebook 03_stride_sweep (fcr.experiments.sweep.run_sweep)",
     COST_TABLE: "notebook 03_stride_sweep (fcr.experiments.sweep.cost_table)",
     PAIRED_TESTS: "notebook 03_stride_sweep (fcr.experiments.sweep.paired_comparison)",
+    FIDELITY: "notebook 03_stride_sweep (fcr.experiments.paired_fidelity.fidelity_table)",
     CRITERION: "notebook 04_robustness",
     VARIANCE_REDUCTION: "notebook 05_mechanistic_regression",
     REGRESSION: "notebook 05_mechanistic_regression",

@@ -5,13 +5,13 @@ a path, a model or a notebook name fails before anything runs."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from fcr.contract import model_label
+from fcr.contract import FIDELITY_DIRECTIONS, model_label
 from fcr.paths import REPO_ROOT
 
 __all__ = [
@@ -53,6 +53,64 @@ class NotebookRun:
 
 
 @dataclass(frozen=True)
+class Study:
+    """The pre-registered design of an experiment's study (``study`` of a setting), fixed before the
+    run: test level and power, the strides of the contrasts, the primary paired fidelity endpoint
+    (against the model's own full sampling), the seed's non-inferiority margins against the
+    original's FD-5, and the sweep run λ is selected on (never the reported one). Evaluated by
+    :mod:`fcr.experiments.contrasts`."""
+
+    alpha: float = 0.05
+    power: float = 0.8
+    strides: tuple[str, ...] = ("FD-10",)
+    primary_endpoint: str = "psnr"
+    primary_reference: str = "own_full"
+    fd_margin_pct: float = 5.0
+    alignment_margin_pct: float = -2.0
+    reference_config: str = "FD-5"
+    selection_run: str | None = None
+    n_boot: int = 2000
+    pilot: tuple[tuple[str, str], ...] = ()  # free-text provenance of the sizes (e.g. the pilot's numbers)
+
+    def __post_init__(self) -> None:
+        if self.primary_endpoint not in FIDELITY_DIRECTIONS:
+            raise ManifestError(f"study.primary_endpoint: {self.primary_endpoint!r}; "
+                                f"allowed {sorted(FIDELITY_DIRECTIONS)}")
+        if self.primary_reference not in ("own_full", "original_full"):
+            raise ManifestError(f"study.primary_reference: 'own_full' or 'original_full', "
+                                f"got {self.primary_reference!r}")
+        if not (0 < self.alpha < 1 and 0 < self.power < 1):
+            raise ManifestError(f"study: alpha and power must lie in (0, 1); got {self.alpha}, {self.power}")
+        if self.n_boot < 100:
+            raise ManifestError(f"study.n_boot: at least 100 replicates; got {self.n_boot}")
+
+
+_STUDY_KEYS = {f.name for f in fields(Study)}
+
+
+def _study(raw: Any, where: str) -> Study | None:
+    if raw is None:
+        return None
+    raw = _mapping(raw, where)
+    unknown = set(raw) - _STUDY_KEYS
+    if unknown:
+        raise ManifestError(f"{where}: unknown keys {sorted(unknown)}; allowed {sorted(_STUDY_KEYS)}")
+    kw = dict(raw)
+    for key in ("alpha", "power", "fd_margin_pct", "alignment_margin_pct"):
+        if key in kw and (isinstance(kw[key], bool) or not isinstance(kw[key], (int, float))):
+            raise ManifestError(f"{where}.{key}: expected a number, got {kw[key]!r} (write 1.0e-2, not 1e-2)")
+        if key in kw:
+            kw[key] = float(kw[key])
+    if "strides" in kw:
+        if not isinstance(kw["strides"], list) or not all(isinstance(c, str) for c in kw["strides"]):
+            raise ManifestError(f"{where}.strides: expected a list of configuration names, got {kw['strides']!r}")
+        kw["strides"] = tuple(kw["strides"])
+    if "pilot" in kw:
+        kw["pilot"] = tuple((str(k), str(v)) for k, v in _mapping(kw["pilot"], f"{where}.pilot").items())
+    return Study(**kw)
+
+
+@dataclass(frozen=True)
 class Backbone:
     """One backbone of an experiment, as the verdict and tables read it: the original model's label,
     the role it plays, the FCR fine-tunes by λ (run folder names, as in the sweep's ``summary.csv``),
@@ -67,6 +125,10 @@ class Backbone:
     robustness_run: str | None = "main"  # None: the experiment has no notebook-04 run of that name
     mechanistic_run: str | None = "main"  # None: the experiment has no notebook-05 run of that name
     fcr_configs: tuple[str, ...] = ()  # configurations the setting's variations read the FCR models at
+    study: Study | None = None  # the setting's pre-registered study (contrasts of this backbone)
+    # (name, model label, configuration) of the setting's variations and controls on this backbone's
+    # models, in manifest order (variations first): the rows of the report's experiment tables.
+    rows: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,6 +142,7 @@ class SettingPlan:
     variations: dict[str, dict[str, str]]
     controls: dict[str, dict[str, str]] = field(default_factory=dict)
     backbones: tuple[Backbone, ...] = ()
+    study: Study | None = None
 
 
 @dataclass(frozen=True)
@@ -141,9 +204,18 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
     return tuple(out)
 
 
+def _table_rows(b: Backbone, rows: Mapping[str, Mapping[str, Mapping[str, str]]]) -> tuple[tuple[str, str, str], ...]:
+    """The variations, then controls, whose model is one of ``b``'s (by result-table label)."""
+    mine = {b.name, *b.fcr_models.values(), *([b.control] if b.control else [])}
+    return tuple((name, model_label(spec["model"]), spec["config"])
+                 for section in ("variations", "controls") for name, spec in rows[section].items()
+                 if model_label(spec["model"]) in mine)
+
+
 def _setting(raw: Any, where: str, root: Path, experiment: str) -> SettingPlan:
     raw = _mapping(raw, where)
-    unknown = set(raw) - {"params", "finetune", "finetunes", "notebooks", "variations", "controls", "backbones"}
+    unknown = set(raw) - {"params", "finetune", "finetunes", "notebooks", "variations", "controls", "backbones",
+                          "study"}
     if unknown:
         raise ManifestError(f"{where}: unknown keys {sorted(unknown)}")
     finetunes = {str(name): _paths(files, f"{where}.finetunes.{name}", root)
@@ -170,6 +242,9 @@ def _setting(raw: Any, where: str, root: Path, experiment: str) -> SettingPlan:
             if set(spec) != {"model", "config"}:
                 raise ManifestError(f"{where}.{section}.{name}: needs exactly 'model' and 'config', got {sorted(spec)}")
             rows[section][str(name)] = {"model": str(spec["model"]), "config": str(spec["config"])}
+    study = _study(raw.get("study"), f"{where}.study")
+    if study is not None and study.selection_run is not None and ("03_stride_sweep", study.selection_run) not in seen:
+        raise ManifestError(f"{where}.study.selection_run: no 03_stride_sweep run named {study.selection_run!r}")
     return SettingPlan(
         params=_paths(raw.get("params", []), f"{where}.params", root),
         finetune=_paths(raw.get("finetune", []), f"{where}.finetune", root),
@@ -178,9 +253,10 @@ def _setting(raw: Any, where: str, root: Path, experiment: str) -> SettingPlan:
         variations=rows["variations"],
         controls=rows["controls"],
         backbones=tuple(
-            replace(b, fcr_configs=tuple(dict.fromkeys(
+            replace(b, study=study, rows=_table_rows(b, rows), fcr_configs=tuple(dict.fromkeys(
                 spec["config"] for spec in rows["variations"].values() if spec["model"] in b.fcr_models.values())))
             for b in _backbones(raw.get("backbones", []), f"{where}.backbones", experiment, runs)),
+        study=study,
     )
 
 

@@ -156,7 +156,8 @@ def _experiment_tasks(exp: Experiment, setting: str, root: Path, overlays: list[
             overrides["quality_tables"] = list(tables)
         tasks.append(Task(f"{exp.experiment_id}: {run.notebook} ({run.run})", folder,
                           [*spec.params, *run.params, *overlays], overrides, notebook=run.notebook))
-        if run.notebook == "03_stride_sweep":
+        selection = spec.study.selection_run if spec.study is not None else None
+        if run.notebook == "03_stride_sweep" and run.run != selection:  # λ-selection data stays out of 05
             tables.append(_rel(folder / contract.QUALITY))
         elif run.notebook == "04_robustness":
             tables.append(_rel(folder / contract.ROBUSTNESS))

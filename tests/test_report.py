@@ -57,16 +57,17 @@ def test_paired_vs_reference_pools_seeds_across_models(tmp_path):
 def test_exp_tables_rows_and_costs(tmp_path):
     root, _ = make_run_tree(tmp_path)
     t1 = exp1_table(root / EXP1 / "sweep" / "main")
-    assert list(t1["variation"]) == ["Full sampling", "FD-5-baseline", "FD-10-baseline", "λ=0 control, FD-10",
-                                     "FCR λ=0.05, FD-10", "FCR λ=0.1, FD-10", "FCR λ=0.2, FD-10"]
-    fcr = t1.set_index("variation").loc["FCR λ=0.1, FD-10"]
+    # The rows are the manifest's variations, then its controls, named as there.
+    assert list(t1["variation"]) == ["FD-5-baseline", "FD-10-baseline", "FCR(λ=0.05)-FD-10", "FCR(λ=0.10)-FD-10",
+                                     "FCR(λ=0.20)-FD-10", "control(λ=0)-FD-10", "full-sampling"]
+    fcr = t1.set_index("variation").loc["FCR(λ=0.10)-FD-10"]
     assert fcr["fd"] == pytest.approx(10.4) and fcr["fd_lo"] == pytest.approx(10.3)
     assert fcr["time_speedup_bs1"] == pytest.approx(1.0 / 0.7) and fcr["time_speedup_bs8"] == pytest.approx(1.25)
     assert fcr["flops_speedup"] == pytest.approx(75.0 / 72.0)
     t2 = exp2_table(root / EXP2 / "sweep")
-    assert list(t2["variation"]) == ["SD2.1 role: base-v FD-5", "SD2.1 role: FCR λ=0.1 FD-10",
-                                     "SD2.1 role: FCR λ=0.1 + DPM-Solver++ FD-10", "OpenJourney role: derivative FD-5",
-                                     "OpenJourney role: FCR λ=0.1 FD-10"]
+    assert list(t2["variation"]) == ["SD2.1-FD-5", "SD2.1-FCR(λ=0.10)-FD-10", "SD2.1-FCR(λ=0.10)+DPMSolver-FD-10",
+                                     "SD2.1-FD-10", "OpenJourney-FD-5", "OpenJourney-FCR(λ=0.10)-FD-10",
+                                     "OpenJourney-FD-10"]
     assert t2.iloc[2]["config"] == "DPM++-FD-10" and t2.iloc[2]["fd"] == pytest.approx(10.3)
     # The DPM row comes from the manifest (base-v's FCR model is read at DPM++-FD-10 there); a
     # configuration the manifest names but the sweep did not run gives an empty row with a note.
@@ -74,11 +75,12 @@ def test_exp_tables_rows_and_costs(tmp_path):
 
     from fcr.manifest import backbones_of
 
-    exp2 = [replace(b, fcr_configs=("FD-10", "DPM++-cached-10")) if b.name == "base-v" else b
-            for b in backbones_of("embedded") if b.experiment == EXP2]
-    t2 = exp2_table(root / EXP2 / "sweep", backbones=exp2, dpm_config="DPM++-cached-10")
+    exp2 = [replace(b, rows=(*b.rows[:2], ("SD2.1-cached-DPM", b.fcr_models[0.1], "DPM++-cached-10")))
+            if b.name == "base-v" else b for b in backbones_of("embedded") if b.experiment == EXP2]
+    t2 = exp2_table(root / EXP2 / "sweep", backbones=exp2)
+    assert t2.iloc[2]["variation"] == "SD2.1-cached-DPM"
     assert "not in" in t2.iloc[2]["note"] and pd.isna(t2.iloc[2].get("fd"))
-    assert len(exp2_table(root / EXP2 / "sweep", dpm_config="DPM++-cached-10")) == 4  # not in the manifest: no row
+    assert len(exp2_table(root / EXP2 / "sweep")) == 7  # only what the manifest names
 
 
 def test_update_readme_replaces_only_the_block_and_is_idempotent(tmp_path):
@@ -123,12 +125,12 @@ def test_build_report_writes_markdown_and_tables(tmp_path):
     for name in ("report.md", "verdict.csv", "exp1_table.csv", "exp2_table.csv"):
         assert (report / name).is_file(), name
     md = (report / "report.md").read_text()
-    assert "Success criteria" in md and "FCR λ=0.1, FD-10" in md and "OpenJourney role" in md
+    assert "Success criteria" in md and "FCR(λ=0.10)-FD-10" in md and "OpenJourney role" in md
     assert "10.4 [10.3, 10.5]" in md  # 3 significant digits, CI as [lo, hi]
     assert "(figures/exp1_sweep_fd_fashioncnn_vs_stride.png)" in md
     assert (report / "figures" / "exp1_sweep_fd_fashioncnn_vs_stride.png").is_file()
     t1 = pd.read_csv(report / "exp1_table.csv").set_index("variation")
-    assert t1.loc["FCR λ=0.1, FD-10", "paired_mean_diff"] == pytest.approx(0.1)
+    assert t1.loc["FCR(λ=0.10)-FD-10", "paired_mean_diff"] == pytest.approx(0.1)
     assert out["verdict"].iloc[-1]["criterion"] == "overall"
     # The README version: criterion rows only, figure links relative to link_base.
     assert "(run/report/figures/exp1_sweep_fd_fashioncnn_vs_stride.png)" in out["readme_markdown"]
@@ -155,7 +157,7 @@ def test_cli_updates_readme(tmp_path, monkeypatch):
     monkeypatch.setattr("fcr.settings.models.MODELS_DIR", models)
     assert main(["--root", str(root), "--readme", str(readme)]) == 0
     text = readme.read_text()
-    assert README_START in text and "FCR λ=0.1, FD-10" in text and f"the run in `{root}`" in text
+    assert README_START in text and "FCR(λ=0.10)-FD-10" in text and f"the run in `{root}`" in text
     assert report_mod.README_END in text
 
 

@@ -19,11 +19,12 @@ from safetensors.torch import save_file
 from fcr.config import ConfigError, validate
 from fcr.core.configurations import SamplingConfig
 from fcr.eval import context
+from fcr.eval.context import model_origins
 from fcr.eval.scoring import to_classifier_size
 from fcr.experiments.robustness import prompts, stresses, tables
 from fcr.experiments.robustness.attack import adversarial_noise, cache_error
 from fcr.experiments.robustness.prompts import load_ood_prompts, load_sd_prompt_list, sd_ood_prompts
-from fcr.experiments.robustness.run import model_origins, run_robustness
+from fcr.experiments.robustness.run import run_robustness
 from fcr.experiments.robustness.sampling import StressHooks
 from fcr.experiments.robustness.stresses import Stress, attack_stride, perturbed_scheduler
 from fcr.experiments.robustness.tables import criterion_table, drop_table, per_seed_drops

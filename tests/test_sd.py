@@ -327,7 +327,8 @@ def test_weight_variant_is_loaded(components, tmp_path):
         ("sweep", {"clip_pretrained": "/no/such/clip.safetensors"}, "'clip_pretrained': local file"),
         ("robustness", {"stresses": ["none", "heldout_prompts"]}, "do not apply to the SD setting"),
         ("robustness", {"stress_resolution": RES}, "'stress_resolution'"),
-        ("mechanistic", {}, "embedded setting only"),
+        ("mechanistic", {"train_data": ""}, "'train_data': empty"),
+        ("mechanistic", {"resolution": RES // 2}, "below .* native resolution 32"),
     ],
 )
 def test_sd_task_checks(model_dir, image_folder, tmp_path, task, over, match):
@@ -335,8 +336,9 @@ def test_sd_task_checks(model_dir, image_folder, tmp_path, task, over, match):
     prompts.write_text("a coat\na bag\n")
     params = sd_params(model_dir, image_folder, tmp_path, eval_prompts=str(prompts), fid_reference=str(image_folder),
                        sweep_models=[str(model_dir)], robustness_models=[str(model_dir)],
-                       stresses=["none", "high_resolution"], stress_resolution=2 * RES)
-    for good_task in ("data", "finetune", "sweep", "robustness"):
+                       variance_models=[str(model_dir)], stresses=["none", "high_resolution"],
+                       stress_resolution=2 * RES)
+    for good_task in ("data", "finetune", "sweep", "robustness", "mechanistic"):
         check_task(params, good_task)
     with pytest.raises(ConfigError, match=match):
         check_task({**params, **over}, task)

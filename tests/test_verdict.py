@@ -361,3 +361,33 @@ def test_sd_gpu_cost_rows_speed_and_memory_bounds(tmp_path):
     sd = table[table["criterion"].str.contains("SD scale")]
     assert len(sd) == 1 and sd.iloc[0]["passed"] is False
     assert table.iloc[-1]["criterion"] == "overall"  # context rows never decide the verdict
+
+
+def _study_contrasts(decisions: dict[str, str], models: tuple[str, ...] = ("fcr_lambda0.10_fd10",)) -> pd.DataFrame:
+    rows = []
+    for model in models:
+        for endpoint, decision in decisions.items():
+            rows.append({"backbone": "base", "family": "secondary", "contrast": "FCR λ=0.1 vs original FD-5",
+                         "endpoint": endpoint, "model": model, "config": "FD-10", "n": 128, "estimate": 1.0,
+                         "lo": -1.0, "hi": 3.0, "m_tests": 4, "decision": decision})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("decisions, passed", [
+    ({"fd_increase_pct": "non-inferior", "alignment_change_pct": "non-inferior"}, True),
+    ({"fd_increase_pct": "inferior", "alignment_change_pct": "non-inferior"}, False),
+    ({"fd_increase_pct": "not established at n = 128", "alignment_change_pct": "non-inferior"}, None),
+])
+def test_quality_from_the_studys_noninferiority_tests(tmp_path, decisions, passed):
+    root, models = make_run_tree(tmp_path)
+    table = evaluate_criteria(root, models_dir=models, train_flops_per_image=flops_fn,
+                              contrasts=_study_contrasts(decisions))
+    row = pick(table, "a. quality preservation (stride 10)", "base (")
+    assert row["passed"] is passed
+    assert "n = 128" in row["note"] and "Holm over 4" in row["note"]
+    assert str(list(decisions.values())[0]) in row["measured"]
+    # Without a selected λ the verdict refuses to pick one on the reported data.
+    table = evaluate_criteria(root, models_dir=models, train_flops_per_image=flops_fn,
+                              contrasts=_study_contrasts(decisions, ("fcr_lambda0.05_fd10", "fcr_lambda0.10_fd10")))
+    row = pick(table, "a. quality preservation (stride 10)", "base (")
+    assert row["passed"] is None and "selection run" in row["note"]

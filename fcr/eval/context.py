@@ -9,6 +9,7 @@ fail (missing data, unknown models, metric weights) fails here, before anything 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Mapping
@@ -39,7 +40,10 @@ __all__ = [
     "architecture_config",
     "architecture_name",
     "build_context",
+    "load_models",
     "model_meta",
+    "model_origins",
+    "sd_weights_id",
 ]
 
 
@@ -67,6 +71,30 @@ def model_meta(source: str) -> dict[str, Any]:
     except ModelNotFoundError:
         trained = {}
     return {"original_model": trained.get("model"), "lambda_fcr": trained.get("lambda_fcr")}
+
+
+def model_origins(models: Mapping[str, str]) -> dict[str, str]:
+    """{label: label of the model it was fine-tuned from} for models whose origin
+    (``model_training_params(...)["model"]``) is itself one of ``models``: the same source string
+    (e.g. an SD hub id) or the same resolved UNet folder (so ``base`` and ``models/base`` match)."""
+    resolved: dict[str, Path] = {}
+    for label, source in models.items():
+        with contextlib.suppress(ModelNotFoundError):
+            resolved[label] = resolve_unet_dir(source)
+    out: dict[str, str] = {}
+    for label, folder in resolved.items():
+        origin = (model_training_params(folder) or {}).get("model")
+        if not origin or origin == "scratch":
+            continue
+        origin_dir = None
+        with contextlib.suppress(ModelNotFoundError):
+            origin_dir = resolve_unet_dir(str(origin))
+        for other, source in models.items():
+            same_dir = origin_dir is not None and resolved.get(other) == origin_dir
+            if other != label and (str(source) == str(origin) or same_dir):
+                out[label] = other
+                break
+    return out
 
 
 @dataclass(frozen=True)
@@ -182,6 +210,45 @@ class RunContext:
         return out
 
 
+def load_models(
+    params: Mapping[str, Any],
+    models: Mapping[str, str],
+    device: torch.device,
+    check_model: Callable[[LoadedModel], None] | None = None,
+) -> dict[str, LoadedModel]:
+    """Every model of ``models`` ({label: model name or run folder}) behind its setting's sampling
+    adapter: embedded UNet folders (every name resolved before any is loaded), or SD checkpoints /
+    run folders (fp16 on CUDA). ``check_model`` runs on each as it is loaded."""
+    check = check_model or (lambda loaded: None)
+    loaded: dict[str, LoadedModel] = {}
+    if params["setting"] == "sd":
+        from fcr.settings.sd import load_sd_components
+
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        for label, source in models.items():
+            parts = load_sd_components(source, device=device, dtype=dtype, revision=params["revision"] or None,
+                                       variant=params["variant"] or None)
+            # Cost depends on the architecture only: every SD model of a run shares the name "sd".
+            loaded[label] = LoadedModel(label, str(source), parts, {}, sd_weights_id(str(source), params), "sd",
+                                        model_meta(str(source)))
+            check(loaded[label])
+        return loaded
+    from fcr.settings.embedded import EmbeddedModel
+    from fcr.settings.models import load_unet_folder, noise_scheduler_for
+
+    unet_dirs = {label: resolve_unet_dir(source) for label, source in models.items()}
+    for label, folder in unet_dirs.items():
+        unet = load_unet_folder(folder, label).eval()
+        noise_scheduler, schedule = noise_scheduler_for(folder, params)
+        loaded[label] = LoadedModel(
+            label, str(models[label]), EmbeddedModel(unet, noise_scheduler, device),
+            schedule, weights_fingerprint(folder), architecture_name(unet),
+            model_meta(str(models[label])),
+        )
+        check(loaded[label])
+    return loaded
+
+
 def build_context(
     params: Mapping[str, Any],
     models: Mapping[str, str],
@@ -196,28 +263,27 @@ def build_context(
     scorer is built or anything is written (e.g. a stress size against the native size)."""
     device = resolve_device(params.get("device"))
     sampling = Sampling.from_params(params)
-    check = check_model or (lambda loaded: None)
     if params["setting"] == "sd":
-        return _build_sd(params, models, device, sampling, check)
-    from fcr.eval.classifier import load_classifier
-    from fcr.settings.embedded import EmbeddedModel
-    from fcr.settings.models import load_unet_folder, noise_scheduler_for
+        from fcr.config import ConfigError
+        from fcr.eval.metrics import load_clip
+        from fcr.settings.sd_params import sd_fid_reference
 
-    unet_dirs = {label: resolve_unet_dir(source) for label, source in models.items()}
+        if not params["fid_reference"]:
+            raise ConfigError("parameter 'fid_reference': give a clean-fid statistics name or a folder of reference "
+                              "images")
+        loaded = load_models(params, models, device, check_model)
+        clip = load_clip(params["clip_model"], params["clip_pretrained"] or None, device)  # once, for every config
+        scorer = SDScorer(clip, sd_fid_reference(params), device, params["n_bootstrap"], params["fid_reference"])
+        return RunContext("sd", device, sampling, loaded, scorer, None, params)
+    from fcr.eval.classifier import load_classifier
+
+    for source in models.values():
+        resolve_unet_dir(source)  # an unknown model fails before anything else
     text_states = Path(params["data_dir"]) / "text_states.safetensors"
     if not text_states.is_file():
         raise FileNotFoundError(f"{text_states} not found: prepare the data with notebooks/01_data_prep.ipynb")
     classifier = load_classifier(map_location=device)
-    loaded = {}
-    for label, folder in unet_dirs.items():
-        unet = load_unet_folder(folder, label).eval()
-        noise_scheduler, schedule = noise_scheduler_for(folder, params)
-        loaded[label] = LoadedModel(
-            label, str(models[label]), EmbeddedModel(unet, noise_scheduler, device),
-            schedule, weights_fingerprint(folder), architecture_name(unet),
-            model_meta(str(models[label])),
-        )
-        check(loaded[label])
+    loaded = load_models(params, models, device, check_model)
     ref_feats = reference_features(
         classifier, Path(out_dir) / "reference" / f"fashion_mnist_test_features_n{reference_n or 'all'}.safetensors",
         n=reference_n,
@@ -226,28 +292,14 @@ def build_context(
     return RunContext("embedded", device, sampling, loaded, scorer, Path(params["data_dir"]), params)
 
 
-def _build_sd(params: Mapping[str, Any], models: Mapping[str, str], device: torch.device,
-              sampling: Sampling, check: Callable[[LoadedModel], None]) -> RunContext:
-    """SD: every checkpoint or run folder (fp16 on CUDA), CLIP once, the FID reference."""
-    from fcr.config import ConfigError
-    from fcr.eval.metrics import load_clip
-    from fcr.settings.sd import load_sd_components, sd_run_base
-    from fcr.settings.sd_params import sd_fid_reference
+def sd_weights_id(source: str, params: Mapping[str, Any]) -> str:
+    """What identifies an SD model's weights in result keys: a fine-tuning run folder's UNet files
+    (fingerprint), a checkpoint's id with the ``revision`` / ``variant`` it is loaded at."""
+    from fcr.settings.sd import sd_run_base
 
-    if not params["fid_reference"]:
-        raise ConfigError("parameter 'fid_reference': give a clean-fid statistics name or a folder of reference images")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    loaded = {}
-    for label, source in models.items():
-        parts = load_sd_components(source, device=device, dtype=dtype, revision=params["revision"] or None,
-                                   variant=params["variant"] or None)
-        if sd_run_base(Path(source).expanduser()) is not None:  # a fine-tuning run folder: its own weights
-            weights = weights_fingerprint(resolve_unet_dir(str(Path(source).expanduser())))
-        else:  # a checkpoint: named by its id, revision and variant
-            weights = f"{source}@{params['revision'] or 'default'}/{params['variant'] or 'default'}"
-        # Cost depends on the architecture only: every SD model of a run shares the name "sd".
-        loaded[label] = LoadedModel(label, str(source), parts, {}, weights, "sd", model_meta(str(source)))
-        check(loaded[label])
-    clip = load_clip(params["clip_model"], params["clip_pretrained"] or None, device)  # once, for every configuration
-    scorer = SDScorer(clip, sd_fid_reference(params), device, params["n_bootstrap"], params["fid_reference"])
-    return RunContext("sd", device, sampling, loaded, scorer, None, params)
+    folder = Path(source).expanduser()
+    if sd_run_base(folder) is not None:
+        return weights_fingerprint(resolve_unet_dir(str(folder)))
+    return f"{source}@{params['revision'] or 'default'}/{params['variant'] or 'default'}"
+
+

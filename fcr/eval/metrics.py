@@ -32,7 +32,9 @@ if TYPE_CHECKING:  # heavy / optional imports only for type checkers
 __all__ = [
     "DEFAULT_EXTRACTOR_NAME",
     "cache_reference_statistics",
+    "clip_embeddings",
     "clip_score",
+    "clip_score_from_embeddings",
     "fid_from_features",
     "feature_statistics",
     "frechet_distance",
@@ -344,6 +346,47 @@ def load_clip(model_name: str, pretrained: str | None, device: torch.device) -> 
     return model, preprocess, open_clip.get_tokenizer(model_name)
 
 
+def clip_embeddings(
+    images: Sequence[PILImage],
+    prompts: Sequence[str],
+    model_name: str = "ViT-L-14",
+    pretrained: str | None = "openai",
+    device: str | torch.device | None = None,
+    batch_size: int = 64,
+    clip: ClipBundle | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-normalised CLIP image and text embeddings ``(N, D)`` (float32, CPU) of image/prompt pairs.
+
+    ``clip`` injects a ``(model, preprocess, tokenizer)`` triple, else :func:`load_clip` loads
+    ``model_name`` / ``pretrained`` from open_clip.
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    dev = _default_device(device)
+    model, preprocess, tokenizer = clip if clip is not None else load_clip(model_name, pretrained, dev)
+    img_parts: list[torch.Tensor] = []
+    txt_parts: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            pixels = torch.stack([preprocess(im.convert("RGB")) for im in images[i : i + batch_size]]).to(dev)
+            tokens = tokenizer(list(prompts[i : i + batch_size])).to(dev)
+            # Normalise in float32: half-precision models would otherwise lose cosine accuracy.
+            img_parts.append(F.normalize(model.encode_image(pixels).float(), dim=-1).cpu())
+            txt_parts.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+    if not img_parts:
+        return torch.empty(0, 0), torch.empty(0, 0)
+    return torch.cat(img_parts), torch.cat(txt_parts)
+
+
+def clip_score_from_embeddings(image: torch.Tensor, text: torch.Tensor) -> np.ndarray:
+    """Per-pair CLIPScore ``max(100 * cos, 0)`` of unit-normalised embeddings, shape ``(N,)``."""
+    if image.numel() == 0:
+        return np.empty(0)
+    return (100.0 * (image * text).sum(dim=-1)).clamp(min=0.0).double().numpy()
+
+
 def clip_score(
     images: Sequence[PILImage],
     prompts: Sequence[str],
@@ -359,24 +402,7 @@ def clip_score(
     ``clip`` injects a ``(model, preprocess, tokenizer)`` triple, else :func:`load_clip` loads
     ``model_name`` / ``pretrained`` from open_clip.
     """
-    if len(images) != len(prompts):
-        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    dev = _default_device(device)
-    model, preprocess, tokenizer = clip if clip is not None else load_clip(model_name, pretrained, dev)
-    scores: list[torch.Tensor] = []
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            pixels = torch.stack([preprocess(im.convert("RGB")) for im in images[i : i + batch_size]]).to(dev)
-            tokens = tokenizer(list(prompts[i : i + batch_size])).to(dev)
-            # Normalise in float32: half-precision models would otherwise lose cosine accuracy.
-            img = F.normalize(model.encode_image(pixels).float(), dim=-1)
-            txt = F.normalize(model.encode_text(tokens).float(), dim=-1)
-            scores.append((100.0 * (img * txt).sum(dim=-1)).clamp(min=0.0).cpu())
-    if not scores:
-        return np.empty(0)
-    return torch.cat(scores).double().numpy()
+    return clip_score_from_embeddings(*clip_embeddings(images, prompts, model_name, pretrained, device, batch_size, clip))
 
 
 # ----------------------------------------------------------------------------- Stable Diffusion: clean-fid

@@ -165,19 +165,22 @@ class SDScorer:
         with_fid: bool = True,
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """FID of the PNGs written to ``image_dir`` (nan without ``with_fid``: e.g. prompts without
-        reference images) and the CLIPScore mean with its bootstrap interval; per image: CLIPScore."""
-        from fcr.eval.metrics import clip_score, sd_fid
+        reference images) and the CLIPScore mean with its bootstrap interval; per image: CLIPScore
+        and the CLIP image embedding."""
+        from fcr.eval.metrics import clip_embeddings, clip_score_from_embeddings, sd_fid
 
         if image_dir is None:
             raise ValueError("SD scoring writes the images for clean-fid: give image_dir")
         image_dir.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
             image.save(image_dir / f"{i:06d}.png")
-        scores = clip_score(list(images), list(prompts), device=self.device, clip=self.clip)
+        image_emb, text_emb = clip_embeddings(list(images), list(prompts), device=self.device, clip=self.clip)
+        scores = clip_score_from_embeddings(image_emb, text_emb)
         est, lo, hi = bootstrap_ci(scores, n_boot=self.n_bootstrap, seed=seed)
         fid = sd_fid(image_dir, device=self.device, **self.fid_kw) if with_fid else math.nan
         metrics = {"fid": fid, "clip_score": est, "clip_score_lo": lo, "clip_score_hi": hi, "images": str(image_dir)}
-        return metrics, {"clip_score": torch.from_numpy(scores)}
+        # The image embeddings serve the paired CLIP-drift endpoint (fcr.eval.fidelity).
+        return metrics, {"clip_score": torch.from_numpy(scores), "clip_image": image_emb}
 
 
 def per_kind_means(values: torch.Tensor, kinds: Sequence[str], order: Sequence[str]) -> dict[str, float]:

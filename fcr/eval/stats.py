@@ -1,4 +1,5 @@
-"""Statistics for reporting: bootstrap and t intervals, paired tests, OLS fits, relative change.
+"""Statistics for reporting: bootstrap and t intervals, paired tests, multiplicity control (Holm),
+the power of paired designs, OLS fits, relative change.
 
 All functions take array-likes and return Python floats (or dicts of floats), so results drop
 straight into pandas rows. Randomness comes only from the ``seed`` arguments.
@@ -19,8 +20,12 @@ __all__ = [
     "bootstrap_ci",
     "bootstrap_ci_paired",
     "bootstrap_metric",
+    "bootstrap_replicates",
+    "holm",
     "mean_ci_over_seeds",
     "ols",
+    "paired_mde",
+    "paired_n",
     "paired_test",
     "relative_change",
 ]
@@ -94,6 +99,24 @@ def bootstrap_ci_paired(
     return bootstrap_ci(x - y, stat=stat, n_boot=n_boot, alpha=alpha, seed=seed)
 
 
+def bootstrap_replicates(
+    f: Callable[..., float], x: np.ndarray | Any, n_boot: int = 200, seed: int = 0, y: np.ndarray | Any | None = None
+) -> np.ndarray:
+    """The ``n_boot`` bootstrap replicates of a set-level metric (see :func:`bootstrap_metric`):
+    rows of ``x`` resampled with replacement (and of ``y``, independently, when given). Paired
+    designs put both sets' rows side by side in ``x`` so they are resampled together."""
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    rng = np.random.default_rng(seed)
+    nx = len(x)
+    ny = len(y) if y is not None else 0
+    reps = np.empty(n_boot)
+    for i in range(n_boot):
+        xb = x[rng.integers(0, nx, size=nx)]
+        reps[i] = f(xb) if y is None else f(xb, y[rng.integers(0, ny, size=ny)])
+    return reps
+
+
 def bootstrap_metric(
     f: Callable[..., float],
     x: np.ndarray | Any,
@@ -114,15 +137,7 @@ def bootstrap_metric(
     estimate may lie near or outside its lower end.
     """
     _check_alpha(alpha)
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    rng = np.random.default_rng(seed)
-    nx = len(x)
-    ny = len(y) if y is not None else 0
-    reps = np.empty(n_boot)
-    for i in range(n_boot):
-        xb = x[rng.integers(0, nx, size=nx)]
-        reps[i] = f(xb) if y is None else f(xb, y[rng.integers(0, ny, size=ny)])
+    reps = bootstrap_replicates(f, x, n_boot, seed, y)
     estimate = f(x) if y is None else f(x, y)
     return (float(estimate), *_percentile_bounds(reps, alpha))
 
@@ -209,3 +224,67 @@ def relative_change(new: float, ref: float) -> float:
     if ref == 0:
         raise ValueError("relative change against a zero reference is undefined")
     return 100.0 * (float(new) - float(ref)) / abs(float(ref))
+
+
+# ----------------------------------------------------------------------------- multiplicity and power
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error control over the tests given, in their
+    order): ``p_(i)`` times ``m - i + 1`` in ascending order, made monotone, capped at 1. NaN
+    p-values (tests that could not be run) stay NaN and do not count towards ``m``."""
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    m = ok.size
+    if m == 0:
+        return out
+    order = ok[np.argsort(p[ok], kind="stable")]
+    adjusted = np.minimum(1.0, np.maximum.accumulate(p[order] * (m - np.arange(m))))
+    out[order] = adjusted
+    return out
+
+
+def _paired_z(alpha: float, power: float, sides: int) -> float:
+    _check_alpha(alpha)
+    if not 0 < power < 1:
+        raise ValueError(f"power must be in (0, 1); got {power}")
+    if sides not in (1, 2):
+        raise ValueError(f"sides must be 1 or 2; got {sides}")
+    return float(scipy.stats.norm.ppf(1 - alpha / sides) + scipy.stats.norm.ppf(power))
+
+
+def paired_mde(sd_diff: float, n: int, alpha: float = 0.05, power: float = 0.8, sides: int = 2) -> float:
+    """Minimal detectable mean difference of a paired design: the true mean of the per-pair
+    differences (standard deviation ``sd_diff``) that a level-``alpha`` test on ``n`` pairs detects
+    with probability ``power``. Uses the noncentral t (exact for normal differences), so small ``n``
+    are not flattered by the normal approximation."""
+    if n < 2:
+        raise ValueError(f"need at least 2 pairs; got {n}")
+    if sd_diff < 0:
+        raise ValueError(f"sd_diff must be >= 0; got {sd_diff}")
+    _paired_z(alpha, power, sides)  # argument checks
+    df = n - 1
+    crit = float(scipy.stats.t.ppf(1 - alpha / sides, df))
+
+    def achieved(delta_sd: float) -> float:  # power at a standardised effect delta_sd
+        return float(scipy.stats.nct.sf(crit, df, delta_sd * math.sqrt(n)))
+
+    lo, hi = 0.0, 1.0
+    while achieved(hi) < power:
+        hi *= 2
+    for _ in range(80):  # bisection on the standardised effect
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if achieved(mid) < power else (lo, mid)
+    return hi * sd_diff
+
+
+def paired_n(sd_diff: float, mde: float, alpha: float = 0.05, power: float = 0.8, sides: int = 2) -> int:
+    """Smallest number of pairs whose :func:`paired_mde` is at most ``mde``."""
+    if mde <= 0:
+        raise ValueError(f"mde must be > 0; got {mde}")
+    z = _paired_z(alpha, power, sides)
+    n = max(2, math.ceil((z * sd_diff / mde) ** 2))  # normal approximation: a lower bound
+    while paired_mde(sd_diff, n, alpha, power, sides) > mde:
+        n += 1
+    return n

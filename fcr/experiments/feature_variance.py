@@ -10,6 +10,7 @@ by image. The regression on quality drops is :mod:`fcr.experiments.mechanistic`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
@@ -310,71 +311,33 @@ def load_sd_variance_inputs(params: Mapping[str, Any], components: Any, batch_si
 
 @dataclass
 class _Measured:
-    """A model to measure: its UNet, training noise schedule, identity keys and origin."""
+    """A model to measure: its loaded form and where its inputs and origin come from."""
 
-    label: str
-    source: str
-    unet: torch.nn.Module
-    noise_scheduler: Any
-    schedule: dict[str, Any]
-    weights: str
+    loaded: Any  # fcr.eval.context.LoadedModel
     original: str
     lambda_fcr: float
     style: str
-    folder: Path | None
-    vae_key: str = ""  # SD: which VAE / text encoder made the inputs
-    components: Any = None
+    inputs_key: str  # models with the same key share the inputs (embedded: image style; SD: VAE)
 
 
-def _embedded_targets(params: Mapping[str, Any], models: Mapping[str, str]) -> list[_Measured]:
-    from fcr.eval.results import weights_fingerprint
-    from fcr.settings.models import (
-        EMBEDDED_MODELS,
-        load_unet_folder,
-        model_training_params,
-        noise_scheduler_for,
-        resolve_unet_dir,
-    )
+def _targets(params: Mapping[str, Any], models: Mapping[str, str], device: torch.device) -> list[_Measured]:
+    """Every model loaded once (fcr.eval.context.load_models), with its original model (a fine-tuned
+    run folder's base; none for shipped embedded names and scratch runs) and image style."""
+    from fcr.eval.context import load_models
+    from fcr.settings.models import EMBEDDED_MODELS, model_training_params, resolve_unet_dir
 
-    unet_dirs = {label: resolve_unet_dir(source) for label, source in models.items()}  # fails before any work
     out = []
-    for label, folder in unet_dirs.items():
-        trained = model_training_params(folder) or {}
-        noise_scheduler, schedule = noise_scheduler_for(folder, params)
-        source = str(models[label])
-        # Only a fine-tuned run folder has an original model (embedded names and scratch runs do not).
-        original = "" if source in EMBEDDED_MODELS else str(trained.get("model", ""))
-        out.append(_Measured(
-            label, source, load_unet_folder(folder, label).eval(), noise_scheduler, schedule,
-            weights_fingerprint(folder), "" if original == "scratch" else original,
-            float(trained.get("lambda_fcr", math.nan)), str(trained.get("train_style", "none")), folder,
-        ))
-    return out
-
-
-def _sd_targets(params: Mapping[str, Any], models: Mapping[str, str], device: torch.device) -> list[_Measured]:
-    from fcr.eval.context import model_meta
-    from fcr.eval.results import weights_fingerprint
-    from fcr.settings.models import resolve_unet_dir
-    from fcr.settings.sd import load_sd_components, sd_run_base
-
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    out = []
-    for label, source in models.items():
-        parts = load_sd_components(source, device=device, dtype=dtype, revision=params["revision"] or None,
-                                   variant=params["variant"] or None)
-        folder = Path(source).expanduser()
-        base = sd_run_base(folder)
-        weights = (weights_fingerprint(resolve_unet_dir(str(folder))) if base is not None
-                   else f"{source}@{params['revision'] or 'default'}/{params['variant'] or 'default'}")
-        meta = model_meta(str(source))
-        schedule = {k: parts.noise_scheduler.config[k] for k in ("num_train_timesteps", "beta_schedule", "prediction_type")}
-        lam = meta["lambda_fcr"]
-        out.append(_Measured(
-            label, str(source), parts.unet.eval(), parts.noise_scheduler, schedule, weights,
-            str(base["model"]) if base else "", float(lam) if lam is not None else math.nan, "none",
-            folder if base else None, vae_key=str(base["model"]) if base else str(source), components=parts,
-        ))
+    for label, loaded in load_models(params, models, device).items():
+        lam = loaded.meta["lambda_fcr"]
+        original = str(loaded.meta["original_model"] or "")
+        if params["setting"] == "sd":
+            out.append(_Measured(loaded, original, float(lam) if lam is not None else math.nan, "none",
+                                 original or loaded.source))
+            continue
+        trained = model_training_params(resolve_unet_dir(loaded.source)) or {}
+        style = str(trained.get("train_style", "none"))
+        original = "" if loaded.source in EMBEDDED_MODELS or original == "scratch" else original
+        out.append(_Measured(loaded, original, float(trained.get("lambda_fcr", math.nan)), style, style))
     return out
 
 
@@ -396,7 +359,7 @@ def run_variance(
 
     from fcr.eval.profiling import environment_info
     from fcr.eval.results import run_or_load
-    from fcr.settings.models import resolve_device
+    from fcr.settings.models import ModelNotFoundError, resolve_device, resolve_unet_dir
 
     out_dir = Path(out_dir)
     device = resolve_device(params.get("device"))
@@ -406,27 +369,28 @@ def run_variance(
         raise ValueError(
             f"parameter 'variance_max_stride': must be < num_inference_steps={params['num_inference_steps']}"
         )
-    sd = params["setting"] == "sd"
-    targets = _sd_targets(params, models, device) if sd else _embedded_targets(params, models)
+    targets = _targets(params, models, device)
     cached_inputs: dict[str, VarianceInputs] = {}
     results = []
-    for m in targets:
-        inputs_key = m.vae_key if sd else m.style
-        if inputs_key not in cached_inputs:
+    for t in targets:
+        m = t.loaded
+        if t.inputs_key not in cached_inputs:
             if inputs is not None:
-                cached_inputs[inputs_key] = inputs
-            elif sd:
-                cached_inputs[inputs_key] = load_sd_variance_inputs(params, m.components)
+                cached_inputs[t.inputs_key] = inputs
+            elif params["setting"] == "sd":
+                cached_inputs[t.inputs_key] = load_sd_variance_inputs(params, m.model)
             else:
-                cached_inputs[inputs_key] = load_variance_inputs(params["data_dir"], params["num_variance_images"],
-                                                                 params["seed"], m.style)
-        inp = cached_inputs[inputs_key]
-        if params["variance_delta_max"] >= m.schedule["num_train_timesteps"]:
+                cached_inputs[t.inputs_key] = load_variance_inputs(params["data_dir"], params["num_variance_images"],
+                                                                   params["seed"], t.style)
+        inp = cached_inputs[t.inputs_key]
+        if params["variance_delta_max"] >= m.model.noise_scheduler.config.num_train_timesteps:
             raise ValueError("parameter 'variance_delta_max': must be < the model's num_train_timesteps")
+        schedule = m.schedule or {k: m.model.noise_scheduler.config[k]
+                                  for k in ("num_train_timesteps", "beta_schedule", "prediction_type")}
         key = {
             "setting": params["setting"], "model": m.label, "model_source": m.source, "weights": m.weights,
-            **m.schedule, "split": inp.split, "inputs": inp.digest(), "num_variance_images": int(inp.x0.shape[0]),
-            "prompt_templates": "train", "train_style": m.style, "seed": params["seed"], "shared_noise": True,
+            **schedule, "split": inp.split, "inputs": inp.digest(), "num_variance_images": int(inp.x0.shape[0]),
+            "prompt_templates": "train", "train_style": t.style, "seed": params["seed"], "shared_noise": True,
             "deltas_train": deltas["train"], "deltas_sampling": deltas["sampling"], "scheduler": params["scheduler"],
             "num_inference_steps": params["num_inference_steps"], "feature_groups": list(FEATURE_GROUPS),
             "distance": "fcr.core.loss.feature_distance",
@@ -434,9 +398,10 @@ def run_variance(
         side = out_dir / "variance" / f"{m.label.replace('/', '_')}.safetensors"
 
         def compute(m=m, inp=inp, side=side):
+            noise_scheduler = m.model.noise_scheduler
             draws = variance_draws(inp.x0.shape[0], inp.x0.shape[1:], params["seed"])
-            grid = sampling_grid(m.noise_scheduler, params["scheduler"], params["num_inference_steps"])
-            values = measure_feature_variance(m.unet, m.noise_scheduler, inp, draws, deltas=deltas, grid=grid,
+            grid = sampling_grid(noise_scheduler, params["scheduler"], params["num_inference_steps"])
+            values = measure_feature_variance(m.model.unet, noise_scheduler, inp, draws, deltas=deltas, grid=grid,
                                               batch_size=batch_size, device=device, progress=progress)
             _save_values(values, side, {"model": m.label, "seed": str(params["seed"])})
             return {"mean": _summary(values), "grid": grid.tolist(), "side_file": side.name}
@@ -446,11 +411,14 @@ def run_variance(
         if progress:
             print(f"variance {m.label}: {'computed' if computed else 'loaded'}", flush=True)
         results.append(ModelVariance(
-            label=m.label, source=m.source, values=_load_values(side), original_model=m.original,
-            lambda_fcr=m.lambda_fcr, style=m.style, result=result,
+            label=m.label, source=m.source, values=_load_values(side), original_model=t.original,
+            lambda_fcr=t.lambda_fcr, style=t.style, result=result,
         ))
     sources = {m.label: m.source for m in results}
-    unet_dirs = {m.label: m.folder for m in targets if m.folder is not None}
+    unet_dirs = {}
+    for t in targets:
+        with contextlib.suppress(ModelNotFoundError):
+            unet_dirs[t.loaded.label] = resolve_unet_dir(t.loaded.source)
     for m in results:
         m.original_label = _match_original(m.original_model, unet_dirs, sources) if m.original_model else ""
         if m.original_label == m.label:

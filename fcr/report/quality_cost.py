@@ -69,10 +69,55 @@ def _quality_measured(d: Mapping[str, float], fd_name: str, acc_name: str) -> st
 QUALITY_THRESHOLD = "ΔFD ≤ +5 % and Δ class accuracy ≥ −2 % vs FD-5 of the original model"
 
 
+STUDY_THRESHOLD = ("ΔFD ≤ +5 % and Δ class accuracy ≥ −2 % vs FD-5 of the original model, shown by the "
+                   "pre-registered one-sided non-inferiority tests (Holm)")
+
+
+def _criterion_a_from_study(
+    b: Backbone, contrasts: pd.DataFrame, stride_config: str
+) -> tuple[list[dict], str | None, bool | None] | None:
+    """Criterion a from the study's secondary family: passed when both margins are shown
+    (non-inferior), failed when either is shown violated (inferior), n/a when the design cannot
+    decide; None when the study has no such rows for ``b`` at ``stride_config``."""
+    rows = contrasts[(contrasts["backbone"] == b.name) & (contrasts["family"] == "secondary")
+                     & (contrasts["config"] == stride_config)]
+    if rows.empty:
+        return None
+    model = str(rows["model"].iloc[0])
+    if rows["model"].nunique() > 1:  # no selection run: the verdict cannot pick a λ on the reported data
+        return ([verdict_row(A_NAME, backbone_scope(b), "n/a", STUDY_THRESHOLD, None,
+                             "No λ selected on a separate selection run: every FCR model was tested, none is the "
+                             "verdict's (choosing one on the reported data is what the study forbids).")], None, None)
+    by = rows.set_index("endpoint")
+    decisions = [str(d) for d in by["decision"]]
+    passed = (False if any(d == "inferior" for d in decisions)
+              else True if all(d == "non-inferior" for d in decisions) else None)
+    parts = []
+    for endpoint, label in (("fd_increase_pct", "ΔFD"), ("alignment_change_pct", "Δacc")):
+        if endpoint in by.index:
+            r = by.loc[endpoint]
+            parts.append(f"{label} {fmt_pct(float(r['estimate']))} [{fmt_pct(float(r['lo']))}, "
+                         f"{fmt_pct(float(r['hi']))}]: {r['decision']}")
+    n, m = int(rows["n"].iloc[0]), int(rows["m_tests"].iloc[0])
+    note = (f"{rows['contrast'].iloc[0]} ({model}) at {stride_config}, paired over n = {n} images, Holm over "
+            f"{m} secondary tests (contrasts.csv). "
+            + QUALITY_NOTE.replace("on means over seeds (summary.csv)", "paired per image"))
+    value = float(by.loc["fd_increase_pct", "estimate"]) if "fd_increase_pct" in by.index else None
+    return [verdict_row(A_NAME, backbone_scope(b), "; ".join(parts), STUDY_THRESHOLD, passed, note, value=value)], \
+        model, passed
+
+
 def criterion_a(
-    root: Path, b: Backbone, stride_config: str, ref_config: str
+    root: Path, b: Backbone, stride_config: str, ref_config: str, contrasts: pd.DataFrame | None = None
 ) -> tuple[list[dict], str | None, bool | None]:
-    """Rows of criterion a for one backbone, the selected FCR model label and its verdict."""
+    """Rows of criterion a for one backbone, the selected FCR model label and its verdict. With the
+    study's ``contrasts`` (:mod:`fcr.report.study`) the verdict is the pre-registered
+    non-inferiority test of the λ selected on the selection run; without, the point estimates of
+    ``summary.csv`` with the best λ of the reported data (as before the study existed)."""
+    if contrasts is not None and not contrasts.empty:
+        from_study = _criterion_a_from_study(b, contrasts, stride_config)
+        if from_study is not None:
+            return from_study
     path = sweep_dir(root, b) / contract.SUMMARY
     scope = backbone_scope(b)
     try:

@@ -28,7 +28,9 @@ __all__ = [
     "count_verdicts",
     "fmt3",
     "fmt_pct",
+    "format_number",
     "lookup_column",
+    "markdown_table",
     "producer",
     "read_json",
     "read_table",
@@ -201,3 +203,33 @@ def read_tables(folders: Sequence[Path], name: str) -> tuple[pd.DataFrame, str]:
         raise InputError(f"missing {where}: written by {PRODUCERS.get(name, 'the pipeline')}")
     frames = [pd.read_csv(p) for p in present]
     return pd.concat(frames, ignore_index=True), " + ".join(map(str, present))
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def format_number(x: Any) -> str:
+    """3 significant digits; ``n/a`` for missing values."""
+    if x is None:
+        return "n/a"
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    return "n/a" if not math.isfinite(v) else f"{v:.3g}"
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub markdown table of ``df`` as it is (cells already formatted)."""
+    if df.empty:
+        return "_(no rows)_\n"
+    cols = [str(c) for c in df.columns]
+
+    def cell(x: Any) -> str:
+        if x is None or (isinstance(x, float) and math.isnan(x)):
+            return ""
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"

@@ -26,7 +26,8 @@ from fcr.manifest import MANIFEST, Backbone, backbones_of
 from fcr.paths import REPO_ROOT, display_path
 from fcr.report.readme import update_readme
 from fcr.report.robustness_criterion import robustness_rows
-from fcr.report.rows import EXP1, EXP2, LAYOUT, InputError, read_table, result_dir
+from fcr.report.rows import EXP1, EXP2, LAYOUT, InputError, format_number, markdown_table, read_table, result_dir
+from fcr.report.study import study_section, study_tables
 from fcr.report.verdict import evaluate_criteria
 
 __all__ = [
@@ -57,17 +58,6 @@ METRIC_TITLES = {"fd": "FD (fashioncnn) ↓", "class_accuracy": "class accuracy 
 SD_GPU_COST = REPO_ROOT / "benchmarks" / "results" / "bench_sd_gpu.csv"
 
 
-def format_number(x: Any) -> str:
-    """3 significant digits; ``n/a`` for missing values."""
-    if x is None:
-        return "n/a"
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return str(x)
-    return "n/a" if not math.isfinite(v) else f"{v:.3g}"
-
-
 def _with_ci(v: Any, lo: Any, hi: Any) -> str:
     s = format_number(v)
     if s == "n/a":
@@ -75,22 +65,6 @@ def _with_ci(v: Any, lo: Any, hi: Any) -> str:
     if format_number(lo) == "n/a" or format_number(hi) == "n/a":
         return s
     return f"{s} [{format_number(lo)}, {format_number(hi)}]"
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    """A GitHub markdown table of ``df`` as it is (cells already formatted)."""
-    if df.empty:
-        return "_(no rows)_\n"
-    cols = [str(c) for c in df.columns]
-
-    def cell(x: Any) -> str:
-        if x is None or (isinstance(x, float) and math.isnan(x)):
-            return ""
-        return str(x).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- paired tests
@@ -238,10 +212,14 @@ def exp1_table(
     seeds; time per image (per timed batch size) and speed-ups vs ``reference_config`` of the
     same architecture (measured time, counted FLOPs, analytic bound); paired test vs the original
     model's ``reference_config`` (per-image prompted-class probability; mean_diff = row − FD-5).
-    ``backbone``: default the embedded exp-1 backbone of ``params/experiments.yaml``."""
+    ``backbone``: default the embedded exp-1 backbone of ``params/experiments.yaml``. The rows are
+    the manifest's variations and controls on the backbone's models (named as there); a manifest
+    without them gets the rows above, named by model and configuration."""
     if backbone is None:
         backbone = next(b for b in backbones_of("embedded") if b.experiment == EXP1)
     ref = (backbone.name, reference_config)
+    if backbone.rows:  # the manifest's variations and controls, by their names
+        return _variation_table(sweep_dir, [(name, model, config, *ref) for name, model, config in backbone.rows])
     specs = [
         ("Full sampling", backbone.name, full_config, *ref),
         (f"{reference_config}-baseline", backbone.name, reference_config, *ref),
@@ -263,16 +241,20 @@ def exp2_table(
     reference_config: str = "FD-5",
     stride_config: str = "FD-10",
 ) -> pd.DataFrame:
-    """exp-2 (generalisation): per backbone its original model at ``reference_config``, the FCR
-    model (λ = ``lambda_fcr``) at ``stride_config`` and, where the manifest's variations read a
-    backbone's FCR model at ``dpm_config``, that too (encoder caching on DPM-Solver++). Same columns as :func:`exp1_table`; speed-ups
-    and paired tests are against the backbone's original model at ``reference_config``.
-    ``backbones``: default the embedded exp-2 backbones of ``params/experiments.yaml``."""
+    """exp-2 (generalisation): per backbone the manifest's variations and controls on its models
+    (named as there); for a manifest without them, its original model at ``reference_config``, the
+    FCR model (λ = ``lambda_fcr``) at ``stride_config`` and, where the manifest reads a backbone's
+    FCR model at ``dpm_config``, that too (encoder caching on DPM-Solver++). Same columns as
+    :func:`exp1_table`; speed-ups and paired tests are against the backbone's original model at
+    ``reference_config``. ``backbones``: default the embedded exp-2 backbones of ``params/experiments.yaml``."""
     if backbones is None:
         backbones = [b for b in backbones_of("embedded") if b.experiment == EXP2]
     specs = []
     for b in backbones:
         ref = (b.name, reference_config)
+        if b.rows:  # the manifest's variations and controls, by their names
+            specs += [(name, model, config, *ref) for name, model, config in b.rows]
+            continue
         fcr = b.fcr_models.get(lambda_fcr) or next(iter(b.fcr_models.values()), None)
         specs.append((f"{b.role}: {b.name} {reference_config}", b.name, reference_config, *ref))
         if fcr is None:
@@ -458,7 +440,8 @@ def build_report(
     kwargs = dict(verdict_kwargs or {})
     if sd_gpu_cost is not None and Path(sd_gpu_cost).is_file():
         kwargs.setdefault("sd_gpu_cost", sd_gpu_cost)
-    verdict = evaluate_criteria(root, setting=setting, backbones=backbones, **kwargs)
+    study_results = study_tables(root, backbones)
+    verdict = evaluate_criteria(root, setting=setting, backbones=backbones, contrasts=study_results[0], **kwargs)
     # Paths in the notes as a reader of this checkout opens them (relative to the repository).
     for col in ("measured", "note"):
         verdict[col] = verdict[col].astype(str).str.replace(f"{REPO_ROOT.as_posix()}/", "", regex=False)
@@ -534,12 +517,14 @@ def build_report(
             return []
         return ["### Figures\n"] + [f"![{f.stem}]({Path(os.path.relpath(f, base)).as_posix()})\n" for f in figures]
 
+    study, study_files = study_section(backbones, out_dir, study_results)
+    files += study_files
     supplementary = _supplementary_robustness(root, backbones)
     timing = _timing_section(root)
-    report_md = "\n".join(intro + full_verdict + exp_parts + extra + supplementary + timing + figs(out_dir))
+    report_md = "\n".join(intro + full_verdict + study + exp_parts + extra + supplementary + timing + figs(out_dir))
     (out_dir / "report.md").write_text(report_md)
     files.append(out_dir / "report.md")
-    readme_md = "\n".join(intro + compact_verdict + exp_parts + supplementary + timing + figs(link_base))
+    readme_md = "\n".join(intro + compact_verdict + study + exp_parts + supplementary + timing + figs(link_base))
     return {"markdown": report_md, "readme_markdown": readme_md, "verdict": verdict, **tables, "files": files}
 
 

@@ -58,6 +58,7 @@ def evaluate_criteria(
     mechanistic_dirs: Sequence[str | Path] | None = None,
     stride_config: str = "FD-10",
     reference_config: str = "FD-5",
+    contrasts: pd.DataFrame | None = None,
     train_flops_per_image: Callable[[str, bool], float] | None = None,
     sd_finetune_gpu_hours: float | None = None,
     sd_gpu_cost: str | Path | None = None,
@@ -77,6 +78,8 @@ def evaluate_criteria(
     counted with :func:`fcr.eval.training_cost.training_step_flops` on the embedded architecture, once per pair).
     ``sd_finetune_gpu_hours``: GPU-hours of an SD FCR fine-tune, if one was run elsewhere.
     ``sd_gpu_cost``: ``benchmarks/bench_sd_gpu.py``'s CSV: adds criterion-b context rows at SD scale.
+    ``contrasts``: the study's pre-registered contrasts (:func:`fcr.report.study.study_tables`);
+    criterion a of a backbone with a study is then its non-inferiority test.
     """
     from fcr.settings.models import MODELS_DIR
 
@@ -97,7 +100,7 @@ def evaluate_criteria(
     selected: list[str] = []
     per_backbone: dict[str, tuple[bool | None, bool | None]] = {}
     for b in backbones:
-        a_rows, best, a_ok = criterion_a(root, b, stride_config, reference_config)
+        a_rows, best, a_ok = criterion_a(root, b, stride_config, reference_config, contrasts)
         b_rows, b_ok = criterion_b(root, b, best, a_ok, stride_config, reference_config)
         rows += a_rows + b_rows
         if best:

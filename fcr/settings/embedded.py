@@ -224,7 +224,9 @@ class EmbeddedModel:
         side = self.unet.config.sample_size
         return (self.unet.config.in_channels, *(image_size or (side, side)))
 
-    def condition(self, prompts: PromptSet, start: int, stop: int, guidance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def condition(
+        self, prompts: PromptSet, start: int, stop: int, guidance: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         cond = prompts.states[start:stop].to(self.unet.device)
         return cond, prompts.empty_state.expand_as(cond).to(self.unet.device) if guidance else None
 

@@ -52,7 +52,9 @@ class SamplingModel(Protocol):
     def latent_shape(self, image_size: tuple[int, int] | None) -> tuple[int, int, int]:
         """(C, h, w) of z_T for images of ``image_size`` = (height, width) pixels (None: the native size)."""
 
-    def condition(self, prompts: Any, start: int, stop: int, guidance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def condition(
+        self, prompts: Any, start: int, stop: int, guidance: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text states of ``prompts[start:stop]`` and, with ``guidance``, the empty prompt's (on the UNet's device)."""
 
     def finish(self, latents: torch.Tensor) -> torch.Tensor:

@@ -94,7 +94,9 @@ class SDComponents:
             raise ValueError(f"height and width must be multiples of the VAE factor {factor}; got {height}x{width}")
         return (self.unet.config.in_channels, height // factor, width // factor)
 
-    def condition(self, prompts: Sequence[str], start: int, stop: int, guidance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def condition(
+        self, prompts: Sequence[str], start: int, stop: int, guidance: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         device, dtype = self.unet.device, self.unet.dtype
         cond = encode_prompts(self.tokenizer, self.text_encoder, list(prompts[start:stop]), device).to(dtype)
         uncond = encode_prompts(self.tokenizer, self.text_encoder, [""], device).to(dtype) if guidance else None

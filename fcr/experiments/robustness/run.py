@@ -3,7 +3,6 @@ each finishes (embedded and SD)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Mapping
@@ -27,9 +26,8 @@ from fcr.experiments.robustness.stresses import (
     robustness_configurations,
     stress_definitions,
 )
-from fcr.settings.models import ModelNotFoundError, model_training_params, resolve_unet_dir
 
-__all__ = ["model_origins", "run_robustness"]
+__all__ = ["run_robustness"]
 
 # Images per adversarial-attack chunk: SD's backward pass holds one image at a time.
 SD_ATTACK_CHUNK = 1
@@ -53,30 +51,6 @@ def _stress_key(stress: Stress, params: Mapping[str, Any], attack: Mapping[str, 
     return key
 
 
-def model_origins(models: Mapping[str, str]) -> dict[str, str]:
-    """{label: label of the model it was fine-tuned from} for models whose origin
-    (``model_training_params(...)["model"]``) is itself one of ``models``: the same source string
-    (e.g. an SD hub id) or the same resolved UNet folder (so ``base`` and ``models/base`` match)."""
-    resolved: dict[str, Path] = {}
-    for label, source in models.items():
-        with contextlib.suppress(ModelNotFoundError):
-            resolved[label] = resolve_unet_dir(source)
-    out: dict[str, str] = {}
-    for label, folder in resolved.items():
-        origin = (model_training_params(folder) or {}).get("model")
-        if not origin or origin == "scratch":
-            continue
-        origin_dir = None
-        with contextlib.suppress(ModelNotFoundError):
-            origin_dir = resolve_unet_dir(str(origin))
-        for other, source in models.items():
-            same_dir = origin_dir is not None and resolved.get(other) == origin_dir
-            if other != label and (str(source) == str(origin) or same_dir):
-                out[label] = other
-                break
-    return out
-
-
 def _check_inputs(params: Mapping[str, Any], stresses: Mapping[str, Stress]) -> None:
     """Embedded: OOD text states must have the token length the prepared training states (and the
     models) have."""
@@ -96,7 +70,8 @@ def _check_resolution(stresses: Mapping[str, Stress]):
         native = loaded.model.native_resolution
         if res is not None and res.resolution <= native:
             raise ConfigError(
-                f"parameter 'stress_resolution': {res.resolution} is not above {loaded.label!r}'s training size {native}"
+                f"parameter 'stress_resolution': {res.resolution} is not above {loaded.label!r}'s training size "
+                f"{native}"
             )
 
     return check
@@ -153,9 +128,9 @@ def run_robustness(
 
                     def compute(loaded=loaded, config=config, stress=stress, prompts=prompts, kinds=kinds,
                                 attack=attack, stem=stem, seed=seed):
+                        cache = attack_caches.setdefault((seed, loaded.label), {})
                         hooks = StressHooks(stress, config, seed=seed, batch_size=params["eval_batch_size"],
-                                            attack=attack, attack_cache=attack_caches.setdefault((seed, loaded.label), {}),
-                                            **({"chunk_size": chunk} if chunk else {}))
+                                            attack=attack, attack_cache=cache, **({"chunk_size": chunk} if chunk else {}))
                         start = time.perf_counter()
                         gen = ctx.generate(loaded, prompts, config, seed=seed, image_size=stress.resolution,
                                            noise_hook=hooks.noise_hook, scheduler_hook=hooks.scheduler_hook,
@@ -172,7 +147,8 @@ def run_robustness(
                         if stress.adversarial:
                             result["attack_batches_reused"] = hooks.batches_reused
                         if kinds is not None:  # alignment per OOD prompt list (nan: no image of that list)
-                            means = per_kind_means(per_image[ctx.scorer.alignment_per_image], kinds, prompt_source.files)
+                            values = per_image[ctx.scorer.alignment_per_image]
+                            means = per_kind_means(values, kinds, prompt_source.files)
                             result.update({f"{ctx.scorer.alignment}_{kind}": v for kind, v in means.items()})
                         save_safetensors_atomic(
                             per_image, out_dir / "results" / f"{stem}.safetensors",

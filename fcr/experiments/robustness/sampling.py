@@ -66,7 +66,8 @@ class StressHooks:
         return self._perturbed if self.stress.schedule_noise_std is not None else None
 
     def _perturbed(self, batch_index: int, scheduler: Any) -> Any:
-        return perturbed_scheduler(scheduler, float(self.stress.schedule_noise_std), schedule_seed(self.seed, batch_index))
+        std = float(self.stress.schedule_noise_std)
+        return perturbed_scheduler(scheduler, std, schedule_seed(self.seed, batch_index))
 
     def _attacked(self, batch: Batch) -> tuple[torch.Tensor, Mapping[str, float]]:
         key = (batch.index, self.batch_size, self.config.scheduler, self.config.num_inference_steps,

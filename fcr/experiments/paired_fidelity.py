@@ -1,0 +1,123 @@
+"""Paired caching fidelity of a sweep: every cached cell's images against the full-sampling images
+of the same prompts and initial noise, image by image (:mod:`fcr.eval.fidelity`).
+
+Two references per cell: the same model's ``full`` sampling (``own_full``: what caching itself
+changes) and, for a fine-tuned model, its original model's ``full`` sampling (``original_full``:
+how far the whole recipe, fine-tune plus caching, moves the images the user had). Per-image
+values go to ``out_dir/fidelity/<cell>__vs_<reference>.safetensors`` so any contrast is paired;
+:func:`fidelity_table` returns their means over the pooled images of all seeds with percentile
+bootstrap 95 % intervals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from fcr.contract import FIDELITY_DIRECTIONS
+from fcr.eval.fidelity import fidelity
+from fcr.eval.results import save_safetensors_atomic
+from fcr.eval.stats import bootstrap_ci
+from fcr.experiments.sweep import quality_stem
+
+__all__ = ["REFERENCES", "cell_tensors", "fidelity_stem", "fidelity_table", "load_fidelity"]
+
+REFERENCES: tuple[str, ...] = ("own_full", "original_full")
+
+
+def _png_folder(folder: Path) -> torch.Tensor:
+    """uint8 (N, C, H, W) of the PNGs a scorer wrote (SD), in file-name order."""
+    from PIL import Image
+
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def cell_tensors(out_dir: str | Path, model: str, config: str, seed: int) -> tuple[dict[str, torch.Tensor], str]:
+    """The per-image tensors of one sweep cell (its side file; SD: plus the PNGs as uint8 ``images``)
+    and the prompts it was made from (the side file's metadata)."""
+    out_dir = Path(out_dir)
+    stem = quality_stem(model, config, seed)
+    path = out_dir / "quality" / f"{stem}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: it is written by run_sweep")
+    with safe_open(str(path), framework="pt") as f:
+        prompts = (f.metadata() or {}).get("prompts", "")
+    tensors = load_file(str(path))
+    folder = out_dir / "images" / stem
+    if "images" not in tensors and folder.is_dir():
+        tensors["images"] = _png_folder(folder)
+    return tensors, prompts
+
+
+def fidelity_stem(model: str, config: str, seed: int, reference: str) -> str:
+    return f"{quality_stem(model, config, seed)}__vs_{reference}"
+
+
+def load_fidelity(out_dir: str | Path, model: str, config: str, seed: int, reference: str) -> dict[str, torch.Tensor]:
+    """The per-image fidelity :func:`fidelity_table` wrote for one cell and reference."""
+    path = Path(out_dir) / "fidelity" / f"{fidelity_stem(model, config, seed, reference)}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: it is written by fcr.experiments.paired_fidelity.fidelity_table")
+    return load_file(str(path))
+
+
+def fidelity_table(
+    out_dir: str | Path,
+    quality: pd.DataFrame,
+    origins: Mapping[str, str],
+    *,
+    reference_config: str = "full",
+    n_boot: int = 200,
+) -> pd.DataFrame:
+    """Per-image fidelity of every cell of ``quality`` (run_sweep's table) but ``reference_config``
+    against its references (:data:`REFERENCES`; ``origins``: {fine-tuned label: original label}),
+    written per image and seed; returns one row per model x configuration x reference with, per
+    endpoint, the mean over all images of all seeds (pairs: image ``i`` of seed ``k``) and its
+    percentile bootstrap interval (``<endpoint>``, ``_lo``, ``_hi``), ``n_images`` and ``n_seeds``.
+    A reference cell that was not run is skipped; cells from different prompts raise ValueError."""
+    out_dir = Path(out_dir)
+    ran = set(zip(quality["model"].astype(str), quality["config"].astype(str), quality["seed"].astype(int)))
+    strides = {(str(m), str(c)): s for m, c, s in zip(quality["model"], quality["config"], quality.get("stride", []))}
+    pooled: dict[tuple[str, str, str, str], list[dict[str, torch.Tensor]]] = {}
+    for model, config, seed in sorted(ran):
+        if config == reference_config:
+            continue
+        refs = {"own_full": model, **({"original_full": origins[model]} if model in origins else {})}
+        for reference, ref_model in refs.items():
+            if (ref_model, reference_config, seed) not in ran:
+                continue
+            cell, prompts = cell_tensors(out_dir, model, config, seed)
+            ref, ref_prompts = cell_tensors(out_dir, ref_model, reference_config, seed)
+            if prompts != ref_prompts:
+                raise ValueError(f"{model}@{config} and {ref_model}@{reference_config} (seed {seed}) were not made "
+                                 "from the same prompts: no paired comparison")
+            values = fidelity(cell, ref)
+            save_safetensors_atomic(
+                {k: v.contiguous() for k, v in values.items()},
+                out_dir / "fidelity" / f"{fidelity_stem(model, config, seed, reference)}.safetensors",
+                {"model": model, "config": config, "seed": str(seed), "reference": reference,
+                 "reference_model": ref_model, "reference_config": reference_config},
+            )
+            pooled.setdefault((model, config, reference, ref_model), []).append(values)
+    rows: list[dict[str, Any]] = []
+    for (model, config, reference, ref_model), parts in pooled.items():
+        row: dict[str, Any] = {"model": model, "config": config, "stride": strides.get((model, config)),
+                               "reference": reference, "reference_model": ref_model,
+                               "reference_config": reference_config}
+        for name in FIDELITY_DIRECTIONS:
+            if name in parts[0]:
+                values = torch.cat([p[name] for p in parts]).numpy()
+                est, lo, hi = bootstrap_ci(values, n_boot=n_boot, seed=0)
+                row.update({name: est, f"{name}_lo": lo, f"{name}_hi": hi})
+        row["n_images"] = int(sum(next(iter(p.values())).shape[0] for p in parts))
+        row["n_seeds"] = len(parts)
+        rows.append(row)
+    return pd.DataFrame(rows)

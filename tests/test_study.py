@@ -1,0 +1,195 @@
+"""The study layer (issue #12): paired fidelity endpoints, Holm, the power of paired designs, the
+manifest's pre-registered study, and the contrasts evaluated from sweep side files.
+
+The side files here are built from seeded tensors to test the statistics' code paths (never results).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.power import TTestPower
+
+from fcr.eval.fidelity import PSNR_CAP_DB, embedding_drift, feature_distance, fidelity, pixel_fidelity
+from fcr.eval.results import save_safetensors_atomic
+from fcr.eval.stats import holm, paired_mde, paired_n
+from fcr.experiments.contrasts import evaluate_contrasts, safe_strides, select_lambda
+from fcr.experiments.paired_fidelity import fidelity_table, load_fidelity
+from fcr.experiments.sweep import quality_stem
+from fcr.manifest import ManifestError, Study, load_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ----------------------------------------------------------------------------- fidelity endpoints
+
+
+def test_pixel_fidelity_matches_its_definitions() -> None:
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.rand(3, 1, 16, 16, generator=gen) * 2 - 1
+    noisy = ref + 0.1 * torch.randn(ref.shape, generator=gen)
+    out = pixel_fidelity(noisy, ref)
+    rmse = (noisy - ref).double().pow(2).flatten(1).mean(1).sqrt()
+    assert torch.allclose(out["rmse"], rmse)
+    assert torch.allclose(out["psnr"], 20 * torch.log10(2.0 / rmse))
+    assert bool(((out["ssim"] > 0) & (out["ssim"] < 1)).all())
+    same = pixel_fidelity(ref, ref)
+    assert bool((same["rmse"] == 0).all() and (same["psnr"] == PSNR_CAP_DB).all())
+    assert torch.allclose(same["ssim"], torch.ones(3, dtype=torch.float64))
+    worse = pixel_fidelity(ref + 0.3 * torch.randn(ref.shape, generator=gen), ref)
+    assert bool((worse["psnr"] < out["psnr"]).all() and (worse["ssim"] < out["ssim"]).all())
+    with pytest.raises(ValueError, match="shape"):
+        pixel_fidelity(ref, ref[:2])
+
+
+def test_feature_and_embedding_distances() -> None:
+    a = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    assert torch.allclose(feature_distance(a, torch.zeros(2, 2)), torch.tensor([5.0, 1.0], dtype=torch.float64))
+    # Embeddings are compared after normalisation: a rescaled embedding has no drift.
+    assert torch.allclose(embedding_drift(a, 10 * a), torch.zeros(2, dtype=torch.float64), atol=1e-12)
+    drift = embedding_drift(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]))
+    assert math.isclose(float(drift), 1.0)  # sqrt(((1-0)^2 + (0-1)^2) / 2)
+    with pytest.raises(ValueError, match="share no per-image tensor"):
+        fidelity({"clip_score": torch.ones(2)}, {"clip_score": torch.ones(2)})
+
+
+# ----------------------------------------------------------------------------- multiplicity and power
+
+
+def test_holm_equals_statsmodels_and_skips_nan() -> None:
+    p = [0.01, 0.04, 0.03, 0.5, 0.002, 0.2]
+    assert np.allclose(holm(p), multipletests(p, method="holm")[1])
+    with_nan = holm([0.01, math.nan, 0.04])
+    assert math.isnan(with_nan[1])
+    assert np.allclose(with_nan[[0, 2]], multipletests([0.01, 0.04], method="holm")[1])
+
+
+@pytest.mark.parametrize("n", [5, 30, 200])
+def test_paired_mde_is_the_noncentral_t_solution(n: int) -> None:
+    for alpha, power in ((0.05, 0.8), (0.01, 0.9)):
+        d = TTestPower().solve_power(nobs=n, alpha=alpha, power=power)
+        assert paired_mde(2.0, n, alpha, power) == pytest.approx(2.0 * d, rel=1e-5)
+    n_needed = paired_n(1.0, 0.3)
+    assert paired_mde(1.0, n_needed) <= 0.3 < paired_mde(1.0, n_needed - 1)
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def _manifest_with_study(tmp_path: Path, study: dict) -> Path:
+    raw = yaml.safe_load((REPO / "params" / "experiments.yaml").read_text())
+    raw["experiments"][0]["settings"]["embedded"]["study"] = study
+    path = tmp_path / "experiments.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    return path
+
+
+def test_manifest_study_is_validated(tmp_path: Path) -> None:
+    plan = load_manifest(_manifest_with_study(tmp_path, {"alpha": 0.05, "strides": ["FD-10"]}), REPO)
+    backbone = plan["exp-1-main-ablation"].settings["embedded"].backbones[0]
+    assert backbone.study == Study(alpha=0.05, strides=("FD-10",))
+    for bad, match in (({"alpah": 0.05}, "unknown keys"), ({"primary_endpoint": "fid"}, "primary_endpoint"),
+                       ({"alpha": "5e-2"}, "expected a number"), ({"power": 1.5}, "alpha and power"),
+                       ({"selection_run": "nope"}, "no 03_stride_sweep run named 'nope'")):
+        with pytest.raises(ManifestError, match=match):
+            load_manifest(_manifest_with_study(tmp_path, bad), REPO)
+
+
+# ----------------------------------------------------------------------------- contrasts on a built sweep
+
+
+N, D = 40, 8
+
+
+def _write_cell(out: Path, model: str, config: str, seed: int, images: torch.Tensor, features: torch.Tensor,
+                correct: torch.Tensor, prompts: list[str]) -> None:
+    save_safetensors_atomic(
+        {"images": ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), "features": features,
+         "correct": correct},
+        out / "quality" / f"{quality_stem(model, config, seed)}.safetensors",
+        {"model": model, "config": config, "seed": str(seed), "prompts": json.dumps(prompts)},
+    )
+
+
+@pytest.fixture()
+def sweep(tmp_path: Path) -> dict:
+    """A sweep folder: base, control and fcr at full / FD-5 / FD-10 / FD-20, one seed. The fcr model's
+    cached images stay much closer to its full images than the control's do (a large paired effect)."""
+    gen = torch.Generator().manual_seed(0)
+    prompts = [f"prompt {i}" for i in range(N)]
+    ref_feats = torch.randn(500, D, generator=gen, dtype=torch.float64)
+    save_safetensors_atomic({"features": ref_feats}, tmp_path / "reference" / "ref.safetensors", {})
+    rows = []
+    noise = {"full": 0.0, "FD-5": 0.02, "FD-10": 0.05, "FD-20": 0.2}
+    for model, scale in (("base", 1.0), ("control", 1.0), ("fcr", 0.3)):
+        full = torch.rand(N, 1, 8, 8, generator=gen) * 1.6 - 0.8
+        feats = torch.randn(N, D, generator=gen, dtype=torch.float64)
+        for config, level in noise.items():
+            eps = torch.randn(full.shape, generator=gen) * level * scale
+            drift = torch.randn(N, D, generator=gen, dtype=torch.float64) * level * 20 * scale
+            _write_cell(tmp_path, model, config, 0, full + eps, feats + drift, torch.ones(N, dtype=torch.float64),
+                        prompts)
+            stride = {"full": 1, "FD-5": 5, "FD-10": 10, "FD-20": 20}[config]
+            rows.append({"model": model, "config": config, "seed": 0, "stride": stride})
+    quality = pd.DataFrame(rows)
+    origins = {"control": "base", "fcr": "base"}
+    fid = fidelity_table(tmp_path, quality, origins, n_boot=50)
+    return {"out": tmp_path, "quality": quality, "fidelity": fid}
+
+
+def test_fidelity_table_pairs_cells_with_their_references(sweep: dict) -> None:
+    fid = sweep["fidelity"].set_index(["model", "config", "reference"])
+    assert ("base", "FD-10", "original_full") not in fid.index  # an original is its own reference
+    assert fid.loc[("fcr", "FD-10", "original_full"), "reference_model"] == "base"
+    assert fid.loc[("fcr", "FD-10", "own_full"), "psnr"] > fid.loc[("control", "FD-10", "own_full"), "psnr"]
+    assert (fid["n_images"] == N).all() and not any(c == "full" for _, c, _ in fid.index)
+    per_image = load_fidelity(sweep["out"], "fcr", "FD-10", 0, "own_full")
+    assert per_image["psnr"].shape == (N,)
+    assert float(per_image["psnr"].mean()) == pytest.approx(fid.loc[("fcr", "FD-10", "own_full"), "psnr"])
+
+
+def test_fidelity_refuses_cells_of_other_prompts(sweep: dict) -> None:
+    out, quality = sweep["out"], sweep["quality"]
+    cell = torch.zeros(N, 1, 8, 8)
+    _write_cell(out, "control", "full", 0, cell, torch.zeros(N, D, dtype=torch.float64), torch.ones(N), ["x"] * N)
+    with pytest.raises(ValueError, match="same prompts"):
+        fidelity_table(out, quality, {}, n_boot=10)
+
+
+def test_contrasts_detect_a_large_effect_and_say_when_not(sweep: dict) -> None:
+    study = Study(strides=("FD-10", "FD-20"), n_boot=200)
+    out, quality = sweep["out"], sweep["quality"]
+    table = evaluate_contrasts(out, quality, original="base", fcr_models={0.1: "fcr"}, control="control",
+                               study=study)
+    primary = table[table["family"] == "primary"].set_index("config")
+    assert (primary["m_tests"] == 2).all()
+    assert (primary["decision"] == "FCR better").all(), primary["decision"].tolist()
+    assert (primary["p_holm"] >= primary["p"]).all()
+    # The same model on both sides: zero differences, nothing to detect.
+    same = evaluate_contrasts(out, quality, original="base", fcr_models={0.1: "control"}, control="control",
+                              study=study)
+    assert same[same["family"] == "primary"]["decision"].str.startswith("not detectable at n = 40").all()
+    secondary = table[table["family"] == "secondary"]
+    assert set(secondary["endpoint"]) == {"fd_increase_pct", "alignment_change_pct"}
+    assert (secondary["m_tests"] == 4).all()
+    fd10 = secondary[(secondary["config"] == "FD-10") & (secondary["endpoint"] == "fd_increase_pct")].iloc[0]
+    assert fd10["lo"] <= fd10["estimate"] <= fd10["hi"]
+
+
+def test_selection_and_safe_strides(sweep: dict) -> None:
+    study = Study(strides=("FD-10",), n_boot=200)
+    out, quality = sweep["out"], sweep["quality"]
+    assert select_lambda(out, quality, {0.05: "control", 0.1: "fcr"}, "control", study) == (0.1, "fcr")
+    safe = safe_strides(out, quality, ["base", "fcr"], study)
+    assert set(safe["stride"]) == {10, 20}
+    by_model = safe.groupby("model")[["safe_stride", "first_unsafe"]].first()
+    assert by_model.loc["base", "safe_stride"] >= 5
+    # fcr's drift is smaller at every stride, so it is at least as safe as base.
+    assert by_model.loc["fcr", "safe_stride"] >= by_model.loc["base", "safe_stride"]
