@@ -100,11 +100,16 @@ def test_plan_fills_model_lists_and_quality_tables(tmp_path: Path) -> None:
     tasks = plan("embedded", root=tmp_path / "out", overlays=[SMOKE], bench=False)
     names = [t.name for t in tasks]
     assert names[0] == "01_data_prep" and names[-1] == "report"
-    sweep = next(t for t in tasks if t.name.startswith("exp-1-main-ablation: 03_stride_sweep"))
+    sweep = next(t for t in tasks if t.name == "exp-1-main-ablation: 03_stride_sweep (main)")
     assert sweep.overrides["sweep_models"][0] == "base"
     assert sweep.overrides["sweep_models"][1].endswith("exp-1-main-ablation/control_lambda0_fd10")
     mech = next(t for t in tasks if t.name.startswith("exp-2-generalisation-robustness: 05"))
     assert [Path(p).name for p in mech.overrides["quality_tables"]] == ["quality.csv", "robustness.csv"]
+    # The study's λ-selection sweep runs before the main sweep and stays out of the regression.
+    selection = names.index("exp-1-main-ablation: 03_stride_sweep (selection)")
+    assert selection < names.index("exp-1-main-ablation: 03_stride_sweep (main)")
+    mech1 = next(t for t in tasks if t.name.startswith("exp-1-main-ablation: 05"))
+    assert [Path(p).parent.name for p in mech1.overrides["quality_tables"]] == ["main"]
     finetune = next(t for t in tasks if "fine-tune base-v" in t.name)
     merged = finetune.merged()
     assert (merged["model"], merged["prediction_type"], merged["lambda_fcr"]) == ("base-v", "v_prediction", 0.1)

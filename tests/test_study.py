@@ -193,3 +193,17 @@ def test_selection_and_safe_strides(sweep: dict) -> None:
     assert by_model.loc["base", "safe_stride"] >= 5
     # fcr's drift is smaller at every stride, so it is at least as safe as base.
     assert by_model.loc["fcr", "safe_stride"] >= by_model.loc["base", "safe_stride"]
+
+
+def test_power_table_sizes_from_the_pilot_spread(sweep: dict) -> None:
+    from fcr.experiments.contrasts import power_table
+
+    study = Study(strides=("FD-10",), n_boot=100)
+    table = evaluate_contrasts(sweep["out"], sweep["quality"], original="base", fcr_models={0.1: "fcr"},
+                               control="control", study=study)
+    assert table["sd_diff"].notna().any()
+    sizes = power_table(table, [40, 160])
+    primary = sizes[sizes["family"] == "primary"].set_index("n")
+    # Four times the pairs halves the minimal detectable effect (to the t distribution's small-n slack).
+    assert primary.loc[160, "mde"] < primary.loc[40, "mde"] / 1.9
+    assert primary.loc[40, "mde"] == pytest.approx(table[table["family"] == "primary"]["mde"].iloc[0])

@@ -39,13 +39,14 @@ from fcr.manifest import Study
 __all__ = [
     "CONTRAST_COLUMNS",
     "evaluate_contrasts",
+    "power_table",
     "safe_strides",
     "select_lambda",
 ]
 
 CONTRAST_COLUMNS = [
     "family", "contrast", "kind", "endpoint", "model", "config", "vs_model", "vs_config", "n", "estimate",
-    "lo", "hi", "margin", "p", "p_holm", "m_tests", "mde", "decision",
+    "lo", "hi", "margin", "p", "p_holm", "m_tests", "sd_diff", "mde", "decision",
 ]
 
 
@@ -299,3 +300,21 @@ def evaluate_contrasts(
             r["decision"] = _decide(r, study)
         rows += family
     return pd.DataFrame(rows, columns=CONTRAST_COLUMNS)
+
+
+def power_table(contrasts: pd.DataFrame, sizes: Sequence[int], alpha: float = 0.05, power: float = 0.8) -> pd.DataFrame:
+    """Sizing from a pilot: for every paired contrast with a measured spread (``sd_diff``), the
+    minimal detectable mean difference at each number of pairs in ``sizes``, at Holm's strictest
+    level for the contrast's family (``alpha / m_tests``)."""
+    rows = []
+    for _, r in contrasts.iterrows():
+        sd = float(r.get("sd_diff", math.nan))
+        if not math.isfinite(sd):
+            continue
+        level = alpha / max(int(r["m_tests"]), 1)
+        for n in sizes:
+            rows.append({"family": r["family"], "contrast": r["contrast"], "endpoint": r["endpoint"],
+                         "config": r["config"], "pilot_n": int(r["n"]), "pilot_estimate": float(r["estimate"]),
+                         "sd_diff": sd, "alpha_per_test": level, "power": power, "n": int(n),
+                         "mde": paired_mde(sd, int(n), level, power)})
+    return pd.DataFrame(rows)

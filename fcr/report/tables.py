@@ -529,7 +529,8 @@ def build_report(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m fcr.report --root outputs/embedded [--setting sd] [--out-dir DIR] [--readme README.md]``."""
+    """CLI: ``python -m fcr.report --root outputs/embedded [--setting sd] [--out-dir DIR] [--readme README.md]
+    [--manifest FILE]``."""
     parser = argparse.ArgumentParser(description="Write the result tables and the success-criteria verdict of a run.")
     parser.add_argument("--root", default="outputs/embedded", help="the run's output folder")
     parser.add_argument("--setting", default="embedded", choices=("embedded", "sd"),
@@ -537,13 +538,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=None, help="where the report goes (default ROOT/report)")
     parser.add_argument("--readme", default=None, help="README whose results section is replaced")
     parser.add_argument("--dpm-config", default="DPM++-FD-10", help="name of the cached DPM-Solver++ configuration")
+    parser.add_argument("--manifest", default=str(MANIFEST), help="experiments manifest whose backbones are read "
+                        "(default params/experiments.yaml; e.g. params/pilot/experiments.yaml)")
     args = parser.parse_args(argv)
     from fcr.paths import chdir_repo_root
 
     chdir_repo_root()
     link_base = Path(args.readme).resolve().parent if args.readme else None
     report = build_report(args.root, args.out_dir, link_base=link_base, setting=args.setting,
-                          dpm_config=args.dpm_config)
+                          dpm_config=args.dpm_config, manifest=args.manifest)
     print(format_verdict(report["verdict"])[["criterion", "scope", "measured", "passed"]].to_string(index=False))
     print(f"report: {Path(args.out_dir or Path(args.root) / 'report') / 'report.md'}")
     if args.readme:
