@@ -58,8 +58,8 @@ def _seeds(quality: pd.DataFrame, model: str, config: str) -> list[int]:
     return sorted(int(s) for s in hit["seed"].unique())
 
 
-def _fidelity_values(sweep_dir: Path, quality: pd.DataFrame, model: str, config: str, endpoint: str,
-                     reference: str, seeds: Sequence[int]) -> np.ndarray:
+def _fidelity_values(sweep_dir: Path, model: str, config: str, endpoint: str, reference: str,
+                     seeds: Sequence[int]) -> np.ndarray:
     return np.concatenate([load_fidelity(sweep_dir, model, config, s, reference)[endpoint].double().numpy()
                            for s in seeds])
 
@@ -172,8 +172,8 @@ def select_lambda(sweep_dir: str | Path, quality: pd.DataFrame, fcr_models: Mapp
         if not seeds:
             continue
         gain = sign * float(np.mean(
-            _fidelity_values(sweep_dir, quality, model, config, study.primary_endpoint, study.primary_reference, seeds)
-            - _fidelity_values(sweep_dir, quality, control, config, study.primary_endpoint, study.primary_reference,
+            _fidelity_values(sweep_dir, model, config, study.primary_endpoint, study.primary_reference, seeds)
+            - _fidelity_values(sweep_dir, control, config, study.primary_endpoint, study.primary_reference,
                                seeds)))
         if best is None or gain > best[0]:
             best = (gain, lam, model)
@@ -251,9 +251,9 @@ def evaluate_contrasts(
                        "endpoint": study.primary_endpoint, "model": model, "config": config, "vs_model": control,
                        "vs_config": config, "margin": math.nan}
                 if seeds:
-                    diff = (_fidelity_values(sweep_dir, quality, model, config, study.primary_endpoint,
+                    diff = (_fidelity_values(sweep_dir, model, config, study.primary_endpoint,
                                              study.primary_reference, seeds)
-                            - _fidelity_values(sweep_dir, quality, control, config, study.primary_endpoint,
+                            - _fidelity_values(sweep_dir, control, config, study.primary_endpoint,
                                                study.primary_reference, seeds))
                     row.update(_superiority(diff, study))
                 else:

@@ -87,15 +87,19 @@ def fidelity_table(
     ran = set(zip(quality["model"].astype(str), quality["config"].astype(str), quality["seed"].astype(int)))
     strides = {(str(m), str(c)): s for m, c, s in zip(quality["model"], quality["config"], quality.get("stride", []))}
     pooled: dict[tuple[str, str, str, str], list[dict[str, torch.Tensor]]] = {}
+    references: dict[tuple[str, int], tuple[dict[str, torch.Tensor], str]] = {}  # each full cell read once
     for model, config, seed in sorted(ran):
         if config == reference_config:
             continue
         refs = {"own_full": model, **({"original_full": origins[model]} if model in origins else {})}
+        refs = {r: m for r, m in refs.items() if (m, reference_config, seed) in ran}
+        if not refs:
+            continue
+        cell, prompts = cell_tensors(out_dir, model, config, seed)
         for reference, ref_model in refs.items():
-            if (ref_model, reference_config, seed) not in ran:
-                continue
-            cell, prompts = cell_tensors(out_dir, model, config, seed)
-            ref, ref_prompts = cell_tensors(out_dir, ref_model, reference_config, seed)
+            if (ref_model, seed) not in references:
+                references[(ref_model, seed)] = cell_tensors(out_dir, ref_model, reference_config, seed)
+            ref, ref_prompts = references[(ref_model, seed)]
             if prompts != ref_prompts:
                 raise ValueError(f"{model}@{config} and {ref_model}@{reference_config} (seed {seed}) were not made "
                                  "from the same prompts: no paired comparison")
