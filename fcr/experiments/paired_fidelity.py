@@ -25,7 +25,7 @@ from fcr.contract import FIDELITY_DIRECTIONS
 from fcr.eval.fidelity import fidelity
 from fcr.eval.results import save_safetensors_atomic
 from fcr.eval.stats import bootstrap_ci
-from fcr.experiments.sweep import quality_stem
+from fcr.experiments.sweep import load_side_file, quality_stem
 
 __all__ = ["REFERENCES", "cell_tensors", "fidelity_stem", "fidelity_table", "load_fidelity"]
 
@@ -46,11 +46,9 @@ def cell_tensors(out_dir: str | Path, model: str, config: str, seed: int) -> tup
     out_dir = Path(out_dir)
     stem = quality_stem(model, config, seed)
     path = out_dir / "quality" / f"{stem}.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: it is written by run_sweep")
+    tensors = load_side_file(path)  # raises, naming run_sweep, when the cell was not run
     with safe_open(str(path), framework="pt") as f:
         prompts = (f.metadata() or {}).get("prompts", "")
-    tensors = load_file(str(path))
     folder = out_dir / "images" / stem
     if "images" not in tensors and folder.is_dir():
         tensors["images"] = _png_folder(folder)
