@@ -124,6 +124,9 @@ class Backbone:
     sweep_run: str = "main"
     robustness_run: str | None = "main"  # None: the experiment has no notebook-04 run of that name
     mechanistic_run: str | None = "main"  # None: the experiment has no notebook-05 run of that name
+    # Training replicates: a fine-tune's label -> the labels of the same fine-tune with other training
+    # seeds, paired by position across models (replicate k of the control and of FCR share seed k).
+    replicates: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     fcr_configs: tuple[str, ...] = ()  # configurations the setting's variations read the FCR models at
     study: Study | None = None  # the setting's pre-registered study (contrasts of this backbone)
     # (name, model label, configuration) of the setting's variations and controls on this backbone's
@@ -179,10 +182,10 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
     for i, spec in enumerate(raw):
         spec = _mapping(spec, f"{where}[{i}]")
         unknown = set(spec) - {"original", "role", "fcr_models", "control", "sweep_run", "robustness_run",
-                               "mechanistic_run"}
+                               "mechanistic_run", "replicates"}
         if unknown or not isinstance(spec.get("original"), str) or not isinstance(spec.get("role"), str):
             raise ManifestError(f"{where}[{i}]: needs 'original' and 'role' (and optionally fcr_models, control, "
-                                f"sweep_run, robustness_run, mechanistic_run); unknown keys {sorted(unknown)}")
+                                f"sweep_run, robustness_run, mechanistic_run, replicates); unknown keys {sorted(unknown)}")
         fcr_models = _mapping(spec.get("fcr_models", {}), f"{where}[{i}].fcr_models")
         if not all(isinstance(lam, (int, float)) and not isinstance(lam, bool) and lam > 0 for lam in fcr_models):
             raise ManifestError(f"{where}[{i}].fcr_models: keys are the fine-tunes' λ > 0, got {list(fcr_models)}")
@@ -193,15 +196,37 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
             b = replace(b, robustness_run=None)  # this experiment does not stress-test the backbone
         if not any(r.notebook == "05_mechanistic_regression" and r.run == b.mechanistic_run for r in runs):
             b = replace(b, mechanistic_run=None)  # this experiment does not measure the backbone's features
+        replicates = _replicates(spec.get("replicates", {}), f"{where}[{i}].replicates",
+                                 [*b.fcr_models.values(), *([b.control] if b.control else [])])
         sweep = next((r for r in runs if r.notebook == "03_stride_sweep" and r.run == b.sweep_run), None)
-        named = [b.name, *b.fcr_models.values(), *([b.control] if b.control else [])]
+        named = [b.name, *b.fcr_models.values(), *([b.control] if b.control else []),
+                 *(m for extra in replicates.values() for m in extra)]
         if sweep is None or any(m not in sweep.models for m in named):
             raise ManifestError(f"{where}[{i}]: models {named} must all be evaluated by the 03_stride_sweep run "
                                 f"{b.sweep_run!r}")
         # Result tables name a model by its label (fcr.contract.model_label).
         out.append(replace(b, name=model_label(b.name), fcr_models={k: model_label(v) for k, v in b.fcr_models.items()},
-                           control=model_label(b.control) if b.control else None))
+                           control=model_label(b.control) if b.control else None,
+                           replicates={model_label(k): tuple(model_label(m) for m in v) for k, v in replicates.items()}))
     return tuple(out)
+
+
+def _replicates(raw: Any, where: str, fine_tunes: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """``replicates`` of a backbone: each key one of its fine-tunes (FCR or control), each value a
+    non-empty list of other models; every fine-tune that has replicates has the same number, so
+    replicate ``k`` pairs across models."""
+    raw = _mapping(raw, where)
+    out = {}
+    for model, extra in raw.items():
+        if model not in fine_tunes:
+            raise ManifestError(f"{where}: {model!r} is not one of the backbone's fine-tunes {list(fine_tunes)}")
+        if not isinstance(extra, list) or not extra or not all(isinstance(m, str) for m in extra):
+            raise ManifestError(f"{where}.{model}: expected a non-empty list of model names, got {extra!r}")
+        out[str(model)] = tuple(extra)
+    if len({len(v) for v in out.values()}) > 1:
+        raise ManifestError(f"{where}: every fine-tune needs the same number of replicates, got "
+                            f"{ {k: len(v) for k, v in out.items()} }")
+    return out
 
 
 def _table_rows(b: Backbone, rows: Mapping[str, Mapping[str, Mapping[str, str]]]) -> tuple[tuple[str, str, str], ...]:

@@ -32,9 +32,16 @@ from fcr.manifest import MANIFEST, MODEL_LIST_KEYS, Experiment, load_manifest
 from fcr.notebooks import NOTEBOOKS_DIR, notebook_parameters, run_notebook
 from fcr.paths import REPO_ROOT
 
-__all__ = ["Stage", "Task", "main", "plan", "run"]
+__all__ = ["PROFILES", "Stage", "Task", "main", "plan", "run"]
 
 SETTING_DATA_PARAMS = {"embedded": "params/fashion_mnist.yaml", "sd": "params/sd15.yaml"}
+# Named profiles: the experiments manifest, the output folder and whether the cost benchmark runs.
+# ``main``: the <= 60 min demo on 2 CPU cores; ``study``: the powered study of params/study/ (hours on CPU).
+PROFILES = {
+    "main": {"manifest": MANIFEST, "root": None, "bench": True},
+    "study": {"manifest": REPO_ROOT / "params" / "study" / "experiments.yaml",
+              "root": REPO_ROOT / "outputs" / "study", "bench": False},
+}
 DONE = ".pipeline_done.json"
 # Start times of a stage's unfinished attempts; a resumed stage adds their durations to its own.
 ATTEMPTS = ".pipeline_attempts.json"
@@ -288,19 +295,25 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run (or resume) the main job")
     r.add_argument("experiments", nargs="*", help="experiment ids (default: all in the manifest)")
     r.add_argument("--setting", default="embedded", choices=sorted(SETTING_DATA_PARAMS))
-    r.add_argument("--root", default=None, help="output folder (default outputs/<setting>)")
+    r.add_argument("--profile", default="main", choices=sorted(PROFILES),
+                   help="main: the demo (params/experiments.yaml -> outputs/<setting>); study: the powered study "
+                        "(params/study/experiments.yaml -> outputs/study, no benchmark); --manifest/--root override")
+    r.add_argument("--root", default=None, help="output folder (default: the profile's)")
     r.add_argument("-f", "--params", action="append", default=[], dest="overlays",
                    help="parameter file applied after every stage's own (repeatable)")
     r.add_argument("--no-bench", action="store_true", help="skip the core cost benchmark")
     r.add_argument("--readme", default=None, help="write the results section of this README from the run")
-    r.add_argument("--manifest", default=str(MANIFEST), help="experiments manifest (default params/experiments.yaml)")
+    r.add_argument("--manifest", default=None, help="experiments manifest (default: the profile's)")
     r.add_argument("--no-report", action="store_true", help="skip the combined report")
     r.add_argument("--skip-data", action="store_true", help="skip data preparation (data_dir already prepared)")
     args = parser.parse_args(argv)
+    profile = PROFILES[args.profile]
     try:
-        run(args.setting, root=args.root, experiments=args.experiments or None, overlays=args.overlays,
-            bench=not args.no_bench, readme=args.readme, manifest=args.manifest, report=not args.no_report,
-            data=not args.skip_data)
+        run(args.setting, root=args.root if args.root is not None else profile["root"],
+            experiments=args.experiments or None, overlays=args.overlays,
+            bench=profile["bench"] and not args.no_bench, readme=args.readme,
+            manifest=args.manifest if args.manifest is not None else profile["manifest"],
+            report=not args.no_report, data=not args.skip_data)
     except PipelineError as exc:
         print(f"\nFAILED: {exc}", file=sys.stderr)
         return 1
