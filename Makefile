@@ -4,7 +4,7 @@ PYTHON ?= python
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 FMNIST_DEB := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data main test test-fast bench clean-outputs
+.PHONY: setup data main study test test-fast bench clean-outputs
 
 setup:
 	@# Keep an existing torch (e.g. a CUDA build); install the pinned CPU-machine build otherwise.
@@ -21,6 +21,10 @@ data:
 
 main:
 	$(PYTHON) -m fcr.pipeline run --setting embedded --readme README.md
+
+study:
+	@# The powered study of params/study/ (hours on CPU; resumable): results in outputs/study/.
+	$(PYTHON) -m fcr.pipeline run --profile study
 
 test:
 	@# Notebooks run under nbval on copies with params/smoke.yaml injected (nbval has no parameter option).

@@ -248,3 +248,23 @@ def test_resumed_stage_counts_its_interrupted_attempt(tmp_path: Path) -> None:
     fresh = run_task(Task("t", tmp_path / "fresh", [], {"x": 2}, action=lambda: None))
     marker = json.loads((tmp_path / "fresh" / DONE).read_text())
     assert marker["attempts"] == 1 and marker["seconds"] == marker["seconds_last_attempt"] and fresh.status == "ran"
+
+
+def test_study_profile_plans_the_replicated_fine_tunes_and_one_sweep(tmp_path: Path) -> None:
+    from fcr.manifest import NOTEBOOK_KINDS
+    from fcr.pipeline import PROFILES, main
+
+    profile = PROFILES["study"]
+    tasks = plan("embedded", tmp_path, manifest=profile["manifest"], bench=profile["bench"])
+    names = [t.name for t in tasks]
+    fine_tunes = [n.split("fine-tune ")[1] for n in names if "fine-tune" in n]
+    assert sorted(fine_tunes) == sorted(f"{arm}{suffix}" for arm in ("control_lambda0_fd10", "fcr_lambda0.10_fd10")
+                                        for suffix in ("", "_seed1", "_seed2"))
+    assert not any("benchmark" in n for n in names)
+    seeds = {t.name.split("fine-tune ")[1]: t.merged()["seed"] for t in tasks if "fine-tune" in t.name}
+    assert seeds["control_lambda0_fd10_seed2"] == seeds["fcr_lambda0.10_fd10_seed2"] == 2
+    sweep = next(t for t in tasks if t.notebook == "03_stride_sweep")
+    assert NOTEBOOK_KINDS[sweep.notebook] == "sweep" and len(sweep.merged()["sweep_models"]) == 7
+    assert sweep.merged()["seeds"] == [0, 1, 2, 3, 4] and sweep.merged()["num_eval_images"] == 64
+    with pytest.raises(SystemExit):
+        main(["run", "--profile", "nope"])

@@ -207,3 +207,85 @@ def test_power_table_sizes_from_the_pilot_spread(sweep: dict) -> None:
     # Four times the pairs halves the minimal detectable effect (to the t distribution's small-n slack).
     assert primary.loc[160, "mde"] < primary.loc[40, "mde"] / 1.9
     assert primary.loc[40, "mde"] == pytest.approx(table[table["family"] == "primary"]["mde"].iloc[0])
+
+
+def test_primary_contrast_averages_training_replicates(sweep: dict) -> None:
+    """Replicate k of FCR pairs with replicate k of the control; the estimate is the mean of the
+    replicate pairs' estimates (a mean of per-image means), and a second replicate pair with no
+    effect halves it."""
+    out, quality = sweep["out"], sweep["quality"]
+    gen = torch.Generator().manual_seed(1)
+    prompts = [f"prompt {i}" for i in range(N)]
+    rows = []
+    for model in ("control_r1", "fcr_r1"):  # both like the control: this replicate pair has no effect
+        full = torch.rand(N, 1, 8, 8, generator=gen) * 1.6 - 0.8
+        for config, level in (("full", 0.0), ("FD-10", 0.05)):
+            eps = torch.randn(full.shape, generator=gen) * level
+            _write_cell(out, model, config, 0, full + eps, torch.zeros(N, D, dtype=torch.float64),
+                        torch.ones(N, dtype=torch.float64), prompts)
+            rows.append({"model": model, "config": config, "seed": 0, "stride": 1 if config == "full" else 10})
+    quality = pd.concat([quality, pd.DataFrame(rows)], ignore_index=True)
+    fidelity_table(out, quality, {"control_r1": "base", "fcr_r1": "base"}, n_boot=10)
+    study = Study(strides=("FD-10",), n_boot=100)
+    one = evaluate_contrasts(out, quality, original="base", fcr_models={0.1: "fcr"}, control="control", study=study)
+    two = evaluate_contrasts(out, quality, original="base", fcr_models={0.1: "fcr"}, control="control", study=study,
+                             replicates={"fcr": ["fcr_r1"], "control": ["control_r1"]})
+    p1 = one[one["family"] == "primary"].iloc[0]
+    p2 = two[two["family"] == "primary"].iloc[0]
+    assert p1["n_runs"] == 1 and p2["n_runs"] == 2 and p2["n"] == N
+    runs = [float(x) for x in p2["run_estimates"].split("; ")]
+    assert runs[0] == pytest.approx(p1["estimate"], rel=1e-3)  # printed to 4 significant digits
+    assert p2["estimate"] == pytest.approx(np.mean(runs), rel=1e-3)
+    assert abs(runs[1]) < abs(runs[0]) / 3 and p2["run_sd"] > 0
+
+
+def test_manifest_replicates_are_validated(tmp_path: Path) -> None:
+    study_manifest = REPO / "params" / "study" / "experiments.yaml"
+    backbone = load_manifest(study_manifest, REPO)["exp-1-main-ablation"].settings["embedded"].backbones[0]
+    assert backbone.replicates["fcr_lambda0.10_fd10"] == ("fcr_lambda0.10_fd10_seed1", "fcr_lambda0.10_fd10_seed2")
+    raw = yaml.safe_load(study_manifest.read_text())
+    spec = raw["experiments"][0]["settings"]["embedded"]["backbones"][0]
+    for bad, match in (({"base": ["x"]}, "not one of the backbone's fine-tunes"),
+                       ({"control_lambda0_fd10": []}, "non-empty list"),
+                       ({"control_lambda0_fd10": ["control_lambda0_fd10_seed1"],
+                         "fcr_lambda0.10_fd10": ["fcr_lambda0.10_fd10_seed1", "fcr_lambda0.10_fd10_seed2"]},
+                        "same number of replicates"),
+                       ({"control_lambda0_fd10": ["not_swept"]}, "must all be evaluated")):
+        spec["replicates"] = bad
+        path = tmp_path / "experiments.yaml"
+        path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+        with pytest.raises(ManifestError, match=match):
+            load_manifest(path, REPO)
+
+
+def test_summary_power_and_criterion_a_read_the_contrasts(sweep: dict, tmp_path: Path) -> None:
+    from fcr.manifest import Backbone
+    from fcr.report.quality_cost import criterion_a
+    from fcr.report.study import power_section, study_summary
+
+    study = Study(strides=("FD-10", "FD-20"), n_boot=200)
+    out, quality = sweep["out"], sweep["quality"]
+    table = evaluate_contrasts(out, quality, original="base", fcr_models={0.1: "fcr"}, control="control",
+                               study=study).assign(backbone="base", experiment="exp")
+    safe = safe_strides(out, quality, ["base", "control", "fcr"], study).assign(backbone="base", experiment="exp")
+    lines = "\n".join(study_summary((table, safe, [])))
+    assert "Primary (superiority, FCR vs the λ = 0 control)**: 2 of 2 tests decided" in lines
+    primary = table[table["family"] == "primary"].iloc[0]
+    assert f"(n = {N})" in lines and "**FCR better**" in lines and "Not supported" not in lines
+    assert "Safe stride" in lines
+    power = "\n".join(power_section(table))
+    # A detected effect needs no more pairs than the run had.
+    last_row = [line for line in power.splitlines() if line.startswith("|")][-1]
+    needed = int(last_row.strip("|").split("|")[-1])
+    assert 2 <= needed <= N
+    from fcr.report.rows import format_number
+
+    assert f"| {N} | {format_number(primary['sd_diff'])} |" in power
+    b = Backbone("base", "role", "exp", {0.1: "fcr"}, "control", study=study)
+    rows, model, passed = criterion_a(tmp_path, b, "FD-10", "FD-5", table, safe)
+    assert model == "fcr" and rows[0]["kind"] == "criterion"
+    context = [r for r in rows if r["kind"] == "context"]
+    assert [r["scope"].split(": ")[1] for r in context] == ["original model, plain FD caching (base) at FD-10",
+                                                              "λ = 0 control (control) at FD-10"]
+    base10 = safe[(safe["model"] == "base") & (safe["stride"] == 10)].iloc[0]
+    assert f"{base10['fd_increase_pct']:+.3g}" in context[0]["measured"]

@@ -8,6 +8,9 @@ Every contrast is paired: both sides are the same prompts and initial noise (ima
 - **primary** (superiority, two-sided paired t): FCR(λ) at stride ``s`` against the λ = 0 control at
   the same stride on the primary fidelity endpoint (e.g. PSNR to the model's own full sampling),
   for every λ x stride: did FCR make caching more faithful than the same fine-tune without it?
+  With training replicates (several seeds of each fine-tune), the per-image values are averaged
+  over each arm's runs first; the test then generalises over prompts and noise for these runs, and
+  each replicate pair's estimate is reported beside it (``run_estimates``, spread ``run_sd``).
 - **secondary** (non-inferiority, one-sided, the seed's margins): the FCR model at stride ``s``
   against the original model at FD-5, on the FD increase in % (paired bootstrap over images) and
   on the class-accuracy change in points (paired t), at each pre-registered stride and at the
@@ -46,7 +49,8 @@ __all__ = [
 
 CONTRAST_COLUMNS = [
     "family", "contrast", "kind", "endpoint", "model", "config", "vs_model", "vs_config", "n", "estimate",
-    "lo", "hi", "margin", "p", "p_holm", "m_tests", "sd_diff", "mde", "decision",
+    "lo", "hi", "margin", "p", "p_holm", "m_tests", "sd_diff", "mde", "decision", "n_runs", "run_estimates",
+    "run_sd",
 ]
 
 
@@ -94,6 +98,18 @@ def _superiority(diff: np.ndarray, study: Study) -> dict[str, Any]:
     est = float(diff.mean())
     return {"n": n, "estimate": est, "lo": est - half, "hi": est + half, "p": p,
             "sd_diff": float(diff.std(ddof=1)) if n > 1 else math.nan}
+
+
+def _replicated_superiority(arm: Sequence[np.ndarray], controls: Sequence[np.ndarray], study: Study) -> dict[str, Any]:
+    """:func:`_superiority` of the per-image mean over an arm's training runs minus the controls'
+    (each array: one run's per-image values, images in the same order), with the estimate of every
+    replicate pair (run ``k`` of the arm minus run ``k`` of the controls: same training seed) and
+    their spread. With one run per arm it is the plain paired test."""
+    out = _superiority(np.mean(arm, axis=0) - np.mean(controls, axis=0), study)
+    pairs = [float(np.mean(a - c)) for a, c in zip(arm, controls)]
+    out["run_estimates"] = "; ".join(f"{e:.4g}" for e in pairs)
+    out["run_sd"] = float(np.std(pairs, ddof=1)) if len(pairs) > 1 else math.nan
+    return out
 
 
 def _fd_change_pct(ref_feats: np.ndarray) -> Any:
@@ -233,29 +249,35 @@ def evaluate_contrasts(
     study: Study,
     selected: tuple[float, str] | None = None,
     first_unsafe: int | None = None,
+    replicates: Mapping[str, Sequence[str]] | None = None,
 ) -> pd.DataFrame:
     """Both families of one backbone (see the module docstring) as :data:`CONTRAST_COLUMNS` rows.
 
     ``selected``: (λ, model) from :func:`select_lambda` on the selection run (None: every FCR
     model enters the secondary family). ``first_unsafe``: the original model's first unsafe
-    stride (:func:`safe_strides`), added to the secondary strides when it was run.
+    stride (:func:`safe_strides`), added to the secondary strides when it was run. ``replicates``:
+    a fine-tune -> its other training seeds (:attr:`fcr.manifest.Backbone.replicates`); the primary
+    family then compares the per-image means over each arm's training runs.
     """
     sweep_dir = Path(sweep_dir)
     rows: list[dict[str, Any]] = []
     primary: list[dict[str, Any]] = []
+    replicates = dict(replicates or {})
     if control is not None:
+        controls = [control, *replicates.get(control, ())]
         for lam, model in sorted(fcr_models.items()):
+            arm = [model, *replicates.get(model, ())]
             for config in study.strides:
-                seeds = sorted(set(_seeds(quality, model, config)) & set(_seeds(quality, control, config)))
                 row = {"family": "primary", "contrast": f"FCR λ={lam:g} vs λ=0 control", "kind": "superiority",
                        "endpoint": study.primary_endpoint, "model": model, "config": config, "vs_model": control,
-                       "vs_config": config, "margin": math.nan}
+                       "vs_config": config, "margin": math.nan, "n_runs": min(len(arm), len(controls))}
+                seeds = sorted(set.intersection(*(set(_seeds(quality, m, config)) for m in (*arm, *controls))))
                 if seeds:
-                    diff = (_fidelity_values(sweep_dir, model, config, study.primary_endpoint,
-                                             study.primary_reference, seeds)
-                            - _fidelity_values(sweep_dir, control, config, study.primary_endpoint,
-                                               study.primary_reference, seeds))
-                    row.update(_superiority(diff, study))
+                    row.update(_replicated_superiority(
+                        [_fidelity_values(sweep_dir, m, config, study.primary_endpoint, study.primary_reference,
+                                          seeds) for m in arm],
+                        [_fidelity_values(sweep_dir, m, config, study.primary_endpoint, study.primary_reference,
+                                          seeds) for m in controls], study))
                 else:
                     row.update(n=0, estimate=math.nan, lo=math.nan, hi=math.nan, p=math.nan, sd_diff=math.nan)
                 primary.append(row)

@@ -74,7 +74,7 @@ STUDY_THRESHOLD = ("ΔFD ≤ +5 % and Δ class accuracy ≥ −2 % vs FD-5 of th
 
 
 def _criterion_a_from_study(
-    b: Backbone, contrasts: pd.DataFrame, stride_config: str
+    b: Backbone, contrasts: pd.DataFrame, stride_config: str, safe: pd.DataFrame | None = None
 ) -> tuple[list[dict], str | None, bool | None] | None:
     """Criterion a from the study's secondary family: passed when both margins are shown
     (non-inferior), failed when either is shown violated (inferior), n/a when the design cannot
@@ -103,19 +103,45 @@ def _criterion_a_from_study(
             f"{m} secondary tests (contrasts.csv). "
             + QUALITY_NOTE.replace("on means over seeds (summary.csv)", "paired per image"))
     value = float(by.loc["fd_increase_pct", "estimate"]) if "fd_increase_pct" in by.index else None
-    return [verdict_row(A_NAME, backbone_scope(b), "; ".join(parts), STUDY_THRESHOLD, passed, note, value=value)], \
-        model, passed
+    out = [verdict_row(A_NAME, backbone_scope(b), "; ".join(parts), STUDY_THRESHOLD, passed, note, value=value)]
+    return out + _stride_context_rows(b, safe, stride_config), model, passed
+
+
+def _stride_context_rows(b: Backbone, safe: pd.DataFrame | None, stride_config: str) -> list[dict]:
+    """Context rows beside a study's criterion a: the original model's (and the control's) own
+    ``stride_config`` against its own FD-5, the same paired non-inferiority test
+    (:func:`fcr.experiments.contrasts.safe_strides`, Holm within the model's strides)."""
+    if safe is None or safe.empty or not stride_config.startswith("FD-") or not stride_config[3:].isdigit():
+        return []
+    stride = int(stride_config[3:])
+    rows = []
+    for what, model in (("original model, plain FD caching", b.name), ("λ = 0 control", b.control)):
+        hit = safe[(safe["model"] == model) & (safe["stride"] == stride)] if model else safe.iloc[0:0]
+        if hit.empty:
+            continue
+        r = hit.iloc[0]
+        measured = (f"ΔFD {fmt_pct(float(r['fd_increase_pct']))} [{fmt_pct(float(r['fd_increase_pct_lo']))}, "
+                    f"{fmt_pct(float(r['fd_increase_pct_hi']))}]; Δacc {fmt_pct(float(r['alignment_change_pct']))} "
+                    f"[{fmt_pct(float(r['alignment_change_pct_lo']))}, {fmt_pct(float(r['alignment_change_pct_hi']))}]"
+                    f": {'non-inferior' if bool(r['non_inferior']) else 'not shown non-inferior'}")
+        rows.append(verdict_row(A_NAME, f"{backbone_scope(b)}: {what} ({model}) at {stride_config}", measured,
+                                "vs the model's own FD-5 (safe_strides.csv)", True if bool(r["non_inferior"]) else None,
+                                f"Context only (not part of the verdict): the same margins for the model without FCR, "
+                                f"paired over n = {int(r['n'])} images, Holm p = {float(r['p_holm']):.3g} over the "
+                                "model's strides.", kind="context"))
+    return rows
 
 
 def criterion_a(
-    root: Path, b: Backbone, stride_config: str, ref_config: str, contrasts: pd.DataFrame | None = None
+    root: Path, b: Backbone, stride_config: str, ref_config: str, contrasts: pd.DataFrame | None = None,
+    safe: pd.DataFrame | None = None,
 ) -> tuple[list[dict], str | None, bool | None]:
     """Rows of criterion a for one backbone, the selected FCR model label and its verdict. With the
     study's ``contrasts`` (:mod:`fcr.report.study`) the verdict is the pre-registered
     non-inferiority test of the λ selected on the selection run; without, the point estimates of
     ``summary.csv`` with the best λ of the reported data (as before the study existed)."""
     if contrasts is not None and not contrasts.empty:
-        from_study = _criterion_a_from_study(b, contrasts, stride_config)
+        from_study = _criterion_a_from_study(b, contrasts, stride_config, safe)
         if from_study is not None:
             return from_study
     path = sweep_dir(root, b) / contract.SUMMARY

@@ -10,11 +10,12 @@ from pathlib import Path
 import pandas as pd
 
 from fcr import contract
+from fcr.eval.stats import paired_n
 from fcr.experiments.contrasts import evaluate_contrasts, safe_strides, select_lambda
 from fcr.manifest import Backbone
 from fcr.report.rows import format_number, markdown_table, result_dir
 
-__all__ = ["study_section", "study_tables"]
+__all__ = ["power_section", "study_section", "study_summary", "study_tables"]
 
 
 def _quality(folder: Path) -> pd.DataFrame | None:
@@ -55,7 +56,8 @@ def study_tables(root: str | Path, backbones: Sequence[Backbone]) -> tuple[pd.Da
             else:
                 selected = select_lambda(sel_dir, sel_quality, b.fcr_models, b.control, study)
         table = evaluate_contrasts(sweep_dir, quality, original=b.name, fcr_models=b.fcr_models, control=b.control,
-                                   study=study, selected=selected, first_unsafe=first_unsafe)
+                                   study=study, selected=selected, first_unsafe=first_unsafe,
+                                   replicates=b.replicates)
         if selected is not None:
             notes.append(f"{b.name}: λ = {selected[0]:g} ({selected[1]}) selected on sweep run "
                          f"{study.selection_run!r}, reported on {b.sweep_run!r}")
@@ -90,6 +92,8 @@ def study_section(
         for col in ("estimate", "lo", "hi", "p_holm", "mde"):
             show[col] = show[col].map(format_number)
         lines.append(markdown_table(show))
+        study = next(b.study for b in backbones if b.study is not None)
+        lines += power_section(contrasts, study.alpha, study.power)
     if not safe.empty:
         path = out_dir / contract.SAFE_STRIDES
         safe.to_csv(path, index=False)
@@ -99,3 +103,72 @@ def study_section(
         summary = safe.groupby("model", sort=False)[["safe_stride", "first_unsafe"]].first().reset_index()
         lines.append(markdown_table(summary))
     return lines, files
+
+
+_UNITS = {"psnr": " dB", "rmse": "", "ssim": "", "feature_distance": "", "embedding_drift": "",
+          "fd_increase_pct": " %", "alignment_change_pct": " %"}
+
+
+def _effect(r: pd.Series) -> str:
+    unit = _UNITS.get(str(r["endpoint"]), "")
+    return (f"{format_number(r['estimate'])}{unit} [{format_number(r['lo'])}, {format_number(r['hi'])}], "
+            f"Holm p = {format_number(r['p_holm'])}")
+
+
+def study_summary(tables: tuple[pd.DataFrame, pd.DataFrame, list[str]]) -> list[str]:
+    """A plain-language summary of :func:`study_tables`' results, every number read from them:
+    which pre-registered contrasts are significant after Holm (and out of how many tests), the
+    effects with their 95 % intervals, the safe strides, and what the data do not support."""
+    contrasts, safe, _ = tables
+    if contrasts.empty:
+        return []
+    lines = ["### Summary of the pre-registered study (generated from the contrasts below)\n"]
+    run = contrasts[contrasts["p_holm"].notna()]
+    for family, label in (("primary", "Primary (superiority, FCR vs the λ = 0 control)"),
+                          ("secondary", "Secondary (non-inferiority vs the original's FD-5, the seed's margins)")):
+        rows = run[run["family"] == family]
+        if rows.empty:
+            continue
+        m = int(rows["m_tests"].max())
+        decided = rows[~rows["decision"].str.startswith(("not detectable", "not established"))]
+        lines.append(f"- **{label}**: {len(decided)} of {m} tests decided at α = 0.05 after Holm.")
+        for _, r in rows.iterrows():
+            runs = r.get("run_estimates")
+            extra = (f"; per training run {runs}" if isinstance(runs, str) and ";" in runs else "")
+            lines.append(f"  - {r['backbone']}, {r['contrast']}, {r['endpoint']} at {r['config']} "
+                         f"(n = {int(r['n'])}): {_effect(r)}: **{r['decision']}**{extra}.")
+    if not safe.empty:
+        by_model = safe.groupby("model", sort=False)[["safe_stride", "first_unsafe"]].first()
+        lines.append("- **Safe stride** (largest stride shown non-inferior to the model's own FD-5): " + ", ".join(
+            f"{m} {int(v['safe_stride'])}" + (f" (first unsafe {int(v['first_unsafe'])})"
+                                             if pd.notna(v["first_unsafe"]) else " (every stride run is safe)")
+            for m, v in by_model.iterrows()) + ".")
+    unsupported = run[(run["family"] == "primary") & ~run["decision"].isin(["FCR better"])]
+    if not unsupported.empty:
+        configs = ", ".join(dict.fromkeys(unsupported["config"].astype(str)))
+        lines.append(f"- **Not supported by these data**: that FCR makes caching more faithful than the same "
+                     f"fine-tune without it at {configs} (see the power table for the smallest effect this run "
+                     "could have detected).")
+    return lines + [""]
+
+
+def power_section(contrasts: pd.DataFrame, alpha: float = 0.05, power: float = 0.8) -> list[str]:
+    """The power table of the primary contrasts: from the measured spread of the paired
+    differences, the minimal detectable effect at the run's n (at Holm's strictest level), the
+    95 % interval's half-width, and the pairs a design would need to detect the observed effect."""
+    rows = contrasts[(contrasts["family"] == "primary") & contrasts["sd_diff"].notna()] if not contrasts.empty else contrasts
+    if rows.empty:
+        return []
+    out = []
+    for _, r in rows.iterrows():
+        m = max(int(r["m_tests"]), 1)
+        needed = (paired_n(float(r["sd_diff"]), abs(float(r["estimate"])), alpha / m, power)
+                  if float(r["estimate"]) != 0 else float("nan"))
+        out.append({"backbone": r["backbone"], "contrast": r["contrast"], "endpoint": r["endpoint"],
+                    "config": r["config"], "n": int(r["n"]), "sd_diff": format_number(r["sd_diff"]),
+                    "alpha_per_test": format_number(alpha / m), "mde": format_number(r["mde"]),
+                    "ci_half_width": format_number((float(r["hi"]) - float(r["lo"])) / 2),
+                    "estimate": format_number(r["estimate"]), "n_to_detect_estimate": needed})
+    return [f"Power of the primary contrasts (power {power:g}, at Holm's strictest level α/m; sd_diff is the measured "
+            "spread of the paired per-image differences; n_to_detect_estimate: pairs a design would need to detect "
+            "an effect as large as the one estimated):\n", markdown_table(pd.DataFrame(out))]

@@ -27,7 +27,7 @@ from fcr.paths import REPO_ROOT, display_path
 from fcr.report.readme import update_readme
 from fcr.report.robustness_criterion import robustness_rows
 from fcr.report.rows import EXP1, EXP2, LAYOUT, InputError, format_number, markdown_table, read_table, result_dir
-from fcr.report.study import study_section, study_tables
+from fcr.report.study import study_section, study_summary, study_tables
 from fcr.report.verdict import evaluate_criteria
 
 __all__ = [
@@ -441,7 +441,8 @@ def build_report(
     if sd_gpu_cost is not None and Path(sd_gpu_cost).is_file():
         kwargs.setdefault("sd_gpu_cost", sd_gpu_cost)
     study_results = study_tables(root, backbones)
-    verdict = evaluate_criteria(root, setting=setting, backbones=backbones, contrasts=study_results[0], **kwargs)
+    verdict = evaluate_criteria(root, setting=setting, backbones=backbones, contrasts=study_results[0],
+                                 safe_strides=study_results[1], **kwargs)
     # Paths in the notes as a reader of this checkout opens them (relative to the repository).
     for col in ("measured", "note"):
         verdict[col] = verdict[col].astype(str).str.replace(f"{REPO_ROOT.as_posix()}/", "", regex=False)
@@ -521,10 +522,12 @@ def build_report(
     files += study_files
     supplementary = _supplementary_robustness(root, backbones)
     timing = _timing_section(root)
-    report_md = "\n".join(intro + full_verdict + study + exp_parts + extra + supplementary + timing + figs(out_dir))
+    summary = study_summary(study_results)  # plain language first (issue #12), every number from the tables
+    report_md = "\n".join(summary + intro + full_verdict + study + exp_parts + extra + supplementary + timing
+                          + figs(out_dir))
     (out_dir / "report.md").write_text(report_md)
     files.append(out_dir / "report.md")
-    readme_md = "\n".join(intro + compact_verdict + study + exp_parts + supplementary + timing + figs(link_base))
+    readme_md = "\n".join(summary + intro + compact_verdict + study + exp_parts + supplementary + timing + figs(link_base))
     return {"markdown": report_md, "readme_markdown": readme_md, "verdict": verdict, **tables, "files": files}
 
 

@@ -59,6 +59,7 @@ def evaluate_criteria(
     stride_config: str = "FD-10",
     reference_config: str = "FD-5",
     contrasts: pd.DataFrame | None = None,
+    safe_strides: pd.DataFrame | None = None,
     train_flops_per_image: Callable[[str, bool], float] | None = None,
     sd_finetune_gpu_hours: float | None = None,
     sd_gpu_cost: str | Path | None = None,
@@ -79,7 +80,9 @@ def evaluate_criteria(
     ``sd_finetune_gpu_hours``: GPU-hours of an SD FCR fine-tune, if one was run elsewhere.
     ``sd_gpu_cost``: ``benchmarks/bench_sd_gpu.py``'s CSV: adds criterion-b context rows at SD scale.
     ``contrasts``: the study's pre-registered contrasts (:func:`fcr.report.study.study_tables`);
-    criterion a of a backbone with a study is then its non-inferiority test.
+    criterion a of a backbone with a study is then its non-inferiority test; ``safe_strides`` (the
+    study's per-model stride tests) adds the same test of the original model and of the control at
+    the stride as context rows.
     """
     from fcr.settings.models import MODELS_DIR
 
@@ -100,7 +103,7 @@ def evaluate_criteria(
     selected: list[str] = []
     per_backbone: dict[str, tuple[bool | None, bool | None]] = {}
     for b in backbones:
-        a_rows, best, a_ok = criterion_a(root, b, stride_config, reference_config, contrasts)
+        a_rows, best, a_ok = criterion_a(root, b, stride_config, reference_config, contrasts, safe_strides)
         b_rows, b_ok = criterion_b(root, b, best, a_ok, stride_config, reference_config)
         rows += a_rows + b_rows
         if best:
