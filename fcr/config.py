@@ -170,6 +170,9 @@ SCHEMA: dict[str, Param] = {
     "variance_max_stride": Param("int", 20, "largest gap in sampling steps of the feature variance", check=_at_least(1)),
     "num_variance_images": Param("int", 256, "held-out images of the feature-variance estimate", check=_at_least(2)),
     "quality_tables": Param("str_list", [], "quality CSVs (notebooks 03 / 04) whose drops notebook 05 regresses on feature variance"),
+    "trajectory_seeds": Param("int_list", [], "sweep seeds whose prompts and noise notebook 05 measures encoder drift along the sampled trajectories of (empty: not measured)", check=_each(_at_least(0))),
+    "trajectory_images": Param("int", 64, "first prompts of each trajectory seed measured (at most the sweep's num_eval_images)", check=_at_least(2)),
+    "trajectory_strides": Param("int_list", [10, 20], "cache strides of the trajectory drift (each a FD-s of the sweep)", check=_non_empty(_each(_at_least(2)))),
     # --- experiments, verdict, report ---
 }
 

@@ -31,6 +31,8 @@ __all__ = [
     "SUMMARY",
     "TRAIN_CONFIG",
     "TRAIN_LOG",
+    "TRAJECTORY_POINTS",
+    "TRAJECTORY_REGRESSION",
     "model_label",
     "VARIANCE",
     "VARIANCE_REDUCTION",
@@ -61,6 +63,9 @@ QUALITY_DROPS = "quality_drops.csv"
 REGRESSION_POINTS = "regression_points.csv"
 REGRESSION_FITS = "regression.csv"
 REGRESSION = "regression.json"
+# Encoder drift along the sampled trajectories against the per-image caching error (notebook 05).
+TRAJECTORY_POINTS = "trajectory_points.csv"
+TRAJECTORY_REGRESSION = "trajectory_regression.json"
 # The report (python -m fcr.report): the pre-registered contrasts and each model's safe stride.
 CONTRASTS = "contrasts.csv"
 SAFE_STRIDES = "safe_strides.csv"
@@ -76,6 +81,7 @@ PRODUCERS: dict[str, str] = {
     CRITERION: "notebook 04_robustness",
     VARIANCE_REDUCTION: "notebook 05_mechanistic_regression",
     REGRESSION: "notebook 05_mechanistic_regression",
+    TRAJECTORY_REGRESSION: "notebook 05_mechanistic_regression (trajectory_seeds)",
     TRAIN_CONFIG: _FINETUNE,
     RUN_PARAMS: _FINETUNE,
 }

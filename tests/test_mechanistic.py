@@ -90,6 +90,9 @@ def test_zero_at_delta_zero_positive_otherwise_and_same_as_fcr_term(tiny) -> Non
             per = per_sample_feature_distance(a, b, idx, normalize)
             assert per.shape == (4,)
             assert torch.allclose(per.mean(), feature_distance(a, b, idx, normalize), rtol=1e-5)
+            alone = torch.stack([feature_distance(a.map(lambda x, i=i: x[i : i + 1]), b.map(lambda x, i=i: x[i : i + 1]),
+                                                  idx, normalize) for i in range(4)])
+            assert torch.allclose(per, alone, rtol=1e-5)  # batched vs one sample: float32 summation order
 
 
 def _features(seed: int, scale: float = 1.0) -> tuple[EncoderFeatures, EncoderFeatures]:

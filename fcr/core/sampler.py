@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from numbers import Integral
 from typing import Any
@@ -246,6 +246,7 @@ def sample(
     generator: torch.Generator | None = None,
     progress: bool = False,
     unet_kwargs: dict[str, Any] | None = None,
+    on_encoder: Callable[[int, EncoderFeatures], None] | None = None,
 ) -> SampleOutput:
     """Denoise ``noise`` (z_T, unit variance, any latent shape) with ``scheduler``.
 
@@ -256,7 +257,9 @@ def sample(
     ``uncond_hidden_states`` is given and ``guidance_scale > 1`` (the batch is ``[uncond; cond]``).
     ``scheduler`` is reset with ``set_timesteps`` and mutated. ``unet_kwargs`` go to
     ``unet``/``encode``/``decode``; per-sample tensors in it must match the UNet batch (``2B``
-    under guidance) and are repeated for batched decoder calls.
+    under guidance) and are repeated for batched decoder calls. ``on_encoder(step, features)`` sees
+    every encoder output of cached sampling (batch ``[uncond; cond]`` under guidance) before it is
+    decoded: with ``key_steps=range(n)`` that is the encoder along the full-sampling trajectory.
     """
     if guidance_scale < 1:
         raise ValueError(f"guidance_scale must be >= 1; got {guidance_scale}")
@@ -320,6 +323,8 @@ def sample(
             for start, stop in zip(bounds[:-1], bounds[1:]):
                 features = encode(unet, net_input(latents, timesteps[start]), timesteps[start], context, **unet_kwargs)
                 stats.encoder_passes += 1
+                if on_encoder is not None:
+                    on_encoder(start, features)
                 if parallel:
                     preds = run_decoder(features, timesteps[start:stop])
                 for offset, i in enumerate(range(start, stop)):

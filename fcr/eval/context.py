@@ -145,7 +145,6 @@ class RunContext:
     sampling: Sampling
     models: dict[str, LoadedModel]
     scorer: EmbeddedScorer | SDScorer
-    data_dir: Path | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -160,15 +159,8 @@ class RunContext:
         return key
 
     def eval_prompts(self, n: int, seed: int, templates: str = "train") -> Any:
-        """The ``n`` evaluation prompts of ``seed``, the same for every model and configuration:
-        embedded: class-balanced captions of the training (or held-out) templates; SD: ``eval_prompts``."""
-        if self.setting == "sd":
-            from fcr.settings.sd_params import sd_eval_prompts
-
-            return sd_eval_prompts(self.params, n, seed)
-        from fcr.settings.embedded import embedded_prompt_set
-
-        return embedded_prompt_set(self.data_dir, n, seed, templates=templates)
+        """:func:`eval_prompts` of this run."""
+        return eval_prompts(self.params, n, seed, templates)
 
     @staticmethod
     def prompt_texts(prompts: Any) -> list[str]:
@@ -208,6 +200,19 @@ class RunContext:
         for start in range(0, latents.shape[0], self.sampling.batch_size):
             out += decode_latents(loaded.model.vae, latents[start : start + self.sampling.batch_size])
         return out
+
+
+def eval_prompts(params: Mapping[str, Any], n: int, seed: int, templates: str = "train") -> Any:
+    """The ``n`` evaluation prompts of ``seed`` for validated ``params``, the same for every model and
+    configuration: embedded: class-balanced captions of the training (or held-out) templates from
+    ``data_dir``; SD: ``eval_prompts``."""
+    if params["setting"] == "sd":
+        from fcr.settings.sd_params import sd_eval_prompts
+
+        return sd_eval_prompts(params, n, seed)
+    from fcr.settings.embedded import embedded_prompt_set
+
+    return embedded_prompt_set(params["data_dir"], n, seed, templates=templates)
 
 
 def load_models(
@@ -274,7 +279,7 @@ def build_context(
         loaded = load_models(params, models, device, check_model)
         clip = load_clip(params["clip_model"], params["clip_pretrained"] or None, device)  # once, for every config
         scorer = SDScorer(clip, sd_fid_reference(params), device, params["n_bootstrap"], params["fid_reference"])
-        return RunContext("sd", device, sampling, loaded, scorer, None, params)
+        return RunContext("sd", device, sampling, loaded, scorer, params)
     from fcr.eval.classifier import load_classifier
 
     for source in models.values():
@@ -289,7 +294,7 @@ def build_context(
         n=reference_n,
     )
     scorer = EmbeddedScorer(classifier, ref_feats, params["n_bootstrap"])
-    return RunContext("embedded", device, sampling, loaded, scorer, Path(params["data_dir"]), params)
+    return RunContext("embedded", device, sampling, loaded, scorer, params)
 
 
 def sd_weights_id(source: str, params: Mapping[str, Any]) -> str:

@@ -24,6 +24,7 @@ import pandas as pd
 from fcr import contract
 from fcr.manifest import MANIFEST, Backbone, backbones_of
 from fcr.paths import REPO_ROOT, display_path
+from fcr.report.mechanism import trajectory_section
 from fcr.report.readme import update_readme
 from fcr.report.robustness_criterion import robustness_rows
 from fcr.report.rows import EXP1, EXP2, LAYOUT, InputError, format_number, markdown_table, read_table, result_dir
@@ -509,6 +510,9 @@ def build_report(
                            "encoder-feature variance reduction",
                            result_dir(root, exp, "mechanistic", run) / contract.VARIANCE_REDUCTION)
               for exp, run in mechanistic]
+    for exp, run in mechanistic:
+        extra += trajectory_section(result_dir(root, exp, "mechanistic", run),
+                                    f"Mechanism along sampled trajectories (notebook 05, {exp}, {run})")
 
     figures = _collect_figures(root, out_dir)
     files += figures

@@ -5,6 +5,7 @@ one message naming the key, before anything is written."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from fcr.config import TASKS, ConfigError
@@ -24,5 +25,15 @@ def check_task(params: Mapping[str, Any], task: str) -> None:
             f"parameter 'stress_resolution': the high-resolution stress needs a side above resolution="
             f"{params['resolution']}, got {params['stress_resolution']}"
         )
+    if task == "mechanistic" and params["trajectory_seeds"]:
+        if max(params["trajectory_strides"]) >= params["num_inference_steps"]:
+            raise ConfigError(f"parameter 'trajectory_strides': each must be < num_inference_steps="
+                              f"{params['num_inference_steps']}, got {params['trajectory_strides']}")
+        if params["trajectory_images"] > params["num_eval_images"]:
+            raise ConfigError(f"parameter 'trajectory_images': at most the sweep's num_eval_images="
+                              f"{params['num_eval_images']}, got {params['trajectory_images']}")
+        if not any(Path(p).name == "quality.csv" for p in params["quality_tables"]):
+            raise ConfigError("parameter 'trajectory_seeds': the trajectory drift pairs with a sweep; quality_tables "
+                              "must name the sweep's quality.csv")
     if params["setting"] == "sd":
         check_sd_params(params, task)

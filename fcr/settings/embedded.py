@@ -180,6 +180,10 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def head(self, n: int) -> "PromptSet":
+        """The first ``n`` prompts (image ``i`` keeps its z_T, which is seeded by ``(seed, i)``)."""
+        return PromptSet(self.labels[:n], self.texts[:n], self.states[:n], self.empty_state, self.seed)
+
 
 def embedded_prompt_set(data_dir: str | Path, n: int, seed: int, templates: str = "train") -> PromptSet:
     """``n`` class-balanced prompts (labels cycle 0..9) with seeded templates.

@@ -27,6 +27,7 @@ from fcr.core.sampler import PriorNoise, SamplerStats, build_scheduler, sample
 __all__ = [
     "Batch",
     "GenerationResult",
+    "FeatureHook",
     "NoiseHook",
     "SamplingModel",
     "SchedulerHook",
@@ -94,6 +95,8 @@ class Batch:
 NoiseHook = Callable[[Batch], tuple[torch.Tensor, Mapping[str, float]]]
 # Replaces a batch's scheduler: (batch index, scheduler) -> scheduler.
 SchedulerHook = Callable[[int, Any], Any]
+# Sees every encoder output of cached sampling: (batch's image indices, step index, features).
+FeatureHook = Callable[[range, int, Any], None]
 
 
 @dataclass
@@ -129,6 +132,7 @@ def generate(
     image_size: int | tuple[int, int] | None = None,
     noise_hook: NoiseHook | None = None,
     scheduler_hook: SchedulerHook | None = None,
+    feature_hook: FeatureHook | None = None,
     progress: bool = False,
     desc: str = "generate",
 ) -> GenerationResult:
@@ -137,7 +141,8 @@ def generate(
     ``prompts``: whatever ``model.condition`` reads (a :class:`fcr.settings.embedded.PromptSet`,
     a list of strings for SD), with ``len``. Classifier-free guidance when ``guidance_scale > 1``.
     ``image_size``: output side or (height, width) in pixels (the model's native size when None). ``noise_hook`` and
-    ``scheduler_hook`` apply a stress to each batch (see the module docstring).
+    ``scheduler_hook`` apply a stress to each batch (see the module docstring); ``feature_hook``
+    observes the encoder's features of cached sampling (:func:`fcr.core.sampler.sample`'s ``on_encoder``).
     """
     if isinstance(prompts, str):
         raise TypeError("generate takes a sequence of prompts, not a single string")
@@ -174,6 +179,7 @@ def generate(
             key_steps=None if key_steps is None else list(key_steps),
             parallel=parallel,
             prior_noise=prior_noise,
+            on_encoder=None if feature_hook is None else (lambda step, f, idx=idx: feature_hook(idx, step, f)),
         )
         chunks.append(model.finish(out.latents))
         _add_stats(stats, out.stats)
