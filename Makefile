@@ -20,11 +20,13 @@ data:
 	else echo "Fashion-MNIST: not installed system-wide; torchvision will download it on first use"; fi
 
 main:
-	$(PYTHON) -m fcr.pipeline run --setting embedded --readme README.md
+	@# The demo: both experiments at miniature sizes; its report is outputs/embedded/report/report.md.
+	$(PYTHON) -m fcr.pipeline run --setting embedded
 
 study:
-	@# The powered study of params/study/ (hours on CPU; resumable): results in outputs/study/.
-	$(PYTHON) -m fcr.pipeline run --profile study
+	@# The powered study of params/study/ (hours on CPU; resumable): results in outputs/study/. Its report,
+	@# with the demo's stage times beside it, is the README's generated results section.
+	$(PYTHON) -m fcr.pipeline run --profile study --readme README.md
 
 test:
 	@# Notebooks run under nbval on copies with params/smoke.yaml injected (nbval has no parameter option).

@@ -38,9 +38,10 @@ SETTING_DATA_PARAMS = {"embedded": "params/fashion_mnist.yaml", "sd": "params/sd
 # Named profiles: the experiments manifest, the output folder and whether the cost benchmark runs.
 # ``main``: the <= 60 min demo on 2 CPU cores; ``study``: the powered study of params/study/ (hours on CPU).
 PROFILES = {
-    "main": {"manifest": MANIFEST, "root": None, "bench": True},
+    "main": {"manifest": MANIFEST, "root": None, "bench": True, "timing_beside": None},
     "study": {"manifest": REPO_ROOT / "params" / "study" / "experiments.yaml",
-              "root": REPO_ROOT / "outputs" / "study", "bench": False},
+              "root": REPO_ROOT / "outputs" / "study", "bench": False,
+              "timing_beside": REPO_ROOT / "outputs" / "embedded"},  # the demo's stage times beside the study's
 }
 DONE = ".pipeline_done.json"
 # Start times of a stage's unfinished attempts; a resumed stage adds their durations to its own.
@@ -97,10 +98,12 @@ def plan(
     report: bool = True,
     data: bool = True,
     readme: str | Path | None = None,
+    timing_beside: str | Path | None = None,
 ) -> list[Task]:
     """The tasks of the main job in order. ``overlays``: parameter files applied after every
     stage's own files (e.g. params/smoke_pipeline.yaml for a code-path run); ``root`` the output
-    folder (default ``outputs/<setting>``)."""
+    folder (default ``outputs/<setting>``); ``timing_beside``: another run whose stage times the
+    report shows beside this run's (the study shows the demo's)."""
     if setting not in SETTING_DATA_PARAMS:
         raise SystemExit(f"--setting {setting!r}: allowed {sorted(SETTING_DATA_PARAMS)}")
     root = Path(root) if root is not None else REPO_ROOT / "outputs" / setting
@@ -135,7 +138,8 @@ def plan(
 
             # Figure links in the README are relative to the README's folder.
             link_base = Path(readme).resolve().parent if readme is not None else None
-            result = build_report(root, report_dir, link_base=link_base, setting=setting, manifest=manifest)
+            result = build_report(root, report_dir, link_base=link_base, setting=setting, manifest=manifest,
+                                  timing_beside=timing_beside)
             if readme is not None:
                 update_readme(readme, result["readme_markdown"], root=root)
 
@@ -265,11 +269,12 @@ def _record_invocation(root: Path) -> None:
 
 def run(setting: str = "embedded", *, root: str | Path | None = None, experiments: list[str] | None = None,
         overlays: list[str | Path] = (), bench: bool = True, readme: str | Path | None = None,
-        manifest: str | Path = MANIFEST, report: bool = True, data: bool = True) -> list[Stage]:
+        manifest: str | Path = MANIFEST, report: bool = True, data: bool = True,
+        timing_beside: str | Path | None = None) -> list[Stage]:
     """Run (or resume) the main job; returns what each stage did."""
     signal.signal(signal.SIGTERM, _terminate)
     tasks = plan(setting, root, experiments, overlays, manifest=manifest, bench=bench, report=report, data=data,
-                 readme=readme)
+                 readme=readme, timing_beside=timing_beside)
     root_dir = Path(root) if root is not None else REPO_ROOT / "outputs" / setting
     _record_invocation(root_dir)
     stages = []
@@ -313,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             experiments=args.experiments or None, overlays=args.overlays,
             bench=profile["bench"] and not args.no_bench, readme=args.readme,
             manifest=args.manifest if args.manifest is not None else profile["manifest"],
-            report=not args.no_report, data=not args.skip_data)
+            report=not args.no_report, data=not args.skip_data, timing_beside=profile["timing_beside"])
     except PipelineError as exc:
         print(f"\nFAILED: {exc}", file=sys.stderr)
         return 1

@@ -138,10 +138,16 @@ def test_build_report_writes_markdown_and_tables(tmp_path):
 
 
 def test_build_report_on_empty_run_says_what_is_missing(tmp_path):
-    out = build_report(tmp_path / "empty", tmp_path / "rep",
+    import json as _json
+
+    demo = tmp_path / "demo" / "data"  # another run's stage times, shown beside (the study shows the demo's)
+    demo.mkdir(parents=True)
+    (demo / ".pipeline_done.json").write_text(_json.dumps({"seconds": 90.0, "finished": "t"}))
+    out = build_report(tmp_path / "empty", tmp_path / "rep", timing_beside=tmp_path / "demo",
                        verdict_kwargs={"models_dir": tmp_path / "nomodels", "train_flops_per_image": flops_fn})
     md = out["markdown"]
     assert "Not available" in md and "summary.csv" in md and "criterion.csv" in md
+    assert "### Wall time of the demo (make main)" in md and "**1.5 min**" in out["readme_markdown"]
     assert out["exp1"] is None and (tmp_path / "rep" / "verdict.csv").is_file()
 
 

@@ -358,13 +358,13 @@ def stage_times(root: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["stage", "seconds", "attempts", "finished"])
 
 
-def _timing_section(root: Path) -> list[str]:
+def _timing_section(root: Path, title: str = "Main job wall time") -> list[str]:
     times = stage_times(root)
     if times.empty:
         return []
     total = times["seconds"].sum()
     shown = times.assign(minutes=(times["seconds"] / 60).round(1))[["stage", "minutes", "attempts", "finished"]]
-    return [f"### Main job wall time\n\nSum of the finished stages: **{total / 60:.1f} min** "
+    return [f"### {title}\n\nSum of the finished stages of `{display_path(root)}`: **{total / 60:.1f} min** "
             f"({len(times)} stages; each stage's wall time read from its `.pipeline_done.json`, earlier interrupted "
             "attempts of a resumed stage included: an attempt killed without warning counts until its last written "
             "file, a lower bound; markers written before 2026-11-25 hold only the last attempt).\n",
@@ -415,11 +415,14 @@ def build_report(
     dpm_config: str = "DPM++-FD-10",
     verdict_kwargs: Mapping[str, Any] | None = None,
     sd_gpu_cost: str | Path | None = SD_GPU_COST,
+    timing_beside: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write the report of the run under ``root`` into ``out_dir`` (default ``root/report``):
     ``exp1_table.csv``, ``exp2_table.csv``, ``verdict.csv`` (numbers as measured), ``report.md``
     (formatted tables, the verdict, notebook 04/05 tables, figures copied to ``figures/``).
     ``backbones``: default those of ``setting`` in ``manifest`` (``params/experiments.yaml``).
+    ``timing_beside``: another run's root (e.g. the demo's, beside the study) whose stage times are
+    shown after this run's.
 
     Returns ``{"markdown": <the text of report.md>, "readme_markdown": <a shorter version for the
     README: criterion rows of the verdict, both experiment tables, figure links relative to
@@ -525,7 +528,9 @@ def build_report(
     study, study_files = study_section(backbones, out_dir, study_results)
     files += study_files
     supplementary = _supplementary_robustness(root, backbones)
-    timing = _timing_section(root)
+    timing = _timing_section(root, "Wall time of this run")
+    if timing_beside is not None:
+        timing += _timing_section(Path(timing_beside), "Wall time of the demo (make main)")
     summary = study_summary(study_results)  # plain language first (issue #12), every number from the tables
     report_md = "\n".join(summary + intro + full_verdict + study + exp_parts + extra + supplementary + timing
                           + figs(out_dir))
@@ -547,13 +552,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dpm-config", default="DPM++-FD-10", help="name of the cached DPM-Solver++ configuration")
     parser.add_argument("--manifest", default=str(MANIFEST), help="experiments manifest whose backbones are read "
                         "(default params/experiments.yaml; e.g. params/pilot/experiments.yaml)")
+    parser.add_argument("--timing-beside", default=None,
+                        help="another run's root whose stage times are shown too (e.g. outputs/embedded beside the study)")
     args = parser.parse_args(argv)
     from fcr.paths import chdir_repo_root
 
     chdir_repo_root()
     link_base = Path(args.readme).resolve().parent if args.readme else None
     report = build_report(args.root, args.out_dir, link_base=link_base, setting=args.setting,
-                          dpm_config=args.dpm_config, manifest=args.manifest)
+                          dpm_config=args.dpm_config, manifest=args.manifest, timing_beside=args.timing_beside)
     print(format_verdict(report["verdict"])[["criterion", "scope", "measured", "passed"]].to_string(index=False))
     print(f"report: {Path(args.out_dir or Path(args.root) / 'report') / 'report.md'}")
     if args.readme:
