@@ -17,6 +17,7 @@ __all__ = [
     "CRITERION",
     "DROPS",
     "FIDELITY",
+    "FD_INFINITY",
     "FIDELITY_DIRECTIONS",
     "PAIRED_TESTS",
     "PRODUCERS",
@@ -69,6 +70,7 @@ TRAJECTORY_REGRESSION = "trajectory_regression.json"
 # The report (python -m fcr.report): the pre-registered contrasts and each model's safe stride.
 CONTRASTS = "contrasts.csv"
 SAFE_STRIDES = "safe_strides.csv"
+FD_INFINITY = "fd_infinity.csv"  # FD pooled over seeds and extrapolated to n -> infinity
 
 _FINETUNE = "the fine-tune (notebook 02_finetune / python -m fcr train)"
 # Which stage writes a file (named in the report's 'missing file' notes).

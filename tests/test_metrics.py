@@ -378,3 +378,17 @@ def test_frechet_to_reference_equals_frechet_distance(n: int, d: int) -> None:
                                             rel=1e-6, abs=1e-9)
     with pytest.raises(ValueError, match="at least 2"):
         fast(feats[:1])
+
+
+def test_fd_infinity_removes_the_small_sample_bias() -> None:
+    from fcr.eval.metrics import FrechetToReference, fd_infinity, feature_statistics
+
+    rng = np.random.default_rng(0)
+    frechet = FrechetToReference(*feature_statistics(rng.normal(size=(20000, 8))))
+    same = fd_infinity(rng.normal(size=(400, 8)), frechet)
+    # The same distribution: FD at n = 400 is all bias; the extrapolation removes most of it.
+    assert same["fd_at_n"] > 0 and abs(same["fd_inf"]) < same["fd_at_n"] / 2 and same["slope"] > 0
+    shifted = fd_infinity(rng.normal(size=(400, 8)) + 0.5, frechet)  # true FD = 8 x 0.5² = 2
+    assert abs(shifted["fd_inf"] - 2.0) < 4 * shifted["fd_inf_se"] + 0.05
+    with pytest.raises(ValueError, match="more images than min_size"):
+        fd_infinity(rng.normal(size=(9, 8)), frechet)

@@ -189,6 +189,12 @@ def test_selection_and_safe_strides(sweep: dict) -> None:
     assert select_lambda(out, quality, {0.05: "control", 0.1: "fcr"}, "control", study) == (0.1, "fcr")
     safe = safe_strides(out, quality, ["base", "fcr"], study)
     assert set(safe["stride"]) == {10, 20}
+    from fcr.experiments.contrasts import fd_infinity_table
+
+    fd = fd_infinity_table(out, quality, ["base", "fcr"]).set_index(["model", "config"])
+    assert len(fd) == 8 and (fd["n"] == N).all()
+    # The fixture's fcr features drift less from its full-sampling features at every stride.
+    assert fd.loc[("fcr", "FD-20"), "fd_at_n"] < fd.loc[("base", "FD-20"), "fd_at_n"]
     by_model = safe.groupby("model")[["safe_stride", "first_unsafe"]].first()
     assert by_model.loc["base", "safe_stride"] >= 5
     # fcr's drift is smaller at every stride, so it is at least as safe as base.
@@ -268,7 +274,7 @@ def test_summary_power_and_criterion_a_read_the_contrasts(sweep: dict, tmp_path:
     table = evaluate_contrasts(out, quality, original="base", fcr_models={0.1: "fcr"}, control="control",
                                study=study).assign(backbone="base", experiment="exp")
     safe = safe_strides(out, quality, ["base", "control", "fcr"], study).assign(backbone="base", experiment="exp")
-    lines = "\n".join(study_summary((table, safe, [])))
+    lines = "\n".join(study_summary((table, safe, [], pd.DataFrame())))
     assert "Primary (superiority, FCR vs the λ = 0 control)**: 2 of 2 tests decided" in lines
     primary = table[table["family"] == "primary"].iloc[0]
     assert f"(n = {N})" in lines and "**FCR better**" in lines and "Not supported" not in lines

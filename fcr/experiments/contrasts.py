@@ -34,7 +34,7 @@ import scipy.stats
 from safetensors.torch import load_file
 
 from fcr.contract import FIDELITY_DIRECTIONS
-from fcr.eval.metrics import FrechetToReference, feature_statistics
+from fcr.eval.metrics import FrechetToReference, fd_infinity, feature_statistics
 from fcr.eval.stats import bootstrap_replicates, holm, paired_mde
 from fcr.experiments.paired_fidelity import cell_tensors, load_fidelity
 from fcr.manifest import Study
@@ -42,6 +42,7 @@ from fcr.manifest import Study
 __all__ = [
     "CONTRAST_COLUMNS",
     "evaluate_contrasts",
+    "fd_infinity_table",
     "power_table",
     "safe_strides",
     "select_lambda",
@@ -233,6 +234,25 @@ def safe_strides(sweep_dir: str | Path, quality: pd.DataFrame, models: Sequence[
         for r in rows:
             if r["model"] == model:
                 r["safe_stride"], r["first_unsafe"] = safe, first_unsafe
+    return pd.DataFrame(rows)
+
+
+def fd_infinity_table(sweep_dir: str | Path, quality: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
+    """Per model x configuration: FD of the images pooled over seeds and its extrapolation to
+    infinitely many images (:func:`fcr.eval.metrics.fd_infinity`), which removes the ``1/n``
+    small-sample bias that dominates FD at the sizes a CPU run affords."""
+    sweep_dir = Path(sweep_dir)
+    frechet = FrechetToReference(*feature_statistics(_reference_features(sweep_dir)))
+    rows = []
+    for model in models:
+        configs = quality[quality["model"].astype(str) == model]["config"].astype(str).unique()
+        for config in configs:
+            seeds = _seeds(quality, model, config)
+            feats = _cells(sweep_dir, model, config, seeds).get("features")
+            if feats is None or len(feats) <= feats.shape[1] + 2:
+                continue  # too few images for a full-rank covariance at the smallest subset
+            rows.append({"model": model, "config": config, "n_seeds": len(seeds),
+                         **fd_infinity(feats, frechet, seed=len(rows))})
     return pd.DataFrame(rows)
 
 
