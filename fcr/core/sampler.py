@@ -29,7 +29,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from fcr.core.unet import EncoderFeatures, decode, encode
+from fcr.core.unet import EncoderFeatures, decode, deep_branch, deep_forward, encode, shallow_forward
 
 __all__ = [
     "FD_50LS",
@@ -155,12 +155,14 @@ class PriorNoise:
 class SamplerStats:
     """Network-call counters of one :func:`sample` call.
 
-    ``unet_passes``: full ``unet(...)`` calls (plain sampling only); ``encoder_passes``: encoder
+    ``unet_passes``: full UNet passes (plain sampling, DeepCache's key steps); ``shallow_passes``:
+    DeepCache's shallow-path passes; ``encoder_passes``: encoder
     calls; ``decoder_passes``: decoder calls (a batched call counts once); ``decoder_steps``:
     step predictions produced by decoders; ``decoder_batch_sizes``: tensor batch size per decoder call.
     """
 
     unet_passes: int = 0
+    shallow_passes: int = 0
     encoder_passes: int = 0
     decoder_passes: int = 0
     decoder_steps: int = 0
@@ -247,6 +249,7 @@ def sample(
     progress: bool = False,
     unet_kwargs: dict[str, Any] | None = None,
     on_encoder: Callable[[int, EncoderFeatures], None] | None = None,
+    deep_cache_branch: int | None = None,
 ) -> SampleOutput:
     """Denoise ``noise`` (z_T, unit variance, any latent shape) with ``scheduler``.
 
@@ -260,6 +263,10 @@ def sample(
     under guidance) and are repeated for batched decoder calls. ``on_encoder(step, features)`` sees
     every encoder output of cached sampling (batch ``[uncond; cond]`` under guidance) before it is
     decoded: with ``key_steps=range(n)`` that is the encoder along the full-sampling trajectory.
+    ``deep_cache_branch``: DeepCache instead of encoder caching (DeepCacheSDHelper's
+    ``cache_branch_id``): the full UNet at the key steps, keeping the deep hidden state at that skip
+    branch (:func:`fcr.core.unet.deep_forward`), and only the shallow path at the other steps
+    (:func:`fcr.core.unet.shallow_forward`); ``parallel`` does not apply.
     """
     if guidance_scale < 1:
         raise ValueError(f"guidance_scale must be >= 1; got {guidance_scale}")
@@ -269,6 +276,9 @@ def sample(
     prior_noise = prior_noise if prior_noise is not None else PriorNoise()
     unet_kwargs = dict(unet_kwargs or {})
     keys = None if key_steps is None else _validate_key_steps(num_inference_steps, key_steps)
+    if deep_cache_branch is not None and keys is None:
+        raise ValueError("deep_cache_branch needs key_steps (the steps that run the full UNet)")
+    branch = None if deep_cache_branch is None else deep_branch(unet, deep_cache_branch)
 
     batch = noise.shape[0]
     context = guidance_context(encoder_hidden_states, uncond_hidden_states, batch, guidance_scale)
@@ -311,7 +321,20 @@ def sample(
         bar = tqdm(total=num_inference_steps, desc="sampling")
 
     with torch.no_grad():
-        if keys is None:
+        if branch is not None:
+            is_key, deep = set(keys), None
+            for i, t in enumerate(timesteps):
+                x = net_input(latents, t)
+                if i in is_key:
+                    pred, deep = deep_forward(unet, x, t, context, branch, **unet_kwargs)
+                    stats.unet_passes += 1
+                else:
+                    pred = shallow_forward(unet, x, t, context, deep, branch, **unet_kwargs)
+                    stats.shallow_passes += 1
+                latents = scheduler_step(pred, t, latents)
+                if bar is not None:
+                    bar.update(1)
+        elif keys is None:
             for t in timesteps:
                 pred = unet(net_input(latents, t), t, context, **unet_kwargs).sample
                 stats.unet_passes += 1

@@ -5,6 +5,13 @@ skip tuple (starting with the ``conv_in`` output, exactly diffusers' ``down_bloc
 and the mid-block output. Decoder = up blocks + output head, run with the time embedding of the
 step it is asked for, which may differ from the step the features were computed at (that is the
 point of encoder caching). This is the only module of ``fcr`` that touches the UNet's blocks.
+
+DeepCache (Ma et al., 2312.00858) splits the UNet elsewhere: a *skip branch* (a down block and a
+layer in it, :class:`DeepBranch`) cuts it into a shallow path (``conv_in``, the down layers above
+the branch, the up layers from the branch on, the head) and the deep rest. A full step
+(:func:`deep_forward`) also returns the hidden state that enters the shallow part of the up path;
+a cached step (:func:`shallow_forward`) runs only the shallow path on the fresh latent and feeds it
+that stored deep hidden state.
 """
 
 from __future__ import annotations
@@ -16,12 +23,16 @@ import torch
 from diffusers import UNet2DConditionModel
 
 __all__ = [
+    "DeepBranch",
     "EncoderFeatures",
     "UnsupportedUNetError",
     "check_supported",
     "decode",
+    "deep_branch",
+    "deep_forward",
     "encode",
     "feature_group_indices",
+    "shallow_forward",
     "FEATURE_GROUPS",
 ]
 
@@ -246,3 +257,156 @@ def feature_group_indices(unet: UNet2DConditionModel, group: str) -> list[int]:
     if group == "mid":
         return [mid_index]
     return list(range(num_skips - counts[-1], num_skips))
+
+
+# ----------------------------------------------------------------------------- DeepCache split
+
+
+@dataclass(frozen=True)
+class DeepBranch:
+    """DeepCache's skip branch: down block ``block`` (mirrored by up block ``len(up_blocks) - 1 -
+    block``) and ``layer`` in it. At a cached step the down layers ``< layer`` of that block (and
+    every block above it) run, and the up layers from ``layer`` on (counted from the block's last
+    resnet, which reads the shallowest skip)."""
+
+    block: int
+    layer: int
+
+
+def deep_branch(unet: UNet2DConditionModel, branch_id: int) -> DeepBranch:
+    """The branch of DeepCacheSDHelper's ``cache_branch_id`` (block ``id // 3``, layer ``id % 3``),
+    checked against ``unet``: the skips the shallow path makes must be exactly those it reads."""
+    check_supported(unet)
+    if branch_id < 0:
+        raise ValueError(f"cache branch id must be >= 0; got {branch_id}")
+    branch = DeepBranch(branch_id // 3, branch_id % 3)
+    if branch.block >= len(unet.down_blocks):
+        raise ValueError(f"cache branch id {branch_id}: block {branch.block} but the UNet has "
+                         f"{len(unet.down_blocks)} down blocks")
+    up = unet.up_blocks[len(unet.up_blocks) - 1 - branch.block]
+    down = unet.down_blocks[branch.block]
+    if branch.layer >= len(up.resnets) or branch.layer > len(down.resnets):
+        raise ValueError(f"cache branch id {branch_id}: layer {branch.layer} but block {branch.block} has "
+                         f"{len(up.resnets)} up resnets")
+    made = 1 + sum(_outputs_per_down_block(b) for b in unet.down_blocks[: branch.block]) + branch.layer
+    read = sum(len(b.resnets) for b in unet.up_blocks[len(unet.up_blocks) - branch.block :]) + branch.layer + 1
+    if made != read:
+        raise UnsupportedUNetError(f"cache branch id {branch_id}: the shallow path would make {made} skips and read "
+                                   f"{read}; this UNet's blocks are not mirrored as in Stable Diffusion")
+    for block in (down, up):
+        if getattr(block, "s1", None) is not None:
+            raise UnsupportedUNetError("FreeU is enabled on this UNet: the DeepCache split does not reproduce it")
+    return branch
+
+
+def _outputs_per_down_block(block) -> int:
+    return len(block.resnets) + (len(block.downsamplers) if getattr(block, "downsamplers", None) is not None else 0)
+
+
+def _layer(block, j: int, hidden: torch.Tensor, emb: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+    """Resnet ``j`` of a block and, in a cross-attention block, its transformer, as the block's
+    own forward runs them."""
+    hidden = block.resnets[j](hidden, emb)
+    if _has_cross_attention(block):
+        hidden = block.attentions[j](hidden, return_dict=False, **cond)[0]
+    return hidden
+
+
+def _down_to_branch(unet, sample, emb, cond, branch: DeepBranch) -> tuple[torch.Tensor, ...]:
+    """The skips of the shallow down path: ``conv_in``, every block above the branch, and the
+    branch block's layers above ``branch.layer``."""
+    hidden = unet.conv_in(sample)
+    skips: tuple[torch.Tensor, ...] = (hidden,)
+    for block in unet.down_blocks[: branch.block]:
+        if _has_cross_attention(block):
+            hidden, res = block(hidden_states=hidden, temb=emb, **cond)
+        else:
+            hidden, res = block(hidden_states=hidden, temb=emb)
+        skips += res
+    block = unet.down_blocks[branch.block]
+    for j in range(branch.layer):
+        hidden = _layer(block, j, hidden, emb, cond)
+        skips += (hidden,)
+    return skips
+
+
+def _up_from_branch(unet, hidden, skips, emb, cond, branch: DeepBranch, forward_upsample_size: bool) -> torch.Tensor:
+    """The shallow up path: the branch block's up layers from ``branch.layer`` on (fed ``hidden``),
+    its upsampler, every later up block and the output head."""
+    start = len(unet.up_blocks) - 1 - branch.block
+    block = unet.up_blocks[start]
+    for j in range(len(block.resnets) - 1 - branch.layer, len(block.resnets)):
+        hidden = torch.cat([hidden, skips[-1]], dim=1)
+        skips = skips[:-1]
+        hidden = _layer(block, j, hidden, emb, cond)
+    upsample_size = skips[-1].shape[2:] if forward_upsample_size and skips else None
+    if block.upsamplers is not None:
+        for upsampler in block.upsamplers:
+            hidden = upsampler(hidden, upsample_size)
+    for i in range(start + 1, len(unet.up_blocks)):
+        block = unet.up_blocks[i]
+        n = len(block.resnets)
+        res, skips = skips[-n:], skips[:-n]
+        upsample_size = skips[-1].shape[2:] if i != len(unet.up_blocks) - 1 and forward_upsample_size else None
+        if _has_cross_attention(block):
+            hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size,
+                           **cond)
+        else:
+            hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
+    if unet.conv_norm_out is not None:
+        hidden = unet.conv_norm_out(hidden)
+        hidden = unet.conv_act(hidden)
+    return unet.conv_out(hidden)
+
+
+def deep_forward(
+    unet: UNet2DConditionModel,
+    sample: torch.Tensor,
+    timestep: torch.Tensor | float | int,
+    encoder_hidden_states: torch.Tensor,
+    branch: DeepBranch,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A full UNet pass (what ``unet(...).sample`` returns) and the deep hidden state that enters
+    the shallow up path at ``branch`` (what DeepCache reuses)."""
+    features = encode(unet, sample, timestep, encoder_hidden_states, **kwargs)
+    cond = _prepare(unet, features.mid, encoder_hidden_states, kwargs)
+    emb = _time_embedding(unet, features.mid, timestep, kwargs.get("timestep_cond"))
+    forward_upsample_size = features.forward_upsample_size
+    hidden, skips = features.mid, features.skips
+    start = len(unet.up_blocks) - 1 - branch.block
+    for i, block in enumerate(unet.up_blocks[:start]):
+        n = len(block.resnets)
+        res, skips = skips[-n:], skips[:-n]
+        upsample_size = skips[-1].shape[2:] if forward_upsample_size else None
+        if _has_cross_attention(block):
+            hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size,
+                           **cond)
+        else:
+            hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
+    block = unet.up_blocks[start]
+    for j in range(len(block.resnets) - 1 - branch.layer):
+        hidden = torch.cat([hidden, skips[-1]], dim=1)
+        skips = skips[:-1]
+        hidden = _layer(block, j, hidden, emb, cond)
+    return _up_from_branch(unet, hidden, skips, emb, cond, branch, forward_upsample_size), hidden
+
+
+def shallow_forward(
+    unet: UNet2DConditionModel,
+    sample: torch.Tensor,
+    timestep: torch.Tensor | float | int,
+    encoder_hidden_states: torch.Tensor,
+    deep: torch.Tensor,
+    branch: DeepBranch,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """A DeepCache step: the shallow path on ``sample`` with the deep hidden state ``deep`` of the
+    last :func:`deep_forward` in place of everything below ``branch``."""
+    cond = _prepare(unet, sample, encoder_hidden_states, kwargs)
+    forward_upsample_size = any(dim % 2**unet.num_upsamplers != 0 for dim in sample.shape[-2:])
+    if unet.config.center_input_sample:
+        sample = 2 * sample - 1.0
+    emb = _time_embedding(unet, sample, timestep, kwargs.get("timestep_cond"))
+    skips = _down_to_branch(unet, sample, emb, cond, branch)
+    return _up_from_branch(unet, deep, skips, emb, cond, branch, forward_upsample_size)
