@@ -97,3 +97,14 @@ def test_native_deep_cache_equals_deepcache_helper(model: str, settings: tuple[t
         assert not torch.allclose(ours.latents, plain)  # caching changed something
         full_steps = len(range(0, STEPS, interval))
         assert (ours.stats.unet_passes, ours.stats.shallow_passes) == (full_steps, STEPS - full_steps)
+
+
+def test_deep_cache_flops_grow_with_the_branch_depth() -> None:
+    from fcr.eval.profiling import SD15_UNET_CONFIG, deep_cache_flops, deep_cache_flops_ratio, sd_unet_on_meta
+
+    unet = sd_unet_on_meta(SD15_UNET_CONFIG)  # the public SD1.5 architecture, no weights
+    shares = [deep_cache_flops(unet, (64, 64), 77, b)["shallow_share"] for b in (0, 1, 2, 3)]
+    assert all(0 < s < 1 for s in shares) and shares == sorted(shares)
+    assert deep_cache_flops_ratio(shares[0], 50, list(range(50))) == 1.0  # every step full
+    # 10 full steps of 50: (10 + 40 x share) / 50
+    assert deep_cache_flops_ratio(shares[0], 50, 10) == pytest.approx((10 + 40 * shares[0]) / 50)

@@ -29,6 +29,8 @@ __all__ = [
     "SD21_UNET_CONFIG",
     "Timer",
     "count_flops",
+    "deep_cache_flops",
+    "deep_cache_flops_ratio",
     "environment_info",
     "peak_memory",
     "sampling_flops",
@@ -118,6 +120,27 @@ def unet_flops(
         features = fcr_unet.encode(unet, sample, timestep, cond)
         decoder = count_flops(fcr_unet.decode, unet, features, timestep, cond)
     return dict(full=full, encoder=encoder, decoder=decoder, encoder_share=encoder / full)
+
+
+def deep_cache_flops(
+    unet: UNet2DConditionModel, sample_shape: Sequence[int], seq_len: int, branch_id: int, batch: int = 1
+) -> dict[str, float]:
+    """FLOPs of one full UNet pass and of one DeepCache shallow pass at skip branch ``branch_id``
+    (:func:`fcr.core.unet.shallow_forward`): ``full``, ``shallow``, ``shallow_share``. Works with
+    a meta-device UNet."""
+    sample, timestep, cond = _unet_inputs(unet, sample_shape, seq_len, batch)
+    branch = fcr_unet.deep_branch(unet, branch_id)
+    with torch.no_grad():
+        full = count_flops(unet, sample, timestep, encoder_hidden_states=cond)
+        _, deep = fcr_unet.deep_forward(unet, sample, timestep, cond, branch)
+        shallow = count_flops(fcr_unet.shallow_forward, unet, sample, timestep, cond, deep, branch)
+    return dict(full=full, shallow=shallow, shallow_share=shallow / full)
+
+
+def deep_cache_flops_ratio(shallow_share: float, num_steps: int, key_steps: Sequence[int] | int) -> float:
+    """DeepCache sampling FLOPs relative to plain sampling: ``(|K| + (n - |K|) * shallow_share) / n``."""
+    k = _num_keys(num_steps, key_steps)
+    return (k + (num_steps - k) * shallow_share) / num_steps
 
 
 def sd_unet_on_meta(config: dict[str, Any]) -> UNet2DConditionModel:
