@@ -146,6 +146,8 @@ SCHEMA: dict[str, Param] = {
     "include_50ls": Param("bool", True, "add Faster Diffusion's non-uniform '50ls' key steps to the sweep"),
     "dpm_reference_steps": Param("int", 20, "steps of the plain DPM-Solver++ reference line (0 disables it)", check=_at_least(0)),
     "dpm_strides": Param("int_list", [], "strides of DPM-Solver++ with encoder caching ('DPM++-FD-s', at dpm_reference_steps steps)", check=_each(_at_least(2))),
+    "deep_cache_intervals": Param("int_list", [], "DeepCache intervals of a sweep ('DeepCache-N-bB': the full UNet every N steps, the shallow path between)", check=_each(_at_least(2))),
+    "deep_cache_branches": Param("int_list", [0], "DeepCache skip branches (DeepCacheSDHelper's cache_branch_id) of every DeepCache interval", check=_non_empty(_each(_at_least(0)))),
     "reference_lines_all_models": Param("bool", False, "run FD-50ls and plain DPM++ for every model, not only the first (the original)"),
     "profile_batches": Param("int_list", [1, 8], "batch sizes of the cost timing", check=_non_empty(_each(_at_least(1)))),
     "profile_repeats": Param("int", 3, "timed repeats per batch size (after one warm-up run)", check=_at_least(1)),

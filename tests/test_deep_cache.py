@@ -108,3 +108,36 @@ def test_deep_cache_flops_grow_with_the_branch_depth() -> None:
     assert deep_cache_flops_ratio(shares[0], 50, list(range(50))) == 1.0  # every step full
     # 10 full steps of 50: (10 + 40 x share) / 50
     assert deep_cache_flops_ratio(shares[0], 50, 10) == pytest.approx((10 + 40 * shares[0]) / 50)
+
+
+def test_deep_cache_configurations_keep_encoder_caching_keys() -> None:
+    from fcr.core.configurations import sweep_configurations
+
+    configs = sweep_configurations([1, 10], 50, "ddim", include_50ls=False, dpm_reference_steps=0,
+                                   deep_cache_intervals=[5, 10], deep_cache_branches=[0, 3])
+    names = [c.name for c in configs]
+    assert names == ["full", "FD-10", "DeepCache-5-b0", "DeepCache-5-b3", "DeepCache-10-b0", "DeepCache-10-b3"]
+    dc = configs[2]
+    assert dc.key_steps == tuple(range(0, 50, 5)) and dc.deep_branch == 0 and dc.stride is None
+    assert dc.as_dict()["deep_branch"] == 0
+    # Encoder caching's result-file keys are the ones written before DeepCache existed.
+    assert "deep_branch" not in configs[1].as_dict()
+    with pytest.raises(ValueError, match="deep_cache_intervals"):
+        sweep_configurations([1], 50, "ddim", dpm_reference_steps=0, deep_cache_intervals=[50])
+
+
+def test_generate_runs_deepcache_configurations() -> None:
+    import numpy as np
+
+    from fcr.settings.embedded import EmbeddedModel, PromptSet
+    from fcr.settings.generate import generate
+    from fcr.settings.models import build_embedded_unet, build_noise_scheduler
+
+    torch.manual_seed(0)
+    model = EmbeddedModel(build_embedded_unet("base", sample_size=16).eval(), build_noise_scheduler())
+    g = torch.Generator().manual_seed(1)
+    prompts = PromptSet(np.arange(2), ["a", "b"], torch.randn(2, 16, 384, generator=g), torch.randn(16, 384, generator=g), 0)
+    kw = dict(seed=0, num_inference_steps=6, guidance_scale=2.0, key_steps=[0, 3], batch_size=2)
+    deep = generate(model, prompts, deep_cache_branch=0, **kw)
+    assert deep.stats["unet_passes"] == 2 and deep.stats["shallow_passes"] == 4 and deep.stats["encoder_passes"] == 0
+    assert not torch.allclose(deep.images, generate(model, prompts, **kw).images)  # not encoder caching

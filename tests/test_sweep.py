@@ -157,3 +157,17 @@ def test_cost_pass_counts_agree_with_the_sampler(workspace: dict, key_steps) -> 
         assert cost["flops_bound_ratio"] == 1.0
     else:
         assert 0 < cost["flops_bound_ratio"] < 1
+
+
+def test_cost_of_a_deepcache_configuration(workspace: dict) -> None:
+    from fcr.eval.profiling import deep_cache_flops, deep_cache_flops_ratio
+
+    unet = workspace["unet"]
+    config = SamplingConfig("DeepCache-3-b0", "ddim", 6, (0, 3), deep_branch=0)
+    cost = evaluate_cost(unet, config, batch_sizes=(1,), repeats=1, guidance_scale=2.0, seq_len=16)
+    assert (cost["unet_passes_per_run"], cost["shallow_passes_per_run"], cost["encoder_passes_per_run"]) == (2, 4, 0)
+    share = deep_cache_flops(unet, (1, 32, 32), 16, 0)["shallow_share"]
+    assert cost["flops_bound_ratio"] == pytest.approx(deep_cache_flops_ratio(share, 6, 2))
+    # The counted FLOPs of the whole run are two full and four shallow passes of the guided batch of 2.
+    passes = deep_cache_flops(unet, (1, 32, 32), 16, 0, batch=2)
+    assert cost["flops_per_image"] == pytest.approx(2 * passes["full"] + 4 * passes["shallow"], rel=0.02)

@@ -1,5 +1,6 @@
-"""Sampling configurations: plain sampling or encoder caching at given key steps, with a name
-(``full``, ``FD-s``, ``FD-50ls``, ``DPM++-k``, ``DPM++-FD-s``) that every result file and table
+"""Sampling configurations: plain sampling, encoder caching at given key steps, or DeepCache (the
+full UNet at the key steps, the shallow path between them), with a name (``full``, ``FD-s``,
+``FD-50ls``, ``DPM++-k``, ``DPM++-FD-s``, ``DeepCache-N-bB``) that every result file and table
 uses. Built from the sweep's parameters by :func:`sweep_configurations`."""
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ __all__ = ["SamplingConfig", "configs_for_model", "sweep_configurations"]
 class SamplingConfig:
     """One sampling configuration: plain (``key_steps`` None) or encoder caching at ``key_steps``.
 
-    ``stride`` is the uniform key-step stride the configuration stands for (1 for plain sampling
-    with the sweep's scheduler, None for non-uniform schedules and reference lines).
+    ``stride`` is the uniform encoder-caching stride the configuration stands for (1 for plain
+    sampling with the sweep's scheduler, None for non-uniform schedules, reference lines and
+    DeepCache). ``deep_branch``: DeepCache's skip branch (``cache_branch_id``); None for encoder
+    caching and plain sampling.
     """
 
     name: str
@@ -26,10 +29,15 @@ class SamplingConfig:
     num_inference_steps: int
     key_steps: tuple[int, ...] | None
     stride: int | None = None
+    deep_branch: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready copy, with the number of key steps (encoder passes per image)."""
+        """JSON-ready copy, with the number of key steps (full or encoder passes per image). A
+        configuration without DeepCache has no ``deep_branch`` entry, so the result files of
+        encoder caching keep the keys they were written with."""
         out = asdict(self)
+        if self.deep_branch is None:
+            del out["deep_branch"]
         out["key_steps"] = None if self.key_steps is None else list(self.key_steps)
         out["n_key_steps"] = self.num_inference_steps if self.key_steps is None else len(self.key_steps)
         return out
@@ -42,12 +50,15 @@ def sweep_configurations(
     include_50ls: bool = True,
     dpm_reference_steps: int = 20,
     dpm_strides: Sequence[int] = (),
+    deep_cache_intervals: Sequence[int] = (),
+    deep_cache_branches: Sequence[int] = (0,),
 ) -> list[SamplingConfig]:
     """Configurations of a sweep: ``full`` for stride 1, ``FD-s`` (uniform key steps) for s > 1,
     ``FD-50ls`` (Faster Diffusion's non-uniform preset), ``DPM++-k``: plain DPM-Solver++ at
     ``k`` steps, the reference line of the original paper (disabled by ``k = 0``), and
     ``DPM++-FD-s``: DPM-Solver++ at ``k`` steps with encoder caching at uniform stride ``s``
-    (exp-2's "FCR + DPM-Solver" combination)."""
+    (exp-2's "FCR + DPM-Solver" combination); ``DeepCache-N-bB``: DeepCache with the full UNet every
+    ``N`` steps (uniform) and skip branch ``B``, for every interval x branch."""
     if dpm_reference_steps < 0:
         raise ValueError(f"dpm_reference_steps must be >= 0 (0 disables it); got {dpm_reference_steps}")
     if dpm_strides and dpm_reference_steps == 0:
@@ -70,6 +81,12 @@ def sweep_configurations(
         if not 1 < s <= k:
             raise ValueError(f"dpm_strides must lie in (1, dpm_reference_steps={k}]; got {s}")
         configs.append(SamplingConfig(f"DPM++-FD-{s}", "dpmsolver++", k, tuple(key_steps(k, "uniform", s)), stride=s))
+    for interval in dict.fromkeys(int(i) for i in deep_cache_intervals):
+        if not 1 < interval < n:
+            raise ValueError(f"deep_cache_intervals must lie in (1, num_inference_steps={n}); got {interval}")
+        for branch in dict.fromkeys(int(b) for b in deep_cache_branches):
+            configs.append(SamplingConfig(f"DeepCache-{interval}-b{branch}", scheduler, n,
+                                          tuple(key_steps(n, "uniform", interval)), deep_branch=branch))
     return configs
 
 

@@ -117,7 +117,8 @@ class Sampling:
     def prior_for(self, config: SamplingConfig) -> PriorNoise:
         """Prior noise injection for cached configurations only: the plain lines (full, DPM++)
         stay the unmodified samplers they are references for."""
-        return PriorNoise(self.prior_noise and config.key_steps is not None, self.prior_noise_alpha,
+        return PriorNoise(self.prior_noise and config.key_steps is not None and config.deep_branch is None,
+                          self.prior_noise_alpha,
                           self.prior_noise_threshold)
 
 
@@ -187,7 +188,7 @@ class RunContext:
             num_inference_steps=config.num_inference_steps, guidance_scale=s.guidance_scale,
             key_steps=config.key_steps, parallel=s.parallel, prior_noise=s.prior_for(config),
             batch_size=s.batch_size, image_size=image_size, noise_hook=noise_hook, scheduler_hook=scheduler_hook,
-            progress=progress, desc=desc,
+            deep_cache_branch=config.deep_branch, progress=progress, desc=desc,
         )
 
     def images(self, loaded: LoadedModel, latents: torch.Tensor) -> Any:

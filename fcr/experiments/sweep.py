@@ -26,7 +26,16 @@ from fcr.core.configurations import SamplingConfig, configs_for_model, sweep_con
 from fcr.core.sampler import PriorNoise, sample
 from fcr.eval.context import LoadedModel, RunContext, architecture_config, build_context
 from fcr.eval.metrics import DEFAULT_EXTRACTOR_NAME
-from fcr.eval.profiling import count_flops, environment_info, peak_memory, sampling_flops_ratio, time_fn, unet_flops
+from fcr.eval.profiling import (
+    count_flops,
+    deep_cache_flops,
+    deep_cache_flops_ratio,
+    environment_info,
+    peak_memory,
+    sampling_flops_ratio,
+    time_fn,
+    unet_flops,
+)
 from fcr.eval.results import run_or_load, save_safetensors_atomic
 from fcr.eval.scoring import FD_COLUMN
 from fcr.eval.stats import mean_ci_over_seeds, paired_test
@@ -214,6 +223,7 @@ def evaluate_cost(
                 key_steps=keys,
                 parallel=parallel,
                 prior_noise=prior_noise,
+                deep_cache_branch=config.deep_branch,
             )
 
         return run
@@ -225,7 +235,13 @@ def evaluate_cost(
     out["flops_per_image"] = float(count_flops(one))
     share = unet_flops(unet, shape, seq_len)["encoder_share"]
     out["encoder_share"] = float(share)
-    out["flops_bound_ratio"] = float(sampling_flops_ratio(share, config.num_inference_steps, keys))
+    if config.deep_branch is None:
+        out["flops_bound_ratio"] = float(sampling_flops_ratio(share, config.num_inference_steps, keys))
+    else:  # DeepCache: full passes at the key steps, the shallow path at the others
+        out["shallow_passes_per_run"] = float(stats.shallow_passes)
+        shallow = deep_cache_flops(unet, shape, seq_len, config.deep_branch)["shallow_share"]
+        out["shallow_share"] = float(shallow)
+        out["flops_bound_ratio"] = float(deep_cache_flops_ratio(shallow, config.num_inference_steps, keys))
     run = one
     for b in batch_sizes:
         run = make_run(int(b))
@@ -308,6 +324,7 @@ def run_sweep(
     configs = sweep_configurations(
         params["strides"], params["num_inference_steps"], params["scheduler"],
         params["include_50ls"], params["dpm_reference_steps"], params["dpm_strides"],
+        params["deep_cache_intervals"], params["deep_cache_branches"],
     )
     # Everything that can fail does so here, before anything is generated or written.
     ctx = build_context(params, models, out_dir, reference_n=reference_n)

@@ -133,6 +133,7 @@ def generate(
     noise_hook: NoiseHook | None = None,
     scheduler_hook: SchedulerHook | None = None,
     feature_hook: FeatureHook | None = None,
+    deep_cache_branch: int | None = None,
     progress: bool = False,
     desc: str = "generate",
 ) -> GenerationResult:
@@ -142,7 +143,8 @@ def generate(
     a list of strings for SD), with ``len``. Classifier-free guidance when ``guidance_scale > 1``.
     ``image_size``: output side or (height, width) in pixels (the model's native size when None). ``noise_hook`` and
     ``scheduler_hook`` apply a stress to each batch (see the module docstring); ``feature_hook``
-    observes the encoder's features of cached sampling (:func:`fcr.core.sampler.sample`'s ``on_encoder``).
+    observes the encoder's features of cached sampling (:func:`fcr.core.sampler.sample`'s ``on_encoder``);
+    ``deep_cache_branch``: DeepCache at ``key_steps`` instead of encoder caching (see ``sample``).
     """
     if isinstance(prompts, str):
         raise TypeError("generate takes a sequence of prompts, not a single string")
@@ -180,6 +182,7 @@ def generate(
             parallel=parallel,
             prior_noise=prior_noise,
             on_encoder=None if feature_hook is None else (lambda step, f, idx=idx: feature_hook(idx, step, f)),
+            deep_cache_branch=deep_cache_branch,
         )
         chunks.append(model.finish(out.latents))
         _add_stats(stats, out.stats)
