@@ -74,7 +74,7 @@ def _non_empty(check: Check | None = None) -> Check:
 
 
 SCHEDULER_NAMES = ("ddim", "dpmsolver++", "euler")
-FEATURE_GROUP_NAMES = ("all", "early", "mid", "late")
+FEATURE_GROUP_NAMES = ("all", "early", "mid", "late", "deep")  # "deep": FCR-deep (DeepCache's reused feature)
 
 SCHEMA: dict[str, Param] = {
     # --- run ---
@@ -119,6 +119,7 @@ SCHEMA: dict[str, Param] = {
     "delta_units": Param("str", "train", "units of delta_max: training timesteps or sampling steps", ("train", "sampling")),
     "fcr_sampling_steps": Param("int", 50, "sampling steps that define one 'sampling' delta unit", check=_at_least(1)),
     "feature_group": Param("str", "all", "encoder features the FCR term compares", FEATURE_GROUP_NAMES),
+    "fcr_deep_branch": Param("int", 0, "DeepCache skip branch whose reused deep feature FCR-deep compares (feature_group: deep)", check=_at_least(0)),
     "fcr_normalize": Param("bool", False, "scale-invariant FCR (difference over feature energy)"),
     "shared_noise": Param("bool", True, "same noise for both latents of an FCR pair"),
     # --- training ---

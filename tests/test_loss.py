@@ -358,3 +358,39 @@ def test_loss_time_errors(unets):
         fcr_training_loss(unet, _scheduler(), x0, cond, FCRConfig(delta_units="sampling", sampling_steps=T + 1))
     with pytest.raises(ValueError, match="prediction_type"):
         fcr_training_loss(unet, _scheduler("sample"), x0, cond, FCRConfig())
+
+
+def test_fcr_deep_regularises_deepcaches_reused_feature(unets):
+    """FCR-deep: the same draws and denoising loss as encoder FCR; the term is the distance of the
+    deep hidden state DeepCache reuses (written out here with deep_forward) and its gradient reaches
+    the deep up layers but not the shallow path's last layers."""
+    from fcr.core.loss import sample_timestep_pairs
+    from fcr.core.unet import deep_branch, deep_forward, deep_hidden
+
+    unet, channels, cross_dim = unets["sd15"]
+    x0, cond = _batch(channels, cross_dim)
+    sched = _scheduler()
+    cfg = FCRConfig(lambda_fcr=0.5, feature_group="deep", deep_branch=1)
+    parts = fcr_training_loss(unet, sched, x0, cond, cfg, torch.Generator().manual_seed(0))
+    encoder = fcr_training_loss(unet, sched, x0, cond, FCRConfig(lambda_fcr=0.5), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(parts.denoise, encoder.denoise, rtol=1e-5, atol=1e-7)  # same prediction at t
+    # The term written out: same draws (t, Δ, ε) from the same generator.
+    g = torch.Generator().manual_seed(0)
+    t, delta = sample_timestep_pairs(BATCH, T, cfg, g)
+    eps = torch.randn(x0.shape, generator=g)
+    branch = deep_branch(unet, 1)
+    with torch.no_grad():
+        a = deep_forward(unet, sched.add_noise(x0, eps, t), t, cond, branch)[1]
+        b = deep_hidden(unet, sched.add_noise(x0, eps, t - delta), t - delta, cond, branch)
+    torch.testing.assert_close(parts.fcr.detach(), ((a - b) ** 2).mean(), rtol=1e-5, atol=1e-8)
+    assert parts.fcr.item() > 0
+    torch.testing.assert_close(parts.total, parts.denoise + 0.5 * parts.fcr)
+    unet.zero_grad(set_to_none=True)
+    parts.fcr.backward()
+    try:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in unet.mid_block.parameters())
+        assert unet.conv_out.weight.grad is None  # the head is on the shallow path only
+    finally:
+        unet.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="deep_branch"):
+        FCRConfig(feature_group="deep", deep_branch=-1)

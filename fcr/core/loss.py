@@ -7,6 +7,10 @@ t ~ U{Δ..T−1}, and by default the same ε for both noisy latents. ``x_{t−Δ
 latent. The denoising loss runs the UNet as ``encode`` at t followed by ``decode`` at t, so the
 encoder features at t serve both terms (gradients flow through both feature sets); the only extra
 cost of FCR is one encoder-only pass on ``x_{t−Δ}``, skipped entirely when λ = 0.
+
+FCR-deep (``feature_group="deep"``) regularises what DeepCache reuses instead: the deep hidden
+state entering the shallow up path at skip branch ``deep_branch`` (:func:`fcr.core.unet.deep_forward`);
+the denoising pass at t then yields it, and ``x_{t−Δ}`` needs the UNet up to that state.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from fcr.core import unet as fcr_unet
 from fcr.core.unet import FEATURE_GROUPS, EncoderFeatures
 
 __all__ = [
+    "DEEP_GROUP",
     "DELTA_UNITS",
     "PREDICTION_TYPES",
     "FCRConfig",
@@ -35,6 +40,7 @@ __all__ = [
 ]
 
 DELTA_UNITS = ("train", "sampling")
+DEEP_GROUP = "deep"  # FCR-deep: the feature DeepCache reuses, not the encoder's
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -47,7 +53,8 @@ class FCRConfig:
     - ``delta_units``: ``"train"`` (training timesteps) or ``"sampling"`` (sampling steps of a
       ``sampling_steps``-step DDIM 'leading' schedule: one step = ``T // sampling_steps`` training
       timesteps, so Δ_max = 10 at 50 steps and T = 1000 is 200 training timesteps).
-    - ``feature_group``: which encoder features are regularised (see ``fcr.core.unet.feature_group_indices``).
+    - ``feature_group``: which encoder features are regularised (see ``fcr.core.unet.feature_group_indices``),
+      or ``"deep"``: DeepCache's reused deep hidden state at skip branch ``deep_branch`` (FCR-deep).
     - ``normalize``: use the scale-invariant distance (see :func:`feature_distance`); raw MSE can be
       lowered by shrinking feature magnitudes and compensating in the decoder.
     - ``shared_noise``: the same ε for x_t and x_{t−Δ}; False draws an independent ε'.
@@ -62,6 +69,7 @@ class FCRConfig:
     normalize: bool = False
     shared_noise: bool = True
     prediction_type: str | None = None
+    deep_branch: int = 0
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.lambda_fcr) or self.lambda_fcr < 0:
@@ -72,8 +80,10 @@ class FCRConfig:
             raise ValueError(f"delta_units must be one of {list(DELTA_UNITS)}, got {self.delta_units!r}")
         if isinstance(self.sampling_steps, bool) or not isinstance(self.sampling_steps, int) or self.sampling_steps < 1:
             raise ValueError(f"sampling_steps must be an integer >= 1, got {self.sampling_steps!r}")
-        if self.feature_group not in FEATURE_GROUPS:
-            raise ValueError(f"feature_group must be one of {list(FEATURE_GROUPS)}, got {self.feature_group!r}")
+        if self.feature_group not in (*FEATURE_GROUPS, DEEP_GROUP):
+            raise ValueError(f"feature_group must be one of {[*FEATURE_GROUPS, DEEP_GROUP]}, got {self.feature_group!r}")
+        if isinstance(self.deep_branch, bool) or not isinstance(self.deep_branch, int) or self.deep_branch < 0:
+            raise ValueError(f"deep_branch must be an integer >= 0, got {self.deep_branch!r}")
         if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(
                 f"prediction_type must be None or one of {list(PREDICTION_TYPES)}, got {self.prediction_type!r}"
@@ -234,8 +244,13 @@ def fcr_training_loss(
     noise_prev = noise if cfg.shared_noise else _randn(x0, generator)
 
     x_t = noise_scheduler.add_noise(x0, noise, t)
-    feats_t = fcr_unet.encode(unet, x_t, t, encoder_hidden_states, **kw)
-    pred = fcr_unet.decode(unet, feats_t, t, encoder_hidden_states, **kw)
+    deep = cfg.feature_group == DEEP_GROUP
+    if deep:
+        branch = fcr_unet.deep_branch(unet, cfg.deep_branch)
+        pred, deep_t = fcr_unet.deep_forward(unet, x_t, t, encoder_hidden_states, branch, **kw)
+    else:
+        feats_t = fcr_unet.encode(unet, x_t, t, encoder_hidden_states, **kw)
+        pred = fcr_unet.decode(unet, feats_t, t, encoder_hidden_states, **kw)
     target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
     denoise = F.mse_loss(pred.float(), target.float(), reduction="mean")
 
@@ -245,7 +260,13 @@ def fcr_training_loss(
 
     t_prev = t - delta
     x_prev = noise_scheduler.add_noise(x0, noise_prev, t_prev)
-    feats_prev = fcr_unet.encode(unet, x_prev, t_prev, encoder_hidden_states, **kw)
-    indices = fcr_unet.feature_group_indices(unet, cfg.feature_group)
-    fcr = feature_distance(feats_t, feats_prev, indices, cfg.normalize)
+    if deep:
+        deep_prev = fcr_unet.deep_hidden(unet, x_prev, t_prev, encoder_hidden_states, branch, **kw)
+        # One tensor: the distance of a single-tensor feature set (the raw or normalised form alike).
+        as_features = (lambda x: EncoderFeatures(skips=(), mid=x, forward_upsample_size=False))
+        fcr = feature_distance(as_features(deep_t), as_features(deep_prev), [0], cfg.normalize)
+    else:
+        feats_prev = fcr_unet.encode(unet, x_prev, t_prev, encoder_hidden_states, **kw)
+        indices = fcr_unet.feature_group_indices(unet, cfg.feature_group)
+        fcr = feature_distance(feats_t, feats_prev, indices, cfg.normalize)
     return LossParts(total=denoise + cfg.lambda_fcr * fcr, denoise=denoise, fcr=fcr, timesteps=t, deltas=delta)

@@ -30,6 +30,7 @@ __all__ = [
     "decode",
     "deep_branch",
     "deep_forward",
+    "deep_hidden",
     "encode",
     "feature_group_indices",
     "shallow_forward",
@@ -359,23 +360,15 @@ def _up_from_branch(unet, hidden, skips, emb, cond, branch: DeepBranch, forward_
     return unet.conv_out(hidden)
 
 
-def deep_forward(
-    unet: UNet2DConditionModel,
-    sample: torch.Tensor,
-    timestep: torch.Tensor | float | int,
-    encoder_hidden_states: torch.Tensor,
-    branch: DeepBranch,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A full UNet pass (what ``unet(...).sample`` returns) and the deep hidden state that enters
-    the shallow up path at ``branch`` (what DeepCache reuses)."""
+def _deep_state(unet, sample, timestep, encoder_hidden_states, branch: DeepBranch, kwargs):
+    """Everything below ``branch``: the deep hidden state and what the shallow up path still needs."""
     features = encode(unet, sample, timestep, encoder_hidden_states, **kwargs)
     cond = _prepare(unet, features.mid, encoder_hidden_states, kwargs)
     emb = _time_embedding(unet, features.mid, timestep, kwargs.get("timestep_cond"))
     forward_upsample_size = features.forward_upsample_size
     hidden, skips = features.mid, features.skips
     start = len(unet.up_blocks) - 1 - branch.block
-    for i, block in enumerate(unet.up_blocks[:start]):
+    for block in unet.up_blocks[:start]:
         n = len(block.resnets)
         res, skips = skips[-n:], skips[:-n]
         upsample_size = skips[-1].shape[2:] if forward_upsample_size else None
@@ -389,7 +382,34 @@ def deep_forward(
         hidden = torch.cat([hidden, skips[-1]], dim=1)
         skips = skips[:-1]
         hidden = _layer(block, j, hidden, emb, cond)
+    return hidden, skips, emb, cond, forward_upsample_size
+
+
+def deep_forward(
+    unet: UNet2DConditionModel,
+    sample: torch.Tensor,
+    timestep: torch.Tensor | float | int,
+    encoder_hidden_states: torch.Tensor,
+    branch: DeepBranch,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A full UNet pass (what ``unet(...).sample`` returns) and the deep hidden state that enters
+    the shallow up path at ``branch`` (what DeepCache reuses)."""
+    hidden, skips, emb, cond, forward_upsample_size = _deep_state(unet, sample, timestep, encoder_hidden_states,
+                                                                  branch, kwargs)
     return _up_from_branch(unet, hidden, skips, emb, cond, branch, forward_upsample_size), hidden
+
+
+def deep_hidden(
+    unet: UNet2DConditionModel,
+    sample: torch.Tensor,
+    timestep: torch.Tensor | float | int,
+    encoder_hidden_states: torch.Tensor,
+    branch: DeepBranch,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Only the deep hidden state of :func:`deep_forward` (the shallow up path is not run)."""
+    return _deep_state(unet, sample, timestep, encoder_hidden_states, branch, kwargs)[0]
 
 
 def shallow_forward(

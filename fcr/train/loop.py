@@ -151,6 +151,7 @@ def fcr_config_from_params(params: Mapping[str, Any]) -> FCRConfig:
         normalize=params["fcr_normalize"],
         shared_noise=params["shared_noise"],
         prediction_type=params["prediction_type"],
+        deep_branch=params["fcr_deep_branch"],
     )
 
 
