@@ -279,6 +279,8 @@ def test_summary_power_and_criterion_a_read_the_contrasts(sweep: dict, tmp_path:
     primary = table[table["family"] == "primary"].iloc[0]
     assert f"(n = {N})" in lines and "**FCR better**" in lines and "Not supported" not in lines
     assert "Safe stride" in lines
+    by_model = safe.groupby("model")["safe_stride"].first()
+    assert f"Safe-stride gain** of fcr over base: {int(by_model['fcr']) - int(by_model['base']):+d}" in lines
     power = "\n".join(power_section(table))
     # A detected effect needs no more pairs than the run had.
     last_row = [line for line in power.splitlines() if line.startswith("|")][-1]

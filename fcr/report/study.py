@@ -155,6 +155,14 @@ def study_summary(tables: tuple[pd.DataFrame, pd.DataFrame, list[str], pd.DataFr
             f"{m} {int(v['safe_stride'])}" + (f" (first unsafe {int(v['first_unsafe'])})"
                                              if pd.notna(v["first_unsafe"]) else " (every stride run is safe)")
             for m, v in by_model.iterrows()) + ".")
+        for _, b in contrasts.drop_duplicates("backbone").iterrows():  # FCR's benefit: the safe stride it gains
+            original, fcr = str(b["backbone"]), contrasts[(contrasts["backbone"] == b["backbone"])
+                                                          & (contrasts["family"] == "primary")]["model"]
+            for model in dict.fromkeys(fcr.astype(str)):
+                if original in by_model.index and model in by_model.index:
+                    gain = int(by_model.loc[model, "safe_stride"]) - int(by_model.loc[original, "safe_stride"])
+                    lines.append(f"- **Safe-stride gain** of {model} over {original}: {gain:+d} (strides run: "
+                                 f"{sorted(int(s) for s in safe['stride'].unique())}).")
     unsupported = run[(run["family"] == "primary") & ~run["decision"].isin(["FCR better"])]
     if not unsupported.empty:
         configs = ", ".join(dict.fromkeys(unsupported["config"].astype(str)))
