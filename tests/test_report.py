@@ -148,6 +148,12 @@ def test_build_report_on_empty_run_says_what_is_missing(tmp_path):
     md = out["markdown"]
     assert "Not available" in md and "summary.csv" in md and "criterion.csv" in md
     assert "### Wall time of the demo (make main)" in md and "**1.5 min**" in out["readme_markdown"]
+    (demo / ".pipeline_done.json").unlink()  # only the report stage left: say so, do not show 0.1 min
+    (tmp_path / "demo" / "report").mkdir()
+    (tmp_path / "demo" / "report" / ".pipeline_done.json").write_text(_json.dumps({"seconds": 5.0, "finished": "t"}))
+    again = build_report(tmp_path / "empty", tmp_path / "rep", timing_beside=tmp_path / "demo",
+                         verdict_kwargs={"models_dir": tmp_path / "nomodels", "train_flops_per_image": flops_fn})
+    assert "No finished demo stage" in again["markdown"]
     assert out["exp1"] is None and (tmp_path / "rep" / "verdict.csv").is_file()
 
 

@@ -279,6 +279,8 @@ def test_summary_power_and_criterion_a_read_the_contrasts(sweep: dict, tmp_path:
     primary = table[table["family"] == "primary"].iloc[0]
     assert f"(n = {N})" in lines and "**FCR better**" in lines and "Not supported" not in lines
     assert "Safe stride" in lines
+    nothing = "\n".join(study_summary((table.assign(p_holm=math.nan), safe, [], pd.DataFrame())))
+    assert "No pre-registered contrast could be evaluated" in nothing
     by_model = safe.groupby("model")["safe_stride"].first()
     assert f"Safe-stride gain** of fcr over base: {int(by_model['fcr']) - int(by_model['base']):+d}" in lines
     power = "\n".join(power_section(table))

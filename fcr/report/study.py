@@ -136,6 +136,9 @@ def study_summary(tables: tuple[pd.DataFrame, pd.DataFrame, list[str], pd.DataFr
         return []
     lines = ["### Summary of the pre-registered study (generated from the contrasts below)\n"]
     run = contrasts[contrasts["p_holm"].notna()]
+    if run.empty:
+        return lines + ["- No pre-registered contrast could be evaluated: the sweep has no cells at the study's "
+                        f"strides ({', '.join(dict.fromkeys(contrasts['config'].astype(str)))}).", ""]
     for family, label in (("primary", "Primary (superiority, FCR vs the λ = 0 control)"),
                           ("secondary", "Secondary (non-inferiority vs the original's FD-5, the seed's margins)")):
         rows = run[run["family"] == family]

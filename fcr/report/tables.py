@@ -530,7 +530,12 @@ def build_report(
     supplementary = _supplementary_robustness(root, backbones)
     timing = _timing_section(root, "Wall time of this run")
     if timing_beside is not None:
-        timing += _timing_section(Path(timing_beside), "Wall time of the demo (make main)")
+        beside = _timing_section(Path(timing_beside), "Wall time of the demo (make main)")
+        if set(stage_times(timing_beside)["stage"]) - {"report"}:
+            timing += beside
+        else:  # only a report marker: the demo's stages ran elsewhere or not at all
+            timing += ["### Wall time of the demo (make main)\n",
+                       f"No finished demo stage in `{display_path(timing_beside)}` (run `make main`).", ""]
     summary = study_summary(study_results)  # plain language first (issue #12), every number from the tables
     report_md = "\n".join(summary + intro + full_verdict + study + exp_parts + extra + supplementary + timing
                           + figs(out_dir))
