@@ -119,6 +119,8 @@ def criterion_e(mechanistic_dirs: Sequence[Path], selected: Sequence[str]) -> li
     r2_thr = f"R² ≥ {THRESHOLDS['r2']:g} with a positive slope"
     r2_verdicts = [_regression_row(Path(d) / contract.REGRESSION, r2_thr, rows) for d in mechanistic_dirs]
     r2_ok = all_of(r2_verdicts)
+    for d in mechanistic_dirs:
+        rows += _trajectory_rows(Path(d) / contract.TRAJECTORY_REGRESSION)
     ok = all_of([*var_verdicts, r2_ok])
     rows.insert(0, verdict_row(E_NAME, "selected FCR models",
                         f"variance: {count_verdicts(var_verdicts, 'models')}; R²: {count_verdicts(r2_verdicts, 'regressions')}",
@@ -126,6 +128,33 @@ def criterion_e(mechanistic_dirs: Sequence[Path], selected: Sequence[str]) -> li
                         "Models in the verdict: the best-λ model of each backbone (criterion a) found in "
                         "variance_reduction.csv, else every FCR model (λ > 0) in it; every regression of notebook "
                         "05 (one per experiment)."))
+    return rows
+
+
+def _trajectory_rows(path: Path) -> list[dict]:
+    """Context rows of the per-image trajectory-drift regression, when notebook 05 measured it: the
+    seed's R² criterion as written (drift alone; PSNR falls as drift grows, so the slope is
+    negative) and on this design (the mixed model's drift slope with its interval)."""
+    if not path.is_file():
+        return []
+    fit = read_json(path)
+    written, mixed = fit["as_written"], fit.get("mixed", {})
+    r2_ok = bool(written["r2"] >= THRESHOLDS["r2"] and written["slope"] < 0)
+    rows = [verdict_row(f"{E_NAME}: trajectory drift, as written", f"{fit['n_points']} images x strides ({path.parent})",
+                        f"R² {fmt3(written['r2'])}, slope {fmt3(written['slope'])}",
+                        f"R² ≥ {THRESHOLDS['r2']:g}, PSNR falling with drift", r2_ok,
+                        "Context only: OLS of each image's PSNR to its own full sampling at FD-s on the encoder drift "
+                        "along its own sampling trajectory (trajectory_regression.json).", kind="context",
+                        value=written["r2"])]
+    if "slope" in mixed:
+        shown = mixed["hi"] < 0
+        rows.append(verdict_row(f"{E_NAME}: trajectory drift, mixed model", f"{fit['n_pairs']} prompt/noise pairs",
+                                f"drift slope {fmt3(mixed['slope'])} [{fmt3(mixed['lo'])}, {fmt3(mixed['hi'])}]; "
+                                f"partial R² {fmt3(fit['partial']['partial_r2_drift'])}",
+                                "slope < 0 with its 95 % interval (given stride and model)", True if shown else None,
+                                "Context only: PSNR ~ drift + stride + model with a random intercept per prompt/noise "
+                                "pair; partial R² of drift given stride and model.", kind="context",
+                                value=mixed["slope"]))
     return rows
 
 
