@@ -33,7 +33,7 @@ def test_defaults_are_valid() -> None:
         ({"lambda_fcr": -0.1}, r"'lambda_fcr': must be >= 0"),
         ({"guidance_scale": 0.5}, r"'guidance_scale': must be >= 1"),
         ({"scheduler": "pndm"}, r"'scheduler': allowed \['ddim', 'dpmsolver\+\+', 'euler'\]"),
-        ({"feature_group": "deep"}, r"'feature_group': allowed"),
+        ({"feature_group": "shallow"}, r"'feature_group': allowed"),
         ({"key_schedule": "fast"}, r"'key_schedule': allowed 'uniform', '50ls'"),
         ({"key_schedule": [1, 5]}, r"'key_schedule': must start with key step 0"),
         ({"key_schedule": [0, 5, 3]}, r"'key_schedule': key steps must be strictly increasing"),
