@@ -48,6 +48,7 @@ FINETUNE_KEYS = (
     "delta_units",
     "fcr_sampling_steps",
     "feature_group",
+    "fcr_deep_branch",
     "fcr_normalize",
     "shared_noise",
     "learning_rate",
