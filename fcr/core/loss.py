@@ -36,6 +36,7 @@ __all__ = [
     "delta_unit",
     "fcr_training_loss",
     "feature_distance",
+    "per_sample_feature_distance",
     "sample_timestep_pairs",
 ]
 
@@ -162,14 +163,8 @@ def feature_distance(
 
     Computed in float32 so half-precision features do not overflow the sums.
     """
-    if len(indices) == 0:
-        raise ValueError("feature_distance needs at least one feature index")
-    ta, tb = a.tensors(), b.tensors()
     terms = []
-    for i in indices:
-        x, y = ta[i].float(), tb[i].float()
-        if x.shape != y.shape:
-            raise ValueError(f"feature tensor {i} has shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    for x, y in _selected_pairs(a, b, indices):
         if normalize:
             diff = (x - y).pow(2).flatten(1).sum(1)
             scale = 0.5 * (x.pow(2).flatten(1).sum(1) + y.pow(2).flatten(1).sum(1)) + eps
@@ -177,6 +172,34 @@ def feature_distance(
         else:
             terms.append((x - y).pow(2).mean())
     return torch.stack(terms).mean()
+
+
+def per_sample_feature_distance(
+    a: EncoderFeatures, b: EncoderFeatures, indices: Sequence[int], normalize: bool, eps: float = 1e-8
+) -> torch.Tensor:
+    """(N,) distances: :func:`feature_distance` of each sample alone (their mean is the batch's FCR
+    term), computed for the whole batch at once."""
+    terms = []
+    for x, y in _selected_pairs(a, b, indices):
+        diff = (x - y).pow(2).flatten(1)
+        if normalize:
+            scale = 0.5 * (x.pow(2).flatten(1).sum(1) + y.pow(2).flatten(1).sum(1)) + eps
+            terms.append(diff.sum(1) / scale)
+        else:
+            terms.append(diff.mean(1))
+    return torch.stack(terms).mean(0)
+
+
+def _selected_pairs(a: EncoderFeatures, b: EncoderFeatures, indices: Sequence[int]):
+    """The float32 tensor pairs ``indices`` of two feature sets, checked to match in shape."""
+    if len(indices) == 0:
+        raise ValueError("feature_distance needs at least one feature index")
+    ta, tb = a.tensors(), b.tensors()
+    for i in indices:
+        x, y = ta[i].float(), tb[i].float()
+        if x.shape != y.shape:
+            raise ValueError(f"feature tensor {i} has shapes {tuple(x.shape)} and {tuple(y.shape)}")
+        yield x, y
 
 
 @dataclass

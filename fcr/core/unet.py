@@ -153,6 +153,21 @@ def _has_cross_attention(block) -> bool:
     return bool(getattr(block, "has_cross_attention", False))
 
 
+def _down_block(block, hidden: torch.Tensor, emb: torch.Tensor, cond: dict[str, Any]):
+    """One whole down block, as ``UNet2DConditionModel.forward`` calls it: (output, skips)."""
+    if _has_cross_attention(block):
+        return block(hidden_states=hidden, temb=emb, **cond)
+    return block(hidden_states=hidden, temb=emb)
+
+
+def _up_block(block, hidden: torch.Tensor, res: tuple[torch.Tensor, ...], emb: torch.Tensor, cond: dict[str, Any],
+              upsample_size) -> torch.Tensor:
+    """One whole up block, as ``UNet2DConditionModel.forward`` calls it."""
+    if _has_cross_attention(block):
+        return block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size, **cond)
+    return block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
+
+
 def encode(
     unet: UNet2DConditionModel,
     sample: torch.Tensor,
@@ -176,10 +191,7 @@ def encode(
     hidden = unet.conv_in(sample)
     skips: tuple[torch.Tensor, ...] = (hidden,)
     for block in unet.down_blocks:
-        if _has_cross_attention(block):
-            hidden, res = block(hidden_states=hidden, temb=emb, **cond)
-        else:
-            hidden, res = block(hidden_states=hidden, temb=emb)
+        hidden, res = _down_block(block, hidden, emb, cond)
         skips += res
 
     if unet.mid_block is not None:
@@ -215,16 +227,7 @@ def decode(
         res, skips = skips[-n:], skips[:-n]
         if not is_final_block and features.forward_upsample_size:
             upsample_size = skips[-1].shape[2:]
-        if _has_cross_attention(block):
-            hidden = block(
-                hidden_states=hidden,
-                temb=emb,
-                res_hidden_states_tuple=res,
-                upsample_size=upsample_size,
-                **cond,
-            )
-        else:
-            hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
+        hidden = _up_block(block, hidden, res, emb, cond, upsample_size)
 
     if unet.conv_norm_out is not None:
         hidden = unet.conv_norm_out(hidden)
@@ -243,12 +246,7 @@ def feature_group_indices(unet: UNet2DConditionModel, group: str) -> list[int]:
     """
     if group not in FEATURE_GROUPS:
         raise ValueError(f"unknown feature group {group!r}; allowed: {list(FEATURE_GROUPS)}")
-    counts = []
-    for block in unet.down_blocks:
-        n = len(block.resnets)
-        if getattr(block, "downsamplers", None) is not None:
-            n += len(block.downsamplers)
-        counts.append(n)
+    counts = [_outputs_per_down_block(block) for block in unet.down_blocks]
     num_skips = 1 + sum(counts)
     mid_index = num_skips
     if group == "all":
@@ -319,10 +317,7 @@ def _down_to_branch(unet, sample, emb, cond, branch: DeepBranch) -> tuple[torch.
     hidden = unet.conv_in(sample)
     skips: tuple[torch.Tensor, ...] = (hidden,)
     for block in unet.down_blocks[: branch.block]:
-        if _has_cross_attention(block):
-            hidden, res = block(hidden_states=hidden, temb=emb, **cond)
-        else:
-            hidden, res = block(hidden_states=hidden, temb=emb)
+        hidden, res = _down_block(block, hidden, emb, cond)
         skips += res
     block = unet.down_blocks[branch.block]
     for j in range(branch.layer):
@@ -349,11 +344,7 @@ def _up_from_branch(unet, hidden, skips, emb, cond, branch: DeepBranch, forward_
         n = len(block.resnets)
         res, skips = skips[-n:], skips[:-n]
         upsample_size = skips[-1].shape[2:] if i != len(unet.up_blocks) - 1 and forward_upsample_size else None
-        if _has_cross_attention(block):
-            hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size,
-                           **cond)
-        else:
-            hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
+        hidden = _up_block(block, hidden, res, emb, cond, upsample_size)
     if unet.conv_norm_out is not None:
         hidden = unet.conv_norm_out(hidden)
         hidden = unet.conv_act(hidden)
@@ -372,11 +363,7 @@ def _deep_state(unet, sample, timestep, encoder_hidden_states, branch: DeepBranc
         n = len(block.resnets)
         res, skips = skips[-n:], skips[:-n]
         upsample_size = skips[-1].shape[2:] if forward_upsample_size else None
-        if _has_cross_attention(block):
-            hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size,
-                           **cond)
-        else:
-            hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
+        hidden = _up_block(block, hidden, res, emb, cond, upsample_size)
     block = unet.up_blocks[start]
     for j in range(len(block.resnets) - 1 - branch.layer):
         hidden = torch.cat([hidden, skips[-1]], dim=1)

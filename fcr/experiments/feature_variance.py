@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from fcr.core import unet as fcr_unet
-from fcr.core.loss import feature_distance
+from fcr.core.loss import per_sample_feature_distance
 from fcr.core.unet import FEATURE_GROUPS, EncoderFeatures
 
 __all__ = [
@@ -152,28 +152,6 @@ def gap_timesteps(
 
 
 # ----------------------------------------------------------------------------- measurement
-
-
-def per_sample_feature_distance(
-    a: EncoderFeatures, b: EncoderFeatures, indices: Sequence[int], normalize: bool, eps: float = 1e-8
-) -> torch.Tensor:
-    """(N,) distances: :func:`fcr.core.loss.feature_distance` of each sample alone (its batch mean is
-    the FCR term of the batch), computed for the whole batch at once."""
-    if len(indices) == 0:
-        raise ValueError("feature_distance needs at least one feature index")
-    ta, tb = a.tensors(), b.tensors()
-    terms = []
-    for i in indices:
-        x, y = ta[i].float(), tb[i].float()
-        if x.shape != y.shape:
-            raise ValueError(f"feature tensor {i} has shapes {tuple(x.shape)} and {tuple(y.shape)}")
-        diff = (x - y).pow(2).flatten(1)
-        if normalize:
-            scale = 0.5 * (x.pow(2).flatten(1).sum(1) + y.pow(2).flatten(1).sum(1)) + eps
-            terms.append(diff.sum(1) / scale)
-        else:
-            terms.append(diff.mean(1))
-    return torch.stack(terms).mean(0)
 
 
 @torch.no_grad()
