@@ -149,6 +149,8 @@ SCHEMA: dict[str, Param] = {
     "dpm_strides": Param("int_list", [], "strides of DPM-Solver++ with encoder caching ('DPM++-FD-s', at dpm_reference_steps steps)", check=_each(_at_least(2))),
     "deep_cache_intervals": Param("int_list", [], "DeepCache intervals of a sweep ('DeepCache-N-bB': the full UNet every N steps, the shallow path between)", check=_each(_at_least(2))),
     "deep_cache_branches": Param("int_list", [0], "DeepCache skip branches (DeepCacheSDHelper's cache_branch_id) of every DeepCache interval", check=_non_empty(_each(_at_least(0)))),
+    "plain_steps": Param("int_list", [], "step counts of the plain sweep scheduler below num_inference_steps ('DDIM-N'): the fewer-steps peer of a frontier", check=_each(_at_least(1))),
+    "dpm_steps": Param("int_list", [], "step counts of plain DPM-Solver++ besides dpm_reference_steps ('DPM++-k'): the frontier's solver peer", check=_each(_at_least(1))),
     "reference_lines_all_models": Param("bool", False, "run FD-50ls and plain DPM++ for every model, not only the first (the original)"),
     "profile_batches": Param("int_list", [1, 8], "batch sizes of the cost timing", check=_non_empty(_each(_at_least(1)))),
     "profile_repeats": Param("int", 3, "timed repeats per batch size (after one warm-up run)", check=_at_least(1)),
@@ -176,6 +178,14 @@ SCHEMA: dict[str, Param] = {
     "trajectory_seeds": Param("int_list", [], "sweep seeds whose prompts and noise notebook 05 measures encoder drift along the sampled trajectories of (empty: not measured)", check=_each(_at_least(0))),
     "trajectory_images": Param("int", 64, "first prompts of each trajectory seed measured (at most the sweep's num_eval_images)", check=_at_least(2)),
     "trajectory_strides": Param("int_list", [10, 20], "cache strides of the trajectory drift (each a FD-s of the sweep)", check=_non_empty(_each(_at_least(2)))),
+    # --- quality-vs-cost frontier (notebook 06) ---
+    "frontier_models": Param("str_list", ["base"], "models of the frontier's sweep, the original first (the pipeline fills it)", check=_non_empty()),
+    "frontier_sweep_run": Param("str", "frontier", "run name of the 03_stride_sweep run the frontier reads (<output_dir>/sweep/<run>/)", check=lambda v: None if v.strip() else "must not be empty"),
+    "frontier_cost": Param("str", "flops_per_image", "cost axis of the frontier and its matched-cost table",
+                           ("flops_per_image", "time_per_image_s_bs1", "time_per_image_s_bs8")),
+    "frontier_endpoint": Param("str", "psnr", "paired fidelity endpoint to the original's full sampling (quality axis)",
+                               ("psnr", "ssim", "rmse", "feature_distance", "clip_drift")),
+    "frontier_budgets": Param("str_list", ["FD-5", "FD-10"], "configurations of the original whose cost is a matched-cost budget", check=_non_empty()),
     # --- experiments, verdict, report ---
 }
 
@@ -269,7 +279,7 @@ def validate(params: Mapping[str, Any], *, fill_defaults: bool = True) -> dict[s
     return out
 
 
-TASKS = ("data", "finetune", "sweep", "robustness", "mechanistic")
+TASKS = ("data", "finetune", "sweep", "robustness", "mechanistic", "frontier")
 # The tasks each setting implements.
 SETTING_TASKS = {"embedded": TASKS, "sd": TASKS}
 

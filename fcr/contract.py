@@ -18,6 +18,8 @@ __all__ = [
     "DROPS",
     "FIDELITY",
     "FD_INFINITY",
+    "FRONTIER",
+    "MATCHED_COST",
     "FIDELITY_DIRECTIONS",
     "PAIRED_TESTS",
     "PRODUCERS",
@@ -71,6 +73,9 @@ TRAJECTORY_REGRESSION = "trajectory_regression.json"
 CONTRASTS = "contrasts.csv"
 SAFE_STRIDES = "safe_strides.csv"
 FD_INFINITY = "fd_infinity.csv"  # FD pooled over seeds and extrapolated to n -> infinity
+# Quality-vs-cost frontier (notebook 06): one row per model x configuration, and the matched-cost table.
+FRONTIER = "frontier.csv"
+MATCHED_COST = "matched_cost.csv"
 
 _FINETUNE = "the fine-tune (notebook 02_finetune / python -m fcr train)"
 # Which stage writes a file (named in the report's 'missing file' notes).
@@ -84,6 +89,8 @@ PRODUCERS: dict[str, str] = {
     VARIANCE_REDUCTION: "notebook 05_mechanistic_regression",
     REGRESSION: "notebook 05_mechanistic_regression",
     TRAJECTORY_REGRESSION: "notebook 05_mechanistic_regression (trajectory_seeds)",
+    FRONTIER: "notebook 06_baselines_frontier (fcr.experiments.frontier.frontier_from_sweep)",
+    MATCHED_COST: "notebook 06_baselines_frontier (fcr.experiments.frontier.matched_cost)",
     TRAIN_CONFIG: _FINETUNE,
     RUN_PARAMS: _FINETUNE,
 }

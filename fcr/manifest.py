@@ -30,8 +30,9 @@ __all__ = [
 MANIFEST = REPO_ROOT / "params" / "experiments.yaml"
 # The parameter holding a notebook's list of models, and the folder kind its results go to.
 MODEL_LIST_KEYS = {"03_stride_sweep": "sweep_models", "04_robustness": "robustness_models",
-                   "05_mechanistic_regression": "variance_models"}
-NOTEBOOK_KINDS = {"03_stride_sweep": "sweep", "04_robustness": "robustness", "05_mechanistic_regression": "mechanistic"}
+                   "05_mechanistic_regression": "variance_models", "06_baselines_frontier": "frontier_models"}
+NOTEBOOK_KINDS = {"03_stride_sweep": "sweep", "04_robustness": "robustness", "05_mechanistic_regression": "mechanistic",
+                  "06_baselines_frontier": "frontier"}
 
 
 class ManifestError(ValueError):
@@ -259,6 +260,13 @@ def _setting(raw: Any, where: str, root: Path, experiment: str) -> SettingPlan:
     seen = {(r.notebook, r.run) for r in runs}
     if len(seen) != len(runs):
         raise ManifestError(f"{where}.notebooks: two runs of the same notebook share a run name")
+    for i, r in enumerate(runs):  # a frontier reads the sweep run of its own name, run before it
+        sweep = next((s for s in runs[:i] if s.notebook == "03_stride_sweep" and s.run == r.run), None)
+        if r.notebook == "06_baselines_frontier" and (sweep is None or sweep.models[0] != r.models[0]
+                                                       or not set(r.models) <= set(sweep.models)):
+            raise ManifestError(f"{where}.notebooks[{i}]: a 06_baselines_frontier run reads the 03_stride_sweep run of "
+                                f"the same name ({r.run!r}), listed before it, whose models (original first) include "
+                                "its own")
     rows = {}
     for section in ("variations", "controls"):
         rows[section] = {}

@@ -165,6 +165,8 @@ def _experiment_tasks(exp: Experiment, setting: str, root: Path, overlays: list[
                      MODEL_LIST_KEYS[run.notebook]: [finetuned.get(m, m) for m in run.models]}
         if run.notebook == "05_mechanistic_regression":
             overrides["quality_tables"] = list(tables)
+        if run.notebook == "06_baselines_frontier":  # the sweep run of the same name (the manifest checks it)
+            overrides["frontier_sweep_run"] = run.run
         tasks.append(Task(f"{exp.experiment_id}: {run.notebook} ({run.run})", folder,
                           [*spec.params, *run.params, *overlays], overrides, notebook=run.notebook))
         selection = spec.study.selection_run if spec.study is not None else None

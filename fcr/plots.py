@@ -17,6 +17,7 @@ import torch  # noqa: E402
 __all__ = [
     "config_sample_grid",
     "cost_bars",
+    "frontier",
     "image_grid",
     "interval_bars",
     "quality_vs_stride",
@@ -188,3 +189,30 @@ def config_sample_grid(
     images = np.concatenate(parts)
     full_titles = list(titles[:ncols]) + [""] * (len(images) - ncols) if titles is not None else None
     return image_grid(images, len(names), ncols, titles=full_titles, row_labels=names)
+
+
+def frontier(points: pd.DataFrame, cost_column: str, quality: str, ylabel: str | None = None,
+             higher_is_better: bool = True) -> plt.Figure:
+    """``quality`` (interval bars) against ``cost_column`` (log scale), one line per series in
+    order of cost; the points on the Pareto front (``pareto``) ringed in black, the reference
+    configuration (``is_reference``: the original's full sampling) a dotted vertical line."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    shown = points[~points["is_reference"] & points[quality].notna()].sort_values(cost_column)
+    series = list(dict.fromkeys(shown["series"]))
+    palette = dict(zip(series, sns.color_palette("tab20", n_colors=max(len(series), 1))))
+    for name in series:
+        group = shown[shown["series"] == name]
+        ax.plot(group[cost_column], group[quality], marker="o", color=palette[name], label=name, linewidth=1.2)
+        _metric_bars(ax, group, cost_column, quality, palette[name])
+    front = shown[shown["pareto"]] if "pareto" in shown else shown.iloc[:0]
+    ax.scatter(front[cost_column], front[quality], s=120, facecolors="none", edgecolors="black", linewidths=1.5,
+               label="Pareto front", zorder=5)
+    for _, row in points[points["is_reference"]].iterrows():
+        ax.axvline(row[cost_column], color="gray", linestyle=":", linewidth=1)
+        ax.plot([], [], color="gray", linestyle=":", label=f"{row['model']} {row['config']} (the reference)")
+    ax.set_xscale("log")
+    ax.set_xlabel(cost_column.replace("_", " "))
+    ax.set_ylabel((ylabel or quality) + ("" if higher_is_better else " (lower is better)"))
+    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    return fig

@@ -1,17 +1,17 @@
 """Sampling configurations: plain sampling, encoder caching at given key steps, or DeepCache (the
 full UNet at the key steps, the shallow path between them), with a name (``full``, ``FD-s``,
-``FD-50ls``, ``DPM++-k``, ``DPM++-FD-s``, ``DeepCache-N-bB``) that every result file and table
-uses. Built from the sweep's parameters by :func:`sweep_configurations`."""
+``FD-50ls``, ``DDIM-N``, ``DPM++-k``, ``DPM++-FD-s``, ``DeepCache-N-bB``) that every result file and
+table uses. Built from the sweep's parameters by :func:`sweep_configurations`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from fcr.core.sampler import key_steps
 
-__all__ = ["SamplingConfig", "configs_for_model", "sweep_configurations"]
+__all__ = ["SamplingConfig", "configs_for_model", "params_configurations", "sweep_configurations"]
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,18 @@ def sweep_configurations(
     dpm_strides: Sequence[int] = (),
     deep_cache_intervals: Sequence[int] = (),
     deep_cache_branches: Sequence[int] = (0,),
+    plain_steps: Sequence[int] = (),
+    dpm_steps: Sequence[int] = (),
 ) -> list[SamplingConfig]:
     """Configurations of a sweep: ``full`` for stride 1, ``FD-s`` (uniform key steps) for s > 1,
     ``FD-50ls`` (Faster Diffusion's non-uniform preset), ``DPM++-k``: plain DPM-Solver++ at
     ``k`` steps, the reference line of the original paper (disabled by ``k = 0``), and
     ``DPM++-FD-s``: DPM-Solver++ at ``k`` steps with encoder caching at uniform stride ``s``
     (exp-2's "FCR + DPM-Solver" combination); ``DeepCache-N-bB``: DeepCache with the full UNet every
-    ``N`` steps (uniform) and skip branch ``B``, for every interval x branch."""
+    ``N`` steps (uniform) and skip branch ``B``, for every interval x branch. The fewer-steps peers
+    of a quality-vs-cost frontier: ``DDIM-N`` (the sweep's scheduler, plain, at each of
+    ``plain_steps`` < ``num_inference_steps``; named after the scheduler) and plain ``DPM++-k`` at each
+    of ``dpm_steps`` besides the reference line."""
     if dpm_reference_steps < 0:
         raise ValueError(f"dpm_reference_steps must be >= 0 (0 disables it); got {dpm_reference_steps}")
     if dpm_strides and dpm_reference_steps == 0:
@@ -74,8 +79,15 @@ def sweep_configurations(
             configs.append(SamplingConfig(f"FD-{s}", scheduler, n, tuple(key_steps(n, "uniform", s)), stride=s))
     if include_50ls:
         configs.append(SamplingConfig("FD-50ls", scheduler, n, tuple(key_steps(n, "50ls"))))
-    if dpm_reference_steps > 0:
-        configs.append(SamplingConfig(f"DPM++-{dpm_reference_steps}", "dpmsolver++", int(dpm_reference_steps), None))
+    for steps in dict.fromkeys(int(k) for k in plain_steps):
+        if not 1 <= steps < n:
+            raise ValueError(f"plain_steps must lie in [1, num_inference_steps={n}); got {steps}")
+        configs.append(SamplingConfig(f"{scheduler.upper()}-{steps}", scheduler, steps, None))
+    plain_dpm = ([int(dpm_reference_steps)] if dpm_reference_steps > 0 else []) + [int(k) for k in dpm_steps]
+    for steps in dict.fromkeys(plain_dpm):
+        if steps < 1:
+            raise ValueError(f"dpm_steps must be >= 1; got {steps}")
+        configs.append(SamplingConfig(f"DPM++-{steps}", "dpmsolver++", steps, None))
     k = int(dpm_reference_steps)
     for s in dict.fromkeys(int(s) for s in dpm_strides):
         if not 1 < s <= k:
@@ -90,10 +102,20 @@ def sweep_configurations(
     return configs
 
 
+def params_configurations(params: Mapping[str, Any]) -> list[SamplingConfig]:
+    """:func:`sweep_configurations` of a sweep's validated parameters (keys as in ``fcr.config``)."""
+    return sweep_configurations(
+        params["strides"], params["num_inference_steps"], params["scheduler"], params["include_50ls"],
+        params["dpm_reference_steps"], params["dpm_strides"], params["deep_cache_intervals"],
+        params["deep_cache_branches"], params["plain_steps"], params["dpm_steps"],
+    )
+
+
 def configs_for_model(configs: Sequence[SamplingConfig], index: int, all_models: bool) -> list[SamplingConfig]:
     """The configurations model number ``index`` of a sweep runs: every one for the first model
-    (the original), and for the others all but the reference lines (``FD-50ls``, plain ``DPM++-k``)
-    unless ``all_models``; they only place the original model's curve and cost CPU time."""
+    (the original), and for the others all but the reference lines (``FD-50ls`` and the plain
+    samplers at other step counts, ``DDIM-N`` and ``DPM++-k``) unless ``all_models``; they only place
+    the original model's curve and cost CPU time."""
     if index == 0 or all_models:
         return list(configs)
-    return [c for c in configs if not (c.name == "FD-50ls" or (c.name.startswith("DPM++-") and c.key_steps is None))]
+    return [c for c in configs if not (c.name == "FD-50ls" or (c.key_steps is None and c.name != "full"))]

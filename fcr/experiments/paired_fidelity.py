@@ -75,11 +75,11 @@ def fidelity_table(
     reference_config: str = "full",
     n_boot: int = 200,
 ) -> pd.DataFrame:
-    """Per-image fidelity of every cell of ``quality`` (run_sweep's table) but ``reference_config``
-    against its references (:data:`REFERENCES`; ``origins``: {fine-tuned label: original label}),
+    """Per-image fidelity of every cell of ``quality`` (run_sweep's table) against its references (:data:`REFERENCES`; ``origins``: {fine-tuned label: original label}),
     written per image and seed; returns one row per model x configuration x reference with, per
     endpoint, the mean over all images of all seeds (pairs: image ``i`` of seed ``k``) and its
-    percentile bootstrap interval (``<endpoint>``, ``_lo``, ``_hi``), ``n_images`` and ``n_seeds``.
+    percentile bootstrap interval (``<endpoint>``, ``_lo``, ``_hi``), ``n_images`` and ``n_seeds``. A
+    ``reference_config`` cell is compared with its original's only (a fine-tune's full sampling).
     A reference cell that was not run is skipped; cells from different prompts raise ValueError."""
     out_dir = Path(out_dir)
     ran = set(zip(quality["model"].astype(str), quality["config"].astype(str), quality["seed"].astype(int)))
@@ -87,9 +87,11 @@ def fidelity_table(
     pooled: dict[tuple[str, str, str, str], list[dict[str, torch.Tensor]]] = {}
     references: dict[tuple[str, int], tuple[dict[str, torch.Tensor], str]] = {}  # each full cell read once
     for model, config, seed in sorted(ran):
-        if config == reference_config:
-            continue
+        # A fine-tune's own full sampling is compared with its original's (the frontier's point of
+        # the fine-tune without caching); against itself it would be the identity.
         refs = {"own_full": model, **({"original_full": origins[model]} if model in origins else {})}
+        if config == reference_config:
+            refs.pop("own_full")
         refs = {r: m for r, m in refs.items() if (m, reference_config, seed) in ran}
         if not refs:
             continue

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from fcr.contract import model_label
-from fcr.core.configurations import SamplingConfig, configs_for_model, sweep_configurations
+from fcr.core.configurations import SamplingConfig, configs_for_model, params_configurations, sweep_configurations
 from fcr.core.sampler import PriorNoise, sample
 from fcr.eval.context import LoadedModel, RunContext, architecture_config, build_context
 from fcr.eval.metrics import DEFAULT_EXTRACTOR_NAME
@@ -321,11 +321,7 @@ def run_sweep(
     ``out_dir/quality`` and ``out_dir/cost``. ``reference_n`` limits the real reference images
     (embedded; tests only). SD needs ``eval_prompts`` (e.g. COCO captions) and ``fid_reference``."""
     out_dir = Path(out_dir)
-    configs = sweep_configurations(
-        params["strides"], params["num_inference_steps"], params["scheduler"],
-        params["include_50ls"], params["dpm_reference_steps"], params["dpm_strides"],
-        params["deep_cache_intervals"], params["deep_cache_branches"],
-    )
+    configs = params_configurations(params)
     # Everything that can fail does so here, before anything is generated or written.
     ctx = build_context(params, models, out_dir, reference_n=reference_n)
     templates = "train" if ctx.setting == "embedded" else "eval_prompts"

@@ -57,7 +57,8 @@ EXP1 = "exp-1-main-ablation"
 EXP2 = "exp-2-generalisation-robustness"
 
 # Sub-folders of an experiment folder and which stage writes them (for the missing-file notes).
-LAYOUT: dict[str, str] = {"sweep": "sweep", "robustness": "robustness", "mechanistic": "mechanistic", "run": "main"}
+LAYOUT: dict[str, str] = {"sweep": "sweep", "robustness": "robustness", "mechanistic": "mechanistic",
+                          "frontier": "frontier", "run": "main"}
 VERDICT_COLUMNS = ["criterion", "scope", "kind", "measured", "value", "threshold", "passed", "note"]
 
 # Published pre-training compute of Stable Diffusion v1, as stated by its model card (section

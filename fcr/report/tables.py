@@ -321,7 +321,7 @@ def _collect_figures(root: Path, out_dir: Path) -> list[Path]:
     copied = []
     dest = out_dir / "figures"
     for exp in (EXP1, EXP2):
-        for kind in ("sweep", "robustness", "mechanistic"):
+        for kind in ("sweep", "robustness", "mechanistic", "frontier"):
             base = root / exp / LAYOUT[kind]
             for fig in sorted(base.rglob("figures/*.png")) if base.is_dir() else []:
                 # exp1_sweep_<name>.png, with the run folder in between when it is not the default one
@@ -401,6 +401,31 @@ def _supplementary_robustness(root: Path, backbones: Sequence[Backbone]) -> list
         parts += [f"### Robustness, supplementary run `{path.parent.name}` (not in the verdict)\n",
                   f"From `{display_path(path)}`; seeds per row: {seeds or 'n/a'}.{excluded}\n",
                   markdown_table(shown), ""]
+    return parts
+
+
+_MATCHED_COLUMNS = ("budget", "series", "config", "cost_vs_budget", "psnr", "diff_vs_budget", "diff_vs_budget_lo",
+                    "diff_vs_budget_hi", "vs_budget", "diff_vs_best", "diff_vs_best_lo", "diff_vs_best_hi",
+                    "dominated_by", "n_images")
+
+
+def _frontier_sections(root: Path) -> list[str]:
+    """The matched-cost table of every frontier run (notebook 06) under ``root``."""
+    parts: list[str] = []
+    for exp in (EXP1, EXP2):
+        base = root / exp / LAYOUT["frontier"]
+        for path in sorted(base.glob(f"*/{contract.MATCHED_COST}")) if base.is_dir() else []:
+            table = pd.read_csv(path)
+            shown = table[[c for c in _MATCHED_COLUMNS if c in table.columns]]
+            shown = shown.map(lambda x: format_number(x) if isinstance(x, float) else x)
+            cost = str(table["cost_column"].iloc[0]) if "cost_column" in table and len(table) else "cost"
+            parts += [f"### Best quality at matched cost (notebook 06, {exp}, {path.parent.name})\n",
+                      f"From `{display_path(path)}`. Budget = the {cost} of the original model's budget configuration; "
+                      "per series its best point within the budget; differences are paired over images (same prompt "
+                      "and initial noise) with percentile bootstrap 95 % intervals; `dominated_by` names the best "
+                      "series when it is better with an interval that excludes zero. Every point: "
+                      f"`{display_path(path.parent / contract.FRONTIER)}`.\n",
+                      markdown_table(shown) if not shown.empty else "_No series within a budget._\n"]
     return parts
 
 
@@ -517,6 +542,7 @@ def build_report(
         extra += trajectory_section(result_dir(root, exp, "mechanistic", run),
                                     f"Mechanism along sampled trajectories (notebook 05, {exp}, {run})")
 
+    frontier = _frontier_sections(root)
     figures = _collect_figures(root, out_dir)
     files += figures
 
@@ -537,11 +563,12 @@ def build_report(
             timing += ["### Wall time of the demo (make main)\n",
                        f"No finished demo stage in `{display_path(timing_beside)}` (run `make main`).", ""]
     summary = study_summary(study_results)  # plain language first (issue #12), every number from the tables
-    report_md = "\n".join(summary + intro + full_verdict + study + exp_parts + extra + supplementary + timing
-                          + figs(out_dir))
+    report_md = "\n".join(summary + intro + full_verdict + study + exp_parts + frontier + extra + supplementary
+                          + timing + figs(out_dir))
     (out_dir / "report.md").write_text(report_md)
     files.append(out_dir / "report.md")
-    readme_md = "\n".join(summary + intro + compact_verdict + study + exp_parts + supplementary + timing + figs(link_base))
+    readme_md = "\n".join(summary + intro + compact_verdict + study + exp_parts + frontier + supplementary + timing
+                          + figs(link_base))
     return {"markdown": report_md, "readme_markdown": readme_md, "verdict": verdict, **tables, "files": files}
 
 

@@ -35,5 +35,11 @@ def check_task(params: Mapping[str, Any], task: str) -> None:
         if not any(Path(p).name == "quality.csv" for p in params["quality_tables"]):
             raise ConfigError("parameter 'trajectory_seeds': the trajectory drift pairs with a sweep; quality_tables "
                               "must name the sweep's quality.csv")
+    if task == "frontier":
+        if params["frontier_cost"].startswith("time_per_image_s_bs"):
+            batch = int(params["frontier_cost"].rsplit("bs", 1)[1])
+            if batch not in params["profile_batches"]:
+                raise ConfigError(f"parameter 'frontier_cost': {params['frontier_cost']} needs batch {batch} in "
+                                  f"profile_batches={params['profile_batches']}")
     if params["setting"] == "sd":
         check_sd_params(params, task)

@@ -76,7 +76,7 @@ def check_sd_params(params: Mapping[str, Any], task: str) -> None:
     if task == "robustness" and "high_resolution" in params["stresses"]:
         sizes.append(("stress_resolution", params["stress_resolution"]))
     models = {"sweep": params["sweep_models"], "robustness": params["robustness_models"],
-              "mechanistic": params["variance_models"]}.get(task, [params["model"]])
+              "mechanistic": params["variance_models"], "frontier": params["frontier_models"]}.get(task, [params["model"]])
     for key, size in sizes:
         if size % 8:
             raise ConfigError(f"parameter {key!r}: SD image sides are multiples of 8 (the VAE factor), got {size}")

@@ -1,0 +1,207 @@
+"""The quality-vs-cost frontier (issue #13): the fewer-steps peers as sweep configurations, method
+families, the Pareto front and the matched-cost table on a sweep folder of side files.
+
+The side files are built from seeded tensors to test the code paths (never results).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fcr.core.configurations import configs_for_model, params_configurations, sweep_configurations
+from fcr.config import validate
+from fcr.eval.results import save_safetensors_atomic
+from fcr.eval.scoring import FD_COLUMN
+from fcr.experiments.frontier import frontier_points, matched_cost, method_family, pareto_mask, per_image_fidelity
+from fcr.experiments.paired_fidelity import fidelity_table
+from fcr.experiments.sweep import quality_stem
+
+
+def test_fewer_steps_peers_are_reference_lines_of_the_original() -> None:
+    configs = sweep_configurations([1, 5], 50, "ddim", include_50ls=False, dpm_reference_steps=20,
+                                   plain_steps=[10, 25], dpm_steps=[8, 20, 12])
+    names = [c.name for c in configs]
+    assert names == ["full", "FD-5", "DDIM-10", "DDIM-25", "DPM++-20", "DPM++-8", "DPM++-12"]  # 20 once
+    by_name = {c.name: c for c in configs}
+    assert (by_name["DDIM-10"].scheduler, by_name["DDIM-10"].num_inference_steps, by_name["DDIM-10"].key_steps) == ("ddim", 10, None)
+    assert by_name["DPM++-8"].as_dict()["n_key_steps"] == 8
+    assert [c.name for c in configs_for_model(configs, 1, False)] == ["full", "FD-5"]
+    with pytest.raises(ValueError, match="plain_steps"):
+        sweep_configurations([1], 50, "ddim", dpm_reference_steps=0, plain_steps=[50])
+    # Without the new keys the configurations (and so every result key) are what they were.
+    params = validate({"strides": [1, 10], "include_50ls": True})
+    assert [c.name for c in params_configurations(params)] == ["full", "FD-10", "FD-50ls", "DPM++-20"]
+
+
+@pytest.mark.parametrize(("config", "family"), [
+    ("full", "DDIM"), ("DDIM-20", "DDIM"), ("FD-10", "FD"), ("FD-50ls", "FD"), ("DPM++-20", "DPM-Solver++"),
+    ("DPM++-FD-10", "DPM-Solver++ + FD"), ("DeepCache-5-b0", "DeepCache b0"), ("DeepCache-10-b3", "DeepCache b3"),
+])
+def test_method_family(config: str, family: str) -> None:
+    assert method_family(config, "ddim") == family
+
+
+def test_method_family_refuses_unknown_names() -> None:
+    with pytest.raises(ValueError, match="no method family"):
+        method_family("PNDM-20", "ddim")
+
+
+def test_pareto_mask_keeps_only_undominated_points() -> None:
+    cost = [1.0, 2.0, 2.0, 3.0, 4.0, 1.5]
+    quality = [10.0, 20.0, 15.0, 20.0, 30.0, np.nan]
+    assert pareto_mask(cost, quality).tolist() == [True, True, False, False, True, False]
+    # Lower-is-better quality flips the order.
+    assert pareto_mask([1.0, 2.0], [5.0, 1.0], higher_is_better=False).tolist() == [True, True]
+    assert pareto_mask([1.0, 2.0], [1.0, 5.0], higher_is_better=False).tolist() == [True, False]
+
+
+N = 30
+
+
+def _write_cell(out: Path, model: str, config: str, seed: int, images: torch.Tensor, prompts: list[str]) -> None:
+    save_safetensors_atomic(
+        {"images": ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8),
+         "features": torch.zeros(images.shape[0], 4, dtype=torch.float64),
+         "correct": torch.ones(images.shape[0], dtype=torch.float64)},
+        out / "quality" / f"{quality_stem(model, config, seed)}.safetensors",
+        {"model": model, "config": config, "seed": str(seed), "prompts": json.dumps(prompts)},
+    )
+
+
+@pytest.fixture()
+def sweep(tmp_path: Path) -> dict:
+    """base at full / FD-5 / FD-10 / DDIM-10 / DeepCache-5-b0 and an FCR fine-tune at full / FD-10, two
+    seeds; the error each configuration adds to the original's full image is set by hand, so the
+    expected order of the points is known."""
+    gen = torch.Generator().manual_seed(0)
+    noise = {("base", "FD-5"): 0.02, ("base", "FD-10"): 0.08, ("base", "DDIM-10"): 0.05,
+             ("base", "DeepCache-5-b0"): 0.01, ("fcr", "full"): 0.015, ("fcr", "FD-10"): 0.03}
+    flops = {"full": 100.0, "FD-5": 75.0, "FD-10": 70.0, "DDIM-10": 20.0, "DeepCache-5-b0": 30.0}
+    rows, quality = [], []
+    for seed in (0, 1):
+        prompts = [f"prompt {i} seed {seed}" for i in range(N)]
+        full = torch.rand(N, 1, 8, 8, generator=gen) * 1.6 - 0.8
+        _write_cell(tmp_path, "base", "full", seed, full, prompts)
+        quality.append({"model": "base", "config": "full", "seed": seed})
+        for (model, config), level in noise.items():
+            _write_cell(tmp_path, model, config, seed, full + torch.randn(full.shape, generator=gen) * level, prompts)
+            quality.append({"model": model, "config": config, "seed": seed})
+    quality = pd.DataFrame(quality).assign(architecture="tiny", scheduler="ddim", **{FD_COLUMN: 1.0})
+    summary = (quality.groupby(["model", "config"], sort=False)
+               .agg(n_seeds=("seed", "size"), architecture=("architecture", "first"), scheduler=("scheduler", "first"),
+                    **{FD_COLUMN: (FD_COLUMN, "mean")}).reset_index())
+    cost = pd.DataFrame([{"architecture": "tiny", "config": c, "flops_per_image": f, "time_per_image_s_bs1": f / 10}
+                         for c, f in flops.items()])
+    origins = {"fcr": "base"}
+    fidelity = fidelity_table(tmp_path, quality, origins, n_boot=50)
+    points = frontier_points(summary, cost, fidelity, origins)
+    return {"out": tmp_path, "points": points, "fidelity": fidelity}
+
+
+def test_frontier_points_join_cost_and_paired_fidelity(sweep: dict) -> None:
+    points = sweep["points"].set_index(["model", "config"])
+    assert points.loc[("base", "full"), "is_reference"] and np.isnan(points.loc[("base", "full"), "psnr"])
+    # A fine-tune's full sampling is a point: compared with the original's full images.
+    assert points.loc[("fcr", "full"), "reference"] == "original_full"
+    assert points.loc[("fcr", "full"), "flops_per_image"] == 100.0
+    assert points.loc[("fcr", "FD-10"), "series"] == "fcr · FD"
+    assert points.loc[("base", "DeepCache-5-b0"), "family"] == "DeepCache b0"
+    # Less added error, closer to the reference.
+    assert points.loc[("base", "FD-5"), "psnr"] > points.loc[("base", "FD-10"), "psnr"]
+    assert (points.drop(index=[("base", "full")])["n_images"] == 2 * N).all()
+
+
+def test_matched_cost_compares_each_series_within_the_budget(sweep: dict) -> None:
+    table = matched_cost(sweep["points"], sweep["out"], [0, 1], original="base", budgets=["FD-5", "FD-10"],
+                         n_boot=200)
+    at5 = table[table["budget"] == "FD-5"].set_index("series")
+    # Within FD-5's 75 FLOPs: base FD-5 itself, DDIM-10, DeepCache; the fine-tune's FD-10 (70).
+    assert set(at5.index) == {"base · FD", "base · DDIM", "base · DeepCache b0", "fcr · FD"}
+    assert at5.loc["base · FD", "config"] == "FD-5" and at5.loc["base · FD", "diff_vs_budget"] == 0.0
+    # DeepCache (least added error) is the best point; the others are dominated by it.
+    assert at5.loc["base · DeepCache b0", "diff_vs_best"] == 0.0
+    assert at5.loc["base · DeepCache b0", "vs_budget"] == "better"
+    assert at5.loc["base · DDIM", "dominated_by"] == "base · DeepCache b0"
+    assert at5.loc["fcr · FD", "vs_budget"] == "worse"
+    # The per-image differences are paired: the mean difference is the difference of the means.
+    a = per_image_fidelity(sweep["out"], "fcr", "FD-10", "original_full", [0, 1])
+    b = per_image_fidelity(sweep["out"], "base", "FD-5", "own_full", [0, 1])
+    assert at5.loc["fcr · FD", "diff_vs_budget"] == pytest.approx(a.mean() - b.mean())
+    at10 = table[table["budget"] == "FD-10"].set_index("series")
+    assert at10.loc["base · FD", "config"] == "FD-10"  # FD-5 costs more than the FD-10 budget
+    with pytest.raises(ValueError, match="did not run"):
+        matched_cost(sweep["points"], sweep["out"], [0, 1], original="base", budgets=["FD-20"])
+    with pytest.raises(ValueError, match="cost column"):
+        matched_cost(sweep["points"], sweep["out"], [0, 1], original="base", cost_column="joules")
+
+
+def test_frontier_from_sweep_reads_a_sweep_folder_and_plots(sweep: dict) -> None:
+    from fcr import contract, plots
+    from fcr.experiments.frontier import frontier_from_sweep
+
+    out = sweep["out"]
+    with pytest.raises(FileNotFoundError, match="finished 03_stride_sweep"):
+        frontier_from_sweep(out, {"fcr": "base"}, "base")
+    points = sweep["points"]
+    rows = [{"model": m, "config": c, "seed": s, "architecture": "tiny", "scheduler": "ddim", FD_COLUMN: 1.0}
+            for m, c in points[["model", "config"]].itertuples(index=False) for s in (0, 1)]
+    pd.DataFrame(rows).to_csv(out / contract.QUALITY, index=False)
+    pd.DataFrame([{"architecture": "tiny", "config": c, "flops_per_image": f}
+                  for c, f in {"full": 100.0, "FD-5": 75.0, "FD-10": 70.0, "DDIM-10": 20.0, "DeepCache-5-b0": 30.0}.items()]
+                 ).to_csv(out / contract.COST, index=False)
+    sweep["fidelity"].to_csv(out / contract.FIDELITY, index=False)
+    got, table = frontier_from_sweep(out, {"fcr": "base"}, "base", budgets=["FD-5"], n_boot=50)
+    on_front = set(got.loc[got["pareto"], "config"] + "@" + got.loc[got["pareto"], "model"])
+    # The cheapest point and DeepCache (cheaper and closer than every FD point) are on the front.
+    assert {"DDIM-10@base", "DeepCache-5-b0@base"} <= on_front and "FD-10@base" not in on_front
+    assert set(table["budget"]) == {"FD-5"}
+    with pytest.raises(ValueError, match="not a model"):
+        frontier_from_sweep(out, {}, "sd15")
+    fig = plots.frontier(got, "flops_per_image", "psnr")
+    assert len(fig.axes[0].lines) >= got["series"].nunique()
+    plots.plt.close(fig)
+
+
+FRONTIER_MANIFEST = """
+experiments:
+  - experiment_id: exp-f
+    run_variations: [FD-5-baseline]
+    settings:
+      embedded:
+        params: [params/fashion_mnist.yaml]
+        finetune: [params/finetune_embedded.yaml]
+        finetunes:
+          control: [params/variations/control_lambda0_fd10.yaml]
+        notebooks:
+          - {notebook: 03_stride_sweep, run: frontier, models: [base, control]}
+          - {notebook: 06_baselines_frontier, run: frontier, models: [base, control]}
+        variations:
+          FD-5-baseline: {model: base, config: FD-5}
+"""
+
+
+def test_manifest_frontier_runs_read_the_sweep_of_their_name(tmp_path: Path) -> None:
+    from fcr.manifest import ManifestError, load_manifest
+    from fcr.paths import REPO_ROOT
+    from fcr.pipeline import plan
+
+    path = tmp_path / "experiments.yaml"
+    path.write_text(FRONTIER_MANIFEST)
+    tasks = plan("embedded", root=tmp_path / "out", manifest=path, bench=False, report=False)
+    frontier = next(t for t in tasks if "06_baselines_frontier" in t.name)
+    assert frontier.overrides["frontier_sweep_run"] == "frontier"
+    assert frontier.overrides["frontier_models"][0] == "base"
+    assert frontier.overrides["frontier_models"][1].endswith("exp-f/control")
+    assert frontier.folder == tmp_path / "out" / "exp-f" / "frontier" / "frontier"
+    for bad in ("{notebook: 06_baselines_frontier, run: other, models: [base, control]}",
+                "{notebook: 06_baselines_frontier, run: frontier, models: [control, base]}"):
+        path.write_text(FRONTIER_MANIFEST.replace(
+            "{notebook: 06_baselines_frontier, run: frontier, models: [base, control]}", bad))
+        with pytest.raises(ManifestError, match="reads the 03_stride_sweep run of the same name"):
+            load_manifest(path, REPO_ROOT)
