@@ -129,6 +129,10 @@ class Backbone:
     # seeds, paired by position across models (replicate k of the control and of FCR share seed k).
     replicates: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     fcr_configs: tuple[str, ...] = ()  # configurations the setting's variations read the FCR models at
+    # The quality-vs-cost frontier (notebook 06 run of this name, reading the sweep run of the same name)
+    # and the FCR-deep fine-tunes by λ it holds: criterion b's deep-caching rows read them.
+    frontier_run: str | None = None
+    fcr_deep_models: Mapping[float, str] = field(default_factory=dict)
     study: Study | None = None  # the setting's pre-registered study (contrasts of this backbone)
     # (name, model label, configuration) of the setting's variations and controls on this backbone's
     # models, in manifest order (variations first): the rows of the report's experiment tables.
@@ -183,10 +187,11 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
     for i, spec in enumerate(raw):
         spec = _mapping(spec, f"{where}[{i}]")
         unknown = set(spec) - {"original", "role", "fcr_models", "control", "sweep_run", "robustness_run",
-                               "mechanistic_run", "replicates"}
+                               "mechanistic_run", "replicates", "frontier_run", "fcr_deep_models"}
         if unknown or not isinstance(spec.get("original"), str) or not isinstance(spec.get("role"), str):
             raise ManifestError(f"{where}[{i}]: needs 'original' and 'role' (and optionally fcr_models, control, "
-                                f"sweep_run, robustness_run, mechanistic_run, replicates); unknown keys {sorted(unknown)}")
+                                f"sweep_run, robustness_run, mechanistic_run, replicates, frontier_run, "
+                                f"fcr_deep_models); unknown keys {sorted(unknown)}")
         fcr_models = _mapping(spec.get("fcr_models", {}), f"{where}[{i}].fcr_models")
         if not all(isinstance(lam, (int, float)) and not isinstance(lam, bool) and lam > 0 for lam in fcr_models):
             raise ManifestError(f"{where}[{i}].fcr_models: keys are the fine-tunes' λ > 0, got {list(fcr_models)}")
@@ -197,6 +202,7 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
             b = replace(b, robustness_run=None)  # this experiment does not stress-test the backbone
         if not any(r.notebook == "05_mechanistic_regression" and r.run == b.mechanistic_run for r in runs):
             b = replace(b, mechanistic_run=None)  # this experiment does not measure the backbone's features
+        b = replace(b, **_frontier(spec, f"{where}[{i}]", b.name, runs))
         replicates = _replicates(spec.get("replicates", {}), f"{where}[{i}].replicates",
                                  [*b.fcr_models.values(), *([b.control] if b.control else [])])
         sweep = next((r for r in runs if r.notebook == "03_stride_sweep" and r.run == b.sweep_run), None)
@@ -208,8 +214,28 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
         # Result tables name a model by its label (fcr.contract.model_label).
         out.append(replace(b, name=model_label(b.name), fcr_models={k: model_label(v) for k, v in b.fcr_models.items()},
                            control=model_label(b.control) if b.control else None,
+                           fcr_deep_models={k: model_label(v) for k, v in b.fcr_deep_models.items()},
                            replicates={model_label(k): tuple(model_label(m) for m in v) for k, v in replicates.items()}))
     return tuple(out)
+
+
+def _frontier(spec: Mapping[str, Any], where: str, original: str, runs: Sequence[NotebookRun]) -> dict[str, Any]:
+    """``frontier_run`` and ``fcr_deep_models`` of a backbone: the run must be a 06_baselines_frontier
+    run whose models start with the original and hold every FCR-deep fine-tune."""
+    run, deep = spec.get("frontier_run"), _mapping(spec.get("fcr_deep_models", {}), f"{where}.fcr_deep_models")
+    if run is None:
+        if deep:
+            raise ManifestError(f"{where}.fcr_deep_models: needs frontier_run (the frontier that evaluates them)")
+        return {}
+    frontier = next((r for r in runs if r.notebook == "06_baselines_frontier" and r.run == str(run)), None)
+    if frontier is None:
+        raise ManifestError(f"{where}.frontier_run: no 06_baselines_frontier run named {run!r}")
+    if not all(isinstance(lam, (int, float)) and not isinstance(lam, bool) and lam > 0 for lam in deep):
+        raise ManifestError(f"{where}.fcr_deep_models: keys are the fine-tunes' λ > 0, got {list(deep)}")
+    named = [original, *map(str, deep.values())]
+    if frontier.models[0] != original or any(m not in frontier.models for m in named):
+        raise ManifestError(f"{where}: the frontier run {run!r} must evaluate {named}, the original first")
+    return {"frontier_run": str(run), "fcr_deep_models": {float(k): str(v) for k, v in deep.items()}}
 
 
 def _replicates(raw: Any, where: str, fine_tunes: Sequence[str]) -> dict[str, tuple[str, ...]]:

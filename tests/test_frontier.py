@@ -205,3 +205,51 @@ def test_manifest_frontier_runs_read_the_sweep_of_their_name(tmp_path: Path) -> 
             "{notebook: 06_baselines_frontier, run: frontier, models: [base, control]}", bad))
         with pytest.raises(ManifestError, match="reads the 03_stride_sweep run of the same name"):
             load_manifest(path, REPO_ROOT)
+
+
+def test_deep_caching_rows_of_criterion_b(tmp_path: Path) -> None:
+    from fcr.manifest import Backbone, Study
+    from fcr.report.deep_caching import DEEP_B_NAME, deep_caching_rows
+
+    sweep_dir = tmp_path / "exp-1-main-ablation" / "sweep" / "frontier"
+    gen = torch.Generator().manual_seed(1)
+    n, d = 200, 4
+    save_safetensors_atomic({"features": torch.randn(1000, d, generator=gen, dtype=torch.float64)},
+                            sweep_dir / "reference" / "ref.safetensors", {})
+    prompts = [f"p{i}" for i in range(n)]
+    feats = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    cells = [("base", "FD-5"), ("base", "DeepCache-5-b0"), ("base", "DeepCache-10-b0"), ("deep", "DeepCache-10-b0")]
+    for model, config in cells:
+        save_safetensors_atomic(
+            {"images": torch.zeros(n, 1, 4, 4, dtype=torch.uint8),
+             "features": feats + 0.01 * torch.randn(n, d, generator=gen, dtype=torch.float64),
+             "correct": torch.ones(n, dtype=torch.float64)},
+            sweep_dir / "quality" / f"{quality_stem(model, config, 0)}.safetensors",
+            {"model": model, "config": config, "seed": "0", "prompts": json.dumps(prompts)})
+    pd.DataFrame([{"model": m, "config": c, "seed": 0, "architecture": "base"} for m, c in cells]).to_csv(
+        sweep_dir / "quality.csv", index=False)
+    times = {"FD-5": 1.0, "DeepCache-5-b0": 0.5, "DeepCache-10-b0": 0.3}
+
+    def write_cost(device: str) -> None:
+        pd.DataFrame([{"architecture": "base", "config": c, "device": device, "time_per_image_s_bs1": t,
+                       "time_per_image_s_bs8": t / 4, "peak_memory_bytes": 1e9} for c, t in times.items()]
+                     ).to_csv(sweep_dir / "cost.csv", index=False)
+
+    write_cost("cpu")
+    b = Backbone("base", "SD1.5 role", "exp-1-main-ablation", frontier_run="frontier", fcr_deep_models={0.1: "deep"},
+                 study=Study())
+    rows = deep_caching_rows(tmp_path, b)
+    assert [r["kind"] for r in rows] == ["context", "context", "criterion", "criterion"]
+    assert all(r["criterion"] == DEEP_B_NAME for r in rows)
+    vs_fd5 = next(r for r in rows if r["kind"] == "criterion" and r["scope"].endswith("FD-5"))
+    assert "batch 1: 3.33×" in vs_fd5["measured"] and vs_fd5["value"] == pytest.approx(1 / 0.3)
+    # Non-inferior on both margins, fast enough, but CPU memory is not measurable: n/a.
+    assert "p_Holm" in vs_fd5["measured"] and vs_fd5["passed"] is None
+    assert "Holm over the 8 quality tests" in vs_fd5["note"]
+    write_cost("cuda")
+    rows = deep_caching_rows(tmp_path, b)
+    assert [r["passed"] for r in rows] == [True, True, True, True]
+    # No frontier run: no rows; a frontier run that was not run: one n/a row naming the file.
+    assert deep_caching_rows(tmp_path, Backbone("base", "r", "exp-1-main-ablation")) == []
+    missing = deep_caching_rows(tmp_path / "nowhere", b)
+    assert len(missing) == 1 and missing[0]["passed"] is None and "quality.csv" in missing[0]["note"]

@@ -42,6 +42,7 @@ from fcr.manifest import Study
 __all__ = [
     "CONTRAST_COLUMNS",
     "evaluate_contrasts",
+    "noninferiority",
     "fd_infinity_table",
     "power_table",
     "safe_strides",
@@ -156,6 +157,28 @@ def _noninferior_alignment(a: np.ndarray, b: np.ndarray, study: Study) -> dict[s
     half = float(scipy.stats.t.ppf(1 - study.alpha / 2, n - 1) * sd / math.sqrt(n))
     return {"n": n, "estimate": est, "lo": est - half, "hi": est + half, "p": p, "margin": study.alignment_margin_pct,
             "sd_diff": sd}
+
+
+def noninferiority(sweep_dir: str | Path, model: str, config: str, vs_model: str, vs_config: str,
+                   seeds: Sequence[int], study: Study, *, ref_feats: np.ndarray | None = None,
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """The two one-sided non-inferiority tests of ``model@config`` against ``vs_model@vs_config`` on
+    the same images (``seeds``) with the study's margins: ΔFD % (paired bootstrap; nan without
+    classifier features or reference features, e.g. SD) and the prompt-alignment change %, as rows
+    with ``endpoint``, ``n``, ``estimate``, ``lo``, ``hi``, ``p`` (unadjusted), ``margin``, ``sd_diff``.
+    ``ref_feats`` default: the sweep's reference features when present."""
+    sweep_dir = Path(sweep_dir)
+    if ref_feats is None and any((sweep_dir / "reference").glob("*.safetensors")):
+        ref_feats = _reference_features(sweep_dir)
+    a = _cells(sweep_dir, model, config, seeds)
+    b = _cells(sweep_dir, vs_model, vs_config, seeds)
+    if "features" in a and ref_feats is not None:
+        fd = _noninferior_fd(a["features"], b["features"], ref_feats, study, seed=seed)
+    else:  # SD: FID is a set metric of Inception features the side files do not hold
+        fd = {"n": len(a["alignment"]), "estimate": math.nan, "lo": math.nan, "hi": math.nan, "p": math.nan,
+              "margin": study.fd_margin_pct, "sd_diff": math.nan}
+    return [{"endpoint": "fd_increase_pct", **fd},
+            {"endpoint": "alignment_change_pct", **_noninferior_alignment(a["alignment"], b["alignment"], study)}]
 
 
 def _decide(row: dict[str, Any], study: Study) -> str:
@@ -320,16 +343,9 @@ def evaluate_contrasts(
                     secondary.append({**base, "endpoint": endpoint, "n": 0, "estimate": math.nan, "lo": math.nan,
                                       "hi": math.nan, "p": math.nan, "margin": math.nan, "sd_diff": math.nan})
                 continue
-            a = _cells(sweep_dir, model, config, seeds)
-            b = _cells(sweep_dir, original, study.reference_config, seeds)
-            if "features" in a and ref_feats is not None:
-                fd = _noninferior_fd(a["features"], b["features"], ref_feats, study, seed=len(secondary))
-            else:  # SD: FID is a set metric of Inception features the side files do not hold
-                fd = {"n": len(a["alignment"]), "estimate": math.nan, "lo": math.nan, "hi": math.nan, "p": math.nan,
-                      "margin": study.fd_margin_pct, "sd_diff": math.nan}
-            secondary.append({**base, "endpoint": "fd_increase_pct", **fd})
-            secondary.append({**base, "endpoint": "alignment_change_pct",
-                              **_noninferior_alignment(a["alignment"], b["alignment"], study)})
+            secondary += [{**base, **r} for r in noninferiority(sweep_dir, model, config, original,
+                                                                study.reference_config, seeds, study,
+                                                                ref_feats=ref_feats, seed=len(secondary))]
     for family in (primary, secondary):
         adjusted = holm([r["p"] for r in family])
         m = int(np.sum(~np.isnan([r["p"] for r in family]))) if family else 0

@@ -36,6 +36,7 @@ from fcr.eval import training_cost
 from fcr.manifest import Backbone, backbones_of
 from fcr.report.mechanism import criterion_e
 from fcr.report.overhead import criterion_f
+from fcr.report.deep_caching import deep_caching_rows
 from fcr.report.quality_cost import criterion_a, criterion_b, sd_gpu_cost_rows
 from fcr.report.robustness_criterion import robustness_rows
 from fcr.report.rows import VERDICT_COLUMNS, all_of, count_verdicts, result_dir, verdict_row
@@ -105,7 +106,7 @@ def evaluate_criteria(
     for b in backbones:
         a_rows, best, a_ok = criterion_a(root, b, stride_config, reference_config, contrasts, safe_strides)
         b_rows, b_ok = criterion_b(root, b, best, a_ok, stride_config, reference_config)
-        rows += a_rows + b_rows
+        rows += a_rows + b_rows + deep_caching_rows(root, b)
         if best:
             selected.append(best)
         per_backbone[b.name] = (a_ok, b_ok)
