@@ -19,6 +19,7 @@ __all__ = [
     "FIDELITY",
     "FD_INFINITY",
     "FRONTIER",
+    "LENGTH_CONTRASTS",
     "MATCHED_COST",
     "FIDELITY_DIRECTIONS",
     "PAIRED_TESTS",
@@ -73,6 +74,7 @@ TRAJECTORY_REGRESSION = "trajectory_regression.json"
 CONTRASTS = "contrasts.csv"
 SAFE_STRIDES = "safe_strides.csv"
 FD_INFINITY = "fd_infinity.csv"  # FD pooled over seeds and extrapolated to n -> infinity
+LENGTH_CONTRASTS = "length_contrasts.csv"  # FCR vs control at each fine-tune length
 # Quality-vs-cost frontier (notebook 06): one row per model x configuration, and the matched-cost table.
 FRONTIER = "frontier.csv"
 MATCHED_COST = "matched_cost.csv"

@@ -133,6 +133,10 @@ class Backbone:
     # and the FCR-deep fine-tunes by λ it holds: criterion b's deep-caching rows read them.
     frontier_run: str | None = None
     fcr_deep_models: Mapping[float, str] = field(default_factory=dict)
+    # Fidelity vs fine-tune length: the 03 run holding longer fine-tunes, and per number of training
+    # steps the (FCR, λ = 0 control) pair trained that long (the study's own pair is the shortest point).
+    length_run: str | None = None
+    length_models: Mapping[int, tuple[str, str]] = field(default_factory=dict)
     study: Study | None = None  # the setting's pre-registered study (contrasts of this backbone)
     # (name, model label, configuration) of the setting's variations and controls on this backbone's
     # models, in manifest order (variations first): the rows of the report's experiment tables.
@@ -187,11 +191,12 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
     for i, spec in enumerate(raw):
         spec = _mapping(spec, f"{where}[{i}]")
         unknown = set(spec) - {"original", "role", "fcr_models", "control", "sweep_run", "robustness_run",
-                               "mechanistic_run", "replicates", "frontier_run", "fcr_deep_models"}
+                               "mechanistic_run", "replicates", "frontier_run", "fcr_deep_models", "length_run",
+                               "length_models"}
         if unknown or not isinstance(spec.get("original"), str) or not isinstance(spec.get("role"), str):
             raise ManifestError(f"{where}[{i}]: needs 'original' and 'role' (and optionally fcr_models, control, "
                                 f"sweep_run, robustness_run, mechanistic_run, replicates, frontier_run, "
-                                f"fcr_deep_models); unknown keys {sorted(unknown)}")
+                                f"fcr_deep_models, length_run, length_models); unknown keys {sorted(unknown)}")
         fcr_models = _mapping(spec.get("fcr_models", {}), f"{where}[{i}].fcr_models")
         if not all(isinstance(lam, (int, float)) and not isinstance(lam, bool) and lam > 0 for lam in fcr_models):
             raise ManifestError(f"{where}[{i}].fcr_models: keys are the fine-tunes' λ > 0, got {list(fcr_models)}")
@@ -202,7 +207,7 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
             b = replace(b, robustness_run=None)  # this experiment does not stress-test the backbone
         if not any(r.notebook == "05_mechanistic_regression" and r.run == b.mechanistic_run for r in runs):
             b = replace(b, mechanistic_run=None)  # this experiment does not measure the backbone's features
-        b = replace(b, **_frontier(spec, f"{where}[{i}]", b.name, runs))
+        b = replace(b, **_frontier(spec, f"{where}[{i}]", b.name, runs), **_length(spec, f"{where}[{i}]", runs))
         replicates = _replicates(spec.get("replicates", {}), f"{where}[{i}].replicates",
                                  [*b.fcr_models.values(), *([b.control] if b.control else [])])
         sweep = next((r for r in runs if r.notebook == "03_stride_sweep" and r.run == b.sweep_run), None)
@@ -215,6 +220,7 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
         out.append(replace(b, name=model_label(b.name), fcr_models={k: model_label(v) for k, v in b.fcr_models.items()},
                            control=model_label(b.control) if b.control else None,
                            fcr_deep_models={k: model_label(v) for k, v in b.fcr_deep_models.items()},
+                           length_models={k: tuple(model_label(m) for m in v) for k, v in b.length_models.items()},
                            replicates={model_label(k): tuple(model_label(m) for m in v) for k, v in replicates.items()}))
     return tuple(out)
 
@@ -236,6 +242,28 @@ def _frontier(spec: Mapping[str, Any], where: str, original: str, runs: Sequence
     if frontier.models[0] != original or any(m not in frontier.models for m in named):
         raise ManifestError(f"{where}: the frontier run {run!r} must evaluate {named}, the original first")
     return {"frontier_run": str(run), "fcr_deep_models": {float(k): str(v) for k, v in deep.items()}}
+
+
+def _length(spec: Mapping[str, Any], where: str, runs: Sequence[NotebookRun]) -> dict[str, Any]:
+    """``length_run`` and ``length_models`` ({training steps: [FCR model, control model]}) of a
+    backbone; every model must be evaluated by that 03_stride_sweep run."""
+    run, pairs = spec.get("length_run"), _mapping(spec.get("length_models", {}), f"{where}.length_models")
+    if run is None:
+        if pairs:
+            raise ManifestError(f"{where}.length_models: needs length_run (the sweep that evaluates them)")
+        return {}
+    sweep = next((r for r in runs if r.notebook == "03_stride_sweep" and r.run == str(run)), None)
+    if sweep is None:
+        raise ManifestError(f"{where}.length_run: no 03_stride_sweep run named {run!r}")
+    out: dict[int, tuple[str, str]] = {}
+    for steps, pair in pairs.items():
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ManifestError(f"{where}.length_models: keys are numbers of training steps >= 1, got {steps!r}")
+        if not isinstance(pair, list) or len(pair) != 2 or any(m not in sweep.models for m in pair):
+            raise ManifestError(f"{where}.length_models.{steps}: expected [FCR model, control model] of the "
+                                f"03_stride_sweep run {run!r}, got {pair!r}")
+        out[steps] = (str(pair[0]), str(pair[1]))
+    return {"length_run": str(run), "length_models": out}
 
 
 def _replicates(raw: Any, where: str, fine_tunes: Sequence[str]) -> dict[str, tuple[str, ...]]:

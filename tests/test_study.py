@@ -301,3 +301,34 @@ def test_summary_power_and_criterion_a_read_the_contrasts(sweep: dict, tmp_path:
                                                               "λ = 0 control (control) at FD-10"]
     base10 = safe[(safe["model"] == "base") & (safe["stride"] == 10)].iloc[0]
     assert f"{base10['fd_increase_pct']:+.3g}" in context[0]["measured"]
+
+
+def test_length_contrasts_run_the_primary_test_at_each_length(sweep: dict) -> None:
+    from fcr.experiments.contrasts import length_contrasts
+
+    out, quality = sweep["out"], sweep["quality"]
+    quality.to_csv(out / "quality.csv", index=False)
+    study = Study(strides=("FD-10", "FD-20"), n_boot=200)
+    table = length_contrasts([(150, out, "fcr", "control"), (600, out / "not_run", "fcr", "control")], study)
+    assert list(table["train_steps"]) == [150, 150] and list(table["config"]) == ["FD-10", "FD-20"]
+    assert (table["m_tests"] == 2).all() and (table["decision"] == "FCR better").all()
+    a = load_fidelity(out, "fcr", "FD-10", 0, "own_full")["psnr"].double().numpy()
+    c = load_fidelity(out, "control", "FD-10", 0, "own_full")["psnr"].double().numpy()
+    row = table.iloc[0]
+    assert row["estimate"] == pytest.approx(a.mean() - c.mean()) and row["fcr_mean"] == pytest.approx(a.mean())
+    assert length_contrasts([], study).empty
+
+
+def test_manifest_length_models_are_validated(tmp_path: Path) -> None:
+    study_manifest = REPO / "params" / "study" / "experiments.yaml"
+    raw = yaml.safe_load(study_manifest.read_text())
+    spec = raw["experiments"][0]["settings"]["embedded"]["backbones"][0]
+    for key, bad, match in (("length_models", {600: ["base", "not_swept"]}, "expected \\[FCR model, control model\\]"),
+                            ("length_models", {"600": ["a", "b"]}, "numbers of training steps"),
+                            ("length_run", "nope", "no 03_stride_sweep run named 'nope'")):
+        spec_copy = dict(spec, **{key: bad})
+        raw["experiments"][0]["settings"]["embedded"]["backbones"][0] = spec_copy
+        path = tmp_path / "experiments.yaml"
+        path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+        with pytest.raises(ManifestError, match=match):
+            load_manifest(path, REPO)

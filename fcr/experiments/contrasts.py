@@ -33,6 +33,7 @@ import pandas as pd
 import scipy.stats
 from safetensors.torch import load_file
 
+from fcr import contract
 from fcr.contract import FIDELITY_DIRECTIONS
 from fcr.eval.metrics import FrechetToReference, fd_infinity, feature_statistics
 from fcr.eval.stats import bootstrap_replicates, holm, paired_mde
@@ -44,6 +45,7 @@ __all__ = [
     "evaluate_contrasts",
     "noninferiority",
     "fd_infinity_table",
+    "length_contrasts",
     "power_table",
     "safe_strides",
     "select_lambda",
@@ -375,4 +377,37 @@ def power_table(contrasts: pd.DataFrame, sizes: Sequence[int], alpha: float = 0.
                          "config": r["config"], "pilot_n": int(r["n"]), "pilot_estimate": float(r["estimate"]),
                          "sd_diff": sd, "alpha_per_test": level, "power": power, "n": int(n),
                          "mde": paired_mde(sd, int(n), level, power)})
+    return pd.DataFrame(rows)
+
+
+def length_contrasts(points: Sequence[tuple[int, str | Path, str, str]], study: Study) -> pd.DataFrame:
+    """Fidelity vs fine-tune length: for each ``(training steps, sweep folder, FCR model, control)``
+    the study's primary test (FCR minus control on the primary endpoint, paired over the images both
+    ran, two-sided t) at every study stride, with each arm's mean; Holm over all of them (an
+    exploratory family of its own, ``m_tests``), the minimal detectable effect at Holm's strictest
+    level and a decision worded like the primary family's. A point whose cells were not run is left out."""
+    rows: list[dict[str, Any]] = []
+    for steps, sweep_dir, fcr_model, control in points:
+        sweep_dir = Path(sweep_dir)
+        path = sweep_dir / contract.QUALITY
+        if not path.is_file():
+            continue
+        quality = pd.read_csv(path)
+        for config in study.strides:
+            seeds = sorted(set(_seeds(quality, fcr_model, config)) & set(_seeds(quality, control, config)))
+            if not seeds:
+                continue
+            a = _fidelity_values(sweep_dir, fcr_model, config, study.primary_endpoint, study.primary_reference, seeds)
+            c = _fidelity_values(sweep_dir, control, config, study.primary_endpoint, study.primary_reference, seeds)
+            rows.append({"train_steps": int(steps), "config": config, "endpoint": study.primary_endpoint,
+                         "model": fcr_model, "vs_model": control, "fcr_mean": float(a.mean()),
+                         "control_mean": float(c.mean()), "kind": "superiority", **_superiority(a - c, study)})
+    if not rows:
+        return pd.DataFrame(columns=["train_steps", "config", "endpoint", "model", "vs_model", "n", "estimate", "lo",
+                                     "hi", "p", "p_holm", "m_tests", "mde", "decision"])
+    adjusted = holm([r["p"] for r in rows])
+    for r, p in zip(rows, adjusted):
+        r["p_holm"], r["m_tests"] = float(p), len(rows)
+        r["mde"] = paired_mde(r["sd_diff"], int(r["n"]), study.alpha / len(rows), study.power) if r["n"] > 1 else math.nan
+        r["decision"] = _decide(r, study)
     return pd.DataFrame(rows)

@@ -11,11 +11,11 @@ import pandas as pd
 
 from fcr import contract
 from fcr.eval.stats import paired_n
-from fcr.experiments.contrasts import evaluate_contrasts, fd_infinity_table, safe_strides, select_lambda
+from fcr.experiments.contrasts import evaluate_contrasts, fd_infinity_table, length_contrasts, safe_strides, select_lambda
 from fcr.manifest import Backbone
 from fcr.report.rows import format_number, markdown_table, result_dir
 
-__all__ = ["power_section", "study_section", "study_summary", "study_tables"]
+__all__ = ["length_section", "power_section", "study_section", "study_summary", "study_tables"]
 
 
 def _quality(folder: Path) -> pd.DataFrame | None:
@@ -195,3 +195,48 @@ def power_section(contrasts: pd.DataFrame, alpha: float = 0.05, power: float = 0
     return [f"Power of the primary contrasts (power {power:g}, at Holm's strictest level α/m; sd_diff is the measured "
             "spread of the paired per-image differences; n_to_detect_estimate: pairs a design would need to detect "
             "an effect as large as the one estimated):\n", markdown_table(pd.DataFrame(out))]
+
+
+def _train_steps(root: Path, experiment: str, model: str) -> int | None:
+    import yaml
+
+    path = root / experiment / model / contract.RUN_PARAMS
+    return int(yaml.safe_load(path.read_text())["max_train_steps"]) if path.is_file() else None
+
+
+def length_section(root: str | Path, backbones: Sequence[Backbone], out_dir: Path) -> tuple[list[str], list[Path]]:
+    """Fidelity vs fine-tune length (``length_run`` of a backbone with a study): the study's primary
+    test at every length, the study's own first FCR / control pair as the shortest point
+    (``length_contrasts.csv``); nothing when no backbone declares a length run."""
+    root = Path(root)
+    frames = []
+    for b in backbones:
+        if b.study is None or b.length_run is None:
+            continue
+        points = []
+        if b.fcr_models and b.control:
+            first = next(iter(b.fcr_models.values()))
+            steps = _train_steps(root, b.experiment, first)
+            if steps is not None:
+                points.append((steps, result_dir(root, b.experiment, "sweep", b.sweep_run), first, b.control))
+        length_dir = result_dir(root, b.experiment, "sweep", b.length_run)
+        points += [(steps, length_dir, fcr_model, control) for steps, (fcr_model, control) in sorted(b.length_models.items())]
+        frames.append(length_contrasts(points, b.study).assign(backbone=b.name))
+    if not frames:
+        return [], []
+    table = pd.concat(frames, ignore_index=True)
+    path = out_dir / contract.LENGTH_CONTRASTS
+    table.to_csv(path, index=False)
+    lines = ["### Caching fidelity vs fine-tune length\n",
+             "FCR vs the λ = 0 control trained for the same number of steps (same data order), paired over images on "
+             "the primary endpoint at the study's strides; the shortest length is the study's own first training-seed "
+             "pair. An exploratory family: Holm over its tests (`m_tests`), decisions worded as in the primary family.\n"]
+    if table.empty:
+        lines.append("_Not run yet: no length point has both models sampled._\n")
+    else:
+        show = table[["backbone", "train_steps", "config", "n", "fcr_mean", "control_mean", "estimate", "lo", "hi",
+                      "p_holm", "m_tests", "mde", "decision"]].copy()
+        for col in ("fcr_mean", "control_mean", "estimate", "lo", "hi", "p_holm", "mde"):
+            show[col] = show[col].map(format_number)
+        lines.append(markdown_table(show))
+    return lines, [path]

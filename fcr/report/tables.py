@@ -28,7 +28,7 @@ from fcr.report.mechanism import trajectory_section
 from fcr.report.readme import update_readme
 from fcr.report.robustness_criterion import robustness_rows
 from fcr.report.rows import EXP1, EXP2, LAYOUT, InputError, format_number, markdown_table, read_table, result_dir
-from fcr.report.study import study_section, study_summary, study_tables
+from fcr.report.study import length_section, study_section, study_summary, study_tables
 from fcr.report.verdict import evaluate_criteria
 
 __all__ = [
@@ -552,7 +552,9 @@ def build_report(
         return ["### Figures\n"] + [f"![{f.stem}]({Path(os.path.relpath(f, base)).as_posix()})\n" for f in figures]
 
     study, study_files = study_section(backbones, out_dir, study_results)
-    files += study_files
+    length, length_files = length_section(root, backbones, out_dir)
+    study += length
+    files += study_files + length_files
     supplementary = _supplementary_robustness(root, backbones)
     timing = _timing_section(root, "Wall time of this run")
     if timing_beside is not None:
