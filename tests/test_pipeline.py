@@ -250,7 +250,7 @@ def test_resumed_stage_counts_its_interrupted_attempt(tmp_path: Path) -> None:
     assert marker["attempts"] == 1 and marker["seconds"] == marker["seconds_last_attempt"] and fresh.status == "ran"
 
 
-def test_study_profile_plans_the_replicated_fine_tunes_and_one_sweep(tmp_path: Path) -> None:
+def test_study_profile_plans_the_replicated_fine_tunes_and_its_sweeps(tmp_path: Path) -> None:
     from fcr.manifest import NOTEBOOK_KINDS
     from fcr.pipeline import PROFILES, main
 
@@ -258,8 +258,15 @@ def test_study_profile_plans_the_replicated_fine_tunes_and_one_sweep(tmp_path: P
     tasks = plan("embedded", tmp_path, manifest=profile["manifest"], bench=profile["bench"])
     names = [t.name for t in tasks]
     fine_tunes = [n.split("fine-tune ")[1] for n in names if "fine-tune" in n]
-    assert sorted(fine_tunes) == sorted(f"{arm}{suffix}" for arm in ("control_lambda0_fd10", "fcr_lambda0.10_fd10")
-                                        for suffix in ("", "_seed1", "_seed2"))
+    replicated = sorted(f"{arm}{suffix}" for arm in ("control_lambda0_fd10", "fcr_lambda0.10_fd10")
+                        for suffix in ("", "_seed1", "_seed2"))
+    # The study's six, then what was added after its run: the 600-step pair and FCR-deep, each after those.
+    assert sorted(fine_tunes[:6]) == replicated
+    assert fine_tunes[6:] == ["control_lambda0_fd10_600", "fcr_lambda0.10_fd10_600", "fcr_deep_lambda0.10_b0"]
+    steps = {t.name.split("fine-tune ")[1]: t.merged()["max_train_steps"] for t in tasks if "fine-tune" in t.name}
+    assert steps["fcr_lambda0.10_fd10_600"] == 600 and steps["fcr_lambda0.10_fd10"] == 150
+    sweeps = [t.folder.name for t in tasks if t.notebook == "03_stride_sweep"]
+    assert sweeps == ["main", "length", "frontier"]
     assert not any("benchmark" in n for n in names)
     seeds = {t.name.split("fine-tune ")[1]: t.merged()["seed"] for t in tasks if "fine-tune" in t.name}
     assert seeds["control_lambda0_fd10_seed2"] == seeds["fcr_lambda0.10_fd10_seed2"] == 2
