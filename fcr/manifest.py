@@ -197,9 +197,7 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
             raise ManifestError(f"{where}[{i}]: needs 'original' and 'role' (and optionally fcr_models, control, "
                                 f"sweep_run, robustness_run, mechanistic_run, replicates, frontier_run, "
                                 f"fcr_deep_models, length_run, length_models); unknown keys {sorted(unknown)}")
-        fcr_models = _mapping(spec.get("fcr_models", {}), f"{where}[{i}].fcr_models")
-        if not all(isinstance(lam, (int, float)) and not isinstance(lam, bool) and lam > 0 for lam in fcr_models):
-            raise ManifestError(f"{where}[{i}].fcr_models: keys are the fine-tunes' λ > 0, got {list(fcr_models)}")
+        fcr_models = _by_lambda(spec.get("fcr_models", {}), f"{where}[{i}].fcr_models")
         b = Backbone(spec["original"], spec["role"], experiment, {float(k): str(v) for k, v in fcr_models.items()},
                      spec.get("control"), str(spec.get("sweep_run", "main")), str(spec.get("robustness_run", "main")),
                      str(spec.get("mechanistic_run", "main")))
@@ -225,6 +223,22 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
     return tuple(out)
 
 
+def _by_lambda(raw: Any, where: str) -> dict:
+    """A mapping of fine-tunes keyed by their λ > 0 (``fcr_models``, ``fcr_deep_models``)."""
+    mapping = _mapping(raw, where)
+    if not all(isinstance(lam, (int, float)) and not isinstance(lam, bool) and lam > 0 for lam in mapping):
+        raise ManifestError(f"{where}: keys are the fine-tunes' λ > 0, got {list(mapping)}")
+    return mapping
+
+
+def _named_run(runs: Sequence[NotebookRun], notebook: str, name: Any, where: str) -> NotebookRun:
+    """The run of ``notebook`` named ``name``; ManifestError naming ``where`` when there is none."""
+    run = next((r for r in runs if r.notebook == notebook and r.run == str(name)), None)
+    if run is None:
+        raise ManifestError(f"{where}: no {notebook} run named {name!r}")
+    return run
+
+
 def _frontier(spec: Mapping[str, Any], where: str, original: str, runs: Sequence[NotebookRun]) -> dict[str, Any]:
     """``frontier_run`` and ``fcr_deep_models`` of a backbone: the run must be a 06_baselines_frontier
     run whose models start with the original and hold every FCR-deep fine-tune."""
@@ -233,11 +247,8 @@ def _frontier(spec: Mapping[str, Any], where: str, original: str, runs: Sequence
         if deep:
             raise ManifestError(f"{where}.fcr_deep_models: needs frontier_run (the frontier that evaluates them)")
         return {}
-    frontier = next((r for r in runs if r.notebook == "06_baselines_frontier" and r.run == str(run)), None)
-    if frontier is None:
-        raise ManifestError(f"{where}.frontier_run: no 06_baselines_frontier run named {run!r}")
-    if not all(isinstance(lam, (int, float)) and not isinstance(lam, bool) and lam > 0 for lam in deep):
-        raise ManifestError(f"{where}.fcr_deep_models: keys are the fine-tunes' λ > 0, got {list(deep)}")
+    frontier = _named_run(runs, "06_baselines_frontier", run, f"{where}.frontier_run")
+    deep = _by_lambda(deep, f"{where}.fcr_deep_models")
     named = [original, *map(str, deep.values())]
     if frontier.models[0] != original or any(m not in frontier.models for m in named):
         raise ManifestError(f"{where}: the frontier run {run!r} must evaluate {named}, the original first")
@@ -252,9 +263,7 @@ def _length(spec: Mapping[str, Any], where: str, runs: Sequence[NotebookRun]) ->
         if pairs:
             raise ManifestError(f"{where}.length_models: needs length_run (the sweep that evaluates them)")
         return {}
-    sweep = next((r for r in runs if r.notebook == "03_stride_sweep" and r.run == str(run)), None)
-    if sweep is None:
-        raise ManifestError(f"{where}.length_run: no 03_stride_sweep run named {run!r}")
+    sweep = _named_run(runs, "03_stride_sweep", run, f"{where}.length_run")
     out: dict[int, tuple[str, str]] = {}
     for steps, pair in pairs.items():
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -330,8 +339,8 @@ def _setting(raw: Any, where: str, root: Path, experiment: str) -> SettingPlan:
                 raise ManifestError(f"{where}.{section}.{name}: needs exactly 'model' and 'config', got {sorted(spec)}")
             rows[section][str(name)] = {"model": str(spec["model"]), "config": str(spec["config"])}
     study = _study(raw.get("study"), f"{where}.study")
-    if study is not None and study.selection_run is not None and ("03_stride_sweep", study.selection_run) not in seen:
-        raise ManifestError(f"{where}.study.selection_run: no 03_stride_sweep run named {study.selection_run!r}")
+    if study is not None and study.selection_run is not None:
+        _named_run(runs, "03_stride_sweep", study.selection_run, f"{where}.study.selection_run")
     return SettingPlan(
         params=_paths(raw.get("params", []), f"{where}.params", root),
         finetune=_paths(raw.get("finetune", []), f"{where}.finetune", root),

@@ -42,6 +42,8 @@ from fcr.manifest import Study
 
 __all__ = [
     "CONTRAST_COLUMNS",
+    "adjust_family",
+    "common_seeds",
     "evaluate_contrasts",
     "noninferiority",
     "fd_infinity_table",
@@ -64,6 +66,14 @@ CONTRAST_COLUMNS = [
 def _seeds(quality: pd.DataFrame, model: str, config: str) -> list[int]:
     hit = quality[(quality["model"].astype(str) == model) & (quality["config"].astype(str) == config)]
     return sorted(int(s) for s in hit["seed"].unique())
+
+
+def common_seeds(quality: pd.DataFrame, cells: Sequence[tuple[str, str]]) -> list[int]:
+    """The seeds every ``(model, configuration)`` cell of ``cells`` ran in ``quality``, sorted: the
+    images they share, so their per-image values pair."""
+    if not cells:
+        return []
+    return sorted(set.intersection(*(set(_seeds(quality, m, c)) for m, c in cells)))
 
 
 def _fidelity_values(sweep_dir: Path, model: str, config: str, endpoint: str, reference: str,
@@ -183,6 +193,22 @@ def noninferiority(sweep_dir: str | Path, model: str, config: str, vs_model: str
             {"endpoint": "alignment_change_pct", **_noninferior_alignment(a["alignment"], b["alignment"], study)}]
 
 
+def adjust_family(family: list[dict[str, Any]], study: Study) -> list[dict[str, Any]]:
+    """One family of tests, in place: ``p_holm`` (Holm over its finite p), ``m_tests`` (how many),
+    ``mde`` (at Holm's strictest level, from the row's ``sd_diff``; nan without one) and the
+    ``decision`` worded by the row's kind (superiority / non-inferiority). Returns ``family``."""
+    adjusted = holm([r["p"] for r in family]) if family else []
+    m = int(np.sum(~np.isnan([r["p"] for r in family]))) if family else 0
+    for r, p in zip(family, adjusted):
+        r["p_holm"], r["m_tests"] = float(p), m
+        alpha_adj = study.alpha / max(m, 1)  # Holm's first (strictest) level: a conservative MDE
+        sd = r.get("sd_diff", math.nan)
+        usable = r["n"] > 1 and math.isfinite(sd)
+        r["mde"] = paired_mde(sd, int(r["n"]), alpha_adj, study.power) if usable else math.nan
+        r["decision"] = _decide(r, study)
+    return family
+
+
 def _decide(row: dict[str, Any], study: Study) -> str:
     n = int(row["n"])
     if not math.isfinite(float(row.get("p_holm", math.nan))):
@@ -210,7 +236,7 @@ def select_lambda(sweep_dir: str | Path, quality: pd.DataFrame, fcr_models: Mapp
     sign = FIDELITY_DIRECTIONS[study.primary_endpoint]
     best: tuple[float, float, str] | None = None
     for lam, model in sorted(fcr_models.items()):
-        seeds = sorted(set(_seeds(quality, model, config)) & set(_seeds(quality, control, config)))
+        seeds = common_seeds(quality, [(model, config), (control, config)])
         if not seeds:
             continue
         gain = sign * float(np.mean(
@@ -316,7 +342,7 @@ def evaluate_contrasts(
                 row = {"family": "primary", "contrast": f"FCR λ={lam:g} vs λ=0 control", "kind": "superiority",
                        "endpoint": study.primary_endpoint, "model": model, "config": config, "vs_model": control,
                        "vs_config": config, "margin": math.nan, "n_runs": min(len(arm), len(controls))}
-                seeds = sorted(set.intersection(*(set(_seeds(quality, m, config)) for m in (*arm, *controls))))
+                seeds = common_seeds(quality, [(m, config) for m in (*arm, *controls)])
                 if seeds:
                     row.update(_replicated_superiority(
                         [_fidelity_values(sweep_dir, m, config, study.primary_endpoint, study.primary_reference,
@@ -336,7 +362,7 @@ def evaluate_contrasts(
     ref_feats = _reference_features(sweep_dir) if has_reference else None
     for model, lam in tested.items():
         for config in configs:
-            seeds = sorted(set(_seeds(quality, model, config)) & set(ref_seeds))
+            seeds = common_seeds(quality, [(model, config), (original, study.reference_config)])
             base = {"family": "secondary", "contrast": f"FCR λ={lam:g} vs original {study.reference_config}",
                     "kind": "non-inferiority", "model": model, "config": config, "vs_model": original,
                     "vs_config": study.reference_config}
@@ -349,16 +375,7 @@ def evaluate_contrasts(
                                                                 study.reference_config, seeds, study,
                                                                 ref_feats=ref_feats, seed=len(secondary))]
     for family in (primary, secondary):
-        adjusted = holm([r["p"] for r in family])
-        m = int(np.sum(~np.isnan([r["p"] for r in family]))) if family else 0
-        for r, p in zip(family, adjusted):
-            r["p_holm"], r["m_tests"] = float(p), m
-            alpha_adj = study.alpha / max(m, 1)  # Holm's first (strictest) level: a conservative MDE
-            sd = r.get("sd_diff", math.nan)
-            usable = r["n"] > 1 and math.isfinite(sd)
-            r["mde"] = paired_mde(sd, int(r["n"]), alpha_adj, study.power) if usable else math.nan
-            r["decision"] = _decide(r, study)
-        rows += family
+        rows += adjust_family(family, study)
     return pd.DataFrame(rows, columns=CONTRAST_COLUMNS)
 
 
@@ -394,7 +411,7 @@ def length_contrasts(points: Sequence[tuple[int, str | Path, str, str]], study: 
             continue
         quality = pd.read_csv(path)
         for config in study.strides:
-            seeds = sorted(set(_seeds(quality, fcr_model, config)) & set(_seeds(quality, control, config)))
+            seeds = common_seeds(quality, [(fcr_model, config), (control, config)])
             if not seeds:
                 continue
             a = _fidelity_values(sweep_dir, fcr_model, config, study.primary_endpoint, study.primary_reference, seeds)
@@ -405,9 +422,4 @@ def length_contrasts(points: Sequence[tuple[int, str | Path, str, str]], study: 
     if not rows:
         return pd.DataFrame(columns=["train_steps", "config", "endpoint", "model", "vs_model", "n", "estimate", "lo",
                                      "hi", "p", "p_holm", "m_tests", "mde", "decision"])
-    adjusted = holm([r["p"] for r in rows])
-    for r, p in zip(rows, adjusted):
-        r["p_holm"], r["m_tests"] = float(p), len(rows)
-        r["mde"] = paired_mde(r["sd_diff"], int(r["n"]), study.alpha / len(rows), study.power) if r["n"] > 1 else math.nan
-        r["decision"] = _decide(r, study)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(adjust_family(rows, study))

@@ -11,15 +11,13 @@ over every quality test these rows make. Passed = the three-valued AND of the th
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from fcr import contract
-from fcr.eval.stats import holm
-from fcr.experiments.contrasts import noninferiority
+from fcr.experiments.contrasts import adjust_family, common_seeds, noninferiority
 from fcr.manifest import Backbone, Study
 from fcr.report.rows import THRESHOLDS, InputError, all_of, backbone_scope, fmt3, fmt_pct, read_table, result_dir, verdict_row
 
@@ -44,23 +42,15 @@ def _branch(quality: pd.DataFrame, model: str) -> int | None:
     return None
 
 
-def _seeds(quality: pd.DataFrame, cells: list[tuple[str, str]]) -> list[int]:
-    sets = [set(quality.loc[(quality["model"].astype(str) == m) & (quality["config"].astype(str) == c), "seed"])
-            for m, c in cells]
-    return sorted(int(s) for s in set.intersection(*sets)) if sets else []
-
-
-def _quality_word(tests: list[dict[str, Any]], alpha: float) -> tuple[bool | None, str]:
-    """True when both margins are shown (Holm), False when one is shown violated, None otherwise."""
-    parts, shown, violated = [], True, False
-    for t in tests:
-        name = "ΔFD" if t["endpoint"] == "fd_increase_pct" else "Δ alignment"
-        parts.append(f"{name} {fmt_pct(t['estimate'])} [{fmt3(t['lo'])}, {fmt3(t['hi'])}] (p_Holm {fmt3(t['p_holm'])})")
-        ok = math.isfinite(t["p_holm"]) and t["p_holm"] < alpha
-        shown &= ok
-        worse = t["lo"] > t["margin"] if t["endpoint"] == "fd_increase_pct" else t["hi"] < t["margin"]
-        violated |= bool(worse)
-    return (False if violated else True if shown else None), "; ".join(parts)
+def _quality_word(tests: list[dict[str, Any]]) -> tuple[bool | None, str]:
+    """True when both margins are shown (Holm), False when one is shown violated, None otherwise
+    (the tests' ``decision``, :func:`fcr.experiments.contrasts.adjust_family`)."""
+    parts = [f"{'ΔFD' if t['endpoint'] == 'fd_increase_pct' else 'Δ alignment'} {fmt_pct(t['estimate'])} "
+             f"[{fmt3(t['lo'])}, {fmt3(t['hi'])}] (p_Holm {fmt3(t['p_holm'])})" for t in tests]
+    decisions = [t["decision"] for t in tests]
+    if "inferior" in decisions:
+        return False, "; ".join(parts)
+    return (True if all(d == "non-inferior" for d in decisions) else None), "; ".join(parts)
 
 
 def deep_caching_rows(root: str | Path, b: Backbone) -> list[dict]:
@@ -89,12 +79,11 @@ def deep_caching_rows(root: str | Path, b: Backbone) -> list[dict]:
     # Quality tests first, so Holm runs over every one of them.
     tests: list[list[dict[str, Any]]] = []
     for _, model, config, vs_config, _ in planned:
-        seeds = _seeds(quality, [(model, config), (b.name, vs_config)])
-        tests.append(noninferiority(sweep, model, config, b.name, vs_config, seeds, study) if seeds else [])
-    flat = [t for group in tests for t in group]
-    for t, p in zip(flat, holm([t["p"] for t in flat]) if flat else []):
-        t["p_holm"] = float(p)
-    m_tests = sum(math.isfinite(t["p"]) for t in flat)
+        seeds = common_seeds(quality, [(model, config), (b.name, vs_config)])
+        tests.append([{"kind": "non-inferiority", **t} for t in noninferiority(sweep, model, config, b.name, vs_config,
+                                                                                seeds, study)] if seeds else [])
+    flat = adjust_family([t for group in tests for t in group], study)
+    m_tests = flat[0]["m_tests"] if flat else 0
     rows = []
     arch_of = quality.groupby("model")["architecture"].first().astype(str).to_dict() if "architecture" in quality else {}
     for (name, model, config, vs_config, kind), group in zip(planned, tests):
@@ -115,7 +104,7 @@ def deep_caching_rows(root: str | Path, b: Backbone) -> list[dict]:
         if device.startswith("cuda") and "peak_memory_bytes" in by.columns:
             inc = 100.0 * (float(by.loc[config, "peak_memory_bytes"]) / float(by.loc[vs_config, "peak_memory_bytes"]) - 1)
             mem_ok, mem = inc <= THRESHOLDS["memory_increase_pct"], f"memory {fmt_pct(inc)}"
-        q_ok, q_text = _quality_word(group, study.alpha)
+        q_ok, q_text = _quality_word(group)
         measured = ", ".join(f"batch {k}: {fmt3(v)}×" for k, v in speed.items()) + f"; {mem}; {q_text}"
         note = (f"Wall time per image (medians of timed repeats, device {device}) of {config} vs {vs_config} on "
                 f"architecture {arch}; quality: non-inferiority of {model}@{config} against {b.name}@{vs_config} on "
