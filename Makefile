@@ -4,13 +4,13 @@ PYTHON ?= python
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 FMNIST_DEB := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data main study test test-fast bench clean-outputs
+.PHONY: setup data browser main study test test-fast bench clean-outputs human-pairs rate human-analysis
 
 setup:
 	@# Keep an existing torch (e.g. a CUDA build); install the pinned CPU-machine build otherwise.
 	$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PYTHON) -m pip install $(TORCH_PIN)
 	$(PYTHON) -m pip install -e ".[dev]"
-	@$(MAKE) --no-print-directory data
+	@$(MAKE) --no-print-directory data browser
 
 data:
 	@# Fashion-MNIST: Debian package when root on Debian; torchvision downloads it elsewhere at first use.
@@ -18,6 +18,13 @@ data:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		(apt-get install -y dataset-fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist)); \
 	else echo "Fashion-MNIST: not installed system-wide; torchvision will download it on first use"; fi
+
+browser:
+	@# Debian's chromium + chromedriver: the rating app's browser test (tests/test_human_browser.py) drives them.
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then echo "browser: $$(command -v chromium)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y chromium chromium-driver || (apt-get update && apt-get install -y chromium chromium-driver)); \
+	else echo "browser: chromium/chromedriver not installed; the browser test will be skipped"; fi
 
 main:
 	@# The demo: both experiments at miniature sizes; its report is outputs/embedded/report/report.md.
@@ -38,3 +45,16 @@ test-fast:
 
 bench:
 	$(PYTHON) benchmarks/bench_core.py
+
+# Human A/B preference study (notebook 07): pair set from the committed study sweep, the lab rating app,
+# the analysis of whatever ratings the database holds (n/a until people have rated).
+HUMAN_PARAMS ?= params/human_embedded.yaml
+
+human-pairs:
+	$(PYTHON) -m fcr.human pairs -f $(HUMAN_PARAMS)
+
+rate: human-pairs
+	$(PYTHON) -m fcr.human serve -f $(HUMAN_PARAMS)
+
+human-analysis: human-pairs
+	$(PYTHON) -m papermill notebooks/07_human_preference.ipynb outputs/human/07_human_preference.ipynb -f $(HUMAN_PARAMS)

@@ -64,6 +64,11 @@ def _each(check: Check) -> Check:
     return run
 
 
+def _source_spec(v: str) -> str | None:
+    model, sep, config = v.rpartition(":")
+    return None if sep and model and config else "must be '<model>:<config>' of a sweep, e.g. 'base:FD-5'"
+
+
 def _non_empty(check: Check | None = None) -> Check:
     def run(values: list) -> str | None:
         if not values:
@@ -186,6 +191,22 @@ SCHEMA: dict[str, Param] = {
     "frontier_endpoint": Param("str", "psnr", "paired fidelity endpoint to the original's full sampling (quality axis)",
                                ("psnr", "ssim", "rmse", "feature_distance", "clip_drift")),
     "frontier_budgets": Param("str_list", ["FD-5", "FD-10"], "configurations of the original whose cost is a matched-cost budget", check=_non_empty()),
+    # --- human A/B preference study (fcr.human, notebook 07) ---
+    "human_sweep_dir": Param("str", "outputs/study/exp-1-main-ablation/sweep/main", "finished 03_stride_sweep run folder whose images the pair set shows"),
+    "human_a": Param("str", "fcr_lambda0.10_fd10:FD-10", "side A of every test pair, '<model>:<config>' of the sweep", check=_source_spec),
+    "human_b": Param("str", "base:FD-5", "side B of every test pair, '<model>:<config>' of the sweep", check=_source_spec),
+    "human_seeds": Param("int_list", [0, 1, 2, 3, 4], "sweep seeds whose prompt/noise pairs are drawn", check=_non_empty(_each(_at_least(0)))),
+    "human_pairs": Param("int", 280, "test pairs (prompt/noise pairs of A vs B) in the set", check=_at_least(1)),
+    "human_repeat_rate": Param("float", 0.1, "repeat pairs (a test pair again, sides swapped) as a fraction of human_pairs", check=_fraction),
+    "human_gold_rate": Param("float", 0.1, "gold attention-check pairs as a fraction of human_pairs", check=_fraction),
+    "human_gold": Param("str", "mismatched_prompt", "gold pairs: 'mismatched_prompt' (the other side shows another class) or a clearly broken '<model>:<config>'",
+                        check=lambda v: None if v == "mismatched_prompt" else _source_spec(v)),
+    "human_pair_dir": Param("str", "outputs/human/pairs", "folder of the pair set (images/, pairs.csv, pair_set.json)"),
+    "human_ratings_db": Param("str", "outputs/human/ratings.sqlite", "SQLite file of the ratings (lab app and MTurk import)"),
+    "human_analysis_dir": Param("str", "outputs/human/analysis", "where notebook 07 writes its tables and figures"),
+    "human_min_gold_pass": Param("float", 0.75, "attention rule: a rating session below this gold pass rate is excluded", check=_fraction),
+    "human_power_win_rates": Param("float_list", [0.55, 0.6, 0.65], "win rates of A the power table sizes the study for",
+                                   check=_non_empty(_each(lambda v: None if 0.0 < v < 1.0 and v != 0.5 else "must lie in (0, 1) and differ from 0.5"))),
     # --- experiments, verdict, report ---
 }
 
@@ -279,7 +300,7 @@ def validate(params: Mapping[str, Any], *, fill_defaults: bool = True) -> dict[s
     return out
 
 
-TASKS = ("data", "finetune", "sweep", "robustness", "mechanistic", "frontier")
+TASKS = ("data", "finetune", "sweep", "robustness", "mechanistic", "frontier", "human")
 # The tasks each setting implements.
 SETTING_TASKS = {"embedded": TASKS, "sd": TASKS}
 

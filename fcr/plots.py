@@ -20,6 +20,8 @@ __all__ = [
     "frontier",
     "image_grid",
     "interval_bars",
+    "power_curves",
+    "win_rate_bars",
     "quality_vs_stride",
     "quality_vs_time",
     "save_figure",
@@ -214,5 +216,35 @@ def frontier(points: pd.DataFrame, cost_column: str, quality: str, ylabel: str |
     ax.set_xlabel(cost_column.replace("_", " "))
     ax.set_ylabel((ylabel or quality) + ("" if higher_is_better else " (lower is better)"))
     ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def power_curves(curve: pd.DataFrame, needed: pd.DataFrame | None = None) -> plt.Figure:
+    """Power of the sign test against decisive pairs, one line per win rate of A."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    sns.lineplot(data=curve, x="pairs", y="power", hue="win_rate_a", palette="viridis", ax=ax)
+    ax.axhline(0.8, color="grey", ls="--", lw=1)
+    if needed is not None:
+        for _, row in needed.iterrows():
+            ax.axvline(row["pairs_needed"], color="grey", ls=":", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("decisive pairs (log scale)")
+    ax.set_ylabel("power (exact sign test, α = 0.05)")
+    ax.legend(title="win rate of A")
+    fig.tight_layout()
+    return fig
+
+
+def win_rate_bars(breakdown: pd.DataFrame, by: str) -> plt.Figure:
+    """Win rate of A per ``by`` with its Wilson 95 % interval; 0.5 marked."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    order = breakdown.sort_values(by)
+    sns.barplot(data=order, x=by, y="win_rate_a", color="#4c72b0", ax=ax)
+    interval_bars(ax, np.arange(len(order)), order["win_rate_lo"], order["win_rate_hi"], "black")
+    ax.axhline(0.5, color="grey", ls="--", lw=1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("win rate of A")
+    ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     return fig

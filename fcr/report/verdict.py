@@ -37,6 +37,7 @@ from fcr.manifest import Backbone, backbones_of
 from fcr.report.mechanism import criterion_e
 from fcr.report.overhead import criterion_f
 from fcr.report.deep_caching import deep_caching_rows
+from fcr.report.human_preference import DEFAULT_HUMAN_ANALYSIS, human_preference_rows
 from fcr.report.quality_cost import criterion_a, criterion_b, sd_gpu_cost_rows
 from fcr.report.robustness_criterion import robustness_rows
 from fcr.report.rows import VERDICT_COLUMNS, all_of, count_verdicts, result_dir, verdict_row
@@ -64,6 +65,7 @@ def evaluate_criteria(
     train_flops_per_image: Callable[[str, bool], float] | None = None,
     sd_finetune_gpu_hours: float | None = None,
     sd_gpu_cost: str | Path | None = None,
+    human_analysis: str | Path | None = DEFAULT_HUMAN_ANALYSIS,
 ) -> pd.DataFrame:
     """Evaluate the seed's success criteria a–f on the run under ``root``.
 
@@ -80,6 +82,7 @@ def evaluate_criteria(
     counted with :func:`fcr.eval.training_cost.training_step_flops` on the embedded architecture, once per pair).
     ``sd_finetune_gpu_hours``: GPU-hours of an SD FCR fine-tune, if one was run elsewhere.
     ``sd_gpu_cost``: ``benchmarks/bench_sd_gpu.py``'s CSV: adds criterion-b context rows at SD scale.
+    ``human_analysis``: notebook 07's output folder: the human-preference context row (n/a without ratings).
     ``contrasts``: the study's pre-registered contrasts (:func:`fcr.report.study.study_tables`);
     criterion a of a backbone with a study is then its non-inferiority test; ``safe_strides`` (the
     study's per-model stride tests) adds the same test of the original model and of the control at
@@ -125,6 +128,7 @@ def evaluate_criteria(
                      + ", ".join(f"{b.name} = {b.role}" for b in backbones) + "."))
     rows += criterion_e(mechanistic_dirs, selected)
     rows += criterion_f(root, backbones, selected, models_dir, flops_fn, sd_finetune_gpu_hours)
+    rows += human_preference_rows(human_analysis)
 
     table = pd.DataFrame(rows, columns=VERDICT_COLUMNS)
     verdict_rows = table[table["kind"] == "criterion"]

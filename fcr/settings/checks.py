@@ -35,6 +35,8 @@ def check_task(params: Mapping[str, Any], task: str) -> None:
         if not any(Path(p).name == "quality.csv" for p in params["quality_tables"]):
             raise ConfigError("parameter 'trajectory_seeds': the trajectory drift pairs with a sweep; quality_tables "
                               "must name the sweep's quality.csv")
+    if task == "human" and params["human_a"] == params["human_b"]:
+        raise ConfigError(f"parameter 'human_b': the two sides of a pair must differ, both are {params['human_a']!r}")
     if task == "frontier":
         if params["frontier_cost"].startswith("time_per_image_s_bs"):
             batch = int(params["frontier_cost"].rsplit("bs", 1)[1])
