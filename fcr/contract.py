@@ -20,6 +20,7 @@ __all__ = [
     "FD_INFINITY",
     "FRONTIER",
     "LENGTH_CONTRASTS",
+    "ABLATION_CONTRASTS",
     "MATCHED_COST",
     "FIDELITY_DIRECTIONS",
     "PAIRED_TESTS",
@@ -75,6 +76,7 @@ CONTRASTS = "contrasts.csv"
 SAFE_STRIDES = "safe_strides.csv"
 FD_INFINITY = "fd_infinity.csv"  # FD pooled over seeds and extrapolated to n -> infinity
 LENGTH_CONTRASTS = "length_contrasts.csv"  # FCR vs control at each fine-tune length
+ABLATION_CONTRASTS = "ablation_contrasts.csv"  # FCR ablations (e.g. Δ_max) vs the control
 # Quality-vs-cost frontier (notebook 06): one row per model x configuration, and the matched-cost table.
 FRONTIER = "frontier.csv"
 MATCHED_COST = "matched_cost.csv"

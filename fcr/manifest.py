@@ -137,6 +137,11 @@ class Backbone:
     # steps the (FCR, λ = 0 control) pair trained that long (the study's own pair is the shortest point).
     length_run: str | None = None
     length_models: Mapping[int, tuple[str, str]] = field(default_factory=dict)
+    # FCR ablations (e.g. Δ_max): the 03 run holding them, and per label the FCR fine-tune that differs
+    # from the backbone's first FCR model in that one setting; each is tested against the backbone's
+    # control as sampled in its sweep run (same prompts and initial noise).
+    ablation_run: str | None = None
+    ablation_models: Mapping[str, str] = field(default_factory=dict)
     study: Study | None = None  # the setting's pre-registered study (contrasts of this backbone)
     # (name, model label, configuration) of the setting's variations and controls on this backbone's
     # models, in manifest order (variations first): the rows of the report's experiment tables.
@@ -192,11 +197,12 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
         spec = _mapping(spec, f"{where}[{i}]")
         unknown = set(spec) - {"original", "role", "fcr_models", "control", "sweep_run", "robustness_run",
                                "mechanistic_run", "replicates", "frontier_run", "fcr_deep_models", "length_run",
-                               "length_models"}
+                               "length_models", "ablation_run", "ablation_models"}
         if unknown or not isinstance(spec.get("original"), str) or not isinstance(spec.get("role"), str):
             raise ManifestError(f"{where}[{i}]: needs 'original' and 'role' (and optionally fcr_models, control, "
                                 f"sweep_run, robustness_run, mechanistic_run, replicates, frontier_run, "
-                                f"fcr_deep_models, length_run, length_models); unknown keys {sorted(unknown)}")
+                                f"fcr_deep_models, length_run, length_models, ablation_run, ablation_models); unknown keys "
+                                f"{sorted(unknown)}")
         fcr_models = _by_lambda(spec.get("fcr_models", {}), f"{where}[{i}].fcr_models")
         b = Backbone(spec["original"], spec["role"], experiment, {float(k): str(v) for k, v in fcr_models.items()},
                      spec.get("control"), str(spec.get("sweep_run", "main")), str(spec.get("robustness_run", "main")),
@@ -205,7 +211,8 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
             b = replace(b, robustness_run=None)  # this experiment does not stress-test the backbone
         if not any(r.notebook == "05_mechanistic_regression" and r.run == b.mechanistic_run for r in runs):
             b = replace(b, mechanistic_run=None)  # this experiment does not measure the backbone's features
-        b = replace(b, **_frontier(spec, f"{where}[{i}]", b.name, runs), **_length(spec, f"{where}[{i}]", runs))
+        b = replace(b, **_frontier(spec, f"{where}[{i}]", b.name, runs), **_length(spec, f"{where}[{i}]", runs),
+                    **_ablation(spec, f"{where}[{i}]", runs))
         replicates = _replicates(spec.get("replicates", {}), f"{where}[{i}].replicates",
                                  [*b.fcr_models.values(), *([b.control] if b.control else [])])
         sweep = next((r for r in runs if r.notebook == "03_stride_sweep" and r.run == b.sweep_run), None)
@@ -219,6 +226,7 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
                            control=model_label(b.control) if b.control else None,
                            fcr_deep_models={k: model_label(v) for k, v in b.fcr_deep_models.items()},
                            length_models={k: tuple(model_label(m) for m in v) for k, v in b.length_models.items()},
+                           ablation_models={k: model_label(v) for k, v in b.ablation_models.items()},
                            replicates={model_label(k): tuple(model_label(m) for m in v) for k, v in replicates.items()}))
     return tuple(out)
 
@@ -273,6 +281,22 @@ def _length(spec: Mapping[str, Any], where: str, runs: Sequence[NotebookRun]) ->
                                 f"03_stride_sweep run {run!r}, got {pair!r}")
         out[steps] = (str(pair[0]), str(pair[1]))
     return {"length_run": str(run), "length_models": out}
+
+
+def _ablation(spec: Mapping[str, Any], where: str, runs: Sequence[NotebookRun]) -> dict[str, Any]:
+    """``ablation_run`` and ``ablation_models`` ({label: FCR model}) of a backbone; every model must be
+    evaluated by that 03_stride_sweep run."""
+    run, models = spec.get("ablation_run"), _mapping(spec.get("ablation_models", {}), f"{where}.ablation_models")
+    if run is None:
+        if models:
+            raise ManifestError(f"{where}.ablation_models: needs ablation_run (the sweep that evaluates them)")
+        return {}
+    sweep = _named_run(runs, "03_stride_sweep", run, f"{where}.ablation_run")
+    for label, model in models.items():
+        if not isinstance(model, str) or model not in sweep.models:
+            raise ManifestError(f"{where}.ablation_models.{label}: expected an FCR model of the 03_stride_sweep run "
+                                f"{run!r}, got {model!r}")
+    return {"ablation_run": str(run), "ablation_models": {str(k): str(v) for k, v in models.items()}}
 
 
 def _replicates(raw: Any, where: str, fine_tunes: Sequence[str]) -> dict[str, tuple[str, ...]]:

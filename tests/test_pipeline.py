@@ -260,13 +260,16 @@ def test_study_profile_plans_the_replicated_fine_tunes_and_its_sweeps(tmp_path: 
     fine_tunes = [n.split("fine-tune ")[1] for n in names if "fine-tune" in n]
     replicated = sorted(f"{arm}{suffix}" for arm in ("control_lambda0_fd10", "fcr_lambda0.10_fd10")
                         for suffix in ("", "_seed1", "_seed2"))
-    # The study's six, then what was added after its run: the 600-step pair and FCR-deep, each after those.
+    # The study's six, then what was added after its run: the 600-step pair, FCR-deep and the Δ_max ablation.
     assert sorted(fine_tunes[:6]) == replicated
-    assert fine_tunes[6:] == ["control_lambda0_fd10_600", "fcr_lambda0.10_fd10_600", "fcr_deep_lambda0.10_b0"]
+    assert fine_tunes[6:] == ["control_lambda0_fd10_600", "fcr_lambda0.10_fd10_600", "fcr_deep_lambda0.10_b0",
+                              "fcr_lambda0.10_dmax20"]
     steps = {t.name.split("fine-tune ")[1]: t.merged()["max_train_steps"] for t in tasks if "fine-tune" in t.name}
     assert steps["fcr_lambda0.10_fd10_600"] == 600 and steps["fcr_lambda0.10_fd10"] == 150
+    ablated = next(t for t in tasks if t.name.endswith("fine-tune fcr_lambda0.10_dmax20")).merged()
+    assert (ablated["delta_max"], ablated["lambda_fcr"], ablated["seed"], ablated["max_train_steps"]) == (20, 0.1, 0, 150)
     sweeps = [t.folder.name for t in tasks if t.notebook == "03_stride_sweep"]
-    assert sweeps == ["main", "length", "frontier"]
+    assert sweeps == ["main", "length", "ablation", "frontier"]
     assert not any("benchmark" in n for n in names)
     seeds = {t.name.split("fine-tune ")[1]: t.merged()["seed"] for t in tasks if "fine-tune" in t.name}
     assert seeds["control_lambda0_fd10_seed2"] == seeds["fcr_lambda0.10_fd10_seed2"] == 2

@@ -332,3 +332,44 @@ def test_manifest_length_models_are_validated(tmp_path: Path) -> None:
         path.write_text(yaml.safe_dump(raw, allow_unicode=True))
         with pytest.raises(ManifestError, match=match):
             load_manifest(path, REPO)
+
+
+def test_variant_contrasts_pair_arms_across_sweep_folders_only_on_the_same_prompts(sweep: dict, tmp_path: Path) -> None:
+    import shutil
+
+    from fcr.experiments.contrasts import variant_contrasts
+
+    out, quality = sweep["out"], sweep["quality"]
+    quality.to_csv(out / "quality.csv", index=False)
+    other = tmp_path / "ablation_sweep"  # the FCR arm in its own run folder, the control in the main one
+    other.mkdir()
+    for sub in ("quality", "fidelity"):
+        shutil.copytree(out / sub, other / sub)
+    quality.to_csv(other / "quality.csv", index=False)
+    study = Study(strides=("FD-10", "FD-20"), n_boot=200)
+    same = variant_contrasts([("one folder", out, "fcr", out, "control")], study)
+    cross = variant_contrasts([("two folders", other, "fcr", out, "control")], study)
+    cols = ["config", "n", "estimate", "lo", "hi", "p"]
+    assert cross[cols].equals(same[cols]) and list(cross["variant"]) == ["two folders"] * 2
+    # A folder whose cells sampled other prompts does not pair.
+    gen = torch.Generator().manual_seed(1)
+    _write_cell(other, "fcr", "FD-10", 0, torch.rand(N, 1, 8, 8, generator=gen), torch.randn(N, D, generator=gen,
+                dtype=torch.float64), torch.ones(N, dtype=torch.float64), [f"other {i}" for i in range(N)])
+    with pytest.raises(ValueError, match="other prompts"):
+        variant_contrasts([("two folders", other, "fcr", out, "control")], study)
+
+
+def test_manifest_ablation_models_are_validated(tmp_path: Path) -> None:
+    raw = yaml.safe_load((REPO / "params" / "study" / "experiments.yaml").read_text())
+    spec = raw["experiments"][0]["settings"]["embedded"]["backbones"][0]
+    backbone = load_manifest(REPO / "params" / "study" / "experiments.yaml", REPO)["exp-1-main-ablation"] \
+        .settings["embedded"].backbones[0]
+    assert backbone.ablation_run == "ablation"
+    assert dict(backbone.ablation_models) == {"delta_max 20": "fcr_lambda0.10_dmax20"}
+    for key, bad, match in (("ablation_models", {"delta_max 20": "not_swept"}, "expected an FCR model"),
+                            ("ablation_run", "nope", "no 03_stride_sweep run named 'nope'")):
+        raw["experiments"][0]["settings"]["embedded"]["backbones"][0] = dict(spec, **{key: bad})
+        path = tmp_path / "experiments.yaml"
+        path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+        with pytest.raises(ManifestError, match=match):
+            load_manifest(path, REPO)

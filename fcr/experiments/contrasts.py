@@ -48,6 +48,7 @@ __all__ = [
     "noninferiority",
     "fd_infinity_table",
     "length_contrasts",
+    "variant_contrasts",
     "power_table",
     "safe_strides",
     "select_lambda",
@@ -397,29 +398,45 @@ def power_table(contrasts: pd.DataFrame, sizes: Sequence[int], alpha: float = 0.
     return pd.DataFrame(rows)
 
 
-def length_contrasts(points: Sequence[tuple[int, str | Path, str, str]], study: Study) -> pd.DataFrame:
-    """Fidelity vs fine-tune length: for each ``(training steps, sweep folder, FCR model, control)``
-    the study's primary test (FCR minus control on the primary endpoint, paired over the images both
-    ran, two-sided t) at every study stride, with each arm's mean; Holm over all of them (an
-    exploratory family of its own, ``m_tests``), the minimal detectable effect at Holm's strictest
-    level and a decision worded like the primary family's. A point whose cells were not run is left out."""
+VARIANT_COLUMNS = ["variant", "config", "endpoint", "model", "vs_model", "n", "estimate", "lo", "hi", "p", "p_holm",
+                   "m_tests", "mde", "decision"]
+
+
+def variant_contrasts(points: Sequence[tuple[Any, str | Path, str, str | Path, str]], study: Study) -> pd.DataFrame:
+    """FCR variants against their λ = 0 control: for each ``(variant label, FCR sweep folder, FCR
+    model, control sweep folder, control model)`` the study's primary test (FCR minus control on the
+    primary endpoint, paired over the images both ran, two-sided t) at every study stride, with each
+    arm's mean; Holm over all of them (an exploratory family of its own, ``m_tests``), the minimal
+    detectable effect at Holm's strictest level and a decision worded like the primary family's.
+    Arms from two sweep folders pair only when every shared seed sampled the same prompts (the
+    initial noise is a function of the seed and image index); a point whose cells were not run is
+    left out."""
     rows: list[dict[str, Any]] = []
-    for steps, sweep_dir, fcr_model, control in points:
-        sweep_dir = Path(sweep_dir)
-        path = sweep_dir / contract.QUALITY
-        if not path.is_file():
+    for label, fcr_dir, fcr_model, control_dir, control in points:
+        fcr_dir, control_dir = Path(fcr_dir), Path(control_dir)
+        if not (fcr_dir / contract.QUALITY).is_file() or not (control_dir / contract.QUALITY).is_file():
             continue
-        quality = pd.read_csv(path)
+        q_fcr, q_control = pd.read_csv(fcr_dir / contract.QUALITY), pd.read_csv(control_dir / contract.QUALITY)
         for config in study.strides:
-            seeds = common_seeds(quality, [(fcr_model, config), (control, config)])
+            seeds = sorted(set(common_seeds(q_fcr, [(fcr_model, config)])) & set(common_seeds(q_control, [(control, config)])))
             if not seeds:
                 continue
-            a = _fidelity_values(sweep_dir, fcr_model, config, study.primary_endpoint, study.primary_reference, seeds)
-            c = _fidelity_values(sweep_dir, control, config, study.primary_endpoint, study.primary_reference, seeds)
-            rows.append({"train_steps": int(steps), "config": config, "endpoint": study.primary_endpoint,
+            for seed in seeds:
+                if cell_tensors(fcr_dir, fcr_model, config, seed)[1] != cell_tensors(control_dir, control, config, seed)[1]:
+                    raise ValueError(f"{fcr_model} ({fcr_dir}) and {control} ({control_dir}) sampled other prompts at "
+                                     f"seed {seed}: their images do not pair")
+            a = _fidelity_values(fcr_dir, fcr_model, config, study.primary_endpoint, study.primary_reference, seeds)
+            c = _fidelity_values(control_dir, control, config, study.primary_endpoint, study.primary_reference, seeds)
+            rows.append({"variant": label, "config": config, "endpoint": study.primary_endpoint,
                          "model": fcr_model, "vs_model": control, "fcr_mean": float(a.mean()),
                          "control_mean": float(c.mean()), "kind": "superiority", **_superiority(a - c, study)})
     if not rows:
-        return pd.DataFrame(columns=["train_steps", "config", "endpoint", "model", "vs_model", "n", "estimate", "lo",
-                                     "hi", "p", "p_holm", "m_tests", "mde", "decision"])
+        return pd.DataFrame(columns=VARIANT_COLUMNS)
     return pd.DataFrame(adjust_family(rows, study))
+
+
+def length_contrasts(points: Sequence[tuple[int, str | Path, str, str]], study: Study) -> pd.DataFrame:
+    """Fidelity vs fine-tune length: :func:`variant_contrasts` of ``(training steps, sweep folder,
+    FCR model, control)`` points (both arms in one folder), the variant column named ``train_steps``."""
+    table = variant_contrasts([(int(steps), d, f, d, c) for steps, d, f, c in points], study)
+    return table.rename(columns={"variant": "train_steps"})

@@ -118,7 +118,7 @@ def preference_breakdown(df: pd.DataFrame, by: str, *, min_gold_pass: float = 0.
     kept = _kept(df, min_gold_pass)
     rows = []
     for value, group in kept[kept["kind"] == "test"].groupby(by, sort=True):
-        res = preference(group.assign(unit=group["unit"]), min_gold_pass=0.0)
+        res = preference(group, min_gold_pass=0.0)  # kept test ratings already
         rows.append({by: value, **{k: res[k] for k in ("pairs", "wins_a", "wins_b", "ties", "win_rate_a",
                                                          "win_rate_lo", "win_rate_hi", "p_value")}})
     return pd.DataFrame(rows)

@@ -11,11 +11,12 @@ import pandas as pd
 
 from fcr import contract
 from fcr.eval.stats import paired_n
-from fcr.experiments.contrasts import evaluate_contrasts, fd_infinity_table, length_contrasts, safe_strides, select_lambda
+from fcr.experiments.contrasts import (evaluate_contrasts, fd_infinity_table, length_contrasts, safe_strides, select_lambda,
+                                       variant_contrasts)
 from fcr.manifest import Backbone
 from fcr.report.rows import format_number, markdown_table, result_dir
 
-__all__ = ["length_section", "power_section", "study_section", "study_summary", "study_tables"]
+__all__ = ["ablation_section", "length_section", "power_section", "study_section", "study_summary", "study_tables"]
 
 
 def _quality(folder: Path) -> pd.DataFrame | None:
@@ -235,6 +236,42 @@ def length_section(root: str | Path, backbones: Sequence[Backbone], out_dir: Pat
         lines.append("_Not run yet: no length point has both models sampled._\n")
     else:
         show = table[["backbone", "train_steps", "config", "n", "fcr_mean", "control_mean", "estimate", "lo", "hi",
+                      "p_holm", "m_tests", "mde", "decision"]].copy()
+        for col in ("fcr_mean", "control_mean", "estimate", "lo", "hi", "p_holm", "mde"):
+            show[col] = show[col].map(format_number)
+        lines.append(markdown_table(show))
+    return lines, [path]
+
+
+def ablation_section(root: str | Path, backbones: Sequence[Backbone], out_dir: Path) -> tuple[list[str], list[Path]]:
+    """FCR ablations (``ablation_run`` of a backbone with a study, e.g. Δ_max 20): each ablated FCR
+    model against the backbone's control as sampled in its sweep run, and the backbone's first FCR
+    model beside it, all one exploratory Holm family (``ablation_contrasts.csv``); nothing when no
+    backbone declares ablations."""
+    root = Path(root)
+    frames = []
+    for b in backbones:
+        if b.study is None or b.ablation_run is None or not b.control or not b.fcr_models:
+            continue
+        main_dir = result_dir(root, b.experiment, "sweep", b.sweep_run)
+        ablation_dir = result_dir(root, b.experiment, "sweep", b.ablation_run)
+        first = next(iter(b.fcr_models.values()))
+        points = [(f"as trained ({first})", main_dir, first, main_dir, b.control)]
+        points += [(label, ablation_dir, model, main_dir, b.control) for label, model in b.ablation_models.items()]
+        frames.append(variant_contrasts(points, b.study).assign(backbone=b.name))
+    if not frames:
+        return [], []
+    table = pd.concat(frames, ignore_index=True)
+    path = out_dir / contract.ABLATION_CONTRASTS
+    table.to_csv(path, index=False)
+    lines = ["### FCR ablations\n",
+             "Each FCR variant against the λ = 0 control of the study (training seed 0, same data order and steps), "
+             "paired over images on the primary endpoint at the study's strides; the study's own FCR model is the "
+             "first row. An exploratory family: Holm over its tests (`m_tests`).\n"]
+    if table.empty or table["variant"].astype(str).str.startswith("as trained").all():
+        lines.append("_Not run yet: no ablated model has been sampled._\n")
+    if len(table):
+        show = table[["backbone", "variant", "config", "n", "fcr_mean", "control_mean", "estimate", "lo", "hi",
                       "p_holm", "m_tests", "mde", "decision"]].copy()
         for col in ("fcr_mean", "control_mean", "estimate", "lo", "hi", "p_holm", "mde"):
             show[col] = show[col].map(format_number)

@@ -28,7 +28,7 @@ from fcr.report.mechanism import trajectory_section
 from fcr.report.readme import update_readme
 from fcr.report.robustness_criterion import robustness_rows
 from fcr.report.rows import EXP1, EXP2, LAYOUT, InputError, format_number, markdown_table, read_table, result_dir
-from fcr.report.study import length_section, study_section, study_summary, study_tables
+from fcr.report.study import ablation_section, length_section, study_section, study_summary, study_tables
 from fcr.report.verdict import evaluate_criteria
 
 __all__ = [
@@ -553,8 +553,9 @@ def build_report(
 
     study, study_files = study_section(backbones, out_dir, study_results)
     length, length_files = length_section(root, backbones, out_dir)
-    study += length
-    files += study_files + length_files
+    ablation, ablation_files = ablation_section(root, backbones, out_dir)
+    study += length + ablation
+    files += study_files + length_files + ablation_files
     supplementary = _supplementary_robustness(root, backbones)
     timing = _timing_section(root, "Wall time of this run")
     if timing_beside is not None:
