@@ -4,7 +4,7 @@ stride, written as ``contrasts.csv`` / ``safe_strides.csv`` with a markdown sect
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -223,24 +223,11 @@ def length_section(root: str | Path, backbones: Sequence[Backbone], out_dir: Pat
         length_dir = result_dir(root, b.experiment, "sweep", b.length_run)
         points += [(steps, length_dir, fcr_model, control) for steps, (fcr_model, control) in sorted(b.length_models.items())]
         frames.append(length_contrasts(points, b.study).assign(backbone=b.name))
-    if not frames:
-        return [], []
-    table = pd.concat(frames, ignore_index=True)
-    path = out_dir / contract.LENGTH_CONTRASTS
-    table.to_csv(path, index=False)
-    lines = ["### Caching fidelity vs fine-tune length\n",
-             "FCR vs the λ = 0 control trained for the same number of steps (same data order), paired over images on "
+    intro = ("FCR vs the λ = 0 control trained for the same number of steps (same data order), paired over images on "
              "the primary endpoint at the study's strides; the shortest length is the study's own first training-seed "
-             "pair. An exploratory family: Holm over its tests (`m_tests`), decisions worded as in the primary family.\n"]
-    if table.empty:
-        lines.append("_Not run yet: no length point has both models sampled._\n")
-    else:
-        show = table[["backbone", "train_steps", "config", "n", "fcr_mean", "control_mean", "estimate", "lo", "hi",
-                      "p_holm", "m_tests", "mde", "decision"]].copy()
-        for col in ("fcr_mean", "control_mean", "estimate", "lo", "hi", "p_holm", "mde"):
-            show[col] = show[col].map(format_number)
-        lines.append(markdown_table(show))
-    return lines, [path]
+             "pair. An exploratory family: Holm over its tests (`m_tests`), decisions worded as in the primary family.\n")
+    return _family_section(frames, out_dir / contract.LENGTH_CONTRASTS, "Caching fidelity vs fine-tune length", intro,
+                           "train_steps", lambda t: t.empty, "_Not run yet: no length point has both models sampled._\n")
 
 
 def ablation_section(root: str | Path, backbones: Sequence[Backbone], out_dir: Path) -> tuple[list[str], list[Path]]:
@@ -259,19 +246,27 @@ def ablation_section(root: str | Path, backbones: Sequence[Backbone], out_dir: P
         points = [(f"as trained ({first})", main_dir, first, main_dir, b.control)]
         points += [(label, ablation_dir, model, main_dir, b.control) for label, model in b.ablation_models.items()]
         frames.append(variant_contrasts(points, b.study).assign(backbone=b.name))
+    intro = ("Each FCR variant against the λ = 0 control of the study (training seed 0, same data order and steps), "
+             "paired over images on the primary endpoint at the study's strides; the study's own FCR model is the "
+             "first row. An exploratory family: Holm over its tests (`m_tests`).\n")
+    return _family_section(frames, out_dir / contract.ABLATION_CONTRASTS, "FCR ablations", intro, "variant",
+                           lambda t: t.empty or t["variant"].astype(str).str.startswith("as trained").all(),
+                           "_Not run yet: no ablated model has been sampled._\n")
+
+
+def _family_section(frames: list[pd.DataFrame], path: Path, title: str, intro: str, label: str,
+                    not_run: Callable[[pd.DataFrame], bool], not_run_text: str) -> tuple[list[str], list[Path]]:
+    """An exploratory contrast family's CSV at ``path`` and its report lines (``label`` names the
+    variant column; ``not_run(table)`` says when to add ``not_run_text``); nothing without frames."""
     if not frames:
         return [], []
     table = pd.concat(frames, ignore_index=True)
-    path = out_dir / contract.ABLATION_CONTRASTS
     table.to_csv(path, index=False)
-    lines = ["### FCR ablations\n",
-             "Each FCR variant against the λ = 0 control of the study (training seed 0, same data order and steps), "
-             "paired over images on the primary endpoint at the study's strides; the study's own FCR model is the "
-             "first row. An exploratory family: Holm over its tests (`m_tests`).\n"]
-    if table.empty or table["variant"].astype(str).str.startswith("as trained").all():
-        lines.append("_Not run yet: no ablated model has been sampled._\n")
+    lines = [f"### {title}\n", intro]
+    if not_run(table):
+        lines.append(not_run_text)
     if len(table):
-        show = table[["backbone", "variant", "config", "n", "fcr_mean", "control_mean", "estimate", "lo", "hi",
+        show = table[["backbone", label, "config", "n", "fcr_mean", "control_mean", "estimate", "lo", "hi",
                       "p_holm", "m_tests", "mde", "decision"]].copy()
         for col in ("fcr_mean", "control_mean", "estimate", "lo", "hi", "p_holm", "mde"):
             show[col] = show[col].map(format_number)
