@@ -247,15 +247,26 @@ def _named_run(runs: Sequence[NotebookRun], notebook: str, name: Any, where: str
     return run
 
 
+def _declared_run(spec: Mapping[str, Any], run_key: str, models_key: str, notebook: str, where: str,
+                  runs: Sequence[NotebookRun]) -> tuple[NotebookRun, dict] | None:
+    """The ``notebook`` run a backbone names in ``run_key`` and the mapping under ``models_key``;
+    ``None`` when no run is named (then the mapping must be empty)."""
+    run, models = spec.get(run_key), _mapping(spec.get(models_key, {}), f"{where}.{models_key}")
+    if run is None:
+        if models:
+            raise ManifestError(f"{where}.{models_key}: needs {run_key} (the run that evaluates them)")
+        return None
+    return _named_run(runs, notebook, run, f"{where}.{run_key}"), models
+
+
 def _frontier(spec: Mapping[str, Any], where: str, original: str, runs: Sequence[NotebookRun]) -> dict[str, Any]:
     """``frontier_run`` and ``fcr_deep_models`` of a backbone: the run must be a 06_baselines_frontier
     run whose models start with the original and hold every FCR-deep fine-tune."""
-    run, deep = spec.get("frontier_run"), _mapping(spec.get("fcr_deep_models", {}), f"{where}.fcr_deep_models")
-    if run is None:
-        if deep:
-            raise ManifestError(f"{where}.fcr_deep_models: needs frontier_run (the frontier that evaluates them)")
+    declared = _declared_run(spec, "frontier_run", "fcr_deep_models", "06_baselines_frontier", where, runs)
+    if declared is None:
         return {}
-    frontier = _named_run(runs, "06_baselines_frontier", run, f"{where}.frontier_run")
+    frontier, deep = declared
+    run = frontier.run
     deep = _by_lambda(deep, f"{where}.fcr_deep_models")
     named = [original, *map(str, deep.values())]
     if frontier.models[0] != original or any(m not in frontier.models for m in named):
@@ -266,12 +277,11 @@ def _frontier(spec: Mapping[str, Any], where: str, original: str, runs: Sequence
 def _length(spec: Mapping[str, Any], where: str, runs: Sequence[NotebookRun]) -> dict[str, Any]:
     """``length_run`` and ``length_models`` ({training steps: [FCR model, control model]}) of a
     backbone; every model must be evaluated by that 03_stride_sweep run."""
-    run, pairs = spec.get("length_run"), _mapping(spec.get("length_models", {}), f"{where}.length_models")
-    if run is None:
-        if pairs:
-            raise ManifestError(f"{where}.length_models: needs length_run (the sweep that evaluates them)")
+    declared = _declared_run(spec, "length_run", "length_models", "03_stride_sweep", where, runs)
+    if declared is None:
         return {}
-    sweep = _named_run(runs, "03_stride_sweep", run, f"{where}.length_run")
+    sweep, pairs = declared
+    run = sweep.run
     out: dict[int, tuple[str, str]] = {}
     for steps, pair in pairs.items():
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -286,12 +296,11 @@ def _length(spec: Mapping[str, Any], where: str, runs: Sequence[NotebookRun]) ->
 def _ablation(spec: Mapping[str, Any], where: str, runs: Sequence[NotebookRun]) -> dict[str, Any]:
     """``ablation_run`` and ``ablation_models`` ({label: FCR model}) of a backbone; every model must be
     evaluated by that 03_stride_sweep run."""
-    run, models = spec.get("ablation_run"), _mapping(spec.get("ablation_models", {}), f"{where}.ablation_models")
-    if run is None:
-        if models:
-            raise ManifestError(f"{where}.ablation_models: needs ablation_run (the sweep that evaluates them)")
+    declared = _declared_run(spec, "ablation_run", "ablation_models", "03_stride_sweep", where, runs)
+    if declared is None:
         return {}
-    sweep = _named_run(runs, "03_stride_sweep", run, f"{where}.ablation_run")
+    sweep, models = declared
+    run = sweep.run
     for label, model in models.items():
         if not isinstance(model, str) or model not in sweep.models:
             raise ManifestError(f"{where}.ablation_models.{label}: expected an FCR model of the 03_stride_sweep run "
