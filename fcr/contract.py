@@ -31,6 +31,9 @@ __all__ = [
     "REGRESSION_FITS",
     "REGRESSION_POINTS",
     "ROBUSTNESS",
+    "STRESS_DID",
+    "STRESS_FIDELITY",
+    "STRESS_FIDELITY_SUMMARY",
     "SAFE_STRIDES",
     "RUN_PARAMS",
     "SUMMARY",
@@ -61,6 +64,9 @@ FIDELITY_DIRECTIONS: dict[str, int] = {"psnr": 1, "ssim": 1, "rmse": -1, "featur
 ROBUSTNESS = "robustness.csv"
 DROPS = "drops.csv"
 CRITERION = "criterion.csv"
+STRESS_FIDELITY = "stress_fidelity.csv"  # per image: caching fidelity vs full under each stress
+STRESS_FIDELITY_SUMMARY = "stress_fidelity_summary.csv"
+STRESS_DID = "stress_did.csv"  # criterion c as a difference in differences (the study's report)
 # Mechanistic regression (notebook 05).
 VARIANCE = "variance.csv"
 VARIANCE_REDUCTION = "variance_reduction.csv"
@@ -90,6 +96,7 @@ PRODUCERS: dict[str, str] = {
     PAIRED_TESTS: "notebook 03_stride_sweep (fcr.experiments.sweep.paired_comparison)",
     FIDELITY: "notebook 03_stride_sweep (fcr.experiments.paired_fidelity.fidelity_table)",
     CRITERION: "notebook 04_robustness",
+    STRESS_FIDELITY: "notebook 04_robustness (fcr.experiments.robustness.fidelity.stress_fidelity_table)",
     VARIANCE_REDUCTION: "notebook 05_mechanistic_regression",
     REGRESSION: "notebook 05_mechanistic_regression",
     TRAJECTORY_REGRESSION: "notebook 05_mechanistic_regression (trajectory_seeds)",

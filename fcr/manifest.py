@@ -71,6 +71,10 @@ class Study:
     reference_config: str = "FD-5"
     selection_run: str | None = None
     n_boot: int = 2000
+    # Criterion c as a difference in differences (fcr.experiments.robustness.fidelity.stress_did): the
+    # non-inferiority margin of FCR's drop in the primary endpoint under stress over the comparator's
+    # (primary endpoint units, e.g. dB); None: the study does not test criterion c.
+    stress_margin: float | None = None
     pilot: tuple[tuple[str, str], ...] = ()  # free-text provenance of the sizes (e.g. the pilot's numbers)
 
     def __post_init__(self) -> None:
@@ -84,6 +88,9 @@ class Study:
             raise ManifestError(f"study: alpha and power must lie in (0, 1); got {self.alpha}, {self.power}")
         if self.n_boot < 100:
             raise ManifestError(f"study.n_boot: at least 100 replicates; got {self.n_boot}")
+        if self.stress_margin is not None and not self.stress_margin > 0:
+            raise ManifestError(f"study.stress_margin: a positive margin in the primary endpoint's units; "
+                                f"got {self.stress_margin}")
 
 
 _STUDY_KEYS = {f.name for f in fields(Study)}
@@ -97,7 +104,7 @@ def _study(raw: Any, where: str) -> Study | None:
     if unknown:
         raise ManifestError(f"{where}: unknown keys {sorted(unknown)}; allowed {sorted(_STUDY_KEYS)}")
     kw = dict(raw)
-    for key in ("alpha", "power", "fd_margin_pct", "alignment_margin_pct"):
+    for key in ("alpha", "power", "fd_margin_pct", "alignment_margin_pct", "stress_margin"):
         if key in kw and (isinstance(kw[key], bool) or not isinstance(kw[key], (int, float))):
             raise ManifestError(f"{where}.{key}: expected a number, got {kw[key]!r} (write 1.0e-2, not 1e-2)")
         if key in kw:

@@ -379,3 +379,93 @@ def test_run_writes_each_result_once_and_builds_tables(workspace: dict, monkeypa
     with pytest.raises(StaleResultError, match="adversarial_epsilon"):
         run_robustness(changed, models, out, progress=False, reference_n=REFERENCE_N)
     assert calls == []  # 'none' was loaded before the stale adversarial file stopped the run
+
+
+# ----------------------------------------------------------------------------- criterion c as a difference in differences
+
+
+def test_stress_fidelity_pairs_each_cached_image_with_its_full_image(workspace: dict) -> None:
+    from fcr.eval.fidelity import pixel_fidelity, uint8_to_model_range
+    from fcr.experiments.robustness.fidelity import load_stress_cell, stress_did, stress_fidelity_table
+    from fcr.experiments.sweep import model_labels
+
+    params, out = workspace["params"], workspace["root"] / "out" / "robustness"
+    models = model_labels(params["robustness_models"])
+    try:  # loads what another test already ran; runs it otherwise (any test order)
+        results = run_robustness(params, models, out, progress=False, reference_n=REFERENCE_N)
+    except FileNotFoundError as exc:
+        if "fashion" in str(exc).lower() or "classifier" in str(exc).lower():
+            pytest.skip(f"Fashion-MNIST or the classifier not available: {exc}")
+        raise
+    per_image = stress_fidelity_table(out, results)
+    # models x cached configs x stresses x images; the adversarial FD-2 shares full's attacked z_T (stride 2)
+    assert len(per_image) == 2 * 1 * 6 * 4
+    assert {"psnr", "rmse", "ssim", "feature_distance"} <= set(per_image.columns)
+    for stress in ("none", "high_resolution", "adversarial_noise"):
+        cached, _ = load_stress_cell(out, "ft", "FD-2", stress, 0)
+        full, _ = load_stress_cell(out, "ft", "full", stress, 0)
+        expected = pixel_fidelity(uint8_to_model_range(cached["images"]), uint8_to_model_range(full["images"]))
+        got = per_image[(per_image["model"] == "ft") & (per_image["stress"] == stress)].sort_values("image")
+        np.testing.assert_array_equal(got["psnr"].to_numpy(), expected["psnr"].numpy())
+    did = stress_did(per_image, [("ft vs orig", ["ft"], ["orig"])], endpoint="psnr", margin=0.5)
+    assert len(did) == 5 and set(did["stress"]) == set(params["stresses"]) - {"none"}
+    row = did[did["stress"] == "ood_prompts"].iloc[0]
+    by = per_image.set_index(["model", "stress", "image"])["psnr"].sort_index()
+    drop = {m: by.loc[(m, "none")].to_numpy() - by.loc[(m, "ood_prompts")].to_numpy() for m in ("ft", "orig")}
+    assert row["estimate"] == pytest.approx(float(np.mean(drop["ft"] - drop["orig"])), rel=1e-12)
+    assert row["n"] == 4 and row["m_tests"] == 5
+
+
+def _per_image(values: dict[tuple[str, str], list[float]], prompts: dict[str, list[str]] | None = None) -> pd.DataFrame:
+    """A per-image fidelity table by hand: {(model, stress): PSNR of images 0..n-1}, one seed, FD-10."""
+    rows = []
+    for (model, stress), psnr in values.items():
+        texts = (prompts or {}).get(model, [f"{stress} {i}" for i in range(len(psnr))])
+        rows += [{"model": model, "config": "FD-10", "stress": stress, "seed": 0, "image": i, "prompt": texts[i],
+                  "psnr": v} for i, v in enumerate(psnr)]
+    return pd.DataFrame(rows)
+
+
+def test_stress_did_by_hand_replicates_holm_and_decisions() -> None:
+    from fcr.experiments.robustness.fidelity import stress_did
+
+    # Two FCR replicates and one original; the FCR drops are 0.1 dB (r0) and 0.3 dB (r1) per image
+    # under 'ood_prompts', the original's 1.0 dB: DiD = mean(0.1, 0.3) - 1.0 = -0.8 dB, with spread
+    # from a per-image wobble so the t-test is defined.
+    wobble = [0.0, 0.05, -0.05, 0.02, -0.02, 0.0]
+    nominal = [20.0] * 6
+    table = _per_image({
+        ("fcr0", "none"): nominal, ("fcr0", "ood_prompts"): [20.0 - 0.1 - w for w in wobble],
+        ("fcr1", "none"): nominal, ("fcr1", "ood_prompts"): [20.0 - 0.3 for _ in wobble],
+        ("orig", "none"): nominal, ("orig", "ood_prompts"): [19.0] * 6,
+        ("fcr0", "adversarial_noise"): [20.0 - 1.5 - w for w in wobble],
+        ("fcr1", "adversarial_noise"): [20.0 - 1.5] * 6, ("orig", "adversarial_noise"): [19.9] * 6,
+    })
+    did = stress_did(table, [("fcr vs original", ["fcr0", "fcr1"], ["orig"])], endpoint="psnr", margin=0.5)
+    by = did.set_index("stress")
+    ood, adv = by.loc["ood_prompts"], by.loc["adversarial_noise"]
+    assert ood["estimate"] == pytest.approx(-0.8 + np.mean(wobble) / 2, abs=1e-12)
+    assert ood["drop_comparator"] == pytest.approx(1.0) and ood["n_runs"] == 2 and ood["n"] == 6
+    assert [float(x) for x in ood["run_estimates"].split("; ")] == pytest.approx([-0.9, -0.7], abs=1e-3)
+    assert ood["decision"] == "no larger drop (margin 0.5)" and ood["p_holm"] < 0.05
+    # 1.5 - 0.1 = 1.4 dB more drop than the original, far above the 0.5 dB margin.
+    assert adv["estimate"] == pytest.approx(1.4 + np.mean(wobble) / 2, abs=1e-12) and adv["decision"] == "larger drop"
+    assert list(did["m_tests"]) == [2, 2]
+    assert did["p_holm"].min() == pytest.approx(min(1.0, 2 * did["p"].min()))  # Holm's first step over 2 tests
+    # A noisy estimate near the margin is neither established nor refuted.
+    noisy = _per_image({("f", "none"): [20.0] * 4, ("f", "ood_prompts"): [19.0, 21.0, 18.5, 21.7],
+                        ("o", "none"): [20.0] * 4, ("o", "ood_prompts"): [20.0] * 4})
+    row = stress_did(noisy, [("f vs o", ["f"], ["o"])], endpoint="psnr", margin=0.5).iloc[0]
+    assert row["decision"] == "not established at n = 4" and row["lo"] < 0.5 < row["hi"]
+
+
+def test_stress_did_refuses_images_from_other_prompts() -> None:
+    from fcr.experiments.robustness.fidelity import stress_did
+
+    table = _per_image(
+        {("f", "none"): [20.0, 20.0], ("f", "ood_prompts"): [19.0, 19.5],
+         ("o", "none"): [20.0, 20.0], ("o", "ood_prompts"): [19.0, 19.2]},
+        prompts={"f": ["a shoe", "a bag"], "o": ["a bag", "a shoe"]},
+    )
+    with pytest.raises(ValueError, match="other prompts"):
+        stress_did(table, [("f vs o", ["f"], ["o"])], endpoint="psnr", margin=0.5)

@@ -18,6 +18,7 @@ import yaml
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
 
+from fcr import contract
 from fcr.eval.fidelity import PSNR_CAP_DB, embedding_drift, feature_distance, fidelity, pixel_fidelity
 from fcr.eval.results import save_safetensors_atomic
 from fcr.eval.stats import holm, paired_mde, paired_n
@@ -373,3 +374,54 @@ def test_manifest_ablation_models_are_validated(tmp_path: Path) -> None:
         path.write_text(yaml.safe_dump(raw, allow_unicode=True))
         with pytest.raises(ManifestError, match=match):
             load_manifest(path, REPO)
+
+
+def test_criterion_c_difference_in_differences_from_the_manifest_backbone(tmp_path: Path) -> None:
+    from fcr.manifest import Backbone
+    from fcr.report.robustness_criterion import C_NAME, criterion_c_rows
+    from fcr.report.rows import result_dir
+    from fcr.report.study import stress_did_table, stress_section
+
+    # Per image by hand (code path only): FCR's two replicates lose 0.2 dB under OOD prompts, the
+    # original and the control 1.0 dB; under high resolution FCR loses 3 dB more than both.
+    rng = np.random.default_rng(0)
+    n, rows = 30, []
+    drops = {"ood_prompts": {"fcr": 0.2, "fcr_s1": 0.2, "base": 1.0, "control": 1.0, "control_s1": 1.0},
+             "high_resolution": {"fcr": 4.0, "fcr_s1": 4.0, "base": 1.0, "control": 1.0, "control_s1": 1.0}}
+    for model in ("base", "fcr", "fcr_s1", "control", "control_s1"):
+        for stress in ("none", *drops):
+            drop = 0.0 if stress == "none" else drops[stress][model]
+            psnr = 25.0 - drop + rng.normal(0, 0.3, n)
+            rows += [{"model": model, "config": "FD-10", "stress": stress, "seed": 0, "image": i,
+                      "prompt": f"{stress} prompt {i}", "psnr": v} for i, v in enumerate(psnr)]
+    folder = result_dir(tmp_path, "exp", "robustness", "stress")
+    folder.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(folder / contract.STRESS_FIDELITY, index=False)
+    study = Study(strides=("FD-10",), stress_margin=0.5)
+    b = Backbone("base", "role", "exp", {0.1: "fcr"}, "control", robustness_run="stress", study=study,
+                 replicates={"fcr": ("fcr_s1",), "control": ("control_s1",)})
+    table = stress_did_table(tmp_path, [b])
+    assert len(table) == 4 and set(table["m_tests"]) == {4}  # 2 comparisons x 2 stresses, one Holm family
+    assert set(table["model"]) == {"fcr+fcr_s1"} and set(table["vs_model"]) == {"base", "control+control_s1"}
+    by = table.set_index(["comparison", "stress"])
+    assert by.loc[("FCR vs original", "ood_prompts"), "decision"] == "no larger drop (margin 0.5)"
+    assert by.loc[("FCR vs original", "high_resolution"), "decision"] == "larger drop"
+    rows_c = criterion_c_rows([], [b], table)
+    criterion = [r for r in rows_c if r["kind"] == "criterion"]
+    assert len(criterion) == 1 and criterion[0]["criterion"] == C_NAME and criterion[0]["passed"] is False
+    assert criterion[0]["measured"].startswith("1 of 2 stresses non-inferior; worst: high_resolution")
+    assert [r["kind"] for r in rows_c if "control" in r["criterion"]] == ["context"]
+    lines, files = stress_section(table, tmp_path)
+    assert files == [tmp_path / contract.STRESS_DID] and files[0].is_file()
+    assert "margin 0.5" in "\n".join(lines)
+    # Without the margin the study does not test criterion c: nothing is computed.
+    assert stress_did_table(tmp_path, [Backbone("base", "role", "exp", {0.1: "fcr"}, "control",
+                                                robustness_run="stress", study=Study())]).empty
+
+
+def test_manifest_stress_margin_is_validated(tmp_path: Path) -> None:
+    plan = load_manifest(_manifest_with_study(tmp_path, {"stress_margin": 0.5}), REPO)
+    assert plan["exp-1-main-ablation"].settings["embedded"].backbones[0].study.stress_margin == 0.5
+    for bad, match in (({"stress_margin": "5e-1"}, "expected a number"), ({"stress_margin": -0.5}, "positive margin")):
+        with pytest.raises(ManifestError, match=match):
+            load_manifest(_manifest_with_study(tmp_path, bad), REPO)

@@ -27,12 +27,12 @@ from fcr.eval.results import save_safetensors_atomic
 from fcr.eval.stats import bootstrap_ci
 from fcr.experiments.sweep import load_side_file, quality_stem
 
-__all__ = ["REFERENCES", "cell_tensors", "fidelity_stem", "fidelity_table", "load_fidelity"]
+__all__ = ["REFERENCES", "cell_tensors", "fidelity_stem", "fidelity_table", "load_fidelity", "png_folder"]
 
 REFERENCES: tuple[str, ...] = ("own_full", "original_full")
 
 
-def _png_folder(folder: Path) -> torch.Tensor:
+def png_folder(folder: Path) -> torch.Tensor:
     """uint8 (N, C, H, W) of the PNGs a scorer wrote (SD), in file-name order."""
     from PIL import Image
 
@@ -51,7 +51,7 @@ def cell_tensors(out_dir: str | Path, model: str, config: str, seed: int) -> tup
         prompts = (f.metadata() or {}).get("prompts", "")
     folder = out_dir / "images" / stem
     if "images" not in tensors and folder.is_dir():
-        tensors["images"] = _png_folder(folder)
+        tensors["images"] = png_folder(folder)
     return tensors, prompts
 
 

@@ -23,9 +23,12 @@ from fcr.report.rows import (
 )
 
 __all__ = [
+    "C_DID_THRESHOLD",
     "C_NAME",
     "C_THRESHOLD",
+    "criterion_c_rows",
     "robustness_rows",
+    "stress_did_rows",
 ]
 
 # ----------------------------------------------------------------------------- c. robustness
@@ -85,3 +88,53 @@ def robustness_rows(robustness_dirs: Sequence[str | Path], backbones: Sequence[B
     rows.insert(0, verdict_row(C_NAME, "all stress-tested backbones", count_verdicts(verdicts, "backbones"),
                         C_THRESHOLD, all_of(verdicts), note))
     return rows
+
+
+# ----------------------------------------------------------------------------- c as a difference in differences
+
+C_DID_THRESHOLD = "FCR's drop in caching fidelity under stress ≤ the original's + margin, every stress (after Holm)"
+
+
+def stress_did_rows(table: pd.DataFrame, backbones: Sequence[Backbone]) -> list[dict]:
+    """Criterion c of the backbones in ``table`` (:func:`fcr.report.study.stress_did_table`): a
+    criterion row per backbone from its "FCR vs original" rows (pass: every stress non-inferior
+    after Holm; FAIL: any interval above the margin; else n/a, not established), and a context row
+    for "FCR vs control" (what FCR itself changes)."""
+    rows = []
+    known = {b.name: b for b in backbones}
+    for name, group in table.groupby("backbone", sort=False):
+        scope = backbone_scope(known[name]) if name in known else str(name)
+        for comparison, part in group.groupby("comparison", sort=False):
+            decisions = part["decision"].astype(str)
+            flags = [True if d.startswith("no larger drop") else False if d == "larger drop" else None
+                     for d in decisions]
+            ok = all_of(flags)
+            worst = part.loc[part["estimate"].astype(float).idxmax()]
+            measured = (f"{sum(f is True for f in flags)} of {len(flags)} stresses non-inferior; worst: {worst['stress']} "
+                        f"at {worst['config']} DiD {fmt3(float(worst['estimate']))} [{fmt3(float(worst['lo']))}, "
+                        f"{fmt3(float(worst['hi']))}] {part['endpoint'].iloc[0]} (margin {fmt3(float(worst['margin']))})")
+            undetermined = [f"{r.stress} at {r.config} ({r.decision}; MDE {fmt3(float(r.mde))})"
+                            for r in part.itertuples() if r.decision.startswith("not established")]
+            note = (f"{comparison}: per image, FCR's drop (mean over {int(part['n_runs'].iloc[0])} training run(s)) minus "
+                    f"the comparator's ({worst['vs_model']}), n = {int(part['n'].max())} prompt/noise pairs, Holm over "
+                    f"{int(part['m_tests'].iloc[0])} tests.")
+            if undetermined:
+                note += " Not established: " + "; ".join(undetermined) + "."
+            kind = "criterion" if comparison == "FCR vs original" else "context"
+            rows.append(verdict_row(C_NAME if kind == "criterion" else f"{C_NAME} (vs λ = 0 control)", scope, measured,
+                                    C_DID_THRESHOLD, ok if kind == "criterion" else None, note, kind=kind,
+                                    value=float(worst["estimate"])))
+    return rows
+
+
+def criterion_c_rows(robustness_dirs: Sequence[str | Path], backbones: Sequence[Backbone],
+                     stress_did: pd.DataFrame | None = None) -> list[dict]:
+    """Criterion c: the difference in differences where a study tested it (:func:`stress_did_rows`),
+    the seed's point-estimate comparison (:func:`robustness_rows`) otherwise. Where both exist the
+    point-estimate rows are kept as context."""
+    seed_rows = robustness_rows(robustness_dirs, backbones)
+    if stress_did is None or stress_did.empty:
+        return seed_rows
+    context = [{**r, "kind": "context", "criterion": f"{C_NAME} (seed's point estimates)"} for r in seed_rows
+               if not str(r["measured"]).startswith("n/a")]
+    return stress_did_rows(stress_did, backbones) + context

@@ -13,10 +13,12 @@ from fcr import contract
 from fcr.eval.stats import paired_n
 from fcr.experiments.contrasts import (evaluate_contrasts, fd_infinity_table, length_contrasts, safe_strides, select_lambda,
                                        variant_contrasts)
+from fcr.experiments.robustness.fidelity import STRESS_DID_COLUMNS, stress_did
 from fcr.manifest import Backbone
 from fcr.report.rows import format_number, markdown_table, result_dir
 
-__all__ = ["ablation_section", "length_section", "power_section", "study_section", "study_summary", "study_tables"]
+__all__ = ["ablation_section", "length_section", "power_section", "stress_did_table", "stress_section", "study_section",
+           "study_summary", "study_tables"]
 
 
 def _quality(folder: Path) -> pd.DataFrame | None:
@@ -271,4 +273,58 @@ def _family_section(frames: list[pd.DataFrame], path: Path, title: str, intro: s
         for col in ("fcr_mean", "control_mean", "estimate", "lo", "hi", "p_holm", "mde"):
             show[col] = show[col].map(format_number)
         lines.append(markdown_table(show))
+    return lines, [path]
+
+
+def stress_did_table(root: str | Path, backbones: Sequence[Backbone]) -> pd.DataFrame:
+    """Criterion c as a difference in differences (:func:`fcr.experiments.robustness.fidelity.stress_did`)
+    for every backbone whose study declares ``stress_margin``: its first FCR model (with its training
+    replicates) against the original model and against the λ = 0 control (with theirs), on the
+    study's primary endpoint at its strides, from the notebook-04 run's ``stress_fidelity.csv``; one
+    Holm family per backbone. Empty (with the columns) when nothing was run."""
+    root = Path(root)
+    frames = []
+    for b in backbones:
+        if b.study is None or b.study.stress_margin is None or b.robustness_run is None or not b.fcr_models:
+            continue
+        path = result_dir(root, b.experiment, "robustness", b.robustness_run) / contract.STRESS_FIDELITY
+        if not path.is_file():
+            continue
+        per_image = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        present = set(per_image["model"].astype(str))
+        first = next(iter(b.fcr_models.values()))
+        arm = [m for m in (first, *b.replicates.get(first, ())) if m in present]
+        comparisons = [("FCR vs original", arm, [b.name])]
+        if b.control:
+            comparisons.append(("FCR vs control", arm, [m for m in (b.control, *b.replicates.get(b.control, ()))
+                                                        if m in present]))
+        comparisons = [c for c in comparisons if c[1] and c[2] and set(c[2]) <= present]
+        if not comparisons:
+            continue
+        table = stress_did(per_image, comparisons, endpoint=b.study.primary_endpoint, margin=b.study.stress_margin,
+                           alpha=b.study.alpha, power=b.study.power, configs=list(b.study.strides))
+        frames.append(table.assign(backbone=b.name))
+    if not frames:
+        return pd.DataFrame(columns=["backbone", *STRESS_DID_COLUMNS])
+    return pd.concat(frames, ignore_index=True)
+
+
+def stress_section(table: pd.DataFrame, out_dir: Path) -> tuple[list[str], list[Path]]:
+    """The report lines and ``stress_did.csv`` of :func:`stress_did_table`; nothing when empty."""
+    if table.empty:
+        return [], []
+    path = out_dir / contract.STRESS_DID
+    table.to_csv(path, index=False)
+    margin = format_number(float(table["margin"].iloc[0]))
+    lines = ["### Criterion c: caching fidelity under stress (difference in differences)\n",
+             "Per image, the drop of the primary endpoint (cached image vs the same model's full image, same prompt, "
+             "noise and stress) from the unstressed run to the stressed one; FCR's drop (mean over its training "
+             f"replicates) minus the comparator's, non-inferiority with the pre-registered margin {margin} (one-sided "
+             "paired t), Holm over the family (`m_tests`). `mde`: how far below the margin the true difference must "
+             "lie for this design to establish it (power at Holm's strictest level).\n"]
+    show = table[["backbone", "comparison", "config", "stress", "n", "n_runs", "drop_fcr", "drop_comparator", "estimate",
+                  "lo", "hi", "p_holm", "m_tests", "mde", "decision"]].copy()
+    for col in ("drop_fcr", "drop_comparator", "estimate", "lo", "hi", "p_holm", "mde"):
+        show[col] = show[col].map(format_number)
+    lines.append(markdown_table(show))
     return lines, [path]

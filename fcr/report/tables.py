@@ -28,7 +28,8 @@ from fcr.report.mechanism import trajectory_section
 from fcr.report.readme import update_readme
 from fcr.report.robustness_criterion import robustness_rows
 from fcr.report.rows import EXP1, EXP2, LAYOUT, InputError, format_number, markdown_table, read_table, result_dir
-from fcr.report.study import ablation_section, length_section, study_section, study_summary, study_tables
+from fcr.report.study import (ablation_section, length_section, stress_did_table, stress_section, study_section,
+                              study_summary, study_tables)
 from fcr.report.verdict import evaluate_criteria
 
 __all__ = [
@@ -470,8 +471,9 @@ def build_report(
     if sd_gpu_cost is not None and Path(sd_gpu_cost).is_file():
         kwargs.setdefault("sd_gpu_cost", sd_gpu_cost)
     study_results = study_tables(root, backbones)
+    stress_did = stress_did_table(root, backbones)
     verdict = evaluate_criteria(root, setting=setting, backbones=backbones, contrasts=study_results[0],
-                                 safe_strides=study_results[1], **kwargs)
+                                 safe_strides=study_results[1], stress_did=stress_did, **kwargs)
     # Paths in the notes as a reader of this checkout opens them (relative to the repository).
     for col in ("measured", "note"):
         verdict[col] = verdict[col].astype(str).str.replace(f"{REPO_ROOT.as_posix()}/", "", regex=False)
@@ -554,8 +556,9 @@ def build_report(
     study, study_files = study_section(backbones, out_dir, study_results)
     length, length_files = length_section(root, backbones, out_dir)
     ablation, ablation_files = ablation_section(root, backbones, out_dir)
-    study += length + ablation
-    files += study_files + length_files + ablation_files
+    stress, stress_files = stress_section(stress_did, out_dir)
+    study += length + ablation + stress
+    files += study_files + length_files + ablation_files + stress_files
     supplementary = _supplementary_robustness(root, backbones)
     timing = _timing_section(root, "Wall time of this run")
     if timing_beside is not None:

@@ -39,7 +39,7 @@ from fcr.report.overhead import criterion_f
 from fcr.report.deep_caching import deep_caching_rows
 from fcr.report.human_preference import DEFAULT_HUMAN_ANALYSIS, human_preference_rows
 from fcr.report.quality_cost import criterion_a, criterion_b, sd_gpu_cost_rows
-from fcr.report.robustness_criterion import robustness_rows
+from fcr.report.robustness_criterion import criterion_c_rows
 from fcr.report.rows import VERDICT_COLUMNS, all_of, count_verdicts, result_dir, verdict_row
 
 __all__ = [
@@ -66,6 +66,7 @@ def evaluate_criteria(
     sd_finetune_gpu_hours: float | None = None,
     sd_gpu_cost: str | Path | None = None,
     human_analysis: str | Path | None = DEFAULT_HUMAN_ANALYSIS,
+    stress_did: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Evaluate the seed's success criteria a–f on the run under ``root``.
 
@@ -83,6 +84,8 @@ def evaluate_criteria(
     ``sd_finetune_gpu_hours``: GPU-hours of an SD FCR fine-tune, if one was run elsewhere.
     ``sd_gpu_cost``: ``benchmarks/bench_sd_gpu.py``'s CSV: adds criterion-b context rows at SD scale.
     ``human_analysis``: notebook 07's output folder: the human-preference context row (n/a without ratings).
+    ``stress_did``: the study's criterion-c family (:func:`fcr.report.study.stress_did_table`); where it
+    has rows, criterion c is its difference in differences and the seed's point estimates are context.
     ``contrasts``: the study's pre-registered contrasts (:func:`fcr.report.study.study_tables`);
     criterion a of a backbone with a study is then its non-inferiority test; ``safe_strides`` (the
     study's per-model stride tests) adds the same test of the original model and of the control at
@@ -115,7 +118,7 @@ def evaluate_criteria(
         per_backbone[b.name] = (a_ok, b_ok)
     if sd_gpu_cost is not None:
         rows += sd_gpu_cost_rows(sd_gpu_cost, stride_config, reference_config)
-    rows += robustness_rows(robustness_dirs, backbones)
+    rows += criterion_c_rows(robustness_dirs, backbones, stress_did)
 
     def word(v: bool | None) -> str:
         return "pass" if v else "n/a" if v is None else "FAIL"
