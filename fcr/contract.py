@@ -35,6 +35,7 @@ __all__ = [
     "STRESS_FIDELITY",
     "STRESS_FIDELITY_SUMMARY",
     "SAFE_STRIDES",
+    "REGIME_SAFE_STRIDES",
     "RUN_PARAMS",
     "SUMMARY",
     "TRAIN_CONFIG",
@@ -80,6 +81,7 @@ TRAJECTORY_REGRESSION = "trajectory_regression.json"
 # The report (python -m fcr.report): the pre-registered contrasts and each model's safe stride.
 CONTRASTS = "contrasts.csv"
 SAFE_STRIDES = "safe_strides.csv"
+REGIME_SAFE_STRIDES = "regime_safe_strides.csv"  # safe strides on the frontier sweep (strides to 25, FD-50ls)
 FD_INFINITY = "fd_infinity.csv"  # FD pooled over seeds and extrapolated to n -> infinity
 LENGTH_CONTRASTS = "length_contrasts.csv"  # FCR vs control at each fine-tune length
 ABLATION_CONTRASTS = "ablation_contrasts.csv"  # FCR ablations (e.g. Δ_max) vs the control

@@ -425,3 +425,36 @@ def test_manifest_stress_margin_is_validated(tmp_path: Path) -> None:
     for bad, match in (({"stress_margin": "5e-1"}, "expected a number"), ({"stress_margin": -0.5}, "positive margin")):
         with pytest.raises(ManifestError, match=match):
             load_manifest(_manifest_with_study(tmp_path, bad), REPO)
+
+
+def test_regime_section_reads_the_frontier_sweep_of_a_backbone(sweep: dict, tmp_path_factory) -> None:
+    from fcr.experiments.sweep import load_side_file
+    from fcr.manifest import Backbone
+    from fcr.report.rows import result_dir
+    from fcr.report.study import regime_section
+
+    out, quality = sweep["out"], sweep["quality"]
+    # base's FD-50ls: its FD-5 images again (code path only), so it is trivially non-inferior to FD-5.
+    cell = load_side_file(out / "quality" / f"{quality_stem('base', 'FD-5', 0)}.safetensors")
+    _write_cell(out, "base", "FD-50ls", 0, cell["images"].float() / 127.5 - 1, cell["features"], cell["correct"],
+                [f"prompt {i}" for i in range(N)])
+    quality = pd.concat([quality, pd.DataFrame([{"model": "base", "config": "FD-50ls", "seed": 0, "stride": None}])],
+                        ignore_index=True)
+    quality.to_csv(out / contract.QUALITY, index=False)
+    root = tmp_path_factory.mktemp("root")
+    folder = result_dir(root, "exp", "sweep", "frontier")
+    folder.parent.mkdir(parents=True)
+    folder.symlink_to(out, target_is_directory=True)
+    study = Study(strides=("FD-10", "FD-20"), n_boot=200)
+    b = Backbone("base", "role", "exp", {0.1: "fcr"}, "control", frontier_run="frontier", study=study)
+    lines, files = regime_section(root, [b], tmp_path_factory.mktemp("report"))
+    table = pd.read_csv(files[0])
+    expected = safe_strides(out, quality, ["base", "control", "fcr"], study)
+    got = table[table["stride"] > 0]
+    assert list(got["safe_stride"]) == list(expected["safe_stride"])
+    ls = table[table["config"] == "FD-50ls"]
+    assert list(ls["model"]) == ["base"] and bool(ls["non_inferior"].iloc[0])
+    assert ls["fd_increase_pct"].iloc[0] == pytest.approx(0.0, abs=1e-9)
+    assert "FD-50ls" in "\n".join(lines)
+    assert regime_section(root, [Backbone("base", "role", "exp", {0.1: "fcr"}, "control", study=study)],
+                          tmp_path_factory.mktemp("none")) == ([], [])

@@ -10,14 +10,14 @@ from pathlib import Path
 import pandas as pd
 
 from fcr import contract
-from fcr.eval.stats import paired_n
-from fcr.experiments.contrasts import (evaluate_contrasts, fd_infinity_table, length_contrasts, safe_strides, select_lambda,
-                                       variant_contrasts)
+from fcr.eval.stats import holm, paired_n
+from fcr.experiments.contrasts import (common_seeds, evaluate_contrasts, fd_infinity_table, length_contrasts,
+                                       noninferiority, safe_strides, select_lambda, variant_contrasts)
 from fcr.experiments.robustness.fidelity import STRESS_DID_COLUMNS, stress_did
 from fcr.manifest import Backbone
 from fcr.report.rows import format_number, markdown_table, result_dir
 
-__all__ = ["ablation_section", "length_section", "power_section", "stress_did_table", "stress_section", "study_section",
+__all__ = ["ablation_section", "length_section", "power_section", "regime_section", "stress_did_table", "stress_section", "study_section",
            "study_summary", "study_tables"]
 
 
@@ -325,6 +325,63 @@ def stress_section(table: pd.DataFrame, out_dir: Path) -> tuple[list[str], list[
     show = table[["backbone", "comparison", "config", "stress", "n", "n_runs", "drop_fcr", "drop_comparator", "estimate",
                   "lo", "hi", "p_holm", "m_tests", "mde", "decision"]].copy()
     for col in ("drop_fcr", "drop_comparator", "estimate", "lo", "hi", "p_holm", "mde"):
+        show[col] = show[col].map(format_number)
+    lines.append(markdown_table(show))
+    return lines, [path]
+
+
+def regime_section(root: str | Path, backbones: Sequence[Backbone], out_dir: Path) -> tuple[list[str], list[Path]]:
+    """The sensitive regime on the frontier sweep (``frontier_run`` of a backbone with a study; strides
+    to 25 and Faster Diffusion's non-uniform ``FD-50ls``): every model's safe stride against its own
+    FD-5 (:func:`fcr.experiments.contrasts.safe_strides`) and, for each model that ran ``FD-50ls``, its
+    non-inferiority to its FD-5 (both margins; Holm over those models), as ``regime_safe_strides.csv``
+    (``stride`` 0 marks the FD-50ls row); nothing without a frontier sweep."""
+    root = Path(root)
+    frames = []
+    for b in backbones:
+        if b.study is None or b.frontier_run is None:
+            continue
+        sweep_dir = result_dir(root, b.experiment, "sweep", b.frontier_run)
+        quality = _quality(sweep_dir)
+        if quality is None or not (sweep_dir / "reference").is_dir():
+            continue
+        ran = set(quality["model"].astype(str))
+        models = [m for m in dict.fromkeys([b.name, *([b.control] if b.control else []), *b.fcr_models.values(),
+                                            *b.fcr_deep_models.values()]) if m in ran]
+        table = safe_strides(sweep_dir, quality, models, b.study)
+        ls_rows = []
+        for model in models:
+            seeds = common_seeds(quality, [(model, "FD-50ls"), (model, b.study.reference_config)])
+            if not seeds:
+                continue
+            fd, acc = noninferiority(sweep_dir, model, "FD-50ls", model, b.study.reference_config, seeds, b.study)
+            ls_rows.append({"model": model, "stride": 0, "config": "FD-50ls", "fd_increase_pct": fd["estimate"],
+                            "fd_increase_pct_lo": fd["lo"], "fd_increase_pct_hi": fd["hi"],
+                            "alignment_change_pct": acc["estimate"], "alignment_change_pct_lo": acc["lo"],
+                            "alignment_change_pct_hi": acc["hi"], "p": max(fd["p"], acc["p"]), "n": fd["n"]})
+        for r, p in zip(ls_rows, holm([r["p"] for r in ls_rows]) if ls_rows else []):
+            r["p_holm"], r["non_inferior"] = float(p), bool(p < b.study.alpha)
+        if not table.empty:
+            table = table.assign(config=[f"FD-{int(s)}" for s in table["stride"]])
+        frames.append(pd.concat([table, pd.DataFrame(ls_rows)], ignore_index=True).assign(backbone=b.name))
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return [], []
+    table = pd.concat(frames, ignore_index=True)
+    path = out_dir / contract.REGIME_SAFE_STRIDES
+    table.to_csv(path, index=False)
+    lines = ["### Sensitive regime: safe strides to 25 and FD-50ls (frontier sweep)\n",
+             "On the frontier sweep's 320 prompt/noise pairs (training seed 0 of each fine-tune): a model's safe stride "
+             "is the largest uniform stride up to which every stride is non-inferior to its own FD-5 (ΔFD ≤ +5 % and "
+             "Δ accuracy ≥ −2 %, paired, Holm over its strides); FD-50ls (Faster Diffusion's non-uniform key steps) "
+             "is tested the same way against FD-5 where it ran (Holm over those models).\n"]
+    strided = table[table["stride"] > 0]
+    if not strided.empty:
+        summary = strided.groupby(["backbone", "model"], sort=False)[["safe_stride", "first_unsafe"]].first()
+        lines.append(markdown_table(summary.reset_index()))
+    show = table[["backbone", "model", "config", "n", "fd_increase_pct", "fd_increase_pct_lo", "fd_increase_pct_hi",
+                  "alignment_change_pct", "p_holm", "non_inferior"]].copy()
+    for col in ("fd_increase_pct", "fd_increase_pct_lo", "fd_increase_pct_hi", "alignment_change_pct", "p_holm"):
         show[col] = show[col].map(format_number)
     lines.append(markdown_table(show))
     return lines, [path]
