@@ -27,12 +27,12 @@ from fcr.eval.results import save_safetensors_atomic
 from fcr.eval.stats import bootstrap_ci
 from fcr.experiments.sweep import load_side_file, quality_stem
 
-__all__ = ["REFERENCES", "cell_tensors", "fidelity_stem", "fidelity_table", "load_fidelity", "png_folder"]
+__all__ = ["REFERENCES", "cell_tensors", "fidelity_stem", "fidelity_table", "load_fidelity", "side_file_with_images"]
 
 REFERENCES: tuple[str, ...] = ("own_full", "original_full")
 
 
-def png_folder(folder: Path) -> torch.Tensor:
+def _png_folder(folder: Path) -> torch.Tensor:
     """uint8 (N, C, H, W) of the PNGs a scorer wrote (SD), in file-name order."""
     from PIL import Image
 
@@ -40,19 +40,23 @@ def png_folder(folder: Path) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+def side_file_with_images(path: Path, image_folder: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The per-image tensors of a side file (SD: plus the PNGs of ``image_folder`` as uint8
+    ``images``) and the raw ``prompts`` entry of its metadata."""
+    tensors = load_side_file(path)  # raises, naming run_sweep, when the cell was not run
+    with safe_open(str(path), framework="pt") as f:
+        prompts = (f.metadata() or {}).get("prompts", "")
+    if "images" not in tensors and image_folder.is_dir():
+        tensors["images"] = _png_folder(image_folder)
+    return tensors, prompts
+
+
 def cell_tensors(out_dir: str | Path, model: str, config: str, seed: int) -> tuple[dict[str, torch.Tensor], str]:
     """The per-image tensors of one sweep cell (its side file; SD: plus the PNGs as uint8 ``images``)
     and the prompts it was made from (the side file's metadata)."""
     out_dir = Path(out_dir)
     stem = quality_stem(model, config, seed)
-    path = out_dir / "quality" / f"{stem}.safetensors"
-    tensors = load_side_file(path)  # raises, naming run_sweep, when the cell was not run
-    with safe_open(str(path), framework="pt") as f:
-        prompts = (f.metadata() or {}).get("prompts", "")
-    folder = out_dir / "images" / stem
-    if "images" not in tensors and folder.is_dir():
-        tensors["images"] = png_folder(folder)
-    return tensors, prompts
+    return side_file_with_images(out_dir / "quality" / f"{stem}.safetensors", out_dir / "images" / stem)
 
 
 def fidelity_stem(model: str, config: str, seed: int, reference: str) -> str:

@@ -17,8 +17,8 @@ from fcr.experiments.robustness.fidelity import STRESS_DID_COLUMNS, stress_did
 from fcr.manifest import Backbone
 from fcr.report.rows import format_number, markdown_table, result_dir
 
-__all__ = ["ablation_section", "length_section", "power_section", "regime_section", "stress_did_table", "stress_section", "study_section",
-           "study_summary", "study_tables"]
+__all__ = ["ablation_section", "length_section", "power_section", "regime_section", "stress_did_table", "stress_section",
+           "study_section", "study_summary", "study_tables"]
 
 
 def _quality(folder: Path) -> pd.DataFrame | None:

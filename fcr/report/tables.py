@@ -28,8 +28,8 @@ from fcr.report.mechanism import trajectory_section
 from fcr.report.readme import update_readme
 from fcr.report.robustness_criterion import robustness_rows
 from fcr.report.rows import EXP1, EXP2, LAYOUT, InputError, format_number, markdown_table, read_table, result_dir
-from fcr.report.study import (ablation_section, length_section, regime_section, stress_did_table, stress_section, study_section,
-                              study_summary, study_tables)
+from fcr.report.study import (ablation_section, length_section, regime_section, stress_did_table, stress_section,
+                              study_section, study_summary, study_tables)
 from fcr.report.verdict import evaluate_criteria
 
 __all__ = [

@@ -30,14 +30,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scipy.stats
-from safetensors import safe_open
 
 from fcr.contract import FIDELITY_DIRECTIONS
 from fcr.eval.fidelity import fidelity
-from fcr.eval.stats import holm, paired_mde
-from fcr.experiments.paired_fidelity import png_folder
+from fcr.eval.stats import holm, mean_ci_over_seeds, paired_mde
+from fcr.experiments.paired_fidelity import side_file_with_images
 from fcr.experiments.robustness.stresses import result_stem
-from fcr.experiments.sweep import load_side_file
 
 __all__ = ["STRESS_DID_COLUMNS", "load_stress_cell", "stress_did", "stress_fidelity_summary", "stress_fidelity_table"]
 
@@ -52,14 +50,8 @@ def load_stress_cell(out_dir: str | Path, model: str, config: str, stress: str, 
     ``images``) and the prompts it was sampled from."""
     out_dir = Path(out_dir)
     stem = result_stem(model, config, stress, seed)
-    path = out_dir / "results" / f"{stem}.safetensors"
-    tensors = load_side_file(path)
-    with safe_open(str(path), framework="pt") as f:
-        prompts = json.loads((f.metadata() or {}).get("prompts", "[]"))
-    folder = out_dir / "images" / stem
-    if "images" not in tensors and folder.is_dir():
-        tensors["images"] = png_folder(folder)
-    return tensors, [str(p) for p in prompts]
+    tensors, prompts = side_file_with_images(out_dir / "results" / f"{stem}.safetensors", out_dir / "images" / stem)
+    return tensors, [str(p) for p in json.loads(prompts or "[]")]
 
 
 def _pairs_with_full(rows: pd.DataFrame, config: str, stress: str) -> bool:
@@ -129,8 +121,7 @@ def stress_fidelity_summary(per_image: pd.DataFrame, endpoint: str, alpha: float
         if stress != "none":
             seeds = _seeds_of(per_image, [model], config, stress)
             drops, _ = _drops(per_image, model, config, stress, endpoint, seeds)
-            stats = _noninferior(drops, 0.0, alpha)
-            row.update(drop=stats["estimate"], drop_lo=stats["lo"], drop_hi=stats["hi"])
+            row["drop"], row["drop_lo"], row["drop_hi"] = mean_ci_over_seeds(drops, alpha)  # t-interval over images
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -145,15 +136,13 @@ def _seeds_of(per_image: pd.DataFrame, models: Sequence[str], config: str, stres
 def _noninferior(diff: np.ndarray, margin: float, alpha: float) -> dict[str, Any]:
     """Mean of ``diff`` with its two-sided 1 - alpha t-interval and the one-sided p of H0: mean >= margin."""
     n = len(diff)
-    est, sd = float(diff.mean()), float(diff.std(ddof=1)) if n > 1 else math.nan
+    est, lo, hi = mean_ci_over_seeds(diff, alpha)
+    sd = float(diff.std(ddof=1)) if n > 1 else math.nan
     if not n > 1 or sd == 0:
         p = 0.0 if est < margin else 1.0
-        half = 0.0 if sd == 0 else math.nan
     else:
-        se = sd / math.sqrt(n)
-        p = float(scipy.stats.t.cdf((est - margin) / se, n - 1))
-        half = float(scipy.stats.t.ppf(1 - alpha / 2, n - 1) * se)
-    return {"n": n, "estimate": est, "lo": est - half, "hi": est + half, "p": p, "sd_diff": sd}
+        p = float(scipy.stats.t.cdf((est - margin) / (sd / math.sqrt(n)), n - 1))
+    return {"n": n, "estimate": est, "lo": lo, "hi": hi, "p": p, "sd_diff": sd}
 
 
 def stress_did(
