@@ -19,6 +19,8 @@ __all__ = [
     "FIDELITY",
     "FD_INFINITY",
     "FRONTIER",
+    "FEW_STEPS_CONTRASTS",
+    "FEW_STEPS_SAFE_STRIDES",
     "LENGTH_CONTRASTS",
     "ABLATION_CONTRASTS",
     "MATCHED_COST",
@@ -85,6 +87,8 @@ REGIME_SAFE_STRIDES = "regime_safe_strides.csv"  # safe strides on the frontier 
 FD_INFINITY = "fd_infinity.csv"  # FD pooled over seeds and extrapolated to n -> infinity
 LENGTH_CONTRASTS = "length_contrasts.csv"  # FCR vs control at each fine-tune length
 ABLATION_CONTRASTS = "ablation_contrasts.csv"  # FCR ablations (e.g. Δ_max) vs the control
+FEW_STEPS_CONTRASTS = "few_steps_contrasts.csv"  # FCR vs control with a few-step sampler (e.g. 25-step DDIM)
+FEW_STEPS_SAFE_STRIDES = "few_steps_safe_strides.csv"  # safe strides with that sampler
 # Quality-vs-cost frontier (notebook 06): one row per model x configuration, and the matched-cost table.
 FRONTIER = "frontier.csv"
 MATCHED_COST = "matched_cost.csv"

@@ -149,6 +149,9 @@ class Backbone:
     # control as sampled in its sweep run (same prompts and initial noise).
     ablation_run: str | None = None
     ablation_models: Mapping[str, str] = field(default_factory=dict)
+    # A few-step sampler regime (e.g. 25-step DDIM): the 03 run that samples the original, the first
+    # FCR model and the control with fewer sampling steps; its safe strides and FCR vs control there.
+    few_steps_run: str | None = None
     study: Study | None = None  # the setting's pre-registered study (contrasts of this backbone)
     # (name, model label, configuration) of the setting's variations and controls on this backbone's
     # models, in manifest order (variations first): the rows of the report's experiment tables.
@@ -204,11 +207,12 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
         spec = _mapping(spec, f"{where}[{i}]")
         unknown = set(spec) - {"original", "role", "fcr_models", "control", "sweep_run", "robustness_run",
                                "mechanistic_run", "replicates", "frontier_run", "fcr_deep_models", "length_run",
-                               "length_models", "ablation_run", "ablation_models"}
+                               "length_models", "ablation_run", "ablation_models", "few_steps_run"}
         if unknown or not isinstance(spec.get("original"), str) or not isinstance(spec.get("role"), str):
             raise ManifestError(f"{where}[{i}]: needs 'original' and 'role' (and optionally fcr_models, control, "
                                 f"sweep_run, robustness_run, mechanistic_run, replicates, frontier_run, "
-                                f"fcr_deep_models, length_run, length_models, ablation_run, ablation_models); unknown keys "
+                                f"fcr_deep_models, length_run, length_models, ablation_run, ablation_models, "
+                                f"few_steps_run); unknown keys "
                                 f"{sorted(unknown)}")
         fcr_models = _by_lambda(spec.get("fcr_models", {}), f"{where}[{i}].fcr_models")
         b = Backbone(spec["original"], spec["role"], experiment, {float(k): str(v) for k, v in fcr_models.items()},
@@ -219,7 +223,7 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
         if not any(r.notebook == "05_mechanistic_regression" and r.run == b.mechanistic_run for r in runs):
             b = replace(b, mechanistic_run=None)  # this experiment does not measure the backbone's features
         b = replace(b, **_frontier(spec, f"{where}[{i}]", b.name, runs), **_length(spec, f"{where}[{i}]", runs),
-                    **_ablation(spec, f"{where}[{i}]", runs))
+                    **_ablation(spec, f"{where}[{i}]", runs), **_few_steps(spec, f"{where}[{i}]", b, runs))
         replicates = _replicates(spec.get("replicates", {}), f"{where}[{i}].replicates",
                                  [*b.fcr_models.values(), *([b.control] if b.control else [])])
         sweep = next((r for r in runs if r.notebook == "03_stride_sweep" and r.run == b.sweep_run), None)
@@ -313,6 +317,19 @@ def _ablation(spec: Mapping[str, Any], where: str, runs: Sequence[NotebookRun]) 
             raise ManifestError(f"{where}.ablation_models.{label}: expected an FCR model of the 03_stride_sweep run "
                                 f"{run!r}, got {model!r}")
     return {"ablation_run": str(run), "ablation_models": {str(k): str(v) for k, v in models.items()}}
+
+
+def _few_steps(spec: Mapping[str, Any], where: str, b: Backbone, runs: Sequence[NotebookRun]) -> dict[str, Any]:
+    """``few_steps_run`` of a backbone: a 03_stride_sweep run that evaluates the original, its first
+    FCR model and its control (those its contrasts compare)."""
+    name = spec.get("few_steps_run")
+    if name is None:
+        return {}
+    sweep = _named_run(runs, "03_stride_sweep", name, f"{where}.few_steps_run")
+    named = [b.name, *list(b.fcr_models.values())[:1], *([b.control] if b.control else [])]
+    if any(m not in sweep.models for m in named):
+        raise ManifestError(f"{where}.few_steps_run: the 03_stride_sweep run {sweep.run!r} must evaluate {named}")
+    return {"few_steps_run": str(sweep.run)}
 
 
 def _replicates(raw: Any, where: str, fine_tunes: Sequence[str]) -> dict[str, tuple[str, ...]]:

@@ -458,3 +458,54 @@ def test_regime_section_reads_the_frontier_sweep_of_a_backbone(sweep: dict, tmp_
     assert "FD-50ls" in "\n".join(lines)
     assert regime_section(root, [Backbone("base", "role", "exp", {0.1: "fcr"}, "control", study=study)],
                           tmp_path_factory.mktemp("none")) == ([], [])
+
+
+def test_few_steps_section_tests_fcr_vs_control_at_every_stride_it_sampled(sweep: dict, tmp_path_factory) -> None:
+    from fcr.experiments.contrasts import variant_contrasts
+    from fcr.manifest import Backbone
+    from fcr.report.rows import result_dir
+    from fcr.report.study import few_steps_section
+
+    out, quality = sweep["out"], sweep["quality"]
+    quality.assign(num_inference_steps=25).to_csv(out / contract.QUALITY, index=False)
+    root = tmp_path_factory.mktemp("root")
+    folder = result_dir(root, "exp", "sweep", "steps25")
+    folder.parent.mkdir(parents=True)
+    folder.symlink_to(out, target_is_directory=True)
+    study = Study(strides=("FD-10", "FD-20"), n_boot=200)
+    b = Backbone("base", "role", "exp", {0.1: "fcr"}, "control", few_steps_run="steps25", study=study)
+    report = tmp_path_factory.mktemp("report")
+    lines, files = few_steps_section(root, [b], report)
+    table = pd.read_csv(report / contract.FEW_STEPS_CONTRASTS)
+    # Every uniform stride above 1 the run sampled, one Holm family; the same numbers as the direct test.
+    assert list(table["config"]) == ["FD-5", "FD-10", "FD-20"] and (table["m_tests"] == 3).all()
+    assert (table["variant"] == "25-step sampling").all() and (table["decision"] == "FCR better").all()
+    direct = variant_contrasts([("x", out, "fcr", out, "control")], Study(strides=("FD-5", "FD-10", "FD-20"), n_boot=200))
+    assert table["estimate"].tolist() == pytest.approx(direct["estimate"].tolist())
+    safe = pd.read_csv(report / contract.FEW_STEPS_SAFE_STRIDES)
+    expected = safe_strides(out, quality, ["base", "control", "fcr"], study)
+    assert list(safe["safe_stride"]) == list(expected["safe_stride"]) and set(safe["sampler"]) == {"25-step sampling"}
+    assert "Few-step sampler regime" in lines[0] and len(files) == 2
+    # Declared but not run: the section says so; not declared: nothing.
+    b_missing = Backbone("base", "role", "exp", {0.1: "fcr"}, "control", few_steps_run="not_run", study=study)
+    lines, files = few_steps_section(root, [b_missing], tmp_path_factory.mktemp("empty"))
+    assert "Not run yet" in "\n".join(lines) and files == []
+    assert few_steps_section(root, [Backbone("base", "role", "exp", {0.1: "fcr"}, "control", study=study)],
+                             tmp_path_factory.mktemp("none")) == ([], [])
+
+
+def test_manifest_few_steps_run_is_validated(tmp_path: Path) -> None:
+    raw = yaml.safe_load((REPO / "params" / "study" / "experiments.yaml").read_text())
+    setting = raw["experiments"][0]["settings"]["embedded"]
+    spec = setting["backbones"][0]
+    for run_models, run_name, match in (([spec["original"]], "steps25", "must evaluate"),
+                                        (None, "nope", "no 03_stride_sweep run named 'nope'")):
+        notebooks = [n for n in setting["notebooks"] if n.get("run") != "steps25"]
+        if run_models is not None:
+            notebooks.append({"notebook": "03_stride_sweep", "run": "steps25", "params": [], "models": run_models})
+        raw["experiments"][0]["settings"]["embedded"] = dict(setting, notebooks=notebooks,
+                                                             backbones=[dict(spec, few_steps_run=run_name)])
+        path = tmp_path / "experiments.yaml"
+        path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+        with pytest.raises(ManifestError, match=match):
+            load_manifest(path, REPO)

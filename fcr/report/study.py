@@ -5,6 +5,7 @@ stride, written as ``contrasts.csv`` / ``safe_strides.csv`` with a markdown sect
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +18,7 @@ from fcr.experiments.robustness.fidelity import STRESS_DID_COLUMNS, stress_did
 from fcr.manifest import Backbone
 from fcr.report.rows import format_number, markdown_table, result_dir
 
-__all__ = ["ablation_section", "length_section", "power_section", "regime_section", "stress_did_table", "stress_section",
+__all__ = ["ablation_section", "few_steps_section", "length_section", "power_section", "regime_section", "stress_did_table", "stress_section",
            "study_section", "study_summary", "study_tables"]
 
 
@@ -254,6 +255,60 @@ def ablation_section(root: str | Path, backbones: Sequence[Backbone], out_dir: P
     return _family_section(frames, out_dir / contract.ABLATION_CONTRASTS, "FCR ablations", intro, "variant",
                            lambda t: t.empty or t["variant"].astype(str).str.startswith("as trained").all(),
                            "_Not run yet: no ablated model has been sampled._\n")
+
+
+def few_steps_section(root: str | Path, backbones: Sequence[Backbone], out_dir: Path) -> tuple[list[str], list[Path]]:
+    """The few-step sampler regime (``few_steps_run`` of a backbone with a study, e.g. 25-step DDIM):
+    FCR (the first FCR model) vs the λ = 0 control on the primary endpoint at every uniform stride
+    above 1 that run sampled (one exploratory Holm family, ``few_steps_contrasts.csv``) and each
+    model's safe stride against its own FD-5 there (``few_steps_safe_strides.csv``); nothing when no
+    backbone declares such a run."""
+    root = Path(root)
+    contrasts, strides, declared = [], [], False
+    for b in backbones:
+        if b.study is None or b.few_steps_run is None or not b.fcr_models or not b.control:
+            continue
+        declared = True
+        sweep_dir = result_dir(root, b.experiment, "sweep", b.few_steps_run)
+        quality = _quality(sweep_dir)
+        if quality is None:
+            continue
+        steps = sorted({int(n) for n in quality["num_inference_steps"].dropna()})
+        label = "/".join(map(str, steps)) + "-step sampling"
+        configs = tuple(sorted({str(c) for c, s in zip(quality["config"], quality["stride"])
+                                if str(c).startswith("FD-") and str(c)[3:].isdigit() and s > 1},
+                               key=lambda c: int(c[3:])))
+        first = next(iter(b.fcr_models.values()))
+        family = replace(b.study, strides=configs)
+        contrasts.append(variant_contrasts([(label, sweep_dir, first, sweep_dir, b.control)], family)
+                         .assign(backbone=b.name))
+        if (sweep_dir / "reference").is_dir():
+            ran = set(quality["model"].astype(str))
+            models = [m for m in (b.name, b.control, first) if m in ran]
+            strides.append(safe_strides(sweep_dir, quality, models, b.study).assign(backbone=b.name, sampler=label))
+    if not declared:
+        return [], []
+    intro = ("With fewer sampling steps each cached step spans more of the trajectory. FCR against the λ = 0 control "
+             "(training seed 0, same data order and steps), paired over the run's prompt/noise pairs on the primary "
+             "endpoint at every stride it sampled: an exploratory family, Holm over its tests (`m_tests`).\n")
+    lines, files = _family_section(contrasts, out_dir / contract.FEW_STEPS_CONTRASTS, "Few-step sampler regime",
+                                   intro, "variant", lambda t: t.empty, "_Not run yet: no few-step cell was sampled._\n")
+    if not lines:
+        lines = ["### Few-step sampler regime\n", "_Not run yet: the few-step sweep has no results._\n"]
+    strides = [t for t in strides if not t.empty]
+    if strides:
+        table = pd.concat(strides, ignore_index=True)
+        path = out_dir / contract.FEW_STEPS_SAFE_STRIDES
+        table.to_csv(path, index=False)
+        files.append(path)
+        lines.append("Safe strides with that sampler: each stride above 5 against the model's own FD-5 (ΔFD ≤ +5 % and "
+                     "Δ accuracy ≥ −2 %, paired, Holm over the model's strides).\n")
+        show = table[["backbone", "sampler", "model", "stride", "n", "fd_increase_pct", "fd_increase_pct_lo",
+                      "fd_increase_pct_hi", "alignment_change_pct", "p_holm", "non_inferior", "safe_stride"]].copy()
+        for col in ("fd_increase_pct", "fd_increase_pct_lo", "fd_increase_pct_hi", "alignment_change_pct", "p_holm"):
+            show[col] = show[col].map(format_number)
+        lines.append(markdown_table(show))
+    return lines, files
 
 
 def _family_section(frames: list[pd.DataFrame], path: Path, title: str, intro: str, label: str,

@@ -28,8 +28,8 @@ from fcr.report.mechanism import trajectory_section
 from fcr.report.readme import update_readme
 from fcr.report.robustness_criterion import robustness_rows
 from fcr.report.rows import EXP1, EXP2, LAYOUT, InputError, format_number, markdown_table, read_table, result_dir
-from fcr.report.study import (ablation_section, length_section, regime_section, stress_did_table, stress_section,
-                              study_section, study_summary, study_tables)
+from fcr.report.study import (ablation_section, few_steps_section, length_section, regime_section, stress_did_table,
+                              stress_section, study_section, study_summary, study_tables)
 from fcr.report.verdict import evaluate_criteria
 
 __all__ = [
@@ -558,8 +558,9 @@ def build_report(
     ablation, ablation_files = ablation_section(root, backbones, out_dir)
     stress, stress_files = stress_section(stress_did, out_dir)
     regime, regime_files = regime_section(root, backbones, out_dir)
-    study += length + ablation + regime + stress
-    files += study_files + length_files + ablation_files + regime_files + stress_files
+    few_steps, few_steps_files = few_steps_section(root, backbones, out_dir)
+    study += length + ablation + regime + few_steps + stress
+    files += study_files + length_files + ablation_files + regime_files + few_steps_files + stress_files
     supplementary = _supplementary_robustness(root, backbones)
     timing = _timing_section(root, "Wall time of this run")
     if timing_beside is not None:
