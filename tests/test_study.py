@@ -427,10 +427,19 @@ def test_manifest_stress_margin_is_validated(tmp_path: Path) -> None:
             load_manifest(_manifest_with_study(tmp_path, bad), REPO)
 
 
+def _root_with_sweep_run(root: Path, sweep_dir: Path, run: str) -> Path:
+    """A run root whose experiment ``exp`` has ``sweep_dir`` as its 03 run ``run``."""
+    from fcr.report.rows import result_dir
+
+    folder = result_dir(root, "exp", "sweep", run)
+    folder.parent.mkdir(parents=True)
+    folder.symlink_to(sweep_dir, target_is_directory=True)
+    return root
+
+
 def test_regime_section_reads_the_frontier_sweep_of_a_backbone(sweep: dict, tmp_path_factory) -> None:
     from fcr.experiments.sweep import load_side_file
     from fcr.manifest import Backbone
-    from fcr.report.rows import result_dir
     from fcr.report.study import regime_section
 
     out, quality = sweep["out"], sweep["quality"]
@@ -441,10 +450,7 @@ def test_regime_section_reads_the_frontier_sweep_of_a_backbone(sweep: dict, tmp_
     quality = pd.concat([quality, pd.DataFrame([{"model": "base", "config": "FD-50ls", "seed": 0, "stride": None}])],
                         ignore_index=True)
     quality.to_csv(out / contract.QUALITY, index=False)
-    root = tmp_path_factory.mktemp("root")
-    folder = result_dir(root, "exp", "sweep", "frontier")
-    folder.parent.mkdir(parents=True)
-    folder.symlink_to(out, target_is_directory=True)
+    root = _root_with_sweep_run(tmp_path_factory.mktemp("root"), out, "frontier")
     study = Study(strides=("FD-10", "FD-20"), n_boot=200)
     b = Backbone("base", "role", "exp", {0.1: "fcr"}, "control", frontier_run="frontier", study=study)
     lines, files = regime_section(root, [b], tmp_path_factory.mktemp("report"))
@@ -463,15 +469,11 @@ def test_regime_section_reads_the_frontier_sweep_of_a_backbone(sweep: dict, tmp_
 def test_few_steps_section_tests_fcr_vs_control_at_every_stride_it_sampled(sweep: dict, tmp_path_factory) -> None:
     from fcr.experiments.contrasts import variant_contrasts
     from fcr.manifest import Backbone
-    from fcr.report.rows import result_dir
     from fcr.report.study import few_steps_section
 
     out, quality = sweep["out"], sweep["quality"]
     quality.assign(num_inference_steps=25).to_csv(out / contract.QUALITY, index=False)
-    root = tmp_path_factory.mktemp("root")
-    folder = result_dir(root, "exp", "sweep", "steps25")
-    folder.parent.mkdir(parents=True)
-    folder.symlink_to(out, target_is_directory=True)
+    root = _root_with_sweep_run(tmp_path_factory.mktemp("root"), out, "steps25")
     study = Study(strides=("FD-10", "FD-20"), n_boot=200)
     b = Backbone("base", "role", "exp", {0.1: "fcr"}, "control", few_steps_run="steps25", study=study)
     report = tmp_path_factory.mktemp("report")
