@@ -269,7 +269,12 @@ def test_study_profile_plans_the_replicated_fine_tunes_and_its_sweeps(tmp_path: 
     ablated = next(t for t in tasks if t.name.endswith("fine-tune fcr_lambda0.10_dmax20")).merged()
     assert (ablated["delta_max"], ablated["lambda_fcr"], ablated["seed"], ablated["max_train_steps"]) == (20, 0.1, 0, 150)
     sweeps = [t.folder.name for t in tasks if t.notebook == "03_stride_sweep"]
-    assert sweeps == ["main", "length", "ablation", "frontier"]
+    assert sweeps == ["main", "length", "ablation", "frontier", "steps25"]
+    few = next(t for t in tasks if t.notebook == "03_stride_sweep" and t.folder.name == "steps25").merged()
+    assert (few["num_inference_steps"], few["strides"], few["seeds"]) == (25, [1, 5, 10], [0, 1, 2, 3, 4])
+    stress = [t.merged() for t in tasks if t.notebook == "04_robustness"]
+    assert [t["run_name"] for t in stress] == ["stress_pilot", "stress"]
+    assert stress[0]["seeds"] == [100] and stress[1]["seeds"] == list(range(8))  # the pilot's seed is never reported
     assert not any("benchmark" in n for n in names)
     seeds = {t.name.split("fine-tune ")[1]: t.merged()["seed"] for t in tasks if "fine-tune" in t.name}
     assert seeds["control_lambda0_fd10_seed2"] == seeds["fcr_lambda0.10_fd10_seed2"] == 2
