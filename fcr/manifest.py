@@ -152,6 +152,9 @@ class Backbone:
     # A few-step sampler regime (e.g. 25-step DDIM): the 03 run that samples the original, the first
     # FCR model and the control with fewer sampling steps; its safe strides and FCR vs control there.
     few_steps_run: str | None = None
+    # The sampling seeds the robustness run declares (its own parameter files; () when they do not
+    # say): a criterion-c result on fewer seeds is an interim look, not the pre-registered test.
+    robustness_seeds: tuple[int, ...] = ()
     study: Study | None = None  # the setting's pre-registered study (contrasts of this backbone)
     # (name, model label, configuration) of the setting's variations and controls on this backbone's
     # models, in manifest order (variations first): the rows of the report's experiment tables.
@@ -218,8 +221,11 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
         b = Backbone(spec["original"], spec["role"], experiment, {float(k): str(v) for k, v in fcr_models.items()},
                      spec.get("control"), str(spec.get("sweep_run", "main")), str(spec.get("robustness_run", "main")),
                      str(spec.get("mechanistic_run", "main")))
-        if not any(r.notebook == "04_robustness" and r.run == b.robustness_run for r in runs):
+        robustness = next((r for r in runs if r.notebook == "04_robustness" and r.run == b.robustness_run), None)
+        if robustness is None:
             b = replace(b, robustness_run=None)  # this experiment does not stress-test the backbone
+        else:
+            b = replace(b, robustness_seeds=_declared_seeds(robustness))
         if not any(r.notebook == "05_mechanistic_regression" and r.run == b.mechanistic_run for r in runs):
             b = replace(b, mechanistic_run=None)  # this experiment does not measure the backbone's features
         b = replace(b, **_frontier(spec, f"{where}[{i}]", b.name, runs), **_length(spec, f"{where}[{i}]", runs),
@@ -317,6 +323,16 @@ def _ablation(spec: Mapping[str, Any], where: str, runs: Sequence[NotebookRun]) 
             raise ManifestError(f"{where}.ablation_models.{label}: expected an FCR model of the 03_stride_sweep run "
                                 f"{run!r}, got {model!r}")
     return {"ablation_run": str(run), "ablation_models": {str(k): str(v) for k, v in models.items()}}
+
+
+def _declared_seeds(run: NotebookRun) -> tuple[int, ...]:
+    """``seeds`` of the last of the run's own parameter files that sets them; () when none does."""
+    seeds: tuple[int, ...] = ()
+    for path in run.params:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if isinstance(raw, Mapping) and isinstance(raw.get("seeds"), list):
+            seeds = tuple(int(v) for v in raw["seeds"])
+    return seeds
 
 
 def _few_steps(spec: Mapping[str, Any], where: str, b: Backbone, runs: Sequence[NotebookRun]) -> dict[str, Any]:

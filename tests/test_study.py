@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -414,9 +415,24 @@ def test_criterion_c_difference_in_differences_from_the_manifest_backbone(tmp_pa
     lines, files = stress_section(table, tmp_path)
     assert files == [tmp_path / contract.STRESS_DID] and files[0].is_file()
     assert "margin 0.5" in "\n".join(lines)
+    # A run declaring more seeds than it holds is an interim look: shown, never decided.
+    interim = stress_did_table(tmp_path, [replace(b, robustness_seeds=(0, 1, 2, 3))])
+    assert (interim["decision"].str.startswith("interim (1 of 4 declared seeds): ")).all()
+    assert interim[["estimate", "p_holm"]].equals(table[["estimate", "p_holm"]])
+    looked = [r for r in criterion_c_rows([], [b], interim) if r["kind"] == "criterion"][0]
+    assert looked["passed"] is None and "interim (1 of 4 declared seeds), not decided" in looked["measured"]
+    assert looked["measured"].startswith("1 of 2 stresses non-inferior")
+    assert stress_did_table(tmp_path, [replace(b, robustness_seeds=(0,))])["decision"].equals(table["decision"])
     # Without the margin the study does not test criterion c: nothing is computed.
     assert stress_did_table(tmp_path, [Backbone("base", "role", "exp", {0.1: "fcr"}, "control",
                                                 robustness_run="stress", study=Study())]).empty
+
+
+def test_manifest_reads_the_robustness_runs_declared_seeds() -> None:
+    backbone = load_manifest(REPO / "params" / "study" / "experiments.yaml", REPO)["exp-1-main-ablation"] \
+        .settings["embedded"].backbones[0]
+    declared = yaml.safe_load((REPO / "params" / "study" / "stress.yaml").read_text())["seeds"]
+    assert backbone.robustness_run == "stress" and list(backbone.robustness_seeds) == declared
 
 
 def test_manifest_stress_margin_is_validated(tmp_path: Path) -> None:

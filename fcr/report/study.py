@@ -358,6 +358,11 @@ def stress_did_table(root: str | Path, backbones: Sequence[Backbone]) -> pd.Data
             continue
         table = stress_did(per_image, comparisons, endpoint=b.study.primary_endpoint, margin=b.study.stress_margin,
                            alpha=b.study.alpha, power=b.study.power, configs=list(b.study.strides))
+        ran = set(per_image["seed"].astype(int))
+        if b.robustness_seeds and not set(b.robustness_seeds) <= ran:
+            # Fewer seeds than declared: an interim look, reported but never decided (no optional stopping).
+            done = len(ran & set(b.robustness_seeds))
+            table["decision"] = f"interim ({done} of {len(b.robustness_seeds)} declared seeds): " + table["decision"]
         frames.append(table.assign(backbone=b.name))
     if not frames:
         return pd.DataFrame(columns=["backbone", *STRESS_DID_COLUMNS])
