@@ -327,10 +327,12 @@ def _ablation(spec: Mapping[str, Any], where: str, runs: Sequence[NotebookRun]) 
 
 def _declared_seeds(run: NotebookRun) -> tuple[int, ...]:
     """``seeds`` of the last of the run's own parameter files that sets them; () when none does."""
+    from fcr.config import load_yaml
+
     seeds: tuple[int, ...] = ()
     for path in run.params:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if isinstance(raw, Mapping) and isinstance(raw.get("seeds"), list):
+        raw = load_yaml(path)
+        if isinstance(raw.get("seeds"), list):
             seeds = tuple(int(v) for v in raw["seeds"])
     return seeds
 

@@ -498,7 +498,8 @@ def test_few_steps_section_tests_fcr_vs_control_at_every_stride_it_sampled(sweep
     # Every uniform stride above 1 the run sampled, one Holm family; the same numbers as the direct test.
     assert list(table["config"]) == ["FD-5", "FD-10", "FD-20"] and (table["m_tests"] == 3).all()
     assert (table["variant"] == "25-step sampling").all() and (table["decision"] == "FCR better").all()
-    direct = variant_contrasts([("x", out, "fcr", out, "control")], Study(strides=("FD-5", "FD-10", "FD-20"), n_boot=200))
+    all_strides = Study(strides=("FD-5", "FD-10", "FD-20"), n_boot=200)
+    direct = variant_contrasts([("x", out, "fcr", out, "control")], all_strides)
     assert table["estimate"].tolist() == pytest.approx(direct["estimate"].tolist())
     safe = pd.read_csv(report / contract.FEW_STEPS_SAFE_STRIDES)
     expected = safe_strides(out, quality, ["base", "control", "fcr"], study)

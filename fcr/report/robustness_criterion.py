@@ -111,8 +111,9 @@ def stress_did_rows(table: pd.DataFrame, backbones: Sequence[Backbone]) -> list[
                      for d in decisions]
             ok = all_of(flags)  # an interim look (fewer seeds than declared) decides nothing
             worst = part.loc[part["estimate"].astype(float).idxmax()]
-            looks = decisions.str.replace(r"^interim \([^)]*\): ", "", regex=True)
-            measured = (f"{sum(d.startswith('no larger drop') for d in looks)} of {len(flags)} stresses non-inferior; worst: {worst['stress']} "
+            looks = decisions.str.replace(r"^interim \([^)]*\): ", "", regex=True)  # what the look would say
+            shown = sum(d.startswith("no larger drop") for d in looks)
+            measured = (f"{shown} of {len(flags)} stresses non-inferior; worst: {worst['stress']} "
                         f"at {worst['config']} DiD {fmt3(float(worst['estimate']))} [{fmt3(float(worst['lo']))}, "
                         f"{fmt3(float(worst['hi']))}] {part['endpoint'].iloc[0]} (margin {fmt3(float(worst['margin']))})")
             interim = decisions.str.startswith("interim").any()

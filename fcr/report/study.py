@@ -18,8 +18,8 @@ from fcr.experiments.robustness.fidelity import STRESS_DID_COLUMNS, stress_did
 from fcr.manifest import Backbone
 from fcr.report.rows import format_number, markdown_table, result_dir
 
-__all__ = ["ablation_section", "few_steps_section", "length_section", "power_section", "regime_section", "stress_did_table", "stress_section",
-           "study_section", "study_summary", "study_tables"]
+__all__ = ["ablation_section", "few_steps_section", "length_section", "power_section", "regime_section",
+           "stress_did_table", "stress_section", "study_section", "study_summary", "study_tables"]
 
 
 def _quality(folder: Path) -> pd.DataFrame | None:
@@ -275,9 +275,8 @@ def few_steps_section(root: str | Path, backbones: Sequence[Backbone], out_dir: 
             continue
         steps = sorted({int(n) for n in quality["num_inference_steps"].dropna()})
         label = "/".join(map(str, steps)) + "-step sampling"
-        configs = tuple(sorted({str(c) for c, s in zip(quality["config"], quality["stride"])
-                                if str(c).startswith("FD-") and str(c)[3:].isdigit() and s > 1},
-                               key=lambda c: int(c[3:])))
+        uniform = quality[quality["config"].astype(str).str.fullmatch(r"FD-\d+") & (quality["stride"] > 1)]
+        configs = tuple(sorted(set(uniform["config"].astype(str)), key=lambda c: int(c[3:])))
         first = next(iter(b.fcr_models.values()))
         family = replace(b.study, strides=configs)
         contrasts.append(variant_contrasts([(label, sweep_dir, first, sweep_dir, b.control)], family)
@@ -292,7 +291,8 @@ def few_steps_section(root: str | Path, backbones: Sequence[Backbone], out_dir: 
              "(training seed 0, same data order and steps), paired over the run's prompt/noise pairs on the primary "
              "endpoint at every stride it sampled: an exploratory family, Holm over its tests (`m_tests`).\n")
     lines, files = _family_section(contrasts, out_dir / contract.FEW_STEPS_CONTRASTS, "Few-step sampler regime",
-                                   intro, "variant", lambda t: t.empty, "_Not run yet: no few-step cell was sampled._\n")
+                                   intro, "variant", lambda t: t.empty,
+                                   "_Not run yet: no few-step cell was sampled._\n")
     if not lines:
         lines = ["### Few-step sampler regime\n", "_Not run yet: the few-step sweep has no results._\n"]
     strides = [t for t in strides if not t.empty]
@@ -303,11 +303,7 @@ def few_steps_section(root: str | Path, backbones: Sequence[Backbone], out_dir: 
         files.append(path)
         lines.append("Safe strides with that sampler: each stride above 5 against the model's own FD-5 (ΔFD ≤ +5 % and "
                      "Δ accuracy ≥ −2 %, paired, Holm over the model's strides).\n")
-        show = table[["backbone", "sampler", "model", "stride", "n", "fd_increase_pct", "fd_increase_pct_lo",
-                      "fd_increase_pct_hi", "alignment_change_pct", "p_holm", "non_inferior", "safe_stride"]].copy()
-        for col in ("fd_increase_pct", "fd_increase_pct_lo", "fd_increase_pct_hi", "alignment_change_pct", "p_holm"):
-            show[col] = show[col].map(format_number)
-        lines.append(markdown_table(show))
+        lines.append(_noninferiority_markdown(table, ["backbone", "sampler", "model", "stride", "n"], ["safe_stride"]))
     return lines, files
 
 
@@ -439,9 +435,15 @@ def regime_section(root: str | Path, backbones: Sequence[Backbone], out_dir: Pat
     if not strided.empty:
         summary = strided.groupby(["backbone", "model"], sort=False)[["safe_stride", "first_unsafe"]].first()
         lines.append(markdown_table(summary.reset_index()))
-    show = table[["backbone", "model", "config", "n", "fd_increase_pct", "fd_increase_pct_lo", "fd_increase_pct_hi",
-                  "alignment_change_pct", "p_holm", "non_inferior"]].copy()
-    for col in ("fd_increase_pct", "fd_increase_pct_lo", "fd_increase_pct_hi", "alignment_change_pct", "p_holm"):
-        show[col] = show[col].map(format_number)
-    lines.append(markdown_table(show))
+    lines.append(_noninferiority_markdown(table, ["backbone", "model", "config", "n"]))
     return lines, [path]
+
+
+def _noninferiority_markdown(table: pd.DataFrame, keys: list[str], extra: Sequence[str] = ()) -> str:
+    """A safe-stride / non-inferiority table (:func:`safe_strides` rows) as markdown: ``keys``, the
+    two margins' estimates with the FD interval, Holm's p and the decision, then ``extra``."""
+    numbers = ["fd_increase_pct", "fd_increase_pct_lo", "fd_increase_pct_hi", "alignment_change_pct", "p_holm"]
+    show = table[[*keys, *numbers, "non_inferior", *extra]].copy()
+    for col in numbers:
+        show[col] = show[col].map(format_number)
+    return markdown_table(show)
