@@ -417,12 +417,13 @@ def test_criterion_c_difference_in_differences_from_the_manifest_backbone(tmp_pa
     assert "margin 0.5" in "\n".join(lines)
     # A run declaring more seeds than it holds is an interim look: shown, never decided.
     interim = stress_did_table(tmp_path, [replace(b, robustness_seeds=(0, 1, 2, 3))])
-    assert (interim["decision"].str.startswith("interim (1 of 4 declared seeds): ")).all()
-    assert interim[["estimate", "p_holm"]].equals(table[["estimate", "p_holm"]])
+    assert set(table["look"]) == {"final"} and set(interim["look"]) == {"interim (1 of 4 declared seeds)"}
+    assert interim[["estimate", "p_holm", "decision"]].equals(table[["estimate", "p_holm", "decision"]])
+    assert "interim (1 of 4 declared seeds)" in "\n".join(stress_section(interim, tmp_path)[0])
     looked = [r for r in criterion_c_rows([], [b], interim) if r["kind"] == "criterion"][0]
     assert looked["passed"] is None and "interim (1 of 4 declared seeds), not decided" in looked["measured"]
     assert looked["measured"].startswith("1 of 2 stresses non-inferior")
-    assert stress_did_table(tmp_path, [replace(b, robustness_seeds=(0,))])["decision"].equals(table["decision"])
+    assert set(stress_did_table(tmp_path, [replace(b, robustness_seeds=(0,))])["look"]) == {"final"}
     # Without the margin the study does not test criterion c: nothing is computed.
     assert stress_did_table(tmp_path, [Backbone("base", "role", "exp", {0.1: "fcr"}, "control",
                                                 robustness_run="stress", study=Study())]).empty

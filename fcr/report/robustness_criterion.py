@@ -109,16 +109,15 @@ def stress_did_rows(table: pd.DataFrame, backbones: Sequence[Backbone]) -> list[
             decisions = part["decision"].astype(str)
             flags = [True if d.startswith("no larger drop") else False if d == "larger drop" else None
                      for d in decisions]
-            ok = all_of(flags)  # an interim look (fewer seeds than declared) decides nothing
+            look = str(part["look"].iloc[0]) if "look" in part else "final"
+            ok = all_of(flags) if look == "final" else None  # an interim look decides nothing
             worst = part.loc[part["estimate"].astype(float).idxmax()]
-            looks = decisions.str.replace(r"^interim \([^)]*\): ", "", regex=True)  # what the look would say
-            shown = sum(d.startswith("no larger drop") for d in looks)
-            measured = (f"{shown} of {len(flags)} stresses non-inferior; worst: {worst['stress']} "
-                        f"at {worst['config']} DiD {fmt3(float(worst['estimate']))} [{fmt3(float(worst['lo']))}, "
-                        f"{fmt3(float(worst['hi']))}] {part['endpoint'].iloc[0]} (margin {fmt3(float(worst['margin']))})")
-            interim = decisions.str.startswith("interim").any()
-            if interim:
-                measured += f"; {decisions.iloc[0].split(':')[0]}, not decided"
+            measured = (f"{sum(f is True for f in flags)} of {len(flags)} stresses non-inferior; worst: "
+                        f"{worst['stress']} at {worst['config']} DiD {fmt3(float(worst['estimate']))} "
+                        f"[{fmt3(float(worst['lo']))}, {fmt3(float(worst['hi']))}] {part['endpoint'].iloc[0]} "
+                        f"(margin {fmt3(float(worst['margin']))})")
+            if look != "final":
+                measured += f"; {look}, not decided"
             undetermined = [f"{r.stress} at {r.config} ({r.decision}; MDE {fmt3(float(r.mde))})"
                             for r in part.itertuples() if r.decision.startswith("not established")]
             note = (f"{comparison}: per image, FCR's drop (mean over {int(part['n_runs'].iloc[0])} training run(s)) minus "

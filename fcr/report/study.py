@@ -327,6 +327,15 @@ def _family_section(frames: list[pd.DataFrame], path: Path, title: str, intro: s
     return lines, [path]
 
 
+def stress_look(b: Backbone, seeds_run: set[int]) -> str:
+    """``"final"`` when the robustness run holds every seed it declares (or declares none), else
+    ``"interim (k of K declared seeds)"``: a look that is reported but never decided (no optional
+    stopping)."""
+    if not b.robustness_seeds or set(b.robustness_seeds) <= seeds_run:
+        return "final"
+    return f"interim ({len(seeds_run & set(b.robustness_seeds))} of {len(b.robustness_seeds)} declared seeds)"
+
+
 def stress_did_table(root: str | Path, backbones: Sequence[Backbone]) -> pd.DataFrame:
     """Criterion c as a difference in differences (:func:`fcr.experiments.robustness.fidelity.stress_did`)
     for every backbone whose study declares ``stress_margin``: its first FCR model (with its training
@@ -354,14 +363,9 @@ def stress_did_table(root: str | Path, backbones: Sequence[Backbone]) -> pd.Data
             continue
         table = stress_did(per_image, comparisons, endpoint=b.study.primary_endpoint, margin=b.study.stress_margin,
                            alpha=b.study.alpha, power=b.study.power, configs=list(b.study.strides))
-        ran = set(per_image["seed"].astype(int))
-        if b.robustness_seeds and not set(b.robustness_seeds) <= ran:
-            # Fewer seeds than declared: an interim look, reported but never decided (no optional stopping).
-            done = len(ran & set(b.robustness_seeds))
-            table["decision"] = f"interim ({done} of {len(b.robustness_seeds)} declared seeds): " + table["decision"]
-        frames.append(table.assign(backbone=b.name))
+        frames.append(table.assign(backbone=b.name, look=stress_look(b, set(per_image["seed"].astype(int)))))
     if not frames:
-        return pd.DataFrame(columns=["backbone", *STRESS_DID_COLUMNS])
+        return pd.DataFrame(columns=["backbone", *STRESS_DID_COLUMNS, "look"])
     return pd.concat(frames, ignore_index=True)
 
 
@@ -379,7 +383,7 @@ def stress_section(table: pd.DataFrame, out_dir: Path) -> tuple[list[str], list[
              "paired t), Holm over the family (`m_tests`). `mde`: how far below the margin the true difference must "
              "lie for this design to establish it (power at Holm's strictest level).\n"]
     show = table[["backbone", "comparison", "config", "stress", "n", "n_runs", "drop_fcr", "drop_comparator", "estimate",
-                  "lo", "hi", "p_holm", "m_tests", "mde", "decision"]].copy()
+                  "lo", "hi", "p_holm", "m_tests", "mde", "decision", "look"]].copy()
     for col in ("drop_fcr", "drop_comparator", "estimate", "lo", "hi", "p_holm", "mde"):
         show[col] = show[col].map(format_number)
     lines.append(markdown_table(show))
