@@ -135,6 +135,9 @@ def test_build_report_writes_markdown_and_tables(tmp_path):
     # The README version: criterion rows only, figure links relative to link_base.
     assert "(run/report/figures/exp1_sweep_fd_fashioncnn_vs_stride.png)" in out["readme_markdown"]
     assert "| part |" in md and "| part |" not in out["readme_markdown"]
+    # Criterion a is shown beside the original model's own FD-10 under the same margins.
+    beside = out["readme_markdown"].split("Criterion a beside the models without FCR")[1]
+    assert "original model, plain FD caching (base) at FD-10" in beside.split("\n\n")[1]
 
 
 def test_build_report_on_empty_run_says_what_is_missing(tmp_path):

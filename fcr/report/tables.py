@@ -25,6 +25,7 @@ from fcr import contract
 from fcr.manifest import MANIFEST, Backbone, backbones_of
 from fcr.paths import REPO_ROOT, display_path
 from fcr.report.mechanism import trajectory_section
+from fcr.report.quality_cost import A_NAME
 from fcr.report.readme import update_readme
 from fcr.report.robustness_criterion import robustness_rows
 from fcr.report.rows import EXP1, EXP2, LAYOUT, InputError, format_number, markdown_table, read_table, result_dir
@@ -491,6 +492,12 @@ def build_report(
     compact_verdict = [markdown_table(format_verdict(criterion_rows).drop(columns=["kind"])),
                        f"Every part and context row: `{display_path(out_dir / 'verdict.csv')}` and "
                        f"`{display_path(out_dir / 'report.md')}`.\n"]
+    beside_a = verdict[(verdict["kind"] == "context") & (verdict["criterion"] == A_NAME)]
+    if not beside_a.empty:
+        # Criterion a means little without the same margins for the models that have no FCR.
+        compact_verdict += ["Criterion a beside the models without FCR (context rows, same margins and images):\n",
+                            markdown_table(format_verdict(beside_a.reset_index(drop=True))[["scope", "measured", "passed"]]),
+                            ""]
     sd_rows = verdict[verdict["criterion"].astype(str).str.contains("SD scale", regex=False)]
     if not sd_rows.empty and sd_rows["passed"].notna().any():
         compact_verdict += [
