@@ -18,10 +18,15 @@ def chdir_repo_root() -> Path:
 
 
 def display_path(path: str | Path) -> str:
-    """``path`` relative to the repository when it lies inside it (what a reader of the README can
-    open), else as given."""
-    p = Path(path)
-    try:
-        return p.resolve().relative_to(REPO_ROOT).as_posix()
-    except ValueError:
-        return str(path)
+    """``path`` relative to the checkout of this repository it lies in (what a reader of the README
+    can open): this one, or another clone (code run from a worktree, outputs written to the main
+    checkout); else as given."""
+    resolved = Path(path).resolve()
+    for checkout in (REPO_ROOT, *resolved.parents):
+        if _is_checkout(checkout) and resolved.is_relative_to(checkout):
+            return resolved.relative_to(checkout).as_posix()
+    return str(path)
+
+
+def _is_checkout(folder: Path) -> bool:
+    return (folder / "pyproject.toml").is_file() and (folder / "fcr" / "paths.py").is_file()

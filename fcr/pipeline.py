@@ -58,17 +58,34 @@ class Task:
     overrides: dict[str, Any]
     notebook: str | None = None
     action: Callable[[], None] | None = None
+    root: Path | None = None  # the run's output folder; its spelling stays out of the fingerprint
+
 
     def merged(self) -> dict[str, Any]:
         return merge(*(load_yaml(p) for p in self.params), self.overrides)
 
     def fingerprint(self) -> str:
         """Hash of the parameters the stage uses (for a notebook: the keys it declares), so a size
-        change for another notebook does not invalidate this stage."""
+        change for another notebook does not invalidate this stage. Paths under the run's output
+        folder enter as ``<root>/...``: a committed run resumes from any checkout, whatever
+        ``--root`` spells it (absolute, relative, another clone's path)."""
         params = self.merged()
         if self.notebook is not None:
             params = notebook_parameters(NOTEBOOKS_DIR / f"{self.notebook}.ipynb", params)
-        return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        text = json.dumps(params, sort_keys=True, default=str)
+        if self.root is not None:
+            text = root_independent(text, self.root)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def root_independent(text: str, root: Path) -> str:
+    """``text`` with every spelling of ``root`` the planner writes (absolute, resolved, relative to
+    the repository) replaced by ``<root>``; longest first, so a relative spelling never matches
+    inside an absolute one."""
+    spellings = {str(root), str(root.resolve()), _rel(root)}
+    for spelling in sorted(spellings, key=len, reverse=True):
+        text = text.replace(spelling.rstrip("/") + "/", "<root>/")
+    return text
 
 
 @dataclass
@@ -144,6 +161,8 @@ def plan(
                 update_readme(readme, result["readme_markdown"], root=root)
 
         tasks.append(Task("report", report_dir, [], {"experiments": chosen, "always": time.time()}, action=build))
+    for task in tasks:
+        task.root = root
     return tasks
 
 

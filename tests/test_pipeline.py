@@ -120,6 +120,28 @@ def test_plan_fills_model_lists_and_quality_tables(tmp_path: Path) -> None:
     assert sorted(m["lambda_fcr"] for m in exp1) == [0.0, 0.05, 0.1, 0.2]
 
 
+def test_fingerprints_do_not_depend_on_how_the_output_folder_is_spelled(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A committed run resumes from another clone or another --root spelling: the same stages, the
+    same fingerprints; a changed parameter still changes its stage's fingerprint."""
+    def fingerprints(root: Path | str, overlays: list[Path] = [SMOKE]) -> dict[str, str]:
+        return {t.name: t.fingerprint() for t in plan("embedded", root=root, overlays=overlays, bench=False,
+                                                      report=False)}
+
+    here = fingerprints(tmp_path / "clone_a" / "outputs" / "embedded")
+    assert here == fingerprints(tmp_path / "clone_b" / "outputs" / "embedded")
+    assert here == fingerprints(tmp_path / "clone_a" / "outputs" / ".." / "outputs" / "embedded")
+    monkeypatch.chdir(tmp_path)  # a relative --root, read from the caller's folder
+    assert here == fingerprints(Path("clone_c"))
+    assert here == fingerprints(REPO / "outputs" / "embedded")  # inside the repository: written relative
+    longer = tmp_path / "longer.yaml"
+    longer.write_text("max_train_steps: 3\n")
+    changed = fingerprints(tmp_path / "clone_a" / "outputs" / "embedded", overlays=[SMOKE, longer])
+    fine_tunes = [name for name in here if "fine-tune" in name]
+    assert fine_tunes and all(changed[name] != here[name] for name in fine_tunes)
+    assert changed["01_data_prep"] == here["01_data_prep"]  # data prep does not read max_train_steps
+
+
 # A small manifest for the kill/resume test: one fine-tune and the sweep, smoke sizes.
 KILL_MANIFEST = """
 experiments:
@@ -260,12 +282,14 @@ def test_study_profile_plans_the_replicated_fine_tunes_and_its_sweeps(tmp_path: 
     fine_tunes = [n.split("fine-tune ")[1] for n in names if "fine-tune" in n]
     replicated = sorted(f"{arm}{suffix}" for arm in ("control_lambda0_fd10", "fcr_lambda0.10_fd10")
                         for suffix in ("", "_seed1", "_seed2"))
-    # The study's six, then what was added after its run: the 600-step pair, FCR-deep and the Δ_max ablation.
+    # The study's six, then what was added after its run: the 600- and 1500-step pairs, FCR-deep and
+    # the Δ_max ablation.
     assert sorted(fine_tunes[:6]) == replicated
-    assert fine_tunes[6:] == ["control_lambda0_fd10_600", "fcr_lambda0.10_fd10_600", "fcr_deep_lambda0.10_b0",
-                              "fcr_lambda0.10_dmax20"]
+    assert fine_tunes[6:] == ["control_lambda0_fd10_600", "fcr_lambda0.10_fd10_600", "control_lambda0_fd10_1500",
+                              "fcr_lambda0.10_fd10_1500", "fcr_deep_lambda0.10_b0", "fcr_lambda0.10_dmax20"]
     steps = {t.name.split("fine-tune ")[1]: t.merged()["max_train_steps"] for t in tasks if "fine-tune" in t.name}
     assert steps["fcr_lambda0.10_fd10_600"] == 600 and steps["fcr_lambda0.10_fd10"] == 150
+    assert steps["fcr_lambda0.10_fd10_1500"] == steps["control_lambda0_fd10_1500"] == 1500
     ablated = next(t for t in tasks if t.name.endswith("fine-tune fcr_lambda0.10_dmax20")).merged()
     assert (ablated["delta_max"], ablated["lambda_fcr"], ablated["seed"], ablated["max_train_steps"]) == (20, 0.1, 0, 150)
     sweeps = [t.folder.name for t in tasks if t.notebook == "03_stride_sweep"]
