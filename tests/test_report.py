@@ -181,13 +181,13 @@ def test_stage_times_sum_the_pipeline_markers(tmp_path) -> None:
 
     from fcr.report.tables import _timing_section, stage_times
 
-    for stage, seconds in (("data", 30.0), ("exp-1-main-ablation/sweep/main", 90.0)):
+    for stage, seconds in (("data", 30.0), ("exp-1-main-ablation/sweep/main", 90.0), ("report", 600.0)):
         (tmp_path / stage).mkdir(parents=True)
         (tmp_path / stage / ".pipeline_done.json").write_text(_json.dumps({"seconds": seconds, "finished": "t"}))
     times = stage_times(tmp_path)
-    assert list(times["stage"]) == ["data", "exp-1-main-ablation/sweep/main"]
-    assert times["seconds"].sum() == 120.0
-    assert "**2.0 min**" in _timing_section(tmp_path)[0]
+    assert list(times["stage"]) == ["data", "exp-1-main-ablation/sweep/main", "report"]
+    section = _timing_section(tmp_path)  # the report's own marker is the previous report's: not counted
+    assert "**2.0 min**" in section[0] and "| report |" not in section[1]
 
 
 def test_build_report_adds_the_sd_gpu_cost_rows_when_given(tmp_path):
