@@ -22,8 +22,8 @@ def display_path(path: str | Path) -> str:
     can open): this one, or another clone (code run from a worktree, outputs written to the main
     checkout); else as given."""
     resolved = Path(path).resolve()
-    for checkout in (REPO_ROOT, *resolved.parents):
-        if _is_checkout(checkout) and resolved.is_relative_to(checkout):
+    for checkout in (REPO_ROOT, *(p for p in resolved.parents if _is_checkout(p))):
+        if resolved.is_relative_to(checkout):
             return resolved.relative_to(checkout).as_posix()
     return str(path)
 

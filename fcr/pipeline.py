@@ -60,7 +60,6 @@ class Task:
     action: Callable[[], None] | None = None
     root: Path | None = None  # the run's output folder; its spelling stays out of the fingerprint
 
-
     def merged(self) -> dict[str, Any]:
         return merge(*(load_yaml(p) for p in self.params), self.overrides)
 

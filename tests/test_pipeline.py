@@ -124,7 +124,7 @@ def test_fingerprints_do_not_depend_on_how_the_output_folder_is_spelled(tmp_path
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A committed run resumes from another clone or another --root spelling: the same stages, the
     same fingerprints; a changed parameter still changes its stage's fingerprint."""
-    def fingerprints(root: Path | str, overlays: list[Path] = [SMOKE]) -> dict[str, str]:
+    def fingerprints(root: Path | str, overlays: tuple[Path, ...] = (SMOKE,)) -> dict[str, str]:
         return {t.name: t.fingerprint() for t in plan("embedded", root=root, overlays=overlays, bench=False,
                                                       report=False)}
 
@@ -136,7 +136,7 @@ def test_fingerprints_do_not_depend_on_how_the_output_folder_is_spelled(tmp_path
     assert here == fingerprints(REPO / "outputs" / "embedded")  # inside the repository: written relative
     longer = tmp_path / "longer.yaml"
     longer.write_text("max_train_steps: 3\n")
-    changed = fingerprints(tmp_path / "clone_a" / "outputs" / "embedded", overlays=[SMOKE, longer])
+    changed = fingerprints(tmp_path / "clone_a" / "outputs" / "embedded", overlays=(SMOKE, longer))
     fine_tunes = [name for name in here if "fine-tune" in name]
     assert fine_tunes and all(changed[name] != here[name] for name in fine_tunes)
     assert changed["01_data_prep"] == here["01_data_prep"]  # data prep does not read max_train_steps
