@@ -10,6 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "ATTEMPTS_RECORD",
+    "DONE_MARKER",
+    "REPRODUCTION",
+    "STAGE_OUTPUTS",
+    "STAGE_TIMES",
+    "TRANSIENT",
     "COLUMNS",
     "COST",
     "COST_TABLE",
@@ -49,6 +55,15 @@ __all__ = [
     "VARIANCE_REDUCTION",
 ]
 
+# The pipeline's records in every stage folder (fcr.markers): the completion marker (fingerprint of
+# the parameters, wall time, inventory of the files written) and the start times of unfinished
+# attempts; the stage times of a run, as a table, in its report folder.
+DONE_MARKER = ".pipeline_done.json"
+ATTEMPTS_RECORD = ".pipeline_attempts.json"
+STAGE_TIMES = "stage_times.csv"
+TRANSIENT = "checkpoints"  # training checkpoints: for resuming only, never part of a finished stage
+# The main job's report: this run's numbers beside the committed reference run's (fcr.report.reproduction).
+REPRODUCTION = "reproduction.csv"
 # Training run folder (notebook 02 / python -m fcr train).
 RUN_PARAMS = "params.yaml"
 TRAIN_CONFIG = "train_config.json"
@@ -92,6 +107,16 @@ FEW_STEPS_SAFE_STRIDES = "few_steps_safe_strides.csv"  # safe strides with that 
 # Quality-vs-cost frontier (notebook 06): one row per model x configuration, and the matched-cost table.
 FRONTIER = "frontier.csv"
 MATCHED_COST = "matched_cost.csv"
+
+# Files a notebook always writes into its stage folder, in both settings: a stage without them is
+# not complete (data preparation writes setting-specific files; its inventory covers them).
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "02_finetune": (RUN_PARAMS, TRAIN_CONFIG, TRAIN_LOG, "unet/config.json", "unet/diffusion_pytorch_model.safetensors"),
+    "03_stride_sweep": (QUALITY, SUMMARY, COST, COST_TABLE, PAIRED_TESTS, FIDELITY),
+    "04_robustness": (ROBUSTNESS, DROPS, CRITERION),
+    "05_mechanistic_regression": (VARIANCE, VARIANCE_REDUCTION),
+    "06_baselines_frontier": (FRONTIER, MATCHED_COST),
+}
 
 _FINETUNE = "the fine-tune (notebook 02_finetune / python -m fcr train)"
 # Which stage writes a file (named in the report's 'missing file' notes).

@@ -6,10 +6,14 @@ run folder per variation) and the evaluation notebooks (03 sweep, 04 robustness,
 regression) into ``<root>/<experiment>/``, and finally the combined tables, figures and the
 success-criteria verdict (``fcr.report.tables``) into ``<root>/report/``.
 
-Resumable: a stage that finished leaves a marker with the hash of its parameters and is skipped
-next time (run with other parameters, it runs again); inside a stage, training resumes from its
-last checkpoint and the notebooks skip per-configuration results already written. A failing
-notebook stops the job with papermill's error and the path of the failed notebook.
+Resumable: a stage that finished leaves a marker (:mod:`fcr.markers`) with the hash of its
+parameters and the inventory of the files it wrote; it is skipped next time only when the hash
+matches and every listed file is present, unchanged and readable (otherwise it runs again, and
+inside it training resumes from its last checkpoint and the notebooks skip the per-configuration
+results that are whole). A failing notebook stops the job with papermill's error and the path of
+the failed notebook.
+
+``python -m fcr.pipeline verify`` checks the committed results (:mod:`fcr.verify`).
 """
 
 from __future__ import annotations
@@ -27,25 +31,31 @@ from typing import Any, Callable
 
 from fcr import contract
 from fcr.config import load_yaml, merge, validate
-from fcr.eval.results import write_json_atomic
+from fcr.files import write_json_atomic
 from fcr.manifest import MANIFEST, MODEL_LIST_KEYS, Experiment, load_manifest
+from fcr.markers import incomplete, make_portable, missing_outputs, stage_times, write_marker, write_stage_times
 from fcr.notebooks import NOTEBOOKS_DIR, notebook_parameters, run_notebook
 from fcr.paths import REPO_ROOT
 
 __all__ = ["PROFILES", "Stage", "Task", "main", "plan", "run"]
 
 SETTING_DATA_PARAMS = {"embedded": "params/fashion_mnist.yaml", "sd": "params/sd15.yaml"}
-# Named profiles: the experiments manifest, the output folder and whether the cost benchmark runs.
-# ``main``: the <= 60 min demo on 2 CPU cores; ``study``: the powered study of params/study/ (hours on CPU).
+# The committed copy of a demo run (tables, report, stage times; no weights or images): the main
+# job's report compares its own numbers with it, and the study's shows its stage times. The main job
+# writes into outputs/<setting>/, which is never committed, so it never writes here.
+DEMO_REFERENCE = REPO_ROOT / "outputs" / "reference" / "demo"
+# Named profiles: the experiments manifest, the output folder, whether the cost benchmark runs, whose
+# stage times the report shows beside its own and which committed run it is compared with.
+# ``main``: the <= 40 min demo on 2 CPU cores; ``study``: the powered study of params/study/ (hours on CPU).
 PROFILES = {
-    "main": {"manifest": MANIFEST, "root": None, "bench": True, "timing_beside": None},
+    "main": {"manifest": MANIFEST, "root": None, "bench": True, "timing_beside": None, "reference": DEMO_REFERENCE},
     "study": {"manifest": REPO_ROOT / "params" / "study" / "experiments.yaml",
               "root": REPO_ROOT / "outputs" / "study", "bench": False,
-              "timing_beside": REPO_ROOT / "outputs" / "embedded"},  # the demo's stage times beside the study's
+              "timing_beside": DEMO_REFERENCE, "reference": None},  # the demo's stage times beside the study's
 }
-DONE = ".pipeline_done.json"
+DONE = contract.DONE_MARKER
 # Start times of a stage's unfinished attempts; a resumed stage adds their durations to its own.
-ATTEMPTS = ".pipeline_attempts.json"
+ATTEMPTS = contract.ATTEMPTS_RECORD
 
 
 @dataclass
@@ -115,11 +125,13 @@ def plan(
     data: bool = True,
     readme: str | Path | None = None,
     timing_beside: str | Path | None = None,
+    reference: str | Path | None = None,
 ) -> list[Task]:
     """The tasks of the main job in order. ``overlays``: parameter files applied after every
     stage's own files (e.g. params/smoke_pipeline.yaml for a code-path run); ``root`` the output
     folder (default ``outputs/<setting>``); ``timing_beside``: another run whose stage times the
-    report shows beside this run's (the study shows the demo's)."""
+    report shows beside this run's (the study shows the demo's); ``reference``: a committed run the
+    report compares this run's numbers with (the main job: :data:`DEMO_REFERENCE`)."""
     if setting not in SETTING_DATA_PARAMS:
         raise SystemExit(f"--setting {setting!r}: allowed {sorted(SETTING_DATA_PARAMS)}")
     root = Path(root) if root is not None else REPO_ROOT / "outputs" / setting
@@ -154,8 +166,9 @@ def plan(
 
             # Figure links in the README are relative to the README's folder.
             link_base = Path(readme).resolve().parent if readme is not None else None
+            write_stage_times(root, stage_times(root))
             result = build_report(root, report_dir, link_base=link_base, setting=setting, manifest=manifest,
-                                  timing_beside=timing_beside)
+                                  timing_beside=timing_beside, reference=reference)
             if readme is not None:
                 update_readme(readme, result["readme_markdown"], root=root)
 
@@ -195,14 +208,11 @@ def _experiment_tasks(exp: Experiment, setting: str, root: Path, overlays: list[
     return tasks
 
 
-def _done(task: Task) -> bool:
-    marker = task.folder / DONE
-    if not marker.is_file():
-        return False
-    try:
-        return json.loads(marker.read_text()).get("fingerprint") == task.fingerprint()
-    except json.JSONDecodeError:
-        return False
+def _incomplete(task: Task) -> list[str]:
+    """Why ``task`` must run (empty: it is complete). The report runs every time."""
+    if task.name == "report":
+        return ["the report is written on every run"]
+    return incomplete(task.folder, task.fingerprint(), task.notebook)
 
 
 def _json_list(path: Path, key: str) -> list[Any]:
@@ -240,9 +250,15 @@ def begin_attempt(folder: Path) -> tuple[float, int]:
 
 
 def run_task(task: Task) -> Stage:
-    """Run one task unless its marker says it finished with the same parameters."""
-    if _done(task):  # the report's parameters hold the time, so it always runs
+    """Run one task unless it is complete (:func:`fcr.markers.incomplete`); a stage with a marker
+    but missing or damaged files says which and runs again (per-cell results that are whole are
+    kept by the runners)."""
+    reasons = _incomplete(task)
+    if not reasons:
         return Stage(task.name, "skipped (already complete)", _rel(task.folder), 0.0)
+    if (task.folder / DONE).exists() and task.name != "report":
+        more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
+        print(f"   not complete: {reasons[0]}{more}; running it again", flush=True)
     earlier_s, earlier_n = begin_attempt(task.folder)
     start = time.perf_counter()
     if task.notebook is not None:
@@ -256,11 +272,14 @@ def run_task(task: Task) -> Stage:
         task.action()
     seconds = time.perf_counter() - start
     task.folder.mkdir(parents=True, exist_ok=True)
+    missing = missing_outputs(task.folder, task.notebook)
+    if missing:
+        raise PipelineError(f"stage {task.name!r} finished without writing {missing} (fcr.contract.STAGE_OUTPUTS)")
+    make_portable(task.folder)  # results mean the same on every machine (no checkout or temp paths)
     # "seconds": the stage's whole wall time, earlier interrupted attempts included (estimated from
     # their files, see begin_attempt); "seconds_last_attempt": the run that finished.
-    write_json_atomic(task.folder / DONE, {"fingerprint": task.fingerprint(), "seconds": seconds + earlier_s,
-                                           "seconds_last_attempt": seconds, "attempts": earlier_n + 1,
-                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    write_marker(task.folder, task.fingerprint(), {"seconds": seconds + earlier_s, "seconds_last_attempt": seconds,
+                                                   "attempts": earlier_n + 1})
     (task.folder / ATTEMPTS).unlink(missing_ok=True)
     return Stage(task.name, "ran" if not earlier_n else f"ran (resumed; {earlier_n} earlier attempt(s))",
                  _rel(task.folder), seconds)
@@ -290,11 +309,11 @@ def _record_invocation(root: Path) -> None:
 def run(setting: str = "embedded", *, root: str | Path | None = None, experiments: list[str] | None = None,
         overlays: list[str | Path] = (), bench: bool = True, readme: str | Path | None = None,
         manifest: str | Path = MANIFEST, report: bool = True, data: bool = True,
-        timing_beside: str | Path | None = None) -> list[Stage]:
+        timing_beside: str | Path | None = None, reference: str | Path | None = None) -> list[Stage]:
     """Run (or resume) the main job; returns what each stage did."""
     signal.signal(signal.SIGTERM, _terminate)
     tasks = plan(setting, root, experiments, overlays, manifest=manifest, bench=bench, report=report, data=data,
-                 readme=readme, timing_beside=timing_beside)
+                 readme=readme, timing_beside=timing_beside, reference=reference)
     root_dir = Path(root) if root is not None else REPO_ROOT / "outputs" / setting
     _record_invocation(root_dir)
     stages = []
@@ -331,14 +350,23 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--manifest", default=None, help="experiments manifest (default: the profile's)")
     r.add_argument("--no-report", action="store_true", help="skip the combined report")
     r.add_argument("--skip-data", action="store_true", help="skip data preparation (data_dir already prepared)")
+    r.add_argument("--reference", default=None, help="committed run to compare this run's numbers with "
+                   "(default: the profile's; 'none' for no comparison)")
+    sub.add_parser("verify", help="check the committed results: markers, their files, fingerprints, machine paths")
     args = parser.parse_args(argv)
+    if args.command == "verify":
+        from fcr.verify import main as verify_main
+
+        return verify_main()
     profile = PROFILES[args.profile]
+    reference = profile["reference"] if args.reference is None else (None if args.reference == "none" else args.reference)
     try:
         run(args.setting, root=args.root if args.root is not None else profile["root"],
             experiments=args.experiments or None, overlays=args.overlays,
             bench=profile["bench"] and not args.no_bench, readme=args.readme,
             manifest=args.manifest if args.manifest is not None else profile["manifest"],
-            report=not args.no_report, data=not args.skip_data, timing_beside=profile["timing_beside"])
+            report=not args.no_report, data=not args.skip_data, timing_beside=profile["timing_beside"],
+            reference=reference)
     except PipelineError as exc:
         print(f"\nFAILED: {exc}", file=sys.stderr)
         return 1

@@ -38,3 +38,44 @@ def test_a_failed_computation_leaves_no_file(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         run_or_load(path, {"a": 1}, boom)
     assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_a_result_cut_short_is_computed_again_never_read(tmp_path: Path) -> None:
+    path = tmp_path / "cell.json"
+    run_or_load(path, {"a": 1}, lambda: {"fd": 1.0})
+    path.write_text(path.read_text()[:25])  # a copy interrupted half way
+    assert run_or_load(path, {"a": 1}, lambda: {"fd": 2.0}) == ({"fd": 2.0}, True)
+
+
+def test_a_result_whose_side_file_is_missing_or_truncated_is_computed_again(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    side = tmp_path / "cell.safetensors"
+    path = tmp_path / "cell.json"
+
+    def compute():
+        save_file({"images": torch.zeros(4, 2)}, str(side))
+        return {"fd": 1.0}
+
+    requires = {side: ("images",)}
+    assert run_or_load(path, {"a": 1}, compute, requires=requires)[1] is True
+    assert run_or_load(path, {"a": 1}, compute, requires=requires)[1] is False  # whole: loaded
+    side.unlink()
+    assert run_or_load(path, {"a": 1}, compute, requires=requires)[1] is True  # missing: computed again
+    side.write_bytes(side.read_bytes()[:-8])
+    assert run_or_load(path, {"a": 1}, compute, requires=requires)[1] is True  # truncated: computed again
+    assert run_or_load(path, {"a": 1}, compute, requires={side: ("features",)})[1] is True  # a key missing
+
+
+def test_results_store_paths_of_this_checkout_relative_to_it(tmp_path: Path) -> None:
+    import json
+
+    from fcr.paths import REPO_ROOT
+
+    path = tmp_path / "cell.json"
+    source = str(REPO_ROOT / "outputs" / "study" / "run")
+    run_or_load(path, {"model_source": source}, lambda: {"fd": 1.0})
+    assert json.loads(path.read_text())["config"]["model_source"] == "outputs/study/run"
+    # The same cell asked for with the relative spelling (another clone, another --root) is found.
+    assert run_or_load(path, {"model_source": "outputs/study/run"}, lambda: {"fd": 2.0}) == ({"fd": 1.0}, False)

@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+from fcr.files import problem, write_json_atomic
+from fcr.paths import portable
 
 __all__ = [
     "StaleResultError",
@@ -33,18 +36,9 @@ class StaleResultError(RuntimeError):
 
 
 def _normalise(obj: Any) -> Any:
-    # JSON round trip so tuples/lists and int/float spellings compare the way they are stored.
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
-def write_json_atomic(path: str | Path, payload: Mapping[str, Any]) -> Path:
-    """Write JSON through a temporary file and ``os.replace``: a kill never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-    return path
+    # JSON round trip so tuples/lists and int/float spellings compare the way they are stored;
+    # paths as every machine spells them (fcr.paths.portable), so a clone elsewhere resumes.
+    return portable(json.loads(json.dumps(obj, sort_keys=True, default=str)))
 
 
 def run_or_load(
@@ -52,13 +46,16 @@ def run_or_load(
     config: Mapping[str, Any],
     compute: Callable[[], Mapping[str, Any]],
     environment: Mapping[str, Any] | None = None,
+    requires: Mapping[str | Path, Iterable[str]] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Return ``(result, computed)``: the stored result if ``path`` holds one made with ``config``,
-    else ``compute()`` written to ``path``."""
+    else ``compute()`` written to ``path``. ``requires``: files ``compute`` writes beside the
+    result (path -> tensor keys it must hold); the stored result counts only when each is whole.
+    A result file or side file that is cut short or unreadable is computed again, never read."""
     path = Path(path)
     config = _normalise(config)
-    if path.is_file():
-        stored = json.loads(path.read_text())
+    stored = _whole_result(path, requires or {})
+    if stored is not None:
         if stored.get("config") == config:
             return stored["result"], False
         old = stored.get("config", {})
@@ -69,6 +66,27 @@ def run_or_load(
     result = _normalise(dict(compute()))
     write_json_atomic(path, {"config": config, "result": result, "environment": dict(environment or {})})
     return result, True
+
+
+def _whole_result(path: Path, requires: Mapping[str | Path, Iterable[str]]) -> dict[str, Any] | None:
+    """The stored result record, or None when it or a side file is missing or unreadable (the
+    cell is then computed again; a kill between the side file and the result leaves such a cell)."""
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        print(f"{path}: cut short or unreadable; computing it again", flush=True)
+        return None
+    if not isinstance(stored, dict) or "result" not in stored:
+        print(f"{path}: not a result record; computing it again", flush=True)
+        return None
+    for side, keys in requires.items():
+        why = problem(side, keys)
+        if why:
+            print(f"{side}: {why}; computing {path.name} again", flush=True)
+            return None
+    return stored
 
 
 # ----------------------------------------------------------------------------- inputs and side files

@@ -348,7 +348,8 @@ def run_sweep(
                                             progress=progress)
 
                 result, computed = run_or_load(
-                    out_dir / "quality" / f"{stem}.json", key, compute, environment_info(ctx.device)
+                    out_dir / "quality" / f"{stem}.json", key, compute, environment_info(ctx.device),
+                    requires={out_dir / "quality" / f"{stem}.safetensors": ()},  # the paired tests read it
                 )
                 if progress:
                     print(f"quality {stem}: {'computed' if computed else 'loaded'}", flush=True)

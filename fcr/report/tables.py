@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fcr import contract
+from fcr import contract, markers
 from fcr.manifest import MANIFEST, Backbone, backbones_of
 from fcr.paths import REPO_ROOT, display_path
 from fcr.report.mechanism import trajectory_section
@@ -347,17 +347,9 @@ def _csv_section(title: str, path: Path, max_rows: int = 40) -> str:
 
 
 def stage_times(root: str | Path) -> pd.DataFrame:
-    """Wall time of every finished pipeline stage under ``root``, from the markers the pipeline
-    leaves (``.pipeline_done.json``): the main job's time even when it ran over several resumed
-    invocations. Columns: stage (folder relative to root), seconds, attempts, finished."""
-    root = Path(root)
-    rows = []
-    for marker in sorted(root.rglob(".pipeline_done.json")):
-        info = json.loads(marker.read_text())
-        rows.append({"stage": marker.parent.relative_to(root).as_posix() or ".",
-                     "seconds": float(info.get("seconds", float("nan"))), "attempts": info.get("attempts", 1),
-                     "finished": info.get("finished", "")})
-    return pd.DataFrame(rows, columns=["stage", "seconds", "attempts", "finished"])
+    """Wall time of every finished pipeline stage under ``root`` (:func:`fcr.markers.stage_times`):
+    stage (folder relative to root), seconds, attempts, finished."""
+    return pd.DataFrame(markers.stage_times(root), columns=["stage", "seconds", "attempts", "finished"])
 
 
 def _timing_section(root: Path, title: str = "Main job wall time") -> list[str]:
@@ -446,13 +438,15 @@ def build_report(
     verdict_kwargs: Mapping[str, Any] | None = None,
     sd_gpu_cost: str | Path | None = SD_GPU_COST,
     timing_beside: str | Path | None = None,
+    reference: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write the report of the run under ``root`` into ``out_dir`` (default ``root/report``):
     ``exp1_table.csv``, ``exp2_table.csv``, ``verdict.csv`` (numbers as measured), ``report.md``
     (formatted tables, the verdict, notebook 04/05 tables, figures copied to ``figures/``).
     ``backbones``: default those of ``setting`` in ``manifest`` (``params/experiments.yaml``).
     ``timing_beside``: another run's root (e.g. the demo's, beside the study) whose stage times are
-    shown after this run's.
+    shown after this run's. ``reference``: a committed run (the demo's) whose numbers the report
+    sets beside this run's (:mod:`fcr.report.reproduction`, ``reproduction.csv``).
 
     Returns ``{"markdown": <the text of report.md>, "readme_markdown": <a shorter version for the
     README: criterion rows of the verdict, both experiment tables, figure links relative to
@@ -580,9 +574,17 @@ def build_report(
         else:  # only a report marker: the demo's stages ran elsewhere or not at all
             timing += ["### Wall time of the demo (make main)\n",
                        f"No finished demo stage in `{display_path(timing_beside)}` (run `make main`).", ""]
+    reproduction: list[str] = []
+    if reference is not None:
+        from fcr.report.reproduction import reproduction_section
+
+        reproduction, table = reproduction_section(root, out_dir, Path(reference))
+        if table is not None:
+            table.to_csv(out_dir / contract.REPRODUCTION, index=False)
+            files.append(out_dir / contract.REPRODUCTION)
     summary = study_summary(study_results)  # plain language first (issue #12), every number from the tables
     report_md = "\n".join(summary + intro + full_verdict + study + exp_parts + frontier + extra + supplementary
-                          + timing + figs(out_dir))
+                          + timing + reproduction + figs(out_dir))
     (out_dir / "report.md").write_text(report_md)
     files.append(out_dir / "report.md")
     readme_md = "\n".join(summary + intro + compact_verdict + study + exp_parts + frontier + supplementary + timing

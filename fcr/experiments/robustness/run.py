@@ -158,7 +158,8 @@ def run_robustness(
                         return result
 
                     result, computed = run_or_load(
-                        out_dir / "results" / f"{stem}.json", key, compute, environment_info(ctx.device)
+                        out_dir / "results" / f"{stem}.json", key, compute, environment_info(ctx.device),
+                        requires={out_dir / "results" / f"{stem}.safetensors": ()},
                     )
                     if progress:
                         print(f"robustness {stem}: {'computed' if computed else 'loaded'}", flush=True)
