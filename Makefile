@@ -4,7 +4,7 @@ PYTHON ?= python
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 FMNIST_DEB := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data browser main study test test-fast bench clean-outputs human-pairs rate human-analysis
+.PHONY: setup data browser main study verify smoke-main test test-fast bench clean-outputs human-pairs rate human-analysis
 
 setup:
 	@# Keep an existing torch (e.g. a CUDA build); install the pinned CPU-machine build otherwise.
@@ -27,13 +27,26 @@ browser:
 	else echo "browser: chromium/chromedriver not installed; the browser test will be skipped"; fi
 
 main:
-	@# The demo: both experiments at miniature sizes; its report is outputs/embedded/report/report.md.
+	@# The demo: both experiments at miniature sizes into outputs/embedded/ (never committed); its report,
+	@# outputs/embedded/report/report.md, ends with this run's numbers beside the committed reference's
+	@# (outputs/reference/demo). Resumable: run it again and it goes on from the last finished stage.
 	$(PYTHON) -m fcr.pipeline run --setting embedded
 
-study:
-	@# The powered study of params/study/ (hours on CPU; resumable): results in outputs/study/. Its report,
-	@# with the demo's stage times beside it, is the README's generated results section.
-	$(PYTHON) -m fcr.pipeline run --profile study --readme README.md
+verify:
+	@# The committed results (outputs/study, outputs/pilot, outputs/reference/demo): markers, their files,
+	@# fingerprints, no machine paths. One line per problem; exit status 2 when any.
+	$(PYTHON) -m fcr.pipeline verify
+
+smoke-main:
+	@# The main job's plumbing at CI sizes (params/smoke_pipeline.yaml) into an empty folder, then again:
+	@# the second run must find every stage complete (results are code-path checks, never results).
+	@root=$${SMOKE_ROOT:-$$(mktemp -d -t fcr-smoke-XXXXXX)}; set -e; \
+	$(PYTHON) -m fcr.pipeline run -f params/smoke_pipeline.yaml --root $$root; \
+	$(PYTHON) -m fcr.pipeline run -f params/smoke_pipeline.yaml --root $$root > $$root/again.log 2>&1 \
+		|| { cat $$root/again.log; exit 1; }; cat $$root/again.log; \
+	if grep -E '^   (ran|not complete)' $$root/again.log | grep -v -- '-> .*report$$'; then \
+		echo "smoke-main: the second run redid a finished stage"; exit 1; fi; \
+	echo "smoke-main: every stage ran, and the second run skipped every finished one ($$root)"
 
 test:
 	@# Notebooks run under nbval on copies with params/smoke.yaml injected (nbval has no parameter option).

@@ -31,6 +31,7 @@ __all__ = [
     "ABLATION_CONTRASTS",
     "MATCHED_COST",
     "FIDELITY_DIRECTIONS",
+    "FIDELITY_PER_IMAGE",
     "PAIRED_TESTS",
     "PRODUCERS",
     "QUALITY",
@@ -75,6 +76,9 @@ COST = "cost.csv"
 COST_TABLE = "cost_table.csv"
 PAIRED_TESTS = "paired_tests.csv"
 FIDELITY = "fidelity.csv"  # per cell x reference: paired caching fidelity (fcr.experiments.paired_fidelity)
+# Per image: model, config, seed, image, reference (+ its model and config) and every fidelity endpoint,
+# one table per sweep (what every paired contrast reads).
+FIDELITY_PER_IMAGE = "fidelity_per_image.parquet"
 # Paired fidelity endpoints (fcr.eval.fidelity): +1 higher is better (closer to the full-sampling
 # image), -1 lower is better.
 FIDELITY_DIRECTIONS: dict[str, int] = {"psnr": 1, "ssim": 1, "rmse": -1, "feature_distance": -1, "clip_drift": -1}
@@ -112,7 +116,7 @@ MATCHED_COST = "matched_cost.csv"
 # not complete (data preparation writes setting-specific files; its inventory covers them).
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "02_finetune": (RUN_PARAMS, TRAIN_CONFIG, TRAIN_LOG, "unet/config.json", "unet/diffusion_pytorch_model.safetensors"),
-    "03_stride_sweep": (QUALITY, SUMMARY, COST, COST_TABLE, PAIRED_TESTS, FIDELITY),
+    "03_stride_sweep": (QUALITY, SUMMARY, COST, COST_TABLE, PAIRED_TESTS, FIDELITY, FIDELITY_PER_IMAGE),
     "04_robustness": (ROBUSTNESS, DROPS, CRITERION),
     "05_mechanistic_regression": (VARIANCE, VARIANCE_REDUCTION),
     "06_baselines_frontier": (FRONTIER, MATCHED_COST),
@@ -126,6 +130,7 @@ PRODUCERS: dict[str, str] = {
     COST_TABLE: "notebook 03_stride_sweep (fcr.experiments.sweep.cost_table)",
     PAIRED_TESTS: "notebook 03_stride_sweep (fcr.experiments.sweep.paired_comparison)",
     FIDELITY: "notebook 03_stride_sweep (fcr.experiments.paired_fidelity.fidelity_table)",
+    FIDELITY_PER_IMAGE: "notebook 03_stride_sweep (fcr.experiments.paired_fidelity.fidelity_table)",
     CRITERION: "notebook 04_robustness",
     STRESS_FIDELITY: "notebook 04_robustness (fcr.experiments.robustness.fidelity.stress_fidelity_table)",
     VARIANCE_REDUCTION: "notebook 05_mechanistic_regression",

@@ -110,7 +110,7 @@ def test_verify_passes_on_the_committed_results_and_names_each_damage_in_a_clone
     sweep = clone / "outputs" / "study" / "exp-1-main-ablation" / "sweep" / "main"
     deleted = sorted((sweep / "quality").glob("*.json"))[0]
     deleted.unlink()
-    truncated = sorted((sweep / "fidelity").glob("*.safetensors"))[0]
+    truncated = sorted((sweep / "quality").glob("*.safetensors"))[-1]
     truncated.write_bytes(truncated.read_bytes()[:-16])
     table = clone / "outputs" / "reference" / "demo" / "report" / "safe_strides.csv"
     table.write_text(table.read_text().replace(",base,", ",/home/someone/fcr/models/base,", 1))
@@ -120,7 +120,7 @@ def test_verify_passes_on_the_committed_results_and_names_each_damage_in_a_clone
     assert len(problems) == 3, damaged.stdout
     rel = lambda p: p.relative_to(clone).as_posix()  # noqa: E731
     assert any(rel(deleted.parent.parent) in line and f"quality/{deleted.name}: missing" in line for line in problems)
-    assert any(f"fidelity/{truncated.name}" in line and "cut short" in line for line in problems)
+    assert any(f"quality/{truncated.name}" in line and "cut short" in line for line in problems)
     assert any(line.startswith(rel(table)) and "absolute machine path" in line for line in problems)
 
 

@@ -345,8 +345,8 @@ def test_variant_contrasts_pair_arms_across_sweep_folders_only_on_the_same_promp
     quality.to_csv(out / "quality.csv", index=False)
     other = tmp_path / "ablation_sweep"  # the FCR arm in its own run folder, the control in the main one
     other.mkdir()
-    for sub in ("quality", "fidelity"):
-        shutil.copytree(out / sub, other / sub)
+    shutil.copytree(out / "quality", other / "quality")
+    shutil.copy(out / contract.FIDELITY_PER_IMAGE, other / contract.FIDELITY_PER_IMAGE)
     quality.to_csv(other / "quality.csv", index=False)
     study = Study(strides=("FD-10", "FD-20"), n_boot=200)
     same = variant_contrasts([("one folder", out, "fcr", out, "control")], study)

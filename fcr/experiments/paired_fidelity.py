@@ -4,9 +4,9 @@ of the same prompts and initial noise, image by image (:mod:`fcr.eval.fidelity`)
 Two references per cell: the same model's ``full`` sampling (``own_full``: what caching itself
 changes) and, for a fine-tuned model, its original model's ``full`` sampling (``original_full``:
 how far the whole recipe, fine-tune plus caching, moves the images the user had). Per-image
-values go to ``out_dir/fidelity/<cell>__vs_<reference>.safetensors`` so any contrast is paired;
-:func:`fidelity_table` returns their means over the pooled images of all seeds with percentile
-bootstrap 95 % intervals.
+values go to one table per sweep, ``out_dir/fidelity_per_image.parquet`` (model, config, seed,
+image, reference, every endpoint), so any contrast is paired; :func:`fidelity_table` returns their
+means over the pooled images of all seeds with percentile bootstrap 95 % intervals.
 """
 
 from __future__ import annotations
@@ -21,13 +21,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fcr.contract import FIDELITY_DIRECTIONS
+from fcr.contract import FIDELITY_DIRECTIONS, FIDELITY_PER_IMAGE
 from fcr.eval.fidelity import fidelity
-from fcr.eval.results import save_safetensors_atomic
 from fcr.eval.stats import bootstrap_ci
 from fcr.experiments.sweep import load_side_file, quality_stem
 
-__all__ = ["REFERENCES", "cell_tensors", "fidelity_stem", "fidelity_table", "load_fidelity", "side_file_with_images"]
+__all__ = ["REFERENCES", "cell_tensors", "fidelity_table", "load_fidelity", "per_image_table",
+           "side_file_with_images", "write_per_image_table"]
+
+# Columns of the per-image table before the endpoints.
+PER_IMAGE_KEYS = ("model", "config", "seed", "image", "reference", "reference_model", "reference_config")
 
 REFERENCES: tuple[str, ...] = ("own_full", "original_full")
 
@@ -59,16 +62,57 @@ def cell_tensors(out_dir: str | Path, model: str, config: str, seed: int) -> tup
     return side_file_with_images(out_dir / "quality" / f"{stem}.safetensors", out_dir / "images" / stem)
 
 
-def fidelity_stem(model: str, config: str, seed: int, reference: str) -> str:
-    return f"{quality_stem(model, config, seed)}__vs_{reference}"
+def per_image_table(out_dir: str | Path) -> pd.DataFrame:
+    """The sweep's per-image fidelity table (:func:`fidelity_table` writes it), read once per version
+    of the file."""
+    path = Path(out_dir) / FIDELITY_PER_IMAGE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: it is written by fcr.experiments.paired_fidelity.fidelity_table")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _TABLES:
+        _TABLES.clear()  # one sweep at a time is read; never keep stale versions
+        _TABLES[key] = pd.read_parquet(path)
+    return _TABLES[key]
+
+
+_TABLES: dict[tuple[str, int, int], pd.DataFrame] = {}
 
 
 def load_fidelity(out_dir: str | Path, model: str, config: str, seed: int, reference: str) -> dict[str, torch.Tensor]:
-    """The per-image fidelity :func:`fidelity_table` wrote for one cell and reference."""
-    path = Path(out_dir) / "fidelity" / f"{fidelity_stem(model, config, seed, reference)}.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: it is written by fcr.experiments.paired_fidelity.fidelity_table")
-    return load_file(str(path))
+    """The per-image fidelity of one cell against ``reference``: endpoint -> values in image order."""
+    table = per_image_table(out_dir)
+    rows = table[(table["model"] == model) & (table["config"] == config) & (table["seed"] == int(seed))
+                 & (table["reference"] == reference)].sort_values("image")
+    if rows.empty:
+        raise FileNotFoundError(f"{Path(out_dir) / FIDELITY_PER_IMAGE} has no rows for {model}@{config} seed {seed} "
+                                f"vs {reference}: it is written by fcr.experiments.paired_fidelity.fidelity_table")
+    return {name: torch.from_numpy(rows[name].to_numpy(dtype=np.float64).copy())
+            for name in FIDELITY_DIRECTIONS if name in rows and rows[name].notna().all()}
+
+
+def write_per_image_table(out_dir: Path, parts: list[pd.DataFrame]) -> Path:
+    """Write the per-image rows atomically (a kill never leaves half a table)."""
+    path = out_dir / FIDELITY_PER_IMAGE
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(PER_IMAGE_KEYS))
+    table = table.sort_values(list(PER_IMAGE_KEYS[:5])).reset_index(drop=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    _TABLES.clear()
+    return path
+
+
+def _per_image_rows(values: Mapping[str, torch.Tensor], **keys: Any) -> pd.DataFrame:
+    """One row per image of one cell and reference: ``keys`` (PER_IMAGE_KEYS but image), the image
+    index, every endpoint of ``values``."""
+    n = next(iter(values.values())).shape[0]
+    frame = pd.DataFrame({**{name: [value] * n for name, value in keys.items()}, "image": np.arange(n, dtype=np.int64)})
+    for name in FIDELITY_DIRECTIONS:
+        if name in values:
+            frame[name] = values[name].double().numpy()
+    return frame[[*PER_IMAGE_KEYS, *(c for c in frame.columns if c not in PER_IMAGE_KEYS)]]
 
 
 def fidelity_table(
@@ -80,7 +124,7 @@ def fidelity_table(
     n_boot: int = 200,
 ) -> pd.DataFrame:
     """Per-image fidelity of every cell of ``quality`` (run_sweep's table) against its references (:data:`REFERENCES`; ``origins``: {fine-tuned label: original label}),
-    written per image and seed; returns one row per model x configuration x reference with, per
+    written per image to ``out_dir/fidelity_per_image.parquet``; returns one row per model x configuration x reference with, per
     endpoint, the mean over all images of all seeds (pairs: image ``i`` of seed ``k``) and its
     percentile bootstrap interval (``<endpoint>``, ``_lo``, ``_hi``), ``n_images`` and ``n_seeds``. A
     ``reference_config`` cell is compared with its original's only (a fine-tune's full sampling).
@@ -90,6 +134,7 @@ def fidelity_table(
     strides = {(str(m), str(c)): s for m, c, s in zip(quality["model"], quality["config"], quality.get("stride", []))}
     pooled: dict[tuple[str, str, str, str], list[dict[str, torch.Tensor]]] = {}
     references: dict[tuple[str, int], tuple[dict[str, torch.Tensor], str]] = {}  # each full cell read once
+    per_image: list[pd.DataFrame] = []
     for model, config, seed in sorted(ran):
         # A fine-tune's own full sampling is compared with its original's (the frontier's point of
         # the fine-tune without caching); against itself it would be the identity.
@@ -108,12 +153,8 @@ def fidelity_table(
                 raise ValueError(f"{model}@{config} and {ref_model}@{reference_config} (seed {seed}) were not made "
                                  "from the same prompts: no paired comparison")
             values = fidelity(cell, ref)
-            save_safetensors_atomic(
-                {k: v.contiguous() for k, v in values.items()},
-                out_dir / "fidelity" / f"{fidelity_stem(model, config, seed, reference)}.safetensors",
-                {"model": model, "config": config, "seed": str(seed), "reference": reference,
-                 "reference_model": ref_model, "reference_config": reference_config},
-            )
+            per_image.append(_per_image_rows(values, model=model, config=config, seed=int(seed), reference=reference,
+                                             reference_model=ref_model, reference_config=reference_config))
             pooled.setdefault((model, config, reference, ref_model), []).append(values)
     rows: list[dict[str, Any]] = []
     for (model, config, reference, ref_model), parts in pooled.items():
@@ -128,4 +169,5 @@ def fidelity_table(
         row["n_images"] = int(sum(next(iter(p.values())).shape[0] for p in parts))
         row["n_seeds"] = len(parts)
         rows.append(row)
+    write_per_image_table(out_dir, per_image)
     return pd.DataFrame(rows)
