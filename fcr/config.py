@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["SCHEMA", "SETTING_TASKS", "TASKS", "ConfigError", "Param", "from_namespace", "load_params", "load_yaml", "merge", "validate"]
+__all__ = ["rule_of", "SCHEMA", "SETTING_TASKS", "TASKS", "ConfigError", "Param", "from_namespace", "load_params", "load_yaml", "merge", "validate"]
 
 
 class ConfigError(ValueError):
@@ -41,8 +41,22 @@ class Param:
     check: Check | None = None
 
 
+def _described(check: Check, rule: str) -> Check:
+    """``check`` with a readable ``rule`` (docs/parameters.md shows it)."""
+    check.rule = rule  # type: ignore[attr-defined]
+    return check
+
+
+def rule_of(param: Param) -> str:
+    """The constraint of ``param`` in words: its choices and its check's rule."""
+    parts = [f"one of {', '.join(map(str, param.choices))}"] if param.choices else []
+    if param.check is not None:
+        parts.append(getattr(param.check, "rule", "checked by a custom rule (fcr/config.py)"))
+    return "; ".join(parts)
+
+
 def _at_least(lo: float) -> Check:
-    return lambda v: None if v >= lo else f"must be >= {lo}"
+    return _described(lambda v: None if v >= lo else f"must be >= {lo}", f">= {lo}")
 
 
 def _positive(v: float) -> str | None:
@@ -53,6 +67,10 @@ def _fraction(v: float) -> str | None:
     return None if 0.0 <= v <= 1.0 else "must be within [0, 1]"
 
 
+_positive.rule = "> 0"  # type: ignore[attr-defined]
+_fraction.rule = "within [0, 1]"  # type: ignore[attr-defined]
+
+
 def _each(check: Check) -> Check:
     def run(values: list) -> str | None:
         for v in values:
@@ -61,12 +79,15 @@ def _each(check: Check) -> Check:
                 return f"every entry {err} (got {v!r})"
         return None
 
-    return run
+    return _described(run, f"every entry {getattr(check, 'rule', 'checked')}")
 
 
 def _source_spec(v: str) -> str | None:
     model, sep, config = v.rpartition(":")
     return None if sep and model and config else "must be '<model>:<config>' of a sweep, e.g. 'base:FD-5'"
+
+
+_source_spec.rule = "'<model>:<config>' of a sweep"  # type: ignore[attr-defined]
 
 
 def _non_empty(check: Check | None = None) -> Check:
@@ -75,7 +96,7 @@ def _non_empty(check: Check | None = None) -> Check:
             return "must not be empty"
         return check(values) if check else None
 
-    return run
+    return _described(run, "non-empty" + (f", {getattr(check, 'rule', 'checked')}" if check else ""))
 
 
 SCHEDULER_NAMES = ("ddim", "dpmsolver++", "euler")

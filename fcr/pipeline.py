@@ -164,13 +164,14 @@ def plan(
             from fcr.report.readme import update_readme
             from fcr.report.tables import build_report
 
-            # Figure links in the README are relative to the README's folder.
-            link_base = Path(readme).resolve().parent if readme is not None else None
             write_stage_times(root, stage_times(root))
-            result = build_report(root, report_dir, link_base=link_base, setting=setting, manifest=manifest,
-                                  timing_beside=timing_beside, reference=reference)
-            if readme is not None:
-                update_readme(readme, result["readme_markdown"], root=root)
+            build_report(root, report_dir, setting=setting, manifest=manifest, timing_beside=timing_beside,
+                         reference=reference)
+            if readme is not None:  # the README's results block and the profile's docs/results page
+                from fcr.report.front_page import RESULTS_PAGES, front_page_block, write_results_pages
+
+                update_readme(readme, front_page_block(report_dir), header="## Results")
+                write_results_pages({n: d for n, d in RESULTS_PAGES.items() if d.resolve() == report_dir.resolve()})
 
         tasks.append(Task("report", report_dir, [], {"experiments": chosen, "always": time.time()}, action=build))
     for task in tasks:

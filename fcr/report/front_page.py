@@ -1,0 +1,165 @@
+"""What the README and docs/results/ show of a run's report, generated from its committed tables only
+(pandas; no torch): the README's compact results block and one docs page per profile.
+
+``python -m fcr.report.front_page`` rewrites both from the committed reports; the claims test
+(tests/test_claims.py) renders the block again from the same files and compares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from fcr import contract
+from fcr.paths import REPO_ROOT, display_path
+from fcr.report.rows import format_number, markdown_table
+
+__all__ = ["RESULTS_PAGES", "front_page_block", "parameters_table", "results_page", "write_parameters_page",
+           "write_results_pages"]
+
+STUDY_REPORT = REPO_ROOT / "outputs" / "study" / "report"
+# docs/results/<name>.md <- the report folder it shows.
+RESULTS_PAGES = {
+    "study": STUDY_REPORT,
+    "demo": REPO_ROOT / "outputs" / "reference" / "demo" / "report",
+    "pilot": REPO_ROOT / "outputs" / "pilot" / "report",
+}
+C_SEED = "c. robustness (seed's point estimates)"
+
+
+def _ci(row: pd.Series) -> str:
+    return f"[{format_number(row['lo'])}, {format_number(row['hi'])}]"
+
+
+def _primary(contrasts: pd.DataFrame) -> str:
+    rows = contrasts[contrasts["family"] == "primary"]
+    table = pd.DataFrame({
+        "backbone": rows["backbone"], "contrast": rows["contrast"], "stride": rows["config"],
+        "endpoint": rows["endpoint"], "n pairs": rows["n"].astype(int),
+        "estimate": rows["estimate"].map(format_number), "95 % CI": rows.apply(_ci, axis=1),
+        "p (Holm)": rows["p_holm"].map(format_number), "tests in family": rows["m_tests"].astype(int),
+        "MDE": rows["mde"].map(format_number), "training runs per arm": rows["n_runs"].map(
+            lambda v: "" if pd.isna(v) else str(int(v))), "decision": rows["decision"]})
+    return markdown_table(table)
+
+
+def _criteria(verdict: pd.DataFrame) -> str:
+    """The criterion rows, with the seed's own test of c beside the repository's and the models
+    without FCR beside a (context rows of the same verdict, never re-decided here)."""
+    shown = []
+    passed = {True: "PASS", False: "FAIL"}
+    for _, row in verdict.iterrows():
+        crit, kind = str(row["criterion"]), str(row["kind"])
+        verdict_text = passed.get(row["passed"] if isinstance(row["passed"], bool) else
+                                  {"True": True, "False": False}.get(str(row["passed"])), "n/a")
+        if kind == "criterion" or (crit == C_SEED and "all" not in str(row["scope"])):
+            label, measured = crit, str(row["measured"])
+            if crit == "c. robustness":
+                label = "c. robustness, additional analysis (difference in differences, 0.5 dB margin)"
+                runs = re.search(r"mean over (\d+) training run", str(row["note"]))
+                if runs:
+                    measured += f"; FCR training runs in the stress run: {runs.group(1)}"
+            elif crit == C_SEED:
+                label = "c. robustness, the seed's definition (drop under stress ≤ the original's)"
+            shown.append({"criterion": label, "scope": row["scope"], "measured": measured,
+                          "verdict": verdict_text})
+        elif kind == "context" and crit.startswith("a. ") and "FCR" not in str(row["scope"]):
+            shown.append({"criterion": "a. (context: a model without FCR)", "scope": row["scope"],
+                          "measured": row["measured"], "verdict": verdict_text})
+    return markdown_table(pd.DataFrame(shown))
+
+
+def front_page_block(report_dir: Path = STUDY_REPORT) -> str:
+    """The README's results block: the primary contrasts and the seed's criteria, from
+    ``contrasts.csv`` and ``verdict.csv`` of ``report_dir``."""
+    contrasts = pd.read_csv(report_dir / contract.CONTRASTS)
+    verdict = pd.read_csv(report_dir / "verdict.csv")
+    where = display_path(report_dir)
+    return "\n".join([
+        f"Generated from `{where}/{contract.CONTRASTS}` and `{where}/verdict.csv` by "
+        "`python -m fcr.report.front_page`; nothing in this block is typed by hand.",
+        "",
+        "**Primary contrast** (PSNR of each cached image to the same model's full-sampling image, FCR minus "
+        "control, paired over prompt and initial noise, mean over the training runs of each arm):",
+        "",
+        _primary(contrasts),
+        "**The seed's success criteria** (embedded equivalents: FD of the `fashioncnn` features plays FID, "
+        "the prompted class's accuracy plays CLIPScore):",
+        "",
+        _criteria(verdict),
+        "Every row, note and part: [docs/results/study.md](docs/results/study.md).",
+    ])
+
+
+def results_page(report_dir: Path, page: Path) -> str:
+    """``report_dir``'s report.md with its relative links rewritten to work from ``page``."""
+    text = (report_dir / "report.md").read_text(encoding="utf-8")
+    prefix = Path(os.path.relpath(report_dir, page.parent)).as_posix()
+
+    def relink(match: re.Match) -> str:
+        target = match.group(2)
+        if re.match(r"[a-z]+:|/|#", target):
+            return match.group(0)
+        return f"{match.group(1)}({prefix}/{target})"
+
+    body = re.sub(r"(!?\[[^\]]*\])\(([^)]+)\)", relink, text)
+    title = f"# Results: {page.stem}\n\nGenerated from `{display_path(report_dir)}/report.md` (the report stage of the pipeline); " \
+            "nothing here is typed by hand. Back to the [README](../../README.md).\n\n"
+    return title + body
+
+
+def write_results_pages(pages: dict[str, Path] = RESULTS_PAGES, folder: Path = REPO_ROOT / "docs" / "results") -> list[Path]:
+    written = []
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, report_dir in pages.items():
+        if (report_dir / "report.md").is_file():
+            page = folder / f"{name}.md"
+            page.write_text(results_page(report_dir, page), encoding="utf-8")
+            written.append(page)
+    return written
+
+
+PARAMETERS_START, PARAMETERS_END = "<!-- parameters:start -->", "<!-- parameters:end -->"
+
+
+def parameters_table() -> str:
+    """Every key of :data:`fcr.config.SCHEMA`: type, default, constraint, doc."""
+    from fcr.config import SCHEMA, rule_of
+
+    rows = [{"key": f"`{key}`", "type": p.kind, "default": f"`{p.default!r}`", "constraint": rule_of(p),
+             "doc": p.doc.replace("|", "\\|")} for key, p in SCHEMA.items()]
+    return markdown_table(pd.DataFrame(rows))
+
+
+def write_parameters_page(page: Path = REPO_ROOT / "docs" / "parameters.md") -> Path:
+    """Replace the generated table of ``page`` (between the parameters markers; appended when absent)."""
+    text = page.read_text(encoding="utf-8") if page.is_file() else "# Parameters\n"
+    block = (f"{PARAMETERS_START}\n## Every key (generated from `fcr/config.py` `SCHEMA`)\n\n"
+             f"{parameters_table()}{PARAMETERS_END}")
+    if PARAMETERS_START in text:
+        text = re.sub(re.escape(PARAMETERS_START) + ".*?" + re.escape(PARAMETERS_END), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    page.write_text(text, encoding="utf-8")
+    return page
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fcr.report.readme import update_readme
+
+    parser = argparse.ArgumentParser(prog="python -m fcr.report.front_page")
+    parser.add_argument("--readme", default=str(REPO_ROOT / "README.md"))
+    args = parser.parse_args(argv)
+    update_readme(args.readme, front_page_block(), header="## Results")
+    for page in [*write_results_pages(), write_parameters_page()]:
+        print(f"wrote {display_path(page)}")
+    print(f"updated the results block of {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""Every generated number in the README and docs/ comes from a committed file: the generated parts
+are rendered again from the committed tables and must equal what is written; the few numbers of
+the hand-written prose are checked against the files they come from; every relative link resolves."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from fcr import contract
+from fcr.report.front_page import (PARAMETERS_END, PARAMETERS_START, RESULTS_PAGES, STUDY_REPORT, front_page_block,
+                                   parameters_table, results_page)
+from fcr.report.readme import README_END, README_START
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+
+
+def _between(text: str, start: str, end: str) -> str:
+    return text[text.index(start) + len(start):text.index(end)]
+
+
+def test_the_readme_results_block_is_the_committed_tables_rendered() -> None:
+    block = _between(README.read_text(encoding="utf-8"), README_START, README_END)
+    assert block.strip() == f"## Results\n\n{front_page_block(STUDY_REPORT)}".strip()
+
+
+def test_results_pages_and_the_parameters_page_are_regenerated_from_committed_files() -> None:
+    for name, report_dir in RESULTS_PAGES.items():
+        page = REPO / "docs" / "results" / f"{name}.md"
+        assert page.read_text(encoding="utf-8") == results_page(report_dir, page), f"{page}: run python -m fcr.report.front_page"
+    params = (REPO / "docs" / "parameters.md").read_text(encoding="utf-8")
+    assert parameters_table() in _between(params, PARAMETERS_START, PARAMETERS_END)
+
+
+def test_the_front_page_gives_the_answer_first() -> None:
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 150
+    assert lines[3].startswith("make setup main") and lines[4].startswith("make setup test")
+    head = "\n".join(lines[:60])
+    figure = re.search(r"!\[[^\]]*\]\(([^)]+\.png)\)", head)
+    assert figure and (REPO / figure.group(1)).is_file()
+    assert README_START in head
+    assert next(i for i, line in enumerate(lines) if line.startswith("| backbone | contrast")) < 60
+
+
+def test_hand_written_numbers_match_their_files() -> None:
+    text = README.read_text(encoding="utf-8")
+    primary = pd.read_csv(STUDY_REPORT / contract.CONTRASTS).query("family == 'primary'")
+    assert "320 paired prompt/noise pairs" in text and set(primary["n"]) == {320}
+    assert "three fine-tuning runs per arm" in text and set(primary["n_runs"]) == {3.0}
+    assert "less faithful" in text and set(primary["decision"]) == {"FCR worse"}
+    times = pd.read_csv(REPO / "outputs" / "reference" / "demo" / "report" / contract.STAGE_TIMES)
+    total = times["seconds"].sum()
+    assert "about 35 min" in text and round(total / 60) == 35
+    reproducing = (REPO / "docs" / "reproducing.md").read_text(encoding="utf-8")
+    assert f"{total:.1f} s = {total / 60:.1f} min" in reproducing
+
+
+def test_every_relative_link_resolves() -> None:
+    pages = [README, REPO / "outputs" / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:|#", target):
+                continue
+            if not (page.parent / target.split("#")[0]).exists():
+                broken.append(f"{page.relative_to(REPO)} -> {target}")
+    assert not broken, broken
