@@ -11,7 +11,7 @@ import pandas as pd
 
 from fcr import contract
 from fcr.report.front_page import (PARAMETERS_END, PARAMETERS_START, RESULTS_PAGES, STUDY_REPORT, front_page_block,
-                                   parameters_table, results_page)
+                                   parameters_table, results_page, wall_time_page)
 from fcr.report.readme import README_END, README_START
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +31,7 @@ def test_results_pages_and_the_parameters_page_are_regenerated_from_committed_fi
     for name, report_dir in RESULTS_PAGES.items():
         page = REPO / "docs" / "results" / f"{name}.md"
         assert page.read_text(encoding="utf-8") == results_page(report_dir, page), f"{page}: run python -m fcr.report.front_page"
+    assert (REPO / "docs" / "results" / "wall_time.md").read_text(encoding="utf-8") == wall_time_page()
     params = (REPO / "docs" / "parameters.md").read_text(encoding="utf-8")
     assert parameters_table() in _between(params, PARAMETERS_START, PARAMETERS_END)
 
@@ -69,3 +70,16 @@ def test_every_relative_link_resolves() -> None:
             if not (page.parent / target.split("#")[0]).exists():
                 broken.append(f"{page.relative_to(REPO)} -> {target}")
     assert not broken, broken
+
+
+def test_wall_time_ratios_are_reference_time_over_config_time(tmp_path: Path) -> None:
+    from fcr.report.front_page import wall_time_ratios
+
+    sweep = tmp_path / "run" / "sweep"
+    sweep.mkdir(parents=True)
+    pd.DataFrame([{"architecture": "base", "config": "FD-5", "time_per_image_s_bs1": 2.0, "time_per_image_s_bs8": 1.0},
+                  {"architecture": "base", "config": "FD-10", "time_per_image_s_bs1": 1.0, "time_per_image_s_bs8": 0.8}]
+                 ).to_csv(sweep / contract.COST, index=False)
+    ratios = wall_time_ratios(("run",), repo=tmp_path)
+    assert list(ratios["batch"]) == [1, 8]
+    assert list(ratios["speed-up"]) == [2.0, 1.25] and set(ratios["comparison"]) == {"FD-10 vs FD-5"}

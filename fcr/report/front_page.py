@@ -18,7 +18,8 @@ from fcr import contract
 from fcr.paths import REPO_ROOT, display_path
 from fcr.report.rows import format_number, markdown_table
 
-__all__ = ["RESULTS_PAGES", "front_page_block", "parameters_table", "results_page", "write_parameters_page",
+__all__ = ["RESULTS_PAGES", "front_page_block", "parameters_table", "results_page", "wall_time_page", "wall_time_ratios",
+           "write_parameters_page",
            "write_results_pages"]
 
 STUDY_REPORT = REPO_ROOT / "outputs" / "study" / "report"
@@ -29,6 +30,35 @@ RESULTS_PAGES = {
     "pilot": REPO_ROOT / "outputs" / "pilot" / "report",
 }
 C_SEED = "c. robustness (seed's point estimates)"
+# Every committed sweep's cost table: criterion b's wall-time ratio is reported over all of them.
+COST_SOURCES = ("outputs/study", "outputs/reference/demo")
+SPEEDUPS = (("FD-10", "FD-5"), ("DeepCache-10-b0", "FD-5"))
+
+
+def wall_time_ratios(sources: tuple[str, ...] = COST_SOURCES, repo: Path = REPO_ROOT) -> pd.DataFrame:
+    """Wall-time speed-up ``time(reference) / time(config)`` per committed cost table, architecture
+    and batch size, for the comparisons of :data:`SPEEDUPS` (criterion b): one row per measurement."""
+    rows = []
+    for source in sources:
+        for path in sorted((repo / source).rglob(contract.COST)):
+            cost = pd.read_csv(path)
+            for arch, group in cost.groupby("architecture"):
+                times = group.set_index("config")
+                for column in sorted(c for c in cost.columns if re.fullmatch(r"time_per_image_s_bs\d+", c)):
+                    for config, reference in SPEEDUPS:
+                        if config in times.index and reference in times.index:
+                            ratio = times.loc[reference, column] / times.loc[config, column]
+                            if pd.notna(ratio):
+                                rows.append({"cost table": display_path(path), "architecture": arch,
+                                             "batch": int(column.rsplit("bs", 1)[1]), "comparison": f"{config} vs {reference}",
+                                             "speed-up": float(ratio)})
+    return pd.DataFrame(rows, columns=["cost table", "architecture", "batch", "comparison", "speed-up"])
+
+
+def _spread(ratios: pd.DataFrame) -> str:
+    summary = ratios.groupby(["comparison", "batch"])["speed-up"].agg(["count", "min", "median", "max"]).reset_index()
+    summary = summary.rename(columns={"count": "measurements"})
+    return markdown_table(summary.map(lambda x: format_number(x) if isinstance(x, float) else x))
 
 
 def _ci(row: pd.Series) -> str:
@@ -91,7 +121,13 @@ def front_page_block(report_dir: Path = STUDY_REPORT) -> str:
         "the prompted class's accuracy plays CLIPScore):",
         "",
         _criteria(verdict),
-        "Every row, note and part: [docs/results/study.md](docs/results/study.md).",
+        "Criterion b's wall-time speed-ups over every committed CPU measurement (each sweep's cost table; "
+        "wall time depends on the machine and its load, so one measurement decides nothing; on CPU the "
+        "process's resident set is no per-configuration memory measurement, so memory is n/a there):",
+        "",
+        _spread(wall_time_ratios()),
+        "Every measurement: [docs/results/wall_time.md](docs/results/wall_time.md); every row, note and part "
+        "of the verdict: [docs/results/study.md](docs/results/study.md).",
     ])
 
 
@@ -112,9 +148,20 @@ def results_page(report_dir: Path, page: Path) -> str:
     return title + body
 
 
+def wall_time_page() -> str:
+    ratios = wall_time_ratios()
+    shown = ratios.map(lambda x: format_number(x) if isinstance(x, float) else x)
+    return ("# Results: wall-time speed-ups\n\nGenerated from every committed cost table (`cost.csv` of each sweep "
+            f"under {', '.join(f'`{s}`' for s in COST_SOURCES)}) by `python -m fcr.report.front_page`; speed-up = "
+            "time per image of the reference configuration / of the configuration, medians of timed repeats. Back to "
+            "the [README](../../README.md).\n\n" + _spread(ratios) + "\n" + markdown_table(shown))
+
+
 def write_results_pages(pages: dict[str, Path] = RESULTS_PAGES, folder: Path = REPO_ROOT / "docs" / "results") -> list[Path]:
     written = []
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "wall_time.md").write_text(wall_time_page(), encoding="utf-8")
+    written.append(folder / "wall_time.md")
     for name, report_dir in pages.items():
         if (report_dir / "report.md").is_file():
             page = folder / f"{name}.md"
