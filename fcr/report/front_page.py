@@ -29,7 +29,6 @@ RESULTS_PAGES = {
     "demo": REPO_ROOT / "outputs" / "reference" / "demo" / "report",
     "pilot": REPO_ROOT / "outputs" / "pilot" / "report",
 }
-C_SEED = "c. robustness (seed's point estimates)"
 # Every committed sweep's cost table: criterion b's wall-time ratio is reported over all of them.
 COST_SOURCES = ("outputs/study", "outputs/reference/demo")
 SPEEDUPS = (("FD-10", "FD-5"), ("DeepCache-10-b0", "FD-5"))
@@ -78,28 +77,30 @@ def _primary(contrasts: pd.DataFrame) -> str:
 
 
 def _criteria(verdict: pd.DataFrame) -> str:
-    """The criterion rows, with the seed's own test of c beside the repository's and the models
-    without FCR beside a (context rows of the same verdict, never re-decided here)."""
+    """The criterion rows as the verdict decided them, with rows of the same verdict beside two of
+    them: criterion c per backbone and its difference-in-differences analysis (context, decides
+    nothing), and criterion a for the models without FCR (context). Nothing is re-decided here."""
+    from fcr.report.robustness_criterion import C_NAME, DID_NAME
+
+    words = {"True": "PASS", "False": "FAIL"}
     shown = []
-    passed = {True: "PASS", False: "FAIL"}
     for _, row in verdict.iterrows():
-        crit, kind = str(row["criterion"]), str(row["kind"])
-        verdict_text = passed.get(row["passed"] if isinstance(row["passed"], bool) else
-                                  {"True": True, "False": False}.get(str(row["passed"])), "n/a")
-        if kind == "criterion" or (crit == C_SEED and "all" not in str(row["scope"])):
-            label, measured = crit, str(row["measured"])
-            if crit == "c. robustness":
-                label = "c. robustness, additional analysis (difference in differences, 0.5 dB margin)"
-                runs = re.search(r"mean over (\d+) training run", str(row["note"]))
-                if runs:
-                    measured += f"; FCR training runs in the stress run: {runs.group(1)}"
-            elif crit == C_SEED:
-                label = "c. robustness, the seed's definition (drop under stress ≤ the original's)"
-            shown.append({"criterion": label, "scope": row["scope"], "measured": measured,
-                          "verdict": verdict_text})
-        elif kind == "context" and crit.startswith("a. ") and "FCR" not in str(row["scope"]):
-            shown.append({"criterion": "a. (context: a model without FCR)", "scope": row["scope"],
-                          "measured": row["measured"], "verdict": verdict_text})
+        crit, kind, scope = str(row["criterion"]), str(row["kind"]), str(row["scope"])
+        label, measured = crit, str(row["measured"])
+        if crit == C_NAME:
+            label = "c. robustness (the seed's definition: FCR's drop under each stress ≤ the original's)"
+            if kind not in ("criterion", "part"):
+                continue
+        elif crit == DID_NAME:
+            label = "c. (additional analysis, decides nothing: difference in differences, 0.5 dB margin)"
+            runs = re.search(r"mean over (\d+) training run", str(row["note"]))
+            measured += f"; FCR training runs in the stress run: {runs.group(1)}" if runs else ""
+        elif crit.startswith("a. ") and kind == "context" and "FCR" not in scope:
+            label = "a. (context: a model without FCR)"
+        elif kind != "criterion":
+            continue
+        shown.append({"criterion": label, "scope": scope, "measured": measured,
+                      "verdict": words.get(str(row["passed"]), "n/a")})
     return markdown_table(pd.DataFrame(shown))
 
 

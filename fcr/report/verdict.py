@@ -85,7 +85,7 @@ def evaluate_criteria(
     ``sd_gpu_cost``: ``benchmarks/bench_sd_gpu.py``'s CSV: adds criterion-b context rows at SD scale.
     ``human_analysis``: notebook 07's output folder: the human-preference context row (n/a without ratings).
     ``stress_did``: the study's criterion-c family (:func:`fcr.report.study.stress_did_table`); where it
-    has rows, criterion c is its difference in differences and the seed's point estimates are context.
+    has rows, its difference in differences follows criterion c (the seed's definition) as context rows.
     ``contrasts``: the study's pre-registered contrasts (:func:`fcr.report.study.study_tables`);
     criterion a of a backbone with a study is then its non-inferiority test; ``safe_strides`` (the
     study's per-model stride tests) adds the same test of the original model and of the control at
