@@ -15,6 +15,7 @@ __all__ = [
     "REPRODUCTION",
     "STAGE_OUTPUTS",
     "STAGE_TIMES",
+    "PIPELINE_TIMING",
     "TRANSIENT",
     "COLUMNS",
     "COST",
@@ -62,6 +63,7 @@ __all__ = [
 DONE_MARKER = ".pipeline_done.json"
 ATTEMPTS_RECORD = ".pipeline_attempts.json"
 STAGE_TIMES = "stage_times.csv"
+PIPELINE_TIMING = "pipeline_timing.json"  # this invocation's stages, written after the report's marker
 TRANSIENT = "checkpoints"  # training checkpoints: for resuming only, never part of a finished stage
 # The main job's report: this run's numbers beside the committed reference run's (fcr.report.reproduction).
 REPRODUCTION = "reproduction.csv"

@@ -78,7 +78,8 @@ def make_portable(folder: Path) -> list[Path]:
 def write_marker(folder: Path, fingerprint: str, record: dict[str, Any]) -> dict[str, Any]:
     """Mark the stage in ``folder`` complete: ``record`` (times, attempts) plus the fingerprint and
     the inventory of every file under ``folder`` except training checkpoints and pipeline records."""
-    files = inventory(folder, skip=(contract.TRANSIENT, contract.DONE_MARKER, contract.ATTEMPTS_RECORD))
+    files = inventory(folder, skip=(contract.TRANSIENT, contract.DONE_MARKER, contract.ATTEMPTS_RECORD,
+                                      contract.PIPELINE_TIMING))
     marker = {**record, "fingerprint": fingerprint, "files": files,
               "finished": record.get("finished", time.strftime("%Y-%m-%dT%H:%M:%S%z"))}
     write_json_atomic(folder / contract.DONE_MARKER, marker)

@@ -325,7 +325,7 @@ def run(setting: str = "embedded", *, root: str | Path | None = None, experiment
         print(f"   {stages[-1].status} ({stages[-1].seconds:.0f} s) -> {stages[-1].output}", flush=True)
     total = time.perf_counter() - start
     timing = [{"name": s.name, "status": s.status, "seconds": s.seconds} for s in stages]
-    write_json_atomic(root_dir / "report" / "pipeline_timing.json",
+    write_json_atomic(root_dir / "report" / contract.PIPELINE_TIMING,
                       {"total_seconds_this_invocation": total, "stages": timing})
     print("\n== main job summary ==")
     for s in stages:

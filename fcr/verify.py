@@ -39,6 +39,7 @@ COMMITTED = (
     Committed("study", REPO_ROOT / "outputs" / "study", profile="study"),
     Committed("pilot", REPO_ROOT / "outputs" / "pilot"),
     Committed("demo reference", REPO_ROOT / "outputs" / "reference" / "demo"),
+    Committed("demo reproductions", REPO_ROOT / "outputs" / "reference" / "reproductions"),
 )
 
 

@@ -58,6 +58,13 @@ def test_hand_written_numbers_match_their_files() -> None:
     assert "about 35 min" in text and round(total / 60) == 35
     reproducing = (REPO / "docs" / "reproducing.md").read_text(encoding="utf-8")
     assert f"{total:.1f} s = {total / 60:.1f} min" in reproducing
+    again = REPO / "outputs" / "reference" / "reproductions" / "2026-12-06-intel-xeon"
+    table = pd.read_csv(again / contract.REPRODUCTION)
+    judged = table[table["rule"] != "shown"]
+    assert f"{int(judged['within'].sum())} of {len(judged)} judged values within tolerance" in reproducing
+    assert f"largest relative difference {judged['relative_difference'].abs().max():.1e}" in reproducing
+    seconds = pd.read_csv(again / contract.STAGE_TIMES)["seconds"].sum()
+    assert f"{seconds:.0f} s = {seconds / 60:.1f} min" in reproducing
 
 
 def test_every_relative_link_resolves() -> None:

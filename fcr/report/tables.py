@@ -23,7 +23,7 @@ import pandas as pd
 
 from fcr import contract, markers
 from fcr.manifest import MANIFEST, Backbone, backbones_of
-from fcr.paths import REPO_ROOT, display_path
+from fcr.paths import REPO_ROOT, display_path, portable_text
 from fcr.report.mechanism import trajectory_section
 from fcr.report.quality_cost import A_NAME
 from fcr.report.readme import update_readme
@@ -473,8 +473,8 @@ def build_report(
     verdict = evaluate_criteria(root, setting=setting, backbones=backbones, contrasts=study_results[0],
                                  safe_strides=study_results[1], stress_did=stress_did, **kwargs)
     # Paths in the notes as a reader of this checkout opens them (relative to the repository).
-    for col in ("measured", "note"):
-        verdict[col] = verdict[col].astype(str).str.replace(f"{REPO_ROOT.as_posix()}/", "", regex=False)
+    for col in ("scope", "measured", "note"):
+        verdict[col] = verdict[col].astype(str).map(portable_text)
     verdict.to_csv(out_dir / "verdict.csv", index=False)
     files.append(out_dir / "verdict.csv")
     intro = ["### Success criteria (seed section 5)",
