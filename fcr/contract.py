@@ -118,7 +118,7 @@ MATCHED_COST = "matched_cost.csv"
 # not complete (data preparation writes setting-specific files; its inventory covers them).
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "02_finetune": (RUN_PARAMS, TRAIN_CONFIG, TRAIN_LOG, "unet/config.json", "unet/diffusion_pytorch_model.safetensors"),
-    "03_stride_sweep": (QUALITY, SUMMARY, COST, COST_TABLE, PAIRED_TESTS, FIDELITY, FIDELITY_PER_IMAGE),
+    "03_stride_sweep": (QUALITY, SUMMARY, COST, COST_TABLE, FIDELITY, FIDELITY_PER_IMAGE),  # paired tests: embedded only
     "04_robustness": (ROBUSTNESS, DROPS, CRITERION),
     "05_mechanistic_regression": (VARIANCE, VARIANCE_REDUCTION),
     "06_baselines_frontier": (FRONTIER, MATCHED_COST),

@@ -56,8 +56,10 @@ def incomplete(folder: Path, fingerprint: str | None, notebook: str | None = Non
 
 
 def make_portable(folder: Path) -> list[Path]:
-    """Rewrite the text files under ``folder`` that hold this machine's paths (an executed
-    notebook's warnings, a table's model folder) with :func:`fcr.paths.portable_text`; returns them."""
+    """Rewrite the text files under ``folder`` that hold this checkout's paths (a table's model
+    folder) relative to it, and in executed notebooks (logs) the interpreter's, home and temporary
+    folders too (:func:`fcr.paths.portable_text`); returns the files rewritten. A path outside the
+    checkout in a result or parameter file stays as it is: it is read back (e.g. an SD base model)."""
     changed = []
     for path in sorted(folder.rglob("*")):
         if not path.is_file() or path.suffix.lower() not in _TEXT_SUFFIXES or contract.TRANSIENT in path.parts:
@@ -66,7 +68,7 @@ def make_portable(folder: Path) -> list[Path]:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             continue
-        new = portable_text(text)
+        new = portable_text(text, logs=path.suffix.lower() == ".ipynb")  # only logs lose paths
         if new != text:
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text(new, encoding="utf-8")

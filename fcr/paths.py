@@ -43,26 +43,28 @@ def _is_checkout(folder: Path) -> bool:
     return (folder / "pyproject.toml").is_file() and (folder / "fcr" / "paths.py").is_file()
 
 
-def _prefixes() -> list[tuple[str, str]]:
+def _prefixes(logs: bool) -> list[tuple[str, str]]:
     """(machine prefix, portable spelling), longest first so a nested prefix wins."""
     pairs = {str(REPO_ROOT) + "/": "", os.path.realpath(REPO_ROOT) + "/": ""}
-    for name in ("purelib", "platlib", "stdlib"):
-        path = sysconfig.get_paths().get(name)
-        if path:
-            pairs[path.rstrip("/") + "/"] = f"<python-{name}>/"
-    pairs[sys.prefix.rstrip("/") + "/"] = "<python>/"
-    pairs[Path.home().as_posix().rstrip("/") + "/"] = "~/"
-    tmp = tempfile.gettempdir().rstrip("/") + "/"
-    pairs[tmp] = "<tmp>/"
-    pairs[os.path.realpath(tmp).rstrip("/") + "/"] = "<tmp>/"
+    if logs:
+        for name in ("purelib", "platlib", "stdlib"):
+            path = sysconfig.get_paths().get(name)
+            if path:
+                pairs[path.rstrip("/") + "/"] = f"<python-{name}>/"
+        pairs[sys.prefix.rstrip("/") + "/"] = "<python>/"
+        pairs[Path.home().as_posix().rstrip("/") + "/"] = "~/"
+        tmp = tempfile.gettempdir().rstrip("/") + "/"
+        pairs[tmp] = "<tmp>/"
+        pairs[os.path.realpath(tmp).rstrip("/") + "/"] = "<tmp>/"
     return sorted(((k, v) for k, v in pairs.items() if len(k) > 1), key=lambda kv: len(kv[0]), reverse=True)
 
 
-def portable_text(text: str) -> str:
-    """``text`` with this machine's paths written the same on every machine: this checkout's
-    root dropped (paths become relative to the repository), the interpreter's folders as
-    ``<python...>/``, the home as ``~/`` and the temporary folder as ``<tmp>/``."""
-    for prefix, replacement in _prefixes():
+def portable_text(text: str, logs: bool = False) -> str:
+    """``text`` with this checkout's root dropped (its paths become relative to the repository, which
+    every runner resolves them against): the same on every machine and still a usable path.
+    ``logs=True`` (an executed notebook's output, never read back as data) also writes the
+    interpreter's folders as ``<python...>/``, the home as ``~/`` and the temporary folder as ``<tmp>/``."""
+    for prefix, replacement in _prefixes(logs):
         text = text.replace(prefix, replacement)
         bare = prefix.rstrip("/")  # the folder itself, e.g. a run's model_source that is the checkout
         text = re.sub(re.escape(bare) + r"(?=[\"'\s,)\]}]|$)", replacement.rstrip("/") or ".", text)

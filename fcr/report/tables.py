@@ -186,7 +186,10 @@ def _variation_table(sweep_dir: str | Path, specs: Sequence[tuple[str, str, str,
                     out[f"time_per_image_s_bs{b}"] = float(c.loc[config, tcol])
                     if ref_config in c.index:
                         out[f"time_speedup_bs{b}"] = float(c.loc[ref_config, tcol]) / float(c.loc[config, tcol])
-            if config in c.index and ref_config in c.index and "peak_memory_bytes" in c.columns:
+            # On CPU the profiler's peak is the process's resident-set high-water mark: it never falls,
+            # so it cannot tell configurations apart and is no memory result. Only the CUDA allocator's is.
+            on_gpu = "device" in c.columns and str(c["device"].iloc[0]).startswith("cuda")
+            if on_gpu and config in c.index and ref_config in c.index and "peak_memory_bytes" in c.columns:
                 mem = c["peak_memory_bytes"].astype(float)
                 out["peak_memory_vs_ref"] = mem[config] / mem[ref_config]
         if arch is not None and table is not None:
