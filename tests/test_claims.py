@@ -63,6 +63,8 @@ def test_hand_written_numbers_match_their_files() -> None:
     judged = table[table["rule"] != "shown"]
     assert f"{int(judged['within'].sum())} of {len(judged)} judged values within tolerance" in reproducing
     assert f"largest relative difference {judged['relative_difference'].abs().max():.1e}" in reproducing
+    ci = (REPO / "benchmarks" / "results" / "ci_time_2026-12-06.md").read_text(encoding="utf-8")
+    assert "at most 27.5 min" in text and "27 min 33 s" in ci and "real 21m8.560s" in ci and "real 6m24.325s" in ci
     seconds = pd.read_csv(again / contract.STAGE_TIMES)["seconds"].sum()
     assert f"{seconds:.0f} s = {seconds / 60:.1f} min" in reproducing
 
