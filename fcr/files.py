@@ -20,9 +20,11 @@ import yaml
 
 from fcr.paths import portable
 
-__all__ = ["FileRecord", "check_inventory", "file_record", "inventory", "problem", "write_json_atomic"]
+__all__ = ["TEXT_SUFFIXES", "FileRecord", "check_inventory", "file_record", "inventory", "problem", "write_json_atomic"]
 
 FileRecord = dict  # {"bytes": int, "sha256": str}
+# Result files that are text: where machine paths can stand (rewritten by the pipeline, flagged by verify).
+TEXT_SUFFIXES = frozenset({".csv", ".json", ".md", ".yaml", ".yml", ".ipynb", ".txt", ".tsv"})
 _PNG_END = b"IEND\xaeB`\x82"
 
 

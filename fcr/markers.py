@@ -7,6 +7,7 @@ Completeness is checked every time, never assumed from the marker alone.
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from collections.abc import Sequence
@@ -14,15 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from fcr import contract
-from fcr.files import check_inventory, inventory, write_json_atomic
+from fcr.files import TEXT_SUFFIXES, check_inventory, inventory, write_json_atomic
 from fcr.paths import portable_text
 
 __all__ = ["incomplete", "make_portable", "missing_outputs", "read_marker", "stage_times", "write_marker",
            "write_stage_times"]
-
-# Text files whose machine paths the pipeline rewrites after a stage (executed notebooks print them).
-_TEXT_SUFFIXES = {".csv", ".json", ".md", ".yaml", ".yml", ".ipynb", ".txt", ".tsv"}
-
 
 def read_marker(folder: Path) -> dict[str, Any] | None:
     """The marker of the stage in ``folder``, or None when there is none or it is unreadable."""
@@ -62,7 +59,7 @@ def make_portable(folder: Path) -> list[Path]:
     checkout in a result or parameter file stays as it is: it is read back (e.g. an SD base model)."""
     changed = []
     for path in sorted(folder.rglob("*")):
-        if not path.is_file() or path.suffix.lower() not in _TEXT_SUFFIXES or contract.TRANSIENT in path.parts:
+        if not path.is_file() or path.suffix.lower() not in TEXT_SUFFIXES or contract.TRANSIENT in path.parts:
             continue
         try:
             text = path.read_text(encoding="utf-8")
@@ -105,8 +102,6 @@ def stage_times(root: str | Path) -> list[dict[str, Any]]:
                      "finished": info.get("finished", ""), "fingerprint": info.get("fingerprint", "")})
     saved = root / "report" / contract.STAGE_TIMES
     if not rows and saved.is_file():
-        import csv
-
         with saved.open(encoding="utf-8") as handle:
             rows = [{**r, "seconds": float(r["seconds"]), "attempts": int(r["attempts"])} for r in csv.DictReader(handle)]
     return rows
@@ -114,8 +109,6 @@ def stage_times(root: str | Path) -> list[dict[str, Any]]:
 
 def write_stage_times(root: Path, stages: Sequence[dict[str, Any]]) -> Path:
     """``report/stage_times.csv``: the table the reports read stage times from."""
-    import csv
-
     path = root / "report" / contract.STAGE_TIMES
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -17,14 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fcr import contract
-from fcr.files import problem
+from fcr.files import TEXT_SUFFIXES, problem
 from fcr.markers import incomplete, read_marker
 from fcr.paths import ABSOLUTE_PATH, REPO_ROOT
 
 __all__ = ["COMMITTED", "Committed", "absolute_paths", "verify"]
-
-_TEXT_SUFFIXES = {".csv", ".json", ".md", ".yaml", ".yml", ".ipynb", ".txt", ".tsv"}
-
 
 @dataclass(frozen=True)
 class Committed:
@@ -65,7 +62,7 @@ def absolute_paths(files: list[Path], repo: Path = REPO_ROOT) -> list[str]:
     """One line per text file that holds an absolute path of one machine (its first such spot)."""
     lines = []
     for path in files:
-        if path.suffix.lower() not in _TEXT_SUFFIXES or not path.is_file():
+        if path.suffix.lower() not in TEXT_SUFFIXES or not path.is_file():
             continue
         text = path.read_text(encoding="utf-8", errors="replace")
         match = ABSOLUTE_PATH.search(text)
@@ -85,14 +82,15 @@ def _profile_problems(entry: Committed, repo: Path, tracked: set[Path] | None) -
     pending: list[str] = []
     for task in tasks:
         where = _rel(task.folder, repo)
-        has_files = task.folder.is_dir() and any(p.is_file() for p in task.folder.rglob("*"))
-        if task.name != "report" and read_marker(task.folder) is None and not has_files:
+        marker = read_marker(task.folder)
+        if marker is None and task.name != "report" and not (
+                task.folder.is_dir() and any(p.is_file() for p in task.folder.rglob("*"))):
             pending.append(f"{where}: {task.name} has not run (pending)")
             continue
         reasons = incomplete(task.folder, None if task.name == "report" else task.fingerprint(),
                              task.notebook)
         problems += [f"{where}: {reason}" for reason in reasons]
-        marker = read_marker(task.folder) or {}
+        marker = marker or {}
         if tracked is not None:
             untracked = [rel for rel in marker.get("files", {}) if (task.folder / rel).resolve() not in tracked]
             problems += [f"{where}/{rel}: listed by the stage's marker but not committed (ignored by .gitignore?)"
