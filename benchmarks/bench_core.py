@@ -45,8 +45,8 @@ from fcr.eval.profiling import (
     sd_unet_on_meta,
     unet_flops,
 )
-from fcr.settings.generate import sampling_scheduler
-from fcr.settings.models import MINILM_HIDDEN_SIZE, build_embedded_unet, build_noise_scheduler
+from fcr.backends.generate import sampling_scheduler
+from fcr.backends.models import MINILM_HIDDEN_SIZE, build_embedded_unet, build_noise_scheduler
 
 EMBEDDED_SEQ_LEN = 16
 EMBEDDED_SHAPE = (1, 32, 32)

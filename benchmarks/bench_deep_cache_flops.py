@@ -33,7 +33,7 @@ from fcr.eval.profiling import (
     sd_unet_on_meta,
     unet_flops,
 )
-from fcr.settings.models import embedded_unet_config
+from fcr.backends.models import embedded_unet_config
 
 STEPS = 50
 

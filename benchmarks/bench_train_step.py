@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fcr.core.loss import FCRConfig, fcr_training_loss
 from fcr.eval.profiling import environment_info, time_fn, unet_flops
-from fcr.settings.models import MINILM_HIDDEN_SIZE, build_embedded_unet, build_noise_scheduler
+from fcr.backends.models import MINILM_HIDDEN_SIZE, build_embedded_unet, build_noise_scheduler
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import sys
 import yaml
 
 from fcr.config import SETTING_TASKS, TASKS, ConfigError, load_params
-from fcr.settings.checks import check_task
+from fcr.backends.checks import check_task
 
 
 def _parse_sets(items: list[str]) -> dict:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", action="append", choices=TASKS, default=None,
                         help="validate: check the parameters for this task (repeatable; default all of the setting's)")
     args = parser.parse_args(argv)
-    from fcr.settings.models import ModelNotFoundError
+    from fcr.backends.models import ModelNotFoundError
 
     try:
         params = load_params(*args.params, overrides=_parse_sets(args.set))

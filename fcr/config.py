@@ -126,7 +126,7 @@ SCHEMA: dict[str, Param] = {
     "num_train_timesteps": Param("int", 1000, "training diffusion steps T", check=_at_least(2)),
     "beta_schedule": Param("str", "scaled_linear", "training beta schedule", ("linear", "scaled_linear", "squaredcos_cap_v2")),
     "resolution": Param("int", 32, "image side in pixels", check=_at_least(8)),
-    "train_style": Param("str", "none", "visual domain of the training images (fcr.settings.data.apply_style)", ("none", "high_contrast")),
+    "train_style": Param("str", "none", "visual domain of the training images (fcr.backends.embedded.data.apply_style)", ("none", "high_contrast")),
     "max_text_length": Param("int", 16, "tokens of the text encoder input", check=_at_least(2)),
     # --- sampling (Faster Diffusion) ---
     "scheduler": Param("str", "ddim", "sampling scheduler", SCHEDULER_NAMES),

@@ -488,7 +488,7 @@ def _unet_folder(folder: Path, subfolder: str | None) -> Path:
     for path in candidates:
         if is_unet(path):
             return path
-    from fcr.settings.models import ModelNotFoundError
+    from fcr.backends.models import ModelNotFoundError
 
     raise ModelNotFoundError(
         f"no diffusers UNet in {folder}: expected config.json + diffusion_pytorch_model.safetensors in "
@@ -504,7 +504,7 @@ def load_fcr_unet(pipe: Any, folder: str | Path, *, subfolder: str | None = None
     Raises ValueError naming the config field when the UNet does not fit the pipeline. Encoder
     caching, when enabled, stays enabled on the new UNet; attention processors are not carried over.
     """
-    from fcr.settings.models import load_unet_folder
+    from fcr.backends.models import load_unet_folder
 
     path = _unet_folder(Path(folder).expanduser(), subfolder)
     unet = load_unet_folder(path)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from fcr.settings.models import build_embedded_unet
+from fcr.backends.models import build_embedded_unet
 
 
 def tiny_sd15_unet(sample_size: int = 16) -> UNet2DConditionModel:

@@ -21,7 +21,7 @@ from fcr.eval.classifier import (
     save_classifier,
     train_classifier,
 )
-from fcr.settings.data import load_fashion_mnist, to_model_range, train_val_split
+from fcr.backends.embedded.data import load_fashion_mnist, to_model_range, train_val_split
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fcr.settings import data, prompt_sources, sd_data
-from fcr.settings.data import (
+from fcr.backends.embedded import data
+from fcr.backends.sd import data as sd_data, prompts as prompt_sources
+from fcr.backends.embedded.data import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_NOUNS,
     HELDOUT_TEMPLATES,
@@ -30,8 +31,8 @@ from fcr.settings.data import (
     to_model_range,
     train_val_split,
 )
-from fcr.settings.prompt_sources import imagenet_prompts, read_coco_captions, read_flickr30k_captions
-from fcr.settings.sd_data import (
+from fcr.backends.sd.prompts import imagenet_prompts, read_coco_captions, read_flickr30k_captions
+from fcr.backends.sd.data import (
     read_image_caption_folder,
     read_laion_parquet,
     read_webdataset_tar,
@@ -313,7 +314,7 @@ def test_sd_image_transform() -> None:
 
 
 def test_high_contrast_style_is_a_monotone_brightening() -> None:
-    from fcr.settings.data import apply_style
+    from fcr.backends.embedded.data import apply_style
 
     x = np.array([[[0, 64, 128, 255]]], dtype=np.uint8)
     y = apply_style(x, "high_contrast")

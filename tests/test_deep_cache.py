@@ -78,7 +78,7 @@ def _with_helper(unet, interval: int, branch_id: int, noise, ctx, uncond) -> tor
 @pytest.mark.parametrize(("model", "settings"), [("sd15", ((1, 2), (3, 3))), ("embedded-base", ((0, 3),))])
 def test_native_deep_cache_equals_deepcache_helper(model: str, settings: tuple[tuple[int, int], ...]) -> None:
     if model == "embedded-base":
-        from fcr.settings.models import load_embedded_unet
+        from fcr.backends.models import load_embedded_unet
 
         unet, channels, cross = load_embedded_unet("base").eval(), 1, 384  # the shipped pretrained model
         size = unet.config.sample_size
@@ -129,9 +129,9 @@ def test_deep_cache_configurations_keep_encoder_caching_keys() -> None:
 def test_generate_runs_deepcache_configurations() -> None:
     import numpy as np
 
-    from fcr.settings.embedded import EmbeddedModel, PromptSet
-    from fcr.settings.generate import generate
-    from fcr.settings.models import build_embedded_unet, build_noise_scheduler
+    from fcr.backends.embedded.model import EmbeddedModel, PromptSet
+    from fcr.backends.generate import generate
+    from fcr.backends.models import build_embedded_unet, build_noise_scheduler
 
     torch.manual_seed(0)
     model = EmbeddedModel(build_embedded_unet("base", sample_size=16).eval(), build_noise_scheduler())

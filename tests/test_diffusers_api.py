@@ -31,7 +31,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import fcr.diffusers_cache as fc
 from fcr.core.sampler import PriorNoise, build_scheduler, key_steps, sample
 from fcr.core.unet import UnsupportedUNetError
-from fcr.settings.models import ModelNotFoundError
+from fcr.backends.models import ModelNotFoundError
 
 RES = 32
 STEPS = 8

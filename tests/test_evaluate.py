@@ -9,8 +9,8 @@ import torch
 
 from fcr.eval.classifier import load_classifier
 from fcr.eval.quality_bar import class_agreement
-from fcr.settings.embedded import prepare_embedded_data
-from fcr.settings.models import build_embedded_unet, build_noise_scheduler
+from fcr.backends.embedded.model import prepare_embedded_data
+from fcr.backends.models import build_embedded_unet, build_noise_scheduler
 
 
 def test_class_agreement_counts_prompted_classes(tmp_path: Path, monkeypatch) -> None:

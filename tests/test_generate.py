@@ -10,9 +10,9 @@ import torch
 from equivalence import assert_float32_equivalent
 
 from fcr.core.sampler import key_steps
-from fcr.settings.embedded import EmbeddedModel, embedded_prompt_set, prepare_embedded_data
-from fcr.settings.generate import generate, initial_noise
-from fcr.settings.models import build_embedded_unet, build_noise_scheduler
+from fcr.backends.embedded.model import EmbeddedModel, embedded_prompt_set, prepare_embedded_data
+from fcr.backends.generate import generate, initial_noise
+from fcr.backends.models import build_embedded_unet, build_noise_scheduler
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from fcr.human.crowd import BATCH_INPUT, HITS, TEMPLATE, export_mturk, import_mt
 from fcr.human.pairs import PairSetSpec, build_pair_set, load_pairs, parse_source, verify_pair_set
 from fcr.human.store import RatingError, RatingStore
 from fcr.paths import REPO_ROOT
-from fcr.settings.data import FASHION_MNIST_CLASSES
+from fcr.backends.embedded.data import FASHION_MNIST_CLASSES
 
 STUDY_SWEEP = REPO_ROOT / "outputs/study/exp-1-main-ablation/sweep/main"
 A, B = "fcr_lambda0.10_fd10:FD-10", "base:FD-5"

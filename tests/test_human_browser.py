@@ -22,7 +22,7 @@ import pytest
 from fcr.human import analysis
 from fcr.human.pairs import build_pair_set, load_pairs
 from fcr.paths import REPO_ROOT
-from fcr.settings.data import FASHION_MNIST_CLASSES
+from fcr.backends.embedded.data import FASHION_MNIST_CLASSES
 from tests.test_human import STUDY_SWEEP, small_spec
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

@@ -41,8 +41,8 @@ from fcr.experiments.mechanistic import (
     variance_reduction,
     variance_table,
 )
-from fcr.settings.generate import sampling_scheduler
-from fcr.settings.models import build_noise_scheduler
+from fcr.backends.generate import sampling_scheduler
+from fcr.backends.models import build_noise_scheduler
 
 SIZE = 16
 

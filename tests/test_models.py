@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from fcr.config import ConfigError
-from fcr.settings.models import (
+from fcr.backends.models import (
     ModelNotFoundError,
     build_embedded_unet,
     check_prediction_type,

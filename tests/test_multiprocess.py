@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from fcr import __main__ as cli
 from fcr.core.loss import FCRConfig
-from fcr.settings.embedded import EmbeddedTrainData, prepare_embedded_data
-from fcr.settings.models import build_embedded_unet, build_noise_scheduler
+from fcr.backends.embedded.model import EmbeddedTrainData, prepare_embedded_data
+from fcr.backends.models import build_embedded_unet, build_noise_scheduler
 from fcr.train.loop import DistributedSetupError, TrainConfig, batch_indices, train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -53,7 +53,7 @@ def test_finetune_notebook_declares_every_parameter_the_finetune_reads() -> None
     from fcr.train.finetune import FINETUNE_KEYS
     from fcr.train.loop import TrainConfig
 
-    source = "".join((REPO / "fcr" / name).read_text() for name in ("train/finetune.py", "train/loop.py", "settings/sd.py"))
+    source = "".join((REPO / "fcr" / name).read_text() for name in ("train/finetune.py", "train/loop.py", "backends/sd/model.py"))
     read = set(re.findall(r'params\["([a-z_0-9]+)"\]', source)) | set(re.findall(r'params\.get\("([a-z_0-9]+)"', source))
     read |= {f.name for f in dataclasses.fields(TrainConfig)}
     missing_from_list = sorted(k for k in read if k in SCHEMA and k not in FINETUNE_KEYS)

@@ -171,7 +171,7 @@ def test_cli_updates_readme(tmp_path, monkeypatch):
 
     # The CLI uses the default models folder and FLOP counter: point them at the test tree.
     monkeypatch.setattr("fcr.eval.training_cost.embedded_flops_per_image", lambda: flops_fn)
-    monkeypatch.setattr("fcr.settings.models.MODELS_DIR", models)
+    monkeypatch.setattr("fcr.backends.models.MODELS_DIR", models)
     assert main(["--root", str(root), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert README_START in text and "FCR(λ=0.10)-FD-10" in text and f"the run in `{root}`" in text

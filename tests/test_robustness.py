@@ -28,10 +28,10 @@ from fcr.experiments.robustness.run import run_robustness
 from fcr.experiments.robustness.sampling import StressHooks
 from fcr.experiments.robustness.stresses import Stress, attack_stride, perturbed_scheduler
 from fcr.experiments.robustness.tables import criterion_table, drop_table, per_seed_drops
-from fcr.settings.data import FASHION_MNIST_CLASSES
-from fcr.settings.embedded import EmbeddedModel, PromptSet, all_prompts
-from fcr.settings.generate import generate, sampling_scheduler
-from fcr.settings.models import build_embedded_unet, build_noise_scheduler
+from fcr.backends.embedded.data import FASHION_MNIST_CLASSES
+from fcr.backends.embedded.model import EmbeddedModel, PromptSet, all_prompts
+from fcr.backends.generate import generate, sampling_scheduler
+from fcr.backends.models import build_embedded_unet, build_noise_scheduler
 
 REFERENCE_N = 50
 STEPS = 6
@@ -185,8 +185,8 @@ def test_sd_stresses_on_latents() -> None:
     """The same stressed sampler in SD's VAE latent space (tiny SD-like stack of tests/test_sd.py)."""
     from test_sd import tiny_components
 
-    from fcr.settings.sd import decode_latents
-    from fcr.settings.sd_params import sd_eval_prompts
+    from fcr.backends.sd.model import decode_latents
+    from fcr.backends.sd.params import sd_eval_prompts
 
     parts = tiny_components()
     params = validate({"setting": "sd", "stresses": ["none", "ood_prompts"]})

@@ -1,4 +1,4 @@
-"""Tests of fcr.settings.sd on a tiny SD-like stack built in code (code paths only, never results).
+"""Tests of fcr.backends.sd.model on a tiny SD-like stack built in code (code paths only, never results).
 
 Real Stable Diffusion weights are not available offline; the tiny UNet/VAE/CLIP here have SD's
 interfaces (4 latent channels, VAE factor 8, 77-token CLIP states) and random weights.
@@ -21,11 +21,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from fcr.config import ConfigError, validate
 from fcr.core.sampler import PriorNoise, key_steps
-from fcr.settings.checks import check_task
-from fcr.settings.data import TRAIN_TEMPLATES, caption, load_fashion_mnist
-from fcr.settings.generate import generate
-from fcr.settings.models import ModelNotFoundError
-from fcr.settings.sd import (
+from fcr.backends.checks import check_task
+from fcr.backends.embedded.data import TRAIN_TEMPLATES, caption, load_fashion_mnist
+from fcr.backends.generate import generate
+from fcr.backends.models import ModelNotFoundError
+from fcr.backends.sd.model import (
     SD_MODEL_IDS,
     SDComponents,
     SDTrainData,
@@ -35,8 +35,8 @@ from fcr.settings.sd import (
     load_train_items,
     sd_run_base,
 )
-from fcr.settings.sd_data import open_image, sd_image_transform
-from fcr.settings.sd_params import native_resolution
+from fcr.backends.sd.data import open_image, sd_image_transform
+from fcr.backends.sd.params import native_resolution
 from fcr.train.finetune import finetune_sd
 
 RES = 32
@@ -417,7 +417,7 @@ def test_stride1_cached_equals_plain(components, scheduler_name):
 
 
 def test_prepare_sd_data_writes_a_seeded_prompt_subset(model_dir, image_folder, tmp_path):
-    from fcr.settings.sd_params import prepare_sd_data
+    from fcr.backends.sd.params import prepare_sd_data
 
     coco = tmp_path / "captions_val2017.json"
     coco.write_text(json.dumps({

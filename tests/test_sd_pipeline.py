@@ -22,7 +22,7 @@ from conftest import TINY_OPEN_CLIP_CONFIG
 from safetensors.torch import save_file
 from test_sd import RES, tiny_components, write_caption_folder
 
-from fcr.settings.data import TRAIN_TEMPLATES, caption
+from fcr.backends.embedded.data import TRAIN_TEMPLATES, caption
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,9 +20,9 @@ from fcr.eval import context
 from fcr.eval.results import StaleResultError
 from fcr.experiments import sweep
 from fcr.experiments.sweep import evaluate_cost, paired_comparison, run_sweep, summarize
-from fcr.settings.embedded import all_prompts
-from fcr.settings.generate import sampling_scheduler
-from fcr.settings.models import ModelNotFoundError, build_embedded_unet, build_noise_scheduler
+from fcr.backends.embedded.model import all_prompts
+from fcr.backends.generate import sampling_scheduler
+from fcr.backends.models import ModelNotFoundError, build_embedded_unet, build_noise_scheduler
 
 REFERENCE_N = 50  # real test images used as the reference set (tests only; results use all 10k)
 
@@ -131,7 +131,7 @@ def test_missing_model_fails_before_anything_is_written(workspace: dict, tmp_pat
     with pytest.raises(ModelNotFoundError, match="never_trained"):
         _sweep(params, out, monkeypatch)
     assert not out.exists()
-    monkeypatch.setattr("fcr.settings.models.MODELS_DIR", tmp_path / "empty_models")  # an embedded model not trained yet
+    monkeypatch.setattr("fcr.backends.models.MODELS_DIR", tmp_path / "empty_models")  # an embedded model not trained yet
     with pytest.raises(ModelNotFoundError, match="has not been trained"):
         run_sweep({**params, "sweep_models": ["base-v"]}, {"base-v": "base-v"}, out, progress=False)
     assert not out.exists()

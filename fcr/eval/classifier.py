@@ -385,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-progress", action="store_true", help="no batch progress bar (epoch lines stay)")
     args = parser.parse_args(argv)
 
-    from fcr.settings.data import load_fashion_mnist, to_model_range, train_val_split
+    from fcr.backends.embedded.data import load_fashion_mnist, to_model_range, train_val_split
 
     wall_start = time.perf_counter()
     torch.set_num_threads(args.threads)

@@ -2,7 +2,7 @@
 typed objects, so the sweep and the robustness runner are one runner each for both settings.
 
 :func:`build_context` loads every model of a run (embedded UNet folders or SD checkpoints / run
-folders) behind :class:`fcr.settings.generate.SamplingModel`, the setting's scorer
+folders) behind :class:`fcr.backends.generate.SamplingModel`, the setting's scorer
 (:mod:`fcr.eval.scoring`), and the sampling options every configuration shares. Everything that can
 fail (missing data, unknown models, metric weights) fails here, before anything is generated.
 """
@@ -23,8 +23,8 @@ from fcr.core.configurations import SamplingConfig
 from fcr.core.sampler import PriorNoise
 from fcr.eval.results import weights_fingerprint
 from fcr.eval.scoring import EmbeddedScorer, SDScorer, reference_features
-from fcr.settings.generate import GenerationResult, NoiseHook, SamplingModel, SchedulerHook, generate
-from fcr.settings.models import (
+from fcr.backends.generate import GenerationResult, NoiseHook, SamplingModel, SchedulerHook, generate
+from fcr.backends.models import (
     EMBEDDED_ARCHITECTURES,
     ModelNotFoundError,
     embedded_unet_config,
@@ -181,7 +181,7 @@ class RunContext:
         progress: bool = False,
         desc: str = "generate",
     ) -> GenerationResult:
-        """:func:`fcr.settings.generate.generate` of one configuration with the run's sampling options."""
+        """:func:`fcr.backends.generate.generate` of one configuration with the run's sampling options."""
         s = self.sampling
         return generate(
             loaded.model, prompts, seed=seed, scheduler_name=config.scheduler,
@@ -195,7 +195,7 @@ class RunContext:
         """What the scorer reads: the embedded pixels as they are, SD latents decoded by the VAE."""
         if self.setting != "sd":
             return latents
-        from fcr.settings.sd import decode_latents
+        from fcr.backends.sd.model import decode_latents
 
         out: list[Any] = []
         for start in range(0, latents.shape[0], self.sampling.batch_size):
@@ -208,10 +208,10 @@ def eval_prompts(params: Mapping[str, Any], n: int, seed: int, templates: str = 
     configuration: embedded: class-balanced captions of the training (or held-out) templates from
     ``data_dir``; SD: ``eval_prompts``."""
     if params["setting"] == "sd":
-        from fcr.settings.sd_params import sd_eval_prompts
+        from fcr.backends.sd.params import sd_eval_prompts
 
         return sd_eval_prompts(params, n, seed)
-    from fcr.settings.embedded import embedded_prompt_set
+    from fcr.backends.embedded.model import embedded_prompt_set
 
     return embedded_prompt_set(params["data_dir"], n, seed, templates=templates)
 
@@ -228,7 +228,7 @@ def load_models(
     check = check_model or (lambda loaded: None)
     loaded: dict[str, LoadedModel] = {}
     if params["setting"] == "sd":
-        from fcr.settings.sd import load_sd_components
+        from fcr.backends.sd.model import load_sd_components
 
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         for label, source in models.items():
@@ -239,8 +239,8 @@ def load_models(
                                         model_meta(str(source)))
             check(loaded[label])
         return loaded
-    from fcr.settings.embedded import EmbeddedModel
-    from fcr.settings.models import load_unet_folder, noise_scheduler_for
+    from fcr.backends.embedded.model import EmbeddedModel
+    from fcr.backends.models import load_unet_folder, noise_scheduler_for
 
     unet_dirs = {label: resolve_unet_dir(source) for label, source in models.items()}
     for label, folder in unet_dirs.items():
@@ -272,7 +272,7 @@ def build_context(
     if params["setting"] == "sd":
         from fcr.config import ConfigError
         from fcr.eval.metrics import load_clip
-        from fcr.settings.sd_params import sd_fid_reference
+        from fcr.backends.sd.params import sd_fid_reference
 
         if not params["fid_reference"]:
             raise ConfigError("parameter 'fid_reference': give a clean-fid statistics name or a folder of reference "
@@ -301,7 +301,7 @@ def build_context(
 def sd_weights_id(source: str, params: Mapping[str, Any]) -> str:
     """What identifies an SD model's weights in result keys: a fine-tuning run folder's UNet files
     (fingerprint), a checkpoint's id with the ``revision`` / ``variant`` it is loaded at."""
-    from fcr.settings.sd import sd_run_base
+    from fcr.backends.sd.model import sd_run_base
 
     folder = Path(source).expanduser()
     if sd_run_base(folder) is not None:

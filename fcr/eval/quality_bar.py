@@ -21,10 +21,10 @@ import torch
 from fcr import plots
 from fcr.eval.classifier import load_classifier, predict_proba
 from fcr.eval.profiling import environment_info
-from fcr.settings import data
-from fcr.settings.embedded import EmbeddedModel, embedded_prompt_set, prepare_embedded_data
-from fcr.settings.generate import generate
-from fcr.settings.models import build_noise_scheduler, load_embedded_unet, model_training_params, resolve_unet_dir
+from fcr.backends.embedded import data
+from fcr.backends.embedded.model import EmbeddedModel, embedded_prompt_set, prepare_embedded_data
+from fcr.backends.generate import generate
+from fcr.backends.models import build_noise_scheduler, load_embedded_unet, model_training_params, resolve_unet_dir
 
 __all__ = ["class_agreement", "main"]
 

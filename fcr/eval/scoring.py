@@ -51,9 +51,9 @@ def reference_features(
 ) -> torch.Tensor:
     """Classifier features ``(N, D)`` of real Fashion-MNIST official test images (the first ``n``,
     all 10k by default), cached in ``cache_path`` (computed once; a cache made by another
-    classifier or ``n`` is recomputed). ``root``: where Fashion-MNIST lies (see fcr.settings.data)."""
+    classifier or ``n`` is recomputed). ``root``: where Fashion-MNIST lies (see fcr.backends.embedded.data)."""
     from fcr.eval.classifier import extract_features
-    from fcr.settings import data
+    from fcr.backends.embedded import data
 
     fingerprint = module_fingerprint(classifier)
     wanted = {"classifier": fingerprint, "n": str(n), "split": "test"}
@@ -120,7 +120,7 @@ def to_classifier_size(images: torch.Tensor, size: int = CLASSIFIER_SIZE) -> tor
 
 class EmbeddedScorer:
     """The embedded classifier against ``ref_feats``; images are tensors in [-1, 1] of any side
-    (pooled to the classifier's), prompts a :class:`fcr.settings.embedded.PromptSet`."""
+    (pooled to the classifier's), prompts a :class:`fcr.backends.embedded.model.PromptSet`."""
 
     alignment = "class_accuracy"  # the prompt-alignment metric (plays CLIPScore)
     alignment_per_image = "correct"

@@ -44,7 +44,7 @@ def training_step_flops(
     of λ (and Δ_max, the feature group) does not change the count. Gradients are cleared afterwards.
     """
     from fcr.core.loss import FCRConfig, fcr_training_loss
-    from fcr.settings.models import build_noise_scheduler
+    from fcr.backends.models import build_noise_scheduler
 
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -139,7 +139,7 @@ def embedded_flops_per_image() -> Callable[[str, bool], float]:
 
     def flops(arch: str, fcr: bool) -> float:
         if (arch, fcr) not in cache:
-            from fcr.settings.models import build_embedded_unet
+            from fcr.backends.models import build_embedded_unet
 
             torch.manual_seed(0)
             unet = build_embedded_unet(arch)

@@ -61,7 +61,7 @@ def run_trajectory_drift(
     the sweep's sizes); a (model, seed) file already written with the same strides, groups and
     images is kept (resumable)."""
     from fcr.eval.context import RunContext, Sampling, eval_prompts, load_models
-    from fcr.settings.models import resolve_device
+    from fcr.backends.models import resolve_device
 
     device = resolve_device(params.get("device"))
     loaded = load_models(params, models, device)

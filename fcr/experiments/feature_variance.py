@@ -71,7 +71,7 @@ class VarianceInputs:
 def load_variance_inputs(data_dir: str | Path, n: int, seed: int, style: str = "none") -> VarianceInputs:
     """``n`` held-out images of the embedded validation split (carved from the official train set,
     never trained on), a seeded subset, with their true captions in training templates."""
-    from fcr.settings.embedded import load_split
+    from fcr.backends.embedded.model import load_split
 
     examples, labels = load_split(data_dir, "val", style=style)
     if n > len(examples):
@@ -106,7 +106,7 @@ def variance_draws(n: int, shape: Sequence[int], seed: int) -> VarianceDraws:
 def sampling_grid(noise_scheduler: Any, scheduler_name: str, num_inference_steps: int) -> torch.Tensor:
     """The sampling scheduler's timesteps (int64, noisiest first), as :func:`fcr.core.sampler.sample`
     steps through them."""
-    from fcr.settings.generate import sampling_scheduler
+    from fcr.backends.generate import sampling_scheduler
 
     sched = sampling_scheduler(scheduler_name, noise_scheduler)
     sched.set_timesteps(num_inference_steps)
@@ -258,7 +258,7 @@ def _summary(values: Mapping[tuple[str, int, str, str], np.ndarray]) -> dict[str
 
 def _match_original(original: str, unet_dirs: Mapping[str, Path], sources: Mapping[str, str]) -> str:
     """Label of the measured model that ``original`` names (by label, source or resolved folder)."""
-    from fcr.settings.models import ModelNotFoundError, resolve_unet_dir
+    from fcr.backends.models import ModelNotFoundError, resolve_unet_dir
 
     if not original:
         return ""
@@ -274,11 +274,11 @@ def _match_original(original: str, unet_dirs: Mapping[str, Path], sources: Mappi
 
 def load_sd_variance_inputs(params: Mapping[str, Any], components: Any, batch_size: int = 8) -> VarianceInputs:
     """SD's held-out inputs: ``num_variance_images`` items (seeded by ``seed``) of the ``train_data``
-    items the fine-tune left out (:func:`fcr.settings.sd_params.sd_heldout_items`), as VAE latents
+    items the fine-tune left out (:func:`fcr.backends.sd.params.sd_heldout_items`), as VAE latents
     at ``resolution`` (posterior sample from a generator seeded by ``seed``, no flip) with the CLIP
     states of their captions, exactly as SD's training examples are made."""
-    from fcr.settings.sd import SDTrainData
-    from fcr.settings.sd_params import sd_heldout_items
+    from fcr.backends.sd.model import SDTrainData
+    from fcr.backends.sd.params import sd_heldout_items
 
     items = sd_heldout_items(params)
     n = params["num_variance_images"]
@@ -312,7 +312,7 @@ def _targets(params: Mapping[str, Any], models: Mapping[str, str], device: torch
     """Every model loaded once (fcr.eval.context.load_models), with its original model (a fine-tuned
     run folder's base; none for shipped embedded names and scratch runs) and image style."""
     from fcr.eval.context import load_models
-    from fcr.settings.models import EMBEDDED_MODELS, model_training_params, resolve_unet_dir
+    from fcr.backends.models import EMBEDDED_MODELS, model_training_params, resolve_unet_dir
 
     out = []
     for label, loaded in load_models(params, models, device).items():
@@ -347,7 +347,7 @@ def run_variance(
 
     from fcr.eval.profiling import environment_info
     from fcr.eval.results import run_or_load
-    from fcr.settings.models import ModelNotFoundError, resolve_device, resolve_unet_dir
+    from fcr.backends.models import ModelNotFoundError, resolve_device, resolve_unet_dir
 
     out_dir = Path(out_dir)
     device = resolve_device(params.get("device"))

@@ -1,7 +1,7 @@
 """Stride sweep: quality and cost of Faster-Diffusion sampling configurations, per model and seed.
 
 Every configuration of a model samples the SAME prompts from the SAME initial noise for a given
-seed (:mod:`fcr.settings.generate`), so differences between configurations are paired. Quality is measured
+seed (:mod:`fcr.backends.generate`), so differences between configurations are paired. Quality is measured
 with the embedded classifier (:mod:`fcr.eval.classifier`) against real Fashion-MNIST test images; cost
 (FLOPs, wall time, peak memory, network passes) depends on the architecture and configuration
 only, so it is measured once per architecture x configuration. Each result is a JSON file written
@@ -39,8 +39,8 @@ from fcr.eval.profiling import (
 from fcr.eval.results import run_or_load, save_safetensors_atomic
 from fcr.eval.scoring import FD_COLUMN
 from fcr.eval.stats import mean_ci_over_seeds, paired_test
-from fcr.settings.generate import sampling_scheduler
-from fcr.settings.models import build_noise_scheduler
+from fcr.backends.generate import sampling_scheduler
+from fcr.backends.models import build_noise_scheduler
 
 __all__ = [
     "QUALITY_METRICS",

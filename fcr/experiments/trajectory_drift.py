@@ -13,7 +13,7 @@ per image, with ``d`` = :func:`fcr.core.loss.feature_distance` (raw ``abs`` and 
 ``norm``) over a feature group of :func:`fcr.core.unet.feature_group_indices`. Under guidance
 the distance is the mean of the image's unconditional and conditional rows (a cache reuses both).
 Only the latest key step's features are kept per stride, so memory does not grow with the steps.
-Image ``i`` of seed ``k`` starts from the same z_T as in the sweep (:func:`fcr.settings.generate.
+Image ``i`` of seed ``k`` starts from the same z_T as in the sweep (:func:`fcr.backends.generate.
 initial_noise`), so its drift pairs with the sweep's per-image caching error of that image.
 """
 
@@ -28,7 +28,7 @@ import torch
 
 from fcr.core.unet import EncoderFeatures, feature_group_indices
 from fcr.experiments.feature_variance import VARIANTS, per_sample_feature_distance
-from fcr.settings.generate import SamplingModel, generate
+from fcr.backends.generate import SamplingModel, generate
 
 __all__ = ["DriftRecorder", "TrajectoryDrift", "drift_key", "trajectory_drift"]
 
@@ -39,7 +39,7 @@ def drift_key(stride: int, group: str, variant: str) -> str:
 
 
 class DriftRecorder:
-    """An ``on_encoder`` observer (via :func:`fcr.settings.generate.generate`'s ``feature_hook``)
+    """An ``on_encoder`` observer (via :func:`fcr.backends.generate.generate`'s ``feature_hook``)
     that accumulates each image's drift for every stride, feature group and variant."""
 
     def __init__(self, n_images: int, strides: Sequence[int], group_indices: Mapping[str, Sequence[int]],

@@ -23,8 +23,8 @@ from fcr.config import ConfigError, load_params
 def _pairs(args: argparse.Namespace) -> int:
     from fcr.__main__ import _parse_sets
     from fcr.human.pairs import PairSetSpec, build_pair_set, parse_source
-    from fcr.settings.checks import check_task
-    from fcr.settings.data import FASHION_MNIST_CLASSES
+    from fcr.backends.checks import check_task
+    from fcr.backends.embedded.data import FASHION_MNIST_CLASSES
 
     params = load_params(*args.params, overrides=_parse_sets(args.set))
     check_task(params, "human")

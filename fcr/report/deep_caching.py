@@ -29,7 +29,7 @@ INTERVAL, REFERENCE_INTERVAL = 10, 5  # the seed's stride pair, as DeepCache int
 
 def _branch(quality: pd.DataFrame, model: str) -> int | None:
     """The skip branch an FCR-deep fine-tune regularised (its params.yaml), None when unknown."""
-    from fcr.settings.models import ModelNotFoundError, model_training_params, resolve_unet_dir
+    from fcr.backends.models import ModelNotFoundError, model_training_params, resolve_unet_dir
 
     sources = quality.loc[quality["model"].astype(str) == model, "model_source"] if "model_source" in quality else []
     for source in list(dict.fromkeys(sources))[:1]:

@@ -91,7 +91,7 @@ def evaluate_criteria(
     study's per-model stride tests) adds the same test of the original model and of the control at
     the stride as context rows.
     """
-    from fcr.settings.models import MODELS_DIR
+    from fcr.backends.models import MODELS_DIR
 
     root = Path(root)
     backbones = backbones_of(setting) if backbones is None else backbones

@@ -12,8 +12,8 @@ import yaml
 
 from fcr import contract
 from fcr.config import ConfigError
-from fcr.settings.embedded import load_split, prepare_embedded_data
-from fcr.settings.models import build_embedded_unet, build_noise_scheduler, check_prediction_type, load_embedded_unet
+from fcr.backends.embedded.model import load_split, prepare_embedded_data
+from fcr.backends.models import build_embedded_unet, build_noise_scheduler, check_prediction_type, load_embedded_unet
 from fcr.train.loop import TrainConfig, TrainResult, fcr_config_from_params, train
 
 __all__ = ["FINETUNE_KEYS", "finetune", "finetune_sd", "run_dir"]
@@ -121,8 +121,8 @@ def finetune_sd(params: Mapping[str, Any], *, progress: bool = True, stop_after:
     import torch
     from accelerate import Accelerator
 
-    from fcr.settings.sd import SDTrainData, check_train_files, load_sd_components, load_train_items
-    from fcr.settings.sd_data import sample_subset
+    from fcr.backends.sd.model import SDTrainData, check_train_files, load_sd_components, load_train_items
+    from fcr.backends.sd.data import sample_subset
 
     items = sample_subset(load_train_items(params["train_data"]), params["train_subset"], params["seed"])
     check_train_files(items)

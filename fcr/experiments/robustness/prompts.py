@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fcr.settings import data
-from fcr.settings.embedded import PromptSet
+from fcr.backends.embedded import data
+from fcr.backends.embedded.model import PromptSet
 
 OOD_FILES: dict[str, str] = {"paraphrase": "fashion_paraphrases.tsv", "compositional": "fashion_compositional.tsv"}
 SD_OOD_FILES: dict[str, str] = {"abstract": "sd_abstract.txt", "medical": "sd_medical.txt"}
@@ -81,8 +81,8 @@ def ood_text_states(
     prompts: Sequence[str], cache_path: str | Path, max_length: int, encoder: Any = None
 ) -> dict[str, torch.Tensor]:
     """MiniLM token states of ``prompts`` and of the empty prompt, cached in ``cache_path``
-    (:func:`fcr.settings.text.build_text_state_cache`; a cache lacking a prompt is rebuilt)."""
-    from fcr.settings.text import MINILM_NAME, TextEncoder, build_text_state_cache, load_text_state_cache
+    (:func:`fcr.backends.embedded.text.build_text_state_cache`; a cache lacking a prompt is rebuilt)."""
+    from fcr.backends.embedded.text import MINILM_NAME, TextEncoder, build_text_state_cache, load_text_state_cache
 
     wanted = list(dict.fromkeys([*prompts, ""]))
     path = Path(cache_path)
@@ -99,7 +99,7 @@ def ood_prompt_set(
     table: pd.DataFrame, states: Mapping[str, torch.Tensor], n: int, seed: int
 ) -> tuple[PromptSet, list[str]]:
     """``n`` class-balanced OOD prompts (labels cycle 0..9 as in
-    :func:`fcr.settings.embedded.embedded_prompt_set`), image ``i`` taking a seeded choice among its
+    :func:`fcr.backends.embedded.model.embedded_prompt_set`), image ``i`` taking a seeded choice among its
     class's prompts; returns the prompt set (noise seed ``seed``) and each image's prompt kind."""
     labels = np.arange(n, dtype=np.int64) % len(data.FASHION_MNIST_CLASSES)
     rng = np.random.default_rng([int(seed), 11])

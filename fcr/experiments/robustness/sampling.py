@@ -1,5 +1,5 @@
 """Sampling under a stress: a stress is the generation loop's two hooks
-(:func:`fcr.settings.generate.generate`), the same for the embedded setting and SD.
+(:func:`fcr.backends.generate.generate`), the same for the embedded setting and SD.
 
 The adversarial stress replaces each batch's z_T with the PGD attack of
 :func:`fcr.experiments.robustness.attack.adversarial_noise`; the perturbed-schedule stress replaces
@@ -18,7 +18,7 @@ import torch
 from fcr.core.configurations import SamplingConfig
 from fcr.experiments.robustness.attack import ATTACK_CHUNK, adversarial_noise
 from fcr.experiments.robustness.stresses import Stress, perturbed_scheduler, schedule_seed
-from fcr.settings.generate import Batch, NoiseHook, SchedulerHook
+from fcr.backends.generate import Batch, NoiseHook, SchedulerHook
 
 __all__ = ["AttackCache", "StressHooks"]
 

@@ -6,7 +6,7 @@ official train set, and each training image's caption template) and ``text_state
 (MiniLM token states of every training, held-out and the empty prompt). ``load_split`` turns it
 into :class:`EmbeddedTrainData` for training or evaluation. :func:`embedded_prompt_set` draws the
 class-balanced evaluation prompts, and :class:`EmbeddedModel` is how the one generation loop
-(:func:`fcr.settings.generate.generate`) samples an embedded UNet.
+(:func:`fcr.backends.generate.generate`) samples an embedded UNet.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from fcr.settings import data
-from fcr.settings.generate import sampling_scheduler
-from fcr.settings.text import TextEncoder, build_text_state_cache, load_text_state_cache
+from fcr.backends.embedded import data
+from fcr.backends.generate import sampling_scheduler
+from fcr.backends.embedded.text import TextEncoder, build_text_state_cache, load_text_state_cache
 
 __all__ = [
     "EMPTY_PROMPT",
@@ -131,11 +131,11 @@ def load_split(
 
     Training images keep their assigned template; ``val``/``test`` images get a seeded template
     from the training set, or from the held-out set with ``heldout_prompts``. ``style`` applies
-    :func:`fcr.settings.data.apply_style` to the images (the derivative model's domain).
+    :func:`fcr.backends.embedded.data.apply_style` to the images (the derivative model's domain).
     """
     out_dir = Path(out_dir)
     if not (out_dir / MANIFEST).is_file():
-        raise FileNotFoundError(f"{out_dir} has no prepared data: run notebooks/01_data_prep.ipynb or fcr.settings.embedded.prepare_embedded_data")
+        raise FileNotFoundError(f"{out_dir} has no prepared data: run notebooks/01_data_prep.ipynb or fcr.backends.embedded.model.prepare_embedded_data")
     manifest = json.loads((out_dir / MANIFEST).read_text())
     splits = load_file(str(out_dir / "splits.safetensors"))
     official = "test" if split == "test" else "train"
@@ -209,7 +209,7 @@ def embedded_prompt_set(data_dir: str | Path, n: int, seed: int, templates: str 
 
 
 class EmbeddedModel:
-    """An embedded UNet (pixel space, cached MiniLM states) for :func:`fcr.settings.generate.generate`:
+    """An embedded UNet (pixel space, cached MiniLM states) for :func:`fcr.backends.generate.generate`:
     prompts are a :class:`PromptSet`, images come back clamped to [-1, 1] on the CPU."""
 
     def __init__(self, unet: torch.nn.Module, noise_scheduler: Any, device: str | torch.device = "cpu") -> None:

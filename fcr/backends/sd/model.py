@@ -21,8 +21,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from fcr import contract
 from fcr.config import ConfigError
 from fcr.core.sampler import build_scheduler
-from fcr.settings.models import ModelNotFoundError
-from fcr.settings.sd_data import open_image, sd_image_transform
+from fcr.backends.models import ModelNotFoundError
+from fcr.backends.sd.data import open_image, sd_image_transform
 
 __all__ = [
     "SD_MODEL_IDS",
@@ -82,7 +82,7 @@ class SDComponents:
         """The image side the UNet was trained at (``sample_size`` latent cells)."""
         return self.unet.config.sample_size * self.vae_scale_factor
 
-    # The sampling adapter of :func:`fcr.settings.generate.generate` (VAE latent space, CLIP states).
+    # The sampling adapter of :func:`fcr.backends.generate.generate` (VAE latent space, CLIP states).
 
     def make_scheduler(self, name: str) -> Any:
         return build_scheduler(name, **self.scheduler_config)
@@ -207,7 +207,7 @@ def _load_sd_run(
     folder: Path, base: Mapping[str, Any], *, device: str | torch.device, dtype: torch.dtype, local_files_only: bool
 ) -> SDComponents:
     """A run folder: its base model's components with the fine-tuned UNet in place of the base UNet."""
-    from fcr.settings.models import load_unet_folder, resolve_unet_dir
+    from fcr.backends.models import load_unet_folder, resolve_unet_dir
 
     unet_dir = resolve_unet_dir(str(folder))  # unet_ema/ over unet/
     parts = load_sd_components(
@@ -324,11 +324,11 @@ def load_train_items(train_data: str) -> list[tuple[ImageSource, str]]:
     """(image path or bytes, caption) of ``train_data``: a folder of ``name.jpg`` + ``name.txt`` pairs,
     an img2dataset output folder (shard folders, webdataset ``.tar`` or parquet shards), an ArtBench-10
     root (its train split) or one of its split/style folders, a ``.parquet`` with image paths or bytes,
-    or a webdataset ``.tar`` (:func:`fcr.settings.data.read_training_pairs`). Nothing is downloaded here: a
+    or a webdataset ``.tar`` (:func:`fcr.backends.embedded.data.read_training_pairs`). Nothing is downloaded here: a
     URL-only (LAION metadata) parquet is refused with the img2dataset command that fetches it."""
     import tarfile
 
-    from fcr.settings.sd_data import TRAIN_DATA_KINDS, read_training_pairs
+    from fcr.backends.sd.data import TRAIN_DATA_KINDS, read_training_pairs
 
     if not train_data:
         raise ConfigError(
@@ -366,11 +366,11 @@ def generate_sd(
     width: int | None = None,
     **sampling: Any,
 ) -> list[Any]:
-    """One RGB PIL image per prompt: the one generation loop (:func:`fcr.settings.generate.generate`,
+    """One RGB PIL image per prompt: the one generation loop (:func:`fcr.backends.generate.generate`,
     whose keywords ``sampling`` takes: scheduler, steps, guidance, key steps, prior noise) in VAE
     latent space from z_T seeded per image by ``(seed, i)``, then ``vae.decode``. ``height`` /
     ``width`` default to the native size."""
-    from fcr.settings.generate import generate
+    from fcr.backends.generate import generate
 
     size = None
     if height or width:

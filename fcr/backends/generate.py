@@ -1,7 +1,7 @@
 """The one generation loop of both settings: paired prompt/noise sets sampled in batches.
 
 A setting plugs in through :class:`SamplingModel` (the embedded adapter
-:class:`fcr.settings.embedded.EmbeddedModel`, SD's :class:`fcr.settings.sd.SDComponents`): how
+:class:`fcr.backends.embedded.model.EmbeddedModel`, SD's :class:`fcr.backends.sd.model.SDComponents`): how
 prompts become text states, the latent shape, the sampling schedulers and what the final latents
 become. Image ``i`` starts from noise seeded by ``(seed, i)`` (:func:`initial_noise`), so an image
 never depends on the batch size and every configuration of a sweep or stress test samples the
@@ -139,7 +139,7 @@ def generate(
 ) -> GenerationResult:
     """Sample one image per prompt (plain when ``key_steps`` is None, else encoder-cached).
 
-    ``prompts``: whatever ``model.condition`` reads (a :class:`fcr.settings.embedded.PromptSet`,
+    ``prompts``: whatever ``model.condition`` reads (a :class:`fcr.backends.embedded.model.PromptSet`,
     a list of strings for SD), with ``len``. Classifier-free guidance when ``guidance_scale > 1``.
     ``image_size``: output side or (height, width) in pixels (the model's native size when None). ``noise_hook`` and
     ``scheduler_hook`` apply a stress to each batch (see the module docstring); ``feature_hook``

@@ -2,7 +2,7 @@
 
 Image/caption folders, img2dataset output in its files/webdataset/parquet formats, LAION parquet,
 webdataset tars and ArtBench-10; :func:`read_training_pairs` tells them apart. Evaluation prompts
-are read by :mod:`fcr.settings.prompt_sources`.
+are read by :mod:`fcr.backends.sd.prompts`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fcr.config import TASKS, ConfigError
-from fcr.settings.sd_params import check_sd_params
+from fcr.backends.sd.params import check_sd_params
 
 __all__ = ["check_task"]
 

@@ -1,6 +1,6 @@
 """What the Stable Diffusion setting's parameters point at: checks before any work (local data
 paths, resolutions, stresses, local metric weights), the evaluation prompts, the FID reference,
-and notebook 01's SD data preparation. Kept apart from :mod:`fcr.settings.sd` (models, training, sampling)
+and notebook 01's SD data preparation. Kept apart from :mod:`fcr.backends.sd.model` (models, training, sampling)
 so the fine-tune's own parameters stay readable there."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from fcr.config import ConfigError
-from fcr.settings.prompt_sources import read_eval_prompts
-from fcr.settings.sd import SD_NATIVE_RESOLUTION, check_train_files, load_train_items, sd_run_base
-from fcr.settings.sd_data import sample_subset, subset_indices
+from fcr.backends.sd.prompts import read_eval_prompts
+from fcr.backends.sd.model import SD_NATIVE_RESOLUTION, check_train_files, load_train_items, sd_run_base
+from fcr.backends.sd.data import sample_subset, subset_indices
 
 __all__ = ["SD_STRESSES", "check_sd_params", "native_resolution", "prepare_sd_data", "sd_eval_prompts", "sd_fid_reference"]
 
@@ -95,7 +95,7 @@ def check_sd_params(params: Mapping[str, Any], task: str) -> None:
 
 def sd_eval_prompts(params: Mapping[str, Any], n: int, seed: int) -> list[str]:
     """The ``n`` evaluation prompts of ``seed`` from ``eval_prompts`` (any source kind of
-    :func:`fcr.settings.data.read_eval_prompts`); the same list for every model and configuration."""
+    :func:`fcr.backends.embedded.data.read_eval_prompts`); the same list for every model and configuration."""
     if not params["eval_prompts"]:
         raise ConfigError("parameter 'eval_prompts': empty; give e.g. MS-COCO's annotations/captions_val2017.json")
     try:

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from fcr.settings.sd_data import sample_subset
+from fcr.backends.sd.data import sample_subset
 
 __all__ = [
     "EVAL_PROMPT_KINDS",

@@ -1,1 +1,0 @@
-"""Settings: the embedded default and Stable Diffusion (data, text encoders, models, prompts, generation)."""
