@@ -15,8 +15,8 @@ import sys
 
 import yaml
 
-from fcr.config import SETTING_TASKS, TASKS, ConfigError, load_params
 from fcr.backends.checks import check_task
+from fcr.config import SETTING_TASKS, TASKS, ConfigError, load_options
 
 
 def _parse_sets(items: list[str]) -> dict:
@@ -41,22 +41,22 @@ def main(argv: list[str] | None = None) -> int:
     from fcr.backends.models import ModelNotFoundError
 
     try:
-        params = load_params(*args.params, overrides=_parse_sets(args.set))
-        tasks = ["finetune"] if args.command == "train" else args.task or list(SETTING_TASKS[params["setting"]])
+        opts = load_options(*args.params, overrides=_parse_sets(args.set))
+        tasks = ["finetune"] if args.command == "train" else args.task or list(SETTING_TASKS[opts.run.setting])
         for task in tasks:
-            check_task(params, task)
+            check_task(opts, task)
     except (ConfigError, ModelNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.command == "validate":
-        print(yaml.safe_dump(params, sort_keys=True))
+        print(yaml.safe_dump(opts.to_flat(), sort_keys=True))
         return 0
     from fcr.train.finetune import finetune
     from fcr.train.loop import DistributedSetupError, init_distributed
 
     try:
         init_distributed()  # several launched processes: one group, or a refusal before anything is written
-        result = finetune(params, stop_after=args.stop_after)
+        result = finetune(opts, stop_after=args.stop_after)
     except DistributedSetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

@@ -90,7 +90,8 @@ def test_unsafe_yaml_is_not_executed(tmp_path: Path) -> None:
 def test_from_namespace_catches_injected_unknown_keys() -> None:
     before = {"fcr", "np"}
     namespace = {"fcr": object(), "np": object(), "_hidden": 1, "stride": 10, "seed": 2}
-    assert from_namespace(namespace, before)["stride"] == 10
+    opts = from_namespace(namespace, before)
+    assert opts.sampling.stride == 10 and opts.run.seed == 2
     namespace["stirde"] = 3  # a typo papermill would only warn about
     with pytest.raises(ConfigError, match="unknown parameter 'stirde'"):
         from_namespace(namespace, before)

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from fcr.core.configurations import configs_for_model, params_configurations, sweep_configurations
-from fcr.config import validate
+from fcr.core.configurations import configs_for_model, configurations_of, sweep_configurations
+from fcr.config import to_options
 from fcr.eval.results import save_safetensors_atomic
 from fcr.eval.scoring import FD_COLUMN
 from fcr.experiments.frontier import frontier_points, matched_cost, method_family, pareto_mask, per_image_fidelity
@@ -35,8 +35,8 @@ def test_fewer_steps_peers_are_reference_lines_of_the_original() -> None:
     with pytest.raises(ValueError, match="plain_steps"):
         sweep_configurations([1], 50, "ddim", dpm_reference_steps=0, plain_steps=[50])
     # Without the new keys the configurations (and so every result key) are what they were.
-    params = validate({"strides": [1, 10], "include_50ls": True})
-    assert [c.name for c in params_configurations(params)] == ["full", "FD-10", "FD-50ls", "DPM++-20"]
+    params = to_options({"strides": [1, 10], "include_50ls": True})
+    assert [c.name for c in configurations_of(params.sampling, params.sweep)] == ["full", "FD-10", "FD-50ls", "DPM++-20"]
 
 
 @pytest.mark.parametrize(("config", "family"), [

@@ -16,7 +16,7 @@ import torch
 import yaml
 from conftest import make_unet
 
-from fcr.config import validate
+from fcr.config import to_options
 from fcr.core.loss import feature_distance
 from fcr.core.unet import FEATURE_GROUPS, EncoderFeatures
 from fcr.eval.results import StaleResultError
@@ -275,7 +275,7 @@ def test_run_variance_pairs_models_and_skips_finished_results(tmp_path: Path, mo
     ft_unet, _, _ = make_unet("embedded", seed=1, sample_size=SIZE)
     orig = _run_folder(tmp_path, "orig", orig_unet, {"model": "scratch", "lambda_fcr": 0.0})
     ft = _run_folder(tmp_path, "ft", ft_unet, {"model": str(orig), "lambda_fcr": 0.5})
-    params = validate({
+    params = to_options({
         "setting": "embedded", "device": "cpu", "seed": 0, "variance_models": [str(orig), str(ft)],
         "variance_delta_max": 2, "variance_max_stride": 2, "num_variance_images": 3,
         "num_inference_steps": 5, "scheduler": "ddim",
@@ -312,5 +312,5 @@ def test_run_variance_pairs_models_and_skips_finished_results(tmp_path: Path, mo
         for key, v in by[m.label].values.items():
             assert np.array_equal(m.values[key], v)
     with pytest.raises(StaleResultError):
-        run_variance({**params, "num_inference_steps": 6}, models, out, inputs=_inputs(), progress=False)
+        run_variance(params.with_flat(num_inference_steps=6), models, out, inputs=_inputs(), progress=False)
 

@@ -54,9 +54,26 @@ def test_finetune_notebook_declares_every_parameter_the_finetune_reads() -> None
     from fcr.train.loop import TrainConfig
 
     source = "".join((REPO / "fcr" / name).read_text() for name in ("train/finetune.py", "train/loop.py", "backends/sd/model.py"))
-    read = set(re.findall(r'params\["([a-z_0-9]+)"\]', source)) | set(re.findall(r'params\.get\("([a-z_0-9]+)"', source))
+    read = set(re.findall(r'opts\.[a-z]+\.([a-z_0-9]+)', source)) | set(re.findall(r'opts\.value\("([a-z_0-9]+)"', source))
     read |= {f.name for f in dataclasses.fields(TrainConfig)}
     missing_from_list = sorted(k for k in read if k in SCHEMA and k not in FINETUNE_KEYS)
     assert not missing_from_list, missing_from_list
     declared = set(pm.inspect_notebook(str(REPO / "notebooks" / "02_finetune.ipynb")))
     assert not sorted(set(FINETUNE_KEYS) - declared), sorted(set(FINETUNE_KEYS) - declared)
+
+
+def test_parameter_cells_are_generated_from_the_schema() -> None:
+    """Every notebook's parameters cell is what ``python -m fcr.notebooks parameters`` writes: the
+    keys it declares at their schema defaults, and papermill parses every line (a line it cannot
+    parse would silently not be injectable)."""
+    import json
+
+    from fcr.notebooks import list_notebooks, parameters_cell
+
+    for path in list_notebooks():
+        nb = json.loads(path.read_text())
+        cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+        source = "".join(cell["source"])
+        declared = list(pm.inspect_notebook(str(path)))
+        assert source == parameters_cell(declared), f"{path.name}: regenerate with python -m fcr.notebooks parameters"
+        assert len(declared) == len(source.splitlines()), f"{path.name}: papermill skips a line of the parameters cell"

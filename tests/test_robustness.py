@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from fcr.config import ConfigError, validate
+from fcr.config import ConfigError, to_options, validate
 from fcr.core.configurations import SamplingConfig
 from fcr.eval import context
 from fcr.eval.context import model_origins
@@ -189,7 +189,7 @@ def test_sd_stresses_on_latents() -> None:
     from fcr.backends.sd.params import sd_eval_prompts
 
     parts = tiny_components()
-    params = validate({"setting": "sd", "stresses": ["none", "ood_prompts"]})
+    params = to_options({"setting": "sd", "stresses": ["none", "ood_prompts"]})
     prompts, kinds = sd_ood_prompts(4, seed=0)
     assert kinds == ["abstract", "medical"] * 2
     assert prompts[0] in load_sd_prompt_list("abstract") and prompts[1] in load_sd_prompt_list("medical")
@@ -236,7 +236,7 @@ def test_ood_prompt_files_parse_with_valid_labels() -> None:
 
 
 def test_sd_rejects_heldout_prompts() -> None:
-    params = validate({"setting": "sd", "stresses": ["none", "heldout_prompts"]})
+    params = to_options({"setting": "sd", "stresses": ["none", "heldout_prompts"]})
     with pytest.raises(ConfigError, match="embedded setting only"):
         stresses.stress_definitions(params)
     with pytest.raises(ConfigError, match="unknown stress"):
@@ -314,7 +314,7 @@ def workspace(tmp_path_factory) -> dict:
     data_dir.mkdir()
     meta = {"prompts": json.dumps(prompts), "max_length": "16", "hidden_size": "384", "encoder": "random"}
     save_file({"states": torch.randn(len(prompts), 16, 384)}, str(data_dir / "text_states.safetensors"), metadata=meta)
-    params = validate({
+    params = to_options({
         "setting": "embedded", "device": "cpu", "data_dir": str(data_dir), "output_dir": str(root / "out"),
         "robustness_models": [str(root / "orig"), str(root / "ft")], "robustness_strides": [1, 2],
         "num_inference_steps": 4, "num_robustness_images": 4, "eval_batch_size": 4, "seeds": [0],
@@ -328,7 +328,7 @@ def test_run_writes_each_result_once_and_builds_tables(workspace: dict, monkeypa
     from fcr.experiments.sweep import model_labels
 
     params, out = workspace["params"], workspace["root"] / "out" / "robustness"
-    models = model_labels(params["robustness_models"])
+    models = model_labels(params.value("robustness_models"))
     assert model_origins(models) == {"ft": "orig"}
     calls = []
     real = context.generate
@@ -375,7 +375,7 @@ def test_run_writes_each_result_once_and_builds_tables(workspace: dict, monkeypa
     # A changed attack budget invalidates the adversarial results only (stale file, not reused).
     from fcr.eval.results import StaleResultError
 
-    changed = validate({**params, "adversarial_epsilon": 0.2, "stresses": ["none", "adversarial_noise"]})
+    changed = params.with_flat(adversarial_epsilon=0.2, stresses=["none", "adversarial_noise"])
     with pytest.raises(StaleResultError, match="adversarial_epsilon"):
         run_robustness(changed, models, out, progress=False, reference_n=REFERENCE_N)
     assert calls == []  # 'none' was loaded before the stale adversarial file stopped the run
@@ -390,7 +390,7 @@ def test_stress_fidelity_pairs_each_cached_image_with_its_full_image(workspace: 
     from fcr.experiments.sweep import model_labels
 
     params, out = workspace["params"], workspace["root"] / "out" / "robustness"
-    models = model_labels(params["robustness_models"])
+    models = model_labels(params.value("robustness_models"))
     try:  # loads what another test already ran; runs it otherwise (any test order)
         results = run_robustness(params, models, out, progress=False, reference_n=REFERENCE_N)
     except FileNotFoundError as exc:
@@ -408,7 +408,7 @@ def test_stress_fidelity_pairs_each_cached_image_with_its_full_image(workspace: 
         got = per_image[(per_image["model"] == "ft") & (per_image["stress"] == stress)].sort_values("image")
         np.testing.assert_array_equal(got["psnr"].to_numpy(), expected["psnr"].numpy())
     did = stress_did(per_image, [("ft vs orig", ["ft"], ["orig"])], endpoint="psnr", margin=0.5)
-    assert len(did) == 5 and set(did["stress"]) == set(params["stresses"]) - {"none"}
+    assert len(did) == 5 and set(did["stress"]) == set(params.value("stresses")) - {"none"}
     row = did[did["stress"] == "ood_prompts"].iloc[0]
     by = per_image.set_index(["model", "stress", "image"])["psnr"].sort_index()
     drop = {m: by.loc[(m, "none")].to_numpy() - by.loc[(m, "ood_prompts")].to_numpy() for m in ("ft", "orig")}

@@ -19,7 +19,7 @@ from equivalence import assert_float32_equivalent
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from fcr.config import ConfigError, validate
+from fcr.config import ConfigError, to_options
 from fcr.core.sampler import PriorNoise, key_steps
 from fcr.backends.checks import check_task
 from fcr.backends.embedded.data import TRAIN_TEMPLATES, caption, load_fashion_mnist
@@ -261,7 +261,7 @@ def sd_params(model_dir, image_folder, out, **over):
         output_dir=str(out), run_name="tiny", learning_rate=1.0e-4, fcr_sampling_steps=10, delta_max=2,
     )
     params.update(over)
-    return validate(params)
+    return to_options(params)
 
 
 def test_finetune_sd_end_to_end(model_dir, image_folder, tmp_path):
@@ -341,7 +341,7 @@ def test_sd_task_checks(model_dir, image_folder, tmp_path, task, over, match):
     for good_task in ("data", "finetune", "sweep", "robustness", "mechanistic"):
         check_task(params, good_task)
     with pytest.raises(ConfigError, match=match):
-        check_task({**params, **over}, task)
+        check_task(params.with_flat(**over), task)
 
 
 def test_train_cli_reports_bad_paths_without_traceback(model_dir, image_folder, tmp_path, capsys):
@@ -424,7 +424,7 @@ def test_prepare_sd_data_writes_a_seeded_prompt_subset(model_dir, image_folder, 
         "images": [{"id": i} for i in range(5)],
         "annotations": [{"id": 10 + i, "image_id": i, "caption": f"caption number {i}"} for i in range(5)],
     }))
-    params = validate({"setting": "sd", "train_data": str(image_folder), "train_subset": 4, "eval_prompts": str(coco),
+    params = to_options({"setting": "sd", "train_data": str(image_folder), "train_subset": 4, "eval_prompts": str(coco),
                        "num_eval_images": 3, "data_dir": str(tmp_path / "data")})
     manifest = prepare_sd_data(params)
     assert manifest["num_train_items"] == 4 and manifest["num_eval_prompts"] == 3
@@ -432,7 +432,7 @@ def test_prepare_sd_data_writes_a_seeded_prompt_subset(model_dir, image_folder, 
     prepare_sd_data(params)
     assert json.loads((tmp_path / "data" / "eval_prompts.json").read_text()) == first
     with pytest.raises(ConfigError, match="eval_prompts"):
-        prepare_sd_data({**params, "eval_prompts": ""})
+        prepare_sd_data(params.with_flat(eval_prompts=""))
 
 
 @pytest.mark.parametrize("name", ["sd15", "sd21", "openjourney"])
@@ -447,4 +447,4 @@ def test_shipped_sd_params_pass_every_task_check_once_paths_are_set(name, image_
     for task in SETTING_TASKS["sd"]:
         check_task(params, task)
     with pytest.raises(ConfigError, match="train_data"):
-        check_task({**params, "train_data": ""}, "finetune")
+        check_task(params.with_flat(train_data=""), "finetune")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fcr.config import validate
+from fcr.config import to_options
 from fcr.core.configurations import SamplingConfig, configs_for_model, sweep_configurations
 from fcr.core.sampler import FD_50LS, sample
 from fcr.eval import context
@@ -68,7 +68,7 @@ def workspace(tmp_path_factory) -> dict:
     states = torch.randn(len(prompts), 16, 384)
     meta = {"prompts": json.dumps(prompts), "max_length": "16", "hidden_size": "384", "encoder": "random"}
     save_file({"states": states}, str(data_dir / "text_states.safetensors"), metadata=meta)
-    params = validate({
+    params = to_options({
         "setting": "embedded", "device": "cpu", "data_dir": str(data_dir), "output_dir": str(root / "out"),
         "sweep_models": [str(root / "run")], "strides": [1, 3], "num_inference_steps": 6, "include_50ls": True,
         "dpm_reference_steps": 3, "num_eval_images": 10, "eval_batch_size": 10, "seeds": [0],
@@ -86,7 +86,7 @@ def _sweep(params: dict, out: Path, monkeypatch: pytest.MonkeyPatch) -> tuple:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(context, "generate", counting)  # where RunContext.generate looks it up
-    models = sweep.model_labels(params["sweep_models"])
+    models = sweep.model_labels(params.value("sweep_models"))
     try:
         quality, cost = run_sweep(params, models, out, progress=False, reference_n=REFERENCE_N)
     except FileNotFoundError as exc:
@@ -114,7 +114,7 @@ def test_sweep_writes_once_skips_then_refuses_stale(workspace: dict, monkeypatch
     assert again["fd_fashioncnn"].tolist() == quality["fd_fashioncnn"].tolist()
 
     with pytest.raises(StaleResultError, match="guidance_scale"):
-        _sweep({**params, "guidance_scale": 3.0}, out, monkeypatch)
+        _sweep(params.with_flat(guidance_scale=3.0), out, monkeypatch)
 
     # Per-image side files support paired tests between configurations; one seed -> nan t-bounds.
     test = paired_comparison(out, "run", "FD-3", "full", 0)
@@ -133,7 +133,7 @@ def test_missing_model_fails_before_anything_is_written(workspace: dict, tmp_pat
     assert not out.exists()
     monkeypatch.setattr("fcr.backends.models.MODELS_DIR", tmp_path / "empty_models")  # an embedded model not trained yet
     with pytest.raises(ModelNotFoundError, match="has not been trained"):
-        run_sweep({**params, "sweep_models": ["base-v"]}, {"base-v": "base-v"}, out, progress=False)
+        run_sweep(params.with_flat(sweep_models=["base-v"]), {"base-v": "base-v"}, out, progress=False)
     assert not out.exists()
 
 

@@ -83,7 +83,7 @@ def swept(tmp_path_factory) -> dict:
 
     from safetensors.torch import save_file
 
-    from fcr.config import validate
+    from fcr.config import to_options
     from fcr.eval.context import eval_prompts
     from fcr.eval.results import save_safetensors_atomic
     from fcr.experiments.drift_regression import run_trajectory_drift
@@ -101,12 +101,12 @@ def swept(tmp_path_factory) -> dict:
     meta = {"prompts": json.dumps(texts), "max_length": "16", "hidden_size": "384", "encoder": "random"}
     save_file({"states": torch.randn(len(texts), 16, 384, generator=torch.Generator().manual_seed(0))},
               str(data_dir / "text_states.safetensors"), metadata=meta)
-    params = validate({
+    params = to_options({
         "setting": "embedded", "device": "cpu", "data_dir": str(data_dir), "output_dir": str(root / "out"),
         "sweep_models": [str(root / "run_a"), str(root / "run_b")], "strides": [1, 2, 3], "num_inference_steps": 6,
         "num_eval_images": 8, "eval_batch_size": 4, "seeds": [0], "guidance_scale": 2.0,
     })
-    models = model_labels(params["sweep_models"])
+    models = model_labels(params.value("sweep_models"))
     out = root / "out" / "sweep"
     prompt_meta = json.dumps(eval_prompts(params, 8, 0).texts)
     gen = torch.Generator().manual_seed(2)
@@ -134,7 +134,7 @@ def test_drift_runner_uses_the_sweeps_prompts_and_noise_and_resumes(swept: dict)
     assert [p.name for p in swept["files"]] == ["run_a__seed0.safetensors", "run_b__seed0.safetensors"]
     # The stored drift is that of the sweep's first 6 prompts from their z_T (seeded by (seed, i)).
     loaded = load_models(params, {"run_a": swept["models"]["run_a"]}, torch.device("cpu"))["run_a"]
-    prompts = eval_prompts(params, params["num_eval_images"], 0).head(6)
+    prompts = eval_prompts(params, params.value("num_eval_images"), 0).head(6)
     again = trajectory_drift(loaded.model, prompts, seed=0, strides=[2, 3], num_inference_steps=6, guidance_scale=2.0,
                              batch_size=3)
     stored = load_file(str(drift_file(out, "run_a", 0)))
@@ -182,14 +182,14 @@ def test_notebook_section_writes_points_and_the_report_reads_them(swept: dict) -
     from fcr.backends.checks import check_task
 
     out = swept["out"]
-    params = {**swept["params"], "trajectory_seeds": [0], "trajectory_images": 6, "trajectory_strides": [2, 3],
-              "quality_tables": [str(out / contract.QUALITY)]}
+    params = swept["params"].with_flat(trajectory_seeds=[0], trajectory_images=6, trajectory_strides=[2, 3],
+                                       quality_tables=[str(out / contract.QUALITY)])
     check_task(params, "mechanistic")
     for bad, key in (({"trajectory_strides": [6]}, "trajectory_strides"), ({"trajectory_images": 9}, "trajectory_images"),
                      ({"quality_tables": []}, "trajectory_seeds")):
         with pytest.raises(ConfigError, match=key):
-            check_task({**params, **bad}, "mechanistic")
-    assert run_drift_regression({**params, "trajectory_seeds": []}, swept["models"], out) is None
+            check_task(params.with_flat(**bad), "mechanistic")
+    assert run_drift_regression(params.with_flat(trajectory_seeds=[]), swept["models"], out) is None
     points, fit = run_drift_regression(params, swept["models"], out, progress=False)  # drift files reused
     assert (out / contract.TRAJECTORY_POINTS).is_file() and len(points) == fit["n_points"] == 24
     text = "\n".join(trajectory_section(out, "Mechanism"))

@@ -7,7 +7,6 @@ on 1-channel 32x32 Fashion-MNIST images in pixel space.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from fcr import contract
+from fcr.options import Options
 from fcr.paths import REPO_ROOT
 
 __all__ = [
@@ -174,9 +174,9 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def noise_scheduler_for(unet_dir: Path, params: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+def noise_scheduler_for(unet_dir: Path, opts: Options) -> tuple[Any, dict[str, Any]]:
     """The training noise scheduler of a UNet folder and its schedule keys: a run folder's recorded
-    schedule wins over ``params``, so e.g. a v-prediction model is never sampled as an epsilon model."""
+    schedule wins over ``opts``, so e.g. a v-prediction model is never sampled as an epsilon model."""
     trained = model_training_params(unet_dir) or {}
-    schedule = {k: trained.get(k, params[k]) for k in ("num_train_timesteps", "beta_schedule", "prediction_type")}
+    schedule = {k: trained.get(k, getattr(opts.backbone, k)) for k in ("num_train_timesteps", "beta_schedule", "prediction_type")}
     return build_noise_scheduler(**schedule), schedule

@@ -5,13 +5,14 @@ table uses. Built from the sweep's parameters by :func:`sweep_configurations`.""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from fcr.core.sampler import key_steps
+from fcr.options import SamplingOptions, SweepOptions
 
-__all__ = ["SamplingConfig", "configs_for_model", "params_configurations", "sweep_configurations"]
+__all__ = ["SamplingConfig", "configs_for_model", "configurations_of", "sweep_configurations"]
 
 
 @dataclass(frozen=True)
@@ -102,12 +103,12 @@ def sweep_configurations(
     return configs
 
 
-def params_configurations(params: Mapping[str, Any]) -> list[SamplingConfig]:
-    """:func:`sweep_configurations` of a sweep's validated parameters (keys as in ``fcr.config``)."""
+def configurations_of(sampling: SamplingOptions, sweep: SweepOptions) -> list[SamplingConfig]:
+    """:func:`sweep_configurations` of a run's sampling and sweep options."""
     return sweep_configurations(
-        params["strides"], params["num_inference_steps"], params["scheduler"], params["include_50ls"],
-        params["dpm_reference_steps"], params["dpm_strides"], params["deep_cache_intervals"],
-        params["deep_cache_branches"], params["plain_steps"], params["dpm_steps"],
+        sweep.strides, sampling.num_inference_steps, sampling.scheduler, sweep.include_50ls,
+        sweep.dpm_reference_steps, sweep.dpm_strides, sweep.deep_cache_intervals,
+        sweep.deep_cache_branches, sweep.plain_steps, sweep.dpm_steps,
     )
 
 

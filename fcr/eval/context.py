@@ -19,10 +19,6 @@ from typing import Any
 
 import torch
 
-from fcr.core.configurations import SamplingConfig
-from fcr.core.sampler import PriorNoise
-from fcr.eval.results import weights_fingerprint
-from fcr.eval.scoring import EmbeddedScorer, SDScorer, reference_features
 from fcr.backends.generate import GenerationResult, NoiseHook, SamplingModel, SchedulerHook, generate
 from fcr.backends.models import (
     EMBEDDED_ARCHITECTURES,
@@ -32,6 +28,11 @@ from fcr.backends.models import (
     resolve_device,
     resolve_unet_dir,
 )
+from fcr.core.configurations import SamplingConfig
+from fcr.core.sampler import PriorNoise
+from fcr.eval.results import weights_fingerprint
+from fcr.eval.scoring import EmbeddedScorer, SDScorer, reference_features
+from fcr.options import Options
 
 __all__ = [
     "LoadedModel",
@@ -109,10 +110,10 @@ class Sampling:
     batch_size: int
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> Sampling:
-        return cls(float(params["guidance_scale"]), bool(params["parallel_decoding"]), bool(params["prior_noise"]),
-                   float(params["prior_noise_alpha"]), float(params["prior_noise_threshold"]),
-                   int(params["eval_batch_size"]))
+    def from_options(cls, opts: Options) -> Sampling:
+        return cls(float(opts.sampling.guidance_scale), bool(opts.sampling.parallel_decoding), bool(opts.sampling.prior_noise),
+                   float(opts.sampling.prior_noise_alpha), float(opts.sampling.prior_noise_threshold),
+                   int(opts.evaluation.eval_batch_size))
 
     def prior_for(self, config: SamplingConfig) -> PriorNoise:
         """Prior noise injection for cached configurations only: the plain lines (full, DPM++)
@@ -146,7 +147,7 @@ class RunContext:
     sampling: Sampling
     models: dict[str, LoadedModel]
     scorer: EmbeddedScorer | SDScorer
-    params: Mapping[str, Any] = field(default_factory=dict)
+    opts: Options = field(default_factory=Options)
 
     @property
     def sampling_key(self) -> dict[str, Any]:
@@ -156,12 +157,12 @@ class RunContext:
                                "parallel_decoding": s.parallel, "prior_noise_alpha": s.prior_noise_alpha,
                                "prior_noise_threshold": s.prior_noise_threshold}
         if self.setting == "sd":
-            key["resolution"] = self.params["resolution"]
+            key["resolution"] = self.opts.backbone.resolution
         return key
 
     def eval_prompts(self, n: int, seed: int, templates: str = "train") -> Any:
         """:func:`eval_prompts` of this run."""
-        return eval_prompts(self.params, n, seed, templates)
+        return eval_prompts(self.opts, n, seed, templates)
 
     @staticmethod
     def prompt_texts(prompts: Any) -> list[str]:
@@ -203,21 +204,21 @@ class RunContext:
         return out
 
 
-def eval_prompts(params: Mapping[str, Any], n: int, seed: int, templates: str = "train") -> Any:
-    """The ``n`` evaluation prompts of ``seed`` for validated ``params``, the same for every model and
+def eval_prompts(opts: Options, n: int, seed: int, templates: str = "train") -> Any:
+    """The ``n`` evaluation prompts of ``seed`` for validated ``opts``, the same for every model and
     configuration: embedded: class-balanced captions of the training (or held-out) templates from
     ``data_dir``; SD: ``eval_prompts``."""
-    if params["setting"] == "sd":
+    if opts.run.setting == "sd":
         from fcr.backends.sd.params import sd_eval_prompts
 
-        return sd_eval_prompts(params, n, seed)
+        return sd_eval_prompts(opts, n, seed)
     from fcr.backends.embedded.model import embedded_prompt_set
 
-    return embedded_prompt_set(params["data_dir"], n, seed, templates=templates)
+    return embedded_prompt_set(opts.data.data_dir, n, seed, templates=templates)
 
 
 def load_models(
-    params: Mapping[str, Any],
+    opts: Options,
     models: Mapping[str, str],
     device: torch.device,
     check_model: Callable[[LoadedModel], None] | None = None,
@@ -227,15 +228,15 @@ def load_models(
     run folders (fp16 on CUDA). ``check_model`` runs on each as it is loaded."""
     check = check_model or (lambda loaded: None)
     loaded: dict[str, LoadedModel] = {}
-    if params["setting"] == "sd":
+    if opts.run.setting == "sd":
         from fcr.backends.sd.model import load_sd_components
 
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         for label, source in models.items():
-            parts = load_sd_components(source, device=device, dtype=dtype, revision=params["revision"] or None,
-                                       variant=params["variant"] or None)
+            parts = load_sd_components(source, device=device, dtype=dtype, revision=opts.backbone.revision or None,
+                                       variant=opts.backbone.variant or None)
             # Cost depends on the architecture only: every SD model of a run shares the name "sd".
-            loaded[label] = LoadedModel(label, str(source), parts, {}, sd_weights_id(str(source), params), "sd",
+            loaded[label] = LoadedModel(label, str(source), parts, {}, sd_weights_id(str(source), opts), "sd",
                                         model_meta(str(source)))
             check(loaded[label])
         return loaded
@@ -245,7 +246,7 @@ def load_models(
     unet_dirs = {label: resolve_unet_dir(source) for label, source in models.items()}
     for label, folder in unet_dirs.items():
         unet = load_unet_folder(folder, label).eval()
-        noise_scheduler, schedule = noise_scheduler_for(folder, params)
+        noise_scheduler, schedule = noise_scheduler_for(folder, opts)
         loaded[label] = LoadedModel(
             label, str(models[label]), EmbeddedModel(unet, noise_scheduler, device),
             schedule, weights_fingerprint(folder), architecture_name(unet),
@@ -256,49 +257,49 @@ def load_models(
 
 
 def build_context(
-    params: Mapping[str, Any],
+    opts: Options,
     models: Mapping[str, str],
     out_dir: str | Path,
     *,
     reference_n: int | None = None,
     check_model: Callable[[LoadedModel], None] | None = None,
 ) -> RunContext:
-    """The run context of validated ``params`` for ``models`` ({label: model name or run folder}).
+    """The run context of validated ``opts`` for ``models`` ({label: model name or run folder}).
     ``out_dir`` holds the cached reference features (embedded); ``reference_n`` limits the real
     reference images (tests only). ``check_model`` runs on each model as it is loaded, before the
     scorer is built or anything is written (e.g. a stress size against the native size)."""
-    device = resolve_device(params.get("device"))
-    sampling = Sampling.from_params(params)
-    if params["setting"] == "sd":
+    device = resolve_device(opts.run.device)
+    sampling = Sampling.from_options(opts)
+    if opts.run.setting == "sd":
+        from fcr.backends.sd.params import sd_fid_reference
         from fcr.config import ConfigError
         from fcr.eval.metrics import load_clip
-        from fcr.backends.sd.params import sd_fid_reference
 
-        if not params["fid_reference"]:
+        if not opts.evaluation.fid_reference:
             raise ConfigError("parameter 'fid_reference': give a clean-fid statistics name or a folder of reference "
                               "images")
-        loaded = load_models(params, models, device, check_model)
-        clip = load_clip(params["clip_model"], params["clip_pretrained"] or None, device)  # once, for every config
-        scorer = SDScorer(clip, sd_fid_reference(params), device, params["n_bootstrap"], params["fid_reference"])
-        return RunContext("sd", device, sampling, loaded, scorer, params)
+        loaded = load_models(opts, models, device, check_model)
+        clip = load_clip(opts.evaluation.clip_model, opts.evaluation.clip_pretrained or None, device)  # once, for every config
+        scorer = SDScorer(clip, sd_fid_reference(opts), device, opts.evaluation.n_bootstrap, opts.evaluation.fid_reference)
+        return RunContext("sd", device, sampling, loaded, scorer, opts)
     from fcr.eval.classifier import load_classifier
 
     for source in models.values():
         resolve_unet_dir(source)  # an unknown model fails before anything else
-    text_states = Path(params["data_dir"]) / "text_states.safetensors"
+    text_states = Path(opts.data.data_dir) / "text_states.safetensors"
     if not text_states.is_file():
         raise FileNotFoundError(f"{text_states} not found: prepare the data with notebooks/01_data_prep.ipynb")
     classifier = load_classifier(map_location=device)
-    loaded = load_models(params, models, device, check_model)
+    loaded = load_models(opts, models, device, check_model)
     ref_feats = reference_features(
         classifier, Path(out_dir) / "reference" / f"fashion_mnist_test_features_n{reference_n or 'all'}.safetensors",
         n=reference_n,
     )
-    scorer = EmbeddedScorer(classifier, ref_feats, params["n_bootstrap"])
-    return RunContext("embedded", device, sampling, loaded, scorer, params)
+    scorer = EmbeddedScorer(classifier, ref_feats, opts.evaluation.n_bootstrap)
+    return RunContext("embedded", device, sampling, loaded, scorer, opts)
 
 
-def sd_weights_id(source: str, params: Mapping[str, Any]) -> str:
+def sd_weights_id(source: str, opts: Options) -> str:
     """What identifies an SD model's weights in result keys: a fine-tuning run folder's UNet files
     (fingerprint), a checkpoint's id with the ``revision`` / ``variant`` it is loaded at."""
     from fcr.backends.sd.model import sd_run_base
@@ -306,6 +307,6 @@ def sd_weights_id(source: str, params: Mapping[str, Any]) -> str:
     folder = Path(source).expanduser()
     if sd_run_base(folder) is not None:
         return weights_fingerprint(resolve_unet_dir(str(folder)))
-    return f"{source}@{params['revision'] or 'default'}/{params['variant'] or 'default'}"
+    return f"{source}@{opts.backbone.revision or 'default'}/{opts.backbone.variant or 'default'}"
 
 

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from fcr import plots
-from fcr.eval.classifier import load_classifier, predict_proba
-from fcr.eval.profiling import environment_info
 from fcr.backends.embedded import data
 from fcr.backends.embedded.model import EmbeddedModel, embedded_prompt_set, prepare_embedded_data
 from fcr.backends.generate import generate
 from fcr.backends.models import build_noise_scheduler, load_embedded_unet, model_training_params, resolve_unet_dir
+from fcr.eval.classifier import load_classifier, predict_proba
+from fcr.eval.profiling import environment_info
 
 __all__ = ["class_agreement", "main"]
 

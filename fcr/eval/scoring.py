@@ -52,8 +52,8 @@ def reference_features(
     """Classifier features ``(N, D)`` of real Fashion-MNIST official test images (the first ``n``,
     all 10k by default), cached in ``cache_path`` (computed once; a cache made by another
     classifier or ``n`` is recomputed). ``root``: where Fashion-MNIST lies (see fcr.backends.embedded.data)."""
-    from fcr.eval.classifier import extract_features
     from fcr.backends.embedded import data
+    from fcr.eval.classifier import extract_features
 
     fingerprint = module_fingerprint(classifier)
     wanted = {"classifier": fingerprint, "n": str(n), "split": "test"}

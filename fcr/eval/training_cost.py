@@ -43,8 +43,8 @@ def training_step_flops(
     the count depends on shapes only. λ > 0 adds the encoder forward + backward on x_{t−Δ}; the value
     of λ (and Δ_max, the feature group) does not change the count. Gradients are cleared afterwards.
     """
-    from fcr.core.loss import FCRConfig, fcr_training_loss
     from fcr.backends.models import build_noise_scheduler
+    from fcr.core.loss import FCRConfig, fcr_training_loss
 
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")

@@ -33,6 +33,7 @@ from fcr import contract
 from fcr.eval.results import save_safetensors_atomic, write_json_atomic
 from fcr.experiments.paired_fidelity import cell_tensors, load_fidelity
 from fcr.experiments.trajectory_drift import drift_key, trajectory_drift
+from fcr.options import Options
 
 __all__ = [
     "DRIFT_FOLDER",
@@ -53,23 +54,23 @@ def drift_file(out_dir: str | Path, model: str, seed: int) -> Path:
 
 
 def run_trajectory_drift(
-    params: Mapping[str, Any], models: Mapping[str, str], out_dir: str | Path, *, seeds: Sequence[int], n_images: int,
+    opts: Options, models: Mapping[str, str], out_dir: str | Path, *, seeds: Sequence[int], n_images: int,
     strides: Sequence[int], groups: Sequence[str] = ("all",), progress: bool = True,
 ) -> list[Path]:
     """Per-image drift of every model (label -> name or run folder) on the first ``n_images``
-    evaluation prompts of each seed, exactly the sweep's prompts and z_T (validated ``params`` of
+    evaluation prompts of each seed, exactly the sweep's prompts and z_T (validated ``opts`` of
     the sweep's sizes); a (model, seed) file already written with the same strides, groups and
     images is kept (resumable)."""
-    from fcr.eval.context import RunContext, Sampling, eval_prompts, load_models
     from fcr.backends.models import resolve_device
+    from fcr.eval.context import RunContext, Sampling, eval_prompts, load_models
 
-    device = resolve_device(params.get("device"))
-    loaded = load_models(params, models, device)
-    sampling = Sampling.from_params(params)
+    device = resolve_device(opts.run.device)
+    loaded = load_models(opts, models, device)
+    sampling = Sampling.from_options(opts)
     want = {"strides": ",".join(map(str, strides)), "groups": ",".join(groups), "n_images": str(n_images)}
     written = []
     for seed in seeds:
-        prompts = eval_prompts(params, params["num_eval_images"], seed)
+        prompts = eval_prompts(opts, opts.evaluation.num_eval_images, seed)
         if n_images > len(prompts):
             raise ValueError(f"n_images={n_images} exceeds the sweep's num_eval_images={len(prompts)}")
         subset = prompts.head(n_images) if hasattr(prompts, "head") else prompts[:n_images]
@@ -84,7 +85,7 @@ def run_trajectory_drift(
                     written.append(path)
                     continue
             out = trajectory_drift(m.model, subset, seed=seed, strides=strides, groups=groups,
-                                   num_inference_steps=params["num_inference_steps"],
+                                   num_inference_steps=opts.sampling.num_inference_steps,
                                    guidance_scale=sampling.guidance_scale, batch_size=sampling.batch_size,
                                    progress=progress)
             tensors = {k: torch.from_numpy(v) for k, v in out.drift.items()}
@@ -153,19 +154,19 @@ def drift_regression(points: pd.DataFrame, endpoint: str = "psnr") -> dict[str, 
 
 
 def run_drift_regression(
-    params: Mapping[str, Any], models: Mapping[str, str], out_dir: str | Path, progress: bool = True
+    opts: Options, models: Mapping[str, str], out_dir: str | Path, progress: bool = True
 ) -> tuple[pd.DataFrame, dict[str, Any]] | None:
-    """Notebook 05's trajectory section for validated ``params``: the drift of ``trajectory_images``
+    """Notebook 05's trajectory section for validated ``opts``: the drift of ``trajectory_images``
     prompts of each ``trajectory_seeds`` seed at ``trajectory_strides`` (resumable), joined with the
     per-image PSNR to own full sampling of the sweep whose ``quality.csv`` is in ``quality_tables``,
     and the fits; writes :data:`fcr.contract.TRAJECTORY_POINTS` and
     :data:`fcr.contract.TRAJECTORY_REGRESSION`. None when ``trajectory_seeds`` is empty."""
-    if not params["trajectory_seeds"]:
+    if not opts.mechanistic.trajectory_seeds:
         return None
     out_dir = Path(out_dir)
-    sweep_dir = next(Path(p).parent for p in params["quality_tables"] if Path(p).name == contract.QUALITY)
-    seeds, strides = list(params["trajectory_seeds"]), list(params["trajectory_strides"])
-    run_trajectory_drift(params, models, out_dir, seeds=seeds, n_images=params["trajectory_images"], strides=strides,
+    sweep_dir = next(Path(p).parent for p in opts.mechanistic.quality_tables if Path(p).name == contract.QUALITY)
+    seeds, strides = list(opts.mechanistic.trajectory_seeds), list(opts.mechanistic.trajectory_strides)
+    run_trajectory_drift(opts, models, out_dir, seeds=seeds, n_images=opts.mechanistic.trajectory_images, strides=strides,
                          progress=progress)
     points = drift_points(out_dir, sweep_dir, list(models), seeds, strides)
     points.to_csv(out_dir / contract.TRAJECTORY_POINTS, index=False)

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 
 from fcr.core import unet as fcr_unet
 from fcr.core.loss import per_sample_feature_distance
-from fcr.core.unet import FEATURE_GROUPS, EncoderFeatures
+from fcr.core.unet import FEATURE_GROUPS
+from fcr.options import Options
 
 __all__ = [
     "UNITS",
@@ -272,7 +273,7 @@ def _match_original(original: str, unet_dirs: Mapping[str, Path], sources: Mappi
     return next((label for label, d in unet_dirs.items() if Path(d).resolve() == folder), "")
 
 
-def load_sd_variance_inputs(params: Mapping[str, Any], components: Any, batch_size: int = 8) -> VarianceInputs:
+def load_sd_variance_inputs(opts: Options, components: Any, batch_size: int = 8) -> VarianceInputs:
     """SD's held-out inputs: ``num_variance_images`` items (seeded by ``seed``) of the ``train_data``
     items the fine-tune left out (:func:`fcr.backends.sd.params.sd_heldout_items`), as VAE latents
     at ``resolution`` (posterior sample from a generator seeded by ``seed``, no flip) with the CLIP
@@ -280,14 +281,14 @@ def load_sd_variance_inputs(params: Mapping[str, Any], components: Any, batch_si
     from fcr.backends.sd.model import SDTrainData
     from fcr.backends.sd.params import sd_heldout_items
 
-    items = sd_heldout_items(params)
-    n = params["num_variance_images"]
+    items = sd_heldout_items(opts)
+    n = opts.mechanistic.num_variance_images
     if n > len(items):
         raise ValueError(f"num_variance_images={n} exceeds the {len(items)} held-out train_data items")
-    idx = np.sort(np.random.default_rng([params["seed"], 5]).choice(len(items), size=n, replace=False))
+    idx = np.sort(np.random.default_rng([opts.run.seed, 5]).choice(len(items), size=n, replace=False))
     data = SDTrainData([items[int(i)] for i in idx], components.vae, components.tokenizer, components.text_encoder,
-                       params["resolution"], random_flip=False)
-    generator = torch.Generator().manual_seed(int(params["seed"]))
+                       opts.backbone.resolution, random_flip=False)
+    generator = torch.Generator().manual_seed(int(opts.run.seed))
     latents, states = [], []
     for start in range(0, n, batch_size):
         batch = torch.arange(start, min(start + batch_size, n))
@@ -308,17 +309,17 @@ class _Measured:
     inputs_key: str  # models with the same key share the inputs (embedded: image style; SD: VAE)
 
 
-def _targets(params: Mapping[str, Any], models: Mapping[str, str], device: torch.device) -> list[_Measured]:
+def _targets(opts: Options, models: Mapping[str, str], device: torch.device) -> list[_Measured]:
     """Every model loaded once (fcr.eval.context.load_models), with its original model (a fine-tuned
     run folder's base; none for shipped embedded names and scratch runs) and image style."""
-    from fcr.eval.context import load_models
     from fcr.backends.models import EMBEDDED_MODELS, model_training_params, resolve_unet_dir
+    from fcr.eval.context import load_models
 
     out = []
-    for label, loaded in load_models(params, models, device).items():
+    for label, loaded in load_models(opts, models, device).items():
         lam = loaded.meta["lambda_fcr"]
         original = str(loaded.meta["original_model"] or "")
-        if params["setting"] == "sd":
+        if opts.run.setting == "sd":
             out.append(_Measured(loaded, original, float(lam) if lam is not None else math.nan, "none",
                                  original or loaded.source))
             continue
@@ -330,7 +331,7 @@ def _targets(params: Mapping[str, Any], models: Mapping[str, str], device: torch
 
 
 def run_variance(
-    params: Mapping[str, Any],
+    opts: Options,
     models: Mapping[str, str],
     out_dir: str | Path,
     *,
@@ -339,25 +340,25 @@ def run_variance(
     progress: bool = True,
 ) -> list[ModelVariance]:
     """Measure (or load) the feature variance of every model in ``models`` (label -> embedded name,
-    SD checkpoint or run folder) for validated ``params``; results under ``out_dir/variance`` (JSON
+    SD checkpoint or run folder) for validated ``opts``; results under ``out_dir/variance`` (JSON
     via :func:`fcr.eval.results.run_or_load` plus per-image safetensors). The inputs are held-out
     images never trained on: the embedded validation split (:func:`load_variance_inputs`), or SD's
     ``train_data`` items outside the fine-tune's subset (:func:`load_sd_variance_inputs`), shared by
     every model with the same VAE. ``inputs`` replaces them (tests only)."""
 
+    from fcr.backends.models import ModelNotFoundError, resolve_device, resolve_unet_dir
     from fcr.eval.profiling import environment_info
     from fcr.eval.results import run_or_load
-    from fcr.backends.models import ModelNotFoundError, resolve_device, resolve_unet_dir
 
     out_dir = Path(out_dir)
-    device = resolve_device(params.get("device"))
-    deltas = {"train": list(range(1, params["variance_delta_max"] + 1)),
-              "sampling": list(range(1, params["variance_max_stride"] + 1))}
-    if params["variance_max_stride"] >= params["num_inference_steps"]:
+    device = resolve_device(opts.run.device)
+    deltas = {"train": list(range(1, opts.mechanistic.variance_delta_max + 1)),
+              "sampling": list(range(1, opts.mechanistic.variance_max_stride + 1))}
+    if opts.mechanistic.variance_max_stride >= opts.sampling.num_inference_steps:
         raise ValueError(
-            f"parameter 'variance_max_stride': must be < num_inference_steps={params['num_inference_steps']}"
+            f"parameter 'variance_max_stride': must be < num_inference_steps={opts.sampling.num_inference_steps}"
         )
-    targets = _targets(params, models, device)
+    targets = _targets(opts, models, device)
     cached_inputs: dict[str, VarianceInputs] = {}
     results = []
     for t in targets:
@@ -365,33 +366,33 @@ def run_variance(
         if t.inputs_key not in cached_inputs:
             if inputs is not None:
                 cached_inputs[t.inputs_key] = inputs
-            elif params["setting"] == "sd":
-                cached_inputs[t.inputs_key] = load_sd_variance_inputs(params, m.model)
+            elif opts.run.setting == "sd":
+                cached_inputs[t.inputs_key] = load_sd_variance_inputs(opts, m.model)
             else:
-                cached_inputs[t.inputs_key] = load_variance_inputs(params["data_dir"], params["num_variance_images"],
-                                                                   params["seed"], t.style)
+                cached_inputs[t.inputs_key] = load_variance_inputs(opts.data.data_dir, opts.mechanistic.num_variance_images,
+                                                                   opts.run.seed, t.style)
         inp = cached_inputs[t.inputs_key]
-        if params["variance_delta_max"] >= m.model.noise_scheduler.config.num_train_timesteps:
+        if opts.mechanistic.variance_delta_max >= m.model.noise_scheduler.config.num_train_timesteps:
             raise ValueError("parameter 'variance_delta_max': must be < the model's num_train_timesteps")
         schedule = m.schedule or {k: m.model.noise_scheduler.config[k]
                                   for k in ("num_train_timesteps", "beta_schedule", "prediction_type")}
         key = {
-            "setting": params["setting"], "model": m.label, "model_source": m.source, "weights": m.weights,
+            "setting": opts.run.setting, "model": m.label, "model_source": m.source, "weights": m.weights,
             **schedule, "split": inp.split, "inputs": inp.digest(), "num_variance_images": int(inp.x0.shape[0]),
-            "prompt_templates": "train", "train_style": t.style, "seed": params["seed"], "shared_noise": True,
-            "deltas_train": deltas["train"], "deltas_sampling": deltas["sampling"], "scheduler": params["scheduler"],
-            "num_inference_steps": params["num_inference_steps"], "feature_groups": list(FEATURE_GROUPS),
+            "prompt_templates": "train", "train_style": t.style, "seed": opts.run.seed, "shared_noise": True,
+            "deltas_train": deltas["train"], "deltas_sampling": deltas["sampling"], "scheduler": opts.sampling.scheduler,
+            "num_inference_steps": opts.sampling.num_inference_steps, "feature_groups": list(FEATURE_GROUPS),
             "distance": "fcr.core.loss.feature_distance",
         }
         side = out_dir / "variance" / f"{m.label.replace('/', '_')}.safetensors"
 
         def compute(m=m, inp=inp, side=side):
             noise_scheduler = m.model.noise_scheduler
-            draws = variance_draws(inp.x0.shape[0], inp.x0.shape[1:], params["seed"])
-            grid = sampling_grid(noise_scheduler, params["scheduler"], params["num_inference_steps"])
+            draws = variance_draws(inp.x0.shape[0], inp.x0.shape[1:], opts.run.seed)
+            grid = sampling_grid(noise_scheduler, opts.sampling.scheduler, opts.sampling.num_inference_steps)
             values = measure_feature_variance(m.model.unet, noise_scheduler, inp, draws, deltas=deltas, grid=grid,
                                               batch_size=batch_size, device=device, progress=progress)
-            _save_values(values, side, {"model": m.label, "seed": str(params["seed"])})
+            _save_values(values, side, {"model": m.label, "seed": str(opts.run.seed)})
             return {"mean": _summary(values), "grid": grid.tolist(), "side_file": side.name}
 
         result, computed = run_or_load(out_dir / "variance" / f"{m.label.replace('/', '_')}.json", key, compute,

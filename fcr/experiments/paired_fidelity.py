@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from fcr.contract import FIDELITY_DIRECTIONS, FIDELITY_PER_IMAGE
 from fcr.eval.fidelity import fidelity

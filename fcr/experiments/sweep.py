@@ -21,8 +21,10 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
+from fcr.backends.generate import sampling_scheduler
+from fcr.backends.models import build_noise_scheduler
 from fcr.contract import model_label
-from fcr.core.configurations import SamplingConfig, configs_for_model, params_configurations, sweep_configurations
+from fcr.core.configurations import SamplingConfig, configs_for_model, configurations_of, sweep_configurations
 from fcr.core.sampler import PriorNoise, sample
 from fcr.eval.context import LoadedModel, RunContext, architecture_config, build_context
 from fcr.eval.metrics import DEFAULT_EXTRACTOR_NAME
@@ -39,8 +41,7 @@ from fcr.eval.profiling import (
 from fcr.eval.results import run_or_load, save_safetensors_atomic
 from fcr.eval.scoring import FD_COLUMN
 from fcr.eval.stats import mean_ci_over_seeds, paired_test
-from fcr.backends.generate import sampling_scheduler
-from fcr.backends.models import build_noise_scheduler
+from fcr.options import Options
 
 __all__ = [
     "QUALITY_METRICS",
@@ -308,7 +309,7 @@ def summarize(quality: pd.DataFrame, metrics: Sequence[str] = QUALITY_METRICS) -
 
 
 def run_sweep(
-    params: Mapping[str, Any],
+    opts: Options,
     models: Mapping[str, str],
     out_dir: str | Path,
     progress: bool = True,
@@ -316,23 +317,23 @@ def run_sweep(
     reference_n: int | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Quality (per seed x model x configuration) and cost (per architecture x configuration)
-    of the sweep that validated ``params`` describe, in either setting; ``models`` maps labels to
+    of the sweep that validated ``opts`` describe, in either setting; ``models`` maps labels to
     model names or run folders. Returns ``(quality, cost)`` tables; results live under
     ``out_dir/quality`` and ``out_dir/cost``. ``reference_n`` limits the real reference images
     (embedded; tests only). SD needs ``eval_prompts`` (e.g. COCO captions) and ``fid_reference``."""
     out_dir = Path(out_dir)
-    configs = params_configurations(params)
+    configs = configurations_of(opts.sampling, opts.sweep)
     # Everything that can fail does so here, before anything is generated or written.
-    ctx = build_context(params, models, out_dir, reference_n=reference_n)
+    ctx = build_context(opts, models, out_dir, reference_n=reference_n)
     templates = "train" if ctx.setting == "embedded" else "eval_prompts"
     quality_rows = []
     seq_len = 0
-    for seed in params["seeds"]:
-        prompts = ctx.eval_prompts(params["num_eval_images"], seed)
+    for seed in opts.run.seeds:
+        prompts = ctx.eval_prompts(opts.evaluation.num_eval_images, seed)
         for index, loaded in enumerate(ctx.models.values()):
             # Token states per prompt, for the cost inputs.
             seq_len = int(loaded.model.condition(prompts, 0, 1, False)[0].shape[1])
-            for config in configs_for_model(configs, index, params["reference_lines_all_models"]):
+            for config in configs_for_model(configs, index, opts.sweep.reference_lines_all_models):
                 prior = ctx.sampling.prior_for(config)
                 stem = quality_stem(loaded.label, config.name, seed)
                 # eval_batch_size is left out: an image does not depend on how it is batched.
@@ -367,15 +368,15 @@ def run_sweep(
             key = {
                 **ctx.sampling_key, **config.as_dict(),
                 "architecture": arch, "architecture_config": architecture_config(unet), "config": config.name,
-                "batch_sizes": list(params["profile_batches"]), "repeats": params["profile_repeats"],
+                "batch_sizes": list(opts.evaluation.profile_batches), "repeats": opts.evaluation.profile_repeats,
                 "seq_len": seq_len, "device": ctx.device.type, "prior_noise": prior.enabled,
             }
 
             def compute_cost(unet=unet, config=config, prior=prior, noise_scheduler=loaded.model.noise_scheduler):
                 return evaluate_cost(
-                    unet, config, batch_sizes=params["profile_batches"], repeats=params["profile_repeats"],
-                    guidance_scale=params["guidance_scale"], seq_len=seq_len, device=ctx.device,
-                    parallel=params["parallel_decoding"], prior_noise=prior, noise_scheduler=noise_scheduler,
+                    unet, config, batch_sizes=opts.evaluation.profile_batches, repeats=opts.evaluation.profile_repeats,
+                    guidance_scale=opts.sampling.guidance_scale, seq_len=seq_len, device=ctx.device,
+                    parallel=opts.sampling.parallel_decoding, prior_noise=prior, noise_scheduler=noise_scheduler,
                 )
 
             result, computed = run_or_load(

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from fcr.backends.generate import SamplingModel, generate
 from fcr.core.unet import EncoderFeatures, feature_group_indices
 from fcr.experiments.feature_variance import VARIANTS, per_sample_feature_distance
-from fcr.backends.generate import SamplingModel, generate
 
 __all__ = ["DriftRecorder", "TrajectoryDrift", "drift_key", "trajectory_drift"]
 

@@ -17,36 +17,36 @@ import json
 import os
 import sys
 
-from fcr.config import ConfigError, load_params
+from fcr.config import ConfigError, load_options
 
 
 def _pairs(args: argparse.Namespace) -> int:
     from fcr.__main__ import _parse_sets
-    from fcr.human.pairs import PairSetSpec, build_pair_set, parse_source
     from fcr.backends.checks import check_task
     from fcr.backends.embedded.data import FASHION_MNIST_CLASSES
+    from fcr.human.pairs import PairSetSpec, build_pair_set, parse_source
 
-    params = load_params(*args.params, overrides=_parse_sets(args.set))
-    check_task(params, "human")
-    spec = PairSetSpec(a=parse_source(params["human_a"]), b=parse_source(params["human_b"]),
-                       n_pairs=params["human_pairs"], seeds=tuple(params["human_seeds"]),
-                       repeat_rate=params["human_repeat_rate"], gold_rate=params["human_gold_rate"],
-                       gold=params["human_gold"], seed=params["seed"])
-    categories = FASHION_MNIST_CLASSES if params["setting"] == "embedded" else None
-    manifest = build_pair_set(params["human_sweep_dir"], spec, params["human_pair_dir"], categories=categories)
+    opts = load_options(*args.params, overrides=_parse_sets(args.set))
+    check_task(opts, "human")
+    spec = PairSetSpec(a=parse_source(opts.human.human_a), b=parse_source(opts.human.human_b),
+                       n_pairs=opts.human.human_pairs, seeds=tuple(opts.human.human_seeds),
+                       repeat_rate=opts.human.human_repeat_rate, gold_rate=opts.human.human_gold_rate,
+                       gold=opts.human.human_gold, seed=opts.run.seed)
+    categories = FASHION_MNIST_CLASSES if opts.run.setting == "embedded" else None
+    manifest = build_pair_set(opts.human.human_sweep_dir, spec, opts.human.human_pair_dir, categories=categories)
     counts = manifest["kind"].value_counts().to_dict()
-    print(f"pair set {params['human_pair_dir']}: {len(manifest)} pairs {counts}; A = {spec.a.name}, B = {spec.b.name}")
+    print(f"pair set {opts.human.human_pair_dir}: {len(manifest)} pairs {counts}; A = {spec.a.name}, B = {spec.b.name}")
     return 0
 
 
 def _locations(args: argparse.Namespace) -> None:
-    """--pairs / --db, else the params' human_pair_dir / human_ratings_db (defaults when no -f)."""
+    """--pairs / --db, else the opts' human_pair_dir / human_ratings_db (defaults when no -f)."""
     from fcr.__main__ import _parse_sets
 
-    params = load_params(*args.params, overrides=_parse_sets(args.set))
-    args.pairs = args.pairs or params["human_pair_dir"]
+    opts = load_options(*args.params, overrides=_parse_sets(args.set))
+    args.pairs = args.pairs or opts.human.human_pair_dir
     if hasattr(args, "db"):
-        args.db = args.db or params["human_ratings_db"]
+        args.db = args.db or opts.human.human_ratings_db
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -19,7 +19,17 @@ import pandas as pd
 from fcr import contract
 from fcr.experiments.contrasts import adjust_family, common_seeds, noninferiority
 from fcr.manifest import Backbone, Study
-from fcr.report.rows import THRESHOLDS, InputError, all_of, backbone_scope, fmt3, fmt_pct, read_table, result_dir, verdict_row
+from fcr.report.rows import (
+    THRESHOLDS,
+    InputError,
+    all_of,
+    backbone_scope,
+    fmt3,
+    fmt_pct,
+    read_table,
+    result_dir,
+    verdict_row,
+)
 
 __all__ = ["DEEP_B_NAME", "deep_caching_rows"]
 

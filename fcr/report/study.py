@@ -12,8 +12,16 @@ import pandas as pd
 
 from fcr import contract
 from fcr.eval.stats import holm, paired_n
-from fcr.experiments.contrasts import (common_seeds, evaluate_contrasts, fd_infinity_table, length_contrasts,
-                                       noninferiority, safe_strides, select_lambda, variant_contrasts)
+from fcr.experiments.contrasts import (
+    common_seeds,
+    evaluate_contrasts,
+    fd_infinity_table,
+    length_contrasts,
+    noninferiority,
+    safe_strides,
+    select_lambda,
+    variant_contrasts,
+)
 from fcr.experiments.robustness.fidelity import STRESS_DID_COLUMNS, stress_did
 from fcr.manifest import Backbone
 from fcr.report.rows import format_number, markdown_table, result_dir

@@ -11,7 +11,6 @@ run on the per-image side files notebook 03 saved. Numbers are printed with 3 si
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 from collections.abc import Mapping, Sequence
@@ -29,8 +28,17 @@ from fcr.report.quality_cost import A_NAME
 from fcr.report.readme import update_readme
 from fcr.report.robustness_criterion import robustness_rows
 from fcr.report.rows import EXP1, EXP2, LAYOUT, InputError, format_number, markdown_table, read_table, result_dir
-from fcr.report.study import (ablation_section, few_steps_section, length_section, regime_section, stress_did_table,
-                              stress_section, study_section, study_summary, study_tables)
+from fcr.report.study import (
+    ablation_section,
+    few_steps_section,
+    length_section,
+    regime_section,
+    stress_did_table,
+    stress_section,
+    study_section,
+    study_summary,
+    study_tables,
+)
 from fcr.report.verdict import evaluate_criteria
 
 __all__ = [

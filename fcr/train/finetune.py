@@ -4,17 +4,16 @@ parameters next to the results, then runs :func:`fcr.train.loop.train`."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from fcr import contract
-from fcr.config import ConfigError
 from fcr.backends.embedded.model import load_split, prepare_embedded_data
 from fcr.backends.models import build_embedded_unet, build_noise_scheduler, check_prediction_type, load_embedded_unet
-from fcr.train.loop import TrainConfig, TrainResult, fcr_config_from_params, train
+from fcr.config import ConfigError
+from fcr.options import Options
+from fcr.train.loop import TrainConfig, TrainResult, fcr_config, train
 
 __all__ = ["FINETUNE_KEYS", "finetune", "finetune_sd", "run_dir"]
 
@@ -71,99 +70,99 @@ FINETUNE_KEYS = (
 )
 
 
-def run_dir(params: Mapping[str, Any]) -> Path:
+def run_dir(opts: Options) -> Path:
     """``output_dir/run_name``: where a run's log, checkpoints and weights go."""
-    return Path(params["output_dir"]) / params["run_name"]
+    return Path(opts.run.output_dir) / opts.run.run_name
 
 
-def _write_params(folder: Path, params: Mapping[str, Any]) -> None:
+def _write_params(folder: Path, opts: Options) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / contract.RUN_PARAMS).write_text(yaml.safe_dump(dict(params), sort_keys=True))
+    (folder / contract.RUN_PARAMS).write_text(yaml.safe_dump(opts.to_flat(), sort_keys=True))
 
 
-def finetune(params: Mapping[str, Any], *, progress: bool = True, stop_after: int | None = None) -> TrainResult:
-    """Train a UNet with denoising + λ·FCR as ``params`` say (they must be validated already)."""
-    if params["setting"] == "sd":
-        return finetune_sd(params, progress=progress, stop_after=stop_after)
+def finetune(opts: Options, *, progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Train a UNet with denoising + λ·FCR as ``opts`` say (they must be validated already)."""
+    if opts.run.setting == "sd":
+        return finetune_sd(opts, progress=progress, stop_after=stop_after)
 
-    prepare_embedded_data(params["data_dir"], seed=0, max_text_length=params["max_text_length"])
-    examples, _ = load_split(params["data_dir"], "train", style=params["train_style"])
-    if params["model"] == "scratch":
+    prepare_embedded_data(opts.data.data_dir, seed=0, max_text_length=opts.backbone.max_text_length)
+    examples, _ = load_split(opts.data.data_dir, "train", style=opts.data.train_style)
+    if opts.backbone.model == "scratch":
         import torch
 
-        torch.manual_seed(params["seed"])  # the initialisation is part of the run's determinism
-        unet = build_embedded_unet(params["architecture"], params["resolution"])
+        torch.manual_seed(opts.run.seed)  # the initialisation is part of the run's determinism
+        unet = build_embedded_unet(opts.backbone.architecture, opts.backbone.resolution)
     else:
-        check_prediction_type(params["model"], params["prediction_type"])
-        unet = load_embedded_unet(params["model"])
-    noise_scheduler = build_noise_scheduler(params["num_train_timesteps"], params["beta_schedule"], params["prediction_type"])
-    folder = run_dir(params)
-    _write_params(folder, params)
+        check_prediction_type(opts.backbone.model, opts.backbone.prediction_type)
+        unet = load_embedded_unet(opts.backbone.model)
+    noise_scheduler = build_noise_scheduler(opts.backbone.num_train_timesteps, opts.backbone.beta_schedule, opts.backbone.prediction_type)
+    folder = run_dir(opts)
+    _write_params(folder, opts)
     return train(
         unet,
         noise_scheduler,
         examples,
-        TrainConfig.from_params(params),
-        fcr_config_from_params(params),
+        TrainConfig.from_options(opts),
+        fcr_config(opts),
         folder,
         progress=progress,
         stop_after=stop_after,
-        run_info={"model": params["model"], "setting": params["setting"]},
+        run_info={"model": opts.backbone.model, "setting": opts.run.setting},
     )
 
 
-def finetune_sd(params: Mapping[str, Any], *, progress: bool = True, stop_after: int | None = None) -> TrainResult:
-    """Fine-tune an SD UNet with denoising + λ·FCR as validated ``params`` say.
+def finetune_sd(opts: Options, *, progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Fine-tune an SD UNet with denoising + λ·FCR as validated ``opts`` say.
 
-    Data: ``train_subset`` items (seeded by ``seed``) of ``train_data``; model: ``params["model"]``
+    Data: ``train_subset`` items (seeded by ``seed``) of ``train_data``; model: ``opts.backbone.model``
     (repo id, short name or folder); images at ``resolution``. Results go to ``output_dir/run_name``.
     """
     import torch
     from accelerate import Accelerator
 
-    from fcr.backends.sd.model import SDTrainData, check_train_files, load_sd_components, load_train_items
     from fcr.backends.sd.data import sample_subset
+    from fcr.backends.sd.model import SDTrainData, check_train_files, load_sd_components, load_train_items
 
-    items = sample_subset(load_train_items(params["train_data"]), params["train_subset"], params["seed"])
+    items = sample_subset(load_train_items(opts.data.train_data), opts.data.train_subset, opts.run.seed)
     check_train_files(items)
-    cfg = TrainConfig.from_params(params)
+    cfg = TrainConfig.from_options(opts)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
-        cpu=params.get("device") == "cpu",
+        cpu=opts.run.device == "cpu",
     )
     # The trained UNet stays float32 (accelerate keeps fp32 master weights and autocasts).
-    parts = load_sd_components(params["model"], device=accelerator.device, dtype=torch.float32,
-                               revision=params["revision"] or None, variant=params["variant"] or None)
+    parts = load_sd_components(opts.backbone.model, device=accelerator.device, dtype=torch.float32,
+                               revision=opts.backbone.revision or None, variant=opts.backbone.variant or None)
     repo_prediction = parts.noise_scheduler.config.prediction_type
-    if params["prediction_type"] != repo_prediction:
+    if opts.backbone.prediction_type != repo_prediction:
         # Training with the other target would silently ruin the model (SD2.1 is v_prediction).
         raise ConfigError(
-            f"parameter 'prediction_type': {params['prediction_type']!r} but {params['model']!r} was trained "
+            f"parameter 'prediction_type': {opts.backbone.prediction_type!r} but {opts.backbone.model!r} was trained "
             f"with {repo_prediction!r}; set prediction_type: {repo_prediction}"
         )
     # The frozen VAE and text encoder run in the mixed-precision dtype.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
     parts.vae.to(dtype=weight_dtype)
     parts.text_encoder.to(dtype=weight_dtype)
-    data = SDTrainData(items, parts.vae, parts.tokenizer, parts.text_encoder, params["resolution"])
-    folder = run_dir(params)
+    data = SDTrainData(items, parts.vae, parts.tokenizer, parts.text_encoder, opts.backbone.resolution)
+    folder = run_dir(opts)
     if accelerator.is_main_process:
-        _write_params(folder, params)
+        _write_params(folder, opts)
     return train(
         parts.unet,
         parts.noise_scheduler,
         data,
         cfg,
-        fcr_config_from_params(params),
+        fcr_config(opts),
         folder,
         accelerator=accelerator,
         progress=progress,
         stop_after=stop_after,
         run_info={
-            "model": params["model"],
+            "model": opts.backbone.model,
             "setting": "sd",
-            "train_data": params["train_data"],
+            "train_data": opts.data.train_data,
             "scheduler_config": parts.scheduler_config,
         },
     )

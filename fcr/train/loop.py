@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from fcr import contract
 from fcr.core.loss import FCRConfig, fcr_training_loss
+from fcr.options import Options, TrainingOptions
 from fcr.train.checkpoint import (
     latest_checkpoint,
     load_training_checkpoint,
@@ -47,7 +48,7 @@ __all__ = [
     "check_process_group",
     "init_distributed",
     "launched_world_size",
-    "fcr_config_from_params",
+    "fcr_config",
     "lr_factor",
     "train",
 ]
@@ -113,45 +114,33 @@ def check_process_group(accelerator: Accelerator | PartialState) -> None:
         )
 
 
-@dataclass
-class TrainConfig:
-    """Optimisation settings (flat keys of the same names in ``params``)."""
+@dataclass(frozen=True)
+class TrainConfig(TrainingOptions):
+    """The loop's settings: the training options (declared in :mod:`fcr.options`) and the run's seed."""
 
     seed: int = 0
-    learning_rate: float = 1e-5
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 1e-2
-    train_batch_size: int = 128
-    gradient_accumulation_steps: int = 1
-    max_train_steps: int = 10_000
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
-    ema_decay: float = 0.0
-    caption_dropout: float = 0.1
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    lr_schedule: str = "constant"
-    lr_warmup_steps: int = 0
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> TrainConfig:
-        return cls(**{k: params[k] for k in cls.__dataclass_fields__ if k in params})
+    def from_options(cls, opts: Options) -> TrainConfig:
+        return cls(seed=opts.run.seed, **{f.name: getattr(opts.training, f.name) for f in fields(TrainingOptions)})
+
+    def record(self) -> dict[str, Any]:
+        """What train_config.json records: the seed, then the training options in declaration order."""
+        return {"seed": self.seed, **{f.name: getattr(self, f.name) for f in fields(TrainingOptions)}}
 
 
-def fcr_config_from_params(params: Mapping[str, Any]) -> FCRConfig:
-    """The FCR loss settings from validated flat parameters."""
+def fcr_config(opts: Options) -> FCRConfig:
+    """The FCR loss settings of a run."""
     return FCRConfig(
-        lambda_fcr=params["lambda_fcr"],
-        delta_max=params["delta_max"],
-        delta_units=params["delta_units"],
-        sampling_steps=params["fcr_sampling_steps"],
-        feature_group=params["feature_group"],
-        normalize=params["fcr_normalize"],
-        shared_noise=params["shared_noise"],
-        prediction_type=params["prediction_type"],
-        deep_branch=params["fcr_deep_branch"],
+        lambda_fcr=opts.fcr.lambda_fcr,
+        delta_max=opts.fcr.delta_max,
+        delta_units=opts.fcr.delta_units,
+        sampling_steps=opts.fcr.fcr_sampling_steps,
+        feature_group=opts.fcr.feature_group,
+        normalize=opts.fcr.fcr_normalize,
+        shared_noise=opts.fcr.shared_noise,
+        prediction_type=opts.backbone.prediction_type,
+        deep_branch=opts.fcr.fcr_deep_branch,
     )
 
 
@@ -296,7 +285,7 @@ def train(
     rows = _read_log(log_path, start_step) if accelerator.is_main_process else []
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        info = {"train": asdict(cfg), "fcr": asdict(fcr), "num_examples": len(data), "processes": world,
+        info = {"train": cfg.record(), "fcr": asdict(fcr), "num_examples": len(data), "processes": world,
                 "distributed_type": str(accelerator.distributed_type), **(run_info or {})}
         (run_dir / contract.TRAIN_CONFIG).write_text(json.dumps(info, indent=2, default=str))
 

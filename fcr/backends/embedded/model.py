@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fcr.backends.embedded import data
-from fcr.backends.generate import sampling_scheduler
 from fcr.backends.embedded.text import TextEncoder, build_text_state_cache, load_text_state_cache
+from fcr.backends.generate import sampling_scheduler
 
 __all__ = [
     "EMPTY_PROMPT",

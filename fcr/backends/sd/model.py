@@ -19,10 +19,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from fcr import contract
-from fcr.config import ConfigError
-from fcr.core.sampler import build_scheduler
 from fcr.backends.models import ModelNotFoundError
 from fcr.backends.sd.data import open_image, sd_image_transform
+from fcr.config import ConfigError
+from fcr.core.sampler import build_scheduler
 
 __all__ = [
     "SD_MODEL_IDS",

@@ -6,16 +6,16 @@ so the fine-tune's own parameters stay readable there."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fcr.config import ConfigError
-from fcr.backends.sd.prompts import read_eval_prompts
-from fcr.backends.sd.model import SD_NATIVE_RESOLUTION, check_train_files, load_train_items, sd_run_base
 from fcr.backends.sd.data import sample_subset, subset_indices
+from fcr.backends.sd.model import SD_NATIVE_RESOLUTION, check_train_files, load_train_items, sd_run_base
+from fcr.backends.sd.prompts import read_eval_prompts
+from fcr.config import ConfigError
+from fcr.options import Options
 
 __all__ = ["SD_STRESSES", "check_sd_params", "native_resolution", "prepare_sd_data", "sd_eval_prompts", "sd_fid_reference"]
 
@@ -41,42 +41,42 @@ def native_resolution(model: str) -> int | None:
     return int(sample_size if isinstance(sample_size, int) else sample_size[0]) * factor
 
 
-def _need_path(params: Mapping[str, Any], key: str, what: str) -> None:
-    if not params[key]:
+def _need_path(opts: Options, key: str, what: str) -> None:
+    if not opts.value(key):
         raise ConfigError(f"parameter {key!r}: empty; the SD setting needs {what}")
-    if not Path(params[key]).expanduser().exists():
-        raise ConfigError(f"parameter {key!r}: {params[key]!r} does not exist ({what})")
+    if not Path(opts.value(key)).expanduser().exists():
+        raise ConfigError(f"parameter {key!r}: {opts.value(key)!r} does not exist ({what})")
 
 
-def check_sd_params(params: Mapping[str, Any], task: str) -> None:
+def check_sd_params(opts: Options, task: str) -> None:
     """SD checks of :func:`fcr.config.check_task`: local data paths, resolutions (multiples of the
     VAE factor 8, not below the model's native size), stresses that apply to SD, local metric weights."""
     if task in ("data", "finetune"):
-        _need_path(params, "train_data", "local training data (image+caption folder, img2dataset output, ArtBench-10, .parquet or .tar)")
+        _need_path(opts, "train_data", "local training data (image+caption folder, img2dataset output, ArtBench-10, .parquet or .tar)")
     if task in ("data", "sweep", "robustness"):
-        _need_path(params, "eval_prompts", "evaluation prompts (e.g. MS-COCO's annotations/captions_val2017.json)")
+        _need_path(opts, "eval_prompts", "evaluation prompts (e.g. MS-COCO's annotations/captions_val2017.json)")
     if task in ("sweep", "robustness"):
-        if not params["fid_reference"]:
+        if not opts.evaluation.fid_reference:
             raise ConfigError("parameter 'fid_reference': empty; give a clean-fid statistics name or a folder of reference images")
-        if params["fid_inception_dir"]:
-            if not (Path(params["fid_inception_dir"]) / "inception-2015-12-05.pt").is_file():
-                raise ConfigError(f"parameter 'fid_inception_dir': no inception-2015-12-05.pt in {params['fid_inception_dir']!r}")
-            if not Path(params["fid_reference"]).is_dir():
+        if opts.evaluation.fid_inception_dir:
+            if not (Path(opts.evaluation.fid_inception_dir) / "inception-2015-12-05.pt").is_file():
+                raise ConfigError(f"parameter 'fid_inception_dir': no inception-2015-12-05.pt in {opts.evaluation.fid_inception_dir!r}")
+            if not Path(opts.evaluation.fid_reference).is_dir():
                 raise ConfigError(
                     "parameter 'fid_reference': with fid_inception_dir give a folder of reference images (clean-fid "
                     "builds cached statistics with its own Inception; or copy the file to /tmp, where clean-fid looks)"
                 )
         for key in ("clip_model", "clip_pretrained"):
-            value = params[key]
+            value = opts.value(key)
             if value.endswith((".json", ".safetensors", ".bin", ".pt")) and not Path(value).expanduser().is_file():
                 raise ConfigError(f"parameter {key!r}: local file {value!r} does not exist")
     if task == "mechanistic":
-        _need_path(params, "train_data", "held-out image+caption pairs: the train_data items outside the fine-tune's subset")
-    sizes = [("resolution", params["resolution"])]
-    if task == "robustness" and "high_resolution" in params["stresses"]:
-        sizes.append(("stress_resolution", params["stress_resolution"]))
-    models = {"sweep": params["sweep_models"], "robustness": params["robustness_models"],
-              "mechanistic": params["variance_models"], "frontier": params["frontier_models"]}.get(task, [params["model"]])
+        _need_path(opts, "train_data", "held-out image+caption pairs: the train_data items outside the fine-tune's subset")
+    sizes = [("resolution", opts.backbone.resolution)]
+    if task == "robustness" and "high_resolution" in opts.robustness.stresses:
+        sizes.append(("stress_resolution", opts.robustness.stress_resolution))
+    models = {"sweep": opts.sweep.sweep_models, "robustness": opts.robustness.robustness_models,
+              "mechanistic": opts.mechanistic.variance_models, "frontier": opts.frontier.frontier_models}.get(task, [opts.backbone.model])
     for key, size in sizes:
         if size % 8:
             raise ConfigError(f"parameter {key!r}: SD image sides are multiples of 8 (the VAE factor), got {size}")
@@ -88,60 +88,60 @@ def check_sd_params(params: Mapping[str, Any], task: str) -> None:
                     f"SD models degrade sharply below the size they were trained at"
                 )
     if task == "robustness":
-        bad = [name for name in params["stresses"] if name not in SD_STRESSES]
+        bad = [name for name in opts.robustness.stresses if name not in SD_STRESSES]
         if bad:
             raise ConfigError(f"parameter 'stresses': {bad} do not apply to the SD setting; allowed {list(SD_STRESSES)}")
 
 
-def sd_eval_prompts(params: Mapping[str, Any], n: int, seed: int) -> list[str]:
+def sd_eval_prompts(opts: Options, n: int, seed: int) -> list[str]:
     """The ``n`` evaluation prompts of ``seed`` from ``eval_prompts`` (any source kind of
     :func:`fcr.backends.embedded.data.read_eval_prompts`); the same list for every model and configuration."""
-    if not params["eval_prompts"]:
+    if not opts.data.eval_prompts:
         raise ConfigError("parameter 'eval_prompts': empty; give e.g. MS-COCO's annotations/captions_val2017.json")
     try:
-        return read_eval_prompts(params["eval_prompts"], n, seed, kind=params["eval_prompt_kind"],
-                                 captions_per_image=params["captions_per_image"] or None)
+        return read_eval_prompts(opts.data.eval_prompts, n, seed, kind=opts.data.eval_prompt_kind,
+                                 captions_per_image=opts.data.captions_per_image or None)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"parameter 'eval_prompts': {err}") from err
 
 
-def sd_fid_reference(params: Mapping[str, Any]) -> dict[str, Any]:
+def sd_fid_reference(opts: Options) -> dict[str, Any]:
     """Keyword arguments of :func:`fcr.eval.metrics.sd_fid` from ``fid_reference`` (a folder of reference
     images, or the name of clean-fid statistics) and ``fid_inception_dir`` (local Inception file)."""
-    ref = Path(params["fid_reference"]).expanduser()
-    kw: dict[str, Any] = {"ref_dir": ref} if ref.is_dir() else {"ref_stats_name": params["fid_reference"]}
-    if params["fid_inception_dir"]:
-        kw["inception_dir"] = params["fid_inception_dir"]
+    ref = Path(opts.evaluation.fid_reference).expanduser()
+    kw: dict[str, Any] = {"ref_dir": ref} if ref.is_dir() else {"ref_stats_name": opts.evaluation.fid_reference}
+    if opts.evaluation.fid_inception_dir:
+        kw["inception_dir"] = opts.evaluation.fid_inception_dir
     return kw
 
 
-def prepare_sd_data(params: Mapping[str, Any]) -> dict[str, Any]:
+def prepare_sd_data(opts: Options) -> dict[str, Any]:
     """Notebook 01's SD branch: check the training subset and draw the evaluation prompt subset.
 
     Writes ``data_dir/sd_manifest.json`` and ``data_dir/eval_prompts.json`` (the seeded prompt
     subset shared by every configuration, so comparisons are paired).
     """
-    out = Path(params["data_dir"])
-    items = sample_subset(load_train_items(params["train_data"]), params["train_subset"], params["seed"])
+    out = Path(opts.data.data_dir)
+    items = sample_subset(load_train_items(opts.data.train_data), opts.data.train_subset, opts.run.seed)
     check_train_files(items)
-    prompts = sd_eval_prompts(params, params["num_eval_images"], params["seed"])
+    prompts = sd_eval_prompts(opts, opts.evaluation.num_eval_images, opts.run.seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_prompts.json").write_text(json.dumps(prompts))
-    manifest = {"train_data": params["train_data"], "num_train_items": len(items), "seed": params["seed"],
-                "eval_prompts": params["eval_prompts"], "num_eval_prompts": len(prompts), "resolution": params["resolution"]}
+    manifest = {"train_data": opts.data.train_data, "num_train_items": len(items), "seed": opts.run.seed,
+                "eval_prompts": opts.data.eval_prompts, "num_eval_prompts": len(prompts), "resolution": opts.backbone.resolution}
     (out / "sd_manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 
 
-def sd_heldout_items(params: Mapping[str, Any]) -> list[tuple[Any, str]]:
+def sd_heldout_items(opts: Options) -> list[tuple[Any, str]]:
     """The (image, caption) items of ``train_data`` that the fine-tune's seeded ``train_subset``
     (same ``seed``) left out: never trained on, they are SD's held-out images (the embedded
     setting's validation split) for the feature-variance measurement of notebook 05."""
-    items = load_train_items(params["train_data"])
-    if params["train_subset"] >= len(items):
+    items = load_train_items(opts.data.train_data)
+    if opts.data.train_subset >= len(items):
         raise ConfigError(
-            f"parameter 'train_subset': {params['train_subset']} takes all {len(items)} items of train_data, leaving no "
+            f"parameter 'train_subset': {opts.data.train_subset} takes all {len(items)} items of train_data, leaving no "
             "held-out images for the feature variance; lower it or give a larger train_data"
         )
-    rest = np.setdiff1d(np.arange(len(items)), subset_indices(len(items), params["train_subset"], params["seed"]))
+    rest = np.setdiff1d(np.arange(len(items)), subset_indices(len(items), opts.data.train_subset, opts.run.seed))
     return [items[int(i)] for i in rest]

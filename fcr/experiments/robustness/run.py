@@ -26,6 +26,7 @@ from fcr.experiments.robustness.stresses import (
     robustness_configurations,
     stress_definitions,
 )
+from fcr.options import Options
 
 __all__ = ["run_robustness"]
 
@@ -33,7 +34,7 @@ __all__ = ["run_robustness"]
 SD_ATTACK_CHUNK = 1
 
 
-def _stress_key(stress: Stress, params: Mapping[str, Any], attack: Mapping[str, Any] | None) -> dict[str, Any]:
+def _stress_key(stress: Stress, opts: Options, attack: Mapping[str, Any] | None) -> dict[str, Any]:
     """The parameters that shape a stress's result (only its own, so changing e.g. the attack
     budget leaves the other stresses' results valid)."""
     key: dict[str, Any] = {"stress": stress.name, "prompt_templates": stress.prompts}
@@ -41,24 +42,24 @@ def _stress_key(stress: Stress, params: Mapping[str, Any], attack: Mapping[str, 
         key["stress_resolution"] = stress.resolution
     if stress.schedule_noise_std is not None:
         # One perturbation per image batch: the batch size shapes the result.
-        key.update(schedule_noise_std=stress.schedule_noise_std, eval_batch_size=params["eval_batch_size"])
+        key.update(schedule_noise_std=stress.schedule_noise_std, eval_batch_size=opts.evaluation.eval_batch_size)
     if stress.adversarial and attack is not None:
         key.update(adversarial_epsilon=attack["epsilon"], adversarial_steps=attack["steps"],
                    attack_stride=attack["stride"], attack_step_factor=ATTACK_STEP_FACTOR)
     if stress.prompts == "ood":
-        files = SD_OOD_FILES if params["setting"] == "sd" else OOD_FILES
+        files = SD_OOD_FILES if opts.run.setting == "sd" else OOD_FILES
         key["ood_prompt_files"] = prompt_files_digest(files)
     return key
 
 
-def _check_inputs(params: Mapping[str, Any], stresses: Mapping[str, Stress]) -> None:
+def _check_inputs(opts: Options, stresses: Mapping[str, Stress]) -> None:
     """Embedded: OOD text states must have the token length the prepared training states (and the
     models) have."""
-    manifest = Path(params["data_dir"]) / "manifest.json"
-    if params["setting"] == "embedded" and manifest.is_file() and "ood_prompts" in stresses:
-        prepared = json.loads(manifest.read_text()).get("max_text_length", params["max_text_length"])
-        if prepared != params["max_text_length"]:
-            raise ConfigError(f"parameter 'max_text_length': {params['max_text_length']} but {params['data_dir']} "
+    manifest = Path(opts.data.data_dir) / "manifest.json"
+    if opts.run.setting == "embedded" and manifest.is_file() and "ood_prompts" in stresses:
+        prepared = json.loads(manifest.read_text()).get("max_text_length", opts.backbone.max_text_length)
+        if prepared != opts.backbone.max_text_length:
+            raise ConfigError(f"parameter 'max_text_length': {opts.backbone.max_text_length} but {opts.data.data_dir} "
                               f"was prepared with {prepared}")
 
 
@@ -78,14 +79,14 @@ def _check_resolution(stresses: Mapping[str, Stress]):
 
 
 def run_robustness(
-    params: Mapping[str, Any],
+    opts: Options,
     models: Mapping[str, str],
     out_dir: str | Path,
     progress: bool = True,
     *,
     reference_n: int | None = None,
 ) -> pd.DataFrame:
-    """Every model x configuration x stress x seed of validated ``params``, in either setting;
+    """Every model x configuration x stress x seed of validated ``opts``, in either setting;
     ``models`` maps labels to model names or run folders. One row per result (key columns,
     metrics, ``model_source``, ``original_model``, ``lambda_fcr``); results live in
     ``out_dir/results`` (JSON, plus a safetensors side file of per-image scores; embedded: the
@@ -93,21 +94,21 @@ def run_robustness(
     stresses only (the OOD lists have no reference images). ``reference_n`` limits the real
     reference images (embedded; tests only)."""
     out_dir = Path(out_dir)
-    stresses = stress_definitions(params)
-    configs = robustness_configurations(params)
-    attacks = {c.name: attack_stride(c, params["robustness_strides"]) for c in configs} if any(
+    stresses = stress_definitions(opts)
+    configs = robustness_configurations(opts)
+    attacks = {c.name: attack_stride(c, opts.robustness.robustness_strides) for c in configs} if any(
         s.adversarial for s in stresses.values()) else {}
-    _check_inputs(params, stresses)
-    ctx = build_context(params, models, out_dir, reference_n=reference_n, check_model=_check_resolution(stresses))
-    prompt_source = StressPrompts(ctx, {s.prompts for s in stresses.values()}, out_dir, params["max_text_length"])
+    _check_inputs(opts, stresses)
+    ctx = build_context(opts, models, out_dir, reference_n=reference_n, check_model=_check_resolution(stresses))
+    prompt_source = StressPrompts(ctx, {s.prompts for s in stresses.values()}, out_dir, opts.backbone.max_text_length)
     chunk = SD_ATTACK_CHUNK if ctx.setting == "sd" else None
-    n = params["num_robustness_images"]
+    n = opts.robustness.num_robustness_images
     common = {**ctx.sampling_key, **ctx.scorer.key, "num_robustness_images": n}
     rows = []
     # The attack on z_T ignores the key steps: `full` reuses the largest stride's attack (same
     # model, prompts, noise and seed) instead of recomputing it.
     attack_caches: dict[tuple[int, str], AttackCache] = {}
-    for seed in params["seeds"]:
+    for seed in opts.run.seeds:
         attack_caches.clear()  # one seed's attacks at a time (memory)
         prompt_sets = {kind: prompt_source.get(kind, n, seed) for kind in {s.prompts for s in stresses.values()}}
         for loaded in ctx.models.values():
@@ -117,11 +118,11 @@ def run_robustness(
                     prompts, kinds = prompt_sets[stress.prompts]
                     attack = None
                     if stress.adversarial:
-                        attack = {"stride": attacks[config.name], "epsilon": params["adversarial_epsilon"],
-                                  "steps": params["adversarial_steps"]}
+                        attack = {"stride": attacks[config.name], "epsilon": opts.robustness.adversarial_epsilon,
+                                  "steps": opts.robustness.adversarial_steps}
                     stem = result_stem(loaded.label, config.name, stress.name, seed)
                     key = {
-                        **common, **config.as_dict(), **loaded.schedule, **_stress_key(stress, params, attack),
+                        **common, **config.as_dict(), **loaded.schedule, **_stress_key(stress, opts, attack),
                         "model": loaded.label, "model_source": loaded.source, "weights": loaded.weights,
                         "config": config.name, "seed": seed, "prior_noise": prior.enabled,
                     }
@@ -129,7 +130,7 @@ def run_robustness(
                     def compute(loaded=loaded, config=config, stress=stress, prompts=prompts, kinds=kinds,
                                 attack=attack, stem=stem, seed=seed):
                         cache = attack_caches.setdefault((seed, loaded.label), {})
-                        hooks = StressHooks(stress, config, seed=seed, batch_size=params["eval_batch_size"],
+                        hooks = StressHooks(stress, config, seed=seed, batch_size=opts.evaluation.eval_batch_size,
                                             attack=attack, attack_cache=cache, **({"chunk_size": chunk} if chunk else {}))
                         start = time.perf_counter()
                         gen = ctx.generate(loaded, prompts, config, seed=seed, image_size=stress.resolution,

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
+from fcr.backends.generate import Batch, NoiseHook, SchedulerHook
 from fcr.core.configurations import SamplingConfig
 from fcr.experiments.robustness.attack import ATTACK_CHUNK, adversarial_noise
 from fcr.experiments.robustness.stresses import Stress, perturbed_scheduler, schedule_seed
-from fcr.backends.generate import Batch, NoiseHook, SchedulerHook
 
 __all__ = ["AttackCache", "StressHooks"]
 

@@ -3,7 +3,7 @@ configurations they are applied to, and the perturbed noise schedule."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -13,6 +13,7 @@ import torch
 
 from fcr.config import ConfigError
 from fcr.core.configurations import SamplingConfig, sweep_configurations
+from fcr.options import Options
 
 STRESSES: tuple[str, ...] = (
     "none",
@@ -39,13 +40,13 @@ class Stress:
     adversarial: bool = False
 
 
-def stress_definitions(params: Mapping[str, Any]) -> dict[str, Stress]:
-    """The stresses named in ``params["stresses"]`` (order kept), with their parameters."""
+def stress_definitions(opts: Options) -> dict[str, Stress]:
+    """The stresses named in ``opts.robustness.stresses`` (order kept), with their parameters."""
     out: dict[str, Stress] = {}
-    for name in params["stresses"]:
+    for name in opts.robustness.stresses:
         if name not in STRESSES:
             raise ConfigError(f"parameter 'stresses': unknown stress {name!r}; allowed: {list(STRESSES)}")
-        if name == "heldout_prompts" and params["setting"] == "sd":
+        if name == "heldout_prompts" and opts.run.setting == "sd":
             raise ConfigError(
                 "parameter 'stresses': 'heldout_prompts' is defined for the embedded setting only (held-out caption "
                 "templates); Stable Diffusion has no training templates: remove it (use 'ood_prompts')"
@@ -54,17 +55,17 @@ def stress_definitions(params: Mapping[str, Any]) -> dict[str, Stress]:
             "none": Stress("none"),
             "heldout_prompts": Stress(name, prompts="heldout"),
             "ood_prompts": Stress(name, prompts="ood"),
-            "high_resolution": Stress(name, resolution=int(params["stress_resolution"])),
-            "perturbed_schedule": Stress(name, schedule_noise_std=float(params["schedule_noise_std"])),
+            "high_resolution": Stress(name, resolution=int(opts.robustness.stress_resolution)),
+            "perturbed_schedule": Stress(name, schedule_noise_std=float(opts.robustness.schedule_noise_std)),
             "adversarial_noise": Stress(name, adversarial=True),
         }[name]
     return out
 
 
-def robustness_configurations(params: Mapping[str, Any]) -> list[SamplingConfig]:
+def robustness_configurations(opts: Options) -> list[SamplingConfig]:
     """``full`` (stride 1) and ``FD-s`` (uniform key steps) for each of ``robustness_strides``."""
     return sweep_configurations(
-        params["robustness_strides"], params["num_inference_steps"], params["scheduler"],
+        opts.robustness.robustness_strides, opts.sampling.num_inference_steps, opts.sampling.scheduler,
         include_50ls=False, dpm_reference_steps=0,
     )
 
@@ -134,9 +135,9 @@ def perturbed_scheduler(scheduler: Any, std: float, seed: int) -> Any:
     return fresh
 
 
-def stress_table(params: Mapping[str, Any]) -> pd.DataFrame:
-    """The stresses of ``params`` and their parameters, for display."""
-    return pd.DataFrame([asdict(s) for s in stress_definitions(params).values()])
+def stress_table(opts: Options) -> pd.DataFrame:
+    """The stresses of ``opts`` and their parameters, for display."""
+    return pd.DataFrame([asdict(s) for s in stress_definitions(opts).values()])
 
 
 def result_stem(model: str, config: str, stress: str, seed: int) -> str:
