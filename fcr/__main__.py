@@ -16,17 +16,7 @@ import sys
 import yaml
 
 from fcr.backends.checks import check_task
-from fcr.config import SETTING_TASKS, TASKS, ConfigError, load_options
-
-
-def _parse_sets(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        out[key] = yaml.safe_load(value)
-    return out
+from fcr.config import SETTING_TASKS, TASKS, ConfigError, load_options, parse_sets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from fcr.backends.models import ModelNotFoundError
 
     try:
-        opts = load_options(*args.params, overrides=_parse_sets(args.set))
+        opts = load_options(*args.params, overrides=parse_sets(args.set))
         tasks = ["finetune"] if args.command == "train" else args.task or list(SETTING_TASKS[opts.run.setting])
         for task in tasks:
             check_task(opts, task)

@@ -23,7 +23,7 @@ import yaml
 from fcr.options import FEATURE_GROUP_NAMES, SCHEDULER_NAMES, Options, field_specs
 
 __all__ = ["FEATURE_GROUP_NAMES", "SCHEDULER_NAMES", "SCHEMA", "SETTING_TASKS", "TASKS", "ConfigError", "Param", "from_namespace",
-           "load_options", "load_params", "to_options", "load_yaml", "merge", "rule_of", "validate"]
+           "load_options", "load_params", "parse_sets", "to_options", "load_yaml", "merge", "rule_of", "validate"]
 
 
 class ConfigError(ValueError):
@@ -213,3 +213,14 @@ def from_namespace(namespace: Mapping[str, Any], before: Iterable[str]) -> Optio
     """
     skip = set(before)
     return Options.from_flat(validate({k: v for k, v in namespace.items() if k not in skip and not k.startswith("_")}))
+
+
+def parse_sets(items: Iterable[str]) -> dict[str, Any]:
+    """``--set key=value`` items as flat keys (each value read as YAML, so ``--set seeds=[0,1]`` is a list)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        out[key] = yaml.safe_load(value)
+    return out

@@ -11,7 +11,12 @@ from pathlib import Path
 
 __all__ = [
     "ATTEMPTS_RECORD",
+    "ANALYSIS_NOTES",
     "DONE_MARKER",
+    "EXP1_TABLE",
+    "EXP2_TABLE",
+    "SUPPLEMENTARY_ROBUSTNESS",
+    "VERDICT",
     "REPRODUCTION",
     "STAGE_OUTPUTS",
     "STAGE_TIMES",
@@ -101,7 +106,13 @@ REGRESSION = "regression.json"
 # Encoder drift along the sampled trajectories against the per-image caching error (notebook 05).
 TRAJECTORY_POINTS = "trajectory_points.csv"
 TRAJECTORY_REGRESSION = "trajectory_regression.json"
-# The report (python -m fcr.report): the pre-registered contrasts and each model's safe stride.
+# The analysis stage (fcr.analysis.run.analyze) writes these into a run's report folder; the report
+# (fcr.report) only reads and formats them.
+VERDICT = "verdict.csv"  # the success criteria, one row per criterion x scope
+EXP1_TABLE = "exp1_table.csv"
+EXP2_TABLE = "exp2_table.csv"
+SUPPLEMENTARY_ROBUSTNESS = "supplementary_robustness.csv"  # criterion-c rows of notebook-04 runs outside the verdict
+ANALYSIS_NOTES = "analysis_notes.json"  # the study's notes and why an experiment table is missing
 CONTRASTS = "contrasts.csv"
 SAFE_STRIDES = "safe_strides.csv"
 REGIME_SAFE_STRIDES = "regime_safe_strides.csv"  # safe strides on the frontier sweep (strides to 25, FD-50ls)
@@ -140,6 +151,9 @@ PRODUCERS: dict[str, str] = {
     TRAJECTORY_REGRESSION: "notebook 05_mechanistic_regression (trajectory_seeds)",
     FRONTIER: "notebook 06_baselines_frontier (fcr.experiments.frontier.frontier_from_sweep)",
     MATCHED_COST: "notebook 06_baselines_frontier (fcr.experiments.frontier.matched_cost)",
+    VERDICT: "the analysis stage (fcr.analysis.run.analyze; python -m fcr.pipeline report)",
+    CONTRASTS: "the analysis stage (fcr.analysis.run.analyze; python -m fcr.pipeline report)",
+    ANALYSIS_NOTES: "the analysis stage (fcr.analysis.run.analyze; python -m fcr.pipeline report)",
     TRAIN_CONFIG: _FINETUNE,
     RUN_PARAMS: _FINETUNE,
 }

@@ -4,7 +4,8 @@ Runs every experiment of ``params/experiments.yaml`` for one setting, each noteb
 papermill: data preparation (01), the cost benchmark, then per experiment the fine-tunes (02, one
 run folder per variation) and the evaluation notebooks (03 sweep, 04 robustness, 05 mechanistic
 regression) into ``<root>/<experiment>/``, and finally the combined tables, figures and the
-success-criteria verdict (``fcr.report.tables``) into ``<root>/report/``.
+success-criteria verdict (:func:`analyze_and_report`: ``fcr.analysis`` writes the tables,
+``fcr.report`` formats them) into ``<root>/report/``.
 
 Resumable: a stage that finished leaves a marker (:mod:`fcr.markers`) with the hash of its
 parameters and the inventory of the files it wrote; it is skipped next time only when the hash
@@ -37,7 +38,7 @@ from fcr.markers import incomplete, make_portable, missing_outputs, stage_times,
 from fcr.notebooks import NOTEBOOKS_DIR, notebook_parameters, run_notebook
 from fcr.paths import REPO_ROOT
 
-__all__ = ["PROFILES", "Stage", "Task", "main", "plan", "run"]
+__all__ = ["PROFILES", "Stage", "Task", "analyze_and_report", "main", "plan", "run"]
 
 SETTING_DATA_PARAMS = {"embedded": "params/fashion_mnist.yaml", "sd": "params/sd15.yaml"}
 # The committed copy of a demo run (tables, report, stage times; no weights or images): the main
@@ -159,24 +160,39 @@ def plan(
     if report:
         report_dir = root / "report"
 
-        def build(root: Path = root, report_dir: Path = report_dir, setting: str = setting,
-                  manifest: str | Path = manifest) -> None:
-            from fcr.report.readme import update_readme
-            from fcr.report.tables import build_report
-
+        def build(root: Path = root, setting: str = setting, manifest: str | Path = manifest) -> None:
             write_stage_times(root, stage_times(root))
-            build_report(root, report_dir, setting=setting, manifest=manifest, timing_beside=timing_beside,
-                         reference=reference)
-            if readme is not None:  # the README's results block and the profile's docs/results page
-                from fcr.report.front_page import RESULTS_PAGES, front_page_block, write_results_pages
-
-                update_readme(readme, front_page_block(report_dir), header="## Results")
-                write_results_pages({n: d for n, d in RESULTS_PAGES.items() if d.resolve() == report_dir.resolve()})
+            analyze_and_report(root, setting=setting, manifest=manifest, timing_beside=timing_beside,
+                               reference=reference, readme=readme)
 
         tasks.append(Task("report", report_dir, [], {"experiments": chosen, "always": time.time()}, action=build))
     for task in tasks:
         task.root = root
     return tasks
+
+
+def analyze_and_report(root: str | Path, *, setting: str = "embedded", manifest: str | Path = MANIFEST,
+                       timing_beside: str | Path | None = None, reference: str | Path | None = None,
+                       readme: str | Path | None = None) -> dict[str, Any]:
+    """The report stage: the analysis (:func:`fcr.analysis.run.analyze`, derived tables and the
+    verdict) into ``root/report``, then the report formatted from them
+    (:func:`fcr.report.tables.build_report`); with ``readme``, its results block and the profile's
+    docs/results page too."""
+    from fcr.analysis.run import analyze
+    from fcr.report.tables import build_report
+
+    root = Path(root)
+    report_dir = root / "report"
+    analyze(root, report_dir, setting=setting, manifest=manifest)
+    report = build_report(root, report_dir, setting=setting, manifest=manifest, timing_beside=timing_beside,
+                          reference=reference)
+    if readme is not None:  # the README's results block and the profile's docs/results page
+        from fcr.report.front_page import RESULTS_PAGES, front_page_block, write_results_pages
+        from fcr.report.readme import update_readme
+
+        update_readme(readme, front_page_block(report_dir), header="## Results")
+        write_results_pages({n: d for n, d in RESULTS_PAGES.items() if d.resolve() == report_dir.resolve()})
+    return report
 
 
 def _experiment_tasks(exp: Experiment, setting: str, root: Path, overlays: list[Path], common: dict) -> list[Task]:
@@ -354,12 +370,25 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--reference", default=None, help="committed run to compare this run's numbers with "
                    "(default: the profile's; 'none' for no comparison)")
     sub.add_parser("verify", help="check the committed results: markers, their files, fingerprints, machine paths")
+    rep = sub.add_parser("report", help="the report stage alone: analysis tables, then report.md")
+    rep.add_argument("--profile", default="main", choices=sorted(PROFILES))
+    rep.add_argument("--root", default=None, help="the run's output folder (default: the profile's)")
+    rep.add_argument("--setting", default="embedded", choices=sorted(SETTING_DATA_PARAMS))
+    rep.add_argument("--manifest", default=None, help="experiments manifest (default: the profile's)")
+    rep.add_argument("--readme", default=None, help="also write the results block of this README")
     args = parser.parse_args(argv)
     if args.command == "verify":
         from fcr.verify import main as verify_main
 
         return verify_main()
     profile = PROFILES[args.profile]
+    if args.command == "report":
+        root = args.root or profile["root"] or REPO_ROOT / "outputs" / args.setting
+        analyze_and_report(root, setting=args.setting, manifest=args.manifest or profile["manifest"],
+                           timing_beside=profile["timing_beside"], reference=profile["reference"],
+                           readme=args.readme)
+        print(f"report: {Path(root) / 'report' / 'report.md'}")
+        return 0
     reference = profile["reference"] if args.reference is None else (None if args.reference == "none" else args.reference)
     try:
         run(args.setting, root=args.root if args.root is not None else profile["root"],

@@ -12,15 +12,14 @@ from safetensors.torch import save_file
 from fcr.eval.classifier import (
     ClassifierFileError,
     FashionClassifier,
-    augment_batch,
     evaluate_accuracy,
     extract_features,
     load_classifier,
     predict_proba,
     read_classifier_metadata,
     save_classifier,
-    train_classifier,
 )
+from fcr.eval.classifier_training import augment_batch, train_classifier
 from fcr.backends.embedded.data import load_fashion_mnist, to_model_range, train_val_split
 
 

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 
 from fcr.backends.embedded import data
-from fcr.backends.sd import data as sd_data, prompts as prompt_sources
+from fcr.backends.sd import artbench
+from fcr.backends.sd import data as sd_data
+from fcr.backends.sd import prompts as prompt_sources
 from fcr.backends.embedded.data import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_NOUNS,
@@ -499,18 +501,18 @@ def test_read_artbench10_with_csv(tmp_path: Path, fashion_images) -> None:
         (base / "train/ukiyo_e/katsushika-hokusai_the-great-wave.jpg", "a ukiyo-e painting by Katsushika Hokusai"),
     ]
     with pytest.warns(UserWarning, match="no artist for 1 of 4 images"):
-        assert sd_data.read_artbench10(root) == train
+        assert artbench.read_artbench10(root) == train
     with pytest.warns(UserWarning, match="no artist for 1 of 4"):
         assert sd_data.read_training_pairs(root) == train  # detected; the train split
     with pytest.warns(UserWarning, match="no artist for 1 of 4"):
         assert sd_data.read_training_pairs(base / "train") == train
     assert sd_data.read_training_pairs(base / "train" / "ukiyo_e") == train[3:]
     # The imagefolder itself as root: the CSV is found in its parent.
-    assert sd_data.read_artbench10(base, "test") == [
+    assert artbench.read_artbench10(base, "test") == [
         (base / "test/baroque/rembrandt_self-portrait-1660.jpg", "a baroque painting by Rembrandt")]
-    assert sd_data.is_artbench10(root) and sd_data.is_artbench10(base) and not sd_data.is_artbench10(base / "train")
-    assert sd_data.artist_name("albrecht-durer") == "Albrecht Durer"
-    assert sd_data.artist_name("a.y.-jackson") == "A.Y. Jackson"
+    assert artbench.is_artbench10(root) and artbench.is_artbench10(base) and not artbench.is_artbench10(base / "train")
+    assert artbench.artist_name("albrecht-durer") == "Albrecht Durer"
+    assert artbench.artist_name("a.y.-jackson") == "A.Y. Jackson"
 
 
 def test_read_artbench10_without_csv_and_errors(tmp_path: Path, fashion_images) -> None:
@@ -524,22 +526,22 @@ def test_read_artbench10_without_csv_and_errors(tmp_path: Path, fashion_images) 
         (base / "train/post_impressionism/paul-cezanne_card-players.jpg", "a post-impressionist painting"),
     ]
     with pytest.warns(UserWarning, match="no ArtBench-10.csv"):
-        assert sd_data.read_artbench10(base) == expected
+        assert artbench.read_artbench10(base) == expected
     with pytest.warns(UserWarning, match="no ArtBench-10.csv"):
-        assert sd_data.read_artbench10(tmp_path, styles=["post_impressionism"]) == expected[1:]
+        assert artbench.read_artbench10(tmp_path, styles=["post_impressionism"]) == expected[1:]
     with pytest.raises(FileNotFoundError, match="not an ArtBench-10 folder"):
-        sd_data.read_artbench10(base / "train")
+        artbench.read_artbench10(base / "train")
     with pytest.raises(FileNotFoundError, match="no ArtBench-10 'test' split"):
-        sd_data.read_artbench10(base, "test")
+        artbench.read_artbench10(base, "test")
     with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
-        sd_data.read_artbench10(base, "val")  # type: ignore[arg-type]
+        artbench.read_artbench10(base, "val")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown ArtBench-10 styles \\['cubism'\\]"):
-        sd_data.read_artbench10(base, styles=["cubism"])
+        artbench.read_artbench10(base, styles=["cubism"])
     (tmp_path / "wrong.csv").write_text("image,style\n")
     with pytest.raises(ValueError, match="wrong.csv: expected ArtBench-10 metadata columns"):
-        sd_data.read_artbench10(base, metadata=tmp_path / "wrong.csv")
+        artbench.read_artbench10(base, metadata=tmp_path / "wrong.csv")
     with pytest.raises(FileNotFoundError, match="absent.csv"):
-        sd_data.read_artbench10(base, metadata=tmp_path / "absent.csv")
+        artbench.read_artbench10(base, metadata=tmp_path / "absent.csv")
 
 
 def _coco_file(path: Path, captions_per_image: list[int]) -> Path:

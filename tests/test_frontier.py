@@ -83,7 +83,7 @@ def sweep(tmp_path: Path) -> dict:
     noise = {("base", "FD-5"): 0.02, ("base", "FD-10"): 0.08, ("base", "DDIM-10"): 0.05,
              ("base", "DeepCache-5-b0"): 0.01, ("fcr", "full"): 0.015, ("fcr", "FD-10"): 0.03}
     flops = {"full": 100.0, "FD-5": 75.0, "FD-10": 70.0, "DDIM-10": 20.0, "DeepCache-5-b0": 30.0}
-    rows, quality = [], []
+    quality = []
     for seed in (0, 1):
         prompts = [f"prompt {i} seed {seed}" for i in range(N)]
         full = torch.rand(N, 1, 8, 8, generator=gen) * 1.6 - 0.8
@@ -209,7 +209,7 @@ def test_manifest_frontier_runs_read_the_sweep_of_their_name(tmp_path: Path) -> 
 
 def test_deep_caching_rows_of_criterion_b(tmp_path: Path) -> None:
     from fcr.manifest import Backbone, Study
-    from fcr.report.deep_caching import DEEP_B_NAME, deep_caching_rows
+    from fcr.analysis.deep_caching import DEEP_B_NAME, deep_caching_rows
 
     sweep_dir = tmp_path / "exp-1-main-ablation" / "sweep" / "frontier"
     gen = torch.Generator().manual_seed(1)

@@ -17,7 +17,7 @@ from conftest import TINY_OPEN_CLIP_CONFIG
 from PIL import Image
 from torch import nn
 
-from fcr.eval import metrics
+from fcr.eval import metrics, sd_metrics
 
 # ----------------------------------------------------------------------------- Fréchet distance
 
@@ -252,30 +252,30 @@ def test_classifier_metrics_columns_and_values(model: nn.Module) -> None:
 # ----------------------------------------------------------------------------- SD: CLIPScore
 
 
-def _tiny_clip(tmp_path: Path) -> metrics.ClipBundle:
+def _tiny_clip(tmp_path: Path) -> sd_metrics.ClipBundle:
     """A real open_clip model built through its factory from a tiny config (random weights)."""
     import open_clip
 
     (tmp_path / "fcr-test-tiny-clip.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
     open_clip.add_model_config(tmp_path / "fcr-test-tiny-clip.json")
     torch.manual_seed(0)
-    return metrics.load_clip("fcr-test-tiny-clip", None, torch.device("cpu"))
+    return sd_metrics.load_clip("fcr-test-tiny-clip", None, torch.device("cpu"))
 
 
 def test_clip_score_code_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = _tiny_clip(tmp_path)
     calls: list[tuple[str, str | None]] = []
 
-    def fake_load(name: str, pretrained: str | None, device: torch.device) -> metrics.ClipBundle:
+    def fake_load(name: str, pretrained: str | None, device: torch.device) -> sd_metrics.ClipBundle:
         calls.append((name, pretrained))
         return bundle
 
-    monkeypatch.setattr(metrics, "load_clip", fake_load)
+    monkeypatch.setattr(sd_metrics, "load_clip", fake_load)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(5)]
     images[1] = images[1].convert("L")  # grayscale input must be accepted
     prompts = ["a shirt", "a shoe", "a bag", "a dress", "a coat"]
-    scores = metrics.clip_score(images, prompts, device="cpu", batch_size=2)
+    scores = sd_metrics.clip_score(images, prompts, device="cpu", batch_size=2)
     assert calls == [("ViT-L-14", "openai")]
     assert scores.shape == (5,) and np.all(scores >= 0) and np.all(scores <= 100)
 
@@ -287,10 +287,10 @@ def test_clip_score_code_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     cos = float(nn.functional.cosine_similarity(img, txt).item())
     assert scores[3] == pytest.approx(max(100 * cos, 0.0), abs=1e-3)
     # Injection bypasses the loader; batching does not change scores.
-    again = metrics.clip_score(images, prompts, clip=bundle, device="cpu", batch_size=5)
+    again = sd_metrics.clip_score(images, prompts, clip=bundle, device="cpu", batch_size=5)
     assert len(calls) == 1 and np.allclose(again, scores, atol=1e-4)
     with pytest.raises(ValueError):
-        metrics.clip_score(images, prompts[:2], clip=bundle)
+        sd_metrics.clip_score(images, prompts[:2], clip=bundle)
 
 
 # ----------------------------------------------------------------------------- SD: clean-fid
@@ -325,17 +325,17 @@ def test_sd_fid_folders_with_random_extractor(tmp_path: Path) -> None:
     a_copy = _write_images(tmp_path / "a_copy", seed=0)
     b = _write_images(tmp_path / "b", seed=1, brightness=60)
     fx = _RandomExtractor()
-    same = metrics.sd_fid(a, ref_dir=a_copy, device="cpu", feature_extractor=fx)
+    same = sd_metrics.sd_fid(a, ref_dir=a_copy, device="cpu", feature_extractor=fx)
     assert fx.seen == 24  # both folders went through the extractor
     assert same == pytest.approx(0.0, abs=1e-6)
-    different = metrics.sd_fid(a, ref_dir=b, device="cpu", feature_extractor=fx)
+    different = sd_metrics.sd_fid(a, ref_dir=b, device="cpu", feature_extractor=fx)
     # clean-fid's FID equals ours on the same features.
-    fa = metrics.sd_folder_features(a, device="cpu", feature_extractor=fx)
-    fb = metrics.sd_folder_features(b, device="cpu", feature_extractor=fx)
+    fa = sd_metrics.sd_folder_features(a, device="cpu", feature_extractor=fx)
+    fb = sd_metrics.sd_folder_features(b, device="cpu", feature_extractor=fx)
     assert fa.shape == (12, 4)
     assert different > 0.1 and different == pytest.approx(metrics.fid_from_features(fa, fb), rel=1e-5)
     with pytest.raises(ValueError):
-        metrics.sd_fid(a, device="cpu", feature_extractor=fx)
+        sd_metrics.sd_fid(a, device="cpu", feature_extractor=fx)
 
 
 def test_cached_reference_statistics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -350,19 +350,19 @@ def test_cached_reference_statistics(tmp_path: Path, monkeypatch: pytest.MonkeyP
     a = _write_images(tmp_path / "a", seed=0)
     b = _write_images(tmp_path / "b", seed=1, brightness=60)
 
-    metrics.cache_reference_statistics(b, "Fcr_Test_Ref", device="cpu")
+    sd_metrics.cache_reference_statistics(b, "Fcr_Test_Ref", device="cpu")
     assert (tmp_path / "cleanfid" / "stats" / "fcr_test_ref_clean_custom_na.npz").exists()
     assert fx.seen == 12
     with pytest.raises(FileExistsError):
-        metrics.cache_reference_statistics(b, "fcr_test_ref", device="cpu")
-    metrics.cache_reference_statistics(b, "fcr_test_ref", device="cpu", overwrite=True)
+        sd_metrics.cache_reference_statistics(b, "fcr_test_ref", device="cpu")
+    sd_metrics.cache_reference_statistics(b, "fcr_test_ref", device="cpu", overwrite=True)
 
-    against_stats = metrics.sd_fid(a, ref_stats_name="Fcr_Test_Ref", device="cpu")
-    against_folder = metrics.sd_fid(a, ref_dir=b, device="cpu")
+    against_stats = sd_metrics.sd_fid(a, ref_stats_name="Fcr_Test_Ref", device="cpu")
+    against_folder = sd_metrics.sd_fid(a, ref_dir=b, device="cpu")
     assert against_stats > 0.1 and against_stats == pytest.approx(against_folder, rel=1e-6)
-    assert metrics.sd_fid(b, ref_stats_name="fcr_test_ref", device="cpu") == pytest.approx(0.0, abs=1e-6)
+    assert sd_metrics.sd_fid(b, ref_stats_name="fcr_test_ref", device="cpu") == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(FileNotFoundError):
-        metrics.sd_fid(a, ref_stats_name="missing_stats", device="cpu")
+        sd_metrics.sd_fid(a, ref_stats_name="missing_stats", device="cpu")
 
 
 @pytest.mark.parametrize("n, d", [(12, 40), (200, 8), (5, 1)])

@@ -10,16 +10,17 @@ import torch
 from safetensors.torch import save_file
 from test_verdict import flops_fn, make_run_tree
 
+from fcr.analysis.experiment_tables import exp1_table, exp2_table, paired_vs_reference
+from fcr.analysis.rows import EXP1, EXP2, format_number
+from fcr.analysis.run import analyze
 from fcr.report.readme import README_END, README_START, update_readme
-from fcr.report.rows import EXP1, EXP2
-from fcr.report.tables import (
-    build_report,
-    exp1_table,
-    exp2_table,
-    format_number,
-    main,
-    paired_vs_reference,
-)
+from fcr.report.tables import build_report, main
+
+
+def report_of(root, out_dir=None, *, link_base=None, timing_beside=None, **analysis):
+    """The report stage as the pipeline runs it: the analysis's tables, then the report formatted from them."""
+    analyze(root, out_dir, **analysis)
+    return build_report(root, out_dir, link_base=link_base, timing_beside=timing_beside)
 
 
 def write_side_file(sweep: Path, model: str, config: str, seed: int, prob: list[float]) -> None:
@@ -121,8 +122,7 @@ def test_build_report_writes_markdown_and_tables(tmp_path):
     fig_dir = root / EXP1 / "sweep" / "main" / "figures"
     fig_dir.mkdir()
     (fig_dir / "fd_fashioncnn_vs_stride.png").write_bytes(b"\x89PNG fake")
-    out = build_report(root, link_base=tmp_path,
-                       verdict_kwargs={"models_dir": models, "train_flops_per_image": flops_fn})
+    out = report_of(root, link_base=tmp_path, verdict_kwargs={"models_dir": models, "train_flops_per_image": flops_fn})
     report = root / "report"
     for name in ("report.md", "verdict.csv", "exp1_table.csv", "exp2_table.csv"):
         assert (report / name).is_file(), name
@@ -148,47 +148,46 @@ def test_build_report_on_empty_run_says_what_is_missing(tmp_path):
     demo = tmp_path / "demo" / "data"  # another run's stage times, shown beside (the study shows the demo's)
     demo.mkdir(parents=True)
     (demo / ".pipeline_done.json").write_text(_json.dumps({"seconds": 90.0, "finished": "t"}))
-    out = build_report(tmp_path / "empty", tmp_path / "rep", timing_beside=tmp_path / "demo",
-                       verdict_kwargs={"models_dir": tmp_path / "nomodels", "train_flops_per_image": flops_fn})
+    out = report_of(tmp_path / "empty", tmp_path / "rep", timing_beside=tmp_path / "demo",
+                    verdict_kwargs={"models_dir": tmp_path / "nomodels", "train_flops_per_image": flops_fn})
     md = out["markdown"]
     assert "Not available" in md and "summary.csv" in md and "criterion.csv" in md
     assert "### Wall time of the demo (make main)" in md and "**1.5 min**" in out["readme_markdown"]
     (demo / ".pipeline_done.json").unlink()  # only the report stage left: say so, do not show 0.1 min
     (tmp_path / "demo" / "report").mkdir()
     (tmp_path / "demo" / "report" / ".pipeline_done.json").write_text(_json.dumps({"seconds": 5.0, "finished": "t"}))
-    again = build_report(tmp_path / "empty", tmp_path / "rep", timing_beside=tmp_path / "demo",
-                         verdict_kwargs={"models_dir": tmp_path / "nomodels", "train_flops_per_image": flops_fn})
+    again = report_of(tmp_path / "empty", tmp_path / "rep", timing_beside=tmp_path / "demo",
+                      verdict_kwargs={"models_dir": tmp_path / "nomodels", "train_flops_per_image": flops_fn})
     assert "No finished demo stage" in again["markdown"]
     assert out["exp1"] is None and (tmp_path / "rep" / "verdict.csv").is_file()
 
 
-def test_cli_updates_readme(tmp_path, monkeypatch):
+def test_cli_formats_the_report_from_the_analysis_tables(tmp_path, monkeypatch):
+    from fcr.analysis.run import main as analysis_main
+
     monkeypatch.chdir(tmp_path)  # main() changes to the repository root; restore the folder afterwards
     root, models = make_run_tree(tmp_path)
-    readme = tmp_path / "README.md"
-    readme.write_text("# R\n")
-    import fcr.report.readme as report_mod
-
     # The CLI uses the default models folder and FLOP counter: point them at the test tree.
     monkeypatch.setattr("fcr.eval.training_cost.embedded_flops_per_image", lambda: flops_fn)
     monkeypatch.setattr("fcr.backends.models.MODELS_DIR", models)
-    assert main(["--root", str(root), "--readme", str(readme)]) == 0
-    text = readme.read_text()
-    assert README_START in text and "FCR(λ=0.10)-FD-10" in text and f"the run in `{root}`" in text
-    assert report_mod.README_END in text
+    with pytest.raises(Exception, match="verdict.csv"):  # the report computes nothing: no tables, no report
+        main(["--root", str(root)])
+    assert analysis_main(["--root", str(root)]) == 0
+    assert main(["--root", str(root)]) == 0
+    assert "FCR(λ=0.10)-FD-10" in (root / "report" / "report.md").read_text()
 
 
 def test_stage_times_sum_the_pipeline_markers(tmp_path) -> None:
     import json as _json
 
-    from fcr.report.tables import _timing_section, stage_times
+    from fcr.report.sections import stage_times, timing_section
 
     for stage, seconds in (("data", 30.0), ("exp-1-main-ablation/sweep/main", 90.0), ("report", 600.0)):
         (tmp_path / stage).mkdir(parents=True)
         (tmp_path / stage / ".pipeline_done.json").write_text(_json.dumps({"seconds": seconds, "finished": "t"}))
     times = stage_times(tmp_path)
     assert list(times["stage"]) == ["data", "exp-1-main-ablation/sweep/main", "report"]
-    section = _timing_section(tmp_path)  # the report's own marker is the previous report's: not counted
+    section = timing_section(tmp_path)  # the report's own marker is the previous report's: not counted
     assert "**2.0 min**" in section[0] and "| report |" not in section[1]
 
 
@@ -199,10 +198,10 @@ def test_build_report_adds_the_sd_gpu_cost_rows_when_given(tmp_path):
                   for c, t, m in (("FD-5-par", 1.0, 10.0), ("FD-10-par", 0.5, 20.0),
                                   ("FD-5-seq", 1.0, 10.0), ("FD-10-seq", 0.9, 10.0))]).to_csv(csv, index=False)
     kw = {"models_dir": tmp_path / "nomodels", "train_flops_per_image": flops_fn}
-    out = build_report(tmp_path / "run", tmp_path / "rep", verdict_kwargs=kw, sd_gpu_cost=csv)
+    out = report_of(tmp_path / "run", tmp_path / "rep", verdict_kwargs=kw, sd_gpu_cost=csv)
     assert "Stable Diffusion scale" in out["readme_markdown"] and "SD2.1 architecture, batch 4" in out["readme_markdown"]
     assert "parallel decoding: 2×, +100 % memory" in out["readme_markdown"]
-    none = build_report(tmp_path / "run", tmp_path / "rep2", verdict_kwargs=kw, sd_gpu_cost=tmp_path / "absent.csv")
+    none = report_of(tmp_path / "run", tmp_path / "rep2", verdict_kwargs=kw, sd_gpu_cost=tmp_path / "absent.csv")
     assert "Stable Diffusion scale" not in none["readme_markdown"]
 
 
@@ -237,7 +236,7 @@ def test_supplementary_robustness_run_is_reported_beside_the_verdict(tmp_path):
          "diff": 2.0, "diff_lo": 0.5, "diff_hi": 3.5, "passed": False},
     ]).to_csv(folder / "criterion.csv", index=False)
     kw = {"models_dir": tmp_path / "nomodels", "train_flops_per_image": flops_fn}
-    out = build_report(root, tmp_path / "rep", verdict_kwargs=kw, sd_gpu_cost=None)
+    out = report_of(root, tmp_path / "rep", verdict_kwargs=kw, sd_gpu_cost=None)
     md = out["readme_markdown"]
     assert "supplementary run `seeds3`" in md and "seeds per row: [3]" in md
     assert "1 pass, 1 FAIL of 2 stress × metric pairs" in md

@@ -386,7 +386,8 @@ def test_run_writes_each_result_once_and_builds_tables(workspace: dict, monkeypa
 
 def test_stress_fidelity_pairs_each_cached_image_with_its_full_image(workspace: dict) -> None:
     from fcr.eval.fidelity import pixel_fidelity, uint8_to_model_range
-    from fcr.experiments.robustness.fidelity import load_stress_cell, stress_did, stress_fidelity_table
+    from fcr.analysis.stress import stress_did
+    from fcr.experiments.robustness.fidelity import load_stress_cell, stress_fidelity_table
     from fcr.experiments.sweep import model_labels
 
     params, out = workspace["params"], workspace["root"] / "out" / "robustness"
@@ -427,7 +428,7 @@ def _per_image(values: dict[tuple[str, str], list[float]], prompts: dict[str, li
 
 
 def test_stress_did_by_hand_replicates_holm_and_decisions() -> None:
-    from fcr.experiments.robustness.fidelity import stress_did
+    from fcr.analysis.stress import stress_did
 
     # Two FCR replicates and one original; the FCR drops are 0.1 dB (r0) and 0.3 dB (r1) per image
     # under 'ood_prompts', the original's 1.0 dB: DiD = mean(0.1, 0.3) - 1.0 = -0.8 dB, with spread
@@ -460,7 +461,7 @@ def test_stress_did_by_hand_replicates_holm_and_decisions() -> None:
 
 
 def test_stress_did_refuses_images_from_other_prompts() -> None:
-    from fcr.experiments.robustness.fidelity import stress_did
+    from fcr.analysis.stress import stress_did
 
     table = _per_image(
         {("f", "none"): [20.0, 20.0], ("f", "ood_prompts"): [19.0, 19.5],

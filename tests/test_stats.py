@@ -1,4 +1,4 @@
-"""Tests of fcr.eval.stats: interval coverage, hand-computed values, and degenerate inputs."""
+"""Tests of fcr.stats: interval coverage, hand-computed values, and degenerate inputs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from fcr.eval import stats
+from fcr import stats
 from fcr.eval.metrics import fid_from_features
 
 

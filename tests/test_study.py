@@ -22,9 +22,10 @@ from statsmodels.stats.power import TTestPower
 from fcr import contract
 from fcr.eval.fidelity import PSNR_CAP_DB, embedding_drift, feature_distance, fidelity, pixel_fidelity
 from fcr.eval.results import save_safetensors_atomic
-from fcr.eval.stats import holm, paired_mde, paired_n
-from fcr.experiments.contrasts import evaluate_contrasts, safe_strides, select_lambda
-from fcr.experiments.paired_fidelity import fidelity_table, load_fidelity
+from fcr.stats import holm, paired_mde, paired_n
+from fcr.analysis.contrasts import evaluate_contrasts, safe_strides, select_lambda
+from fcr.analysis.paired import load_fidelity
+from fcr.experiments.paired_fidelity import fidelity_table
 from fcr.experiments.sweep import quality_stem
 from fcr.manifest import ManifestError, Study, load_manifest
 
@@ -193,7 +194,7 @@ def test_selection_and_safe_strides(sweep: dict) -> None:
     assert select_lambda(out, quality, {0.05: "control", 0.1: "fcr"}, "control", study) == (0.1, "fcr")
     safe = safe_strides(out, quality, ["base", "fcr"], study)
     assert set(safe["stride"]) == {10, 20}
-    from fcr.experiments.contrasts import fd_infinity_table
+    from fcr.analysis.contrasts import fd_infinity_table
 
     fd = fd_infinity_table(out, quality, ["base", "fcr"]).set_index(["model", "config"])
     assert len(fd) == 8 and (fd["n"] == N).all()
@@ -206,7 +207,7 @@ def test_selection_and_safe_strides(sweep: dict) -> None:
 
 
 def test_power_table_sizes_from_the_pilot_spread(sweep: dict) -> None:
-    from fcr.experiments.contrasts import power_table
+    from fcr.analysis.contrasts import power_table
 
     study = Study(strides=("FD-10",), n_boot=100)
     table = evaluate_contrasts(sweep["out"], sweep["quality"], original="base", fcr_models={0.1: "fcr"},
@@ -270,20 +271,20 @@ def test_manifest_replicates_are_validated(tmp_path: Path) -> None:
 
 def test_summary_power_and_criterion_a_read_the_contrasts(sweep: dict, tmp_path: Path) -> None:
     from fcr.manifest import Backbone
-    from fcr.report.quality_cost import criterion_a
-    from fcr.report.study import power_section, study_summary
+    from fcr.analysis.quality_cost import criterion_a
+    from fcr.report.study import StudyTables, power_section, study_summary
 
     study = Study(strides=("FD-10", "FD-20"), n_boot=200)
     out, quality = sweep["out"], sweep["quality"]
     table = evaluate_contrasts(out, quality, original="base", fcr_models={0.1: "fcr"}, control="control",
                                study=study).assign(backbone="base", experiment="exp")
     safe = safe_strides(out, quality, ["base", "control", "fcr"], study).assign(backbone="base", experiment="exp")
-    lines = "\n".join(study_summary((table, safe, [], pd.DataFrame())))
+    lines = "\n".join(study_summary(StudyTables(table, safe, [], pd.DataFrame())))
     assert "Primary (superiority, FCR vs the λ = 0 control)**: 2 of 2 tests decided" in lines
     primary = table[table["family"] == "primary"].iloc[0]
     assert f"(n = {N})" in lines and "**FCR better**" in lines and "Not supported" not in lines
     assert "Safe stride" in lines
-    nothing = "\n".join(study_summary((table.assign(p_holm=math.nan), safe, [], pd.DataFrame())))
+    nothing = "\n".join(study_summary(StudyTables(table.assign(p_holm=math.nan), safe, [], pd.DataFrame())))
     assert "No pre-registered contrast could be evaluated" in nothing
     by_model = safe.groupby("model")["safe_stride"].first()
     assert f"Safe-stride gain** of fcr over base: {int(by_model['fcr']) - int(by_model['base']):+d}" in lines
@@ -292,7 +293,7 @@ def test_summary_power_and_criterion_a_read_the_contrasts(sweep: dict, tmp_path:
     last_row = [line for line in power.splitlines() if line.startswith("|")][-1]
     needed = int(last_row.strip("|").split("|")[-1])
     assert 2 <= needed <= N
-    from fcr.report.rows import format_number
+    from fcr.analysis.rows import format_number
 
     assert f"| {N} | {format_number(primary['sd_diff'])} |" in power
     b = Backbone("base", "role", "exp", {0.1: "fcr"}, "control", study=study)
@@ -306,7 +307,7 @@ def test_summary_power_and_criterion_a_read_the_contrasts(sweep: dict, tmp_path:
 
 
 def test_length_contrasts_run_the_primary_test_at_each_length(sweep: dict) -> None:
-    from fcr.experiments.contrasts import length_contrasts
+    from fcr.analysis.contrasts import length_contrasts
 
     out, quality = sweep["out"], sweep["quality"]
     quality.to_csv(out / "quality.csv", index=False)
@@ -339,7 +340,7 @@ def test_manifest_length_models_are_validated(tmp_path: Path) -> None:
 def test_variant_contrasts_pair_arms_across_sweep_folders_only_on_the_same_prompts(sweep: dict, tmp_path: Path) -> None:
     import shutil
 
-    from fcr.experiments.contrasts import variant_contrasts
+    from fcr.analysis.contrasts import variant_contrasts
 
     out, quality = sweep["out"], sweep["quality"]
     quality.to_csv(out / "quality.csv", index=False)
@@ -379,9 +380,10 @@ def test_manifest_ablation_models_are_validated(tmp_path: Path) -> None:
 
 def test_criterion_c_difference_in_differences_from_the_manifest_backbone(tmp_path: Path) -> None:
     from fcr.manifest import Backbone
-    from fcr.report.robustness_criterion import C_NAME, DID_NAME, criterion_c_rows
-    from fcr.report.rows import result_dir
-    from fcr.report.study import stress_did_table, stress_section
+    from fcr.analysis.robustness_criterion import C_NAME, DID_NAME, criterion_c_rows
+    from fcr.analysis.rows import result_dir
+    from fcr.analysis.study import stress_did_table
+    from fcr.report.study import stress_section
 
     # Per image by hand (code path only): FCR's two replicates lose 0.2 dB under OOD prompts, the
     # original and the control 1.0 dB; under high resolution FCR loses 3 dB more than both.
@@ -416,14 +418,15 @@ def test_criterion_c_difference_in_differences_from_the_manifest_backbone(tmp_pa
     assert len(did) == 1 and did[0]["kind"] == "context" and did[0]["passed"] is False
     assert did[0]["measured"].startswith("1 of 2 stresses non-inferior; worst: high_resolution")
     assert [r["kind"] for r in rows_c if "control" in r["criterion"]] == ["context"]
-    lines, files = stress_section(table, tmp_path)
-    assert files == [tmp_path / contract.STRESS_DID] and files[0].is_file()
+    table.to_csv(tmp_path / contract.STRESS_DID, index=False)
+    lines = stress_section(tmp_path)
     assert "margin 0.5" in "\n".join(lines)
     # A run declaring more seeds than it holds is an interim look: shown, never decided.
     interim = stress_did_table(tmp_path, [replace(b, robustness_seeds=(0, 1, 2, 3))])
     assert set(table["look"]) == {"final"} and set(interim["look"]) == {"interim (1 of 4 declared seeds)"}
     assert interim[["estimate", "p_holm", "decision"]].equals(table[["estimate", "p_holm", "decision"]])
-    assert "interim (1 of 4 declared seeds)" in "\n".join(stress_section(interim, tmp_path)[0])
+    interim.to_csv(tmp_path / contract.STRESS_DID, index=False)
+    assert "interim (1 of 4 declared seeds)" in "\n".join(stress_section(tmp_path))
     looked = [r for r in criterion_c_rows([], [b], interim) if r["criterion"] == DID_NAME][0]
     assert looked["passed"] is None and "interim (1 of 4 declared seeds), not decided" in looked["measured"]
     assert looked["measured"].startswith("1 of 2 stresses non-inferior")
@@ -450,12 +453,23 @@ def test_manifest_stress_margin_is_validated(tmp_path: Path) -> None:
 
 def _root_with_sweep_run(root: Path, sweep_dir: Path, run: str) -> Path:
     """A run root whose experiment ``exp`` has ``sweep_dir`` as its 03 run ``run``."""
-    from fcr.report.rows import result_dir
+    from fcr.analysis.rows import result_dir
 
     folder = result_dir(root, "exp", "sweep", run)
     folder.parent.mkdir(parents=True)
     folder.symlink_to(sweep_dir, target_is_directory=True)
     return root
+
+
+def _sections(section, root: Path, backbones: list, out: Path) -> tuple[list[str], list[Path]]:
+    """The analysis stage's study tables of ``root`` in ``out``, then ``section`` formatted from them:
+    (its lines, the family files written besides the always-present ones)."""
+    from fcr.analysis.run import write_study_tables
+
+    _, files = write_study_tables(root, backbones, out)
+    lines = section(backbones, out) if section.__name__ == "few_steps_section" else section(out)
+    return lines, [f for f in files if f.name not in (contract.CONTRASTS, contract.SAFE_STRIDES, contract.FD_INFINITY,
+                                                      contract.STRESS_DID)]
 
 
 def test_regime_section_reads_the_frontier_sweep_of_a_backbone(sweep: dict, tmp_path_factory) -> None:
@@ -474,7 +488,7 @@ def test_regime_section_reads_the_frontier_sweep_of_a_backbone(sweep: dict, tmp_
     root = _root_with_sweep_run(tmp_path_factory.mktemp("root"), out, "frontier")
     study = Study(strides=("FD-10", "FD-20"), n_boot=200)
     b = Backbone("base", "role", "exp", {0.1: "fcr"}, "control", frontier_run="frontier", study=study)
-    lines, files = regime_section(root, [b], tmp_path_factory.mktemp("report"))
+    lines, files = _sections(regime_section, root, [b], tmp_path_factory.mktemp("report"))
     table = pd.read_csv(files[0])
     expected = safe_strides(out, quality, ["base", "control", "fcr"], study)
     got = table[table["stride"] > 0]
@@ -483,12 +497,12 @@ def test_regime_section_reads_the_frontier_sweep_of_a_backbone(sweep: dict, tmp_
     assert list(ls["model"]) == ["base"] and bool(ls["non_inferior"].iloc[0])
     assert ls["fd_increase_pct"].iloc[0] == pytest.approx(0.0, abs=1e-9)
     assert "FD-50ls" in "\n".join(lines)
-    assert regime_section(root, [Backbone("base", "role", "exp", {0.1: "fcr"}, "control", study=study)],
-                          tmp_path_factory.mktemp("none")) == ([], [])
+    assert _sections(regime_section, root, [Backbone("base", "role", "exp", {0.1: "fcr"}, "control", study=study)],
+                     tmp_path_factory.mktemp("none")) == ([], [])
 
 
 def test_few_steps_section_tests_fcr_vs_control_at_every_stride_it_sampled(sweep: dict, tmp_path_factory) -> None:
-    from fcr.experiments.contrasts import variant_contrasts
+    from fcr.analysis.contrasts import variant_contrasts
     from fcr.manifest import Backbone
     from fcr.report.study import few_steps_section
 
@@ -498,7 +512,7 @@ def test_few_steps_section_tests_fcr_vs_control_at_every_stride_it_sampled(sweep
     study = Study(strides=("FD-10", "FD-20"), n_boot=200)
     b = Backbone("base", "role", "exp", {0.1: "fcr"}, "control", few_steps_run="steps25", study=study)
     report = tmp_path_factory.mktemp("report")
-    lines, files = few_steps_section(root, [b], report)
+    lines, files = _sections(few_steps_section, root, [b], report)
     table = pd.read_csv(report / contract.FEW_STEPS_CONTRASTS)
     # Every uniform stride above 1 the run sampled, one Holm family; the same numbers as the direct test.
     assert list(table["config"]) == ["FD-5", "FD-10", "FD-20"] and (table["m_tests"] == 3).all()
@@ -512,10 +526,10 @@ def test_few_steps_section_tests_fcr_vs_control_at_every_stride_it_sampled(sweep
     assert "Few-step sampler regime" in lines[0] and len(files) == 2
     # Declared but not run: the section says so; not declared: nothing.
     b_missing = Backbone("base", "role", "exp", {0.1: "fcr"}, "control", few_steps_run="not_run", study=study)
-    lines, files = few_steps_section(root, [b_missing], tmp_path_factory.mktemp("empty"))
+    lines, files = _sections(few_steps_section, root, [b_missing], tmp_path_factory.mktemp("empty"))
     assert "Not run yet" in "\n".join(lines) and files == []
-    assert few_steps_section(root, [Backbone("base", "role", "exp", {0.1: "fcr"}, "control", study=study)],
-                             tmp_path_factory.mktemp("none")) == ([], [])
+    assert _sections(few_steps_section, root, [Backbone("base", "role", "exp", {0.1: "fcr"}, "control", study=study)],
+                     tmp_path_factory.mktemp("none")) == ([], [])
 
 
 def test_manifest_few_steps_run_is_validated(tmp_path: Path) -> None:

@@ -195,7 +195,7 @@ def test_notebook_section_writes_points_and_the_report_reads_them(swept: dict) -
     text = "\n".join(trajectory_section(out, "Mechanism"))
     assert f"{fit['n_points']} points" in text and "partial R² of drift" in text and "mixed model" in text
     assert trajectory_section(out / "nowhere", "Mechanism") == []
-    from fcr.report.mechanism import criterion_e
+    from fcr.analysis.mechanism import criterion_e
 
     rows = {r["criterion"]: r for r in criterion_e([out], []) if "trajectory" in r["criterion"]}
     assert rows["e. mechanistic: trajectory drift, as written"]["value"] == pytest.approx(fit["as_written"]["r2"])

@@ -11,8 +11,8 @@ import yaml
 
 from fcr.eval.training_cost import TrainingRunError, overhead_percent, run_compute, training_step_flops
 from fcr.manifest import backbones_of
-from fcr.report.rows import EXP1, EXP2, VERDICT_COLUMNS, InputError, all_of, lookup_column
-from fcr.report.verdict import evaluate_criteria
+from fcr.analysis.rows import EXP1, EXP2, VERDICT_COLUMNS, InputError, all_of, lookup_column
+from fcr.analysis.verdict import evaluate_criteria
 
 DEFAULT_BACKBONES = backbones_of("embedded")  # the embedded backbones of params/experiments.yaml
 
@@ -346,7 +346,7 @@ def _gpu_cost_csv(path: Path, t10_par: float, mem10_par: float) -> Path:
 
 
 def test_sd_gpu_cost_rows_speed_and_memory_bounds(tmp_path):
-    from fcr.report.quality_cost import sd_gpu_cost_rows
+    from fcr.analysis.quality_cost import sd_gpu_cost_rows
 
     # Parallel: 1.6x but +30 % memory (fails); sequential: 1.05x at +0 % (fails) -> context row fails.
     (row,) = sd_gpu_cost_rows(_gpu_cost_csv(tmp_path / "a.csv", 0.625, 130.0))

@@ -273,7 +273,7 @@ def build_context(
     if opts.run.setting == "sd":
         from fcr.backends.sd.params import sd_fid_reference
         from fcr.config import ConfigError
-        from fcr.eval.metrics import load_clip
+        from fcr.eval.sd_metrics import load_clip
 
         if not opts.evaluation.fid_reference:
             raise ConfigError("parameter 'fid_reference': give a clean-fid statistics name or a folder of reference "

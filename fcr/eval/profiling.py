@@ -21,6 +21,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from fcr.machine import cpu_model
 from fcr.core import unet as fcr_unet
 
 __all__ = [
@@ -281,17 +282,6 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None)
     return _rss_high_water_bytes()
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment_info(device: torch.device | str | None = None) -> dict[str, Any]:
     """Where a measurement ran: versions, threads, CPU/GPU model, platform, timestamp."""
     import diffusers
@@ -300,9 +290,9 @@ def environment_info(device: torch.device | str | None = None) -> dict[str, Any]
     dev = torch.device(device) if device is not None else torch.device("cuda" if cuda else "cpu")
     return dict(
         device=str(dev),
-        device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_model(),
+        device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model(),
         cuda_device=torch.cuda.get_device_name(0) if cuda else None,
-        cpu_model=_cpu_model(),
+        cpu_model=cpu_model(),
         cpu_count=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
         torch_version=torch.__version__,

@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from fcr.eval.metrics import DEFAULT_EXTRACTOR_NAME, FrechetToReference, feature_statistics, metrics_from_features
 from fcr.eval.results import module_fingerprint, save_safetensors_atomic
-from fcr.eval.stats import bootstrap_ci, bootstrap_metric
+from fcr.stats import bootstrap_ci, bootstrap_metric
 
 __all__ = [
     "CLASSIFIER_SIZE",
@@ -146,8 +146,8 @@ class EmbeddedScorer:
 
 
 class SDScorer:
-    """clean-fid FID (``fid_kw`` of :func:`fcr.eval.metrics.sd_fid`) and CLIPScore of ``clip`` (a
-    :func:`fcr.eval.metrics.load_clip` bundle, loaded once); images are PIL images, prompts strings."""
+    """clean-fid FID (``fid_kw`` of :func:`fcr.eval.sd_metrics.sd_fid`) and CLIPScore of ``clip`` (a
+    :func:`fcr.eval.sd_metrics.load_clip` bundle, loaded once); images are PIL images, prompts strings."""
 
     alignment = "clip_score"
     alignment_per_image = "clip_score"
@@ -167,7 +167,7 @@ class SDScorer:
         """FID of the PNGs written to ``image_dir`` (nan without ``with_fid``: e.g. prompts without
         reference images) and the CLIPScore mean with its bootstrap interval; per image: CLIPScore
         and the CLIP image embedding."""
-        from fcr.eval.metrics import clip_embeddings, clip_score_from_embeddings, sd_fid
+        from fcr.eval.sd_metrics import clip_embeddings, clip_score_from_embeddings, sd_fid
 
         if image_dir is None:
             raise ValueError("SD scoring writes the images for clean-fid: give image_dir")

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from fcr import contract
 from fcr.eval.results import save_safetensors_atomic, write_json_atomic
-from fcr.experiments.paired_fidelity import cell_tensors, load_fidelity
+from fcr.analysis.paired import cell_tensors, load_fidelity
 from fcr.experiments.trajectory_drift import drift_key, trajectory_drift
 from fcr.options import Options
 

@@ -28,8 +28,8 @@ import pandas as pd
 from fcr import contract
 from fcr.contract import FIDELITY_DIRECTIONS
 from fcr.eval.scoring import FD_COLUMN
-from fcr.eval.stats import bootstrap_ci
-from fcr.experiments.paired_fidelity import load_fidelity
+from fcr.stats import bootstrap_ci
+from fcr.analysis.paired import load_fidelity
 from fcr.experiments.sweep import summarize
 
 __all__ = [

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from fcr.core.unet import FEATURE_GROUPS
-from fcr.eval.stats import bootstrap_ci, bootstrap_metric, ols, relative_change
+from fcr.stats import bootstrap_ci, bootstrap_metric, ols, relative_change
 from fcr.experiments.feature_variance import UNITS, ModelVariance
 
 __all__ = [
@@ -266,7 +266,7 @@ def regression_points(
 
 
 def fit_regressions(points: pd.DataFrame, min_points: int = 3) -> pd.DataFrame:
-    """OLS of each quality drop on each variance column (:func:`fcr.eval.stats.ols`): ``status``
+    """OLS of each quality drop on each variance column (:func:`fcr.stats.ols`): ``status``
     'fitted', 'not enough points' (fewer than ``min_points`` finite points) or 'x constant';
     ``primary`` marks FD increase on normalised σ²."""
     rows = []

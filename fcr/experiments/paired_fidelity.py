@@ -18,76 +18,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
 
 from fcr.contract import FIDELITY_DIRECTIONS, FIDELITY_PER_IMAGE
 from fcr.eval.fidelity import fidelity
-from fcr.eval.stats import bootstrap_ci
-from fcr.experiments.sweep import load_side_file, quality_stem
+from fcr.stats import bootstrap_ci
+from fcr.analysis.paired import cell_tensors, forget_tables
 
-__all__ = ["REFERENCES", "cell_tensors", "fidelity_table", "load_fidelity", "per_image_table",
-           "side_file_with_images", "write_per_image_table"]
+__all__ = ["REFERENCES", "fidelity_table", "write_per_image_table"]
 
 # Columns of the per-image table before the endpoints.
 PER_IMAGE_KEYS = ("model", "config", "seed", "image", "reference", "reference_model", "reference_config")
 
 REFERENCES: tuple[str, ...] = ("own_full", "original_full")
-
-
-def _png_folder(folder: Path) -> torch.Tensor:
-    """uint8 (N, C, H, W) of the PNGs a scorer wrote (SD), in file-name order."""
-    from PIL import Image
-
-    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def side_file_with_images(path: Path, image_folder: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """The per-image tensors of a side file (SD: plus the PNGs of ``image_folder`` as uint8
-    ``images``) and the raw ``prompts`` entry of its metadata."""
-    tensors = load_side_file(path)  # raises, naming run_sweep, when the cell was not run
-    with safe_open(str(path), framework="pt") as f:
-        prompts = (f.metadata() or {}).get("prompts", "")
-    if "images" not in tensors and image_folder.is_dir():
-        tensors["images"] = _png_folder(image_folder)
-    return tensors, prompts
-
-
-def cell_tensors(out_dir: str | Path, model: str, config: str, seed: int) -> tuple[dict[str, torch.Tensor], str]:
-    """The per-image tensors of one sweep cell (its side file; SD: plus the PNGs as uint8 ``images``)
-    and the prompts it was made from (the side file's metadata)."""
-    out_dir = Path(out_dir)
-    stem = quality_stem(model, config, seed)
-    return side_file_with_images(out_dir / "quality" / f"{stem}.safetensors", out_dir / "images" / stem)
-
-
-def per_image_table(out_dir: str | Path) -> pd.DataFrame:
-    """The sweep's per-image fidelity table (:func:`fidelity_table` writes it), read once per version
-    of the file."""
-    path = Path(out_dir) / FIDELITY_PER_IMAGE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: it is written by fcr.experiments.paired_fidelity.fidelity_table")
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    if key not in _TABLES:
-        _TABLES.clear()  # one sweep at a time is read; never keep stale versions
-        _TABLES[key] = pd.read_parquet(path)
-    return _TABLES[key]
-
-
-_TABLES: dict[tuple[str, int, int], pd.DataFrame] = {}
-
-
-def load_fidelity(out_dir: str | Path, model: str, config: str, seed: int, reference: str) -> dict[str, torch.Tensor]:
-    """The per-image fidelity of one cell against ``reference``: endpoint -> values in image order."""
-    table = per_image_table(out_dir)
-    rows = table[(table["model"] == model) & (table["config"] == config) & (table["seed"] == int(seed))
-                 & (table["reference"] == reference)].sort_values("image")
-    if rows.empty:
-        raise FileNotFoundError(f"{Path(out_dir) / FIDELITY_PER_IMAGE} has no rows for {model}@{config} seed {seed} "
-                                f"vs {reference}: it is written by fcr.experiments.paired_fidelity.fidelity_table")
-    return {name: torch.from_numpy(rows[name].to_numpy(dtype=np.float64).copy())
-            for name in FIDELITY_DIRECTIONS if name in rows and rows[name].notna().all()}
 
 
 def write_per_image_table(out_dir: Path, parts: list[pd.DataFrame]) -> Path:
@@ -99,7 +41,7 @@ def write_per_image_table(out_dir: Path, parts: list[pd.DataFrame]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_parquet(tmp, index=False)
     tmp.replace(path)
-    _TABLES.clear()
+    forget_tables()
     return path
 
 

@@ -19,7 +19,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 
 from fcr.backends.generate import sampling_scheduler
 from fcr.backends.models import build_noise_scheduler
@@ -40,7 +39,8 @@ from fcr.eval.profiling import (
 )
 from fcr.eval.results import run_or_load, save_safetensors_atomic
 from fcr.eval.scoring import FD_COLUMN
-from fcr.eval.stats import mean_ci_over_seeds, paired_test
+from fcr.stats import mean_ci_over_seeds, paired_test
+from fcr.analysis.paired import load_side_file, quality_stem
 from fcr.options import Options
 
 __all__ = [
@@ -132,14 +132,6 @@ def evaluate_quality(
     }
 
 
-def load_side_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """The per-image tensors :func:`evaluate_quality` wrote."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: it is written by run_sweep / evaluate_quality")
-    return load_file(str(path))
-
-
 def load_samples(
     out_dir: str | Path, model: str, configs: Sequence[str], seed: int, n: int = 8
 ) -> dict[str, torch.Tensor]:
@@ -147,10 +139,6 @@ def load_samples(
     prompts and initial noise in every configuration."""
     folder = Path(out_dir) / "quality"
     return {c: load_side_file(folder / f"{quality_stem(model, c, seed)}.safetensors")["images"][:n] for c in configs}
-
-
-def quality_stem(model: str, config: str, seed: int) -> str:
-    return f"{model.replace('/', '_')}__{config}__seed{seed}"
 
 
 def paired_comparison(out_dir: str | Path, model: str, config_a: str, config_b: str, seed: int) -> dict[str, Any]:

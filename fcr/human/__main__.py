@@ -17,16 +17,15 @@ import json
 import os
 import sys
 
-from fcr.config import ConfigError, load_options
+from fcr.config import ConfigError, load_options, parse_sets
 
 
 def _pairs(args: argparse.Namespace) -> int:
-    from fcr.__main__ import _parse_sets
     from fcr.backends.checks import check_task
     from fcr.backends.embedded.data import FASHION_MNIST_CLASSES
     from fcr.human.pairs import PairSetSpec, build_pair_set, parse_source
 
-    opts = load_options(*args.params, overrides=_parse_sets(args.set))
+    opts = load_options(*args.params, overrides=parse_sets(args.set))
     check_task(opts, "human")
     spec = PairSetSpec(a=parse_source(opts.human.human_a), b=parse_source(opts.human.human_b),
                        n_pairs=opts.human.human_pairs, seeds=tuple(opts.human.human_seeds),
@@ -41,9 +40,7 @@ def _pairs(args: argparse.Namespace) -> int:
 
 def _locations(args: argparse.Namespace) -> None:
     """--pairs / --db, else the opts' human_pair_dir / human_ratings_db (defaults when no -f)."""
-    from fcr.__main__ import _parse_sets
-
-    opts = load_options(*args.params, overrides=_parse_sets(args.set))
+    opts = load_options(*args.params, overrides=parse_sets(args.set))
     args.pairs = args.pairs or opts.human.human_pair_dir
     if hasattr(args, "db"):
         args.db = args.db or opts.human.human_ratings_db

@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from fcr import contract
+from fcr.analysis.rows import format_number, markdown_table
 from fcr.paths import REPO_ROOT, display_path
-from fcr.report.rows import format_number, markdown_table
 
 __all__ = ["RESULTS_PAGES", "front_page_block", "parameters_table", "results_page", "wall_time_page", "wall_time_ratios",
            "write_parameters_page",
@@ -80,7 +80,7 @@ def _criteria(verdict: pd.DataFrame) -> str:
     """The criterion rows as the verdict decided them, with rows of the same verdict beside two of
     them: criterion c per backbone and its difference-in-differences analysis (context, decides
     nothing), and criterion a for the models without FCR (context). Nothing is re-decided here."""
-    from fcr.report.robustness_criterion import C_NAME, DID_NAME
+    from fcr.analysis.robustness_criterion import C_NAME, DID_NAME
 
     words = {"True": "PASS", "False": "FAIL"}
     shown = []

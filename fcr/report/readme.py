@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fcr.analysis.rows import EXP1, EXP2, LAYOUT
 from fcr.paths import REPO_ROOT, display_path
-from fcr.report.rows import EXP1, EXP2, LAYOUT
 
 __all__ = ["README_END", "README_START", "RUN_INFO", "code_revision", "provenance_header", "update_readme"]
 
@@ -58,8 +58,8 @@ def code_revision(repo: str | Path | None = None) -> dict[str, Any]:
 def provenance_header(root: str | Path, repo: str | Path | None = None) -> str:
     """Date, the git commit the run was made with (``<root>/pipeline_run.json``, written by the
     pipeline when it starts; else the checkout's commit now), this machine
-    (:func:`fcr.eval.profiling.environment_info`) and the run the numbers come from."""
-    from fcr.eval.profiling import environment_info
+    (:func:`fcr.machine.machine_summary`) and the run the numbers come from."""
+    from fcr.machine import machine_summary
 
     run_info = Path(root) / RUN_INFO
     invocations = json.loads(run_info.read_text()).get("invocations", []) if run_info.is_file() else []
@@ -74,11 +74,7 @@ def provenance_header(root: str | Path, repo: str | Path | None = None) -> str:
         info = code_revision(repo)
         commit, source = info.get("commit") or "unknown (not a git checkout)", "when this report was made"
         flag = " with uncommitted code changes" if info.get("dirty") else ""
-    env = environment_info("cpu")
-    machine = (f"{env['cpu_model']}, {env['cpu_count']} CPUs, torch {env['torch_version']}, "
-               f"diffusers {env['diffusers_version']}, {env['platform']}")
-    if env.get("cuda_device"):
-        machine += f", GPU {env['cuda_device']}"
+    machine = machine_summary()
     lines = [
         "## Results (generated)",
         "",
@@ -89,7 +85,7 @@ def provenance_header(root: str | Path, repo: str | Path | None = None) -> str:
     measured = _measurement_machine(Path(root))
     if measured:
         lines.append(f"- Timings measured on: {measured} (from the cost result files)")
-    lines += ["", f"The numbers below were generated from the run in `{display_path(root)}` by `python -m fcr.report.tables`; "
+    lines += ["", f"The numbers below were generated from the run in `{display_path(root)}` by `python -m fcr.pipeline report`; "
               "nothing in this section is typed by hand.", ""]
     return "\n".join(lines)
 

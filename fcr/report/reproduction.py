@@ -95,8 +95,8 @@ def reproduction_table(report_dir: Path, reference_report: Path) -> pd.DataFrame
 
 def reproduction_section(root: Path, report_dir: Path, reference: Path) -> tuple[list[str], pd.DataFrame | None]:
     """Markdown lines for report.md and the table (None when the runs are not comparable)."""
+    from fcr.analysis.rows import format_number, markdown_table
     from fcr.paths import display_path
-    from fcr.report.rows import format_number, markdown_table
 
     title = "### Reproduction: this run beside the committed reference"
     ref_report = reference / "report"

@@ -1,93 +1,64 @@
-"""The report's study section: the pre-registered contrasts of every backbone whose experiment has a
-``study`` in ``params/experiments.yaml`` (:mod:`fcr.experiments.contrasts`), and each model's safe
-stride, written as ``contrasts.csv`` / ``safe_strides.csv`` with a markdown section."""
+"""The report's study section: formats the tables the analysis stage wrote
+(:mod:`fcr.analysis.study`): the pre-registered contrasts, safe strides, FD∞, power, the
+exploratory families and criterion c's difference in differences."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
 from fcr import contract
-from fcr.eval.stats import holm, paired_n
-from fcr.experiments.contrasts import (
-    common_seeds,
-    evaluate_contrasts,
-    fd_infinity_table,
-    length_contrasts,
-    noninferiority,
-    safe_strides,
-    select_lambda,
-    variant_contrasts,
-)
-from fcr.experiments.robustness.fidelity import STRESS_DID_COLUMNS, stress_did
+from fcr.analysis.rows import format_number, markdown_table
 from fcr.manifest import Backbone
-from fcr.report.rows import format_number, markdown_table, result_dir
+from fcr.stats import paired_n
 
-__all__ = ["ablation_section", "few_steps_section", "length_section", "power_section", "regime_section",
-           "stress_did_table", "stress_section", "study_section", "study_summary", "study_tables"]
-
-
-def _quality(folder: Path) -> pd.DataFrame | None:
-    path = folder / contract.QUALITY
-    return pd.read_csv(path) if path.is_file() else None
+__all__ = ["StudyTables", "ablation_section", "few_steps_section", "length_section", "power_section",
+           "read_derived", "read_optional", "read_study_tables", "regime_section", "stress_section", "study_section", "study_summary"]
 
 
-def study_tables(root: str | Path, backbones: Sequence[Backbone]) -> tuple[pd.DataFrame, pd.DataFrame, list[str], pd.DataFrame]:
-    """(contrasts, safe strides, notes, FD∞ per model x configuration) over the backbones with a
-    study; a backbone whose sweep (or selection run) has not been run is named in the notes instead."""
-    root = Path(root)
-    contrasts, safe, notes, fd_inf = [], [], [], []
-    for b in backbones:
-        study = b.study
-        if study is None:
-            continue
-        sweep_dir = result_dir(root, b.experiment, "sweep", b.sweep_run)
-        quality = _quality(sweep_dir)
-        if quality is None or not (sweep_dir / contract.FIDELITY).is_file():
-            notes.append(f"{b.name}: no {contract.QUALITY} / {contract.FIDELITY} in {sweep_dir} (notebook 03 not run)")
-            continue
-        models = [b.name, *([b.control] if b.control else []), *b.fcr_models.values()]
-        first_unsafe = None
-        if (sweep_dir / "reference").is_dir():  # the FD margin needs per-image features (embedded)
-            fd_inf.append(fd_infinity_table(sweep_dir, quality, models).assign(backbone=b.name))
-            table = safe_strides(sweep_dir, quality, models, study)
-            if not table.empty:
-                safe.append(table.assign(backbone=b.name, experiment=b.experiment))
-                original = table[table["model"] == b.name]
-                if not original.empty and pd.notna(original["first_unsafe"].iloc[0]):
-                    first_unsafe = int(original["first_unsafe"].iloc[0])
-        selected = None
-        if study.selection_run is not None:
-            sel_dir = result_dir(root, b.experiment, "sweep", study.selection_run)
-            sel_quality = _quality(sel_dir)
-            if sel_quality is None or b.control is None:
-                notes.append(f"{b.name}: λ not selected (no selection sweep in {sel_dir} or no λ = 0 control); "
-                             "every FCR model enters the secondary family")
-            else:
-                selected = select_lambda(sel_dir, sel_quality, b.fcr_models, b.control, study)
-        table = evaluate_contrasts(sweep_dir, quality, original=b.name, fcr_models=b.fcr_models, control=b.control,
-                                   study=study, selected=selected, first_unsafe=first_unsafe,
-                                   replicates=b.replicates)
-        if selected is not None:
-            notes.append(f"{b.name}: λ = {selected[0]:g} ({selected[1]}) selected on sweep run "
-                         f"{study.selection_run!r}, reported on {b.sweep_run!r}")
-        contrasts.append(table.assign(backbone=b.name, experiment=b.experiment))
-    join = (lambda frames: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame())
-    return join(contrasts), join(safe), notes, join(fd_inf)
+class StudyTables(NamedTuple):
+    """The study's tables as the analysis wrote them (empty frames where it wrote none)."""
+
+    contrasts: pd.DataFrame
+    safe: pd.DataFrame
+    notes: list[str]
+    fd_inf: pd.DataFrame
 
 
-def study_section(
-    backbones: Sequence[Backbone], out_dir: Path, tables: tuple[pd.DataFrame, pd.DataFrame, list[str], pd.DataFrame]
-) -> tuple[list[str], list[Path]]:
-    """Markdown lines of the study section for :func:`study_tables`' ``tables`` and the files
-    written (empty when no backbone has a study)."""
+def read_derived(path: Path) -> pd.DataFrame:
+    """A table the analysis wrote, as it wrote it: only empty cells are missing (words such as
+    ``n/a`` in a verdict's ``measured`` stay words); an empty file is an empty table."""
+    try:
+        return pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
+def read_optional(path: Path) -> pd.DataFrame | None:
+    """:func:`read_derived`, None when the analysis did not write the table."""
+    return read_derived(path) if path.is_file() else None
+
+
+def read_study_tables(out_dir: Path) -> StudyTables:
+    """The study's contrasts, safe strides, notes and FD∞ from ``out_dir``."""
+    def table(name: str) -> pd.DataFrame:
+        found = read_optional(out_dir / name)
+        return pd.DataFrame() if found is None else found
+
+    notes_path = out_dir / contract.ANALYSIS_NOTES
+    notes = json.loads(notes_path.read_text()).get("study_notes", []) if notes_path.is_file() else []
+    return StudyTables(table(contract.CONTRASTS), table(contract.SAFE_STRIDES), notes, table(contract.FD_INFINITY))
+
+
+def study_section(backbones: Sequence[Backbone], tables: StudyTables) -> list[str]:
+    """Markdown lines of the study section (empty when no backbone has a study)."""
     if not any(b.study is not None for b in backbones):
-        return [], []
+        return []
     contrasts, safe, notes, fd_inf = tables
-    files = []
     lines = ["### Pre-registered contrasts (params/experiments.yaml `study`)\n",
              "Paired over images (same prompt and initial noise, pooled over seeds). Primary: FCR(λ) vs the λ = 0 "
              "control at the same stride on the primary fidelity endpoint (superiority, two-sided); secondary: the "
@@ -97,9 +68,6 @@ def study_section(
              "effect (power as pre-registered, at Holm's strictest level).\n"]
     lines += [f"- {note}" for note in notes] + ([""] if notes else [])
     if not contrasts.empty:
-        path = out_dir / contract.CONTRASTS
-        contrasts.to_csv(path, index=False)
-        files.append(path)
         show = contrasts[["backbone", "family", "contrast", "endpoint", "config", "n", "estimate", "lo", "hi",
                           "p_holm", "m_tests", "mde", "decision"]].copy()
         for col in ("estimate", "lo", "hi", "p_holm", "mde"):
@@ -108,17 +76,11 @@ def study_section(
         study = next(b.study for b in backbones if b.study is not None)
         lines += power_section(contrasts, study.alpha, study.power)
     if not safe.empty:
-        path = out_dir / contract.SAFE_STRIDES
-        safe.to_csv(path, index=False)
-        files.append(path)
         lines.append("Safe stride per model: every uniform stride up to it is shown non-inferior to the model's own "
                      "FD-5 (ΔFD ≤ +5 % and Δ accuracy ≥ −2 %, paired, Holm over the model's strides).\n")
         summary = safe.groupby("model", sort=False)[["safe_stride", "first_unsafe"]].first().reset_index()
         lines.append(markdown_table(summary))
     if not fd_inf.empty:
-        path = out_dir / contract.FD_INFINITY
-        fd_inf.to_csv(path, index=False)
-        files.append(path)
         lines.append("FD with the small-sample bias removed: FD of the images pooled over seeds (`fd_at_n`) and its "
                      "extrapolation to infinitely many images (`fd_inf` ± `se`; FD of random subsets at 10 sizes, OLS "
                      "in 1/n; fcr.eval.metrics.fd_infinity).\n")
@@ -126,7 +88,7 @@ def study_section(
         for col in ("fd_at_n", "fd_inf", "fd_inf_se"):
             show[col] = show[col].map(format_number)
         lines.append(markdown_table(show))
-    return lines, files
+    return lines
 
 
 _UNITS = {"psnr": " dB", "rmse": "", "ssim": "", "feature_distance": "", "embedding_drift": "",
@@ -139,8 +101,8 @@ def _effect(r: pd.Series) -> str:
             f"Holm p = {format_number(r['p_holm'])}")
 
 
-def study_summary(tables: tuple[pd.DataFrame, pd.DataFrame, list[str], pd.DataFrame]) -> list[str]:
-    """A plain-language summary of :func:`study_tables`' results, every number read from them:
+def study_summary(tables: StudyTables) -> list[str]:
+    """A plain-language summary of the study's tables, every number read from them:
     which pre-registered contrasts are significant after Holm (and out of how many tests), the
     effects with their 95 % intervals, the safe strides, and what the data do not support."""
     contrasts, safe = tables[0], tables[1]
@@ -209,120 +171,54 @@ def power_section(contrasts: pd.DataFrame, alpha: float = 0.05, power: float = 0
             "an effect as large as the one estimated):\n", markdown_table(pd.DataFrame(out))]
 
 
-def _train_steps(root: Path, experiment: str, model: str) -> int | None:
-    import yaml
-
-    path = root / experiment / model / contract.RUN_PARAMS
-    return int(yaml.safe_load(path.read_text())["max_train_steps"]) if path.is_file() else None
-
-
-def length_section(root: str | Path, backbones: Sequence[Backbone], out_dir: Path) -> tuple[list[str], list[Path]]:
-    """Fidelity vs fine-tune length (``length_run`` of a backbone with a study): the study's primary
-    test at every length, the study's own first FCR / control pair as the shortest point
-    (``length_contrasts.csv``); nothing when no backbone declares a length run."""
-    root = Path(root)
-    frames = []
-    for b in backbones:
-        if b.study is None or b.length_run is None:
-            continue
-        points = []
-        if b.fcr_models and b.control:
-            first = next(iter(b.fcr_models.values()))
-            steps = _train_steps(root, b.experiment, first)
-            if steps is not None:
-                points.append((steps, result_dir(root, b.experiment, "sweep", b.sweep_run), first, b.control))
-        length_dir = result_dir(root, b.experiment, "sweep", b.length_run)
-        points += [(steps, length_dir, fcr_model, control) for steps, (fcr_model, control) in sorted(b.length_models.items())]
-        frames.append(length_contrasts(points, b.study).assign(backbone=b.name))
+def length_section(out_dir: Path) -> list[str]:
+    """Fidelity vs fine-tune length (``length_contrasts.csv``); nothing when no backbone declares a length run."""
     intro = ("FCR vs the λ = 0 control trained for the same number of steps (same data order), paired over images on "
              "the primary endpoint at the study's strides; the shortest length is the study's own first training-seed "
              "pair. An exploratory family: Holm over its tests (`m_tests`), decisions worded as in the primary family.\n")
-    return _family_section(frames, out_dir / contract.LENGTH_CONTRASTS, "Caching fidelity vs fine-tune length", intro,
+    return _family_section(out_dir / contract.LENGTH_CONTRASTS, "Caching fidelity vs fine-tune length", intro,
                            "train_steps", lambda t: t.empty, "_Not run yet: no length point has both models sampled._\n")
 
 
-def ablation_section(root: str | Path, backbones: Sequence[Backbone], out_dir: Path) -> tuple[list[str], list[Path]]:
-    """FCR ablations (``ablation_run`` of a backbone with a study, e.g. Δ_max 20): each ablated FCR
-    model against the backbone's control as sampled in its sweep run, and the backbone's first FCR
-    model beside it, all one exploratory Holm family (``ablation_contrasts.csv``); nothing when no
-    backbone declares ablations."""
-    root = Path(root)
-    frames = []
-    for b in backbones:
-        if b.study is None or b.ablation_run is None or not b.control or not b.fcr_models:
-            continue
-        main_dir = result_dir(root, b.experiment, "sweep", b.sweep_run)
-        ablation_dir = result_dir(root, b.experiment, "sweep", b.ablation_run)
-        first = next(iter(b.fcr_models.values()))
-        points = [(f"as trained ({first})", main_dir, first, main_dir, b.control)]
-        points += [(label, ablation_dir, model, main_dir, b.control) for label, model in b.ablation_models.items()]
-        frames.append(variant_contrasts(points, b.study).assign(backbone=b.name))
+def ablation_section(out_dir: Path) -> list[str]:
+    """FCR ablations (``ablation_contrasts.csv``); nothing when no backbone declares ablations."""
     intro = ("Each FCR variant against the λ = 0 control of the study (training seed 0, same data order and steps), "
              "paired over images on the primary endpoint at the study's strides; the study's own FCR model is the "
              "first row. An exploratory family: Holm over its tests (`m_tests`).\n")
-    return _family_section(frames, out_dir / contract.ABLATION_CONTRASTS, "FCR ablations", intro, "variant",
+    return _family_section(out_dir / contract.ABLATION_CONTRASTS, "FCR ablations", intro, "variant",
                            lambda t: t.empty or t["variant"].astype(str).str.startswith("as trained").all(),
                            "_Not run yet: no ablated model has been sampled._\n")
 
 
-def few_steps_section(root: str | Path, backbones: Sequence[Backbone], out_dir: Path) -> tuple[list[str], list[Path]]:
-    """The few-step sampler regime (``few_steps_run`` of a backbone with a study, e.g. 25-step DDIM):
-    FCR (the first FCR model) vs the λ = 0 control on the primary endpoint at every uniform stride
-    above 1 that run sampled (one exploratory Holm family, ``few_steps_contrasts.csv``) and each
-    model's safe stride against its own FD-5 there (``few_steps_safe_strides.csv``); nothing when no
-    backbone declares such a run."""
-    root = Path(root)
-    contrasts, strides, declared = [], [], False
-    for b in backbones:
-        if b.study is None or b.few_steps_run is None or not b.fcr_models or not b.control:
-            continue
-        declared = True
-        sweep_dir = result_dir(root, b.experiment, "sweep", b.few_steps_run)
-        quality = _quality(sweep_dir)
-        if quality is None:
-            continue
-        steps = sorted({int(n) for n in quality["num_inference_steps"].dropna()})
-        label = "/".join(map(str, steps)) + "-step sampling"
-        uniform = quality[quality["config"].astype(str).str.fullmatch(r"FD-\d+") & (quality["stride"] > 1)]
-        configs = tuple(sorted(set(uniform["config"].astype(str)), key=lambda c: int(c[3:])))
-        first = next(iter(b.fcr_models.values()))
-        family = replace(b.study, strides=configs)
-        contrasts.append(variant_contrasts([(label, sweep_dir, first, sweep_dir, b.control)], family)
-                         .assign(backbone=b.name))
-        if (sweep_dir / "reference").is_dir():
-            ran = set(quality["model"].astype(str))
-            models = [m for m in (b.name, b.control, first) if m in ran]
-            strides.append(safe_strides(sweep_dir, quality, models, b.study).assign(backbone=b.name, sampler=label))
+def few_steps_section(backbones: Sequence[Backbone], out_dir: Path) -> list[str]:
+    """The few-step sampler regime (``few_steps_contrasts.csv``, ``few_steps_safe_strides.csv``);
+    nothing when no backbone declares such a run."""
+    declared = any(b.study is not None and b.few_steps_run is not None and b.fcr_models and b.control
+                   for b in backbones)
     if not declared:
-        return [], []
+        return []
     intro = ("With fewer sampling steps each cached step spans more of the trajectory. FCR against the λ = 0 control "
              "(training seed 0, same data order and steps), paired over the run's prompt/noise pairs on the primary "
              "endpoint at every stride it sampled: an exploratory family, Holm over its tests (`m_tests`).\n")
-    lines, files = _family_section(contrasts, out_dir / contract.FEW_STEPS_CONTRASTS, "Few-step sampler regime",
-                                   intro, "variant", lambda t: t.empty,
-                                   "_Not run yet: no few-step cell was sampled._\n")
+    lines = _family_section(out_dir / contract.FEW_STEPS_CONTRASTS, "Few-step sampler regime", intro, "variant",
+                            lambda t: t.empty, "_Not run yet: no few-step cell was sampled._\n")
     if not lines:
         lines = ["### Few-step sampler regime\n", "_Not run yet: the few-step sweep has no results._\n"]
-    strides = [t for t in strides if not t.empty]
-    if strides:
-        table = pd.concat(strides, ignore_index=True)
-        path = out_dir / contract.FEW_STEPS_SAFE_STRIDES
-        table.to_csv(path, index=False)
-        files.append(path)
+    table = read_optional(out_dir / contract.FEW_STEPS_SAFE_STRIDES)
+    if table is not None:
         lines.append("Safe strides with that sampler: each stride above 5 against the model's own FD-5 (ΔFD ≤ +5 % and "
                      "Δ accuracy ≥ −2 %, paired, Holm over the model's strides).\n")
         lines.append(_noninferiority_markdown(table, ["backbone", "sampler", "model", "stride", "n"], ["safe_stride"]))
-    return lines, files
+    return lines
 
 
-def _family_section(frames: list[pd.DataFrame], path: Path, title: str, intro: str, label: str,
-                    not_run: Callable[[pd.DataFrame], bool], not_run_text: str) -> tuple[list[str], list[Path]]:
-    """An exploratory contrast family's CSV at ``path`` and its report lines (``label`` names the
-    variant column; ``not_run(table)`` says when to add ``not_run_text``); nothing without frames."""
-    if not frames:
-        return [], []
-    table = pd.concat(frames, ignore_index=True)
-    table.to_csv(path, index=False)
+def _family_section(path: Path, title: str, intro: str, label: str,
+                    not_run: Callable[[pd.DataFrame], bool], not_run_text: str) -> list[str]:
+    """The report lines of an exploratory contrast family's CSV at ``path`` (``label`` names the
+    variant column; ``not_run(table)`` says when to add ``not_run_text``); nothing without the file."""
+    table = read_optional(path)
+    if table is None:
+        return []
     lines = [f"### {title}\n", intro]
     if not_run(table):
         lines.append(not_run_text)
@@ -332,57 +228,15 @@ def _family_section(frames: list[pd.DataFrame], path: Path, title: str, intro: s
         for col in ("fcr_mean", "control_mean", "estimate", "lo", "hi", "p_holm", "mde"):
             show[col] = show[col].map(format_number)
         lines.append(markdown_table(show))
-    return lines, [path]
+    return lines
 
 
-def stress_look(b: Backbone, seeds_run: set[int]) -> str:
-    """``"final"`` when the robustness run holds every seed it declares (or declares none), else
-    ``"interim (k of K declared seeds)"``: a look that is reported but never decided (no optional
-    stopping)."""
-    if not b.robustness_seeds or set(b.robustness_seeds) <= seeds_run:
-        return "final"
-    return f"interim ({len(seeds_run & set(b.robustness_seeds))} of {len(b.robustness_seeds)} declared seeds)"
-
-
-def stress_did_table(root: str | Path, backbones: Sequence[Backbone]) -> pd.DataFrame:
-    """Criterion c as a difference in differences (:func:`fcr.experiments.robustness.fidelity.stress_did`)
-    for every backbone whose study declares ``stress_margin``: its first FCR model (with its training
-    replicates) against the original model and against the λ = 0 control (with theirs), on the
-    study's primary endpoint at its strides, from the notebook-04 run's ``stress_fidelity.csv``; one
-    Holm family per backbone. Empty (with the columns) when nothing was run."""
-    root = Path(root)
-    frames = []
-    for b in backbones:
-        if b.study is None or b.study.stress_margin is None or b.robustness_run is None or not b.fcr_models:
-            continue
-        path = result_dir(root, b.experiment, "robustness", b.robustness_run) / contract.STRESS_FIDELITY
-        if not path.is_file():
-            continue
-        per_image = pd.read_csv(path, keep_default_na=False, na_values=[""])
-        present = set(per_image["model"].astype(str))
-        first = next(iter(b.fcr_models.values()))
-        arm = [m for m in (first, *b.replicates.get(first, ())) if m in present]
-        comparisons = [("FCR vs original", arm, [b.name])]
-        if b.control:
-            comparisons.append(("FCR vs control", arm, [m for m in (b.control, *b.replicates.get(b.control, ()))
-                                                        if m in present]))
-        comparisons = [c for c in comparisons if c[1] and c[2] and set(c[2]) <= present]
-        if not comparisons:
-            continue
-        table = stress_did(per_image, comparisons, endpoint=b.study.primary_endpoint, margin=b.study.stress_margin,
-                           alpha=b.study.alpha, power=b.study.power, configs=list(b.study.strides))
-        frames.append(table.assign(backbone=b.name, look=stress_look(b, set(per_image["seed"].astype(int)))))
-    if not frames:
-        return pd.DataFrame(columns=["backbone", *STRESS_DID_COLUMNS, "look"])
-    return pd.concat(frames, ignore_index=True)
-
-
-def stress_section(table: pd.DataFrame, out_dir: Path) -> tuple[list[str], list[Path]]:
-    """The report lines and ``stress_did.csv`` of :func:`stress_did_table`; nothing when empty."""
-    if table.empty:
-        return [], []
-    path = out_dir / contract.STRESS_DID
-    table.to_csv(path, index=False)
+def stress_section(out_dir: Path) -> list[str]:
+    """The report lines of criterion c's difference in differences (``stress_did.csv``); nothing
+    when it was not run."""
+    table = read_optional(out_dir / contract.STRESS_DID)
+    if table is None or table.empty:
+        return []
     margin = format_number(float(table["margin"].iloc[0]))
     lines = ["### Criterion c: caching fidelity under stress (difference in differences)\n",
              "Per image, the drop of the primary endpoint (cached image vs the same model's full image, same prompt, "
@@ -395,49 +249,14 @@ def stress_section(table: pd.DataFrame, out_dir: Path) -> tuple[list[str], list[
     for col in ("drop_fcr", "drop_comparator", "estimate", "lo", "hi", "p_holm", "mde"):
         show[col] = show[col].map(format_number)
     lines.append(markdown_table(show))
-    return lines, [path]
+    return lines
 
 
-def regime_section(root: str | Path, backbones: Sequence[Backbone], out_dir: Path) -> tuple[list[str], list[Path]]:
-    """The sensitive regime on the frontier sweep (``frontier_run`` of a backbone with a study; strides
-    to 25 and Faster Diffusion's non-uniform ``FD-50ls``): every model's safe stride against its own
-    FD-5 (:func:`fcr.experiments.contrasts.safe_strides`) and, for each model that ran ``FD-50ls``, its
-    non-inferiority to its FD-5 (both margins; Holm over those models), as ``regime_safe_strides.csv``
-    (``stride`` 0 marks the FD-50ls row); nothing without a frontier sweep."""
-    root = Path(root)
-    frames = []
-    for b in backbones:
-        if b.study is None or b.frontier_run is None:
-            continue
-        sweep_dir = result_dir(root, b.experiment, "sweep", b.frontier_run)
-        quality = _quality(sweep_dir)
-        if quality is None or not (sweep_dir / "reference").is_dir():
-            continue
-        ran = set(quality["model"].astype(str))
-        models = [m for m in dict.fromkeys([b.name, *([b.control] if b.control else []), *b.fcr_models.values(),
-                                            *b.fcr_deep_models.values()]) if m in ran]
-        table = safe_strides(sweep_dir, quality, models, b.study)
-        ls_rows = []
-        for model in models:
-            seeds = common_seeds(quality, [(model, "FD-50ls"), (model, b.study.reference_config)])
-            if not seeds:
-                continue
-            fd, acc = noninferiority(sweep_dir, model, "FD-50ls", model, b.study.reference_config, seeds, b.study)
-            ls_rows.append({"model": model, "stride": 0, "config": "FD-50ls", "fd_increase_pct": fd["estimate"],
-                            "fd_increase_pct_lo": fd["lo"], "fd_increase_pct_hi": fd["hi"],
-                            "alignment_change_pct": acc["estimate"], "alignment_change_pct_lo": acc["lo"],
-                            "alignment_change_pct_hi": acc["hi"], "p": max(fd["p"], acc["p"]), "n": fd["n"]})
-        for r, p in zip(ls_rows, holm([r["p"] for r in ls_rows]) if ls_rows else []):
-            r["p_holm"], r["non_inferior"] = float(p), bool(p < b.study.alpha)
-        if not table.empty:
-            table = table.assign(config=[f"FD-{int(s)}" for s in table["stride"]])
-        frames.append(pd.concat([table, pd.DataFrame(ls_rows)], ignore_index=True).assign(backbone=b.name))
-    frames = [f for f in frames if not f.empty]
-    if not frames:
-        return [], []
-    table = pd.concat(frames, ignore_index=True)
-    path = out_dir / contract.REGIME_SAFE_STRIDES
-    table.to_csv(path, index=False)
+def regime_section(out_dir: Path) -> list[str]:
+    """The sensitive regime on the frontier sweep (``regime_safe_strides.csv``); nothing without it."""
+    table = read_optional(out_dir / contract.REGIME_SAFE_STRIDES)
+    if table is None:
+        return []
     lines = ["### Sensitive regime: safe strides to 25 and FD-50ls (frontier sweep)\n",
              "On the frontier sweep's 320 prompt/noise pairs (training seed 0 of each fine-tune): a model's safe stride "
              "is the largest uniform stride up to which every stride is non-inferior to its own FD-5 (ΔFD ≤ +5 % and "
@@ -448,7 +267,7 @@ def regime_section(root: str | Path, backbones: Sequence[Backbone], out_dir: Pat
         summary = strided.groupby(["backbone", "model"], sort=False)[["safe_stride", "first_unsafe"]].first()
         lines.append(markdown_table(summary.reset_index()))
     lines.append(_noninferiority_markdown(table, ["backbone", "model", "config", "n"]))
-    return lines, [path]
+    return lines
 
 
 def _noninferiority_markdown(table: pd.DataFrame, keys: list[str], extra: Sequence[str] = ()) -> str:

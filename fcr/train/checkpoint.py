@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from fcr.core.state_dicts import state_dict_mismatch
+
 __all__ = [
     "CheckpointError",
     "latest_checkpoint",
@@ -25,7 +27,6 @@ __all__ = [
     "save_module_weights",
     "save_optimizer_state",
     "save_training_checkpoint",
-    "state_dict_mismatch",
     "load_training_checkpoint",
 ]
 
@@ -40,16 +41,6 @@ def save_module_weights(module: torch.nn.Module, path: str | Path, metadata: dic
     """Save a module's state dict (contiguous CPU copies) as safetensors."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
     save_file(state, str(path), metadata=metadata)
-
-
-def state_dict_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
-    """Describe how ``state`` fails to fit a module's ``own`` state dict (None when it fits)."""
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if not (missing or unexpected or wrong):
-        return None
-    return f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]} (first three of each)"
 
 
 def load_module_weights(module: torch.nn.Module, path: str | Path) -> None:

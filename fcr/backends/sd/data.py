@@ -7,30 +7,23 @@ are read by :mod:`fcr.backends.sd.prompts`.
 
 from __future__ import annotations
 
-import csv
 import io
-import re
 import shlex
 import tarfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 __all__ = [
-    "ARTBENCH10_CSV",
-    "ARTBENCH10_FOLDER",
-    "ARTBENCH10_STYLES",
     "IMAGE_EXTENSIONS",
     "TRAIN_DATA_KINDS",
-    "artist_name",
+    "image_files",
     "img2dataset_command",
-    "is_artbench10",
     "open_image",
-    "read_artbench10",
     "read_image_caption_folder",
     "read_image_shards",
     "read_laion_parquet",
@@ -59,7 +52,7 @@ def open_image(source: str | Path | bytes):
     return image.convert("RGB")
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
@@ -67,7 +60,7 @@ def _caption_pairs(folder: Path) -> tuple[list[tuple[Path, str]], int]:
     """(image, caption) pairs of one folder and the number of images without a ``.txt`` beside them."""
     pairs: list[tuple[Path, str]] = []
     missing = 0
-    for image in _image_files(folder):
+    for image in image_files(folder):
         text = image.with_suffix(".txt")
         if text.is_file():
             pairs.append((image, text.read_text(encoding="utf-8").strip()))
@@ -272,135 +265,6 @@ def read_image_shards(folder: str | Path) -> list[tuple[Path | bytes, str]]:
     return rows
 
 
-# ArtBench-10 (Liao et al. 2022, https://github.com/liaopeiyuan/artbench): style folder -> caption
-# phrase with its article.
-ARTBENCH10_STYLES: dict[str, str] = {
-    "art_nouveau": "an art nouveau",
-    "baroque": "a baroque",
-    "expressionism": "an expressionist",
-    "impressionism": "an impressionist",
-    "post_impressionism": "a post-impressionist",
-    "realism": "a realist",
-    "renaissance": "a renaissance",
-    "romanticism": "a romanticist",
-    "surrealism": "a surrealist",
-    "ukiyo_e": "a ukiyo-e",
-}
-ARTBENCH10_FOLDER = "artbench-10-imagefolder-split"
-ARTBENCH10_CSV = "ArtBench-10.csv"
-_ARTBENCH10_SPLITS = ("train", "test")
-
-
-def _is_style_split(folder: Path) -> bool:
-    """``folder`` holds ArtBench-10 style folders (and no other folders)."""
-    if not folder.is_dir():
-        return False
-    names = [d.name for d in folder.iterdir() if d.is_dir()]
-    return bool(names) and all(name in ARTBENCH10_STYLES for name in names)
-
-
-def _artbench10_base(root: Path) -> Path | None:
-    """The folder holding ArtBench-10's ``train/`` and ``test/``: ``root`` or its
-    ``artbench-10-imagefolder-split`` child; None when neither has that layout."""
-    for base in (root, root / ARTBENCH10_FOLDER):
-        if any(_is_style_split(base / split) for split in _ARTBENCH10_SPLITS):
-            return base
-    return None
-
-
-def is_artbench10(path: str | Path) -> bool:
-    """Whether ``path`` is an ArtBench-10 root, i.e. :func:`read_artbench10` accepts it."""
-    return _artbench10_base(Path(path)) is not None
-
-
-def artist_name(slug: str) -> str:
-    """``"albrecht-durer"`` -> ``"Albrecht Durer"`` (ArtBench/WikiArt artist slugs; ``a.y.`` -> ``A.Y.``)."""
-    words = [w for w in re.split(r"[-_\s]+", slug.strip()) if w]
-    return " ".join(re.sub(r"(^|\.)([a-z])", lambda m: m.group(1) + m.group(2).upper(), w) for w in words)
-
-
-def _artbench10_artists(csv_path: Path) -> dict[tuple[str, str], str]:
-    """(style, image file stem) -> artist name, from the ``name``/``file_name`` columns of the CSV."""
-    with csv_path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        columns = set(reader.fieldnames or [])
-        if not {"label", "artist"} <= columns or not {"name", "file_name"} & columns:
-            raise ValueError(
-                f"{csv_path}: expected ArtBench-10 metadata columns label, artist and name or file_name "
-                f"(name,url,file_name,artist,split,label,...), got {sorted(columns)}"
-            )
-        artists: dict[tuple[str, str], str] = {}
-        for row in reader:
-            artist = artist_name(row["artist"] or "")
-            for column in ("name", "file_name"):
-                if artist and row.get(column):
-                    artists[(row["label"].strip(), Path(row[column].strip()).stem)] = artist
-    return artists
-
-
-def read_artbench10(
-    root: str | Path,
-    split: Literal["train", "test"] = "train",
-    metadata: str | Path | None = None,
-    styles: Sequence[str] | None = None,
-) -> list[tuple[Path, str]]:
-    """(image path, caption) of ArtBench-10's ``{root}[/artbench-10-imagefolder-split]/{split}/<style>/*.jpg``.
-
-    Captions are ``"a baroque painting by Albrecht Durer"`` with the artist from ``metadata``
-    (default: ``ArtBench-10.csv`` in ``root``, the imagefolder folder or its parent), or
-    ``"a baroque painting"`` without it (warned). ``styles`` restricts the style folders read.
-    """
-    root = Path(root)
-    if split not in _ARTBENCH10_SPLITS:
-        raise ValueError(f"ArtBench-10 split must be 'train' or 'test', got {split!r}")
-    base = _artbench10_base(root)
-    if base is None:
-        raise FileNotFoundError(
-            f"{root}: not an ArtBench-10 folder: expected {root}/[{ARTBENCH10_FOLDER}/]{{train,test}}/<style>/*.jpg "
-            f"with styles among {sorted(ARTBENCH10_STYLES)}"
-        )
-    split_dir = base / split
-    if not split_dir.is_dir():
-        raise FileNotFoundError(f"{split_dir}: no ArtBench-10 {split!r} split in {base}")
-    chosen = sorted(d.name for d in split_dir.iterdir() if d.is_dir()) if styles is None else list(styles)
-    unknown = [s for s in chosen if s not in ARTBENCH10_STYLES]
-    if unknown:
-        raise ValueError(f"unknown ArtBench-10 styles {unknown}; allowed: {sorted(ARTBENCH10_STYLES)}")
-    if metadata is not None:
-        csv_path: Path | None = Path(metadata)
-        if not csv_path.is_file():
-            raise FileNotFoundError(f"{csv_path}: no such ArtBench-10 metadata CSV")
-    else:
-        candidates = dict.fromkeys(folder / ARTBENCH10_CSV for folder in (root, base, base.parent))
-        csv_path = next((c for c in candidates if c.is_file()), None)
-        if csv_path is None:
-            warnings.warn(
-                f"{root}: no {ARTBENCH10_CSV} in {[str(c.parent) for c in candidates]}; "
-                "captions name the style only, not the artist",
-                stacklevel=2,
-            )
-    artists = _artbench10_artists(csv_path) if csv_path is not None else {}
-    pairs: list[tuple[Path, str]] = []
-    unmatched = 0
-    for style in chosen:
-        style_dir = split_dir / style
-        if not style_dir.is_dir():
-            raise FileNotFoundError(f"{style_dir}: no such ArtBench-10 style folder")
-        for image in _image_files(style_dir):
-            artist = artists.get((style, image.stem))
-            unmatched += artist is None
-            by = f" by {artist}" if artist else ""
-            pairs.append((image, f"{ARTBENCH10_STYLES[style]} painting{by}"))
-    if csv_path is not None and unmatched:
-        warnings.warn(
-            f"{csv_path}: no artist for {unmatched} of {len(pairs)} images; their captions name the style only",
-            stacklevel=2,
-        )
-    if not pairs:
-        raise FileNotFoundError(f"{split_dir}: no images (*.jpg|png) in the style folders {chosen}")
-    return pairs
-
-
 def read_training_pairs(path: str | Path) -> list[tuple[Path | bytes, str]]:
     """(image path or bytes, caption) of SD training data, whichever of these ``path`` is:
 
@@ -417,11 +281,13 @@ def read_training_pairs(path: str | Path) -> list[tuple[Path | bytes, str]]:
         if path.suffix.lower() == ".tar":
             return [(image, text) for _, image, text in read_webdataset_tar(path)]
         raise ValueError(f"{path}: a file that is neither a .parquet nor a .tar (expected {TRAIN_DATA_KINDS})")
+    from fcr.backends.sd.artbench import ARTBENCH10_SPLITS, is_artbench10, is_style_split, read_artbench10
+
     if is_artbench10(path):
         return list(read_artbench10(path, "train"))
-    if path.name in _ARTBENCH10_SPLITS and _is_style_split(path):
+    if path.name in ARTBENCH10_SPLITS and is_style_split(path):
         return list(read_artbench10(path.parent, path.name))  # type: ignore[arg-type]
-    if path.parent.name in _ARTBENCH10_SPLITS and _is_style_split(path.parent):
+    if path.parent.name in ARTBENCH10_SPLITS and is_style_split(path.parent):
         return list(read_artbench10(path.parent.parent, path.parent.name, styles=[path.name]))  # type: ignore[arg-type]
     if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir()):
         return list(read_image_caption_folder(path))

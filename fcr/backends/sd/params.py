@@ -106,7 +106,7 @@ def sd_eval_prompts(opts: Options, n: int, seed: int) -> list[str]:
 
 
 def sd_fid_reference(opts: Options) -> dict[str, Any]:
-    """Keyword arguments of :func:`fcr.eval.metrics.sd_fid` from ``fid_reference`` (a folder of reference
+    """Keyword arguments of :func:`fcr.eval.sd_metrics.sd_fid` from ``fid_reference`` (a folder of reference
     images, or the name of clean-fid statistics) and ``fid_inception_dir`` (local Inception file)."""
     ref = Path(opts.evaluation.fid_reference).expanduser()
     kw: dict[str, Any] = {"ref_dir": ref} if ref.is_dir() else {"ref_stats_name": opts.evaluation.fid_reference}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from fcr.eval.metrics import DEFAULT_EXTRACTOR_NAME
 from fcr.eval.scoring import FD_COLUMN
-from fcr.eval.stats import mean_ci_over_seeds
+from fcr.stats import mean_ci_over_seeds
 from fcr.experiments.robustness.stresses import result_stem
 from fcr.experiments.sweep import load_side_file
 
@@ -93,7 +93,7 @@ def per_seed_drops(results: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFram
 def drop_table(per_seed: pd.DataFrame) -> pd.DataFrame:
     """Per model x config x stress x metric: means over seeds of the stressed and unstressed
     values, the mean paired drop with its Student-t 95 % interval over seeds
-    (:func:`fcr.eval.stats.mean_ci_over_seeds`; nan bounds with one seed) and the relative drop
+    (:func:`fcr.stats.mean_ci_over_seeds`; nan bounds with one seed) and the relative drop
     ``100 * drop / |mean unstressed|`` (nan when that is 0)."""
     rows = []
     for (model, config, stress, metric), g in per_seed.groupby(["model", "config", "stress", "metric"], sort=False):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from fcr.analysis.rows import bool_or_none, verdict_row
 from fcr.paths import REPO_ROOT, display_path
-from fcr.report.rows import bool_or_none, verdict_row
 
 __all__ = ["DEFAULT_HUMAN_ANALYSIS", "human_preference_rows"]
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from fcr import contract
-from fcr.manifest import Backbone
-from fcr.report.rows import (
+from fcr.analysis.rows import (
     THRESHOLDS,
     InputError,
     all_of,
@@ -23,6 +22,7 @@ from fcr.report.rows import (
     sweep_dir,
     verdict_row,
 )
+from fcr.manifest import Backbone
 
 __all__ = [
     "A_NAME",
@@ -110,7 +110,7 @@ def _criterion_a_from_study(
 def _stride_context_rows(b: Backbone, safe: pd.DataFrame | None, stride_config: str) -> list[dict]:
     """Context rows beside a study's criterion a: the original model's (and the control's) own
     ``stride_config`` against its own FD-5, the same paired non-inferiority test
-    (:func:`fcr.experiments.contrasts.safe_strides`, Holm within the model's strides)."""
+    (:func:`fcr.analysis.contrasts.safe_strides`, Holm within the model's strides)."""
     if safe is None or safe.empty or not stride_config.startswith("FD-") or not stride_config[3:].isdigit():
         return []
     stride = int(stride_config[3:])

@@ -18,6 +18,7 @@ __all__ = [
     "EXP1",
     "EXP2",
     "LAYOUT",
+    "robustness_dirs",
     "SD_PRETRAINING",
     "THRESHOLDS",
     "VERDICT_COLUMNS",
@@ -234,3 +235,9 @@ def markdown_table(df: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines) + "\n"
+
+
+def robustness_dirs(root: Path, backbones: Sequence[Backbone]) -> list[Path]:
+    """The notebook-04 result folders of the backbones' robustness runs (the verdict's)."""
+    return list(dict.fromkeys(result_dir(root, b.experiment, "robustness", b.robustness_run)
+                              for b in backbones if b.robustness_run is not None))

@@ -32,15 +32,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from fcr.analysis.deep_caching import deep_caching_rows
+from fcr.analysis.human_preference import DEFAULT_HUMAN_ANALYSIS, human_preference_rows
+from fcr.analysis.overhead import criterion_f
+from fcr.analysis.quality_cost import criterion_a, criterion_b, sd_gpu_cost_rows
+from fcr.analysis.robustness_criterion import criterion_c_rows
+from fcr.analysis.rows import VERDICT_COLUMNS, all_of, count_verdicts, result_dir, verdict_row
 from fcr.eval import training_cost
 from fcr.manifest import Backbone, backbones_of
-from fcr.report.deep_caching import deep_caching_rows
-from fcr.report.human_preference import DEFAULT_HUMAN_ANALYSIS, human_preference_rows
-from fcr.report.mechanism import criterion_e
-from fcr.report.overhead import criterion_f
-from fcr.report.quality_cost import criterion_a, criterion_b, sd_gpu_cost_rows
-from fcr.report.robustness_criterion import criterion_c_rows
-from fcr.report.rows import VERDICT_COLUMNS, all_of, count_verdicts, result_dir, verdict_row
+from fcr.analysis.mechanism import criterion_e
 
 __all__ = [
     "evaluate_criteria",

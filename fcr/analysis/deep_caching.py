@@ -5,7 +5,7 @@ original model's FD-5 and against its DeepCache-5.
 Rows per caching model (the original model with DeepCache: context; each FCR-deep fine-tune: a
 criterion row) x comparator: the measured wall-time ratio at every timed batch size, peak memory
 (measurable on a GPU only), and equal quality as the study's two non-inferiority tests (ΔFD ≤ +5 %,
-Δ prompt alignment ≥ −2 %, same images; :func:`fcr.experiments.contrasts.noninferiority`), Holm
+Δ prompt alignment ≥ −2 %, same images; :func:`fcr.analysis.contrasts.noninferiority`), Holm
 over every quality test these rows make. Passed = the three-valued AND of the three parts.
 """
 
@@ -17,9 +17,8 @@ from typing import Any
 import pandas as pd
 
 from fcr import contract
-from fcr.experiments.contrasts import adjust_family, common_seeds, noninferiority
-from fcr.manifest import Backbone, Study
-from fcr.report.rows import (
+from fcr.analysis.contrasts import adjust_family, common_seeds, noninferiority
+from fcr.analysis.rows import (
     THRESHOLDS,
     InputError,
     all_of,
@@ -30,6 +29,7 @@ from fcr.report.rows import (
     result_dir,
     verdict_row,
 )
+from fcr.manifest import Backbone, Study
 
 __all__ = ["DEEP_B_NAME", "deep_caching_rows"]
 
@@ -54,7 +54,7 @@ def _branch(quality: pd.DataFrame, model: str) -> int | None:
 
 def _quality_word(tests: list[dict[str, Any]]) -> tuple[bool | None, str]:
     """True when both margins are shown (Holm), False when one is shown violated, None otherwise
-    (the tests' ``decision``, :func:`fcr.experiments.contrasts.adjust_family`)."""
+    (the tests' ``decision``, :func:`fcr.analysis.contrasts.adjust_family`)."""
     parts = [f"{'ΔFD' if t['endpoint'] == 'fd_increase_pct' else 'Δ alignment'} {fmt_pct(t['estimate'])} "
              f"[{fmt3(t['lo'])}, {fmt3(t['hi'])}] (p_Holm {fmt3(t['p_holm'])})" for t in tests]
     decisions = [t["decision"] for t in tests]

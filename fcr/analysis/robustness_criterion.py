@@ -9,8 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from fcr import contract
-from fcr.manifest import Backbone
-from fcr.report.rows import (
+from fcr.analysis.rows import (
     InputError,
     all_of,
     backbone_scope,
@@ -21,6 +20,7 @@ from fcr.report.rows import (
     read_tables,
     verdict_row,
 )
+from fcr.manifest import Backbone
 
 __all__ = [
     "C_DID_THRESHOLD",

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from fcr.analysis.rows import SD_PRETRAINING, THRESHOLDS, InputError, all_of, count_verdicts, fmt3, verdict_row
 from fcr.eval import training_cost
 from fcr.manifest import Backbone
-from fcr.report.rows import SD_PRETRAINING, THRESHOLDS, InputError, all_of, count_verdicts, fmt3, verdict_row
 
 __all__ = [
     "F_NAME",

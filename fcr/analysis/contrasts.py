@@ -34,10 +34,10 @@ import scipy.stats
 from safetensors.torch import load_file
 
 from fcr import contract
+from fcr.analysis.paired import cell_tensors, load_fidelity
+from fcr.stats import bootstrap_replicates, holm, paired_mde
 from fcr.contract import FIDELITY_DIRECTIONS
 from fcr.eval.metrics import FrechetToReference, fd_infinity, feature_statistics
-from fcr.eval.stats import bootstrap_replicates, holm, paired_mde
-from fcr.experiments.paired_fidelity import cell_tensors, load_fidelity
 from fcr.manifest import Study
 
 __all__ = [
