@@ -11,8 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fcr"
 
 # Layers, bottom first: a module imports only its own layer or lower ones.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("fcr", "fcr.paths", "fcr.files", "fcr.contract", "fcr.options", "fcr.config", "fcr.machine",
-     "fcr.study_design", "fcr.manifest", "fcr.markers"),
+    ("fcr.paths", "fcr.files", "fcr.contract", "fcr.options", "fcr.config", "fcr.machine", "fcr.stats",
+     "fcr.plots", "fcr.study_design", "fcr.manifest", "fcr.markers"),
     ("fcr.core",),
     ("fcr.backends",),
     ("fcr.eval",),
@@ -65,7 +65,10 @@ def _owner(name: str, files: dict[str, Path]) -> str | None:
 
 
 def layer_of(module: str) -> int:
-    """The index of the layer a module belongs to (the longest matching prefix)."""
+    """The index of the layer a module belongs to (the longest matching prefix; the package's own
+    ``__init__`` is layer 0; -1: a module no layer names)."""
+    if module == "fcr":
+        return 0
     best, index = -1, -1
     for i, prefixes in enumerate(LAYERS):
         for p in prefixes:

@@ -23,14 +23,11 @@ from fcr.config import ConfigError, load_options, parse_sets
 def _pairs(args: argparse.Namespace) -> int:
     from fcr.backends.checks import check_task
     from fcr.backends.embedded.data import FASHION_MNIST_CLASSES
-    from fcr.human.pairs import PairSetSpec, build_pair_set, parse_source
+    from fcr.human.pairs import PairSetSpec, build_pair_set
 
     opts = load_options(*args.params, overrides=parse_sets(args.set))
     check_task(opts, "human")
-    spec = PairSetSpec(a=parse_source(opts.human.human_a), b=parse_source(opts.human.human_b),
-                       n_pairs=opts.human.human_pairs, seeds=tuple(opts.human.human_seeds),
-                       repeat_rate=opts.human.human_repeat_rate, gold_rate=opts.human.human_gold_rate,
-                       gold=opts.human.human_gold, seed=opts.run.seed)
+    spec = PairSetSpec.from_options(opts.human, opts.run.seed)
     categories = FASHION_MNIST_CLASSES if opts.run.setting == "embedded" else None
     manifest = build_pair_set(opts.human.human_sweep_dir, spec, opts.human.human_pair_dir, categories=categories)
     counts = manifest["kind"].value_counts().to_dict()

@@ -31,6 +31,8 @@ import pandas as pd
 from PIL import Image
 from safetensors import safe_open
 
+from fcr.options import HumanOptions
+
 __all__ = [
     "CHOICES",
     "PAIR_COLUMNS",
@@ -100,6 +102,13 @@ class PairSetSpec:
             raise ValueError("seeds must not be empty")
         if self.a == self.b:
             raise ValueError(f"the two sides must differ, got {self.a.name} twice")
+
+    @classmethod
+    def from_options(cls, human: HumanOptions, seed: int) -> PairSetSpec:
+        """The pair set the human options describe, drawn with the run's ``seed``."""
+        return cls(a=parse_source(human.human_a), b=parse_source(human.human_b), n_pairs=human.human_pairs,
+                   seeds=tuple(human.human_seeds), repeat_rate=human.human_repeat_rate,
+                   gold_rate=human.human_gold_rate, gold=human.human_gold, seed=seed)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""``python -m fcr.report --root outputs/embedded [--readme README.md]``: rebuild the report from results."""
+"""``python -m fcr.report --root outputs/embedded``: format the report of an analysed run (``python -m fcr.pipeline report`` analyses first)."""
 
 import sys
 
