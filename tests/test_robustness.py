@@ -240,7 +240,7 @@ def test_sd_rejects_heldout_prompts() -> None:
     with pytest.raises(ConfigError, match="embedded setting only"):
         stresses.stress_definitions(params)
     with pytest.raises(ConfigError, match="unknown stress"):
-        stresses.stress_definitions(validate({"stresses": ["none", "rain"]}))
+        stresses.stress_definitions(to_options({"stresses": ["none", "rain"]}))
 
 
 # ----------------------------------------------------------------------------- tables

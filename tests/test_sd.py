@@ -437,12 +437,12 @@ def test_prepare_sd_data_writes_a_seeded_prompt_subset(model_dir, image_folder, 
 
 @pytest.mark.parametrize("name", ["sd15", "sd21", "openjourney"])
 def test_shipped_sd_params_pass_every_task_check_once_paths_are_set(name, image_folder, tmp_path):
-    from fcr.config import SETTING_TASKS, load_params
+    from fcr.config import SETTING_TASKS, load_options
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a coat\n")
     repo = Path(__file__).parents[1]
-    params = load_params(repo / "params" / f"{name}.yaml", overrides={
+    params = load_options(repo / "params" / f"{name}.yaml", overrides={
         "train_data": str(image_folder), "eval_prompts": str(prompts), "fid_reference": str(image_folder)})
     for task in SETTING_TASKS["sd"]:
         check_task(params, task)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from fcr.config import to_options
+from fcr.options import Options
 from fcr.core.configurations import SamplingConfig, configs_for_model, sweep_configurations
 from fcr.core.sampler import FD_50LS, sample
 from fcr.eval import context
@@ -77,7 +78,7 @@ def workspace(tmp_path_factory) -> dict:
     return {"root": root, "unet": unet, "params": params}
 
 
-def _sweep(params: dict, out: Path, monkeypatch: pytest.MonkeyPatch) -> tuple:
+def _sweep(params: Options, out: Path, monkeypatch: pytest.MonkeyPatch) -> tuple:
     calls = []
     real = context.generate
 
@@ -126,7 +127,7 @@ def test_sweep_writes_once_skips_then_refuses_stale(workspace: dict, monkeypatch
 
 
 def test_missing_model_fails_before_anything_is_written(workspace: dict, tmp_path: Path, monkeypatch) -> None:
-    params = {**workspace["params"], "sweep_models": [str(tmp_path / "never_trained")]}
+    params = workspace["params"].with_flat(sweep_models=[str(tmp_path / "never_trained")])
     out = tmp_path / "out"
     with pytest.raises(ModelNotFoundError, match="never_trained"):
         _sweep(params, out, monkeypatch)
