@@ -54,7 +54,8 @@ test:
 	$(PYTHON) -m pytest -q tests build/notebooks --nbval-lax
 
 test-fast:
-	$(PYTHON) -m pytest -q tests -x
+	@# The unit tier (a few minutes on 2 cores): no notebooks, pipeline runs, SD end to end or browser.
+	$(PYTHON) -m pytest -q tests -m "not slow and not sd_e2e and not browser and not notebook"
 
 bench:
 	$(PYTHON) benchmarks/bench_core.py

@@ -139,3 +139,14 @@ def torch_threads(request):
     torch.set_num_threads(request.param)
     yield request.param
     torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- test tiers
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the nbval items (build/notebooks/*.ipynb) ``notebook``, so ``-m "not notebook"`` and
+    ``make test-fast`` leave them out without naming files."""
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.notebook)

@@ -29,7 +29,7 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 SCREENSHOT = REPO_ROOT / "build" / "human" / "rating_page.png"
 N_RATED, KILL_AFTER, RELOAD_AFTER = 20, 8, 14
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
     if os.environ.get("FCR_REQUIRE_BROWSER") == "1":
         raise RuntimeError("FCR_REQUIRE_BROWSER=1 but chromium/chromedriver are missing: apt-get install chromium chromium-driver")

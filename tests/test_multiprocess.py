@@ -65,6 +65,7 @@ def _launch_two(out: Path, data: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow  # launches 2 gloo processes, twice
 def test_two_processes_resume_and_train_one_data_parallel_run(
     tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -221,6 +221,7 @@ def test_killed_pipeline_resumes_without_recomputing(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(got, want)
 
 
+@pytest.mark.slow  # executes a notebook through papermill
 def test_failed_stage_names_the_notebook(tmp_path: Path) -> None:
     manifest = _write_manifest(tmp_path, """
 experiments:

@@ -324,6 +324,7 @@ def workspace(tmp_path_factory) -> dict:
     return {"root": root, "params": params}
 
 
+@pytest.mark.slow  # every stress of notebook 04 end to end on a scratch model
 def test_run_writes_each_result_once_and_builds_tables(workspace: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     from fcr.experiments.sweep import model_labels
 

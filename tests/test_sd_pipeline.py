@@ -58,6 +58,7 @@ def _local_metric_weights(folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.sd_e2e
 def test_sd_setting_end_to_end_through_the_pipeline(tmp_path: Path) -> None:
     model = tiny_components().save_pretrained(tmp_path / "tiny_sd")
     # 12 images: the fine-tune takes 8 (train_subset), notebook 05 measures on the 4 it left out.
