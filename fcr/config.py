@@ -131,6 +131,12 @@ def _check_key_schedule(params: dict[str, Any]) -> None:
         raise ConfigError(f"parameter 'key_schedule': key steps must lie in [0, num_inference_steps={n}), got {keys}")
 
 
+def _check_validation(params: dict[str, Any]) -> None:
+    if params["validate_every"] and params["validate_stride"] > params["validate_steps"]:
+        raise ConfigError(f"parameter 'validate_stride': must be <= validate_steps={params['validate_steps']}, "
+                          f"got {params['validate_stride']}")
+
+
 def validate(params: Mapping[str, Any], *, fill_defaults: bool = True) -> dict[str, Any]:
     """Validate flat parameters and return them with defaults filled in.
 
@@ -155,6 +161,7 @@ def validate(params: Mapping[str, Any], *, fill_defaults: bool = True) -> dict[s
         out[key] = value
     if fill_defaults:
         _check_key_schedule(out)
+        _check_validation(out)
     return out
 
 

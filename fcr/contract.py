@@ -55,6 +55,9 @@ __all__ = [
     "SUMMARY",
     "TRAIN_CONFIG",
     "TRAIN_LOG",
+    "VALIDATION_LOG",
+    "EARLY_STOPPING",
+    "BEST_UNET",
     "TRAJECTORY_POINTS",
     "TRAJECTORY_REGRESSION",
     "model_label",
@@ -76,6 +79,10 @@ REPRODUCTION = "reproduction.csv"
 RUN_PARAMS = "params.yaml"
 TRAIN_CONFIG = "train_config.json"
 TRAIN_LOG = "train_log.csv"
+# Checkpoint selection on the mini-validation set (fcr.train.validation), when validate_every > 0.
+VALIDATION_LOG = "validation.csv"
+EARLY_STOPPING = "early_stopping.json"
+BEST_UNET = "unet_best"
 # Stride sweep (notebook 03).
 QUALITY = "quality.csv"
 SUMMARY = "summary.csv"
@@ -155,6 +162,8 @@ PRODUCERS: dict[str, str] = {
     CONTRASTS: "the analysis stage (fcr.analysis.run.analyze; python -m fcr.pipeline report)",
     ANALYSIS_NOTES: "the analysis stage (fcr.analysis.run.analyze; python -m fcr.pipeline report)",
     TRAIN_CONFIG: _FINETUNE,
+    VALIDATION_LOG: _FINETUNE + " with validate_every > 0",
+    EARLY_STOPPING: _FINETUNE + " with validate_every > 0",
     RUN_PARAMS: _FINETUNE,
 }
 

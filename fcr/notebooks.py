@@ -91,7 +91,12 @@ def write_parameter_cells(notebooks: list[Path] | None = None) -> list[Path]:
     for path in notebooks or list_notebooks():
         nb = json.loads(path.read_text())
         cell = nb["cells"][_parameters_cell_index(nb)]
-        source = parameters_cell(list(pm.inspect_notebook(str(path))))
+        keys = list(pm.inspect_notebook(str(path)))
+        if path.stem == "02_finetune":  # the fine-tune's keys are listed in code (FINETUNE_KEYS)
+            from fcr.train.finetune import FINETUNE_KEYS
+
+            keys += [k for k in FINETUNE_KEYS if k not in keys]
+        source = parameters_cell(keys)
         if "".join(cell["source"]) != source:
             cell["source"] = source.splitlines(keepends=True)
             path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")

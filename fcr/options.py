@@ -169,6 +169,15 @@ class TrainingOptions:
     log_every: int = option(10, "steps between log rows", check=_at_least(1))
     lr_schedule: str = option("constant", "learning-rate schedule after warm-up", choices=("constant", "cosine"))
     lr_warmup_steps: int = option(0, "linear warm-up steps", check=_at_least(0))
+    # Checkpoint selection on a mini-validation set (fcr.train.validation).
+    validate_every: int = option(0, "steps between checks of the mini-validation set (0: no checks, no selection)", check=_at_least(0))
+    validate_images: int = option(16, "prompts (and noises) of the mini-validation set", check=_at_least(1))
+    validate_seed: int = option(1000, "seed of the mini-validation prompts and noises: never an evaluation seed", check=_at_least(0))
+    validate_stride: int = option(10, "the check's metric: PSNR of FD-<stride> to full sampling", check=_at_least(2))
+    validate_steps: int = option(50, "DDIM steps of the check's full sampling (as the evaluation's num_inference_steps)", check=_at_least(2))
+    validate_guidance_scale: float = option(4.0, "guidance scale of the check's sampling (as the evaluation's)", check=_at_least(1.0))
+    validate_window: int = option(3, "checks in the moving average that picks the best step", check=_at_least(1))
+    early_stopping_patience: int = option(0, "checks without a new best before training stops (0: train every step, keep the best)", check=_at_least(0))
 
 
 @dataclass(frozen=True)

@@ -286,15 +286,26 @@ def test_study_profile_plans_the_replicated_fine_tunes_and_its_sweeps(tmp_path: 
     # The study's six, then what was added after its run: the 600- and 1500-step pairs, FCR-deep and
     # the Δ_max ablation.
     assert sorted(fine_tunes[:6]) == replicated
-    assert fine_tunes[6:] == ["control_lambda0_fd10_600", "fcr_lambda0.10_fd10_600", "control_lambda0_fd10_1500",
-                              "fcr_lambda0.10_fd10_1500", "fcr_deep_lambda0.10_b0", "fcr_lambda0.10_dmax20"]
+    assert fine_tunes[6:12] == ["control_lambda0_fd10_600", "fcr_lambda0.10_fd10_600", "control_lambda0_fd10_1500",
+                                "fcr_lambda0.10_fd10_1500", "fcr_deep_lambda0.10_b0", "fcr_lambda0.10_dmax20"]
+    # Issue #31's grid: the control and nine arms, three training seeds each, with checkpoint selection.
+    grid = fine_tunes[12:]
+    assert len(grid) == 30 and grid[:3] == ["grid_control", "grid_control_seed1", "grid_control_seed2"]
+    grid_params = {t.name.split("fine-tune ")[1]: t.merged() for t in tasks if "fine-tune grid_" in t.name}
+    assert {p["seed"] for p in grid_params.values()} == {0, 1, 2}
+    assert all(p["validate_every"] == 25 and p["max_train_steps"] == 150 for p in grid_params.values())
+    assert grid_params["grid_ablation_features_mid_seed2"]["feature_group"] == "mid"
+    assert grid_params["grid_control_seed1"]["lambda_fcr"] == 0.0
     steps = {t.name.split("fine-tune ")[1]: t.merged()["max_train_steps"] for t in tasks if "fine-tune" in t.name}
     assert steps["fcr_lambda0.10_fd10_600"] == 600 and steps["fcr_lambda0.10_fd10"] == 150
     assert steps["fcr_lambda0.10_fd10_1500"] == steps["control_lambda0_fd10_1500"] == 1500
     ablated = next(t for t in tasks if t.name.endswith("fine-tune fcr_lambda0.10_dmax20")).merged()
     assert (ablated["delta_max"], ablated["lambda_fcr"], ablated["seed"], ablated["max_train_steps"]) == (20, 0.1, 0, 150)
     sweeps = [t.folder.name for t in tasks if t.notebook == "03_stride_sweep"]
-    assert sweeps == ["main", "length", "ablation", "frontier", "steps25"]
+    assert sweeps == ["main", "length", "ablation", "frontier", "steps25", "grid"]
+    grid_sweep = next(t for t in tasks if t.notebook == "03_stride_sweep" and t.folder.name == "grid").merged()
+    assert grid_sweep["seeds"] == [0, 1, 2, 3, 4, 5] and grid_sweep["strides"] == [1, 10, 20]
+    assert len(grid_sweep["sweep_models"]) == 1 + 30 + 3
     few = next(t for t in tasks if t.notebook == "03_stride_sweep" and t.folder.name == "steps25").merged()
     assert (few["num_inference_steps"], few["strides"], few["seeds"]) == (25, [1, 5, 10], [0, 1, 2, 3, 4])
     stress = [t.merged() for t in tasks if t.notebook == "04_robustness"]

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from fcr.config import ConfigError, to_options, validate
+from fcr.config import ConfigError, to_options
 from fcr.core.configurations import SamplingConfig
 from fcr.eval import context
 from fcr.eval.context import model_origins

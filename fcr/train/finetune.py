@@ -5,17 +5,19 @@ parameters next to the results, then runs :func:`fcr.train.loop.train`."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from fcr import contract
-from fcr.backends.embedded.model import load_split, prepare_embedded_data
+from fcr.backends.embedded.model import EmbeddedModel, embedded_prompt_set, load_split, prepare_embedded_data
 from fcr.backends.models import build_embedded_unet, build_noise_scheduler, check_prediction_type, load_embedded_unet
 from fcr.config import ConfigError
 from fcr.options import Options
 from fcr.train.loop import TrainConfig, TrainResult, fcr_config, train
+from fcr.train.validation import CachedFidelityValidator, Validator
 
-__all__ = ["FINETUNE_KEYS", "finetune", "finetune_sd", "run_dir"]
+__all__ = ["FINETUNE_KEYS", "embedded_validator", "finetune", "finetune_sd", "run_dir"]
 
 
 # Every parameter a fine-tune reads (embedded and SD). Notebook 02 declares all of them in its
@@ -66,6 +68,14 @@ FINETUNE_KEYS = (
     "checkpoint_every",
     "keep_checkpoints",
     "log_every",
+    "validate_every",
+    "validate_images",
+    "validate_seed",
+    "validate_stride",
+    "validate_window",
+    "early_stopping_patience",
+    "validate_steps",
+    "validate_guidance_scale",
     "num_eval_images",
 )
 
@@ -108,7 +118,22 @@ def finetune(opts: Options, *, progress: bool = True, stop_after: int | None = N
         progress=progress,
         stop_after=stop_after,
         run_info={"model": opts.backbone.model, "setting": opts.run.setting},
+        validator=embedded_validator(opts, noise_scheduler),
     )
+
+
+def embedded_validator(opts: Options, noise_scheduler: Any) -> Validator | None:
+    """The checkpoint-selection check of an embedded fine-tune (None when ``validate_every`` is 0):
+    FD-``validate_stride`` against full sampling on ``validate_images`` prompts and noises of
+    ``validate_seed`` (:class:`fcr.train.validation.CachedFidelityValidator`)."""
+    t = opts.training
+    if t.validate_every == 0:
+        return None
+    prompts = embedded_prompt_set(opts.data.data_dir, t.validate_images, t.validate_seed)
+    return CachedFidelityValidator(
+        lambda unet: EmbeddedModel(unet, noise_scheduler, unet.device), prompts, seed=t.validate_seed,
+        stride=t.validate_stride, num_inference_steps=t.validate_steps, guidance_scale=t.validate_guidance_scale,
+        batch_size=t.validate_images)
 
 
 def finetune_sd(opts: Options, *, progress: bool = True, stop_after: int | None = None) -> TrainResult:
@@ -123,6 +148,9 @@ def finetune_sd(opts: Options, *, progress: bool = True, stop_after: int | None 
     from fcr.backends.sd.data import sample_subset
     from fcr.backends.sd.model import SDTrainData, check_train_files, load_sd_components, load_train_items
 
+    if opts.training.validate_every:
+        raise ConfigError("parameter 'validate_every': checkpoint selection is implemented for the embedded setting "
+                          "only; set it to 0 for Stable Diffusion")
     items = sample_subset(load_train_items(opts.data.train_data), opts.data.train_subset, opts.run.seed)
     check_train_files(items)
     cfg = TrainConfig.from_options(opts)

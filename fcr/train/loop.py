@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from fcr import contract
 from fcr.core.loss import FCRConfig, fcr_training_loss
 from fcr.options import Options, TrainingOptions
+from fcr.train.validation import EarlyStopping, Validator, read_validation_log, write_selection, write_validation_log
 from fcr.train.checkpoint import (
     latest_checkpoint,
     load_training_checkpoint,
@@ -248,6 +249,7 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     run_info: Mapping[str, Any] | None = None,
+    validator: Validator | None = None,
 ) -> TrainResult:
     """Fine-tune ``unet`` in place on ``data`` with the denoising + FCR loss.
 
@@ -255,6 +257,8 @@ def train(
     steps (and at the end), final weights ``unet/`` (and ``unet_ema/`` when EMA is on) in
     diffusers' safetensors format. ``resume`` continues from the latest checkpoint. ``stop_after``
     ends after that many optimizer steps as an interruption would (for tests and time budgets).
+    ``validator`` with ``cfg.validate_every`` > 0: checkpoint selection (:mod:`fcr.train.validation`),
+    writing ``validation.csv``, ``early_stopping.json`` and the best step's weights ``unet_best/``.
     """
     run_dir = Path(run_dir)
     if accelerator is None:
@@ -288,6 +292,12 @@ def train(
         info = {"train": cfg.record(), "fcr": asdict(fcr), "num_examples": len(data), "processes": world,
                 "distributed_type": str(accelerator.distributed_type), **(run_info or {})}
         (run_dir / contract.TRAIN_CONFIG).write_text(json.dumps(info, indent=2, default=str))
+
+    selection = None
+    if validator is not None and cfg.validate_every > 0:
+        selection = EarlyStopping(cfg.validate_window, cfg.early_stopping_patience)
+        selection.replay(read_validation_log(run_dir / contract.VALIDATION_LOG, start_step))  # same on every process
+    stopped_early = False
 
     end_step = cfg.max_train_steps if stop_after is None else min(cfg.max_train_steps, stop_after)
     bar = tqdm(range(start_step, end_step), initial=start_step, total=cfg.max_train_steps,
@@ -341,7 +351,18 @@ def train(
                 rows.append(row)
                 _write_log(log_path, rows)
                 bar.set_postfix(loss=f"{row['total']:.4f}", fcr=f"{row['fcr']:.4f}")
-        if done % cfg.checkpoint_every == 0 or done == cfg.max_train_steps:
+        if selection is not None and (done % cfg.validate_every == 0 or done == cfg.max_train_steps):
+            # Every process computes the same check on identical replicas, so all stop together.
+            improved = selection.update(done, validator(accelerator.unwrap_model(objective).unet))
+            stopped_early = selection.should_stop() and done < cfg.max_train_steps
+            if accelerator.is_main_process:
+                write_validation_log(run_dir / contract.VALIDATION_LOG, selection.rows)
+                if improved:
+                    accelerator.unwrap_model(objective).unet.save_pretrained(run_dir / contract.BEST_UNET,
+                                                                            safe_serialization=True)
+                write_selection(run_dir / contract.EARLY_STOPPING, selection, "psnr_cached_to_full_db", done,
+                                stopped_early)
+        if done % cfg.checkpoint_every == 0 or done == cfg.max_train_steps or stopped_early:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # unwrap AcceleratedOptimizer
@@ -349,10 +370,12 @@ def train(
                 last_good = save_training_checkpoint(ckpt_dir, done, model, inner_optimizer, {"seed": cfg.seed}, ema)
                 prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
         step = done
+        if stopped_early:
+            break
     bar.close()
 
     unet_dir = ema_dir = None
-    if step >= cfg.max_train_steps and accelerator.is_main_process:
+    if (step >= cfg.max_train_steps or stopped_early) and accelerator.is_main_process:
         model = accelerator.unwrap_model(objective).unet
         unet_dir = run_dir / "unet"
         model.save_pretrained(unet_dir, safe_serialization=True)
