@@ -1,26 +1,7 @@
-"""Caching fidelity under stress, per image (the runner half; the difference in differences of
-criterion c is :mod:`fcr.analysis.stress`).
-
-Criterion c as a difference in differences of the paired caching error under stress.
-
-The seed's criterion c ("the quality drop under stress with FCR is no larger than the original
-model's") compared mean FD / accuracy drops, point estimate against point estimate. What caching
-changes is each image, so here the endpoint is paired caching fidelity: within one model, stress
-and seed, each cached image against the same model's ``full`` image of the same prompt and initial
-noise (:func:`fcr.eval.fidelity.fidelity`, e.g. PSNR). Per image ``i`` the *drop* under stress
-``s`` is ``direction * (e_none,i - e_s,i)`` (positive: caching got less faithful under stress).
-The contrast of FCR against a comparator (the original model, or the λ = 0 control) is
-
-    DiD = mean_i [ mean_r drop_FCR_r,i  -  mean_r drop_comparator_r,i ]
-
-over training replicates ``r`` and the images both sides sampled from the same prompts and noise
-(the same seeds), tested for non-inferiority with a pre-registered margin: H0 DiD >= margin
-against H1 DiD < margin (one-sided paired t), Holm over every row of the family.
-
-The adversarial stress attacks ``z_T`` against one key interval; ``full`` reuses the attack of the
-largest stride (:func:`fcr.experiments.robustness.stresses.attack_stride`), so under that stress a
-cached configuration pairs with ``full`` only when it is that stride (others are left out).
-"""
+"""Caching fidelity under stress, per image: the runner half of criterion c. Within one model,
+stress and seed, each cached image is scored against the same model's ``full`` image of the same
+prompt and initial noise; the difference in differences over those per-image drops, its definition
+and its test are in :mod:`fcr.analysis.stress`."""
 
 from __future__ import annotations
 
