@@ -18,7 +18,8 @@ from fcr.backends.models import build_embedded_unet, build_noise_scheduler
 from fcr.config import ConfigError, to_options
 from fcr.core.loss import FCRConfig
 from fcr.train.loop import train
-from fcr.train.validation import CachedFidelityValidator, EarlyStopping, read_validation_log
+from fcr.train.checkpoint import read_step_log
+from fcr.train.validation import CachedFidelityValidator, EarlyStopping
 from tests.test_train import _cfg, _real_examples, _unet
 
 
@@ -69,8 +70,8 @@ def test_best_step_weights_are_kept_and_a_resume_reproduces_the_selection(tmp_pa
     train(_unet(seed=9), sched, examples, cfg, FCRConfig(lambda_fcr=0.1), tmp_path / "resumed", progress=False,
           validator=again)
     assert len(again.seen) == 1
-    full_log = read_validation_log(tmp_path / "full" / contract.VALIDATION_LOG, 10**9)
-    assert read_validation_log(tmp_path / "resumed" / contract.VALIDATION_LOG, 10**9) == full_log
+    full_log = read_step_log(tmp_path / "full" / contract.VALIDATION_LOG, 10**9)
+    assert read_step_log(tmp_path / "resumed" / contract.VALIDATION_LOG, 10**9) == full_log
     resumed_best = load_file(str(tmp_path / "resumed" / contract.BEST_UNET / "diffusion_pytorch_model.safetensors"))
     for key in best:
         torch.testing.assert_close(resumed_best[key], best[key], rtol=0, atol=0)

@@ -7,9 +7,11 @@ all randomness of step ``k`` from ``(seed, k)``, so resuming only needs the step
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ from safetensors.torch import load_file, save_file
 from fcr.core.state_dicts import state_dict_mismatch
 
 __all__ = [
+    "read_step_log",
+    "write_step_log",
     "CheckpointError",
     "latest_checkpoint",
     "load_module_weights",
@@ -157,3 +161,22 @@ def load_training_checkpoint(
         load_module_weights(ema, path / "ema.safetensors")
     load_optimizer_state(optimizer, path / "optimizer.safetensors")
     return state
+
+
+def read_step_log(path: Path, up_to_step: int) -> list[dict[str, str]]:
+    """The rows of a per-step CSV log (training or validation) up to ``up_to_step``: a resumed run
+    redoes the steps after its checkpoint, so their rows are dropped."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return [row for row in csv.DictReader(handle) if int(row["step"]) <= up_to_step]
+
+
+def write_step_log(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    """Write a per-step CSV log through a temporary file, so a kill never leaves half a log."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)

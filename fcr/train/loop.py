@@ -11,7 +11,6 @@ Checkpoints are safetensors + JSON (:mod:`fcr.train.checkpoint`); the log is a C
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
 import os
@@ -29,8 +28,10 @@ from tqdm.auto import tqdm
 from fcr import contract
 from fcr.core.loss import FCRConfig, fcr_training_loss
 from fcr.options import Options, TrainingOptions
-from fcr.train.validation import EarlyStopping, Validator, read_validation_log, write_selection, write_validation_log
+from fcr.train.validation import VALIDATION_COLUMNS, EarlyStopping, Validator, write_selection
 from fcr.train.checkpoint import (
+    read_step_log,
+    write_step_log,
     latest_checkpoint,
     load_training_checkpoint,
     prune_checkpoints,
@@ -222,20 +223,6 @@ class TrainResult:
     resumed_from: int | None
 
 
-def _read_log(path: Path, up_to_step: int) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return [row for row in csv.DictReader(f) if int(row["step"]) <= up_to_step]
-
-
-def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def train(
     unet: torch.nn.Module,
     noise_scheduler: Any,
@@ -286,7 +273,7 @@ def train(
 
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.train_batch_size * world
-    rows = _read_log(log_path, start_step) if accelerator.is_main_process else []
+    rows = read_step_log(log_path, start_step) if accelerator.is_main_process else []
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         info = {"train": cfg.record(), "fcr": asdict(fcr), "num_examples": len(data), "processes": world,
@@ -296,7 +283,7 @@ def train(
     selection = None
     if validator is not None and cfg.validate_every > 0:
         selection = EarlyStopping(cfg.validate_window, cfg.early_stopping_patience)
-        selection.replay(read_validation_log(run_dir / contract.VALIDATION_LOG, start_step))  # same on every process
+        selection.replay(read_step_log(run_dir / contract.VALIDATION_LOG, start_step))  # same on every process
     stopped_early = False
 
     end_step = cfg.max_train_steps if stop_after is None else min(cfg.max_train_steps, stop_after)
@@ -349,14 +336,14 @@ def train(
             window_start, window_images = now, 0
             if accelerator.is_main_process:
                 rows.append(row)
-                _write_log(log_path, rows)
+                write_step_log(log_path, rows, LOG_COLUMNS)
                 bar.set_postfix(loss=f"{row['total']:.4f}", fcr=f"{row['fcr']:.4f}")
         if selection is not None and (done % cfg.validate_every == 0 or done == cfg.max_train_steps):
             # Every process computes the same check on identical replicas, so all stop together.
             improved = selection.update(done, validator(accelerator.unwrap_model(objective).unet))
             stopped_early = selection.should_stop() and done < cfg.max_train_steps
             if accelerator.is_main_process:
-                write_validation_log(run_dir / contract.VALIDATION_LOG, selection.rows)
+                write_step_log(run_dir / contract.VALIDATION_LOG, selection.rows, VALIDATION_COLUMNS)
                 if improved:
                     accelerator.unwrap_model(objective).unet.save_pretrained(run_dir / contract.BEST_UNET,
                                                                             safe_serialization=True)

@@ -11,8 +11,6 @@ with ``early_stopping_patience`` > 0 training ends after that many checks withou
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,10 +21,10 @@ import torch
 
 from fcr.backends.generate import SamplingModel, generate
 from fcr.core.sampler import key_steps
+from fcr.files import write_json_atomic
 from fcr.eval.fidelity import pixel_fidelity
 
-__all__ = ["CachedFidelityValidator", "EarlyStopping", "Selection", "Validator", "read_validation_log",
-           "write_selection", "write_validation_log"]
+__all__ = ["VALIDATION_COLUMNS", "CachedFidelityValidator", "EarlyStopping", "Selection", "Validator", "write_selection"]
 
 # (the UNet being trained) -> the validation metric, higher is better.
 Validator = Callable[[torch.nn.Module], float]
@@ -120,28 +118,9 @@ class EarlyStopping:
             self.update(int(row["step"]), float(row["value"]))
 
 
-def read_validation_log(path: Path, up_to_step: int) -> list[dict[str, str]]:
-    """The rows of ``validation.csv`` up to ``up_to_step`` (a resumed run redoes later checks)."""
-    if not path.is_file():
-        return []
-    with path.open(newline="") as handle:
-        return [r for r in csv.DictReader(handle) if int(r["step"]) <= up_to_step]
-
-
-def write_validation_log(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=VALIDATION_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
-
-
 def write_selection(path: Path, stopping: EarlyStopping, metric: str, last_step: int, stopped_early: bool) -> None:
     """``early_stopping.json``: the chosen step, its moving average, the checks, the last step trained."""
-    record = {"metric": metric, **stopping.state.as_dict(), "last_step": last_step, "stopped_early": stopped_early}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
+    write_json_atomic(path, {"metric": metric, **stopping.state.as_dict(), "last_step": last_step,
+                             "stopped_early": stopped_early})
 
 
