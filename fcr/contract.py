@@ -35,6 +35,10 @@ __all__ = [
     "FEW_STEPS_SAFE_STRIDES",
     "LENGTH_CONTRASTS",
     "ABLATION_CONTRASTS",
+    "GRID_SECONDARY",
+    "GRID_SELECTIONS",
+    "GRID_SENSITIVITY",
+    "GRID_FOREST",
     "MATCHED_COST",
     "FIDELITY_DIRECTIONS",
     "FIDELITY_PER_IMAGE",
@@ -128,6 +132,11 @@ LENGTH_CONTRASTS = "length_contrasts.csv"  # FCR vs control at each fine-tune le
 ABLATION_CONTRASTS = "ablation_contrasts.csv"  # FCR ablations (e.g. Δ_max) vs the control
 FEW_STEPS_CONTRASTS = "few_steps_contrasts.csv"  # FCR vs control with a few-step sampler (e.g. 25-step DDIM)
 FEW_STEPS_SAFE_STRIDES = "few_steps_safe_strides.csv"  # safe strides with that sampler
+# The ablation grid (issue #31): its contrasts are rows of CONTRASTS (families "grid: ...").
+GRID_SECONDARY = "grid_secondary.csv"  # descriptive secondary endpoints of every arm vs the control
+GRID_SELECTIONS = "grid_early_stopping.csv"  # the step each grid fine-tune's early stopping chose
+GRID_SENSITIVITY = "grid_sensitivity.csv"  # the grid's contrasts with the best-step weights
+GRID_FOREST = "grid_forest.png"  # every arm's estimate and CI on one axis (the report draws it)
 # Quality-vs-cost frontier (notebook 06): one row per model x configuration, and the matched-cost table.
 FRONTIER = "frontier.csv"
 MATCHED_COST = "matched_cost.csv"
@@ -220,5 +229,9 @@ COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {
 
 def model_label(source: str) -> str:
     """The name a model has in result tables: an embedded model name as it is, a run folder or hub
-    id by its last part (the sweep, robustness and mechanistic runners and the manifest's backbones)."""
-    return Path(source).name or source
+    id by its last part (the sweep, robustness and mechanistic runners and the manifest's backbones);
+    a fine-tune's best-step weights (``<run>/unet_best``) as ``<run>@best``."""
+    path = Path(source)
+    if path.name == BEST_UNET and path.parent.name:
+        return f"{path.parent.name}@best"
+    return path.name or source

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from fcr.contract import model_label
+from fcr.grid_design import Grid, parse_grid
 from fcr.paths import REPO_ROOT
 from fcr.study_design import ManifestError, Study, _mapping, parse_study
 
@@ -91,6 +92,7 @@ class Backbone:
     # (name, model label, configuration) of the setting's variations and controls on this backbone's
     # models, in manifest order (variations first): the rows of the report's experiment tables.
     rows: tuple[tuple[str, str, str], ...] = ()
+    grid: Grid | None = None  # the pre-registered ablation grid (fcr.grid_design, issue #31)
 
 
 @dataclass(frozen=True)
@@ -136,12 +138,12 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
         spec = _mapping(spec, f"{where}[{i}]")
         unknown = set(spec) - {"original", "role", "fcr_models", "control", "sweep_run", "robustness_run",
                                "mechanistic_run", "replicates", "frontier_run", "fcr_deep_models", "length_run",
-                               "length_models", "ablation_run", "ablation_models", "few_steps_run"}
+                               "length_models", "ablation_run", "ablation_models", "few_steps_run", "grid"}
         if unknown or not isinstance(spec.get("original"), str) or not isinstance(spec.get("role"), str):
             raise ManifestError(f"{where}[{i}]: needs 'original' and 'role' (and optionally fcr_models, control, "
                                 f"sweep_run, robustness_run, mechanistic_run, replicates, frontier_run, "
                                 f"fcr_deep_models, length_run, length_models, ablation_run, ablation_models, "
-                                f"few_steps_run); unknown keys "
+                                f"few_steps_run, grid); unknown keys "
                                 f"{sorted(unknown)}")
         fcr_models = _by_lambda(spec.get("fcr_models", {}), f"{where}[{i}].fcr_models")
         b = Backbone(spec["original"], spec["role"], experiment, {float(k): str(v) for k, v in fcr_models.items()},
@@ -156,6 +158,8 @@ def _backbones(raw: Any, where: str, experiment: str, runs: Sequence[NotebookRun
             b = replace(b, mechanistic_run=None)  # this experiment does not measure the backbone's features
         b = replace(b, **_frontier(spec, f"{where}[{i}]", b.name, runs), **_length(spec, f"{where}[{i}]", runs),
                     **_ablation(spec, f"{where}[{i}]", runs), **_few_steps(spec, f"{where}[{i}]", b, runs))
+        b = replace(b, grid=parse_grid(spec.get("grid"), f"{where}[{i}].grid",
+                                       {r.run: r.models for r in runs if r.notebook == "03_stride_sweep"}))
         replicates = _replicates(spec.get("replicates", {}), f"{where}[{i}].replicates",
                                  [*b.fcr_models.values(), *([b.control] if b.control else [])])
         sweep = next((r for r in runs if r.notebook == "03_stride_sweep" and r.run == b.sweep_run), None)

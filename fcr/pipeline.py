@@ -28,11 +28,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from fcr import contract
 from fcr.config import load_yaml, merge, validate
 from fcr.files import write_json_atomic
+from fcr.grid_design import split_variant
 from fcr.manifest import MANIFEST, MODEL_LIST_KEYS, Experiment, load_manifest
 from fcr.markers import (incomplete, make_portable, missing_outputs, read_marker, stage_times, write_marker,
                          write_stage_times)
@@ -196,6 +198,15 @@ def analyze_and_report(root: str | Path, *, setting: str = "embedded", manifest:
     return report
 
 
+def _model_source(model: str, finetuned: Mapping[str, str]) -> str:
+    """What a notebook loads for a manifest model name: a fine-tune's run folder, its best-step
+    weights for ``<fine-tune>@best`` (labelled so in result tables), else the name as it is."""
+    name, variant = split_variant(model)
+    if variant == "best" and name in finetuned:
+        return _rel(Path(finetuned[name]) / contract.BEST_UNET)
+    return finetuned.get(model, model)
+
+
 def _experiment_tasks(exp: Experiment, setting: str, root: Path, overlays: list[Path], common: dict) -> list[Task]:
     if setting not in exp.settings:
         raise SystemExit(f"{exp.experiment_id} has no {setting!r} setting in the manifest")
@@ -211,7 +222,7 @@ def _experiment_tasks(exp: Experiment, setting: str, root: Path, overlays: list[
     for run in spec.notebooks:
         folder = exp_dir / run.kind / run.run
         overrides = {**common, "output_dir": _rel(exp_dir), "run_name": run.run,
-                     MODEL_LIST_KEYS[run.notebook]: [finetuned.get(m, m) for m in run.models]}
+                     MODEL_LIST_KEYS[run.notebook]: [_model_source(m, finetuned) for m in run.models]}
         if run.notebook == "05_mechanistic_regression":
             overrides["quality_tables"] = list(tables)
         if run.notebook == "06_baselines_frontier":  # the sweep run of the same name (the manifest checks it)

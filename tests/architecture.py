@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fcr"
 # Layers, bottom first: a module imports only its own layer or lower ones.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("fcr.paths", "fcr.files", "fcr.contract", "fcr.options", "fcr.config", "fcr.machine", "fcr.stats",
-     "fcr.plots", "fcr.study_design", "fcr.manifest", "fcr.markers"),
+     "fcr.plots", "fcr.study_design", "fcr.grid_design", "fcr.manifest", "fcr.markers"),
     ("fcr.core",),
     ("fcr.backends",),
     ("fcr.eval",),

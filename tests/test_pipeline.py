@@ -302,7 +302,7 @@ def test_study_profile_plans_the_replicated_fine_tunes_and_its_sweeps(tmp_path: 
     ablated = next(t for t in tasks if t.name.endswith("fine-tune fcr_lambda0.10_dmax20")).merged()
     assert (ablated["delta_max"], ablated["lambda_fcr"], ablated["seed"], ablated["max_train_steps"]) == (20, 0.1, 0, 150)
     sweeps = [t.folder.name for t in tasks if t.notebook == "03_stride_sweep"]
-    assert sweeps == ["main", "length", "ablation", "frontier", "steps25", "grid"]
+    assert sweeps == ["main", "length", "ablation", "frontier", "steps25", "grid", "grid_best"]
     grid_sweep = next(t for t in tasks if t.notebook == "03_stride_sweep" and t.folder.name == "grid").merged()
     assert grid_sweep["seeds"] == [0, 1, 2, 3, 4, 5] and grid_sweep["strides"] == [1, 10, 20]
     assert len(grid_sweep["sweep_models"]) == 1 + 30 + 3

@@ -33,7 +33,9 @@ __all__ = [
     "lookup_column",
     "markdown_table",
     "producer",
+    "read_derived",
     "read_json",
+    "read_optional",
     "read_table",
     "read_tables",
     "result_dir",
@@ -241,3 +243,17 @@ def robustness_dirs(root: Path, backbones: Sequence[Backbone]) -> list[Path]:
     """The notebook-04 result folders of the backbones' robustness runs (the verdict's)."""
     return list(dict.fromkeys(result_dir(root, b.experiment, "robustness", b.robustness_run)
                               for b in backbones if b.robustness_run is not None))
+
+
+def read_derived(path: Path) -> pd.DataFrame:
+    """A table the analysis wrote, as it wrote it: only empty cells are missing (words such as
+    ``n/a`` in a verdict's ``measured`` stay words); an empty file is an empty table."""
+    try:
+        return pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
+def read_optional(path: Path) -> pd.DataFrame | None:
+    """:func:`read_derived`, None when the analysis did not write the table."""
+    return read_derived(path) if path.is_file() else None

@@ -17,6 +17,7 @@ import pandas as pd
 
 from fcr import contract
 from fcr.analysis.experiment_tables import exp1_table, exp2_table_by_sweep_run
+from fcr.analysis.grid import grid_tables
 from fcr.analysis.robustness_criterion import robustness_rows
 from fcr.analysis.rows import EXP1, EXP2, LAYOUT, InputError, result_dir, robustness_dirs
 from fcr.analysis.study import (
@@ -83,6 +84,14 @@ def write_study_tables(root: Path, backbones: Sequence[Backbone], out_dir: Path
             files.append(out_dir / name)
 
     contrasts, safe, notes, fd_inf = study_tables(root, backbones)
+    grid = grid_tables(root, backbones)
+    if grid is not None:  # the grid's families are rows of the study's contrasts table
+        notes = [*notes, *grid.notes]
+        if not grid.contrasts.empty:
+            contrasts = pd.concat([contrasts, grid.contrasts], ignore_index=True) if not contrasts.empty else grid.contrasts
+        write(grid.secondary, contract.GRID_SECONDARY)
+        write(grid.selections, contract.GRID_SELECTIONS)
+        write(grid.sensitivity, contract.GRID_SENSITIVITY)
     write(contrasts, contract.CONTRASTS, when_empty=False)
     write(safe, contract.SAFE_STRIDES, when_empty=False)
     write(fd_inf, contract.FD_INFINITY, when_empty=False)

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import pandas as pd
 
 from fcr import contract
-from fcr.analysis.rows import format_number, markdown_table
+from fcr.analysis.rows import format_number, markdown_table, read_derived, read_optional
 from fcr.manifest import Backbone
 from fcr.stats import paired_n
 
@@ -27,20 +27,6 @@ class StudyTables(NamedTuple):
     safe: pd.DataFrame
     notes: list[str]
     fd_inf: pd.DataFrame
-
-
-def read_derived(path: Path) -> pd.DataFrame:
-    """A table the analysis wrote, as it wrote it: only empty cells are missing (words such as
-    ``n/a`` in a verdict's ``measured`` stay words); an empty file is an empty table."""
-    try:
-        return pd.read_csv(path, keep_default_na=False, na_values=[""])
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame()
-
-
-def read_optional(path: Path) -> pd.DataFrame | None:
-    """:func:`read_derived`, None when the analysis did not write the table."""
-    return read_derived(path) if path.is_file() else None
 
 
 def read_study_tables(out_dir: Path) -> StudyTables:
@@ -59,6 +45,8 @@ def study_section(backbones: Sequence[Backbone], tables: StudyTables) -> list[st
     if not any(b.study is not None for b in backbones):
         return []
     contrasts, safe, notes, fd_inf = tables
+    if not contrasts.empty:  # the ablation grid's families have their own section (fcr.report.grid)
+        contrasts = contrasts[~contrasts["family"].astype(str).str.startswith("grid: ")]
     lines = ["### Pre-registered contrasts (params/experiments.yaml `study`)\n",
              "Paired over images (same prompt and initial noise, pooled over seeds). Primary: FCR(λ) vs the λ = 0 "
              "control at the same stride on the primary fidelity endpoint (superiority, two-sided); secondary: the "

@@ -35,6 +35,7 @@ from fcr.report.sections import (
     supplementary_robustness_section,
     timing_section,
 )
+from fcr.report.grid import grid_section
 from fcr.report.study import (
     ablation_section,
     few_steps_section,
@@ -183,7 +184,10 @@ def build_report(
         return ["### Figures\n"] + [f"![{f.stem}]({Path(os.path.relpath(f, base)).as_posix()})\n" for f in figures]
 
     study_tables = read_study_tables(out_dir)
-    study = (study_section(backbones, study_tables) + length_section(out_dir) + ablation_section(out_dir)
+    grid, grid_figures = grid_section(out_dir, study_tables.contrasts)
+    files += grid_figures
+    figures += grid_figures  # linked under Figures, relative to the README's base too
+    study = (study_section(backbones, study_tables) + grid + length_section(out_dir) + ablation_section(out_dir)
              + regime_section(out_dir) + few_steps_section(backbones, out_dir) + stress_section(out_dir))
     supplementary = supplementary_robustness_section(out_dir)
     timing = timing_section(root, "Wall time of this run")
