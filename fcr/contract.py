@@ -39,6 +39,7 @@ __all__ = [
     "GRID_SELECTIONS",
     "GRID_SENSITIVITY",
     "GRID_FOREST",
+    "STOPPING_RULE",
     "MATCHED_COST",
     "FIDELITY_DIRECTIONS",
     "FIDELITY_PER_IMAGE",
@@ -136,6 +137,7 @@ FEW_STEPS_SAFE_STRIDES = "few_steps_safe_strides.csv"  # safe strides with that 
 GRID_SECONDARY = "grid_secondary.csv"  # descriptive secondary endpoints of every arm vs the control
 GRID_SELECTIONS = "grid_early_stopping.csv"  # the step each grid fine-tune's early stopping chose
 GRID_SENSITIVITY = "grid_sensitivity.csv"  # the grid's contrasts with the best-step weights
+STOPPING_RULE = "stopping_rule.csv"  # the seed's stopping rule: each candidate kept or excluded, and why
 GRID_FOREST = "grid_forest.png"  # every arm's estimate and CI on one axis (the report draws it)
 # Quality-vs-cost frontier (notebook 06): one row per model x configuration, and the matched-cost table.
 FRONTIER = "frontier.csv"

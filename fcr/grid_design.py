@@ -45,8 +45,9 @@ class Grid:
     run: str
     control: tuple[str, ...]
     arms: tuple[GridArm, ...]
-    reference: GridArm | None = None  # sampled on the same pairs, reported, not tested again
+    reference: GridArm | None = None  # reported on the pairs it shares with the control, not tested again
     best_run: str | None = None
+    reference_run: str | None = None  # the 03 run that sampled the reference arm (None: ``run``)
 
     @property
     def families(self) -> dict[str, tuple[GridArm, ...]]:
@@ -75,9 +76,10 @@ def parse_grid(raw: Any, where: str, run_models: Mapping[str, Sequence[str]]) ->
     if raw is None:
         return None
     raw = _mapping(raw, where)
-    unknown = set(raw) - {"run", "best_run", "control", "reference", "families"}
+    unknown = set(raw) - {"run", "best_run", "control", "reference", "reference_run", "families"}
     if unknown or "run" not in raw or "control" not in raw or "families" not in raw:
-        raise ManifestError(f"{where}: needs run, control and families (optionally reference, best_run); "
+        raise ManifestError(f"{where}: needs run, control and families (optionally reference, reference_run, "
+                            f"best_run); "
                             f"unknown keys {sorted(unknown)}")
     control = _models(raw["control"], f"{where}.control")
     arms = []
@@ -94,8 +96,11 @@ def parse_grid(raw: Any, where: str, run_models: Mapping[str, Sequence[str]]) ->
             raise ManifestError(f"{where}.reference: expected one {{label: [fine-tunes]}}, got {len(ref)} entries")
         (label, models), = ref.items()
         reference = GridArm("reference", str(label), _models(models, f"{where}.reference.{label}"))
+    if raw.get("reference_run") is not None and reference is None:
+        raise ManifestError(f"{where}.reference_run: names the run of a reference arm, and there is none")
     grid = Grid(str(raw["run"]), control, tuple(arms), reference,
-                None if raw.get("best_run") is None else str(raw["best_run"]))
+                None if raw.get("best_run") is None else str(raw["best_run"]),
+                None if raw.get("reference_run") is None else str(raw["reference_run"]))
     for arm in (*grid.arms, *([reference] if reference else [])):
         if len(arm.models) != len(control):
             raise ManifestError(f"{where}: arm {arm.label!r} has {len(arm.models)} training runs, the control "
@@ -103,7 +108,9 @@ def parse_grid(raw: Any, where: str, run_models: Mapping[str, Sequence[str]]) ->
     labels = [a.label for a in grid.arms]
     if len(set(labels)) != len(labels):
         raise ManifestError(f"{where}.families: arm labels must be unique, got {labels}")
-    needed = {grid.run: [*grid.fine_tunes, *(reference.models if reference else ())]}
+    needed = {grid.run: list(grid.fine_tunes)}
+    if reference is not None:
+        needed.setdefault(grid.reference_run or grid.run, []).extend(reference.models)
     if grid.best_run is not None:
         needed[grid.best_run] = [best_of(m) for m in grid.fine_tunes]
     for run, models in needed.items():

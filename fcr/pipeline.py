@@ -20,28 +20,25 @@ the failed notebook.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any
 
 from fcr import contract
-from fcr.config import load_yaml, merge, validate
 from fcr.files import write_json_atomic
 from fcr.grid_design import split_variant
-from fcr.manifest import MANIFEST, MODEL_LIST_KEYS, Experiment, load_manifest
-from fcr.markers import (incomplete, make_portable, missing_outputs, read_marker, stage_times, write_marker,
+from fcr.manifest import MANIFEST, MODEL_LIST_KEYS, Experiment, SettingPlan, load_manifest
+from fcr.markers import (make_portable, read_marker, stage_times, write_marker,
                          write_stage_times)
-from fcr.notebooks import NOTEBOOKS_DIR, notebook_parameters, run_notebook
 from fcr.paths import REPO_ROOT
+from fcr.stage import ATTEMPTS, DONE, PipelineError, Stage, Task, json_list, rel_path, run_task
 
-__all__ = ["PROFILES", "Stage", "Task", "analyze_and_report", "main", "plan", "run"]
+__all__ = ["ATTEMPTS", "DONE", "PROFILES", "PipelineError", "Stage", "Task", "analyze_and_report", "main", "plan", "run",
+           "run_task"]
 
 SETTING_DATA_PARAMS = {"embedded": "params/fashion_mnist.yaml", "sd": "params/sd15.yaml"}
 # The committed copy of a demo run (tables, report, stage times; no weights or images): the main
@@ -57,65 +54,6 @@ PROFILES = {
               "root": REPO_ROOT / "outputs" / "study", "bench": False,
               "timing_beside": DEMO_REFERENCE, "reference": None},  # the demo's stage times beside the study's
 }
-DONE = contract.DONE_MARKER
-# Start times of a stage's unfinished attempts; a resumed stage adds their durations to its own.
-ATTEMPTS = contract.ATTEMPTS_RECORD
-
-
-@dataclass
-class Task:
-    """One resumable stage: a notebook run (or a callable) and where it leaves its outputs."""
-
-    name: str
-    folder: Path
-    params: list[Path]
-    overrides: dict[str, Any]
-    notebook: str | None = None
-    action: Callable[[], None] | None = None
-    root: Path | None = None  # the run's output folder; its spelling stays out of the fingerprint
-
-    def merged(self) -> dict[str, Any]:
-        return merge(*(load_yaml(p) for p in self.params), self.overrides)
-
-    def fingerprint(self) -> str:
-        """Hash of the parameters the stage uses (for a notebook: the keys it declares), so a size
-        change for another notebook does not invalidate this stage. Paths under the run's output
-        folder enter as ``<root>/...``: a committed run resumes from any checkout, whatever
-        ``--root`` spells it (absolute, relative, another clone's path)."""
-        params = self.merged()
-        if self.notebook is not None:
-            params = notebook_parameters(NOTEBOOKS_DIR / f"{self.notebook}.ipynb", params)
-        text = json.dumps(params, sort_keys=True, default=str)
-        if self.root is not None:
-            text = root_independent(text, self.root)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def root_independent(text: str, root: Path) -> str:
-    """``text`` with every spelling of ``root`` the planner writes (absolute, resolved, relative to
-    the repository) replaced by ``<root>``; longest first, so a relative spelling never matches
-    inside an absolute one."""
-    spellings = {str(root), str(root.resolve()), _rel(root)}
-    for spelling in sorted(spellings, key=len, reverse=True):
-        text = text.replace(spelling.rstrip("/") + "/", "<root>/")
-    return text
-
-
-@dataclass
-class Stage:
-    """What one task did."""
-
-    name: str
-    status: str
-    output: str
-    seconds: float
-
-
-def _rel(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
 
 
 def plan(
@@ -145,7 +83,7 @@ def plan(
     unknown = [e for e in chosen if e not in all_experiments]
     if unknown:
         raise SystemExit(f"unknown experiment(s) {unknown}; the manifest has {list(all_experiments)}")
-    common = {"data_dir": _rel(root / "data")}
+    common = {"data_dir": rel_path(root / "data")}
     tasks = []
     if data:
         tasks.append(Task("01_data_prep", root / "data", [REPO_ROOT / SETTING_DATA_PARAMS[setting], *overlays],
@@ -203,8 +141,45 @@ def _model_source(model: str, finetuned: Mapping[str, str]) -> str:
     weights for ``<fine-tune>@best`` (labelled so in result tables), else the name as it is."""
     name, variant = split_variant(model)
     if variant == "best" and name in finetuned:
-        return _rel(Path(finetuned[name]) / contract.BEST_UNET)
+        return rel_path(Path(finetuned[name]) / contract.BEST_UNET)
     return finetuned.get(model, model)
+
+
+# The seed's later phases: robustness (phase 4) and the combination frontier (phase 3) run only the
+# candidates the stopping rule kept; phase 1 (sweeps, mechanism) runs every candidate.
+GATED_NOTEBOOKS = ("04_robustness", "06_baselines_frontier")
+
+
+def _gate_sweeps(spec: SettingPlan) -> set[str]:
+    """The 03 runs the stopping rule reads: the gated backbones' sweeps and the λ-selection run."""
+    from fcr.analysis.stopping_rule import gated_backbones
+
+    runs = {b.sweep_run for b in gated_backbones(spec.backbones)}
+    if spec.study is not None and spec.study.selection_run is not None:
+        runs.add(spec.study.selection_run)
+    return runs
+
+
+def _stopping_rule_task(exp: Experiment, spec: SettingPlan, root: Path, exp_dir: Path) -> Task | None:
+    """The stage that writes the stopping rule's log (``<exp>/stopping_rule/stopping_rule.csv``) for
+    the backbones whose study sets ``stopping_rule``; None when none does."""
+    from fcr.analysis.stopping_rule import CRITERION_A_CONFIG, gated_backbones, write_gate
+
+    gated = gated_backbones(spec.backbones)
+    if not gated:
+        return None
+    folder = exp_dir / "stopping_rule"
+
+    def gate(root: Path = root, folder: Path = folder) -> None:
+        path = write_gate(root, gated, folder)
+        print(f"   stopping rule: {path}", flush=True)
+        from fcr.analysis.rows import read_optional
+
+        for _, r in read_optional(path).iterrows():
+            print(f"   - {r['candidate']}: {r['action']} ({r['reason']})", flush=True)
+
+    return Task(f"{exp.experiment_id}: stopping rule (criterion a, {CRITERION_A_CONFIG})", folder, [],
+                {"stopping_rule": {"config": CRITERION_A_CONFIG, "backbones": [b.name for b in gated]}}, action=gate)
 
 
 def _experiment_tasks(exp: Experiment, setting: str, root: Path, overlays: list[Path], common: dict) -> list[Task]:
@@ -213,109 +188,36 @@ def _experiment_tasks(exp: Experiment, setting: str, root: Path, overlays: list[
     spec = exp.settings[setting]
     exp_dir = root / exp.experiment_id
     tasks = []
-    finetuned = {name: _rel(exp_dir / name) for name in spec.finetunes}
+    finetuned = {name: rel_path(exp_dir / name) for name in spec.finetunes}
     for name, files in spec.finetunes.items():
         tasks.append(Task(f"{exp.experiment_id}: fine-tune {name}", exp_dir / name,
                           [*spec.params, *spec.finetune, *files, *overlays],
-                          {**common, "output_dir": _rel(exp_dir), "run_name": name}, notebook="02_finetune"))
+                          {**common, "output_dir": rel_path(exp_dir), "run_name": name}, notebook="02_finetune"))
     tables: list[str] = []
+    gate = _stopping_rule_task(exp, spec, root, exp_dir)
     for run in spec.notebooks:
         folder = exp_dir / run.kind / run.run
-        overrides = {**common, "output_dir": _rel(exp_dir), "run_name": run.run,
+        overrides = {**common, "output_dir": rel_path(exp_dir), "run_name": run.run,
                      MODEL_LIST_KEYS[run.notebook]: [_model_source(m, finetuned) for m in run.models]}
+        gated = gate is not None and run.notebook in GATED_NOTEBOOKS
+        if gated and not any(t is gate for t in tasks):  # the gate runs once, before the first later phase
+            gate.inputs = tuple(t for t in tasks if t.notebook == "03_stride_sweep"
+                                and t.overrides.get("run_name") in _gate_sweeps(spec))
+            tasks.append(gate)
         if run.notebook == "05_mechanistic_regression":
             overrides["quality_tables"] = list(tables)
         if run.notebook == "06_baselines_frontier":  # the sweep run of the same name (the manifest checks it)
             overrides["frontier_sweep_run"] = run.run
         tasks.append(Task(f"{exp.experiment_id}: {run.notebook} ({run.run})", folder,
-                          [*spec.params, *run.params, *overlays], overrides, notebook=run.notebook))
+                          [*spec.params, *run.params, *overlays], overrides, notebook=run.notebook,
+                          gate_log=gate.folder / contract.STOPPING_RULE if gated else None,
+                          gate_key=MODEL_LIST_KEYS[run.notebook] if gated else None))
         selection = spec.study.selection_run if spec.study is not None else None
         if run.notebook == "03_stride_sweep" and run.run != selection:  # λ-selection data stays out of 05
-            tables.append(_rel(folder / contract.QUALITY))
+            tables.append(rel_path(folder / contract.QUALITY))
         elif run.notebook == "04_robustness":
-            tables.append(_rel(folder / contract.ROBUSTNESS))
+            tables.append(rel_path(folder / contract.ROBUSTNESS))
     return tasks
-
-
-def _incomplete(task: Task) -> list[str]:
-    """Why ``task`` must run (empty: it is complete). The report runs every time."""
-    if task.name == "report":
-        return ["the report is written on every run"]
-    return incomplete(task.folder, task.fingerprint(), task.notebook)
-
-
-def _json_list(path: Path, key: str) -> list[Any]:
-    """The list under ``key`` of a small JSON record the pipeline keeps; empty when the file is
-    missing or unreadable (a record cut short by a kill must not stop the next run)."""
-    try:
-        value = json.loads(path.read_text()).get(key, [])
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return []
-    return list(value) if isinstance(value, list) else []
-
-
-def _last_write(folder: Path, since: float) -> float:
-    """Latest modification time of anything under ``folder`` (``since`` when nothing is newer)."""
-    times = [p.stat().st_mtime for p in folder.rglob("*") if p.is_file() and p.name != ATTEMPTS]
-    return max([since, *times])
-
-
-def begin_attempt(folder: Path) -> tuple[float, int]:
-    """Record that a stage starts (again) and return the wall time and number of its earlier,
-    unfinished attempts. An attempt killed without warning (SIGKILL, power loss) leaves only its
-    start time; at the next start it is closed with the last write under ``folder``, so its
-    duration is a lower bound, exact up to the time since its last file."""
-    path = folder / ATTEMPTS
-    try:
-        attempts = [{k: float(v) for k, v in a.items()} for a in _json_list(path, "attempts")]
-    except (TypeError, ValueError, AttributeError):  # a hand-edited or truncated record
-        attempts = []
-    if attempts and "seconds" not in attempts[-1]:
-        attempts[-1]["seconds"] = _last_write(folder, attempts[-1]["started"]) - attempts[-1]["started"]
-    earlier = sum(a.get("seconds", 0.0) for a in attempts), len(attempts)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"attempts": [*attempts, {"started": time.time()}]})
-    return earlier
-
-
-def run_task(task: Task) -> Stage:
-    """Run one task unless it is complete (:func:`fcr.markers.incomplete`); a stage with a marker
-    but missing or damaged files says which and runs again (per-cell results that are whole are
-    kept by the runners)."""
-    reasons = _incomplete(task)
-    if not reasons:
-        return Stage(task.name, "skipped (already complete)", _rel(task.folder), 0.0)
-    if (task.folder / DONE).exists() and task.name != "report":
-        more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
-        print(f"   not complete: {reasons[0]}{more}; running it again", flush=True)
-    earlier_s, earlier_n = begin_attempt(task.folder)
-    start = time.perf_counter()
-    if task.notebook is not None:
-        validate(task.merged())  # a bad parameter fails here, before the notebook writes anything
-        output = task.folder / f"{task.notebook}.ipynb"
-        try:
-            run_notebook(NOTEBOOKS_DIR / f"{task.notebook}.ipynb", output, task.params, task.overrides)
-        except Exception as exc:
-            raise PipelineError(f"stage {task.name!r} failed; the executed notebook is {output}\n{exc}") from exc
-    else:
-        task.action()
-    seconds = time.perf_counter() - start
-    task.folder.mkdir(parents=True, exist_ok=True)
-    missing = missing_outputs(task.folder, task.notebook)
-    if missing:
-        raise PipelineError(f"stage {task.name!r} finished without writing {missing} (fcr.contract.STAGE_OUTPUTS)")
-    make_portable(task.folder)  # results mean the same on every machine (no checkout or temp paths)
-    # "seconds": the stage's whole wall time, earlier interrupted attempts included (estimated from
-    # their files, see begin_attempt); "seconds_last_attempt": the run that finished.
-    write_marker(task.folder, task.fingerprint(), {"seconds": seconds + earlier_s, "seconds_last_attempt": seconds,
-                                                   "attempts": earlier_n + 1})
-    (task.folder / ATTEMPTS).unlink(missing_ok=True)
-    return Stage(task.name, "ran" if not earlier_n else f"ran (resumed; {earlier_n} earlier attempt(s))",
-                 _rel(task.folder), seconds)
-
-
-class PipelineError(RuntimeError):
-    """A stage failed; the message names the stage and its executed notebook."""
 
 
 def _terminate(signum, frame) -> None:  # noqa: ARG001
@@ -329,7 +231,7 @@ def _record_invocation(root: Path) -> None:
     from fcr.report.readme import RUN_INFO, code_revision
 
     path = root / RUN_INFO
-    invocations = _json_list(path, "invocations")
+    invocations = json_list(path, "invocations")
     invocations.append({**code_revision(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {"invocations": invocations})

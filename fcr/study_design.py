@@ -38,6 +38,9 @@ class Study:
     # (primary endpoint units, e.g. dB); None: the study does not test criterion c.
     stress_margin: float | None = None
     pilot: tuple[tuple[str, str], ...] = ()  # free-text provenance of the sizes (e.g. the pilot's numbers)
+    # The seed's stopping rule: an FCR candidate that fails criterion a (this study's secondary family at
+    # stride 10) is dropped from the later phases' runs (robustness, frontier); fcr.analysis.stopping_rule.
+    stopping_rule: bool = False
 
     def __post_init__(self) -> None:
         if self.primary_endpoint not in FIDELITY_DIRECTIONS:
@@ -72,6 +75,8 @@ def parse_study(raw: Any, where: str) -> Study | None:
             raise ManifestError(f"{where}.{key}: expected a number, got {kw[key]!r} (write 1.0e-2, not 1e-2)")
         if key in kw:
             kw[key] = float(kw[key])
+    if "stopping_rule" in kw and not isinstance(kw["stopping_rule"], bool):
+        raise ManifestError(f"{where}.stopping_rule: expected true or false, got {kw['stopping_rule']!r}")
     if "strides" in kw:
         if not isinstance(kw["strides"], list) or not all(isinstance(c, str) for c in kw["strides"]):
             raise ManifestError(f"{where}.strides: expected a list of configuration names, got {kw['strides']!r}")

@@ -19,7 +19,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("fcr.analysis",),
     ("fcr.train", "fcr.experiments", "fcr.diffusers_cache", "fcr.human"),
     ("fcr.report",),
-    ("fcr.pipeline", "fcr.verify", "fcr.notebooks", "fcr.__main__"),
+    ("fcr.pipeline", "fcr.stage", "fcr.verify", "fcr.notebooks", "fcr.__main__"),
 )
 # The report formats tables: besides layer 0 it reads only the analysis modules that compute on tables.
 REPORT_MAY_IMPORT = ("fcr.analysis.rows", "fcr.stats", "fcr.analysis.quality_cost",

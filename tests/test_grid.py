@@ -33,7 +33,7 @@ CONFIGS = {"full": (1, 0.0), "FD-10": (10, 0.05), "FD-20": (20, 0.15)}
 GRID = Grid(run="grid", control=("c0", "c1"),
             arms=(GridArm("alpha", "good", ("g0", "g1")), GridArm("alpha", "same", ("s0", "s1")),
                   GridArm("beta", "same too", ("t0", "t1"))),
-            reference=GridArm("reference", "ref", ("r0", "r1")), best_run="grid_best")
+            reference=GridArm("reference", "ref", ("r0", "r1")), best_run="grid_best", reference_run="main")
 SCALES = {"c": 1.0, "g": 0.2, "s": 1.0, "t": 1.0, "r": 1.0}
 
 
@@ -69,8 +69,7 @@ def _write_sweep(out: Path, models: dict[str, float], seeds: tuple[int, ...] = (
 
 
 def _models(suffix: str = "") -> dict[str, float]:
-    names = [*GRID.control, *(m for a in GRID.arms for m in a.models), *GRID.reference.models]
-    return {f"{m}{suffix}": SCALES[m[0]] for m in names}
+    return {f"{m}{suffix}": SCALES[m[0]] for m in GRID.fine_tunes}
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +78,9 @@ def root(tmp_path_factory) -> Path:
     grid fine-tune's selection record."""
     root = tmp_path_factory.mktemp("grid_root")
     _write_sweep(root / "exp" / "sweep" / "grid", _models(), seeds=(0, 1))
+    # The reference arm in another run, which shares seeds 0 and 1 (same prompts) with the grid's.
+    _write_sweep(root / "exp" / "sweep" / "main", {m: 1.0 for m in GRID.reference.models}, seeds=(0, 1, 2),
+                 gen_seed=2)
     _write_sweep(root / "exp" / "sweep" / "grid_best", _models("@best"), seeds=(0,), origin=None, gen_seed=1)
     for k, model in enumerate(GRID.fine_tunes):
         run = root / "exp" / model
@@ -96,7 +98,7 @@ STUDY = Study(strides=("FD-10", "FD-20"), n_boot=100)
 
 def test_contrasts_holm_within_each_family_and_a_reference_row(root: Path) -> None:
     sweep = root / "exp" / "sweep" / "grid"
-    table = grid_contrasts(sweep, pd.read_csv(sweep / contract.QUALITY), GRID, STUDY)
+    table = grid_contrasts(sweep, pd.read_csv(sweep / contract.QUALITY), GRID, STUDY, root / "exp" / "sweep" / "main")
     assert list(dict.fromkeys(table["family"])) == ["grid: alpha", "grid: beta", "grid: reference"]
     m = table.groupby("family")["m_tests"].first()
     assert m["grid: alpha"] == 4 and m["grid: beta"] == 2 and m["grid: reference"] == 0  # arms x strides
@@ -110,6 +112,17 @@ def test_contrasts_holm_within_each_family_and_a_reference_row(root: Path) -> No
     ref = table[table["family"] == "grid: reference"]
     assert ref["p_holm"].isna().all() and ref["decision"].str.startswith("reference").all()
     assert ref["estimate"].notna().all()
+    # The reference arm pairs with the control on the seeds both runs sampled; other prompts never pair.
+    assert (ref["n"] == 2 * N).all()
+    other = root / "other_prompts"
+    _write_sweep(other, {m: 1.0 for m in GRID.reference.models}, seeds=(0,), gen_seed=3)
+    stem = quality_stem("r0", "FD-10", 0)
+    (other / "quality" / f"{stem}.safetensors").unlink()
+    save_safetensors_atomic({"images": torch.zeros(N, 1, 8, 8, dtype=torch.uint8), "features": torch.zeros(N, D),
+                             "correct": torch.ones(N)}, other / "quality" / f"{stem}.safetensors",
+                            {"model": "r0", "config": "FD-10", "seed": "0", "prompts": json.dumps(["x"] * N)})
+    with pytest.raises(ValueError, match="other prompts"):
+        grid_contrasts(sweep, pd.read_csv(sweep / contract.QUALITY), GRID, STUDY, other)
     # Each arm's estimate is the mean of its replicate pairs' (k-th arm run minus k-th control run).
     runs = [float(x) for x in good["run_estimates"].iloc[0].split("; ")]
     assert good["estimate"].iloc[0] == pytest.approx(sum(runs) / 2, rel=1e-3)
@@ -123,7 +136,7 @@ def test_secondary_endpoints_are_descriptive_arm_minus_control(root: Path) -> No
     fd_inf = fd_infinity_table(sweep, quality, sorted(set(quality["model"]) - {"base"}))
     table = grid_secondary(sweep, quality, GRID, STUDY, fd_inf)
     assert set(table["endpoint"]) == {"psnr_original_full", "accuracy", "fd_inf"}
-    assert set(table["arm"]) == {"good", "same", "same too", "ref"}
+    assert set(table["arm"]) == {"good", "same", "same too"}  # the reference arm is in another run
     row = table[(table["arm"] == "good") & (table["endpoint"] == "fd_inf") & (table["config"] == "FD-20")].iloc[0]
     fd = fd_inf[fd_inf["config"] == "FD-20"].set_index("model")["fd_inf"]
     assert row["estimate"] == pytest.approx(fd[["g0", "g1"]].mean() - fd[["c0", "c1"]].mean())
@@ -207,6 +220,9 @@ def test_manifest_grid_is_parsed_and_validated() -> None:
                        ({**good, "control": ["c0", "zz"]}, r"does not sample \['zz'\]"),
                        ({**good, "best_run": "best"}, r"'best' does not sample \['a1@best'\]"),
                        ({**good, "families": {"f": {}}}, "at least one arm"),
-                       ({**good, "reference": {"x": ["a0", "a1"], "y": ["a0", "a1"]}}, "expected one")):
+                       ({**good, "reference": {"x": ["a0", "a1"], "y": ["a0", "a1"]}}, "expected one"),
+                       ({**good, "reference_run": "grid"}, "there is none"),
+                       ({**good, "reference": {"x": ["a0", "a1"]}, "reference_run": "best"},
+                        r"'best' does not sample \['a0', 'a1'\]")):
         with pytest.raises(ManifestError, match=match):
             parse_grid(bad, "g", runs)

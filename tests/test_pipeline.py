@@ -305,7 +305,10 @@ def test_study_profile_plans_the_replicated_fine_tunes_and_its_sweeps(tmp_path: 
     assert sweeps == ["main", "length", "ablation", "frontier", "steps25", "grid", "grid_best"]
     grid_sweep = next(t for t in tasks if t.notebook == "03_stride_sweep" and t.folder.name == "grid").merged()
     assert grid_sweep["seeds"] == [0, 1, 2, 3, 4, 5] and grid_sweep["strides"] == [1, 10, 20]
-    assert len(grid_sweep["sweep_models"]) == 1 + 30 + 3
+    assert len(grid_sweep["sweep_models"]) == 1 + 30  # the original and the grid's fine-tunes
+    best = next(t for t in tasks if t.notebook == "03_stride_sweep" and t.folder.name == "grid_best").merged()
+    assert best["seeds"] == [0, 1] and len(best["sweep_models"]) == 30
+    assert best["sweep_models"][0].endswith("exp-1-main-ablation/grid_control/unet_best")
     few = next(t for t in tasks if t.notebook == "03_stride_sweep" and t.folder.name == "steps25").merged()
     assert (few["num_inference_steps"], few["strides"], few["seeds"]) == (25, [1, 5, 10], [0, 1, 2, 3, 4])
     stress = [t.merged() for t in tasks if t.notebook == "04_robustness"]

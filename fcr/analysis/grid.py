@@ -30,6 +30,7 @@ from fcr.analysis.contrasts import (
     common_seeds,
     fd_infinity_table,
 )
+from fcr.analysis.paired import cell_tensors
 from fcr.analysis.rows import result_dir
 from fcr.grid_design import Grid, GridArm, best_of
 from fcr.manifest import Backbone, Study
@@ -72,12 +73,36 @@ def _arm_test(sweep_dir: Path, quality: pd.DataFrame, arm: Sequence[str], contro
     return _replicated_superiority(values(arm), values(control), study)
 
 
-def grid_contrasts(sweep_dir: str | Path, quality: pd.DataFrame, grid: Grid, study: Study) -> pd.DataFrame:
+def _reference_test(reference_dir: Path, sweep_dir: Path, quality: pd.DataFrame, arm: Sequence[str],
+                    control: Sequence[str], config: str, study: Study) -> dict[str, Any]:
+    """:func:`_arm_test` of an arm sampled in another sweep folder against the control of
+    ``sweep_dir``, on the seeds both ran; every shared seed must have sampled the same prompts (the
+    initial noise is a function of seed and image index), else the images do not pair."""
+    ref_quality = pd.read_csv(reference_dir / contract.QUALITY)
+    seeds = sorted(set(common_seeds(ref_quality, [(m, config) for m in arm]))
+                   & set(common_seeds(quality, [(m, config) for m in control])))
+    if not seeds:
+        return _arm_test(sweep_dir, quality, arm, control, config, study, seeds=[])
+    for seed in seeds:
+        if cell_tensors(reference_dir, arm[0], config, seed)[1] != cell_tensors(sweep_dir, control[0], config, seed)[1]:
+            raise ValueError(f"{arm[0]} ({reference_dir}) and {control[0]} ({sweep_dir}) sampled other prompts at "
+                             f"seed {seed}: their images do not pair")
+
+    def values(folder: Path, models: Sequence[str]) -> list[np.ndarray]:
+        return [_fidelity_values(folder, m, config, study.primary_endpoint, study.primary_reference, seeds)
+                for m in models]
+
+    return _replicated_superiority(values(reference_dir, arm), values(sweep_dir, control), study)
+
+
+def grid_contrasts(sweep_dir: str | Path, quality: pd.DataFrame, grid: Grid, study: Study,
+                   reference_dir: str | Path | None = None) -> pd.DataFrame:
     """:data:`fcr.analysis.contrasts.CONTRAST_COLUMNS` rows: every arm of ``grid`` against its
     control at each study stride, Holm within each family (``family`` = ``grid: <family>``), and
-    the grid's reference arm on the same pairs (family ``grid: reference``, reported, not tested:
-    ``p_holm`` empty)."""
+    the grid's reference arm (from ``reference_dir``, default ``sweep_dir``) on the pairs it shares
+    with the control (family ``grid: reference``, reported, not tested: ``p_holm`` empty)."""
     sweep_dir = Path(sweep_dir)
+    reference_dir = Path(reference_dir) if reference_dir is not None else sweep_dir
     rows: list[dict[str, Any]] = []
     for arms in grid.families.values():
         family = [{**_row(arm, grid.control, config, study),
@@ -86,8 +111,11 @@ def grid_contrasts(sweep_dir: str | Path, quality: pd.DataFrame, grid: Grid, stu
         rows += adjust_family(family, study)
     if grid.reference is not None:
         for config in study.strides:
-            row = {**_row(grid.reference, grid.control, config, study),
-                   **_arm_test(sweep_dir, quality, grid.reference.models, grid.control, config, study)}
+            test = (_arm_test(sweep_dir, quality, grid.reference.models, grid.control, config, study)
+                    if reference_dir == sweep_dir else
+                    _reference_test(reference_dir, sweep_dir, quality, grid.reference.models, grid.control, config,
+                                    study))
+            row = {**_row(grid.reference, grid.control, config, study), **test}
             row.update(p_holm=math.nan, m_tests=0, mde=math.nan,
                        decision="reference (tested in the study's primary family)")
             rows.append(row)
@@ -223,8 +251,9 @@ def grid_tables(root: str | Path, backbones: Sequence[Backbone]) -> GridTables |
                          f"{len(grid.fine_tunes)} grid fine-tunes finished)")
             continue
         quality = pd.read_csv(sweep_dir / contract.QUALITY)
-        parts["contrasts"].append(grid_contrasts(sweep_dir, quality, grid, study).assign(backbone=b.name,
-                                                                                         experiment=b.experiment))
+        reference_dir = result_dir(root, b.experiment, "sweep", grid.reference_run or grid.run)
+        parts["contrasts"].append(grid_contrasts(sweep_dir, quality, grid, study, reference_dir)
+                                  .assign(backbone=b.name, experiment=b.experiment))
         fd_inf = None
         if (sweep_dir / "reference").is_dir():
             arms = [*grid.control, *(m for a in grid.arms for m in a.models),

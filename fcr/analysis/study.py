@@ -42,11 +42,13 @@ def _quality(folder: Path) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.is_file() else None
 
 
-def study_tables(root: str | Path, backbones: Sequence[Backbone]) -> tuple[pd.DataFrame, pd.DataFrame, list[str], pd.DataFrame]:
+def study_tables(root: str | Path, backbones: Sequence[Backbone], *, fd_inf: bool = True
+                 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str], pd.DataFrame]:
     """(contrasts, safe strides, notes, FD∞ per model x configuration) over the backbones with a
-    study; a backbone whose sweep (or selection run) has not been run is named in the notes instead."""
+    study; a backbone whose sweep (or selection run) has not been run is named in the notes instead.
+    ``fd_inf`` False: FD∞ is not computed (the contrasts do not read it; the stopping rule's gate)."""
     root = Path(root)
-    contrasts, safe, notes, fd_inf = [], [], [], []
+    contrasts, safe, notes, fd_infs = [], [], [], []
     for b in backbones:
         study = b.study
         if study is None:
@@ -59,7 +61,8 @@ def study_tables(root: str | Path, backbones: Sequence[Backbone]) -> tuple[pd.Da
         models = [b.name, *([b.control] if b.control else []), *b.fcr_models.values()]
         first_unsafe = None
         if (sweep_dir / "reference").is_dir():  # the FD margin needs per-image features (embedded)
-            fd_inf.append(fd_infinity_table(sweep_dir, quality, models).assign(backbone=b.name))
+            if fd_inf:
+                fd_infs.append(fd_infinity_table(sweep_dir, quality, models).assign(backbone=b.name))
             table = safe_strides(sweep_dir, quality, models, study)
             if not table.empty:
                 safe.append(table.assign(backbone=b.name, experiment=b.experiment))
@@ -83,7 +86,7 @@ def study_tables(root: str | Path, backbones: Sequence[Backbone]) -> tuple[pd.Da
                          f"{study.selection_run!r}, reported on {b.sweep_run!r}")
         contrasts.append(table.assign(backbone=b.name, experiment=b.experiment))
     join = (lambda frames: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame())
-    return join(contrasts), join(safe), notes, join(fd_inf)
+    return join(contrasts), join(safe), notes, join(fd_infs)
 
 
 def _train_steps(root: Path, experiment: str, model: str) -> int | None:
