@@ -289,8 +289,15 @@ def test_study_profile_plans_the_replicated_fine_tunes_and_its_sweeps(tmp_path: 
     assert fine_tunes[6:12] == ["control_lambda0_fd10_600", "fcr_lambda0.10_fd10_600", "control_lambda0_fd10_1500",
                                 "fcr_lambda0.10_fd10_1500", "fcr_deep_lambda0.10_b0", "fcr_lambda0.10_dmax20"]
     # Issue #31's grid: the control and nine arms, three training seeds each, with checkpoint selection.
-    grid = fine_tunes[12:]
+    grid = fine_tunes[12:42]
     assert len(grid) == 30 and grid[:3] == ["grid_control", "grid_control_seed1", "grid_control_seed2"]
+    # Issue #31's exp-2 at power: control and FCR on base-v and derivative, three training seeds each.
+    exp2 = {t.name.split("fine-tune ")[1]: t.merged() for t in tasks
+            if t.name.startswith("exp-2-generalisation-robustness: fine-tune")}
+    assert len(exp2) == 12 and fine_tunes[42:] == list(exp2)
+    assert {(p["model"], p["lambda_fcr"], p["seed"]) for p in exp2.values()} == {
+        (m, lam, seed) for m in ("base-v", "derivative") for lam in (0.0, 0.1) for seed in (0, 1, 2)}
+    assert all(p["max_train_steps"] == 150 and p.get("validate_every", 0) == 0 for p in exp2.values())
     grid_params = {t.name.split("fine-tune ")[1]: t.merged() for t in tasks if "fine-tune grid_" in t.name}
     assert {p["seed"] for p in grid_params.values()} == {0, 1, 2}
     assert all(p["validate_every"] == 25 and p["max_train_steps"] == 150 for p in grid_params.values())
@@ -301,7 +308,7 @@ def test_study_profile_plans_the_replicated_fine_tunes_and_its_sweeps(tmp_path: 
     assert steps["fcr_lambda0.10_fd10_1500"] == steps["control_lambda0_fd10_1500"] == 1500
     ablated = next(t for t in tasks if t.name.endswith("fine-tune fcr_lambda0.10_dmax20")).merged()
     assert (ablated["delta_max"], ablated["lambda_fcr"], ablated["seed"], ablated["max_train_steps"]) == (20, 0.1, 0, 150)
-    sweeps = [t.folder.name for t in tasks if t.notebook == "03_stride_sweep"]
+    sweeps = [t.folder.name for t in tasks if t.notebook == "03_stride_sweep" and "exp-1" in t.name]
     assert sweeps == ["main", "length", "ablation", "frontier", "steps25", "grid", "grid_best"]
     grid_sweep = next(t for t in tasks if t.notebook == "03_stride_sweep" and t.folder.name == "grid").merged()
     assert grid_sweep["seeds"] == [0, 1, 2, 3, 4, 5] and grid_sweep["strides"] == [1, 10, 20]
