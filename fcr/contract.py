@@ -22,6 +22,7 @@ __all__ = [
     "STAGE_TIMES",
     "PIPELINE_TIMING",
     "TRANSIENT",
+    "CELL_FOLDERS",
     "COLUMNS",
     "COST",
     "COST_TABLE",
@@ -78,6 +79,9 @@ ATTEMPTS_RECORD = ".pipeline_attempts.json"
 STAGE_TIMES = "stage_times.csv"
 PIPELINE_TIMING = "pipeline_timing.json"  # this invocation's stages, written after the report's marker
 TRANSIENT = "checkpoints"  # training checkpoints: for resuming only, never part of a finished stage
+# Subfolders of per-cell results a runner writes as each cell finishes (run_or_load): a stage in progress
+# commits these, whole, so another machine resumes from them; its tables and marker come at the end.
+CELL_FOLDERS = ("quality", "results", "cost", "images", "reference")
 # The main job's report: this run's numbers beside the committed reference run's (fcr.report.reproduction).
 REPRODUCTION = "reproduction.csv"
 # Training run folder (notebook 02 / python -m fcr train).

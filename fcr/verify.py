@@ -83,9 +83,15 @@ def _profile_problems(entry: Committed, repo: Path, tracked: set[Path] | None) -
     for task in tasks:
         where = _rel(task.folder, repo)
         marker = read_marker(task.folder)
-        if marker is None and task.name != "report" and not (
-                task.folder.is_dir() and any(p.is_file() for p in task.folder.rglob("*"))):
+        files = [p for p in task.folder.rglob("*") if p.is_file() and (tracked is None or p.resolve() in tracked)
+                 ] if task.folder.is_dir() else []
+        if marker is None and task.name != "report" and not files:
             pending.append(f"{where}: {task.name} has not run (pending)")
+            continue
+        cells = [p for p in files if p.relative_to(task.folder).parts[0] in contract.CELL_FOLDERS]
+        if marker is None and task.name != "report" and len(cells) == len(files):
+            pending.append(f"{where}: {task.name} in progress ({len(cells)} per-cell result files committed; "
+                           "it resumes from them)")
             continue
         reasons = incomplete(task.folder, None if task.name == "report" else task.fingerprint(),
                              task.notebook)

@@ -163,3 +163,19 @@ def test_the_committed_reference_is_a_snapshot_the_main_job_never_writes_into() 
     ignored = subprocess.run(["git", "check-ignore", "-q", "outputs/embedded/x.csv"], cwd=REPO)
     if (REPO / ".git").exists() and shutil.which("git"):
         assert ignored.returncode == 0  # the main job's folder is never committed
+
+
+def test_verify_notes_a_stage_in_progress_and_flags_tables_without_a_marker(tmp_path: Path) -> None:
+    """A stage whose finished per-cell results are committed resumes from them (a note); tables
+    without a marker are a problem."""
+    from fcr.verify import Committed, _profile_problems
+
+    exp = tmp_path / "exp-1-main-ablation" / "sweep"
+    (exp / "grid" / "quality").mkdir(parents=True)
+    (exp / "grid" / "quality" / "base__full__seed0.json").write_text("{}")
+    (exp / "grid_best").mkdir(parents=True)
+    (exp / "grid_best" / contract.QUALITY).write_text("model\n")
+    problems, notes = _profile_problems(Committed("study", tmp_path, profile="study"), tmp_path, None)
+    assert any("sweep/grid:" in n and "in progress (1 per-cell result files committed" in n for n in notes)
+    assert any("sweep/grid_best: no completion marker" in p for p in problems)
+    assert not any("sweep/grid:" in p for p in problems)
