@@ -223,6 +223,7 @@ class RobustnessOptions:
     schedule_noise_std: float = option(0.05, "std of the per-step relative perturbation of sigma_t", check=_at_least(0.0))
     adversarial_epsilon: float = option(0.1, "L-inf budget of the adversarial z_T perturbation, in units of the noise std", check=_at_least(0.0))
     adversarial_steps: int = option(10, "signed-gradient steps of the adversarial attack on z_T", check=_at_least(1))
+    reuse_results_from: str = option("", "a notebook-04 result folder whose cells this run adopts where its own are missing and the parameters are identical (others are computed); empty: none")
 
 
 @dataclass(frozen=True)

@@ -319,8 +319,12 @@ def test_study_profile_plans_the_replicated_fine_tunes_and_its_sweeps(tmp_path: 
     few = next(t for t in tasks if t.notebook == "03_stride_sweep" and t.folder.name == "steps25").merged()
     assert (few["num_inference_steps"], few["strides"], few["seeds"]) == (25, [1, 5, 10], [0, 1, 2, 3, 4])
     stress = [t.merged() for t in tasks if t.notebook == "04_robustness"]
-    assert [t["run_name"] for t in stress] == ["stress_pilot", "stress"]
+    assert [t["run_name"] for t in stress] == ["stress_pilot", "stress", "stress_replicates"]
     assert stress[0]["seeds"] == [100] and stress[1]["seeds"] == list(range(8))  # the pilot's seed is never reported
+    # Issue #31: every training run of both arms, the seed's 10-step attack, the identical cells adopted.
+    assert len(stress[2]["robustness_models"]) == 7 and stress[2]["seeds"] == list(range(8))
+    assert (stress[1]["adversarial_steps"], stress[2]["adversarial_steps"]) == (2, 10)
+    assert stress[2]["reuse_results_from"].endswith("robustness/stress")
     assert not any("benchmark" in n for n in names)
     seeds = {t.name.split("fine-tune ")[1]: t.merged()["seed"] for t in tasks if "fine-tune" in t.name}
     assert seeds["control_lambda0_fd10_seed2"] == seeds["fcr_lambda0.10_fd10_seed2"] == 2

@@ -79,3 +79,32 @@ def test_results_store_paths_of_this_checkout_relative_to_it(tmp_path: Path) -> 
     assert json.loads(path.read_text())["config"]["model_source"] == "outputs/study/run"
     # The same cell asked for with the relative spelling (another clone, another --root) is found.
     assert run_or_load(path, {"model_source": "outputs/study/run"}, lambda: {"fd": 2.0}) == ({"fd": 1.0}, False)
+
+
+def test_a_finished_runs_identical_cell_is_adopted_and_only_that(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from fcr.eval.results import adopt_result
+
+    src, dst = tmp_path / "done", tmp_path / "new"
+    src.mkdir()
+
+    def compute():
+        save_file({"images": torch.ones(2, 2)}, str(src / "cell.safetensors"))
+        return {"fd": 1.0}
+
+    run_or_load(src / "cell.json", {"a": 1, "path": (1, 2)}, compute, requires={src / "cell.safetensors": ()})
+    sides = {src / "cell.safetensors": dst / "cell.safetensors"}
+    assert not adopt_result(src / "cell.json", dst / "cell.json", {"a": 2, "path": [1, 2]}, sides)  # other params
+    assert not (dst / "cell.json").exists() and not (dst / "cell.safetensors").exists()
+    assert not adopt_result(src / "missing.json", dst / "cell.json", {"a": 1, "path": [1, 2]}, sides)
+    assert adopt_result(src / "cell.json", dst / "cell.json", {"a": 1, "path": [1, 2]}, sides)  # a tuple stored as list
+    assert (dst / "cell.safetensors").read_bytes() == (src / "cell.safetensors").read_bytes()
+    result, computed = run_or_load(dst / "cell.json", {"a": 1, "path": [1, 2]}, lambda: {"fd": 9.0},
+                                   requires={dst / "cell.safetensors": ()})
+    assert (result, computed) == ({"fd": 1.0}, False)
+    assert not adopt_result(src / "cell.json", dst / "cell.json", {"a": 1, "path": [1, 2]}, sides)  # has its own
+    (src / "cell.safetensors").write_bytes(b"cut")  # a damaged source is never adopted
+    assert not adopt_result(src / "cell.json", tmp_path / "third" / "cell.json", {"a": 1, "path": [1, 2]},
+                            {src / "cell.safetensors": tmp_path / "third" / "cell.safetensors"})

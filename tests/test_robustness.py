@@ -373,6 +373,16 @@ def test_run_writes_each_result_once_and_builds_tables(workspace: dict, monkeypa
     again = run_robustness(params, models, out, progress=False, reference_n=REFERENCE_N)
     assert calls == []  # every result loaded, nothing regenerated
     pd.testing.assert_frame_equal(again, results)
+    # Another run adopts this run's identical cells and samples only what differs (the attack budget).
+    other = workspace["root"] / "out" / "robustness_reusing"
+    reusing = params.with_flat(adversarial_epsilon=0.2, stresses=["none", "adversarial_noise"],
+                               reuse_results_from=str(out))
+    mixed = run_robustness(reusing, models, other, progress=False, reference_n=REFERENCE_N).set_index(
+        ["model", "config", "stress"])
+    assert len(calls) == 2 * 2  # models x configs of the adversarial stress; 'none' adopted
+    assert mixed.loc[("ft", "FD-2", "none"), "class_accuracy"] == by.loc[("ft", "FD-2", "none"), "class_accuracy"]
+    assert mixed.loc[("ft", "FD-2", "adversarial_noise"), "adversarial_epsilon"] == 0.2
+    calls.clear()
     # A changed attack budget invalidates the adversarial results only (stale file, not reused).
     from fcr.eval.results import StaleResultError
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from fcr.paths import portable
 
 __all__ = [
     "StaleResultError",
+    "adopt_result",
     "module_fingerprint",
     "run_or_load",
     "save_safetensors_atomic",
@@ -66,6 +68,28 @@ def run_or_load(
     result = _normalise(dict(compute()))
     write_json_atomic(path, {"config": config, "result": result, "environment": dict(environment or {})})
     return result, True
+
+
+def adopt_result(source: str | Path, path: str | Path, config: Mapping[str, Any],
+                 side_files: Mapping[str | Path, str | Path] | None = None) -> bool:
+    """Copy a finished run's result ``source`` (and its ``side_files``, source -> destination) to
+    ``path`` when ``path`` has none and ``source`` is whole and was made with exactly ``config``;
+    :func:`run_or_load` then loads it. True when it was copied. The side files go first and the
+    result record last, so a kill in between leaves a cell that is computed again."""
+    path = Path(path)
+    if path.exists():
+        return False
+    sides = {Path(s): Path(d) for s, d in (side_files or {}).items()}
+    stored = _whole_result(Path(source), {s: () for s in sides})
+    if stored is None or stored.get("config") != _normalise(config):
+        return False
+    for src, dst in sides.items():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    write_json_atomic(path, stored)
+    return True
 
 
 def _whole_result(path: Path, requires: Mapping[str | Path, Iterable[str]]) -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ import pandas as pd
 from fcr.config import ConfigError
 from fcr.eval.context import LoadedModel, build_context
 from fcr.eval.profiling import environment_info
-from fcr.eval.results import run_or_load, save_safetensors_atomic
+from fcr.eval.results import adopt_result, run_or_load, save_safetensors_atomic
 from fcr.eval.scoring import per_kind_means
 from fcr.experiments.robustness.attack import ATTACK_STEP_FACTOR
 from fcr.experiments.robustness.prompts import OOD_FILES, SD_OOD_FILES, StressPrompts, prompt_files_digest
@@ -105,6 +105,9 @@ def run_robustness(
     n = opts.robustness.num_robustness_images
     common = {**ctx.sampling_key, **ctx.scorer.key, "num_robustness_images": n}
     rows = []
+    reuse = Path(opts.robustness.reuse_results_from) if opts.robustness.reuse_results_from else None
+    if reuse is not None and ctx.setting == "sd":
+        raise ConfigError("parameter 'reuse_results_from': the SD setting keeps its images as PNGs; not supported")
     # The attack on z_T ignores the key steps: `full` reuses the largest stride's attack (same
     # model, prompts, noise and seed) instead of recomputing it.
     attack_caches: dict[tuple[int, str], AttackCache] = {}
@@ -158,6 +161,10 @@ def run_robustness(
                         )
                         return result
 
+                    if reuse is not None:  # a finished run's identical cell (embedded: images in the side file)
+                        adopt_result(reuse / "results" / f"{stem}.json", out_dir / "results" / f"{stem}.json", key,
+                                     {reuse / "results" / f"{stem}.safetensors":
+                                      out_dir / "results" / f"{stem}.safetensors"})
                     result, computed = run_or_load(
                         out_dir / "results" / f"{stem}.json", key, compute, environment_info(ctx.device),
                         requires={out_dir / "results" / f"{stem}.safetensors": ()},
