@@ -201,6 +201,28 @@ def test_best_step_weights_have_their_own_label_and_source() -> None:
     assert _model_source("base", finetuned) == "base"
 
 
+def test_a_sweep_loads_best_step_weights_under_their_label(tmp_path: Path) -> None:
+    """What notebook 03 does with ``<run>/unet_best``: its label, its folder, its origin."""
+    from diffusers import UNet2DConditionModel
+
+    from fcr.backends.models import model_training_params, resolve_unet_dir
+    from fcr.experiments.sweep import model_labels
+
+    run = tmp_path / "grid_control"
+    unet = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
+                                norm_num_groups=4, attention_head_dim=2)
+    for sub in ("unet", contract.BEST_UNET):
+        unet.save_pretrained(run / sub, safe_serialization=True)
+    (run / contract.RUN_PARAMS).write_text("model: base\n")
+    labels = model_labels([str(run), str(run / contract.BEST_UNET)])
+    assert list(labels) == ["grid_control", "grid_control@best"]
+    assert resolve_unet_dir(labels["grid_control@best"]) == (run / contract.BEST_UNET).resolve()
+    assert resolve_unet_dir(labels["grid_control"]) == (run / "unet").resolve()
+    assert model_training_params(resolve_unet_dir(labels["grid_control@best"]))["model"] == "base"
+
+
 def test_manifest_grid_is_parsed_and_validated() -> None:
     study = REPO / "params" / "study" / "experiments.yaml"
     grid = load_manifest(study, REPO)["exp-1-main-ablation"].settings["embedded"].backbones[0].grid
