@@ -208,7 +208,9 @@ class SweepOptions:
     deep_cache_branches: tuple[int, ...] = option((0,), "DeepCache skip branches (DeepCacheSDHelper's cache_branch_id) of every DeepCache interval", check=_non_empty(_each(_at_least(0))))
     plain_steps: tuple[int, ...] = option((), "step counts of the plain sweep scheduler below num_inference_steps ('DDIM-N'): the fewer-steps peer of a frontier", check=_each(_at_least(1)))
     dpm_steps: tuple[int, ...] = option((), "step counts of plain DPM-Solver++ besides dpm_reference_steps ('DPM++-k'): the frontier's solver peer", check=_each(_at_least(1)))
-    reference_lines_all_models: bool = option(False, "run FD-50ls and plain DPM++ for every model, not only the first (the original)")
+    tome_ratios: tuple[float, ...] = option((), "Token Merging ratios of full sampling ('ToMe-P-dD', P = 100 x ratio; fcr.core.token_merging, self-attention, 2x2 cells): the training-free token peer of a frontier", check=_each(_described(lambda v: None if 0.0 < v <= 0.75 else "must lie in (0, 0.75]", "in (0, 0.75]")))
+    tome_max_downsample: int = option(1, "Token Merging merges the transformer blocks at most this far downsampled from the latent (SD: 1; the embedded UNets have attention at 4 only)", choices=(1, 2, 4, 8))
+    reference_lines_all_models: bool = option(False, "run FD-50ls, plain DPM++ and ToMe for every model, not only the first (the original)")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fcr.core.sampler import PriorNoise, SamplerStats, build_scheduler, sample
+from fcr.core.token_merging import TokenMergeSettings, token_merging
 
 __all__ = [
     "Batch",
@@ -134,6 +135,7 @@ def generate(
     scheduler_hook: SchedulerHook | None = None,
     feature_hook: FeatureHook | None = None,
     deep_cache_branch: int | None = None,
+    token_merge: float | TokenMergeSettings | None = None,
     progress: bool = False,
     desc: str = "generate",
 ) -> GenerationResult:
@@ -145,6 +147,8 @@ def generate(
     ``scheduler_hook`` apply a stress to each batch (see the module docstring); ``feature_hook``
     observes the encoder's features of cached sampling (:func:`fcr.core.sampler.sample`'s ``on_encoder``);
     ``deep_cache_branch``: DeepCache at ``key_steps`` instead of encoder caching (see ``sample``).
+    ``token_merge``: Token Merging (a ratio: the paper's defaults; :mod:`fcr.core.token_merging`),
+    its random destinations drawn from a generator seeded by ``seed`` and the batch's first index.
     """
     if isinstance(prompts, str):
         raise TypeError("generate takes a sequence of prompts, not a single string")
@@ -173,17 +177,21 @@ def generate(
         scheduler = make_scheduler()
         if scheduler_hook is not None:
             scheduler = scheduler_hook(b, scheduler)
-        out = sample(
-            unet, scheduler, noise, cond,
-            uncond_hidden_states=uncond,
-            guidance_scale=guidance_scale,
-            num_inference_steps=num_inference_steps,
-            key_steps=None if key_steps is None else list(key_steps),
-            parallel=parallel,
-            prior_noise=prior_noise,
-            on_encoder=None if feature_hook is None else (lambda step, f, idx=idx: feature_hook(idx, step, f)),
-            deep_cache_branch=deep_cache_branch,
-        )
+        tome = TokenMergeSettings(token_merge) if isinstance(token_merge, (int, float)) else token_merge
+        merging = token_merging(unet, tome, tuple(noise.shape[-2:]),
+                                torch.Generator().manual_seed(int(seed) * 1_000_003 + start))
+        with merging:
+            out = sample(
+                unet, scheduler, noise, cond,
+                uncond_hidden_states=uncond,
+                guidance_scale=guidance_scale,
+                num_inference_steps=num_inference_steps,
+                key_steps=None if key_steps is None else list(key_steps),
+                parallel=parallel,
+                prior_noise=prior_noise,
+                on_encoder=None if feature_hook is None else (lambda step, f, idx=idx: feature_hook(idx, step, f)),
+                deep_cache_branch=deep_cache_branch,
+            )
         chunks.append(model.finish(out.latents))
         _add_stats(stats, out.stats)
     infos = [(n, info) for n, info in infos if info]

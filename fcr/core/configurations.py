@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fcr.core.sampler import key_steps
+from fcr.core.token_merging import TokenMergeSettings
 from fcr.options import SamplingOptions, SweepOptions
 
 __all__ = ["SamplingConfig", "configs_for_model", "configurations_of", "sweep_configurations"]
@@ -31,14 +32,23 @@ class SamplingConfig:
     key_steps: tuple[int, ...] | None
     stride: int | None = None
     deep_branch: int | None = None
+    token_merge: float | None = None  # ToMe's ratio (fcr.core.token_merging); None: no token merging
+    token_merge_downsample: int | None = None  # ToMe's max_downsample (with token_merge)
+
+    def token_merge_settings(self) -> TokenMergeSettings | None:
+        """ToMe's settings of this configuration (None: no token merging)."""
+        if self.token_merge is None:
+            return None
+        return TokenMergeSettings(self.token_merge, max_downsample=self.token_merge_downsample or 1)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready copy, with the number of key steps (full or encoder passes per image). A
-        configuration without DeepCache has no ``deep_branch`` entry, so the result files of
-        encoder caching keep the keys they were written with."""
+        configuration without DeepCache (ToMe) has no ``deep_branch`` (``token_merge``) entry, so
+        the result files of the other configurations keep the keys they were written with."""
         out = asdict(self)
-        if self.deep_branch is None:
-            del out["deep_branch"]
+        for key in ("deep_branch", "token_merge", "token_merge_downsample"):
+            if out[key] is None:
+                del out[key]
         out["key_steps"] = None if self.key_steps is None else list(self.key_steps)
         out["n_key_steps"] = self.num_inference_steps if self.key_steps is None else len(self.key_steps)
         return out
@@ -55,6 +65,8 @@ def sweep_configurations(
     deep_cache_branches: Sequence[int] = (0,),
     plain_steps: Sequence[int] = (),
     dpm_steps: Sequence[int] = (),
+    tome_ratios: Sequence[float] = (),
+    tome_max_downsample: int = 1,
 ) -> list[SamplingConfig]:
     """Configurations of a sweep: ``full`` for stride 1, ``FD-s`` (uniform key steps) for s > 1,
     ``FD-50ls`` (Faster Diffusion's non-uniform preset), ``DPM++-k``: plain DPM-Solver++ at
@@ -64,7 +76,8 @@ def sweep_configurations(
     ``N`` steps (uniform) and skip branch ``B``, for every interval x branch. The fewer-steps peers
     of a quality-vs-cost frontier: ``DDIM-N`` (the sweep's scheduler, plain, at each of
     ``plain_steps`` < ``num_inference_steps``; named after the scheduler) and plain ``DPM++-k`` at each
-    of ``dpm_steps`` besides the reference line."""
+    of ``dpm_steps`` besides the reference line; ``ToMe-P-dD``: full sampling with Token Merging at
+    ratio ``P / 100`` for each of ``tome_ratios``, in the blocks downsampled at most ``D`` times."""
     if dpm_reference_steps < 0:
         raise ValueError(f"dpm_reference_steps must be >= 0 (0 disables it); got {dpm_reference_steps}")
     if dpm_strides and dpm_reference_steps == 0:
@@ -100,6 +113,11 @@ def sweep_configurations(
         for branch in dict.fromkeys(int(b) for b in deep_cache_branches):
             configs.append(SamplingConfig(f"DeepCache-{interval}-b{branch}", scheduler, n,
                                           tuple(key_steps(n, "uniform", interval)), deep_branch=branch))
+    for ratio in dict.fromkeys(float(r) for r in tome_ratios):
+        if not 0 < ratio <= 0.75:
+            raise ValueError(f"tome_ratios must lie in (0, 0.75]; got {ratio}")
+        configs.append(SamplingConfig(f"ToMe-{round(100 * ratio)}-d{tome_max_downsample}", scheduler, n, None,
+                                      token_merge=ratio, token_merge_downsample=int(tome_max_downsample)))
     return configs
 
 
@@ -108,15 +126,15 @@ def configurations_of(sampling: SamplingOptions, sweep: SweepOptions) -> list[Sa
     return sweep_configurations(
         sweep.strides, sampling.num_inference_steps, sampling.scheduler, sweep.include_50ls,
         sweep.dpm_reference_steps, sweep.dpm_strides, sweep.deep_cache_intervals,
-        sweep.deep_cache_branches, sweep.plain_steps, sweep.dpm_steps,
+        sweep.deep_cache_branches, sweep.plain_steps, sweep.dpm_steps, sweep.tome_ratios, sweep.tome_max_downsample,
     )
 
 
 def configs_for_model(configs: Sequence[SamplingConfig], index: int, all_models: bool) -> list[SamplingConfig]:
     """The configurations model number ``index`` of a sweep runs: every one for the first model
-    (the original), and for the others all but the reference lines (``FD-50ls`` and the plain
-    samplers at other step counts, ``DDIM-N`` and ``DPM++-k``) unless ``all_models``; they only place
-    the original model's curve and cost CPU time."""
+    (the original), and for the others all but the reference lines (``FD-50ls``, the plain
+    samplers at other step counts, ``DDIM-N`` and ``DPM++-k``, and ``ToMe-P-dD``) unless ``all_models``;
+    they only place the original model's curve and cost CPU time."""
     if index == 0 or all_models:
         return list(configs)
     return [c for c in configs if not (c.name == "FD-50ls" or (c.key_steps is None and c.name != "full"))]

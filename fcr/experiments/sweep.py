@@ -25,6 +25,7 @@ from fcr.backends.models import build_noise_scheduler
 from fcr.contract import model_label
 from fcr.core.configurations import SamplingConfig, configs_for_model, configurations_of, sweep_configurations
 from fcr.core.sampler import PriorNoise, sample
+from fcr.core.token_merging import token_merging
 from fcr.eval.context import LoadedModel, RunContext, architecture_config, build_context
 from fcr.eval.metrics import DEFAULT_EXTRACTOR_NAME
 from fcr.eval.profiling import (
@@ -201,19 +202,20 @@ def evaluate_cost(
         uncond = torch.randn(1, seq_len, cross, generator=gen).to(device, dtype) if guidance_scale > 1 else None
 
         def run():
-            return sample(
-                unet,
-                sampling_scheduler(config.scheduler, noise_scheduler),
-                noise,
-                cond,
-                uncond_hidden_states=uncond,
-                guidance_scale=guidance_scale,
-                num_inference_steps=config.num_inference_steps,
-                key_steps=keys,
-                parallel=parallel,
-                prior_noise=prior_noise,
-                deep_cache_branch=config.deep_branch,
-            )
+            with token_merging(unet, config.token_merge_settings(), shape[1:], torch.Generator().manual_seed(0)):
+                return sample(
+                    unet,
+                    sampling_scheduler(config.scheduler, noise_scheduler),
+                    noise,
+                    cond,
+                    uncond_hidden_states=uncond,
+                    guidance_scale=guidance_scale,
+                    num_inference_steps=config.num_inference_steps,
+                    key_steps=keys,
+                    parallel=parallel,
+                    prior_noise=prior_noise,
+                    deep_cache_branch=config.deep_branch,
+                )
 
         return run
 
@@ -224,7 +226,9 @@ def evaluate_cost(
     out["flops_per_image"] = float(count_flops(one))
     share = unet_flops(unet, shape, seq_len)["encoder_share"]
     out["encoder_share"] = float(share)
-    if config.deep_branch is None:
+    if config.token_merge is not None:  # no analytic bound: the counted FLOPs are the cost
+        out["flops_bound_ratio"] = float("nan")
+    elif config.deep_branch is None:
         out["flops_bound_ratio"] = float(sampling_flops_ratio(share, config.num_inference_steps, keys))
     else:  # DeepCache: full passes at the key steps, the shallow path at the others
         out["shallow_passes_per_run"] = float(stats.shallow_passes)
