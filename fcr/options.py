@@ -210,7 +210,8 @@ class SweepOptions:
     dpm_steps: tuple[int, ...] = option((), "step counts of plain DPM-Solver++ besides dpm_reference_steps ('DPM++-k'): the frontier's solver peer", check=_each(_at_least(1)))
     tome_ratios: tuple[float, ...] = option((), "Token Merging ratios of full sampling ('ToMe-P-dD', P = 100 x ratio; fcr.core.token_merging, self-attention, 2x2 cells): the training-free token peer of a frontier", check=_each(_described(lambda v: None if 0.0 < v <= 0.75 else "must lie in (0, 0.75]", "in (0, 0.75]")))
     tome_max_downsample: int = option(1, "Token Merging merges the transformer blocks at most this far downsampled from the latent (SD: 1; the embedded UNets have attention at 4 only)", choices=(1, 2, 4, 8))
-    reference_lines_all_models: bool = option(False, "run FD-50ls, plain DPM++ and ToMe for every model, not only the first (the original)")
+    tgate_gate_steps: tuple[int, ...] = option((), "T-GATE gate steps of full sampling ('TGATE-gG'; fcr.core.tgate with the package's sp_interval 5, fi_interval 1, warm_up 2): cross-attention cached and guidance dropped from step G on", check=_each(_at_least(1)))
+    reference_lines_all_models: bool = option(False, "run FD-50ls, plain DPM++, ToMe and T-GATE for every model, not only the first (the original)")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fcr.core.sampler import PriorNoise, SamplerStats, build_scheduler, sample
+from fcr.core.tgate import TGateSettings, tgate_sample
 from fcr.core.token_merging import TokenMergeSettings, token_merging
 
 __all__ = [
@@ -136,6 +137,7 @@ def generate(
     feature_hook: FeatureHook | None = None,
     deep_cache_branch: int | None = None,
     token_merge: float | TokenMergeSettings | None = None,
+    tgate: TGateSettings | None = None,
     progress: bool = False,
     desc: str = "generate",
 ) -> GenerationResult:
@@ -149,7 +151,11 @@ def generate(
     ``deep_cache_branch``: DeepCache at ``key_steps`` instead of encoder caching (see ``sample``).
     ``token_merge``: Token Merging (a ratio: the paper's defaults; :mod:`fcr.core.token_merging`),
     its random destinations drawn from a generator seeded by ``seed`` and the batch's first index.
+    ``tgate``: T-GATE (:func:`fcr.core.tgate.tgate_sample`; plain sampling with guidance only).
     """
+    if tgate is not None and (key_steps is not None or deep_cache_branch is not None or noise_hook is not None
+                              or feature_hook is not None or (prior_noise is not None and prior_noise.enabled)):
+        raise ValueError("T-GATE runs plain sampling: no key_steps, DeepCache, prior noise or noise/feature hooks")
     if isinstance(prompts, str):
         raise TypeError("generate takes a sequence of prompts, not a single string")
     if batch_size < 1:
@@ -181,7 +187,10 @@ def generate(
         merging = token_merging(unet, tome, tuple(noise.shape[-2:]),
                                 torch.Generator().manual_seed(int(seed) * 1_000_003 + start))
         with merging:
-            out = sample(
+            out = tgate_sample(
+                unet, scheduler, noise, cond, uncond_hidden_states=uncond, guidance_scale=guidance_scale,
+                num_inference_steps=num_inference_steps, settings=tgate,
+            ) if tgate is not None else sample(
                 unet, scheduler, noise, cond,
                 uncond_hidden_states=uncond,
                 guidance_scale=guidance_scale,

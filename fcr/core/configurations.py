@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fcr.core.sampler import key_steps
+from fcr.core.tgate import TGateSettings
 from fcr.core.token_merging import TokenMergeSettings
 from fcr.options import SamplingOptions, SweepOptions
 
@@ -34,6 +35,7 @@ class SamplingConfig:
     deep_branch: int | None = None
     token_merge: float | None = None  # ToMe's ratio (fcr.core.token_merging); None: no token merging
     token_merge_downsample: int | None = None  # ToMe's max_downsample (with token_merge)
+    tgate_gate: int | None = None  # T-GATE's gate step (fcr.core.tgate, the package's other defaults)
 
     def token_merge_settings(self) -> TokenMergeSettings | None:
         """ToMe's settings of this configuration (None: no token merging)."""
@@ -41,12 +43,16 @@ class SamplingConfig:
             return None
         return TokenMergeSettings(self.token_merge, max_downsample=self.token_merge_downsample or 1)
 
+    def tgate_settings(self) -> TGateSettings | None:
+        """T-GATE's settings of this configuration (None: no T-GATE)."""
+        return None if self.tgate_gate is None else TGateSettings(gate_step=self.tgate_gate)
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready copy, with the number of key steps (full or encoder passes per image). A
         configuration without DeepCache (ToMe) has no ``deep_branch`` (``token_merge``) entry, so
         the result files of the other configurations keep the keys they were written with."""
         out = asdict(self)
-        for key in ("deep_branch", "token_merge", "token_merge_downsample"):
+        for key in ("deep_branch", "token_merge", "token_merge_downsample", "tgate_gate"):
             if out[key] is None:
                 del out[key]
         out["key_steps"] = None if self.key_steps is None else list(self.key_steps)
@@ -67,6 +73,7 @@ def sweep_configurations(
     dpm_steps: Sequence[int] = (),
     tome_ratios: Sequence[float] = (),
     tome_max_downsample: int = 1,
+    tgate_gate_steps: Sequence[int] = (),
 ) -> list[SamplingConfig]:
     """Configurations of a sweep: ``full`` for stride 1, ``FD-s`` (uniform key steps) for s > 1,
     ``FD-50ls`` (Faster Diffusion's non-uniform preset), ``DPM++-k``: plain DPM-Solver++ at
@@ -77,7 +84,8 @@ def sweep_configurations(
     of a quality-vs-cost frontier: ``DDIM-N`` (the sweep's scheduler, plain, at each of
     ``plain_steps`` < ``num_inference_steps``; named after the scheduler) and plain ``DPM++-k`` at each
     of ``dpm_steps`` besides the reference line; ``ToMe-P-dD``: full sampling with Token Merging at
-    ratio ``P / 100`` for each of ``tome_ratios``, in the blocks downsampled at most ``D`` times."""
+    ratio ``P / 100`` for each of ``tome_ratios``, in the blocks downsampled at most ``D`` times;
+    ``TGATE-gG``: full sampling with T-GATE from gate step ``G`` for each of ``tgate_gate_steps``."""
     if dpm_reference_steps < 0:
         raise ValueError(f"dpm_reference_steps must be >= 0 (0 disables it); got {dpm_reference_steps}")
     if dpm_strides and dpm_reference_steps == 0:
@@ -118,6 +126,10 @@ def sweep_configurations(
             raise ValueError(f"tome_ratios must lie in (0, 0.75]; got {ratio}")
         configs.append(SamplingConfig(f"ToMe-{round(100 * ratio)}-d{tome_max_downsample}", scheduler, n, None,
                                       token_merge=ratio, token_merge_downsample=int(tome_max_downsample)))
+    for gate in dict.fromkeys(int(g) for g in tgate_gate_steps):
+        if not 1 <= gate <= n:
+            raise ValueError(f"tgate_gate_steps must lie in [1, num_inference_steps={n}]; got {gate}")
+        configs.append(SamplingConfig(f"TGATE-g{gate}", scheduler, n, None, tgate_gate=gate))
     return configs
 
 
@@ -127,13 +139,14 @@ def configurations_of(sampling: SamplingOptions, sweep: SweepOptions) -> list[Sa
         sweep.strides, sampling.num_inference_steps, sampling.scheduler, sweep.include_50ls,
         sweep.dpm_reference_steps, sweep.dpm_strides, sweep.deep_cache_intervals,
         sweep.deep_cache_branches, sweep.plain_steps, sweep.dpm_steps, sweep.tome_ratios, sweep.tome_max_downsample,
+        sweep.tgate_gate_steps,
     )
 
 
 def configs_for_model(configs: Sequence[SamplingConfig], index: int, all_models: bool) -> list[SamplingConfig]:
     """The configurations model number ``index`` of a sweep runs: every one for the first model
     (the original), and for the others all but the reference lines (``FD-50ls``, the plain
-    samplers at other step counts, ``DDIM-N`` and ``DPM++-k``, and ``ToMe-P-dD``) unless ``all_models``;
+    samplers at other step counts, ``DDIM-N`` and ``DPM++-k``, ``ToMe-P-dD`` and ``TGATE-gG``) unless ``all_models``;
     they only place the original model's curve and cost CPU time."""
     if index == 0 or all_models:
         return list(configs)

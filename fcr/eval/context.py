@@ -189,7 +189,7 @@ class RunContext:
             num_inference_steps=config.num_inference_steps, guidance_scale=s.guidance_scale,
             key_steps=config.key_steps, parallel=s.parallel, prior_noise=s.prior_for(config),
             batch_size=s.batch_size, image_size=image_size, noise_hook=noise_hook, scheduler_hook=scheduler_hook,
-            deep_cache_branch=config.deep_branch, token_merge=config.token_merge_settings(), progress=progress, desc=desc,
+            deep_cache_branch=config.deep_branch, token_merge=config.token_merge_settings(), tgate=config.tgate_settings(), progress=progress, desc=desc,
         )
 
     def images(self, loaded: LoadedModel, latents: torch.Tensor) -> Any:

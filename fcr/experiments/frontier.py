@@ -51,12 +51,13 @@ _FAMILIES: tuple[tuple[str, str], ...] = (
     (r"^DPM\+\+-\d+$", "DPM-Solver++"),
     (r"^FD-(\d+|50ls)$", "FD"),
     (r"^ToMe-\d+-d\d+$", "ToMe"),
+    (r"^TGATE-g\d+$", "T-GATE"),
 )
 
 
 def method_family(config: str, scheduler: str = "ddim") -> str:
     """The method family of a configuration name: ``FD`` (encoder caching, uniform or '50ls'),
-    ``DPM-Solver++``, ``DPM-Solver++ + FD``, ``DeepCache b<B>``, ``ToMe``, or the plain sweep scheduler
+    ``DPM-Solver++``, ``DPM-Solver++ + FD``, ``DeepCache b<B>``, ``ToMe``, ``T-GATE``, or the plain sweep scheduler
     (``full`` and ``DDIM-N``: the fewer-steps peer, named by the scheduler)."""
     for pattern, family in _FAMILIES:
         match = re.match(pattern, config)

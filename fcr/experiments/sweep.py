@@ -25,6 +25,7 @@ from fcr.backends.models import build_noise_scheduler
 from fcr.contract import model_label
 from fcr.core.configurations import SamplingConfig, configs_for_model, configurations_of, sweep_configurations
 from fcr.core.sampler import PriorNoise, sample
+from fcr.core.tgate import tgate_sample
 from fcr.core.token_merging import token_merging
 from fcr.eval.context import LoadedModel, RunContext, architecture_config, build_context
 from fcr.eval.metrics import DEFAULT_EXTRACTOR_NAME
@@ -202,6 +203,10 @@ def evaluate_cost(
         uncond = torch.randn(1, seq_len, cross, generator=gen).to(device, dtype) if guidance_scale > 1 else None
 
         def run():
+            if config.tgate_gate is not None:
+                return tgate_sample(unet, sampling_scheduler(config.scheduler, noise_scheduler), noise, cond,
+                                    uncond_hidden_states=uncond, guidance_scale=guidance_scale,
+                                    num_inference_steps=config.num_inference_steps, settings=config.tgate_settings())
             with token_merging(unet, config.token_merge_settings(), shape[1:], torch.Generator().manual_seed(0)):
                 return sample(
                     unet,
@@ -226,7 +231,7 @@ def evaluate_cost(
     out["flops_per_image"] = float(count_flops(one))
     share = unet_flops(unet, shape, seq_len)["encoder_share"]
     out["encoder_share"] = float(share)
-    if config.token_merge is not None:  # no analytic bound: the counted FLOPs are the cost
+    if config.token_merge is not None or config.tgate_gate is not None:  # no analytic bound: FLOPs are counted
         out["flops_bound_ratio"] = float("nan")
     elif config.deep_branch is None:
         out["flops_bound_ratio"] = float(sampling_flops_ratio(share, config.num_inference_steps, keys))
