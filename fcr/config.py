@@ -137,6 +137,17 @@ def _check_validation(params: dict[str, Any]) -> None:
                           f"got {params['validate_stride']}")
 
 
+def _check_peers(params: dict[str, Any]) -> None:
+    n = params["num_inference_steps"]
+    late = [g for g in params["tgate_gate_steps"] if g > n]
+    if late:
+        raise ConfigError(f"parameter 'tgate_gate_steps': every gate step must be <= num_inference_steps={n}, "
+                          f"got {late[0]}")
+    if params["tgate_gate_steps"] and params["guidance_scale"] <= 1:
+        raise ConfigError("parameter 'tgate_gate_steps': T-GATE drops classifier-free guidance at its gate; it needs "
+                          f"guidance_scale > 1, got {params['guidance_scale']}")
+
+
 def validate(params: Mapping[str, Any], *, fill_defaults: bool = True) -> dict[str, Any]:
     """Validate flat parameters and return them with defaults filled in.
 
@@ -162,6 +173,7 @@ def validate(params: Mapping[str, Any], *, fill_defaults: bool = True) -> dict[s
     if fill_defaults:
         _check_key_schedule(out)
         _check_validation(out)
+        _check_peers(out)
     return out
 
 

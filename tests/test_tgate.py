@@ -95,6 +95,20 @@ def test_tgate_is_a_sweep_configuration() -> None:
         sweep_configurations([1], 50, "ddim", dpm_reference_steps=0, tgate_gate_steps=[51])
 
 
+def test_bad_tgate_parameters_fail_at_validation_with_one_line() -> None:
+    from fcr.config import ConfigError, validate
+
+    for bad, match in (({"tgate_gate_steps": [60], "num_inference_steps": 50}, "must be <= num_inference_steps=50"),
+                       ({"tgate_gate_steps": [0]}, "tgate_gate_steps"),
+                       ({"tgate_gate_steps": [10], "guidance_scale": 1.0}, "needs guidance_scale > 1"),
+                       ({"tome_ratios": [0.9]}, r"tome_ratios.*\(0, 0.75\]"),
+                       ({"tome_max_downsample": 3}, "tome_max_downsample")):
+        with pytest.raises(ConfigError, match=match) as err:
+            validate(bad)
+        assert "\n" not in str(err.value)
+    assert validate({"tgate_gate_steps": [10], "tome_ratios": [0.5]})["tgate_gate_steps"] == [10]
+
+
 def test_generate_runs_tgate_on_the_embedded_unet() -> None:
     import numpy as np
 
