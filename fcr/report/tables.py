@@ -174,6 +174,9 @@ def build_report(
         extra += trajectory_section(result_dir(root, exp, "mechanistic", run),
                                     f"Mechanism along sampled trajectories (notebook 05, {exp}, {run})")
 
+    gated = dict.fromkeys(b.experiment for b in backbones if b.study is not None and b.study.stopping_rule)
+    extra += [csv_section(f"The seed's stopping rule ({exp}): criterion a of each FCR candidate before the later phases",
+                          root / exp / "stopping_rule" / contract.STOPPING_RULE) for exp in gated]
     frontier = frontier_sections(root)
     figures = collect_figures(root, out_dir)
     files += figures
