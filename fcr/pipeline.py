@@ -171,11 +171,9 @@ def _stopping_rule_task(exp: Experiment, spec: SettingPlan, root: Path, exp_dir:
     folder = exp_dir / "stopping_rule"
 
     def gate(root: Path = root, folder: Path = folder) -> None:
-        path = write_gate(root, gated, folder)
-        print(f"   stopping rule: {path}", flush=True)
-        from fcr.analysis.rows import read_optional
-
-        for _, r in read_optional(path).iterrows():
+        log = write_gate(root, gated, folder)
+        print(f"   stopping rule: {folder / contract.STOPPING_RULE}", flush=True)
+        for _, r in log.iterrows():
             print(f"   - {r['candidate']}: {r['action']} ({r['reason']})", flush=True)
 
     return Task(f"{exp.experiment_id}: stopping rule (criterion a, {CRITERION_A_CONFIG})", folder, [],

@@ -61,6 +61,22 @@ UNET_BUILDERS = {
 }
 
 
+def tiny_embedded_model(sample_size: int = 16):
+    """(an embedded sampling model with random ``base`` weights of seed 0, two prompts with random
+    text states) for generate() code paths; the global generator is left as it was."""
+    import numpy as np
+
+    from fcr.backends.embedded.model import EmbeddedModel, PromptSet
+    from fcr.backends.models import build_noise_scheduler
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = EmbeddedModel(build_embedded_unet("base", sample_size=sample_size).eval(), build_noise_scheduler())
+    g = torch.Generator().manual_seed(1)
+    prompts = PromptSet(np.arange(2), ["a", "b"], torch.randn(2, 16, 384, generator=g), torch.randn(16, 384, generator=g), 0)
+    return model, prompts
+
+
 def make_unet(name: str, seed: int = 0, sample_size: int = 16):
     """(unet, in_channels, cross_attention_dim) with deterministic random weights."""
     builder, channels, cross_dim = UNET_BUILDERS[name]

@@ -8,7 +8,7 @@ import types
 
 import pytest
 import torch
-from conftest import make_unet
+from conftest import make_unet, tiny_embedded_model
 from diffusers import DDIMScheduler
 from equivalence import assert_float32_equivalent
 
@@ -127,16 +127,9 @@ def test_deep_cache_configurations_keep_encoder_caching_keys() -> None:
 
 
 def test_generate_runs_deepcache_configurations() -> None:
-    import numpy as np
-
-    from fcr.backends.embedded.model import EmbeddedModel, PromptSet
     from fcr.backends.generate import generate
-    from fcr.backends.models import build_embedded_unet, build_noise_scheduler
 
-    torch.manual_seed(0)
-    model = EmbeddedModel(build_embedded_unet("base", sample_size=16).eval(), build_noise_scheduler())
-    g = torch.Generator().manual_seed(1)
-    prompts = PromptSet(np.arange(2), ["a", "b"], torch.randn(2, 16, 384, generator=g), torch.randn(16, 384, generator=g), 0)
+    model, prompts = tiny_embedded_model()
     kw = dict(seed=0, num_inference_steps=6, guidance_scale=2.0, key_steps=[0, 3], batch_size=2)
     deep = generate(model, prompts, deep_cache_branch=0, **kw)
     assert deep.stats["unet_passes"] == 2 and deep.stats["shallow_passes"] == 4 and deep.stats["encoder_passes"] == 0

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_embedded_model
 from test_diffusers_api import CONFIGS, _build_pipe
 
 from fcr.core.sampler import build_scheduler, sample
@@ -110,17 +111,9 @@ def test_bad_tgate_parameters_fail_at_validation_with_one_line() -> None:
 
 
 def test_generate_runs_tgate_on_the_embedded_unet() -> None:
-    import numpy as np
-
-    from fcr.backends.embedded.model import EmbeddedModel, PromptSet
     from fcr.backends.generate import generate
-    from fcr.backends.models import build_embedded_unet, build_noise_scheduler
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = EmbeddedModel(build_embedded_unet("base", sample_size=16).eval(), build_noise_scheduler())
-    g = torch.Generator().manual_seed(1)
-    prompts = PromptSet(np.arange(2), ["a", "b"], torch.randn(2, 16, 384, generator=g), torch.randn(16, 384, generator=g), 0)
+    model, prompts = tiny_embedded_model()
     kw = dict(seed=3, num_inference_steps=4, guidance_scale=2.0, batch_size=2)
     gated = generate(model, prompts, tgate=TGateSettings(2, 1, 1, 0), **kw)
     assert gated.stats["unet_passes"] == 4

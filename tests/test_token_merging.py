@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_unet
+from conftest import make_unet, tiny_embedded_model
 from equivalence import assert_float32_equivalent
 
 from fcr.core.token_merging import (
@@ -128,17 +128,9 @@ def test_tome_is_a_sweep_configuration_with_its_own_keys_and_family() -> None:
 
 
 def test_generate_runs_token_merging_deterministically() -> None:
-    from fcr.backends.embedded.model import EmbeddedModel, PromptSet
     from fcr.backends.generate import generate
-    from fcr.backends.models import build_embedded_unet, build_noise_scheduler
 
-    import numpy as np
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = EmbeddedModel(build_embedded_unet("base", sample_size=16).eval(), build_noise_scheduler())
-    g = torch.Generator().manual_seed(1)
-    prompts = PromptSet(np.arange(2), ["a", "b"], torch.randn(2, 16, 384, generator=g), torch.randn(16, 384, generator=g), 0)
+    model, prompts = tiny_embedded_model()
     kw = dict(seed=3, num_inference_steps=3, guidance_scale=2.0, batch_size=2)
     settings = TokenMergeSettings(0.5, max_downsample=4)  # the embedded UNet attends at 1/4 of the latent only
     merged = generate(model, prompts, token_merge=settings, **kw).images

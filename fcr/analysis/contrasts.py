@@ -34,7 +34,7 @@ import scipy.stats
 from safetensors.torch import load_file
 
 from fcr import contract
-from fcr.analysis.paired import cell_tensors, load_fidelity
+from fcr.analysis.paired import cell_tensors, check_same_prompts, load_fidelity
 from fcr.stats import bootstrap_replicates, holm, paired_mde
 from fcr.contract import FIDELITY_DIRECTIONS
 from fcr.eval.metrics import FrechetToReference, fd_infinity, feature_statistics
@@ -421,10 +421,7 @@ def variant_contrasts(points: Sequence[tuple[Any, str | Path, str, str | Path, s
             seeds = sorted(set(common_seeds(q_fcr, [(fcr_model, config)])) & set(common_seeds(q_control, [(control, config)])))
             if not seeds:
                 continue
-            for seed in seeds:
-                if cell_tensors(fcr_dir, fcr_model, config, seed)[1] != cell_tensors(control_dir, control, config, seed)[1]:
-                    raise ValueError(f"{fcr_model} ({fcr_dir}) and {control} ({control_dir}) sampled other prompts at "
-                                     f"seed {seed}: their images do not pair")
+            check_same_prompts(fcr_dir, fcr_model, control_dir, control, config, seeds)
             a = _fidelity_values(fcr_dir, fcr_model, config, study.primary_endpoint, study.primary_reference, seeds)
             c = _fidelity_values(control_dir, control, config, study.primary_endpoint, study.primary_reference, seeds)
             rows.append({"variant": label, "config": config, "endpoint": study.primary_endpoint,

@@ -30,7 +30,7 @@ from fcr.analysis.contrasts import (
     common_seeds,
     fd_infinity_table,
 )
-from fcr.analysis.paired import cell_tensors
+from fcr.analysis.paired import check_same_prompts
 from fcr.analysis.rows import result_dir
 from fcr.grid_design import Grid, GridArm, best_of
 from fcr.manifest import Backbone, Study
@@ -56,43 +56,28 @@ def _row(arm: GridArm, control: Sequence[str], config: str, study: Study) -> dic
             "vs_config": config, "margin": math.nan, "n_runs": len(arm.models)}
 
 
-def _arm_test(sweep_dir: Path, quality: pd.DataFrame, arm: Sequence[str], control: Sequence[str], config: str,
-              study: Study, seeds: Sequence[int] | None = None) -> dict[str, Any]:
-    """The replicated paired test of ``arm`` against ``control`` at ``config`` on the seeds every
-    model ran (or ``seeds``); n = 0 and nan when they share none."""
-    shared = common_seeds(quality, [(m, config) for m in (*arm, *control)])
+def _arm_test(arm_sweep: tuple[Path, pd.DataFrame], arm: Sequence[str], control_sweep: tuple[Path, pd.DataFrame],
+              control: Sequence[str], config: str, study: Study, seeds: Sequence[int] | None = None
+              ) -> dict[str, Any]:
+    """The replicated paired test of ``arm`` (its cells in the sweep ``arm_sweep``: folder and
+    quality table) against ``control`` (in ``control_sweep``, the same or another folder) at
+    ``config`` on the seeds every model ran (and in ``seeds``); n = 0 and nan when they share
+    none. Across two folders every shared seed must have sampled the same prompts."""
+    (arm_dir, arm_quality), (control_dir, control_quality) = arm_sweep, control_sweep
+    shared = sorted(set(common_seeds(arm_quality, [(m, config) for m in arm]))
+                    & set(common_seeds(control_quality, [(m, config) for m in control])))
     if seeds is not None:
         shared = [s for s in shared if s in set(seeds)]
     if not shared:
         return {"n": 0, "estimate": math.nan, "lo": math.nan, "hi": math.nan, "p": math.nan, "sd_diff": math.nan}
-
-    def values(models: Sequence[str]) -> list[np.ndarray]:
-        return [_fidelity_values(sweep_dir, m, config, study.primary_endpoint, study.primary_reference, shared)
-                for m in models]
-
-    return _replicated_superiority(values(arm), values(control), study)
-
-
-def _reference_test(reference_dir: Path, sweep_dir: Path, quality: pd.DataFrame, arm: Sequence[str],
-                    control: Sequence[str], config: str, study: Study) -> dict[str, Any]:
-    """:func:`_arm_test` of an arm sampled in another sweep folder against the control of
-    ``sweep_dir``, on the seeds both ran; every shared seed must have sampled the same prompts (the
-    initial noise is a function of seed and image index), else the images do not pair."""
-    ref_quality = pd.read_csv(reference_dir / contract.QUALITY)
-    seeds = sorted(set(common_seeds(ref_quality, [(m, config) for m in arm]))
-                   & set(common_seeds(quality, [(m, config) for m in control])))
-    if not seeds:
-        return _arm_test(sweep_dir, quality, arm, control, config, study, seeds=[])
-    for seed in seeds:
-        if cell_tensors(reference_dir, arm[0], config, seed)[1] != cell_tensors(sweep_dir, control[0], config, seed)[1]:
-            raise ValueError(f"{arm[0]} ({reference_dir}) and {control[0]} ({sweep_dir}) sampled other prompts at "
-                             f"seed {seed}: their images do not pair")
+    if arm_dir != control_dir:
+        check_same_prompts(arm_dir, arm[0], control_dir, control[0], config, shared)
 
     def values(folder: Path, models: Sequence[str]) -> list[np.ndarray]:
-        return [_fidelity_values(folder, m, config, study.primary_endpoint, study.primary_reference, seeds)
+        return [_fidelity_values(folder, m, config, study.primary_endpoint, study.primary_reference, shared)
                 for m in models]
 
-    return _replicated_superiority(values(reference_dir, arm), values(sweep_dir, control), study)
+    return _replicated_superiority(values(arm_dir, arm), values(control_dir, control), study)
 
 
 def grid_contrasts(sweep_dir: str | Path, quality: pd.DataFrame, grid: Grid, study: Study,
@@ -101,21 +86,19 @@ def grid_contrasts(sweep_dir: str | Path, quality: pd.DataFrame, grid: Grid, stu
     control at each study stride, Holm within each family (``family`` = ``grid: <family>``), and
     the grid's reference arm (from ``reference_dir``, default ``sweep_dir``) on the pairs it shares
     with the control (family ``grid: reference``, reported, not tested: ``p_holm`` empty)."""
-    sweep_dir = Path(sweep_dir)
-    reference_dir = Path(reference_dir) if reference_dir is not None else sweep_dir
+    sweep = (Path(sweep_dir), quality)
+    reference_dir = Path(reference_dir) if reference_dir is not None else sweep[0]
     rows: list[dict[str, Any]] = []
     for arms in grid.families.values():
         family = [{**_row(arm, grid.control, config, study),
-                   **_arm_test(sweep_dir, quality, arm.models, grid.control, config, study)}
+                   **_arm_test(sweep, arm.models, sweep, grid.control, config, study)}
                   for arm in arms for config in study.strides]
         rows += adjust_family(family, study)
     if grid.reference is not None:
+        reference = sweep if reference_dir == sweep[0] else (reference_dir, pd.read_csv(reference_dir / contract.QUALITY))
         for config in study.strides:
-            test = (_arm_test(sweep_dir, quality, grid.reference.models, grid.control, config, study)
-                    if reference_dir == sweep_dir else
-                    _reference_test(reference_dir, sweep_dir, quality, grid.reference.models, grid.control, config,
-                                    study))
-            row = {**_row(grid.reference, grid.control, config, study), **test}
+            row = {**_row(grid.reference, grid.control, config, study),
+                   **_arm_test(reference, grid.reference.models, sweep, grid.control, config, study)}
             row.update(p_holm=math.nan, m_tests=0, mde=math.nan,
                        decision="reference (tested in the study's primary family)")
             rows.append(row)
@@ -207,9 +190,11 @@ def grid_sensitivity(best_dir: str | Path, final_dir: str | Path, grid: Grid, st
         tests = []
         for arm in arms:
             for config in study.strides:
-                best = _arm_test(best_dir, q_best, [best_of(m) for m in arm.models], control_best, config, study)
+                best = _arm_test((best_dir, q_best), [best_of(m) for m in arm.models], (best_dir, q_best),
+                                 control_best, config, study)
                 seeds = common_seeds(q_best, [(best_of(m), config) for m in (*arm.models, *grid.control)])
-                final = _arm_test(final_dir, q_final, arm.models, grid.control, config, study, seeds=seeds)
+                final = _arm_test((final_dir, q_final), arm.models, (final_dir, q_final), grid.control, config,
+                                  study, seeds=seeds)
                 tests.append({"family": _family_name(family), "arm": arm.label, "config": config, "kind": "superiority",
                               "endpoint": study.primary_endpoint, **best, "final_estimate": final["estimate"],
                               "final_lo": final["lo"], "final_hi": final["hi"],

@@ -3,6 +3,7 @@ and the per-image fidelity table, as the analysis and the notebooks use them."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 
 from fcr.contract import FIDELITY_DIRECTIONS, FIDELITY_PER_IMAGE
 
-__all__ = ["cell_tensors", "load_fidelity", "load_side_file", "per_image_table", "quality_stem", "side_file_with_images"]
+__all__ = ["cell_tensors", "check_same_prompts", "load_fidelity", "load_side_file", "per_image_table", "quality_stem", "side_file_with_images"]
 
 
 def quality_stem(model: str, config: str, seed: int) -> str:
@@ -72,6 +73,17 @@ def per_image_table(out_dir: str | Path) -> pd.DataFrame:
 
 
 _TABLES: dict[tuple[str, int, int], pd.DataFrame] = {}
+
+
+def check_same_prompts(dir_a: Path, model_a: str, dir_b: Path, model_b: str, config: str,
+                       seeds: Sequence[int]) -> None:
+    """ValueError unless ``model_a``'s cells in ``dir_a`` and ``model_b``'s in ``dir_b`` sampled the
+    same prompts at every seed of ``seeds`` (the initial noise is a function of seed and image
+    index): cells of two sweep folders pair only then."""
+    for seed in seeds:
+        if cell_tensors(dir_a, model_a, config, seed)[1] != cell_tensors(dir_b, model_b, config, seed)[1]:
+            raise ValueError(f"{model_a} ({dir_a}) and {model_b} ({dir_b}) sampled other prompts at seed {seed}: "
+                             "their images do not pair")
 
 
 def load_fidelity(out_dir: str | Path, model: str, config: str, seed: int, reference: str) -> dict[str, torch.Tensor]:

@@ -70,9 +70,9 @@ def quality_gate(contrasts: pd.DataFrame, backbones: Sequence[Backbone], config:
 
 
 def write_gate(root: str | Path, backbones: Sequence[Backbone], out_dir: str | Path,
-               config: str = CRITERION_A_CONFIG) -> Path:
+               config: str = CRITERION_A_CONFIG) -> pd.DataFrame:
     """Evaluate the study's contrasts of the gated backbones (as the report does) and write the
-    gate's log (``stopping_rule.csv``) into ``out_dir``; returns its path."""
+    gate's log (``stopping_rule.csv``) into ``out_dir``; returns the log."""
     from fcr.analysis.study import study_tables
 
     gated = gated_backbones(backbones)
@@ -81,7 +81,7 @@ def write_gate(root: str | Path, backbones: Sequence[Backbone], out_dir: str | P
     out = Path(out_dir) / contract.STOPPING_RULE
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
-    return out
+    return table
 
 
 def excluded_models(gate_log: str | Path) -> set[str]:

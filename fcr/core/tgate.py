@@ -26,7 +26,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from fcr.core.sampler import SampleOutput, SamplerStats, apply_guidance, guidance_context
+from fcr.core.sampler import SampleOutput, SamplerStats, _step_kwargs, apply_guidance, guidance_context
 
 __all__ = ["TGateSettings", "tgate_sample"]
 
@@ -123,7 +123,7 @@ def tgate_sample(
     guided = guidance_context(encoder_hidden_states, uncond_hidden_states, batch, guidance_scale)
     unguided = guided[:batch]  # the unconditional rows, as the package passes after the gate
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
-    step_kwargs = {"generator": generator} if generator is not None and "generator" in _step_params(scheduler) else {}
+    step_kwargs = _step_kwargs(scheduler, generator)
     stats = SamplerStats()
     latents = noise * scheduler.init_noise_sigma
     originals, state = _install(unet)
@@ -141,9 +141,3 @@ def tgate_sample(
     finally:
         unet.set_attn_processor(originals)
     return SampleOutput(latents, stats)
-
-
-def _step_params(scheduler: SchedulerMixin) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(scheduler.step).parameters)
