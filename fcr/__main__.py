@@ -1,9 +1,10 @@
-"""Command line: ``python -m fcr {validate,train} -f params/a.yaml [-f b.yaml] [--set key=value]``.
+"""Command line: ``python -m fcr {validate,train,distill} -f params/a.yaml [-f b.yaml] [--set key=value]``.
 
 Parameter files merge left to right with a shallow update (as papermill's ``-f``); ``--set``
 values are read as YAML scalars. Everything is validated before any work or output; ``validate``
 also runs the setting's checks for each ``--task`` (default: every task the setting implements).
 Bad parameters, data or model paths print ``error: ...`` and exit with status 2.
+``distill``: progressive distillation (:func:`fcr.train.distillation.distill`).
 Data-parallel training: ``torchrun --nproc_per_node N -m fcr train ...`` (gloo on CPU, NCCL on GPUs).
 """
 
@@ -21,7 +22,7 @@ from fcr.config import SETTING_TASKS, TASKS, ConfigError, load_options, parse_se
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fcr", description=__doc__)
-    parser.add_argument("command", choices=("validate", "train"))
+    parser.add_argument("command", choices=("validate", "train", "distill"))
     parser.add_argument("-f", "--params", action="append", default=[], help="parameter YAML file (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one parameter")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after this many optimizer steps (resumable)")
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         opts = load_options(*args.params, overrides=parse_sets(args.set))
-        tasks = ["finetune"] if args.command == "train" else args.task or list(SETTING_TASKS[opts.run.setting])
+        tasks = {"train": ["finetune"], "distill": ["distill"]}.get(args.command) or args.task or list(SETTING_TASKS[opts.run.setting])
         for task in tasks:
             check_task(opts, task)
     except (ConfigError, ModelNotFoundError) as exc:
@@ -46,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         init_distributed()  # several launched processes: one group, or a refusal before anything is written
+        if args.command == "distill":
+            from fcr.train.distillation import distill
+
+            rounds = distill(opts, stop_after=args.stop_after)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"finished rounds: {[str(r) for r in rounds]}")
+            return 0
         result = finetune(opts, stop_after=args.stop_after)
     except DistributedSetupError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -148,6 +148,14 @@ def _check_peers(params: dict[str, Any]) -> None:
                           f"guidance_scale > 1, got {params['guidance_scale']}")
 
 
+def _check_distillation(params: dict[str, Any]) -> None:
+    steps, rounds = params["distill_base_steps"], params["distill_rounds"]
+    if steps % 2**rounds:
+        raise ConfigError(f"parameter 'distill_rounds': distill_base_steps={steps} does not halve exactly {rounds} "
+                          "times (each student step must be two teacher steps); use a multiple of "
+                          f"{2**rounds}, got {rounds}")
+
+
 def validate(params: Mapping[str, Any], *, fill_defaults: bool = True) -> dict[str, Any]:
     """Validate flat parameters and return them with defaults filled in.
 
@@ -174,10 +182,11 @@ def validate(params: Mapping[str, Any], *, fill_defaults: bool = True) -> dict[s
         _check_key_schedule(out)
         _check_validation(out)
         _check_peers(out)
+        _check_distillation(out)
     return out
 
 
-TASKS = ("data", "finetune", "sweep", "robustness", "mechanistic", "frontier", "human")
+TASKS = ("data", "finetune", "distill", "sweep", "robustness", "mechanistic", "frontier", "human")
 # The tasks each setting implements.
 SETTING_TASKS = {"embedded": TASKS, "sd": TASKS}
 

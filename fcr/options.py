@@ -181,6 +181,15 @@ class TrainingOptions:
 
 
 @dataclass(frozen=True)
+class DistillationOptions:
+    """Progressive distillation of ``model`` (notebook 02b, fcr.train.distillation)."""
+
+    distill_base_steps: int = option(64, "DDIM steps of the first round's teacher (the original, guided); each round's student takes half its teacher's steps", check=_at_least(2))
+    distill_rounds: int = option(4, "halving rounds (distill_base_steps must halve exactly this often)", check=_at_least(1))
+    distill_guidance_scale: float = option(4.0, "classifier-free guidance scale of the first teacher, folded into every student (sampled unguided)", check=_at_least(1.0))
+
+
+@dataclass(frozen=True)
 class EvaluationOptions:
     """Scoring generated images: sizes, bootstrap, cost timing, FID and CLIP references."""
 
@@ -273,7 +282,7 @@ class HumanOptions:
     human_power_win_rates: tuple[float, ...] = option((0.55, 0.6, 0.65), "win rates of A the power table sizes the study for", check=_non_empty(_each(_win_rate)))
 
 
-GROUPS = {"run": RunOptions, "data": DataOptions, "backbone": BackboneOptions, "sampling": SamplingOptions, "fcr": FCROptions, "training": TrainingOptions, "evaluation": EvaluationOptions, "sweep": SweepOptions, "robustness": RobustnessOptions, "mechanistic": MechanisticOptions, "frontier": FrontierOptions, "human": HumanOptions}
+GROUPS = {"run": RunOptions, "data": DataOptions, "backbone": BackboneOptions, "sampling": SamplingOptions, "fcr": FCROptions, "training": TrainingOptions, "distillation": DistillationOptions, "evaluation": EvaluationOptions, "sweep": SweepOptions, "robustness": RobustnessOptions, "mechanistic": MechanisticOptions, "frontier": FrontierOptions, "human": HumanOptions}
 
 
 def _frozen(value: Any) -> Any:
@@ -294,6 +303,7 @@ class Options:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     fcr: FCROptions = field(default_factory=FCROptions)
     training: TrainingOptions = field(default_factory=TrainingOptions)
+    distillation: DistillationOptions = field(default_factory=DistillationOptions)
     evaluation: EvaluationOptions = field(default_factory=EvaluationOptions)
     sweep: SweepOptions = field(default_factory=SweepOptions)
     robustness: RobustnessOptions = field(default_factory=RobustnessOptions)

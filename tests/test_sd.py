@@ -37,7 +37,7 @@ from fcr.backends.sd.model import (
 )
 from fcr.backends.sd.data import open_image, sd_image_transform
 from fcr.backends.sd.params import native_resolution
-from fcr.train.finetune import finetune_sd
+from fcr.train.finetune import finetune as finetune_sd
 
 RES = 32
 TEXT_DIM = 32

@@ -4,6 +4,7 @@ parameters next to the results, then runs :func:`fcr.train.loop.train`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from fcr.options import Options
 from fcr.train.loop import TrainConfig, TrainResult, fcr_config, train
 from fcr.train.validation import CachedFidelityValidator, Validator
 
-__all__ = ["FINETUNE_KEYS", "embedded_validator", "finetune", "finetune_sd", "run_dir"]
+__all__ = ["FINETUNE_KEYS", "TrainingSetup", "embedded_validator", "finetune", "run_dir", "training_setup", "write_params"]
 
 
 # Every parameter a fine-tune reads (embedded and SD). Notebook 02 declares all of them in its
@@ -85,16 +86,28 @@ def run_dir(opts: Options) -> Path:
     return Path(opts.run.output_dir) / opts.run.run_name
 
 
-def _write_params(folder: Path, opts: Options) -> None:
+def write_params(folder: Path, opts: Options) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / contract.RUN_PARAMS).write_text(yaml.safe_dump(opts.to_flat(), sort_keys=True))
 
 
-def finetune(opts: Options, *, progress: bool = True, stop_after: int | None = None) -> TrainResult:
-    """Train a UNet with denoising + λ·FCR as ``opts`` say (they must be validated already)."""
-    if opts.run.setting == "sd":
-        return finetune_sd(opts, progress=progress, stop_after=stop_after)
+@dataclass
+class TrainingSetup:
+    """What a training run of a setting starts from: the model to train, its training noise schedule,
+    the data, the accelerator (None: :func:`fcr.train.loop.train` builds one) and what the run records."""
 
+    unet: Any
+    noise_scheduler: Any
+    data: Any
+    accelerator: Any
+    run_info: dict[str, Any]
+
+
+def training_setup(opts: Options) -> TrainingSetup:
+    """Load the model, noise schedule and data that validated ``opts`` name (embedded or SD); write
+    nothing. Used by fine-tuning and by distillation (whose teacher is this model)."""
+    if opts.run.setting == "sd":
+        return _sd_setup(opts)
     prepare_embedded_data(opts.data.data_dir, seed=0, max_text_length=opts.backbone.max_text_length)
     examples, _ = load_split(opts.data.data_dir, "train", style=opts.data.train_style)
     if opts.backbone.model == "scratch":
@@ -106,19 +119,34 @@ def finetune(opts: Options, *, progress: bool = True, stop_after: int | None = N
         check_prediction_type(opts.backbone.model, opts.backbone.prediction_type)
         unet = load_embedded_unet(opts.backbone.model)
     noise_scheduler = build_noise_scheduler(opts.backbone.num_train_timesteps, opts.backbone.beta_schedule, opts.backbone.prediction_type)
+    return TrainingSetup(unet, noise_scheduler, examples, None, {"model": opts.backbone.model, "setting": opts.run.setting})
+
+
+def finetune(opts: Options, *, progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Train a UNet with denoising + λ·FCR as ``opts`` say (they must be validated already).
+
+    SD: data are ``train_subset`` items (seeded by ``seed``) of ``train_data``, the model
+    ``opts.backbone.model`` (repo id, short name or folder), images at ``resolution``. Results go to
+    ``output_dir/run_name``."""
+    if opts.run.setting == "sd" and opts.training.validate_every:
+        raise ConfigError("parameter 'validate_every': checkpoint selection is implemented for the embedded setting "
+                          "only; set it to 0 for Stable Diffusion")
+    setup = training_setup(opts)
     folder = run_dir(opts)
-    _write_params(folder, opts)
+    if setup.accelerator is None or setup.accelerator.is_main_process:
+        write_params(folder, opts)
     return train(
-        unet,
-        noise_scheduler,
-        examples,
+        setup.unet,
+        setup.noise_scheduler,
+        setup.data,
         TrainConfig.from_options(opts),
         fcr_config(opts),
         folder,
+        accelerator=setup.accelerator,
         progress=progress,
         stop_after=stop_after,
-        run_info={"model": opts.backbone.model, "setting": opts.run.setting},
-        validator=embedded_validator(opts, noise_scheduler),
+        run_info=setup.run_info,
+        validator=embedded_validator(opts, setup.noise_scheduler) if opts.run.setting != "sd" else None,
     )
 
 
@@ -136,21 +164,14 @@ def embedded_validator(opts: Options, noise_scheduler: Any) -> Validator | None:
         batch_size=t.validate_images)
 
 
-def finetune_sd(opts: Options, *, progress: bool = True, stop_after: int | None = None) -> TrainResult:
-    """Fine-tune an SD UNet with denoising + λ·FCR as validated ``opts`` say.
-
-    Data: ``train_subset`` items (seeded by ``seed``) of ``train_data``; model: ``opts.backbone.model``
-    (repo id, short name or folder); images at ``resolution``. Results go to ``output_dir/run_name``.
-    """
+def _sd_setup(opts: Options) -> TrainingSetup:
+    """The SD model (float32 UNet; VAE and text encoder in the mixed-precision dtype), its data and accelerator."""
     import torch
     from accelerate import Accelerator
 
     from fcr.backends.sd.data import sample_subset
     from fcr.backends.sd.model import SDTrainData, check_train_files, load_sd_components, load_train_items
 
-    if opts.training.validate_every:
-        raise ConfigError("parameter 'validate_every': checkpoint selection is implemented for the embedded setting "
-                          "only; set it to 0 for Stable Diffusion")
     items = sample_subset(load_train_items(opts.data.train_data), opts.data.train_subset, opts.run.seed)
     check_train_files(items)
     cfg = TrainConfig.from_options(opts)
@@ -174,23 +195,6 @@ def finetune_sd(opts: Options, *, progress: bool = True, stop_after: int | None 
     parts.vae.to(dtype=weight_dtype)
     parts.text_encoder.to(dtype=weight_dtype)
     data = SDTrainData(items, parts.vae, parts.tokenizer, parts.text_encoder, opts.backbone.resolution)
-    folder = run_dir(opts)
-    if accelerator.is_main_process:
-        _write_params(folder, opts)
-    return train(
-        parts.unet,
-        parts.noise_scheduler,
-        data,
-        cfg,
-        fcr_config(opts),
-        folder,
-        accelerator=accelerator,
-        progress=progress,
-        stop_after=stop_after,
-        run_info={
-            "model": opts.backbone.model,
-            "setting": "sd",
-            "train_data": opts.data.train_data,
-            "scheduler_config": parts.scheduler_config,
-        },
-    )
+    info = {"model": opts.backbone.model, "setting": "sd", "train_data": opts.data.train_data,
+            "scheduler_config": parts.scheduler_config}
+    return TrainingSetup(parts.unet, parts.noise_scheduler, data, accelerator, info)

@@ -237,6 +237,7 @@ def train(
     stop_after: int | None = None,
     run_info: Mapping[str, Any] | None = None,
     validator: Validator | None = None,
+    objective: torch.nn.Module | None = None,
 ) -> TrainResult:
     """Fine-tune ``unet`` in place on ``data`` with the denoising + FCR loss.
 
@@ -246,13 +247,19 @@ def train(
     ends after that many optimizer steps as an interruption would (for tests and time budgets).
     ``validator`` with ``cfg.validate_every`` > 0: checkpoint selection (:mod:`fcr.train.validation`),
     writing ``validation.csv``, ``early_stopping.json`` and the best step's weights ``unet_best/``.
+    ``objective``: another loss with :class:`FCRObjective`'s interface (``.unet`` is ``unet``;
+    ``forward(x0, states, generator)`` returns the total, its main term and its FCR term), e.g.
+    :class:`fcr.train.distillation.ProgressiveObjective`; the log's ``denoise`` column is its main term.
     """
     run_dir = Path(run_dir)
     if accelerator is None:
         accelerator = build_accelerator(cfg.gradient_accumulation_steps, cfg.mixed_precision)
     else:
         check_process_group(accelerator)
-    objective = FCRObjective(unet, noise_scheduler, fcr)
+    if objective is None:
+        objective = FCRObjective(unet, noise_scheduler, fcr)
+    elif objective.unet is not unet:
+        raise ValueError("objective.unet must be the unet being trained")
     optimizer = torch.optim.AdamW(
         unet.parameters(),
         lr=cfg.learning_rate,

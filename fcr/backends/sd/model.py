@@ -3,7 +3,7 @@
 The UNet is the only trained part; the VAE and the CLIP text encoder stay frozen. Training
 examples are VAE latents (``latent_dist.sample() * scaling_factor``) with CLIP token states, as
 diffusers' text-to-image training script builds them (the fine-tune itself is
-:func:`fcr.train.finetune.finetune_sd`); sampling runs :func:`fcr.core.sampler.sample`
+:func:`fcr.train.finetune.finetune`); sampling runs :func:`fcr.core.sampler.sample`
 (plain or with encoder caching) in latent space and decodes with the VAE.
 """
 

@@ -51,7 +51,7 @@ def _need_path(opts: Options, key: str, what: str) -> None:
 def check_sd_params(opts: Options, task: str) -> None:
     """SD checks of :func:`fcr.config.check_task`: local data paths, resolutions (multiples of the
     VAE factor 8, not below the model's native size), stresses that apply to SD, local metric weights."""
-    if task in ("data", "finetune"):
+    if task in ("data", "finetune", "distill"):
         _need_path(opts, "train_data", "local training data (image+caption folder, img2dataset output, ArtBench-10, .parquet or .tar)")
     if task in ("data", "sweep", "robustness"):
         _need_path(opts, "eval_prompts", "evaluation prompts (e.g. MS-COCO's annotations/captions_val2017.json)")
