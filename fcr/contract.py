@@ -7,6 +7,7 @@ classifier features plays FID, and its prompted-class accuracy plays CLIPScore.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 __all__ = [
@@ -92,6 +93,8 @@ TRAIN_LOG = "train_log.csv"
 VALIDATION_LOG = "validation.csv"
 EARLY_STOPPING = "early_stopping.json"
 BEST_UNET = "unet_best"
+# A distillation round folder (fcr.train.distillation): the student's sampler (method, grid, steps).
+DISTILLATION_FILE = "distillation.json"
 # Stride sweep (notebook 03).
 QUALITY = "quality.csv"
 SUMMARY = "summary.csv"
@@ -236,8 +239,11 @@ COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {
 def model_label(source: str) -> str:
     """The name a model has in result tables: an embedded model name as it is, a run folder or hub
     id by its last part (the sweep, robustness and mechanistic runners and the manifest's backbones);
-    a fine-tune's best-step weights (``<run>/unet_best``) as ``<run>@best``."""
+    a fine-tune's best-step weights (``<run>/unet_best``) as ``<run>@best``, a distillation's round
+    (``<run>/round<r>_steps<N>``, :data:`DISTILLATION_FILE`) as ``<run>@round<r>``."""
     path = Path(source)
     if path.name == BEST_UNET and path.parent.name:
         return f"{path.parent.name}@best"
+    if re.fullmatch(r"round\d+_steps\d+", path.name) and path.parent.name:  # a distillation round
+        return f"{path.parent.name}@{path.name.split('_')[0]}"
     return path.name or source

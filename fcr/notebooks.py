@@ -25,8 +25,8 @@ NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 
 
 def list_notebooks() -> list[Path]:
-    """The numbered notebooks in order."""
-    return sorted(p for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    """The numbered notebooks in order (``02b_...`` runs after ``02_...``: it reads 02's data)."""
+    return sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]*_*.ipynb"), key=lambda p: p.name.split("_", 1)[0])
 
 
 def _parameters(param_files: list[str | Path], overrides: dict | None = None) -> dict:

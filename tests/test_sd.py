@@ -448,3 +448,37 @@ def test_shipped_sd_params_pass_every_task_check_once_paths_are_set(name, image_
         check_task(params, task)
     with pytest.raises(ConfigError, match="train_data"):
         check_task(params.with_flat(train_data=""), "finetune")
+
+
+# ---------------------------------------------------------------- distillation
+
+
+def test_distill_sd_end_to_end_and_sample_the_student(model_dir, image_folder, tmp_path):
+    """Progressive distillation of a tiny SD teacher (2 rounds, 8 -> 4 -> 2 steps), resumed after an
+    interruption; each round folder loads as the teacher's pipeline with the student UNet and
+    samples with its own configuration (PD-N: its grid, unguided)."""
+    from fcr.backends.models import read_distillation
+    from fcr.core.configurations import student_configurations
+    from fcr.options import SweepOptions
+    from fcr.train.distillation import distill, round_summary
+
+    params = sd_params(model_dir, image_folder, tmp_path, distill_base_steps=8, distill_rounds=2, lambda_fcr=0.1)
+    assert distill(params, progress=False, stop_after=1) == []  # round 1 interrupted
+    rounds = distill(params, progress=False)
+    assert [r.name for r in rounds] == ["round1_steps4", "round2_steps2"]
+    summary = round_summary(rounds)
+    assert summary["train_steps"].tolist() == [2, 2] and (summary["train_flops"] > 0).all()
+    assert summary["teacher_guidance"].tolist() == [params.distillation.distill_guidance_scale, 1.0]
+    record = read_distillation(rounds[0] / "unet")
+    assert record["steps"] == 4 and record["stride"] == 2 and record["teacher"] == str(model_dir)
+    student = load_sd_components(str(rounds[0]), device="cpu")
+    config = student_configurations(record, SweepOptions(strides=(1, 2), deep_cache_intervals=(2,)))
+    assert [c.name for c in config] == ["PD-4", "PD-4-FD-2", "PD-4-DeepCache-2-b0"]
+    for c in config:
+        out = generate(student, PROMPTS, scheduler_name="ddim", num_inference_steps=c.num_inference_steps,
+                       guidance_scale=c.guidance_scale, key_steps=c.key_steps, deep_cache_branch=c.deep_branch,
+                       scheduler_hook=lambda b, s, c=c: c.grid_scheduler(s), seed=3)
+        assert out.images.shape == (3, 4, RES // 8, RES // 8) and torch.isfinite(out.images).all()
+    plain = generate(student, PROMPTS, scheduler_name="ddim", num_inference_steps=4, guidance_scale=1.0,
+                     scheduler_hook=lambda b, s: config[0].grid_scheduler(s), seed=3)
+    assert plain.stats["unet_passes"] == 4  # one batch of 3, four steps, no guidance batch

@@ -7,6 +7,8 @@ on 1-channel 32x32 Fashion-MNIST images in pixel space.
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ __all__ = [
     "check_prediction_type",
     "model_training_params",
     "noise_scheduler_for",
+    "read_distillation",
     "resolve_device",
     "embedded_unet_config",
     "load_embedded_unet",
@@ -153,6 +156,13 @@ def model_training_params(unet_dir: str | Path) -> dict[str, Any] | None:
 
     path = Path(unet_dir).parent / contract.RUN_PARAMS
     return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def read_distillation(unet_dir: str | Path) -> dict[str, Any] | None:
+    """The distillation record (:data:`fcr.contract.DISTILLATION_FILE`) of the round that produced a
+    UNet folder (its parent folder); None for a model that is not a distilled student."""
+    path = Path(unet_dir).parent / contract.DISTILLATION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def check_prediction_type(model: str, prediction_type: str, models_dir: str | Path | None = None) -> None:

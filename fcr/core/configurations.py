@@ -5,16 +5,17 @@ table uses. Built from the sweep's parameters by :func:`sweep_configurations`.""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from fcr.core.grid_ddim import GridDDIM
 from fcr.core.sampler import key_steps
 from fcr.core.tgate import TGateSettings
 from fcr.core.token_merging import TokenMergeSettings
 from fcr.options import SamplingOptions, SweepOptions
 
-__all__ = ["SamplingConfig", "configs_for_model", "configurations_of", "sweep_configurations"]
+__all__ = ["SamplingConfig", "configs_for_model", "configurations_of", "student_configurations", "sweep_configurations"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,16 @@ class SamplingConfig:
     token_merge: float | None = None  # ToMe's ratio (fcr.core.token_merging); None: no token merging
     token_merge_downsample: int | None = None  # ToMe's max_downsample (with token_merge)
     tgate_gate: int | None = None  # T-GATE's gate step (fcr.core.tgate, the package's other defaults)
+    guidance_scale: float | None = None  # None: the run's; 1.0 for a student with the guidance folded in
+    grid_base_steps: int | None = None  # a distilled student's sampler: every grid_stride-th point of the
+    grid_stride: int | None = None  # original's grid_base_steps-step DDIM grid (fcr.core.grid_ddim)
+
+    def grid_scheduler(self, scheduler: Any) -> Any:
+        """The scheduler this configuration samples with, given the run's ``scheduler`` of its family:
+        a distilled student's :class:`fcr.core.grid_ddim.GridDDIM` on that DDIM's schedule, else ``scheduler``."""
+        if self.grid_stride is None:
+            return scheduler
+        return GridDDIM(scheduler, int(self.grid_base_steps), int(self.grid_stride))
 
     def token_merge_settings(self) -> TokenMergeSettings | None:
         """ToMe's settings of this configuration (None: no token merging)."""
@@ -52,7 +63,8 @@ class SamplingConfig:
         configuration without DeepCache (ToMe) has no ``deep_branch`` (``token_merge``) entry, so
         the result files of the other configurations keep the keys they were written with."""
         out = asdict(self)
-        for key in ("deep_branch", "token_merge", "token_merge_downsample", "tgate_gate"):
+        for key in ("deep_branch", "token_merge", "token_merge_downsample", "tgate_gate", "guidance_scale",
+                    "grid_base_steps", "grid_stride"):
             if out[key] is None:
                 del out[key]
         out["key_steps"] = None if self.key_steps is None else list(self.key_steps)
@@ -143,11 +155,38 @@ def configurations_of(sampling: SamplingOptions, sweep: SweepOptions) -> list[Sa
     )
 
 
-def configs_for_model(configs: Sequence[SamplingConfig], index: int, all_models: bool) -> list[SamplingConfig]:
+def student_configurations(distillation: Mapping[str, Any], sweep: SweepOptions) -> list[SamplingConfig]:
+    """The configurations of a distilled student (``distillation``: its round's record,
+    :data:`fcr.contract.DISTILLATION_FILE`): ``PD-N``, its own N-step sampler, unguided (the guidance
+    is folded in); ``PD-N-FD-s``: encoder caching at uniform stride ``s`` within it, for each sweep
+    stride with ``1 < s < N``; ``PD-N-DeepCache-i-bB``: DeepCache within it, for each sweep interval
+    ``1 < i < N`` x branch (FCR + distillation is a student whose round was trained with the FCR term)."""
+    if distillation.get("method") != "progressive":
+        raise ValueError(f"unknown distillation method {distillation.get('method')!r}")
+    n, base, stride = int(distillation["steps"]), int(distillation["base_steps"]), int(distillation["stride"])
+    student = dict(guidance_scale=float(distillation.get("sampling_guidance_scale", 1.0)), grid_base_steps=base,
+                   grid_stride=stride)
+    configs = [SamplingConfig(f"PD-{n}", "ddim", n, None, **student)]
+    for s in dict.fromkeys(int(s) for s in sweep.strides):
+        if 1 < s < n:
+            configs.append(SamplingConfig(f"PD-{n}-FD-{s}", "ddim", n, tuple(key_steps(n, "uniform", s)), **student))
+    for interval in dict.fromkeys(int(i) for i in sweep.deep_cache_intervals):
+        if 1 < interval < n:
+            for branch in dict.fromkeys(int(b) for b in sweep.deep_cache_branches):
+                configs.append(SamplingConfig(f"PD-{n}-DeepCache-{interval}-b{branch}", "ddim", n,
+                                              tuple(key_steps(n, "uniform", interval)), deep_branch=branch, **student))
+    return configs
+
+
+def configs_for_model(configs: Sequence[SamplingConfig], index: int, all_models: bool,
+                      student: Sequence[SamplingConfig] | None = None) -> list[SamplingConfig]:
     """The configurations model number ``index`` of a sweep runs: every one for the first model
     (the original), and for the others all but the reference lines (``FD-50ls``, the plain
     samplers at other step counts, ``DDIM-N`` and ``DPM++-k``, ``ToMe-P-dD`` and ``TGATE-gG``) unless ``all_models``;
-    they only place the original model's curve and cost CPU time."""
+    they only place the original model's curve and cost CPU time. A distilled student runs its own
+    configurations ``student`` (:func:`student_configurations`) instead."""
+    if student is not None:
+        return list(student)
     if index == 0 or all_models:
         return list(configs)
     return [c for c in configs if not (c.name == "FD-50ls" or (c.key_steps is None and c.name != "full"))]

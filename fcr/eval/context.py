@@ -25,6 +25,7 @@ from fcr.backends.models import (
     ModelNotFoundError,
     embedded_unet_config,
     model_training_params,
+    read_distillation,
     resolve_device,
     resolve_unet_dir,
 )
@@ -65,13 +66,16 @@ def architecture_name(unet: torch.nn.Module) -> str:
 
 
 def model_meta(source: str) -> dict[str, Any]:
-    """``original_model`` (the model it was fine-tuned from) and ``lambda_fcr`` of a run folder's
-    params.yaml (None for models without one)."""
+    """``original_model`` (the model it was fine-tuned or distilled from) and ``lambda_fcr`` of a run
+    folder's params.yaml (None for models without one), and ``distillation``: a distilled student's
+    record (:func:`fcr.backends.models.read_distillation`; None for other models)."""
     try:
-        trained = model_training_params(resolve_unet_dir(source)) or {}
+        unet_dir = resolve_unet_dir(source)
     except ModelNotFoundError:
-        trained = {}
-    return {"original_model": trained.get("model"), "lambda_fcr": trained.get("lambda_fcr")}
+        return {"original_model": None, "lambda_fcr": None, "distillation": None}
+    trained = model_training_params(unet_dir) or {}
+    return {"original_model": trained.get("model"), "lambda_fcr": trained.get("lambda_fcr"),
+            "distillation": read_distillation(unet_dir)}
 
 
 def model_origins(models: Mapping[str, str]) -> dict[str, str]:
@@ -184,11 +188,17 @@ class RunContext:
     ) -> GenerationResult:
         """:func:`fcr.backends.generate.generate` of one configuration with the run's sampling options."""
         s = self.sampling
+        hook = scheduler_hook
+        if config.grid_stride is not None:  # a distilled student's own sampler, then any stress
+            def hook(batch: int, scheduler: Any) -> Any:
+                grid = config.grid_scheduler(scheduler)
+                return grid if scheduler_hook is None else scheduler_hook(batch, grid)
+        guidance = s.guidance_scale if config.guidance_scale is None else config.guidance_scale
         return generate(
             loaded.model, prompts, seed=seed, scheduler_name=config.scheduler,
-            num_inference_steps=config.num_inference_steps, guidance_scale=s.guidance_scale,
+            num_inference_steps=config.num_inference_steps, guidance_scale=guidance,
             key_steps=config.key_steps, parallel=s.parallel, prior_noise=s.prior_for(config),
-            batch_size=s.batch_size, image_size=image_size, noise_hook=noise_hook, scheduler_hook=scheduler_hook,
+            batch_size=s.batch_size, image_size=image_size, noise_hook=noise_hook, scheduler_hook=hook,
             deep_cache_branch=config.deep_branch, token_merge=config.token_merge_settings(), tgate=config.tgate_settings(), progress=progress, desc=desc,
         )
 

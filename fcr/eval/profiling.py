@@ -30,6 +30,7 @@ __all__ = [
     "SD21_UNET_CONFIG",
     "Timer",
     "count_flops",
+    "count_training_flops",
     "deep_cache_flops",
     "deep_cache_flops_ratio",
     "environment_info",
@@ -88,6 +89,15 @@ def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     """Total FLOPs of ``fn(*args, **kwargs)`` (run once under ``FlopCounterMode``, no grad)."""
     counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
     with torch.no_grad(), counter:
+        fn(*args, **kwargs)
+    return int(counter.get_total_flops())
+
+
+def count_training_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """Total FLOPs of ``fn(*args, **kwargs)`` with autograd on, so a backward pass it runs is counted
+    too (a training step's cost)."""
+    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
+    with torch.enable_grad(), counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())
 

@@ -40,12 +40,16 @@ __all__ = [
     "method_family",
     "pareto_mask",
     "per_image_fidelity",
+    "series_model",
 ]
 
 # Cost axes a frontier can use: counted FLOPs (exact, machine-independent) or measured wall time.
 COST_COLUMNS: tuple[str, ...] = ("flops_per_image", "time_per_image_s_bs1", "time_per_image_s_bs8")
 
 _FAMILIES: tuple[tuple[str, str], ...] = (
+    (r"^PD-\d+$", "PD"),
+    (r"^PD-\d+-FD-\d+$", "PD + FD"),
+    (r"^PD-\d+-DeepCache-\d+-b(\d+)$", "PD + DeepCache b{0}"),
     (r"^DeepCache-\d+-b(\d+)$", "DeepCache b{0}"),
     (r"^DPM\+\+-FD-\d+$", "DPM-Solver++ + FD"),
     (r"^DPM\+\+-\d+$", "DPM-Solver++"),
@@ -57,7 +61,8 @@ _FAMILIES: tuple[tuple[str, str], ...] = (
 
 def method_family(config: str, scheduler: str = "ddim") -> str:
     """The method family of a configuration name: ``FD`` (encoder caching, uniform or '50ls'),
-    ``DPM-Solver++``, ``DPM-Solver++ + FD``, ``DeepCache b<B>``, ``ToMe``, ``T-GATE``, or the plain sweep scheduler
+    ``DPM-Solver++``, ``DPM-Solver++ + FD``, ``DeepCache b<B>``, ``ToMe``, ``T-GATE``, the progressively
+    distilled students' ``PD``, ``PD + FD`` and ``PD + DeepCache b<B>``, or the plain sweep scheduler
     (``full`` and ``DDIM-N``: the fewer-steps peer, named by the scheduler)."""
     for pattern, family in _FAMILIES:
         match = re.match(pattern, config)
@@ -66,6 +71,14 @@ def method_family(config: str, scheduler: str = "ddim") -> str:
     if config == "full" or re.match(rf"^{re.escape(scheduler.upper())}-\d+$", config):
         return scheduler.upper()
     raise ValueError(f"configuration {config!r} belongs to no method family")
+
+
+def series_model(model: str, family: str) -> str:
+    """The model part of a point's series: a distillation's rounds (``<run>@round<r>``, one student
+    per step count) form one series per run; every other model is its own."""
+    if family.startswith("PD") and "@round" in model:
+        return model.rsplit("@round", 1)[0]
+    return model
 
 
 def _reference_of(model: str, origins: Mapping[str, str]) -> str:
@@ -102,7 +115,7 @@ def frontier_points(
             "original": origins.get(model, model), "n_seeds": int(s["n_seeds"]),
             "num_inference_steps": s.get("num_inference_steps"),
         }
-        row["series"] = f"{model} · {row['family']}"
+        row["series"] = f"{series_model(model, row['family'])} · {row['family']}"
         key = (s["architecture"], config)
         if key not in costs.index:
             raise ValueError(f"no cost row for {config!r} on architecture {s['architecture']!r}: run_sweep writes one per "

@@ -23,11 +23,17 @@ import torch
 from fcr.backends.generate import sampling_scheduler
 from fcr.backends.models import build_noise_scheduler
 from fcr.contract import model_label
-from fcr.core.configurations import SamplingConfig, configs_for_model, configurations_of, sweep_configurations
+from fcr.core.configurations import (
+    SamplingConfig,
+    configs_for_model,
+    configurations_of,
+    student_configurations,
+    sweep_configurations,
+)
 from fcr.core.sampler import PriorNoise, sample
 from fcr.core.tgate import tgate_sample
 from fcr.core.token_merging import token_merging
-from fcr.eval.context import LoadedModel, RunContext, architecture_config, build_context
+from fcr.eval.context import LoadedModel, RunContext, architecture_config, build_context, model_meta
 from fcr.eval.metrics import DEFAULT_EXTRACTOR_NAME
 from fcr.eval.profiling import (
     count_flops,
@@ -53,7 +59,10 @@ __all__ = [
     "evaluate_quality",
     "load_samples",
     "load_side_file",
+    "architecture_configurations",
+    "model_configurations",
     "model_labels",
+    "planned_configurations",
     "paired_comparison",
     "quality_stem",
     "run_sweep",
@@ -191,6 +200,8 @@ def evaluate_cost(
     device = torch.device(device)
     unet = unet.to(device).eval()
     noise_scheduler = noise_scheduler if noise_scheduler is not None else build_noise_scheduler()
+    if config.guidance_scale is not None:  # a distilled student: sampled without guidance
+        guidance_scale = config.guidance_scale
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     cross = unet.config.cross_attention_dim
     keys = None if config.key_steps is None else list(config.key_steps)
@@ -204,13 +215,13 @@ def evaluate_cost(
 
         def run():
             if config.tgate_gate is not None:
-                return tgate_sample(unet, sampling_scheduler(config.scheduler, noise_scheduler), noise, cond,
+                return tgate_sample(unet, config.grid_scheduler(sampling_scheduler(config.scheduler, noise_scheduler)), noise, cond,
                                     uncond_hidden_states=uncond, guidance_scale=guidance_scale,
                                     num_inference_steps=config.num_inference_steps, settings=config.tgate_settings())
             with token_merging(unet, config.token_merge_settings(), shape[1:], torch.Generator().manual_seed(0)):
                 return sample(
                     unet,
-                    sampling_scheduler(config.scheduler, noise_scheduler),
+                    config.grid_scheduler(sampling_scheduler(config.scheduler, noise_scheduler)),
                     noise,
                     cond,
                     uncond_hidden_states=uncond,
@@ -305,6 +316,38 @@ def summarize(quality: pd.DataFrame, metrics: Sequence[str] = QUALITY_METRICS) -
 # ----------------------------------------------------------------------------- the sweep
 
 
+def model_configurations(configs: Sequence[SamplingConfig], index: int, loaded: LoadedModel,
+                         opts: Options) -> list[SamplingConfig]:
+    """What model number ``index`` of a sweep runs (:func:`configs_for_model`): a distilled student
+    its own sampler's configurations (:func:`student_configurations`)."""
+    record = loaded.meta.get("distillation")
+    student = student_configurations(record, opts.sweep) if record else None
+    return configs_for_model(configs, index, opts.sweep.reference_lines_all_models, student)
+
+
+def planned_configurations(opts: Options, models: Mapping[str, str]) -> dict[str, list[SamplingConfig]]:
+    """{label: the configurations it will run} of a sweep over ``models`` ({label: source}, the
+    original first), read from the run folders' records without loading any weights."""
+    configs = configurations_of(opts.sampling, opts.sweep)
+    out: dict[str, list[SamplingConfig]] = {}
+    for index, (label, source) in enumerate(models.items()):
+        record = model_meta(str(source)).get("distillation")
+        student = student_configurations(record, opts.sweep) if record else None
+        out[label] = configs_for_model(configs, index, opts.sweep.reference_lines_all_models, student)
+    return out
+
+
+def architecture_configurations(configs: Sequence[SamplingConfig], ctx: RunContext, arch: str) -> list[SamplingConfig]:
+    """Every configuration some model of architecture ``arch`` runs, once: the sweep's, then the
+    distilled students' (cost depends on the architecture and the configuration only)."""
+    out = {c.name: c for c in configs}
+    for loaded in ctx.models.values():
+        if loaded.architecture == arch and loaded.meta.get("distillation"):
+            for config in student_configurations(loaded.meta["distillation"], ctx.opts.sweep):
+                out.setdefault(config.name, config)
+    return list(out.values())
+
+
 def run_sweep(
     opts: Options,
     models: Mapping[str, str],
@@ -330,7 +373,7 @@ def run_sweep(
         for index, loaded in enumerate(ctx.models.values()):
             # Token states per prompt, for the cost inputs.
             seq_len = int(loaded.model.condition(prompts, 0, 1, False)[0].shape[1])
-            for config in configs_for_model(configs, index, opts.sweep.reference_lines_all_models):
+            for config in model_configurations(configs, index, loaded, opts):
                 prior = ctx.sampling.prior_for(config)
                 stem = quality_stem(loaded.label, config.name, seed)
                 # eval_batch_size is left out: an image does not depend on how it is batched.
@@ -360,7 +403,7 @@ def run_sweep(
         if arch in done_arch:  # cost depends on the architecture, not the weights
             continue
         done_arch.add(arch)
-        for config in configs:
+        for config in architecture_configurations(configs, ctx, arch):
             prior = ctx.sampling.prior_for(config)
             key = {
                 **ctx.sampling_key, **config.as_dict(),

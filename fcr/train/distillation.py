@@ -28,19 +28,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from diffusers import DDIMScheduler
 
+from fcr.contract import DISTILLATION_FILE
 from fcr.core import unet as fcr_unet
 from fcr.core.grid_ddim import GridDDIM, check_halving, predicted_x0_eps
 from fcr.core.loss import FCRConfig, per_sample_feature_distance
 from fcr.core.sampler import apply_guidance
 
-__all__ = ["DISTILLATION_FILE", "ProgressiveObjective", "ProgressiveRound", "distill", "progressive_rounds",
-           "read_distillation", "student_from", "two_step_target"]
+__all__ = ["DISTILLATION_FILE", "ProgressiveObjective", "ProgressiveRound", "distill", "progressive_rounds", "round_summary",
+           "student_from", "training_flops_per_example", "two_step_target"]
 
-# Written into each round's folder beside unet/: what the sweep needs to sample the student.
-DISTILLATION_FILE = "distillation.json"
 
 
 @dataclass(frozen=True)
@@ -69,15 +69,6 @@ def progressive_rounds(base_steps: int, rounds: int, guidance_scale: float) -> l
     counts = check_halving(base_steps, rounds)
     return [ProgressiveRound(r, base_steps, 2**r, counts[r], guidance_scale if r == 1 else 1.0)
             for r in range(1, rounds + 1)]
-
-
-def read_distillation(folder: str | Path) -> dict[str, Any] | None:
-    """The ``distillation.json`` of a run folder (or of the folder above a UNet folder); None when absent."""
-    for candidate in (Path(folder), Path(folder).parent):
-        path = candidate / DISTILLATION_FILE
-        if path.is_file():
-            return json.loads(path.read_text())
-    return None
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -170,6 +161,39 @@ def student_from(teacher: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(teacher).requires_grad_(True).train()
 
 
+def training_flops_per_example(objective: ProgressiveObjective, data: Any) -> int:
+    """FLOPs of one training example of a round: the teacher's two (guided: four) passes, the
+    student's forward and backward (and the FCR term's), counted once at batch 1. The student's
+    gradients are cleared afterwards, so training starts as it would have."""
+    from fcr.eval.profiling import count_training_flops
+
+    gen = torch.Generator().manual_seed(0)
+    x0, states = data.batch(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.bool), gen)
+    device = next(objective.unet.parameters()).device
+    flops = count_training_flops(lambda: objective(x0.to(device), states.to(device), gen)[0].backward())
+    objective.unet.zero_grad(set_to_none=True)
+    return flops
+
+
+def round_summary(folders: list[Path]) -> pd.DataFrame:
+    """One row per finished round: the student's steps and stride, the teacher's guidance, the
+    optimizer steps, the final distillation loss (mean of the last 10 log rows), wall time and the
+    training FLOPs (FLOPs per example x examples seen), what a distilled sampler costs before it is cheap."""
+    rows = []
+    for folder in folders:
+        record = json.loads((Path(folder) / DISTILLATION_FILE).read_text())
+        log = pd.read_csv(Path(folder) / "train_log.csv")
+        steps = int(log["step"].iloc[-1])
+        rows.append({"round": record["index"], "steps": record["steps"], "stride": record["stride"],
+                     "teacher_guidance": record["teacher_guidance"], "lambda_fcr": record["lambda_fcr"],
+                     "train_steps": steps, "final_distillation_loss": float(log["denoise"].tail(10).mean()),
+                     "final_fcr_term": float(log["fcr"].tail(10).mean()),
+                     "wall_time_s": float(log["elapsed_s"].iloc[-1]),
+                     "train_flops": float(record["train_flops_per_example"]) * record["train_batch_size"] * steps,
+                     "folder": str(folder)})
+    return pd.DataFrame(rows)
+
+
 def distill(opts: Any, *, progress: bool = True, stop_after: int | None = None) -> list[Path]:
     """Every round of the progressive distillation that validated ``opts`` describe (teacher
     ``model``, ``distill_base_steps``, ``distill_rounds``, ``distill_guidance_scale``; the training
@@ -204,7 +228,9 @@ def distill(opts: Any, *, progress: bool = True, stop_after: int | None = None) 
         objective = ProgressiveObjective(student, teacher, ddim, rnd, uncond, fcr)
         if main:
             write_params(folder, opts)
-        record = rnd.record(opts.backbone.model, fcr.lambda_fcr)
+        record = {**rnd.record(opts.backbone.model, fcr.lambda_fcr),
+                  "train_flops_per_example": training_flops_per_example(objective, setup.data),
+                  "train_batch_size": opts.training.train_batch_size * opts.training.gradient_accumulation_steps}
         result = train(student, setup.noise_scheduler, setup.data, TrainConfig.from_options(opts), fcr, folder,
                        accelerator=setup.accelerator, progress=progress, stop_after=stop_after,
                        run_info={**setup.run_info, "distillation": record}, objective=objective)
