@@ -77,3 +77,21 @@ def test_parameter_cells_are_generated_from_the_schema() -> None:
         declared = list(pm.inspect_notebook(str(path)))
         assert source == parameters_cell(declared), f"{path.name}: regenerate with python -m fcr.notebooks parameters"
         assert len(declared) == len(source.splitlines()), f"{path.name}: papermill skips a line of the parameters cell"
+
+
+def test_distillation_notebook_declares_every_parameter_the_distillation_reads() -> None:
+    """Notebook 02b reads the fine-tune's keys (model, data, training loop, FCR term) except the
+    checkpoint selection, which distillation does not run, plus the distillation options."""
+    import dataclasses
+    import re
+
+    from fcr.config import SCHEMA
+    from fcr.options import DistillationOptions
+    from fcr.train.finetune import FINETUNE_KEYS
+
+    source = (REPO / "fcr" / "train" / "distillation.py").read_text()
+    read = {k for k in re.findall(r'opts\.[a-z]+\.([a-z_0-9]+)', source) if k in SCHEMA}
+    selection = {k for k in FINETUNE_KEYS if k.startswith("validate")} | {"early_stopping_patience"}
+    wanted = (set(FINETUNE_KEYS) - selection) | {f.name for f in dataclasses.fields(DistillationOptions)} | read
+    declared = set(pm.inspect_notebook(str(REPO / "notebooks" / "02b_distillation.ipynb")))
+    assert not sorted(wanted - declared), sorted(wanted - declared)
