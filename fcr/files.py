@@ -82,12 +82,13 @@ def file_record(path: Path) -> FileRecord:
 
 def inventory(folder: Path, skip: Iterable[str] = ()) -> dict[str, FileRecord]:
     """Size and SHA-256 of every file under ``folder`` (paths relative to it, POSIX), except those
-    whose first path part or name is in ``skip`` and temporary ``.*.tmp`` files."""
+    under a folder named in ``skip`` (at any depth: a distillation's rounds keep their own checkpoints) or
+    named in ``skip``, and temporary ``.*.tmp`` files."""
     skip = set(skip)
     records = {}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if not path.is_file() or rel.parts[0] in skip or path.name in skip:
+        if not path.is_file() or any(part in skip for part in rel.parts):
             continue
         if path.name.startswith(".") and path.name.endswith(".tmp"):
             continue

@@ -107,6 +107,9 @@ class SettingPlan:
     controls: dict[str, dict[str, str]] = field(default_factory=dict)
     backbones: tuple[Backbone, ...] = ()
     study: Study | None = None
+    # Progressive distillations (notebook 02b): {name: parameter files}; notebooks name a round's
+    # student ``<name>@round<r>``.
+    distillations: dict[str, tuple[Path, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -308,12 +311,17 @@ def _table_rows(b: Backbone, rows: Mapping[str, Mapping[str, Mapping[str, str]]]
 
 def _setting(raw: Any, where: str, root: Path, experiment: str) -> SettingPlan:
     raw = _mapping(raw, where)
-    unknown = set(raw) - {"params", "finetune", "finetunes", "notebooks", "variations", "controls", "backbones",
-                          "study"}
+    unknown = set(raw) - {"params", "finetune", "finetunes", "distillations", "notebooks", "variations", "controls",
+                          "backbones", "study"}
     if unknown:
         raise ManifestError(f"{where}: unknown keys {sorted(unknown)}")
     finetunes = {str(name): _paths(files, f"{where}.finetunes.{name}", root)
                  for name, files in _mapping(raw.get("finetunes", {}), f"{where}.finetunes").items()}
+    distillations = {str(name): _paths(files, f"{where}.distillations.{name}", root)
+                     for name, files in _mapping(raw.get("distillations", {}), f"{where}.distillations").items()}
+    clash = sorted(set(distillations) & set(finetunes))
+    if clash:
+        raise ManifestError(f"{where}.distillations: {clash} are fine-tune names too (each names one folder)")
     runs = []
     for i, nb in enumerate(raw.get("notebooks", [])):
         nb = _mapping(nb, f"{where}.notebooks[{i}]")
@@ -350,6 +358,7 @@ def _setting(raw: Any, where: str, root: Path, experiment: str) -> SettingPlan:
         params=_paths(raw.get("params", []), f"{where}.params", root),
         finetune=_paths(raw.get("finetune", []), f"{where}.finetune", root),
         finetunes=finetunes,
+        distillations=distillations,
         notebooks=tuple(runs),
         variations=rows["variations"],
         controls=rows["controls"],

@@ -145,6 +145,16 @@ def _model_source(model: str, finetuned: Mapping[str, str]) -> str:
     return finetuned.get(model, model)
 
 
+def _round_sources(name: str, folder: Path, param_files: list[Path], common: Mapping[str, Any]) -> dict[str, str]:
+    """{``<name>@round<r>``: the round's folder} of a distillation run by its parameters."""
+    from fcr.config import load_options
+    from fcr.train.distillation import progressive_rounds
+
+    d = load_options(*param_files, overrides=dict(common)).distillation
+    return {f"{name}@round{r.index}": rel_path(folder / r.folder_name)
+            for r in progressive_rounds(d.distill_base_steps, d.distill_rounds, d.distill_guidance_scale)}
+
+
 # The seed's later phases: robustness (phase 4) and the combination frontier (phase 3) run only the
 # candidates the stopping rule kept; phase 1 (sweeps, mechanism) runs every candidate.
 GATED_NOTEBOOKS = ("04_robustness", "06_baselines_frontier")
@@ -191,6 +201,11 @@ def _experiment_tasks(exp: Experiment, setting: str, root: Path, overlays: list[
         tasks.append(Task(f"{exp.experiment_id}: fine-tune {name}", exp_dir / name,
                           [*spec.params, *spec.finetune, *files, *overlays],
                           {**common, "output_dir": rel_path(exp_dir), "run_name": name}, notebook="02_finetune"))
+    for name, files in spec.distillations.items():
+        param_files = [*spec.params, *files, *overlays]
+        tasks.append(Task(f"{exp.experiment_id}: distil {name}", exp_dir / name, param_files,
+                          {**common, "output_dir": rel_path(exp_dir), "run_name": name}, notebook="02b_distillation"))
+        finetuned.update(_round_sources(name, exp_dir / name, param_files, common))
     tables: list[str] = []
     gate = _stopping_rule_task(exp, spec, root, exp_dir)
     for run in spec.notebooks:

@@ -333,3 +333,33 @@ def test_study_profile_plans_the_replicated_fine_tunes_and_its_sweeps(tmp_path: 
     assert sweep.merged()["seeds"] == [0, 1, 2, 3, 4] and sweep.merged()["num_eval_images"] == 64
     with pytest.raises(SystemExit):
         main(["run", "--profile", "nope"])
+
+
+def test_distillations_are_planned_and_their_rounds_are_model_names(tmp_path: Path) -> None:
+    overlay = tmp_path / "distil.yaml"
+    overlay.write_text("distill_base_steps: 16\ndistill_rounds: 2\n")
+    manifest = _write_manifest(tmp_path, f"""
+experiments:
+  - experiment_id: e
+    settings:
+      embedded:
+        params: [params/fashion_mnist.yaml]
+        distillations: {{pd: [{overlay}]}}
+        notebooks: [{{notebook: 03_stride_sweep, models: [base, pd@round2]}}]
+""")
+    tasks = plan("embedded", root=tmp_path / "out", manifest=manifest, bench=False, report=False, data=False)
+    distil = next(t for t in tasks if t.name == "e: distil pd")
+    assert distil.notebook == "02b_distillation" and distil.merged()["distill_rounds"] == 2
+    sweep = next(t for t in tasks if "03_stride_sweep" in t.name)
+    assert [t.name for t in tasks].index(distil.name) < [t.name for t in tasks].index(sweep.name)
+    assert sweep.overrides["sweep_models"][1].endswith("e/pd/round2_steps4")
+    clash = _write_manifest(tmp_path, """
+experiments:
+  - experiment_id: e
+    settings:
+      embedded:
+        finetunes: {pd: [params/fashion_mnist.yaml]}
+        distillations: {pd: [params/fashion_mnist.yaml]}
+""")
+    with pytest.raises(ManifestError, match="fine-tune names"):
+        load_manifest(clash)
