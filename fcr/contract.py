@@ -95,6 +95,7 @@ EARLY_STOPPING = "early_stopping.json"
 BEST_UNET = "unet_best"
 # A distillation round folder (fcr.train.distillation): the student's sampler (method, grid, steps).
 DISTILLATION_FILE = "distillation.json"
+ROUND_FOLDER = re.compile(r"round\d+_steps\d+")  # a distillation round: round<r>_steps<N>
 # Stride sweep (notebook 03).
 QUALITY = "quality.csv"
 SUMMARY = "summary.csv"
@@ -244,6 +245,6 @@ def model_label(source: str) -> str:
     path = Path(source)
     if path.name == BEST_UNET and path.parent.name:
         return f"{path.parent.name}@best"
-    if re.fullmatch(r"round\d+_steps\d+", path.name) and path.parent.name:  # a distillation round
+    if ROUND_FOLDER.fullmatch(path.name) and path.parent.name:  # a distillation round
         return f"{path.parent.name}@{path.name.split('_')[0]}"
     return path.name or source

@@ -73,6 +73,14 @@ def absolute_paths(files: list[Path], repo: Path = REPO_ROOT) -> list[str]:
     return lines
 
 
+def _resumable_unit(folder: Path, first: str) -> bool:
+    """Whether a stage's sub-folder is a unit a multi-session stage resumes from: its per-cell results,
+    or a distillation round that finished (its record is written last)."""
+    if first in contract.CELL_FOLDERS:
+        return True
+    return bool(contract.ROUND_FOLDER.fullmatch(first)) and (folder / first / contract.DISTILLATION_FILE).is_file()
+
+
 def _profile_problems(entry: Committed, repo: Path, tracked: set[Path] | None) -> tuple[list[str], list[str]]:
     from fcr.pipeline import PROFILES, plan
 
@@ -88,7 +96,7 @@ def _profile_problems(entry: Committed, repo: Path, tracked: set[Path] | None) -
         if marker is None and task.name != "report" and not files:
             pending.append(f"{where}: {task.name} has not run (pending)")
             continue
-        cells = [p for p in files if p.relative_to(task.folder).parts[0] in contract.CELL_FOLDERS]
+        cells = [p for p in files if _resumable_unit(task.folder, p.relative_to(task.folder).parts[0])]
         if marker is None and task.name != "report" and len(cells) == len(files):
             pending.append(f"{where}: {task.name} in progress ({len(cells)} per-cell result files committed; "
                            "it resumes from them)")

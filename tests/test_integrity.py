@@ -175,7 +175,17 @@ def test_verify_notes_a_stage_in_progress_and_flags_tables_without_a_marker(tmp_
     (exp / "grid" / "quality" / "base__full__seed0.json").write_text("{}")
     (exp / "grid_best").mkdir(parents=True)
     (exp / "grid_best" / contract.QUALITY).write_text("model\n")
+    # A distillation resumes from its finished rounds (record written last); an unfinished round is a problem.
+    finished = tmp_path / "exp-1-main-ablation" / "pd_base" / "round1_steps24"
+    (finished / "unet").mkdir(parents=True)
+    (finished / "unet" / "config.json").write_text("{}")
+    (finished / contract.DISTILLATION_FILE).write_text("{}")
+    unfinished = tmp_path / "exp-1-main-ablation" / "pd_fcr_base" / "round1_steps24"
+    unfinished.mkdir(parents=True)
+    (unfinished / "train_log.csv").write_text("step\n")
     problems, notes = _profile_problems(Committed("study", tmp_path, profile="study"), tmp_path, None)
     assert any("sweep/grid:" in n and "in progress (1 per-cell result files committed" in n for n in notes)
     assert any("sweep/grid_best: no completion marker" in p for p in problems)
     assert not any("sweep/grid:" in p for p in problems)
+    assert any("pd_base:" in n and "in progress (2 per-cell" in n for n in notes)
+    assert not any("pd_base" in p for p in problems) and any("pd_fcr_base: no completion marker" in p for p in problems)
