@@ -150,6 +150,12 @@ def _check_peers(params: dict[str, Any]) -> None:
 
 def _check_distillation(params: dict[str, Any]) -> None:
     steps, rounds = params["distill_base_steps"], params["distill_rounds"]
+    if params["distill_method"] == "consistency":
+        over = [n for n in params["distill_sampling_steps"] if n > steps]
+        if over:
+            raise ConfigError(f"parameter 'distill_sampling_steps': each must be <= distill_base_steps={steps} (the "
+                              f"solver grid the sampler picks its steps from), got {over[0]}")
+        return
     if steps % 2**rounds:
         raise ConfigError(f"parameter 'distill_rounds': distill_base_steps={steps} does not halve exactly {rounds} "
                           "times (each student step must be two teacher steps); use a multiple of "

@@ -182,11 +182,15 @@ class TrainingOptions:
 
 @dataclass(frozen=True)
 class DistillationOptions:
-    """Progressive distillation of ``model`` (notebook 02b, fcr.train.distillation)."""
+    """Distillation of ``model``, progressive or consistency (notebook 02b, fcr.train.distillation)."""
 
-    distill_base_steps: int = option(64, "DDIM steps of the first round's teacher (the original, guided); each round's student takes half its teacher's steps", check=_at_least(2))
-    distill_rounds: int = option(4, "halving rounds (distill_base_steps must halve exactly this often)", check=_at_least(1))
-    distill_guidance_scale: float = option(4.0, "classifier-free guidance scale of the first teacher, folded into every student (sampled unguided)", check=_at_least(1.0))
+    distill_method: str = option("progressive", "progressive (Salimans & Ho: halving rounds) or consistency (LCM: one student, few-step sampler)", choices=("progressive", "consistency"))
+    distill_base_steps: int = option(64, "progressive: DDIM steps of the first round's teacher (the original, guided), halved each round; consistency: the solver's DDIM grid (LCM's original_inference_steps)", check=_at_least(2))
+    distill_rounds: int = option(4, "progressive: halving rounds (distill_base_steps must halve exactly this often)", check=_at_least(1))
+    distill_guidance_scale: float = option(4.0, "classifier-free guidance scale of the teacher, folded into the students (sampled unguided)", check=_at_least(1.0))
+    distill_sampling_steps: tuple[int, ...] = option((1, 2, 4, 8), "consistency: the student's sampler step counts the sweep runs ('CD-N')", check=_non_empty(_each(_at_least(1))))
+    distill_lora: bool = option(False, "consistency: train rank-distill_lora_rank LoRA adapters (peft; merged at the end) instead of every weight")
+    distill_lora_rank: int = option(4, "consistency: LoRA rank (with distill_lora)", check=_at_least(1))
 
 
 @dataclass(frozen=True)

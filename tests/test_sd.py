@@ -482,3 +482,31 @@ def test_distill_sd_end_to_end_and_sample_the_student(model_dir, image_folder, t
     plain = generate(student, PROMPTS, scheduler_name="ddim", num_inference_steps=4, guidance_scale=1.0,
                      scheduler_hook=lambda b, s: config[0].grid_scheduler(s), seed=3)
     assert plain.stats["unet_passes"] == 4  # one batch of 3, four steps, no guidance batch
+
+
+def test_consistency_lora_distill_sd_end_to_end(model_dir, image_folder, tmp_path):
+    """LCM-LoRA-style distillation of the tiny SD teacher: adapters trained, merged, the run folder
+    loads as a plain pipeline and samples with its LCM sampler (CD-N)."""
+    from fcr.backends.models import read_distillation
+    from fcr.core.configurations import student_configurations
+    from fcr.options import SweepOptions
+    from fcr.train.distillation import distill, round_summary
+
+    params = sd_params(model_dir, image_folder, tmp_path, distill_method="consistency", distill_base_steps=10,
+                       distill_sampling_steps=[1, 2], distill_lora=True, distill_lora_rank=2)
+    (folder,) = distill(params, progress=False)
+    assert folder == tmp_path / "tiny"
+    record = read_distillation(folder / "unet")
+    assert (record["method"], record["lora_rank"], record["sampling_steps"]) == ("consistency", 2, [1, 2])
+    assert round_summary([folder])["train_steps"].tolist() == [2]
+    student = load_sd_components(str(folder), device="cpu")
+    assert not any("lora" in name for name, _ in student.unet.named_parameters())  # merged
+    teacher = load_sd_components(str(model_dir), device="cpu")
+    changed = [k for k, v in student.unet.state_dict().items() if not torch.equal(v, teacher.unet.state_dict()[k])]
+    assert changed and all(k.endswith(".weight") or k.endswith(".bias") for k in changed)
+    for config in student_configurations(record, SweepOptions(strides=(1,), deep_cache_intervals=())):
+        out = generate(student, PROMPTS, scheduler_name=config.scheduler, num_inference_steps=config.num_inference_steps,
+                       guidance_scale=config.guidance_scale, scheduler_hook=lambda b, s, c=config: c.grid_scheduler(s),
+                       seed=3)
+        assert torch.isfinite(out.images).all()
+    assert distill(params, progress=False) == [folder]  # finished: loaded, not retrained

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from diffusers import LCMScheduler
 from tqdm.auto import tqdm
 
 from fcr.core.sampler import PriorNoise, SamplerStats, build_scheduler, sample
@@ -27,6 +28,7 @@ from fcr.core.tgate import TGateSettings, tgate_sample
 from fcr.core.token_merging import TokenMergeSettings, token_merging
 
 __all__ = [
+    "step_generators",
     "Batch",
     "GenerationResult",
     "FeatureHook",
@@ -71,6 +73,16 @@ def initial_noise(indices: range | Sequence[int], shape: tuple[int, ...], seed: 
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
         out.append(torch.randn(shape, generator=gen))
     return torch.stack(out)
+
+
+def step_generators(scheduler: Any, indices: range | Sequence[int], seed: int) -> list[torch.Generator] | None:
+    """One generator per image for a scheduler that draws noise in its steps (LCM's multi-step sampler),
+    seeded by ``(seed, i)`` like z_T, so image i never depends on batching; None for the deterministic
+    ones (DDIM at eta 0, DPM-Solver++, Euler without churn), which are left exactly as they were."""
+    if not isinstance(scheduler, LCMScheduler):
+        return None
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i, 0x57E9]).generate_state(1)[0]))
+            for i in indices]
 
 
 def sampling_scheduler(name: str, noise_scheduler: Any):
@@ -200,6 +212,7 @@ def generate(
                 prior_noise=prior_noise,
                 on_encoder=None if feature_hook is None else (lambda step, f, idx=idx: feature_hook(idx, step, f)),
                 deep_cache_branch=deep_cache_branch,
+                generator=step_generators(scheduler, idx, seed),
             )
         chunks.append(model.finish(out.latents))
         _add_stats(stats, out.stats)

@@ -43,9 +43,12 @@ class SamplingConfig:
 
     def grid_scheduler(self, scheduler: Any) -> Any:
         """The scheduler this configuration samples with, given the run's ``scheduler`` of its family:
-        a distilled student's :class:`fcr.core.grid_ddim.GridDDIM` on that DDIM's schedule, else ``scheduler``."""
-        if self.grid_stride is None:
+        a progressive student's :class:`fcr.core.grid_ddim.GridDDIM` on that DDIM's schedule, a consistency
+        student's LCM sampler on its solver grid (``original_inference_steps``), else ``scheduler``."""
+        if self.grid_base_steps is None:
             return scheduler
+        if self.grid_stride is None:
+            return type(scheduler).from_config(scheduler.config, original_inference_steps=int(self.grid_base_steps))
         return GridDDIM(scheduler, int(self.grid_base_steps), int(self.grid_stride))
 
     def token_merge_settings(self) -> TokenMergeSettings | None:
@@ -156,25 +159,35 @@ def configurations_of(sampling: SamplingOptions, sweep: SweepOptions) -> list[Sa
 
 
 def student_configurations(distillation: Mapping[str, Any], sweep: SweepOptions) -> list[SamplingConfig]:
-    """The configurations of a distilled student (``distillation``: its round's record,
-    :data:`fcr.contract.DISTILLATION_FILE`): ``PD-N``, its own N-step sampler, unguided (the guidance
-    is folded in); ``PD-N-FD-s``: encoder caching at uniform stride ``s`` within it, for each sweep
-    stride with ``1 < s < N``; ``PD-N-DeepCache-i-bB``: DeepCache within it, for each sweep interval
-    ``1 < i < N`` x branch (FCR + distillation is a student whose round was trained with the FCR term)."""
-    if distillation.get("method") != "progressive":
-        raise ValueError(f"unknown distillation method {distillation.get('method')!r}")
-    n, base, stride = int(distillation["steps"]), int(distillation["base_steps"]), int(distillation["stride"])
-    student = dict(guidance_scale=float(distillation.get("sampling_guidance_scale", 1.0)), grid_base_steps=base,
-                   grid_stride=stride)
-    configs = [SamplingConfig(f"PD-{n}", "ddim", n, None, **student)]
-    for s in dict.fromkeys(int(s) for s in sweep.strides):
-        if 1 < s < n:
-            configs.append(SamplingConfig(f"PD-{n}-FD-{s}", "ddim", n, tuple(key_steps(n, "uniform", s)), **student))
-    for interval in dict.fromkeys(int(i) for i in sweep.deep_cache_intervals):
-        if 1 < interval < n:
-            for branch in dict.fromkeys(int(b) for b in sweep.deep_cache_branches):
-                configs.append(SamplingConfig(f"PD-{n}-DeepCache-{interval}-b{branch}", "ddim", n,
-                                              tuple(key_steps(n, "uniform", interval)), deep_branch=branch, **student))
+    """The configurations of a distilled student (``distillation``: its record,
+    :data:`fcr.contract.DISTILLATION_FILE`): a progressive round's ``PD-N`` (its own N-step sampler), a
+    consistency student's ``CD-N`` for each of its sampling step counts (LCM's sampler), unguided (the
+    guidance is folded in); ``<sampler>-FD-s``: encoder caching at uniform stride ``s`` within it, for
+    each sweep stride with ``1 < s < N``; ``<sampler>-DeepCache-i-bB``: DeepCache within it, for each
+    sweep interval ``1 < i < N`` x branch (FCR + distillation: a student trained with the FCR term)."""
+    method = distillation.get("method")
+    base = int(distillation["base_steps"])
+    guidance = float(distillation.get("sampling_guidance_scale", 1.0))
+    if method == "progressive":
+        samplers = [("PD", "ddim", int(distillation["steps"]), int(distillation["stride"]))]
+    elif method == "consistency":
+        samplers = [("CD", "lcm", int(n), None) for n in distillation["sampling_steps"]]
+    else:
+        raise ValueError(f"unknown distillation method {method!r}")
+    configs = []
+    for prefix, scheduler, n, stride in samplers:
+        student = dict(guidance_scale=guidance, grid_base_steps=base, grid_stride=stride)
+        configs.append(SamplingConfig(f"{prefix}-{n}", scheduler, n, None, **student))
+        for s in dict.fromkeys(int(s) for s in sweep.strides):
+            if 1 < s < n:
+                configs.append(SamplingConfig(f"{prefix}-{n}-FD-{s}", scheduler, n, tuple(key_steps(n, "uniform", s)),
+                                              **student))
+        for interval in dict.fromkeys(int(i) for i in sweep.deep_cache_intervals):
+            if 1 < interval < n:
+                for branch in dict.fromkeys(int(b) for b in sweep.deep_cache_branches):
+                    configs.append(SamplingConfig(f"{prefix}-{n}-DeepCache-{interval}-b{branch}", scheduler, n,
+                                                  tuple(key_steps(n, "uniform", interval)), deep_branch=branch,
+                                                  **student))
     return configs
 
 

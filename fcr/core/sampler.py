@@ -25,6 +25,7 @@ from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     UNet2DConditionModel,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -48,7 +49,7 @@ __all__ = [
 # Faster Diffusion's non-uniform key steps for 50 DDIM steps ("50ls" in the reference code).
 FD_50LS: tuple[int, ...] = (0, 1, 2, 3, 5, 10, 15, 25, 35)
 
-SCHEDULERS: tuple[str, ...] = ("ddim", "dpmsolver++", "euler")
+SCHEDULERS: tuple[str, ...] = ("ddim", "dpmsolver++", "euler", "lcm")
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,7 +121,8 @@ def build_scheduler(name: str, **config: Any) -> SchedulerMixin:
 
     ``config`` may be a Stable Diffusion repo's ``scheduler_config.json`` contents (keys another
     family does not know are ignored by diffusers with a warning). ``"ddim"`` is deterministic
-    (``sample`` steps it with eta 0); ``"dpmsolver++"`` forces ``algorithm_type="dpmsolver++"``.
+    (``sample`` steps it with eta 0); ``"dpmsolver++"`` forces ``algorithm_type="dpmsolver++"``;
+    ``"lcm"`` (a consistency student's sampler) re-noises between steps from ``sample``'s generator.
     """
     config = dict(config)
     if name == "ddim":
@@ -132,6 +134,8 @@ def build_scheduler(name: str, **config: Any) -> SchedulerMixin:
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
     if name == "euler":
         return EulerDiscreteScheduler.from_config(config)
+    if name == "lcm":  # a consistency-distilled student's multi-step sampler (noise drawn from the step's generator)
+        return LCMScheduler.from_config(config)
     raise ValueError(f"unknown scheduler {name!r}; allowed: {list(SCHEDULERS)}")
 
 
@@ -222,7 +226,7 @@ def _repeat_kwargs(kwargs: dict[str, Any], times: int, batch: int) -> dict[str, 
     return {key: repeat_per_sample(value, times, batch) for key, value in kwargs.items()}
 
 
-def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | None) -> dict[str, Any]:
+def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | list[torch.Generator] | None) -> dict[str, Any]:
     # DDIM/DPM/Euler accept a generator (only stochastic variants use it); others may not.
     params = inspect.signature(scheduler.step).parameters
     kwargs: dict[str, Any] = {}
@@ -245,7 +249,7 @@ def sample(
     key_steps: Sequence[int] | None = None,
     parallel: bool = True,
     prior_noise: PriorNoise | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     progress: bool = False,
     unet_kwargs: dict[str, Any] | None = None,
     on_encoder: Callable[[int, EncoderFeatures], None] | None = None,

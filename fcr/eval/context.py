@@ -189,7 +189,7 @@ class RunContext:
         """:func:`fcr.backends.generate.generate` of one configuration with the run's sampling options."""
         s = self.sampling
         hook = scheduler_hook
-        if config.grid_stride is not None:  # a distilled student's own sampler, then any stress
+        if config.grid_base_steps is not None:  # a distilled student's own sampler, then any stress
             def hook(batch: int, scheduler: Any) -> Any:
                 grid = config.grid_scheduler(scheduler)
                 return grid if scheduler_hook is None else scheduler_hook(batch, grid)

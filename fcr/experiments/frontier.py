@@ -47,9 +47,9 @@ __all__ = [
 COST_COLUMNS: tuple[str, ...] = ("flops_per_image", "time_per_image_s_bs1", "time_per_image_s_bs8")
 
 _FAMILIES: tuple[tuple[str, str], ...] = (
-    (r"^PD-\d+$", "PD"),
-    (r"^PD-\d+-FD-\d+$", "PD + FD"),
-    (r"^PD-\d+-DeepCache-\d+-b(\d+)$", "PD + DeepCache b{0}"),
+    (r"^(PD|CD)-\d+$", "{0}"),
+    (r"^(PD|CD)-\d+-FD-\d+$", "{0} + FD"),
+    (r"^(PD|CD)-\d+-DeepCache-\d+-b(\d+)$", "{0} + DeepCache b{1}"),
     (r"^DeepCache-\d+-b(\d+)$", "DeepCache b{0}"),
     (r"^DPM\+\+-FD-\d+$", "DPM-Solver++ + FD"),
     (r"^DPM\+\+-\d+$", "DPM-Solver++"),
@@ -61,8 +61,8 @@ _FAMILIES: tuple[tuple[str, str], ...] = (
 
 def method_family(config: str, scheduler: str = "ddim") -> str:
     """The method family of a configuration name: ``FD`` (encoder caching, uniform or '50ls'),
-    ``DPM-Solver++``, ``DPM-Solver++ + FD``, ``DeepCache b<B>``, ``ToMe``, ``T-GATE``, the progressively
-    distilled students' ``PD``, ``PD + FD`` and ``PD + DeepCache b<B>``, or the plain sweep scheduler
+    ``DPM-Solver++``, ``DPM-Solver++ + FD``, ``DeepCache b<B>``, ``ToMe``, ``T-GATE``, the distilled
+    students' ``PD`` / ``CD`` (progressive / consistency), ``PD + FD``, ``PD + DeepCache b<B>`` (and CD's), or the plain sweep scheduler
     (``full`` and ``DDIM-N``: the fewer-steps peer, named by the scheduler)."""
     for pattern, family in _FAMILIES:
         match = re.match(pattern, config)
@@ -76,7 +76,7 @@ def method_family(config: str, scheduler: str = "ddim") -> str:
 def series_model(model: str, family: str) -> str:
     """The model part of a point's series: a distillation's rounds (``<run>@round<r>``, one student
     per step count) form one series per run; every other model is its own."""
-    if family.startswith("PD") and "@round" in model:
+    if family.startswith(("PD", "CD")) and "@round" in model:
         return model.rsplit("@round", 1)[0]
     return model
 

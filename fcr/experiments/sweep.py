@@ -231,6 +231,7 @@ def evaluate_cost(
                     parallel=parallel,
                     prior_noise=prior_noise,
                     deep_cache_branch=config.deep_branch,
+                    generator=torch.Generator().manual_seed(0),  # LCM's step noise: never the global generator
                 )
 
         return run

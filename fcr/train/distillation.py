@@ -1,4 +1,5 @@
-"""Progressive distillation (Salimans & Ho, 2202.00512) of a guided teacher, optionally with the FCR term.
+"""Progressive distillation (Salimans & Ho, 2202.00512) of a guided teacher, optionally with the FCR term;
+:func:`distill` also runs consistency distillation (:mod:`fcr.train.consistency`).
 
 Round ``r`` trains a student, initialised from its teacher, whose one DDIM step from grid point
 ``t`` lands where two teacher steps land (``t -> t' -> s``; :class:`fcr.core.grid_ddim.GridDDIM`
@@ -184,7 +185,8 @@ def round_summary(folders: list[Path]) -> pd.DataFrame:
         record = json.loads((Path(folder) / DISTILLATION_FILE).read_text())
         log = pd.read_csv(Path(folder) / "train_log.csv")
         steps = int(log["step"].iloc[-1])
-        rows.append({"round": record["index"], "steps": record["steps"], "stride": record["stride"],
+        rows.append({"method": record["method"], "round": record["index"], "steps": record["steps"],
+                     "stride": record.get("stride"), "lora_rank": record.get("lora_rank"),
                      "teacher_guidance": record["teacher_guidance"], "lambda_fcr": record["lambda_fcr"],
                      "train_steps": steps, "final_distillation_loss": float(log["denoise"].tail(10).mean()),
                      "final_fcr_term": float(log["fcr"].tail(10).mean()),
@@ -208,7 +210,6 @@ def distill(opts: Any, *, progress: bool = True, stop_after: int | None = None) 
     from fcr.train.loop import TrainConfig, fcr_config, train
 
     d = opts.distillation
-    rounds = progressive_rounds(d.distill_base_steps, d.distill_rounds, d.distill_guidance_scale)
     fcr = fcr_config(opts)
     if fcr.lambda_fcr > 0 and fcr.feature_group == "deep":
         raise ValueError("FCR + distillation compares encoder features: feature_group 'deep' is not supported")
@@ -217,6 +218,10 @@ def distill(opts: Any, *, progress: bool = True, stop_after: int | None = None) 
     one = torch.zeros(1, dtype=torch.long)
     uncond = setup.data.batch(one, torch.ones(1, dtype=torch.bool), torch.Generator().manual_seed(0))[1]
     main = setup.accelerator is None or setup.accelerator.is_main_process
+    train_args = dict(accelerator=setup.accelerator, progress=progress, stop_after=stop_after)
+    if d.distill_method == "consistency":
+        return _consistency(opts, setup, ddim, uncond, fcr, main, train_args)
+    rounds = progressive_rounds(d.distill_base_steps, d.distill_rounds, d.distill_guidance_scale)
     teacher, finished = setup.unet.eval(), []
     for rnd in rounds:
         folder = run_dir(opts) / rnd.folder_name
@@ -232,11 +237,45 @@ def distill(opts: Any, *, progress: bool = True, stop_after: int | None = None) 
                   "train_flops_per_example": training_flops_per_example(objective, setup.data),
                   "train_batch_size": opts.training.train_batch_size * opts.training.gradient_accumulation_steps}
         result = train(student, setup.noise_scheduler, setup.data, TrainConfig.from_options(opts), fcr, folder,
-                       accelerator=setup.accelerator, progress=progress, stop_after=stop_after,
-                       run_info={**setup.run_info, "distillation": record}, objective=objective)
+                       run_info={**setup.run_info, "distillation": record}, objective=objective, **train_args)
         if result.unet_dir is None and result.last_step < opts.training.max_train_steps:
             return finished  # interrupted: the next call resumes this round
         if main:
             (folder / DISTILLATION_FILE).write_text(json.dumps(record, indent=2))
         teacher, finished = student.eval(), [*finished, folder]
     return finished
+
+
+def _consistency(opts: Any, setup: Any, ddim: Any, uncond: torch.Tensor, fcr: FCRConfig, main: bool,
+                 train_args: dict[str, Any]) -> list[Path]:
+    """One consistency distillation (:mod:`fcr.train.consistency`) into ``output_dir/run_name/``."""
+    from fcr.train.consistency import ConsistencyObjective, add_lora, merge_lora
+    from fcr.train.finetune import run_dir, write_params
+    from fcr.train.loop import TrainConfig, train
+
+    d = opts.distillation
+    folder = run_dir(opts)
+    if (folder / DISTILLATION_FILE).is_file() and (folder / "unet" / "config.json").is_file():
+        return [folder]
+    teacher = setup.unet.eval()
+    student = student_from(teacher)
+    if d.distill_lora:
+        add_lora(student, d.distill_lora_rank)
+    objective = ConsistencyObjective(student, teacher, ddim, d.distill_base_steps, d.distill_guidance_scale, uncond, fcr)
+    record = {"method": "consistency", "index": 1, "base_steps": d.distill_base_steps,
+              "steps": max(d.distill_sampling_steps), "sampling_steps": list(d.distill_sampling_steps),
+              "teacher_guidance": d.distill_guidance_scale, "sampling_guidance_scale": 1.0,
+              "lora_rank": d.distill_lora_rank if d.distill_lora else None, "teacher": opts.backbone.model,
+              "lambda_fcr": fcr.lambda_fcr, "train_flops_per_example": training_flops_per_example(objective, setup.data),
+              "train_batch_size": opts.training.train_batch_size * opts.training.gradient_accumulation_steps}
+    if main:
+        write_params(folder, opts)
+    result = train(student, setup.noise_scheduler, setup.data, TrainConfig.from_options(opts), fcr, folder,
+                   run_info={**setup.run_info, "distillation": record}, objective=objective, **train_args)
+    if result.unet_dir is None and result.last_step < opts.training.max_train_steps:
+        return []
+    if main:
+        if d.distill_lora:  # the adapters folded in: the student is a plain UNet folder
+            merge_lora(student).save_pretrained(folder / "unet", safe_serialization=True)
+        (folder / DISTILLATION_FILE).write_text(json.dumps(record, indent=2))
+    return [folder]

@@ -261,7 +261,7 @@ def train(
     elif objective.unet is not unet:
         raise ValueError("objective.unet must be the unet being trained")
     optimizer = torch.optim.AdamW(
-        unet.parameters(),
+        [p for p in unet.parameters() if p.requires_grad],  # all of them, or a LoRA's adapters
         lr=cfg.learning_rate,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         weight_decay=cfg.weight_decay,
