@@ -146,11 +146,14 @@ def _model_source(model: str, finetuned: Mapping[str, str]) -> str:
 
 
 def _round_sources(name: str, folder: Path, param_files: list[Path], common: Mapping[str, Any]) -> dict[str, str]:
-    """{``<name>@round<r>``: the round's folder} of a distillation run by its parameters."""
+    """{``<name>@round<r>``: the round's folder} of a progressive distillation run by its parameters;
+    {``<name>``: its folder} of a consistency distillation (one student)."""
     from fcr.config import load_options
     from fcr.train.distillation import progressive_rounds
 
     d = load_options(*param_files, overrides=dict(common)).distillation
+    if d.distill_method == "consistency":
+        return {name: rel_path(folder)}
     return {f"{name}@round{r.index}": rel_path(folder / r.folder_name)
             for r in progressive_rounds(d.distill_base_steps, d.distill_rounds, d.distill_guidance_scale)}
 

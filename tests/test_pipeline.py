@@ -338,14 +338,16 @@ def test_study_profile_plans_the_replicated_fine_tunes_and_its_sweeps(tmp_path: 
 def test_distillations_are_planned_and_their_rounds_are_model_names(tmp_path: Path) -> None:
     overlay = tmp_path / "distil.yaml"
     overlay.write_text("distill_base_steps: 16\ndistill_rounds: 2\n")
+    cd_overlay = tmp_path / "cd.yaml"
+    cd_overlay.write_text("distill_method: consistency\ndistill_base_steps: 50\n")
     manifest = _write_manifest(tmp_path, f"""
 experiments:
   - experiment_id: e
     settings:
       embedded:
         params: [params/fashion_mnist.yaml]
-        distillations: {{pd: [{overlay}]}}
-        notebooks: [{{notebook: 03_stride_sweep, models: [base, pd@round2]}}]
+        distillations: {{pd: [{overlay}], cd: [{cd_overlay}]}}
+        notebooks: [{{notebook: 03_stride_sweep, models: [base, pd@round2, cd]}}]
 """)
     tasks = plan("embedded", root=tmp_path / "out", manifest=manifest, bench=False, report=False, data=False)
     distil = next(t for t in tasks if t.name == "e: distil pd")
@@ -353,6 +355,7 @@ experiments:
     sweep = next(t for t in tasks if "03_stride_sweep" in t.name)
     assert [t.name for t in tasks].index(distil.name) < [t.name for t in tasks].index(sweep.name)
     assert sweep.overrides["sweep_models"][1].endswith("e/pd/round2_steps4")
+    assert sweep.overrides["sweep_models"][2].endswith("e/cd")  # a consistency student is its run folder
     clash = _write_manifest(tmp_path, """
 experiments:
   - experiment_id: e
