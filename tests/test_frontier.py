@@ -129,6 +129,11 @@ def test_matched_cost_compares_each_series_within_the_budget(sweep: dict) -> Non
     assert at5.loc["base · DeepCache b0", "vs_budget"] == "better"
     assert at5.loc["base · DDIM", "dominated_by"] == "base · DeepCache b0"
     assert at5.loc["fcr · FD", "vs_budget"] == "worse"
+    # A trained series against the best of the original's own samplers at that cost (DeepCache here).
+    assert (at5["best_training_free"] == "base · DeepCache b0").all()
+    assert at5.loc["fcr · FD", "vs_training_free"] == "worse"
+    assert at5.loc["fcr · FD", "diff_vs_training_free"] == pytest.approx(at5.loc["fcr · FD", "diff_vs_best"])
+    assert np.isnan(at5.loc["base · DDIM", "diff_vs_training_free"])  # the original's own: not compared
     # The per-image differences are paired: the mean difference is the difference of the means.
     a = per_image_fidelity(sweep["out"], "fcr", "FD-10", "original_full", [0, 1])
     b = per_image_fidelity(sweep["out"], "base", "FD-5", "own_full", [0, 1])

@@ -189,7 +189,10 @@ def matched_cost(
     (``diff_vs_budget`` and its percentile bootstrap 95 % interval, ``vs_budget``: better / worse /
     not distinguishable) and with the best point of all series within the budget (``diff_vs_best``,
     ``dominated_by``: the best series when its interval excludes zero). A series with no point
-    within the budget is left out. Budgets the original did not run raise ValueError."""
+    within the budget is left out. Budgets the original did not run raise ValueError. A trained
+    series (a fine-tune or a distilled student) is also compared with the best training-free series
+    there, the original's own samplers (``best_training_free``, ``diff_vs_training_free`` and ``vs_training_free``: better / worse /
+    not distinguishable)."""
     if endpoint not in FIDELITY_DIRECTIONS:
         raise ValueError(f"endpoint {endpoint!r}: allowed {sorted(FIDELITY_DIRECTIONS)}")
     direction = FIDELITY_DIRECTIONS[endpoint]
@@ -211,6 +214,9 @@ def matched_cost(
         base = per_image_fidelity(sweep_dir, original, budget_config, _reference_of(original, {}), seeds, endpoint)
         top = best.iloc[0]
         top_values = values[(top["model"], top["config"])]
+        free = best[best["model"] == original]  # the original's own samplers: no training at all
+        free_top = free.iloc[0] if not free.empty else None
+        free_values = None if free_top is None else values[(free_top["model"], free_top["config"])]
         for r in best.itertuples():
             v = values[(r.model, r.config)]
             row: dict[str, Any] = {
@@ -227,6 +233,11 @@ def matched_cost(
                 row.update(_paired_row(v, top_values, n_boot, "diff_vs_best"))
                 worse = _verdict(row["diff_vs_best_lo"], row["diff_vs_best_hi"], direction) == "worse"
                 row["dominated_by"] = top["series"] if worse else ""
+            row["best_training_free"] = "" if free_top is None else free_top["series"]
+            if free_values is not None and r.model != original:
+                row.update(_paired_row(v, free_values, n_boot, "diff_vs_training_free"))
+                row["vs_training_free"] = _verdict(row["diff_vs_training_free_lo"], row["diff_vs_training_free_hi"],
+                                                   direction)
             rows.append(row)
     if not rows:  # no series within any budget: the columns still name what the table holds
         return pd.DataFrame(columns=["budget", "budget_cost", "cost_column", "series", "model", "config", "family",
