@@ -120,3 +120,31 @@ def test_generate_runs_tgate_on_the_embedded_unet() -> None:
     assert not torch.allclose(gated.images, generate(model, prompts, **kw).images, atol=1e-4)
     with pytest.raises(ValueError, match="plain sampling"):
         generate(model, prompts, tgate=TGateSettings(2), key_steps=[0, 2], **kw)
+
+
+def test_tgate_on_a_users_pipeline_equals_the_native_sampler(pipe) -> None:
+    """Three lines on a stock StableDiffusionPipeline give exactly what tgate_sample gives (which
+    equals the package); disabling restores the pipeline."""
+    from fcr.diffusers_cache.tgate import disable_tgate, enable_tgate, tgate_settings
+
+    latents, cond, uncond = _inputs(pipe)
+    settings = TGateSettings(4, 2, 1, 1)
+    expected = tgate_sample(pipe.unet, build_scheduler("ddim", **CONFIGS["sd15"]), latents, cond,
+                            uncond_hidden_states=uncond, guidance_scale=3.0, num_inference_steps=STEPS,
+                            settings=settings).latents
+    processors = dict(pipe.unet.attn_processors)
+    run = dict(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=STEPS, guidance_scale=3.0,
+               output_type="latent")
+    stock = pipe(latents=latents.clone(), **run).images
+    enable_tgate(pipe, gate_step=4, sp_interval=2, fi_interval=1, warm_up=1)
+    try:
+        assert tgate_settings(pipe) == settings
+        first = pipe(latents=latents.clone(), **run).images
+        again = pipe(latents=latents.clone(), **run).images  # a second call starts from a clean state
+        with pytest.raises(ValueError, match="guidance_scale > 1"):
+            pipe(latents=latents.clone(), **{**run, "guidance_scale": 1.0})
+    finally:
+        disable_tgate(pipe)
+    assert torch.equal(first, expected) and torch.equal(again, expected)
+    assert dict(pipe.unet.attn_processors) == processors and "forward" not in vars(pipe.unet)
+    assert tgate_settings(pipe) is None and torch.equal(pipe(latents=latents.clone(), **run).images, stock)

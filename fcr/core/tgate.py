@@ -28,7 +28,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from fcr.core.sampler import SampleOutput, SamplerStats, _step_kwargs, apply_guidance, guidance_context
 
-__all__ = ["TGateSettings", "tgate_sample"]
+__all__ = ["TGateSettings", "install_processors", "tgate_sample"]
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class _Processor:
         return out
 
 
-def _install(unet: UNet2DConditionModel) -> tuple[dict[str, Any], dict[str, str]]:
+def install_processors(unet: UNet2DConditionModel) -> tuple[dict[str, Any], dict[str, str]]:
     """Wrap every attention processor; returns (the original processors, the shared step state)."""
     from diffusers.models.attention import BasicTransformerBlock
 
@@ -126,7 +126,7 @@ def tgate_sample(
     step_kwargs = _step_kwargs(scheduler, generator)
     stats = SamplerStats()
     latents = noise * scheduler.init_noise_sigma
-    originals, state = _install(unet)
+    originals, state = install_processors(unet)
     try:
         with torch.no_grad():
             for i, t in enumerate(scheduler.timesteps):
