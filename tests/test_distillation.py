@@ -9,9 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_train import _real_examples
 
-from fcr.backends.embedded import data
-from fcr.backends.embedded.model import EmbeddedTrainData
 from fcr.backends.generate import sampling_scheduler
 from fcr.backends.models import build_embedded_unet, build_noise_scheduler
 from fcr.config import ConfigError, validate
@@ -111,22 +110,12 @@ def test_an_exact_student_has_zero_loss_and_a_wrong_one_does_not() -> None:
     assert wrong.item() > 1e-3
 
 
-def _examples(n: int = 16) -> EmbeddedTrainData:
-    try:
-        images, labels = data.load_fashion_mnist("test", download=False)
-    except FileNotFoundError as exc:
-        pytest.skip(f"Fashion-MNIST not available: {exc}")
-    gen = torch.Generator().manual_seed(0)
-    return EmbeddedTrainData(images=data.to_model_range(images[:n]), prompt_ids=torch.as_tensor(labels[:n]),
-                             prompt_states=torch.randn(10, 4, 384, generator=gen), empty_state=torch.zeros(4, 384))
-
-
 def _round_run(folder: Path, lambda_fcr: float, stop_after: int | None = None):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         teacher = build_embedded_unet("base").eval()
     student = student_from(teacher)
-    examples = _examples()
+    examples = _real_examples(16)
     fcr = FCRConfig(lambda_fcr=lambda_fcr)
     objective = ProgressiveObjective(student, teacher, _ddim(), progressive_rounds(8, 1, 2.0)[0],
                                      examples.empty_state[None], fcr)

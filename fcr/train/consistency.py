@@ -27,7 +27,7 @@ from diffusers import DDIMScheduler
 from fcr.core import unet as fcr_unet
 from fcr.core.grid_ddim import predicted_x0_eps
 from fcr.core.loss import FCRConfig, per_sample_feature_distance
-from fcr.core.sampler import apply_guidance
+from fcr.train.teacher import TeacherStudent
 
 __all__ = ["LORA_TARGETS", "ConsistencyObjective", "add_lora", "boundary_scalings", "merge_lora", "pseudo_huber",
            "solver_grid"]
@@ -65,7 +65,7 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.device, torch.float32).view(-1, *([1] * (like.ndim - 1)))
 
 
-class ConsistencyObjective(torch.nn.Module):
+class ConsistencyObjective(TeacherStudent):
     """The consistency-distillation loss inside ``forward`` (for :func:`fcr.train.loop.train`):
     ``.unet`` is the student, ``teacher`` frozen and guided at ``guidance_scale`` with the empty
     prompt's ``uncond_states``. With ``fcr.lambda_fcr > 0`` the FCR term compares the student's encoder
@@ -73,25 +73,12 @@ class ConsistencyObjective(torch.nn.Module):
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, ddim: DDIMScheduler, base_steps: int,
                  guidance_scale: float, uncond_states: torch.Tensor, fcr: FCRConfig) -> None:
-        super().__init__()
-        if fcr.lambda_fcr > 0 and fcr.feature_group == "deep":
-            raise ValueError("FCR + distillation compares encoder features: feature_group 'deep' is not supported")
-        self.unet = student
-        self.teacher = teacher.requires_grad_(False).eval()
+        super().__init__(student, teacher, uncond_states, fcr)
         self.guidance_scale = float(guidance_scale)
-        self.fcr = fcr
         self.prediction_type = str(ddim.config.prediction_type)
-        self.register_buffer("uncond_states", uncond_states.detach().clone(), persistent=False)
         self.register_buffer("alphas", ddim.alphas_cumprod.float().clone(), persistent=False)
         self.register_buffer("grid", solver_grid(int(ddim.config.num_train_timesteps), base_steps), persistent=False)
         self.skip = int(ddim.config.num_train_timesteps) // int(base_steps)
-
-    def _teacher(self, z: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        if self.guidance_scale <= 1:
-            return self.teacher(z, t, states).sample
-        uncond = self.uncond_states.to(states.dtype).expand(len(z), *states.shape[1:])
-        out = self.teacher(torch.cat([z, z]), torch.cat([t, t]), torch.cat([uncond, states])).sample
-        return apply_guidance(out, self.guidance_scale)
 
     def consistency(self, output: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``f(z, t)`` from a UNet ``output`` at ``(z, t)``."""
@@ -107,7 +94,7 @@ class ConsistencyObjective(torch.nn.Module):
         a_t, a_s = _per_sample(self.alphas[t], x0), _per_sample(self.alphas[s], x0)
         z_t = (a_t.sqrt() * x0.float() + (1 - a_t).sqrt() * noise.float()).to(x0.dtype)
         with torch.no_grad():
-            x_hat, eps_hat = predicted_x0_eps(self._teacher(z_t, t, states).float(), z_t.float(), a_t,
+            x_hat, eps_hat = predicted_x0_eps(self.teacher_output(z_t, t, states, self.guidance_scale).float(), z_t.float(), a_t,
                                               self.prediction_type)
             z_s = (a_s.sqrt() * x_hat + (1 - a_s).sqrt() * eps_hat).to(x0.dtype)
             target = self.consistency(self.unet(z_s, s, states).sample, z_s, s)

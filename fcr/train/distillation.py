@@ -37,7 +37,7 @@ from fcr.contract import DISTILLATION_FILE
 from fcr.core import unet as fcr_unet
 from fcr.core.grid_ddim import GridDDIM, check_halving, predicted_x0_eps
 from fcr.core.loss import FCRConfig, per_sample_feature_distance
-from fcr.core.sampler import apply_guidance
+from fcr.train.teacher import TeacherStudent
 
 __all__ = ["DISTILLATION_FILE", "ProgressiveObjective", "ProgressiveRound", "distill", "progressive_rounds", "round_summary",
            "student_from", "training_flops_per_example", "two_step_target"]
@@ -84,36 +84,22 @@ def two_step_target(z_t: torch.Tensor, z_s: torch.Tensor, alpha_bar_t: torch.Ten
     return (z_s.float() - ratio * z_t.float()) / (a_s.sqrt() - ratio * a_t.sqrt())
 
 
-class ProgressiveObjective(torch.nn.Module):
+class ProgressiveObjective(TeacherStudent):
     """The loss of one round inside ``forward`` (for :func:`fcr.train.loop.train`): ``.unet`` is the
     student (trained), ``teacher`` is frozen. ``uncond_states``: the empty prompt's text states
     (one row), used when the teacher is guided."""
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, ddim: DDIMScheduler,
                  round_: ProgressiveRound, uncond_states: torch.Tensor, fcr: FCRConfig) -> None:
-        super().__init__()
-        if fcr.lambda_fcr > 0 and fcr.feature_group == "deep":
-            raise ValueError("FCR + distillation compares encoder features: feature_group 'deep' is not supported")
-        self.unet = student
-        self.teacher = teacher.requires_grad_(False).eval()
+        super().__init__(student, teacher, uncond_states, fcr)
         self.round = round_
-        self.fcr = fcr
         self.student_sampler = GridDDIM(ddim, round_.base_steps, round_.stride)
         self.teacher_sampler = GridDDIM(ddim, round_.base_steps, round_.stride // 2)
         self.prediction_type = self.student_sampler.prediction_type
-        self.register_buffer("uncond_states", uncond_states.detach().clone(), persistent=False)
         alphas = ddim.alphas_cumprod.float()
         # alpha-bar of every teacher grid point, then the final alpha (where the last step lands).
         points = torch.cat([alphas[self.teacher_sampler.grid], ddim.final_alpha_cumprod.float().reshape(1)])
         self.register_buffer("teacher_alphas", points, persistent=False)
-
-    def _teacher_output(self, z: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        w = self.round.teacher_guidance
-        if w <= 1:
-            return self.teacher(z, t, states).sample
-        uncond = self.uncond_states.to(states.dtype).expand(len(z), *states.shape[1:])
-        out = self.teacher(torch.cat([z, z]), torch.cat([t, t]), torch.cat([uncond, states])).sample
-        return apply_guidance(out, w)
 
     def _ddim(self, z: torch.Tensor, out: torch.Tensor, a_from: torch.Tensor, a_to: torch.Tensor) -> torch.Tensor:
         x0, eps = predicted_x0_eps(out.float(), z.float(), _per_sample(a_from, z), self.prediction_type)
@@ -131,8 +117,8 @@ class ProgressiveObjective(torch.nn.Module):
         z_t = _per_sample(a_t, x0).sqrt() * x0.float() + (1 - _per_sample(a_t, x0)).sqrt() * noise.float()
         z_t = z_t.to(x0.dtype)
         with torch.no_grad():
-            z_mid = self._ddim(z_t, self._teacher_output(z_t, t, states), a_t, a_mid).to(x0.dtype)
-            z_s = self._ddim(z_mid, self._teacher_output(z_mid, t_mid, states), a_mid, a_s)
+            z_mid = self._ddim(z_t, self.teacher_output(z_t, t, states, self.round.teacher_guidance), a_t, a_mid).to(x0.dtype)
+            z_s = self._ddim(z_mid, self.teacher_output(z_mid, t_mid, states, self.round.teacher_guidance), a_mid, a_s)
             target = two_step_target(z_t, z_s, a_t, a_s)
 
         use_fcr = self.fcr.lambda_fcr > 0 and n_student > 1
