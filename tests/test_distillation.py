@@ -149,3 +149,25 @@ def test_fcr_with_distillation_rejects_the_deep_group() -> None:
     with pytest.raises(ValueError, match="deep"):
         ProgressiveObjective(unet, unet, _ddim(), progressive_rounds(8, 1, 1.0)[0], torch.zeros(1, 4, 384),
                              FCRConfig(lambda_fcr=0.1, feature_group="deep"))
+
+
+def test_a_students_training_cost_sums_its_rounds(tmp_path: Path) -> None:
+    import json
+
+    from fcr.eval.training_cost import distillation_cost
+
+    for r, (steps, flops, wall) in enumerate([(10, 100.0, 5.0), (20, 50.0, 7.0)], start=1):
+        folder = tmp_path / "pd" / f"round{r}_steps{48 // 2**r}"
+        (folder / "unet").mkdir(parents=True)
+        (folder / "unet" / "config.json").write_text("{}")
+        (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+        (folder / "distillation.json").write_text(json.dumps(
+            {"method": "progressive", "index": r, "train_flops_per_example": flops, "train_batch_size": 4}))
+        (folder / "train_log.csv").write_text(f"step,elapsed_s\n{steps // 2},1.0\n{steps},{wall}\n")
+    cost = distillation_cost({"pd@round1": str(tmp_path / "pd" / "round1_steps24"),
+                              "pd@round2": str(tmp_path / "pd" / "round2_steps12"), "other": str(tmp_path / "none")})
+    cost = cost.set_index("model")
+    assert list(cost.index) == ["pd@round1", "pd@round2"]  # not a student: no row
+    assert cost.loc["pd@round1", "train_flops"] == 100.0 * 4 * 10
+    assert cost.loc["pd@round2", "train_flops"] == 100.0 * 4 * 10 + 50.0 * 4 * 20  # round 2 needs round 1
+    assert cost.loc["pd@round2", "train_wall_s"] == 12.0 and cost.loc["pd@round2", "rounds"] == 2

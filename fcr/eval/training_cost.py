@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fcr import contract
 from fcr.eval.profiling import FLOP_FORMULAS
 
-__all__ = ["RunCompute", "TrainingRunError", "embedded_flops_per_image", "overhead_percent", "run_compute",
+__all__ = ["RunCompute", "TrainingRunError", "distillation_cost", "embedded_flops_per_image", "overhead_percent", "run_compute",
            "training_step_flops"]
 
 WRITTEN_BY = "the fine-tune (notebook 02_finetune / python -m fcr train)"
@@ -148,3 +148,35 @@ def embedded_flops_per_image() -> Callable[[str, bool], float]:
         return cache[(arch, fcr)]
 
     return flops
+
+
+def distillation_cost(models: dict[str, str]) -> pd.DataFrame:
+    """Training cost of the distilled students among ``models`` ({label: source}): what a student costs
+    before it samples cheaply, reported beside sampling cost (never folded into it). One row per
+    student: ``train_flops`` (FLOPs per example x examples seen, its rounds so far summed: round r of a
+    progressive distillation needs rounds 1..r) and ``train_wall_s`` (the rounds' logged wall time)."""
+    from fcr.backends.models import read_distillation, resolve_unet_dir
+
+    rows = []
+    for label, source in models.items():
+        try:
+            unet_dir = resolve_unet_dir(source)
+        except FileNotFoundError:
+            continue
+        record = read_distillation(unet_dir)
+        if record is None:
+            continue
+        folder = unet_dir.parent
+        rounds = [folder]
+        if record.get("method") == "progressive":  # this round and the ones before it, beside it
+            rounds = [p for p in folder.parent.glob("round*_steps*")
+                      if contract.ROUND_FOLDER.fullmatch(p.name) and int(p.name[5:].split("_")[0]) <= record["index"]]
+        flops = wall = 0.0
+        for r in rounds:
+            rec = json.loads((r / contract.DISTILLATION_FILE).read_text())
+            log = pd.read_csv(r / contract.TRAIN_LOG)
+            flops += float(rec["train_flops_per_example"]) * rec["train_batch_size"] * int(log["step"].iloc[-1])
+            wall += float(log["elapsed_s"].iloc[-1])
+        rows.append({"model": label, "distillation": record["method"], "rounds": len(rounds),
+                     "lora_rank": record.get("lora_rank"), "train_flops": flops, "train_wall_s": wall})
+    return pd.DataFrame(rows, columns=["model", "distillation", "rounds", "lora_rank", "train_flops", "train_wall_s"])
