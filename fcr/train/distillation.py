@@ -34,6 +34,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from fcr.contract import DISTILLATION_FILE
+from fcr.markers import make_portable
 from fcr.core import unet as fcr_unet
 from fcr.core.grid_ddim import GridDDIM, check_halving, predicted_x0_eps
 from fcr.core.loss import FCRConfig, per_sample_feature_distance
@@ -226,7 +227,8 @@ def distill(opts: Any, *, progress: bool = True, stop_after: int | None = None) 
                        run_info={**setup.run_info, "distillation": record}, objective=objective, **train_args)
         if result.unet_dir is None and result.last_step < opts.training.max_train_steps:
             return finished  # interrupted: the next call resumes this round
-        if main:
+        if main:  # a finished round is committed as it is (the next session resumes from it): no machine paths
+            make_portable(folder)
             (folder / DISTILLATION_FILE).write_text(json.dumps(record, indent=2))
         teacher, finished = student.eval(), [*finished, folder]
     return finished
