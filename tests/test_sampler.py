@@ -100,12 +100,14 @@ def test_key_step_bad_stride_and_schedule():
 
 
 def test_build_scheduler():
-    assert set(SCHEDULERS) == {"ddim", "dpmsolver++", "euler"}
+    assert set(SCHEDULERS) == {"ddim", "dpmsolver++", "euler", "lcm"}  # lcm: consistency students' sampler
     dpm = build_scheduler("dpmsolver++", **SD_CONFIG)
     assert dpm.config.algorithm_type == "dpmsolver++"
     assert dpm.config.beta_schedule == "scaled_linear"
     ddim = build_scheduler("ddim", **SD_CONFIG, prediction_type="v_prediction")
     assert ddim.config.prediction_type == "v_prediction" and ddim.config.steps_offset == 1
+    lcm = build_scheduler("lcm", **SD_CONFIG)
+    assert type(lcm).__name__ == "LCMScheduler" and lcm.config.beta_schedule == "scaled_linear"
     with pytest.raises(ValueError, match="allowed"):
         build_scheduler("pndm")
 
