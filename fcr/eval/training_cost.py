@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fcr import contract
 from fcr.eval.profiling import FLOP_FORMULAS
 
-__all__ = ["RunCompute", "TrainingRunError", "distillation_cost", "embedded_flops_per_image", "overhead_percent", "run_compute",
+__all__ = ["RunCompute", "TrainingRunError", "distillation_cost", "embedded_flops_per_image", "round_cost", "overhead_percent", "run_compute",
            "training_step_flops"]
 
 WRITTEN_BY = "the fine-tune (notebook 02_finetune / python -m fcr train)"
@@ -150,6 +150,15 @@ def embedded_flops_per_image() -> Callable[[str, bool], float]:
     return flops
 
 
+def round_cost(folder: str | Path) -> tuple[float, float]:
+    """(training FLOPs, logged wall time in s) of one finished distillation round or run: FLOPs per
+    example (its record) x examples per step x the last logged step."""
+    record = json.loads((Path(folder) / contract.DISTILLATION_FILE).read_text())
+    log = pd.read_csv(Path(folder) / contract.TRAIN_LOG)
+    steps = int(log["step"].iloc[-1])
+    return float(record["train_flops_per_example"]) * record["train_batch_size"] * steps, float(log["elapsed_s"].iloc[-1])
+
+
 def distillation_cost(models: dict[str, str]) -> pd.DataFrame:
     """Training cost of the distilled students among ``models`` ({label: source}): what a student costs
     before it samples cheaply, reported beside sampling cost (never folded into it). One row per
@@ -171,12 +180,8 @@ def distillation_cost(models: dict[str, str]) -> pd.DataFrame:
         if record.get("method") == "progressive":  # this round and the ones before it, beside it
             rounds = [p for p in folder.parent.glob("round*_steps*")
                       if contract.ROUND_FOLDER.fullmatch(p.name) and int(p.name[5:].split("_")[0]) <= record["index"]]
-        flops = wall = 0.0
-        for r in rounds:
-            rec = json.loads((r / contract.DISTILLATION_FILE).read_text())
-            log = pd.read_csv(r / contract.TRAIN_LOG)
-            flops += float(rec["train_flops_per_example"]) * rec["train_batch_size"] * int(log["step"].iloc[-1])
-            wall += float(log["elapsed_s"].iloc[-1])
+        costs = [round_cost(r) for r in rounds]
+        flops, wall = sum(c[0] for c in costs), sum(c[1] for c in costs)
         rows.append({"model": label, "distillation": record["method"], "rounds": len(rounds),
                      "lora_rank": record.get("lora_rank"), "train_flops": flops, "train_wall_s": wall})
     return pd.DataFrame(rows, columns=["model", "distillation", "rounds", "lora_rank", "train_flops", "train_wall_s"])

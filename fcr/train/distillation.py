@@ -167,18 +167,19 @@ def round_summary(folders: list[Path]) -> pd.DataFrame:
     """One row per finished round: the student's steps and stride, the teacher's guidance, the
     optimizer steps, the final distillation loss (mean of the last 10 log rows), wall time and the
     training FLOPs (FLOPs per example x examples seen), what a distilled sampler costs before it is cheap."""
+    from fcr.eval.training_cost import round_cost
+
     rows = []
     for folder in folders:
         record = json.loads((Path(folder) / DISTILLATION_FILE).read_text())
         log = pd.read_csv(Path(folder) / "train_log.csv")
-        steps = int(log["step"].iloc[-1])
+        flops, wall = round_cost(folder)
         rows.append({"method": record["method"], "round": record["index"], "steps": record["steps"],
                      "stride": record.get("stride"), "lora_rank": record.get("lora_rank"),
                      "teacher_guidance": record["teacher_guidance"], "lambda_fcr": record["lambda_fcr"],
-                     "train_steps": steps, "final_distillation_loss": float(log["denoise"].tail(10).mean()),
-                     "final_fcr_term": float(log["fcr"].tail(10).mean()),
-                     "wall_time_s": float(log["elapsed_s"].iloc[-1]),
-                     "train_flops": float(record["train_flops_per_example"]) * record["train_batch_size"] * steps,
+                     "train_steps": int(log["step"].iloc[-1]),
+                     "final_distillation_loss": float(log["denoise"].tail(10).mean()),
+                     "final_fcr_term": float(log["fcr"].tail(10).mean()), "wall_time_s": wall, "train_flops": flops,
                      "folder": str(folder)})
     return pd.DataFrame(rows)
 
