@@ -162,6 +162,25 @@ def _check_distillation(params: dict[str, Any]) -> None:
                           f"{2**rounds}, got {rounds}")
 
 
+def _check_cache_training(params: dict[str, Any]) -> None:
+    if params["train_objective"] != "cache_aware":
+        return
+    n = params["num_inference_steps"]
+    if params["scheduler"] != "ddim":
+        raise ConfigError(f"parameter 'scheduler': cache-aware fine-tuning trains for DDIM sampling, got {params['scheduler']!r}")
+    if params["cache_interval"] >= n:
+        raise ConfigError(f"parameter 'cache_interval': must be < num_inference_steps={n} (a key step every "
+                          f"cache_interval steps), got {params['cache_interval']}")
+    if params["lambda_fcr"] != 0:
+        raise ConfigError(f"parameter 'lambda_fcr': cache-aware fine-tuning has no FCR term; set 0, got {params['lambda_fcr']}")
+    if params["validate_every"]:
+        raise ConfigError("parameter 'validate_every': checkpoint selection scores FD against the model's own full "
+                          f"sampling; cache-aware runs train a fixed length (set 0), got {params['validate_every']}")
+    if params["cache_rollouts"] > params["train_batch_size"]:
+        raise ConfigError(f"parameter 'cache_rollouts': must be <= train_batch_size={params['train_batch_size']}, "
+                          f"got {params['cache_rollouts']}")
+
+
 def validate(params: Mapping[str, Any], *, fill_defaults: bool = True) -> dict[str, Any]:
     """Validate flat parameters and return them with defaults filled in.
 
@@ -189,6 +208,7 @@ def validate(params: Mapping[str, Any], *, fill_defaults: bool = True) -> dict[s
         _check_validation(out)
         _check_peers(out)
         _check_distillation(out)
+        _check_cache_training(out)
     return out
 
 

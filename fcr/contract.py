@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 __all__ = [
+    "CACHE_TRAINING_FILE",
     "ATTEMPTS_RECORD",
     "ANALYSIS_NOTES",
     "DONE_MARKER",
@@ -95,6 +96,8 @@ EARLY_STOPPING = "early_stopping.json"
 BEST_UNET = "unet_best"
 # A distillation round folder (fcr.train.distillation): the student's sampler (method, grid, steps).
 DISTILLATION_FILE = "distillation.json"
+# What a cache-aware fine-tune was trained for (fcr.train.cache_aware), beside its unet/.
+CACHE_TRAINING_FILE = "cache_training.json"
 ROUND_FOLDER = re.compile(r"round\d+_steps\d+")  # a distillation round: round<r>_steps<N>
 # Stride sweep (notebook 03).
 QUALITY = "quality.csv"

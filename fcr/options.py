@@ -194,6 +194,22 @@ class DistillationOptions:
 
 
 @dataclass(frozen=True)
+class CacheTrainingOptions:
+    """Cache-aware fine-tuning (fcr.train.cache_aware): the model's cached DDIM sampling (the run's
+    num_inference_steps and guidance_scale) trained to reproduce the frozen original's full sampling."""
+
+    train_objective: str = option("denoise_fcr", "denoise_fcr (denoising + lambda_fcr * FCR on images) or cache_aware (the cached sampler's prediction matches the original's full one; prompts and noise only)", choices=("denoise_fcr", "cache_aware"))
+    cache_mode: str = option("deepcache", "the cached sampler trained for: deepcache (DeepCache-N-bB) or encoder (Faster Diffusion's FD-N)", choices=("deepcache", "encoder"))
+    cache_interval: int = option(10, "a key step every cache_interval steps (N of DeepCache-N-bB, s of FD-s)", check=_at_least(2))
+    cache_branch: int = option(0, "DeepCache's skip branch (cache_mode deepcache; DeepCacheSDHelper's cache_branch_id)", check=_at_least(0))
+    cache_loss: str = option("step", "step (noise error at a step of the cached trajectory), step_weighted (weighted by the step's effect on the final image), trajectory (final-image error of a cached rollout over cache_horizon windows)", choices=("step", "step_weighted", "trajectory"))
+    cache_horizon: int = option(1, "trajectory: key-step windows rolled out with gradient (0: to the end of sampling)", check=_at_least(0))
+    cache_rollouts: int = option(8, "cached trajectories the student samples per micro-batch; training points are drawn from them", check=_at_least(1))
+    cache_trainable: str = option("all", "all weights, uncached (only the layers a cached step recomputes) or lora (peft adapters, merged at the end)", choices=("all", "uncached", "lora"))
+    cache_lora_rank: int = option(8, "LoRA rank (cache_trainable lora)", check=_at_least(1))
+
+
+@dataclass(frozen=True)
 class EvaluationOptions:
     """Scoring generated images: sizes, bootstrap, cost timing, FID and CLIP references."""
 
@@ -286,7 +302,7 @@ class HumanOptions:
     human_power_win_rates: tuple[float, ...] = option((0.55, 0.6, 0.65), "win rates of A the power table sizes the study for", check=_non_empty(_each(_win_rate)))
 
 
-GROUPS = {"run": RunOptions, "data": DataOptions, "backbone": BackboneOptions, "sampling": SamplingOptions, "fcr": FCROptions, "training": TrainingOptions, "distillation": DistillationOptions, "evaluation": EvaluationOptions, "sweep": SweepOptions, "robustness": RobustnessOptions, "mechanistic": MechanisticOptions, "frontier": FrontierOptions, "human": HumanOptions}
+GROUPS = {"run": RunOptions, "data": DataOptions, "backbone": BackboneOptions, "sampling": SamplingOptions, "fcr": FCROptions, "training": TrainingOptions, "distillation": DistillationOptions, "cache_training": CacheTrainingOptions, "evaluation": EvaluationOptions, "sweep": SweepOptions, "robustness": RobustnessOptions, "mechanistic": MechanisticOptions, "frontier": FrontierOptions, "human": HumanOptions}
 
 
 def _frozen(value: Any) -> Any:
@@ -308,6 +324,7 @@ class Options:
     fcr: FCROptions = field(default_factory=FCROptions)
     training: TrainingOptions = field(default_factory=TrainingOptions)
     distillation: DistillationOptions = field(default_factory=DistillationOptions)
+    cache_training: CacheTrainingOptions = field(default_factory=CacheTrainingOptions)
     evaluation: EvaluationOptions = field(default_factory=EvaluationOptions)
     sweep: SweepOptions = field(default_factory=SweepOptions)
     robustness: RobustnessOptions = field(default_factory=RobustnessOptions)

@@ -254,6 +254,7 @@ def sample(
     unet_kwargs: dict[str, Any] | None = None,
     on_encoder: Callable[[int, EncoderFeatures], None] | None = None,
     deep_cache_branch: int | None = None,
+    on_latents: Callable[[int, torch.Tensor], None] | None = None,
 ) -> SampleOutput:
     """Denoise ``noise`` (z_T, unit variance, any latent shape) with ``scheduler``.
 
@@ -293,6 +294,7 @@ def sample(
     num_train = scheduler.config.num_train_timesteps
     step_kwargs = _step_kwargs(scheduler, generator)
     stats = SamplerStats()
+    trajectory_steps: list[torch.Tensor] = []
 
     def net_input(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # Called exactly once per step: Euler-type schedulers scale by sigma and track state here.
@@ -300,6 +302,9 @@ def sample(
         return scheduler.scale_model_input(doubled, t)
 
     def scheduler_step(pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        if on_latents is not None:  # steps run in order: the count is the step's index
+            on_latents(len(trajectory_steps), latents)
+            trajectory_steps.append(t)
         if prior_noise.enabled and float(t) / num_train < prior_noise.threshold:
             latents = latents + prior_noise.alpha * noise
         guided = apply_guidance(pred, guidance_scale) if do_cfg else pred
@@ -362,6 +367,8 @@ def sample(
                     latents = scheduler_step(pred, t, latents)
                     if bar is not None:
                         bar.update(1)
+    if on_latents is not None:
+        on_latents(num_inference_steps, latents)
     if bar is not None:
         bar.close()
     return SampleOutput(latents=latents, stats=stats)

@@ -133,9 +133,16 @@ def finetune(opts: Options, *, progress: bool = True, stop_after: int | None = N
                           "only; set it to 0 for Stable Diffusion")
     setup = training_setup(opts)
     folder = run_dir(opts)
-    if setup.accelerator is None or setup.accelerator.is_main_process:
+    objective, run_info = None, setup.run_info
+    if opts.cache_training.train_objective == "cache_aware":  # checks the branch before anything is written
+        from fcr.train.cache_aware import cache_objective
+
+        objective, record = cache_objective(opts, setup)
+        run_info = {**run_info, "cache_training": record}
+    main = setup.accelerator is None or setup.accelerator.is_main_process
+    if main:
         write_params(folder, opts)
-    return train(
+    result = train(
         setup.unet,
         setup.noise_scheduler,
         setup.data,
@@ -145,9 +152,15 @@ def finetune(opts: Options, *, progress: bool = True, stop_after: int | None = N
         accelerator=setup.accelerator,
         progress=progress,
         stop_after=stop_after,
-        run_info=setup.run_info,
-        validator=embedded_validator(opts, setup.noise_scheduler) if opts.run.setting != "sd" else None,
+        run_info=run_info,
+        validator=embedded_validator(opts, setup.noise_scheduler) if opts.run.setting != "sd" and objective is None else None,
+        objective=objective,
     )
+    if objective is not None and main and result.unet_dir is not None:
+        from fcr.train.cache_aware import finish_cache_training
+
+        finish_cache_training(setup.unet, folder, record)
+    return result
 
 
 def embedded_validator(opts: Options, noise_scheduler: Any) -> Validator | None:
@@ -172,8 +185,18 @@ def _sd_setup(opts: Options) -> TrainingSetup:
     from fcr.backends.sd.data import sample_subset
     from fcr.backends.sd.model import SDTrainData, check_train_files, load_sd_components, load_train_items
 
-    items = sample_subset(load_train_items(opts.data.train_data), opts.data.train_subset, opts.run.seed)
-    check_train_files(items)
+    prompts_only = opts.cache_training.train_objective == "cache_aware"
+    if prompts_only:  # a caption file: cache-aware fine-tuning needs prompts and noise, no images
+        from fcr.backends.sd.prompts import read_prompt_list
+
+        try:
+            items = sample_subset([(None, p) for p in read_prompt_list(opts.data.train_data)], opts.data.train_subset,
+                                  opts.run.seed)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"parameter 'train_data': {err}") from err
+    else:
+        items = sample_subset(load_train_items(opts.data.train_data), opts.data.train_subset, opts.run.seed)
+        check_train_files(items)
     cfg = TrainConfig.from_options(opts)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -194,7 +217,14 @@ def _sd_setup(opts: Options) -> TrainingSetup:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
     parts.vae.to(dtype=weight_dtype)
     parts.text_encoder.to(dtype=weight_dtype)
-    data = SDTrainData(items, parts.vae, parts.tokenizer, parts.text_encoder, opts.backbone.resolution)
+    if prompts_only:
+        from fcr.backends.sd.model import SDPromptData, vae_scale_factor
+
+        side = opts.backbone.resolution // vae_scale_factor(parts.vae)
+        data = SDPromptData([c for _, c in items], parts.tokenizer, parts.text_encoder,
+                            (parts.unet.config.in_channels, side, side))
+    else:
+        data = SDTrainData(items, parts.vae, parts.tokenizer, parts.text_encoder, opts.backbone.resolution)
     info = {"model": opts.backbone.model, "setting": "sd", "train_data": opts.data.train_data,
             "scheduler_config": parts.scheduler_config}
     return TrainingSetup(parts.unet, parts.noise_scheduler, data, accelerator, info)

@@ -380,3 +380,25 @@ def generate_sd(
     for start in range(0, latents.shape[0], batch_size):
         images += decode_latents(components.vae, latents[start : start + batch_size])
     return images
+
+
+class SDPromptData:
+    """Prompts only, for objectives that need no images (cache-aware fine-tuning): ``batch`` gives
+    zero latents of the model's shape (their shape and dtype only are read) and the CLIP states."""
+
+    def __init__(self, prompts: Sequence[str], tokenizer: Any, text_encoder: torch.nn.Module, latent_shape: tuple[int, ...]) -> None:
+        if not prompts:
+            raise ValueError("no prompts to train on")
+        self.prompts = list(prompts)
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.requires_grad_(False).eval()
+        self.latent_shape = tuple(latent_shape)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @torch.no_grad()
+    def batch(self, indices: torch.Tensor, drop: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        captions = ["" if d else self.prompts[int(i)] for i, d in zip(indices, drop.tolist())]
+        states = encode_prompts(self.tokenizer, self.text_encoder, captions, self.text_encoder.device)
+        return torch.zeros(len(captions), *self.latent_shape), states.float()
