@@ -510,3 +510,49 @@ def test_consistency_lora_distill_sd_end_to_end(model_dir, image_folder, tmp_pat
                        seed=3)
         assert torch.isfinite(out.images).all()
     assert distill(params, progress=False) == [folder]  # finished: loaded, not retrained
+
+
+# ---------------------------------------------------------------- cache-aware fine-tuning
+
+
+def test_cache_aware_sd_from_a_caption_file_into_a_stock_pipeline(model_dir, tmp_path):
+    """Cache-aware LoRA fine-tune of the tiny SD model from prompts only (a caption file, no images),
+    loaded into a stock StableDiffusionPipeline with the DeepCache helper it was trained for: the
+    pipeline samples what fcr's own DeepCache sampler samples with the fine-tuned UNet."""
+    import json
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    import fcr.diffusers_cache as fc
+    from fcr.core.sampler import sample
+    from fcr.train.finetune import finetune
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a coat\na bag\na sandal\na shirt\n")
+    params = sd_params(model_dir, captions, tmp_path, train_objective="cache_aware", lambda_fcr=0.0, cache_interval=2,
+                       cache_rollouts=2, num_inference_steps=4, guidance_scale=2.0, cache_trainable="lora",
+                       cache_lora_rank=2, train_subset=4)
+    result = finetune(params, progress=False)
+    record = json.loads((result.run_dir / "cache_training.json").read_text())
+    assert record["configuration"] == "DeepCache-2-b0" and record["train_flops_per_example"] > 0
+    parts = load_sd_components(str(model_dir), device="cpu")
+    pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                   unet=parts.unet, scheduler=DDIMScheduler.from_config({**parts.scheduler_config,
+                                                                                         "set_alpha_to_one": False}),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    original = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    assert fc.enable_cache_trained(pipe, result.run_dir) == record
+    assert any(not torch.equal(v, original[k]) for k, v in pipe.unet.state_dict().items())  # the fine-tune
+    assert not any("lora" in k for k in pipe.unet.state_dict())  # merged: a plain UNet
+    cond, uncond = pipe.encode_prompt(PROMPTS[:2], "cpu", 1, True)
+    noise = torch.randn(2, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(0))
+    ours = sample(pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config), noise, cond, uncond_hidden_states=uncond,
+                  guidance_scale=2.0, num_inference_steps=4, key_steps=[0, 2], deep_cache_branch=0).latents
+    theirs = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, num_inference_steps=4,
+                  guidance_scale=2.0, output_type="latent").images
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    fc.disable_cache_trained(pipe)
+    plain = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, num_inference_steps=4,
+                 guidance_scale=2.0, output_type="latent").images
+    assert (plain - ours).abs().max() > 1e-4  # caching was on, and is off again

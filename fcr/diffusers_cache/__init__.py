@@ -46,7 +46,9 @@ from fcr.diffusers_cache.controller import _ATTR, _MATCHING_FIELDS, CacheSetting
 __all__ = [
     "CacheSettings",
     "CacheStats",
+    "disable_cache_trained",
     "disable_encoder_cache",
+    "enable_cache_trained",
     "enable_encoder_cache",
     "encoder_cache_settings",
     "encoder_cache_stats",
@@ -206,6 +208,52 @@ def load_fcr_unet(pipe: Any, folder: str | Path, *, subfolder: str | None = None
     controller.unwrap_unet()
     pipe.unet = unet
     controller.wrap_unet(unet)
+    return pipe
+
+
+_DEEPCACHE_ATTR = "_fcr_deepcache_helper"
+
+
+def enable_cache_trained(pipe: Any, folder: str | Path) -> dict[str, Any]:
+    """Load a cache-aware fine-tune (:mod:`fcr.train.cache_aware`) into ``pipe`` and switch on the cached
+    sampler it was trained for: encoder caching (FD-N, with its prior noise) or DeepCache-N-bB through
+    the DeepCache package's ``DeepCacheSDHelper``. Returns the run's record: sample with its
+    ``num_inference_steps`` and ``guidance_scale`` and a DDIM ``pipe.scheduler``, as it was trained::
+
+        record = fc.enable_cache_trained(pipe, "outputs/my_cache_aware_run")
+        images = pipe(prompt, num_inference_steps=record["num_inference_steps"],
+                      guidance_scale=record["guidance_scale"]).images
+        fc.disable_cache_trained(pipe)
+    """
+    import json
+
+    from fcr.contract import CACHE_TRAINING_FILE
+
+    record_file = Path(folder).expanduser() / CACHE_TRAINING_FILE
+    if not record_file.is_file():
+        raise FileNotFoundError(f"{record_file} not found: not a finished cache-aware fine-tune")
+    record = json.loads(record_file.read_text())
+    disable_cache_trained(pipe)
+    load_fcr_unet(pipe, folder, subfolder="unet")
+    if record["deep_branch"] is None:
+        enable_encoder_cache(pipe, stride=record["interval"], prior_noise=PriorNoise(**record["prior_noise"]))
+    else:
+        from DeepCache import DeepCacheSDHelper
+
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=record["interval"], cache_branch_id=record["deep_branch"])
+        helper.enable()
+        setattr(pipe, _DEEPCACHE_ATTR, helper)
+    return record
+
+
+def disable_cache_trained(pipe: Any) -> Any:
+    """Switch off what :func:`enable_cache_trained` switched on (the fine-tuned UNet stays); returns ``pipe``."""
+    disable_encoder_cache(pipe)
+    helper = getattr(pipe, _DEEPCACHE_ATTR, None)
+    if helper is not None:
+        helper.disable()
+        delattr(pipe, _DEEPCACHE_ATTR)
     return pipe
 
 
