@@ -165,11 +165,9 @@ def _check_distillation(params: dict[str, Any]) -> None:
 def _check_cache_training(params: dict[str, Any]) -> None:
     if params["train_objective"] != "cache_aware":
         return
-    n = params["num_inference_steps"]
-    if params["scheduler"] != "ddim":
-        raise ConfigError(f"parameter 'scheduler': cache-aware fine-tuning trains for DDIM sampling, got {params['scheduler']!r}")
+    n = params["cache_steps"]
     if params["cache_interval"] >= n:
-        raise ConfigError(f"parameter 'cache_interval': must be < num_inference_steps={n} (a key step every "
+        raise ConfigError(f"parameter 'cache_interval': must be < cache_steps={n} (a key step every "
                           f"cache_interval steps), got {params['cache_interval']}")
     if params["lambda_fcr"] != 0:
         raise ConfigError(f"parameter 'lambda_fcr': cache-aware fine-tuning has no FCR term; set 0, got {params['lambda_fcr']}")

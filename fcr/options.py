@@ -195,10 +195,14 @@ class DistillationOptions:
 
 @dataclass(frozen=True)
 class CacheTrainingOptions:
-    """Cache-aware fine-tuning (fcr.train.cache_aware): the model's cached DDIM sampling (the run's
-    num_inference_steps and guidance_scale) trained to reproduce the frozen original's full sampling."""
+    """Cache-aware fine-tuning (fcr.train.cache_aware): the model's cached DDIM sampling trained to
+    reproduce the frozen original's full sampling. Its own step count and guidance (notebook 02 does
+    not read the sampling options), set to what the evaluation samples with."""
 
     train_objective: str = option("denoise_fcr", "denoise_fcr (denoising + lambda_fcr * FCR on images) or cache_aware (the cached sampler's prediction matches the original's full one; prompts and noise only)", choices=("denoise_fcr", "cache_aware"))
+    cache_steps: int = option(50, "DDIM steps of the cached sampler trained for (as the evaluation's num_inference_steps)", check=_at_least(2))
+    cache_guidance_scale: float = option(4.0, "guidance scale of the cached sampler trained for (as the evaluation's)", check=_at_least(1.0))
+    cache_prior_noise: bool = option(True, "encoder caching: Faster Diffusion's prior noise injection in the rollouts (default alpha and threshold), as the evaluation's FD samples")
     cache_mode: str = option("deepcache", "the cached sampler trained for: deepcache (DeepCache-N-bB) or encoder (Faster Diffusion's FD-N)", choices=("deepcache", "encoder"))
     cache_interval: int = option(10, "a key step every cache_interval steps (N of DeepCache-N-bB, s of FD-s)", check=_at_least(2))
     cache_branch: int = option(0, "DeepCache's skip branch (cache_mode deepcache; DeepCacheSDHelper's cache_branch_id)", check=_at_least(0))

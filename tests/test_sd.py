@@ -530,7 +530,7 @@ def test_cache_aware_sd_from_a_caption_file_into_a_stock_pipeline(model_dir, tmp
     captions = tmp_path / "captions.txt"
     captions.write_text("a coat\na bag\na sandal\na shirt\n")
     params = sd_params(model_dir, captions, tmp_path, train_objective="cache_aware", lambda_fcr=0.0, cache_interval=2,
-                       cache_rollouts=2, num_inference_steps=4, guidance_scale=2.0, cache_trainable="lora",
+                       cache_rollouts=2, cache_steps=4, cache_guidance_scale=2.0, cache_trainable="lora",
                        cache_lora_rank=2, train_subset=4)
     result = finetune(params, progress=False)
     record = json.loads((result.run_dir / "cache_training.json").read_text())

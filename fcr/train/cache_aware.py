@@ -283,12 +283,12 @@ class CacheAwareObjective(TeacherStudent):
 
 # ---------------------------------------------------------------------- from validated options
 def cache_target(opts: Any) -> CacheTarget:
-    """The cached sampler validated ``opts`` train for (the run's DDIM steps and guidance; prior noise
-    for encoder caching only, as the evaluation samples it)."""
-    c, s = opts.cache_training, opts.sampling
-    prior = PriorNoise(s.prior_noise and c.cache_mode == "encoder", s.prior_noise_alpha, s.prior_noise_threshold)
+    """The cached sampler validated ``opts`` train for (prior noise, at its default strength, for
+    encoder caching only, as the evaluation samples it)."""
+    c = opts.cache_training
+    prior = PriorNoise(enabled=c.cache_prior_noise and c.cache_mode == "encoder")
     branch = c.cache_branch if c.cache_mode == "deepcache" else None
-    return CacheTarget(s.num_inference_steps, c.cache_interval, branch, s.guidance_scale, prior)
+    return CacheTarget(c.cache_steps, c.cache_interval, branch, c.cache_guidance_scale, prior)
 
 
 def training_flops_per_example(objective: CacheAwareObjective, data: Any, batch_size: int) -> float:

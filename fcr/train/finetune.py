@@ -78,6 +78,18 @@ FINETUNE_KEYS = (
     "validate_steps",
     "validate_guidance_scale",
     "num_eval_images",
+    "train_objective",
+    "cache_mode",
+    "cache_interval",
+    "cache_branch",
+    "cache_loss",
+    "cache_horizon",
+    "cache_rollouts",
+    "cache_trainable",
+    "cache_lora_rank",
+    "cache_steps",
+    "cache_guidance_scale",
+    "cache_prior_noise",
 )
 
 
