@@ -151,10 +151,10 @@ def test_fcr_with_distillation_rejects_the_deep_group() -> None:
                              FCRConfig(lambda_fcr=0.1, feature_group="deep"))
 
 
-def test_a_students_training_cost_sums_its_rounds(tmp_path: Path) -> None:
+def test_a_students_training_cost_sums_its_rounds_and_a_cache_aware_fine_tune_has_its_own(tmp_path: Path) -> None:
     import json
 
-    from fcr.eval.training_cost import distillation_cost
+    from fcr.eval.training_cost import sampler_training_cost
 
     for r, (steps, flops, wall) in enumerate([(10, 100.0, 5.0), (20, 50.0, 7.0)], start=1):
         folder = tmp_path / "pd" / f"round{r}_steps{48 // 2**r}"
@@ -164,10 +164,19 @@ def test_a_students_training_cost_sums_its_rounds(tmp_path: Path) -> None:
         (folder / "distillation.json").write_text(json.dumps(
             {"method": "progressive", "index": r, "train_flops_per_example": flops, "train_batch_size": 4}))
         (folder / "train_log.csv").write_text(f"step,elapsed_s\n{steps // 2},1.0\n{steps},{wall}\n")
-    cost = distillation_cost({"pd@round1": str(tmp_path / "pd" / "round1_steps24"),
-                              "pd@round2": str(tmp_path / "pd" / "round2_steps12"), "other": str(tmp_path / "none")})
+    cache = tmp_path / "cache_aware"
+    (cache / "unet").mkdir(parents=True)
+    (cache / "unet" / "config.json").write_text("{}")
+    (cache / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    (cache / "cache_training.json").write_text(json.dumps(
+        {"configuration": "DeepCache-10-b0", "train_flops_per_example": 30.0, "train_batch_size": 8}))
+    (cache / "train_log.csv").write_text("step,elapsed_s\n150,9.0\n")
+    cost = sampler_training_cost({"pd@round1": str(tmp_path / "pd" / "round1_steps24"),
+                                  "pd@round2": str(tmp_path / "pd" / "round2_steps12"), "other": str(tmp_path / "none"),
+                                  "cache": str(cache)})
     cost = cost.set_index("model")
-    assert list(cost.index) == ["pd@round1", "pd@round2"]  # not a student: no row
+    assert list(cost.index) == ["pd@round1", "pd@round2", "cache"]  # not trained for a sampler: no row
+    assert cost.loc["cache", "train_flops"] == 30.0 * 8 * 150 and cost.loc["cache", "cache_training"] == "DeepCache-10-b0"
     assert cost.loc["pd@round1", "train_flops"] == 100.0 * 4 * 10
     assert cost.loc["pd@round2", "train_flops"] == 100.0 * 4 * 10 + 50.0 * 4 * 20  # round 2 needs round 1
     assert cost.loc["pd@round2", "train_wall_s"] == 12.0 and cost.loc["pd@round2", "rounds"] == 2

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fcr import contract
 from fcr.eval.profiling import FLOP_FORMULAS
 
-__all__ = ["RunCompute", "TrainingRunError", "distillation_cost", "embedded_flops_per_image", "round_cost", "overhead_percent", "run_compute",
+__all__ = ["RunCompute", "TrainingRunError", "sampler_training_cost", "embedded_flops_per_image", "round_cost", "overhead_percent", "run_compute",
            "training_step_flops"]
 
 WRITTEN_BY = "the fine-tune (notebook 02_finetune / python -m fcr train)"
@@ -150,20 +150,23 @@ def embedded_flops_per_image() -> Callable[[str, bool], float]:
     return flops
 
 
-def round_cost(folder: str | Path) -> tuple[float, float]:
-    """(training FLOPs, logged wall time in s) of one finished distillation round or run: FLOPs per
-    example (its record) x examples per step x the last logged step."""
-    record = json.loads((Path(folder) / contract.DISTILLATION_FILE).read_text())
+def round_cost(folder: str | Path, record_file: str = contract.DISTILLATION_FILE) -> tuple[float, float]:
+    """(training FLOPs, logged wall time in s) of one finished distillation round or run (or, with
+    ``record_file`` its record, a cache-aware fine-tune): FLOPs per example (its record) x examples
+    per step x the last logged step."""
+    record = json.loads((Path(folder) / record_file).read_text())
     log = pd.read_csv(Path(folder) / contract.TRAIN_LOG)
     steps = int(log["step"].iloc[-1])
     return float(record["train_flops_per_example"]) * record["train_batch_size"] * steps, float(log["elapsed_s"].iloc[-1])
 
 
-def distillation_cost(models: dict[str, str]) -> pd.DataFrame:
-    """Training cost of the distilled students among ``models`` ({label: source}): what a student costs
-    before it samples cheaply, reported beside sampling cost (never folded into it). One row per
-    student: ``train_flops`` (FLOPs per example x examples seen, its rounds so far summed: round r of a
-    progressive distillation needs rounds 1..r) and ``train_wall_s`` (the rounds' logged wall time)."""
+def sampler_training_cost(models: dict[str, str]) -> pd.DataFrame:
+    """Training cost of the models among ``models`` ({label: source}) trained for a sampler: distilled
+    students and cache-aware fine-tunes, what they cost before they sample cheaply, reported beside
+    sampling cost (never folded into it). One row per such model: ``train_flops`` (FLOPs per example x
+    examples seen; a progressive student's rounds so far summed: round r needs rounds 1..r) and
+    ``train_wall_s`` (logged wall time); ``distillation`` (its method) or ``cache_training`` (the
+    cached configuration it was trained for)."""
     from fcr.backends.models import read_distillation, resolve_unet_dir
 
     rows = []
@@ -172,10 +175,17 @@ def distillation_cost(models: dict[str, str]) -> pd.DataFrame:
             unet_dir = resolve_unet_dir(source)
         except FileNotFoundError:
             continue
+        folder = unet_dir.parent
+        cache_record = folder / contract.CACHE_TRAINING_FILE
+        if cache_record.is_file():
+            record = json.loads(cache_record.read_text())
+            flops, wall = round_cost(folder, contract.CACHE_TRAINING_FILE)
+            rows.append({"model": label, "cache_training": record["configuration"], "lora_rank": record.get("lora_rank"),
+                         "train_flops": flops, "train_wall_s": wall})
+            continue
         record = read_distillation(unet_dir)
         if record is None:
             continue
-        folder = unet_dir.parent
         rounds = [folder]
         if record.get("method") == "progressive":  # this round and the ones before it, beside it
             rounds = [p for p in folder.parent.glob("round*_steps*")
@@ -184,4 +194,5 @@ def distillation_cost(models: dict[str, str]) -> pd.DataFrame:
         flops, wall = sum(c[0] for c in costs), sum(c[1] for c in costs)
         rows.append({"model": label, "distillation": record["method"], "rounds": len(rounds),
                      "lora_rank": record.get("lora_rank"), "train_flops": flops, "train_wall_s": wall})
-    return pd.DataFrame(rows, columns=["model", "distillation", "rounds", "lora_rank", "train_flops", "train_wall_s"])
+    return pd.DataFrame(rows, columns=["model", "distillation", "rounds", "cache_training", "lora_rank", "train_flops",
+                                       "train_wall_s"])
