@@ -14,13 +14,13 @@ from test_train import _real_examples
 from fcr.backends.generate import sampling_scheduler
 from fcr.backends.models import build_embedded_unet, build_noise_scheduler
 from fcr.config import ConfigError, validate
+from fcr.core.grid_ddim import landing_scales
 from fcr.core.loss import FCRConfig
 from fcr.core.sampler import PriorNoise, sample
 from fcr.train.cache_aware import (
     CacheAwareObjective,
     CacheTarget,
     _cached_prediction,
-    landing_scales,
     trainable_parameters,
     uncached_parameter_names,
 )

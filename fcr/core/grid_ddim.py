@@ -22,7 +22,7 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
-__all__ = ["GridDDIM", "check_halving", "ddim_grid"]
+__all__ = ["GridDDIM", "check_halving", "ddim_grid", "landing_scales", "predicted_x0_eps"]
 
 
 def ddim_grid(ddim: DDIMScheduler, base_steps: int) -> torch.Tensor:
@@ -123,3 +123,19 @@ def predicted_x0_eps(output: torch.Tensor, sample: torch.Tensor, alpha_bar: torc
     if prediction_type == "v_prediction":
         return a * sample - s * output, a * output + s * sample
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def landing_scales(scheduler: Any, num_inference_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per DDIM step ``j``: alpha-bar at its timestep, alpha-bar where its step lands (diffusers' DDIM:
+    ``t - T/N``, the final alpha after the last step), and the weight ``(s_next - s_j)^2`` of
+    ``step_weighted`` normalised to mean 1 (``s = sqrt((1 - alpha_bar) / alpha_bar)``)."""
+    scheduler.set_timesteps(num_inference_steps)
+    t = scheduler.timesteps.long()
+    alphas = scheduler.alphas_cumprod.float()
+    prev = t - scheduler.config.num_train_timesteps // num_inference_steps
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32)
+    a_t = alphas[t]
+    a_next = torch.where(prev >= 0, alphas[prev.clamp(min=0)], final)
+    scale = lambda a: ((1 - a) / a).sqrt()  # noqa: E731
+    weight = (scale(a_next) - scale(a_t)) ** 2
+    return a_t, a_next, weight / weight.mean()

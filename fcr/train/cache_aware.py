@@ -36,13 +36,13 @@ from torch.utils.checkpoint import checkpoint
 
 from fcr.contract import CACHE_TRAINING_FILE
 from fcr.core import unet as fcr_unet
-from fcr.core.grid_ddim import predicted_x0_eps
+from fcr.core.grid_ddim import landing_scales, predicted_x0_eps
 from fcr.core.loss import FCRConfig
 from fcr.core.sampler import PriorNoise, apply_guidance, key_steps, sample
 from fcr.train.teacher import TeacherStudent
 
 __all__ = ["CACHE_LOSSES", "CacheAwareObjective", "CacheTarget", "cache_objective", "cache_target", "finish_cache_training",
-           "landing_scales", "trainable_parameters", "training_flops_per_example", "uncached_parameter_names"]
+           "trainable_parameters", "training_flops_per_example", "uncached_parameter_names"]
 
 CACHE_LOSSES = ("step", "step_weighted", "trajectory")
 
@@ -78,22 +78,6 @@ class CacheTarget:
         out = asdict(self)
         out["prior_noise"] = asdict(self.prior_noise)
         return {**out, "configuration": self.name}
-
-
-def landing_scales(scheduler: Any, num_inference_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per DDIM step ``j``: alpha-bar at its timestep, alpha-bar where its step lands (diffusers' DDIM:
-    ``t - T/N``, the final alpha after the last step), and the weight ``(s_next - s_j)^2`` of
-    ``step_weighted`` normalised to mean 1 (``s = sqrt((1 - alpha_bar) / alpha_bar)``)."""
-    scheduler.set_timesteps(num_inference_steps)
-    t = scheduler.timesteps.long()
-    alphas = scheduler.alphas_cumprod.float()
-    prev = t - scheduler.config.num_train_timesteps // num_inference_steps
-    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32)
-    a_t = alphas[t]
-    a_next = torch.where(prev >= 0, alphas[prev.clamp(min=0)], final)
-    scale = lambda a: ((1 - a) / a).sqrt()  # noqa: E731
-    weight = (scale(a_next) - scale(a_t)) ** 2
-    return a_t, a_next, weight / weight.mean()
 
 
 def _cached_prediction(unet: Any, target: CacheTarget, z_key: torch.Tensor, t_key: torch.Tensor, z: torch.Tensor,

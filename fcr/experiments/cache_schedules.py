@@ -1,0 +1,180 @@
+"""Budgeted cache schedules: which steps run the full UNet (key steps) and which reuse its cache, chosen
+on calibration prompts and noise for a FLOP budget, then evaluated on held-out ones like any configuration.
+
+The search scores a schedule by an additive proxy measured once along the original's full guided DDIM
+trajectory of the calibration set: ``E[k, i]``, the error of step ``i``'s cached prediction with the
+cache filled at step ``k`` (the full pass at ``z_k``; DeepCache's shallow path at ``z_i``, or encoder
+reuse's decoder alone), against the full prediction at ``z_i``, measured where the step lands in the
+final image's scale (:func:`fcr.core.grid_ddim.landing_scales`). A schedule's proxy is the sum of
+``E[k(i), i]`` over its non-key steps. For a given number of key steps (one cost: key steps cost a full
+pass, the rest a cached one) dynamic programming finds the key steps with the least proxy exactly;
+the budget then picks the largest number of key steps that fits, per cache mode, and the mode with the
+least proxy. First-order: errors are taken along the full trajectory, not the cached one, and summed.
+
+Each schedule uses one cache mode throughout (DeepCache at one branch, or encoder reuse), so it is an
+ordinary :class:`fcr.core.configurations.SamplingConfig` with explicit key steps that notebook 03 samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fcr.core import unet as fcr_unet
+from fcr.core.configurations import SamplingConfig
+from fcr.core.grid_ddim import landing_scales, predicted_x0_eps
+from fcr.core.sampler import apply_guidance, guidance_context
+
+__all__ = ["CacheMode", "ScheduleChoice", "best_key_steps", "cache_error_table", "choose_schedule", "mode_costs",
+           "schedule_front"]
+
+
+@dataclass(frozen=True)
+class CacheMode:
+    """What a non-key step runs: DeepCache's shallow path at ``branch``, or (``branch`` None) the
+    decoder on the key step's encoder features (Faster Diffusion's encoder reuse)."""
+
+    branch: int | None
+
+    @property
+    def label(self) -> str:
+        return "FD" if self.branch is None else f"DeepCache-b{self.branch}"
+
+
+@torch.no_grad()
+def cache_error_table(unet: Any, scheduler: Any, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+                      guidance_scale: float, num_inference_steps: int, mode: CacheMode, max_gap: int) -> torch.Tensor:
+    """``E[k, i]`` (``num_inference_steps`` squared; inf where ``i <= k`` or ``i - k > max_gap``): the
+    mean over the calibration batch of the final-image-scale squared error of step ``i``'s cached
+    prediction with the cache from step ``k``, along the full guided DDIM trajectory from ``noise``."""
+    n = num_inference_steps
+    context = guidance_context(cond, uncond, len(noise), guidance_scale)
+    two = context.shape[0] != len(noise)
+    branch = None if mode.branch is None else fcr_unet.deep_branch(unet, mode.branch)
+    a_t, _, weight = landing_scales(scheduler, n)
+    timesteps = scheduler.timesteps
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x]) if two else x
+
+    def guided(out: torch.Tensor) -> torch.Tensor:
+        return apply_guidance(out, guidance_scale) if two else out
+
+    latents, preds, caches = [], [], []
+    z = noise * scheduler.init_noise_sigma
+    for i, t in enumerate(timesteps):
+        x = net(z)
+        features = fcr_unet.encode(unet, x, t, context)
+        caches.append(features if branch is None else fcr_unet.deep_hidden(unet, x, t, context, branch))
+        pred = guided(fcr_unet.decode(unet, features, t, context))
+        latents.append(z)
+        preds.append(pred)
+        z = scheduler.step(pred, t, z, eta=0.0, return_dict=False)[0]
+    table = torch.full((n, n), float("inf"))
+    for k in range(n):
+        for i in range(k + 1, min(n, k + max_gap + 1)):
+            t = timesteps[i]
+            if branch is None:
+                out = fcr_unet.decode(unet, caches[k], t, context)
+            else:
+                out = fcr_unet.shallow_forward(unet, net(latents[i]), t, context, caches[k], branch)
+            eps = predicted_x0_eps(guided(out).float(), latents[i].float(), a_t[i], scheduler.config.prediction_type)[1]
+            ref = predicted_x0_eps(preds[i].float(), latents[i].float(), a_t[i], scheduler.config.prediction_type)[1]
+            table[k, i] = weight[i] * (eps - ref).pow(2).mean()
+    return table
+
+
+def _segment(table: torch.Tensor, k: int, stop: int) -> float:
+    """Proxy of the non-key steps ``k+1 .. stop-1`` reading the cache of key step ``k``."""
+    return float(table[k, k + 1:stop].sum()) if stop > k + 1 else 0.0
+
+
+def best_key_steps(table: torch.Tensor, n_keys: int) -> tuple[list[int], float]:
+    """The ``n_keys`` key steps (step 0 always one) with the least summed proxy, and that proxy
+    (inf when no schedule keeps every gap within the table's ``max_gap``). Exact dynamic programming."""
+    n = table.shape[0]
+    if not 1 <= n_keys <= n:
+        raise ValueError(f"need 1 <= n_keys <= {n}; got {n_keys}")
+    inf = float("inf")
+    # best[m][j]: least proxy of steps 0..j-1 with m keys, the last at j; back[m][j]: the key before j
+    best = [[inf] * n for _ in range(n_keys + 1)]
+    back = [[-1] * n for _ in range(n_keys + 1)]
+    best[1][0] = 0.0
+    for m in range(2, n_keys + 1):
+        for j in range(1, n):
+            for k in range(j):
+                if best[m - 1][k] < inf:
+                    cost = best[m - 1][k] + _segment(table, k, j)
+                    if cost < best[m][j]:
+                        best[m][j], back[m][j] = cost, k
+    totals = [best[n_keys][j] + _segment(table, j, n) if best[n_keys][j] < inf else inf for j in range(n)]
+    last = min(range(n), key=lambda j: totals[j])
+    if totals[last] == inf:
+        return [], inf
+    keys, m = [last], n_keys
+    while keys[-1] != 0:
+        keys.append(back[m][keys[-1]])
+        m -= 1
+    return sorted(keys), totals[last]
+
+
+def mode_costs(unet: Any, sample_shape: Sequence[int], seq_len: int, mode: CacheMode) -> tuple[float, float]:
+    """FLOPs of one full pass and one cached step of ``mode`` at batch 1 (``torch.utils.flop_counter``)."""
+    from fcr.eval.profiling import deep_cache_flops, unet_flops
+
+    if mode.branch is None:
+        f = unet_flops(unet, sample_shape, seq_len)
+        return float(f["full"]), float(f["decoder"])
+    f = deep_cache_flops(unet, sample_shape, seq_len, mode.branch)
+    return float(f["full"]), float(f["shallow"])
+
+
+@dataclass(frozen=True)
+class ScheduleChoice:
+    """One searched schedule: its mode, key steps, calibration proxy and FLOPs relative to full sampling."""
+
+    mode: CacheMode
+    key_steps: tuple[int, ...]
+    proxy: float
+    relative_flops: float
+    num_inference_steps: int
+
+    @property
+    def name(self) -> str:
+        return f"Searched-{self.mode.label}-{len(self.key_steps)}k"
+
+    def config(self) -> SamplingConfig:
+        """The configuration notebook 03 samples (explicit key steps, DDIM)."""
+        return SamplingConfig(self.name, "ddim", self.num_inference_steps, self.key_steps, None, self.mode.branch)
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, "mode": self.mode.label, "deep_branch": self.mode.branch,
+                "key_steps": list(self.key_steps), "n_keys": len(self.key_steps), "proxy": self.proxy,
+                "relative_flops": self.relative_flops, "num_inference_steps": self.num_inference_steps}
+
+
+def schedule_front(tables: dict[CacheMode, torch.Tensor], costs: dict[CacheMode, tuple[float, float]]) -> list[ScheduleChoice]:
+    """For every mode and number of key steps, the best key steps and their relative FLOPs."""
+    out = []
+    for mode, table in tables.items():
+        n = table.shape[0]
+        full, cached = costs[mode]
+        for m in range(1, n + 1):
+            keys, proxy = best_key_steps(table, m)
+            if keys:
+                out.append(ScheduleChoice(mode, tuple(keys), proxy, (m * full + (n - m) * cached) / (n * full), n))
+    return out
+
+
+def choose_schedule(front: Sequence[ScheduleChoice], budget: float) -> ScheduleChoice:
+    """The schedule with the least calibration proxy whose relative FLOPs are within ``budget``;
+    ValueError naming the cheapest schedule when none fits."""
+    fits = [c for c in front if c.relative_flops <= budget + 1e-12]
+    if not fits:
+        cheapest = min(front, key=lambda c: c.relative_flops)
+        raise ValueError(f"budget {budget:.3f} is below the cheapest schedule ({cheapest.name}: "
+                         f"{cheapest.relative_flops:.3f} of full sampling)")
+    return min(fits, key=lambda c: (c.proxy, c.relative_flops))

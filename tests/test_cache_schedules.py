@@ -1,0 +1,112 @@
+"""Budgeted cache schedules: the error table is what it says, the key-step search is exact, the budget
+picks what fits (tiny random UNets: code paths, never results)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from fcr.backends.generate import sampling_scheduler
+from fcr.backends.models import build_embedded_unet, build_noise_scheduler
+from fcr.core import unet as fcr_unet
+from fcr.core.sampler import apply_guidance, sample
+from fcr.experiments.cache_schedules import (
+    CacheMode,
+    ScheduleChoice,
+    _segment,
+    best_key_steps,
+    cache_error_table,
+    choose_schedule,
+    mode_costs,
+    schedule_front,
+)
+
+
+def _proxy(table: torch.Tensor, keys: list[int]) -> float:
+    bounds = [*keys, table.shape[0]]
+    return sum(_segment(table, k, stop) for k, stop in zip(bounds[:-1], bounds[1:]))
+
+
+def test_the_key_step_search_is_exact() -> None:
+    """Against every key-step set of a 7-step table (random errors, some gaps forbidden)."""
+    n, g = 7, torch.Generator().manual_seed(0)
+    table = torch.full((n, n), float("inf"))
+    for k in range(n):
+        for i in range(k + 1, min(n, k + 4)):  # max gap 3
+            table[k, i] = float(torch.rand(1, generator=g)) * (i - k)
+    for m in range(1, n + 1):
+        sets = [[0, *rest] for rest in itertools.combinations(range(1, n), m - 1)]
+        brute = min(_proxy(table, s) for s in sets)
+        keys, proxy = best_key_steps(table, m)
+        if brute == float("inf"):
+            assert keys == [] and proxy == float("inf")
+        else:
+            assert proxy == pytest.approx(brute) and len(keys) == m and keys[0] == 0
+            assert _proxy(table, keys) == pytest.approx(proxy)
+    with pytest.raises(ValueError, match="n_keys"):
+        best_key_steps(table, 0)
+
+
+@pytest.mark.parametrize("mode", [CacheMode(0), CacheMode(None)], ids=["deepcache", "encoder"])
+def test_the_error_table_measures_a_cached_step_along_the_full_trajectory(mode: CacheMode) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = build_embedded_unet("base", sample_size=16).eval()
+    g = torch.Generator().manual_seed(1)
+    noise, cond, uncond = torch.randn(2, 1, 16, 16, generator=g), torch.randn(2, 4, 384, generator=g), torch.zeros(1, 4, 384)
+    ddim = sampling_scheduler("ddim", build_noise_scheduler())
+    table = cache_error_table(unet, ddim, noise, cond, uncond, 3.0, 6, mode, max_gap=3)
+    assert table.shape == (6, 6)
+    finite = torch.isfinite(table)
+    assert finite.sum() == sum(min(5, k + 3) - k for k in range(6))  # i in k+1 .. k+3 within 6 steps
+    assert (table[finite] > 0).all()
+    # one entry by hand: the full trajectory to step 1, the cache of step 0 used at step 1
+    path = []
+    sample(unet, sampling_scheduler("ddim", build_noise_scheduler()), noise, cond, uncond_hidden_states=uncond,
+           guidance_scale=3.0, num_inference_steps=6, on_latents=lambda i, z: path.append(z))
+    ctx = torch.cat([uncond.expand(2, -1, -1), cond])
+    two = lambda x: torch.cat([x, x])  # noqa: E731
+    t0, t1 = ddim.timesteps[0], ddim.timesteps[1]
+    with torch.no_grad():
+        full = apply_guidance(unet(two(path[1]), t1, ctx).sample, 3.0)
+        if mode.branch is None:
+            cached = fcr_unet.decode(unet, fcr_unet.encode(unet, two(path[0]), t0, ctx), t1, ctx)
+        else:
+            branch = fcr_unet.deep_branch(unet, 0)
+            deep = fcr_unet.deep_hidden(unet, two(path[0]), t0, ctx, branch)
+            cached = fcr_unet.shallow_forward(unet, two(path[1]), t1, ctx, deep, branch)
+    from fcr.core.grid_ddim import landing_scales
+
+    weight = landing_scales(ddim, 6)[2]
+    expected = weight[1] * (apply_guidance(cached, 3.0) - full).pow(2).mean()
+    torch.testing.assert_close(table[0, 1], expected, rtol=1e-3, atol=1e-9)
+
+
+def test_the_budget_picks_the_least_proxy_that_fits_and_names_the_cheapest_otherwise() -> None:
+    n = 5
+    table = torch.full((n, n), float("inf"))
+    for k in range(n):
+        for i in range(k + 1, n):
+            table[k, i] = float(i - k)
+    deep, enc = CacheMode(0), CacheMode(None)
+    front = schedule_front({deep: table, enc: 2 * table}, {deep: (10.0, 3.0), enc: (10.0, 6.0)})
+    assert {c.mode for c in front} == {deep, enc} and len(front) == 2 * n
+    choice = choose_schedule(front, 0.6)
+    assert choice.relative_flops <= 0.6 and choice.mode == deep
+    assert choice.proxy == min(c.proxy for c in front if c.relative_flops <= 0.6)
+    config = choice.config()
+    assert config.key_steps == choice.key_steps and config.deep_branch == 0 and config.name.startswith("Searched-")
+    with pytest.raises(ValueError, match="below the cheapest schedule"):
+        choose_schedule(front, 0.3)
+    assert isinstance(choice, ScheduleChoice) and choice.record()["n_keys"] == len(choice.key_steps)
+
+
+def test_mode_costs_are_counted_flops() -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = build_embedded_unet("base", sample_size=16).eval()
+    full, shallow = mode_costs(unet, (1, 16, 16), 4, CacheMode(0))
+    full_fd, decoder = mode_costs(unet, (1, 16, 16), 4, CacheMode(None))
+    assert full == full_fd and 0 < shallow < full and 0 < decoder < full
