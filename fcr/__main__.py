@@ -1,10 +1,12 @@
-"""Command line: ``python -m fcr {validate,train,distill} -f params/a.yaml [-f b.yaml] [--set key=value]``.
+"""Command line: ``python -m fcr {validate,train,distill,schedules} -f params/a.yaml [-f b.yaml] [--set key=value]``.
 
 Parameter files merge left to right with a shallow update (as papermill's ``-f``); ``--set``
 values are read as YAML scalars. Everything is validated before any work or output; ``validate``
 also runs the setting's checks for each ``--task`` (default: every task the setting implements).
 Bad parameters, data or model paths print ``error: ...`` and exit with status 2.
-``distill``: progressive distillation (:func:`fcr.train.distillation.distill`).
+``distill``: progressive distillation (:func:`fcr.train.distillation.distill`). ``schedules``: budgeted
+cache schedules searched on calibration data (:func:`fcr.experiments.cache_schedules.search_schedules`),
+written to ``output_dir/run_name/schedules.json`` for a sweep's ``searched_schedules``.
 Data-parallel training: ``torchrun --nproc_per_node N -m fcr train ...`` (gloo on CPU, NCCL on GPUs).
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -22,7 +25,7 @@ from fcr.config import SETTING_TASKS, TASKS, ConfigError, load_options, parse_se
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fcr", description=__doc__)
-    parser.add_argument("command", choices=("validate", "train", "distill"))
+    parser.add_argument("command", choices=("validate", "train", "distill", "schedules"))
     parser.add_argument("-f", "--params", action="append", default=[], help="parameter YAML file (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one parameter")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after this many optimizer steps (resumable)")
@@ -33,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         opts = load_options(*args.params, overrides=parse_sets(args.set))
-        tasks = {"train": ["finetune"], "distill": ["distill"]}.get(args.command) or args.task or list(SETTING_TASKS[opts.run.setting])
+        tasks = ({"train": ["finetune"], "distill": ["distill"], "schedules": ["sweep"]}.get(args.command) or args.task
+                 or list(SETTING_TASKS[opts.run.setting]))
         for task in tasks:
             check_task(opts, task)
     except (ConfigError, ModelNotFoundError) as exc:
@@ -41,6 +45,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "validate":
         print(yaml.safe_dump(opts.to_flat(), sort_keys=True))
+        return 0
+    if args.command == "schedules":
+        from fcr.experiments.cache_schedules import search_schedules
+
+        out = Path(opts.run.output_dir) / opts.run.run_name / "schedules.json"
+        try:
+            chosen = search_schedules(opts, out)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{out}: " + ", ".join(f"{c.name} ({c.relative_flops:.3f})" for c in chosen))
         return 0
     from fcr.train.finetune import finetune
     from fcr.train.loop import DistributedSetupError, init_distributed

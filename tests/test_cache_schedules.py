@@ -110,3 +110,42 @@ def test_mode_costs_are_counted_flops() -> None:
     full, shallow = mode_costs(unet, (1, 16, 16), 4, CacheMode(0))
     full_fd, decoder = mode_costs(unet, (1, 16, 16), 4, CacheMode(None))
     assert full == full_fd and 0 < shallow < full and 0 < decoder < full
+
+
+def test_the_search_command_writes_schedules_the_sweep_samples(tmp_path) -> None:
+    """`python -m fcr schedules` on the shipped `base` model (6 steps, 4 calibration images): one chosen
+    schedule per budget within it, read back as sweep configurations; a budget below the cheapest
+    schedule fails with one line naming the key, before anything is written."""
+    import json
+
+    from fcr.__main__ import main
+    from fcr.backends.embedded.model import prepare_embedded_data
+    from fcr.config import load_options
+    from fcr.core.configurations import configurations_of
+
+    data_dir = tmp_path / "data"
+    try:
+        prepare_embedded_data(data_dir)
+    except FileNotFoundError as exc:
+        pytest.skip(f"Fashion-MNIST not available: {exc}")
+    args = ["schedules", "-f", "params/fashion_mnist.yaml", "--set", f"data_dir={data_dir}",
+            "--set", f"output_dir={tmp_path}", "--set", "run_name=s",
+            "--set", "num_inference_steps=6", "--set", "schedule_calibration_images=4", "--set", "schedule_max_gap=3",
+            "--set", "schedule_branches=[0]", "--set", "sweep_models=[base]", "--set", "device=cpu"]
+    assert main([*args, "--set", "schedule_budgets=[0.01]"]) == 2
+    assert not (tmp_path / "s").exists()
+    assert main([*args, "--set", "schedule_budgets=[0.5, 0.8]"]) == 0
+    written = json.loads((tmp_path / "s" / "schedules.json").read_text())
+    assert [c["budget"] for c in written["chosen"]] == [0.5, 0.8]
+    assert all(c["relative_flops"] <= c["budget"] for c in written["chosen"])
+    assert {c["mode"] for c in written["front"]} == {"DeepCache-b0", "FD"}
+    opts = load_options("params/fashion_mnist.yaml", overrides={"num_inference_steps": 6, "strides": [1],
+                                                                "include_50ls": False, "dpm_reference_steps": 0,
+                                                                "searched_schedules": str(tmp_path / "s" / "schedules.json")})
+    names = [c.name for c in configurations_of(opts.sampling, opts.sweep)]
+    assert names[0] == "full" and set(names[1:]) == {c["name"] for c in written["chosen"]}
+    from fcr.experiments.frontier import method_family
+
+    assert {method_family(n) for n in names[1:]} <= {"Searched DeepCache-b0", "Searched FD"}
+    with pytest.raises(ValueError, match="searched for 6 steps"):
+        configurations_of(opts.sampling.__class__(num_inference_steps=50), opts.sweep)

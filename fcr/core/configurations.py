@@ -15,7 +15,8 @@ from fcr.core.tgate import TGateSettings
 from fcr.core.token_merging import TokenMergeSettings
 from fcr.options import SamplingOptions, SweepOptions
 
-__all__ = ["SamplingConfig", "configs_for_model", "configurations_of", "student_configurations", "sweep_configurations"]
+__all__ = ["SamplingConfig", "configs_for_model", "configurations_of", "searched_configurations", "student_configurations",
+           "sweep_configurations"]
 
 
 @dataclass(frozen=True)
@@ -149,13 +150,35 @@ def sweep_configurations(
 
 
 def configurations_of(sampling: SamplingOptions, sweep: SweepOptions) -> list[SamplingConfig]:
-    """:func:`sweep_configurations` of a run's sampling and sweep options."""
-    return sweep_configurations(
+    """:func:`sweep_configurations` of a run's sampling and sweep options, then the searched schedules
+    of ``searched_schedules`` (:func:`searched_configurations`)."""
+    configs = sweep_configurations(
         sweep.strides, sampling.num_inference_steps, sampling.scheduler, sweep.include_50ls,
         sweep.dpm_reference_steps, sweep.dpm_strides, sweep.deep_cache_intervals,
         sweep.deep_cache_branches, sweep.plain_steps, sweep.dpm_steps, sweep.tome_ratios, sweep.tome_max_downsample,
         sweep.tgate_gate_steps,
     )
+    if sweep.searched_schedules:
+        configs += searched_configurations(sweep.searched_schedules, sampling.num_inference_steps)
+    return configs
+
+
+def searched_configurations(path: str, num_inference_steps: int) -> list[SamplingConfig]:
+    """The budgeted schedules a search chose (``chosen`` of its schedules.json,
+    :mod:`fcr.experiments.cache_schedules`): DDIM with explicit key steps, DeepCache at a branch or
+    encoder reuse. A file searched for another step count raises ValueError."""
+    import json
+    from pathlib import Path
+
+    chosen = json.loads(Path(path).read_text())["chosen"]
+    out: dict[str, SamplingConfig] = {}
+    for record in chosen:
+        if record["num_inference_steps"] != num_inference_steps:
+            raise ValueError(f"{path}: searched for {record['num_inference_steps']} steps, the sweep samples "
+                             f"{num_inference_steps}")
+        out.setdefault(record["name"], SamplingConfig(record["name"], "ddim", num_inference_steps,
+                                                      tuple(record["key_steps"]), None, record["deep_branch"]))
+    return list(out.values())
 
 
 def student_configurations(distillation: Mapping[str, Any], sweep: SweepOptions) -> list[SamplingConfig]:

@@ -17,8 +17,10 @@ ordinary :class:`fcr.core.configurations.SamplingConfig` with explicit key steps
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,9 +29,10 @@ from fcr.core import unet as fcr_unet
 from fcr.core.configurations import SamplingConfig
 from fcr.core.grid_ddim import landing_scales, predicted_x0_eps
 from fcr.core.sampler import apply_guidance, guidance_context
+from fcr.experiments.sweep import model_labels
 
 __all__ = ["CacheMode", "ScheduleChoice", "best_key_steps", "cache_error_table", "choose_schedule", "mode_costs",
-           "schedule_front"]
+           "schedule_front", "search_schedules"]
 
 
 @dataclass(frozen=True)
@@ -178,3 +181,54 @@ def choose_schedule(front: Sequence[ScheduleChoice], budget: float) -> ScheduleC
         raise ValueError(f"budget {budget:.3f} is below the cheapest schedule ({cheapest.name}: "
                          f"{cheapest.relative_flops:.3f} of full sampling)")
     return min(fits, key=lambda c: (c.proxy, c.relative_flops))
+
+
+def search_schedules(opts: Any, out_file: str | Path, *, progress: bool = True) -> list[ScheduleChoice]:
+    """The schedule search of validated ``opts`` on the first sweep model (the original): error tables
+    on ``schedule_calibration_images`` prompts and noises of ``schedule_calibration_seed``, the front
+    and one chosen schedule per ``schedule_budgets`` entry, written to ``out_file`` (JSON: ``front``,
+    ``chosen``, ``calibration``) for the sweep's ``searched_schedules``. A budget below the cheapest
+    schedule fails naming ``schedule_budgets`` before any table is computed or anything written."""
+    from fcr.backends.generate import initial_noise
+    from fcr.config import ConfigError
+    from fcr.backends.models import resolve_device
+    from fcr.eval.context import eval_prompts, load_models
+
+    s, n = opts.sweep, opts.sampling.num_inference_steps
+    if not s.schedule_budgets:
+        raise ConfigError("parameter 'schedule_budgets': empty; give the FLOP budgets to search schedules for")
+    device = resolve_device(opts.run.device)
+    label, source = next(iter(model_labels(s.sweep_models).items()))
+    loaded = load_models(opts, {label: source}, device)[label].model
+    guidance = opts.sampling.guidance_scale > 1
+    prompts = eval_prompts(opts, s.schedule_calibration_images, s.schedule_calibration_seed)
+    cond, uncond = loaded.condition(prompts, 0, len(prompts), guidance)
+    shape = loaded.latent_shape(None)
+    noise = initial_noise(range(len(prompts)), shape, s.schedule_calibration_seed).to(device, loaded.unet.dtype)
+    modes = [CacheMode(b) for b in dict.fromkeys(s.schedule_branches)] + ([CacheMode(None)] if s.schedule_encoder_reuse else [])
+    if not modes:
+        raise ConfigError("parameter 'schedule_branches': empty and schedule_encoder_reuse false: no mode to search")
+    costs = {m: mode_costs(loaded.unet, shape, int(cond.shape[1]), m) for m in modes}
+    cheapest = min((full + (n - 1) * cached) / (n * full) for full, cached in costs.values())
+    low = [b for b in s.schedule_budgets if b < cheapest]
+    if low:
+        raise ConfigError(f"parameter 'schedule_budgets': {low[0]} is below the cheapest schedule ({cheapest:.3f} of "
+                          "full sampling: one full pass, every other step cached)")
+    tables = {}
+    for mode in modes:
+        if progress:
+            print(f"error table: {mode.label}", flush=True)
+        tables[mode] = cache_error_table(loaded.unet, loaded.make_scheduler("ddim"), noise, cond, uncond,
+                                         opts.sampling.guidance_scale, n, mode, s.schedule_max_gap)
+    front = schedule_front(tables, costs)
+    chosen = [choose_schedule(front, b) for b in s.schedule_budgets]
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps({
+        "front": [c.record() for c in front],
+        "chosen": [{"budget": b, **c.record()} for b, c in zip(s.schedule_budgets, chosen)],
+        "calibration": {"model": label, "source": str(source), "images": len(prompts),
+                        "seed": s.schedule_calibration_seed, "guidance_scale": opts.sampling.guidance_scale,
+                        "max_gap": s.schedule_max_gap},
+    }, indent=2))
+    return chosen

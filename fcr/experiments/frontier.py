@@ -56,12 +56,14 @@ _FAMILIES: tuple[tuple[str, str], ...] = (
     (r"^FD-(\d+|50ls)$", "FD"),
     (r"^ToMe-\d+-d\d+$", "ToMe"),
     (r"^TGATE-g\d+$", "T-GATE"),
+    (r"^Searched-(FD|DeepCache-b\d+)-\d+k$", "Searched {0}"),
 )
 
 
 def method_family(config: str, scheduler: str = "ddim") -> str:
     """The method family of a configuration name: ``FD`` (encoder caching, uniform or '50ls'),
-    ``DPM-Solver++``, ``DPM-Solver++ + FD``, ``DeepCache b<B>``, ``ToMe``, ``T-GATE``, the distilled
+    ``DPM-Solver++``, ``DPM-Solver++ + FD``, ``DeepCache b<B>``, ``ToMe``, ``T-GATE``, ``Searched <mode>`` (budgeted
+    schedules, :mod:`fcr.experiments.cache_schedules`), the distilled
     students' ``PD`` / ``CD`` (progressive / consistency), ``PD + FD``, ``PD + DeepCache b<B>`` (and CD's), or the plain sweep scheduler
     (``full`` and ``DDIM-N``: the fewer-steps peer, named by the scheduler)."""
     for pattern, family in _FAMILIES:
