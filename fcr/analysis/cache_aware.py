@@ -1,0 +1,65 @@
+"""Contrasts of issue #33: a trained model's cached sampling against the original's at the SAME
+configuration, both scored by fidelity to the original's full sampling of the same prompt and noise.
+
+Per image, the endpoint of an arm is the mean over its training replicates; the contrast is that mean
+minus the original's, tested with a two-sided paired t over the images, Holm within the family (every
+row of one call), with the minimal detectable effect at the measured spread. A contrast Holm does not
+reject is "not detectable at n = ..." with its MDE, never "no difference".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+
+from fcr.analysis.paired import load_fidelity
+from fcr.stats import holm, paired_mde, paired_test
+
+__all__ = ["ORIGINAL_FULL", "OWN_FULL", "same_configuration_contrasts"]
+
+ORIGINAL_FULL = "original_full"  # a trained model's images against the original's full sampling
+OWN_FULL = "own_full"  # the original's images against its own full sampling
+
+
+def _per_image(sweep_dir: Path, model: str, config: str, reference: str, seeds: Sequence[int], endpoint: str) -> np.ndarray:
+    return np.concatenate([load_fidelity(sweep_dir, model, config, int(s), reference)[endpoint].double().numpy()
+                           for s in seeds])
+
+
+def same_configuration_contrasts(sweep_dir: str | Path, arms: Mapping[str, tuple[str, Sequence[str]]], original: str,
+                                 seeds: Sequence[int], *, endpoint: str = "psnr", alpha: float = 0.05,
+                                 power: float = 0.8) -> pd.DataFrame:
+    """One row per arm (``{arm: (configuration, [replicate model labels])}``): ``estimate`` (mean over
+    images of the replicates' mean endpoint minus the original's, same configuration), its 95 % t
+    interval, ``p`` and ``p_holm`` (family of every arm, ``m`` tests), ``sd_diff``, ``mde`` (at
+    ``alpha / m``, ``power``) and ``verdict``: better / worse / not detectable at n = ... ."""
+    sweep_dir = Path(sweep_dir)
+    rows = []
+    for arm, (config, replicates) in arms.items():
+        if not replicates:
+            raise ValueError(f"arm {arm!r} has no replicate models")
+        ours = np.mean([_per_image(sweep_dir, m, config, ORIGINAL_FULL, seeds, endpoint) for m in replicates], axis=0)
+        theirs = _per_image(sweep_dir, original, config, OWN_FULL, seeds, endpoint)
+        diff = ours - theirs
+        test = paired_test(ours, theirs)
+        n, sd = diff.size, float(diff.std(ddof=1))
+        half = float(scipy.stats.t.ppf(0.975, n - 1)) * sd / np.sqrt(n)
+        rows.append({"arm": arm, "config": config, "replicates": len(replicates), "n": n,
+                     "estimate": float(diff.mean()), "ci_lo": float(diff.mean()) - half, "ci_hi": float(diff.mean()) + half,
+                     "original": float(theirs.mean()), "trained": float(ours.mean()), "p": test["p_t"], "sd_diff": sd})
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    m = len(table)
+    table["m"] = m
+    table["p_holm"] = holm(table["p"].to_numpy())
+    table["mde"] = [paired_mde(sd, n, alpha=alpha / m, power=power) for sd, n in zip(table["sd_diff"], table["n"])]
+    table["verdict"] = [
+        ("better" if est > 0 else "worse") if p < alpha else f"not detectable at n = {n} (MDE {mde:.2f})"
+        for est, p, n, mde in zip(table["estimate"], table["p_holm"], table["n"], table["mde"])
+    ]
+    return table

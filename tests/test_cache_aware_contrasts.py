@@ -1,0 +1,44 @@
+"""Issue #33's same-configuration contrasts on a per-image fidelity table written by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fcr.analysis.cache_aware import same_configuration_contrasts
+from fcr.analysis.paired import forget_tables
+from fcr.contract import FIDELITY_PER_IMAGE
+
+
+def _table(tmp_path, cells: dict[tuple[str, str, str], np.ndarray]) -> None:
+    rows = []
+    for (model, config, reference), values in cells.items():
+        for seed in (0, 1):
+            for image, v in enumerate(values[seed * 4:(seed + 1) * 4]):
+                rows.append({"model": model, "config": config, "seed": seed, "reference": reference, "image": image,
+                             "psnr": float(v)})
+    pd.DataFrame(rows).to_parquet(tmp_path / FIDELITY_PER_IMAGE)
+    forget_tables()
+
+
+def test_an_arm_is_its_replicates_mean_against_the_original_at_the_same_configuration(tmp_path) -> None:
+    base = np.array([30.0, 31.0, 29.0, 30.5, 28.0, 32.0, 30.0, 29.5])
+    bump = np.array([1.0, 1.2, 0.8, 1.1, 0.9, 1.0, 1.3, 0.7])
+    _table(tmp_path, {
+        ("base", "DeepCache-10-b0", "own_full"): base,
+        ("ca", "DeepCache-10-b0", "original_full"): base + bump,
+        ("ca_seed1", "DeepCache-10-b0", "original_full"): base + bump + 0.2,
+        ("base", "FD-10", "own_full"): base,
+        ("fd", "FD-10", "original_full"): base + np.array([0.1, -0.1] * 4),
+    })
+    out = same_configuration_contrasts(tmp_path, {"dc10": ("DeepCache-10-b0", ["ca", "ca_seed1"]),
+                                                  "fd10": ("FD-10", ["fd"])}, "base", [0, 1]).set_index("arm")
+    assert out.loc["dc10", "estimate"] == pytest.approx((bump + 0.1).mean())
+    assert out.loc["dc10", "n"] == 8 and out.loc["dc10", "replicates"] == 2 and (out["m"] == 2).all()
+    assert out.loc["dc10", "ci_lo"] < out.loc["dc10", "estimate"] < out.loc["dc10", "ci_hi"]
+    assert out.loc["dc10", "verdict"] == "better" and out.loc["dc10", "p_holm"] >= out.loc["dc10", "p"]
+    assert out.loc["fd10", "estimate"] == pytest.approx(0.0, abs=1e-12)
+    assert out.loc["fd10", "verdict"].startswith("not detectable at n = 8 (MDE ")
+    with pytest.raises(ValueError, match="no replicate"):
+        same_configuration_contrasts(tmp_path, {"x": ("FD-10", [])}, "base", [0, 1])
