@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 __all__ = [
+    "CACHE_AWARE_CONTRASTS",
     "CACHE_TRAINING_FILE",
     "ATTEMPTS_RECORD",
     "ANALYSIS_NOTES",
@@ -98,6 +99,8 @@ BEST_UNET = "unet_best"
 DISTILLATION_FILE = "distillation.json"
 # What a cache-aware fine-tune was trained for (fcr.train.cache_aware), beside its unet/.
 CACHE_TRAINING_FILE = "cache_training.json"
+# Notebook 06: cache-aware fine-tunes against the original at the configuration they were trained for.
+CACHE_AWARE_CONTRASTS = "cache_aware_contrasts.csv"
 ROUND_FOLDER = re.compile(r"round\d+_steps\d+")  # a distillation round: round<r>_steps<N>
 # Stride sweep (notebook 03).
 QUALITY = "quality.csv"

@@ -40,5 +40,17 @@ def test_an_arm_is_its_replicates_mean_against_the_original_at_the_same_configur
     assert out.loc["dc10", "verdict"] == "better" and out.loc["dc10", "p_holm"] >= out.loc["dc10", "p"]
     assert out.loc["fd10", "estimate"] == pytest.approx(0.0, abs=1e-12)
     assert out.loc["fd10", "verdict"].startswith("not detectable at n = 8 (MDE ")
+    again = same_configuration_contrasts(tmp_path, {"dc10": ("DeepCache-10-b0", ["ca", "ca_seed1"])}, "base")
+    assert again.loc[0, "n"] == 8  # seeds read from the table
     with pytest.raises(ValueError, match="no replicate"):
         same_configuration_contrasts(tmp_path, {"x": ("FD-10", [])}, "base", [0, 1])
+
+
+def test_arms_group_replicates_by_their_seed_suffix() -> None:
+    from fcr.analysis.cache_aware import cache_aware_arms
+
+    dc = {"configuration": "DeepCache-10-b0"}
+    arms = cache_aware_arms({"base": None, "ca_dc10": dc, "ca_dc10_seed1": dc, "ca_fd10": {"configuration": "FD-10"}})
+    assert arms == {"ca_dc10": ("DeepCache-10-b0", ["ca_dc10", "ca_dc10_seed1"]), "ca_fd10": ("FD-10", ["ca_fd10"])}
+    with pytest.raises(ValueError, match="trained for FD-10"):
+        cache_aware_arms({"a": dc, "a_seed1": {"configuration": "FD-10"}})

@@ -9,6 +9,7 @@ reject is "not detectable at n = ..." with its MDE, never "no difference".
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,13 +17,28 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from fcr.analysis.paired import load_fidelity
+from fcr.analysis.paired import load_fidelity, per_image_table
 from fcr.stats import holm, paired_mde, paired_test
 
-__all__ = ["ORIGINAL_FULL", "OWN_FULL", "same_configuration_contrasts"]
+__all__ = ["ORIGINAL_FULL", "OWN_FULL", "cache_aware_arms", "same_configuration_contrasts"]
 
 ORIGINAL_FULL = "original_full"  # a trained model's images against the original's full sampling
 OWN_FULL = "own_full"  # the original's images against its own full sampling
+
+
+def cache_aware_arms(records: Mapping[str, dict | None]) -> dict[str, tuple[str, list[str]]]:
+    """The arms among models ``{label: cache-training record or None}``: runs trained for the same
+    configuration whose labels differ only by a ``_seed<k>`` suffix are one arm's replicates."""
+    arms: dict[str, tuple[str, list[str]]] = {}
+    for label, record in records.items():
+        if record is None:
+            continue
+        arm = re.sub(r"_seed\d+$", "", label)
+        config, replicates = arms.setdefault(arm, (record["configuration"], []))
+        if config != record["configuration"]:
+            raise ValueError(f"{label} was trained for {record['configuration']}, its arm {arm!r} for {config}")
+        replicates.append(label)
+    return arms
 
 
 def _per_image(sweep_dir: Path, model: str, config: str, reference: str, seeds: Sequence[int], endpoint: str) -> np.ndarray:
@@ -31,17 +47,22 @@ def _per_image(sweep_dir: Path, model: str, config: str, reference: str, seeds: 
 
 
 def same_configuration_contrasts(sweep_dir: str | Path, arms: Mapping[str, tuple[str, Sequence[str]]], original: str,
-                                 seeds: Sequence[int], *, endpoint: str = "psnr", alpha: float = 0.05,
+                                 seeds: Sequence[int] | None = None, *, endpoint: str = "psnr", alpha: float = 0.05,
                                  power: float = 0.8) -> pd.DataFrame:
     """One row per arm (``{arm: (configuration, [replicate model labels])}``): ``estimate`` (mean over
     images of the replicates' mean endpoint minus the original's, same configuration), its 95 % t
     interval, ``p`` and ``p_holm`` (family of every arm, ``m`` tests), ``sd_diff``, ``mde`` (at
-    ``alpha / m``, ``power``) and ``verdict``: better / worse / not detectable at n = ... ."""
+    ``alpha / m``, ``power``) and ``verdict``: better / worse / not detectable at n = ... . ``seeds``
+    None: every seed the original sampled the configuration with."""
     sweep_dir = Path(sweep_dir)
     rows = []
     for arm, (config, replicates) in arms.items():
         if not replicates:
             raise ValueError(f"arm {arm!r} has no replicate models")
+        if seeds is None:
+            table = per_image_table(sweep_dir)
+            seeds = sorted(int(s) for s in table.loc[(table["model"] == original) & (table["config"] == config)
+                                                     & (table["reference"] == OWN_FULL), "seed"].unique())
         ours = np.mean([_per_image(sweep_dir, m, config, ORIGINAL_FULL, seeds, endpoint) for m in replicates], axis=0)
         theirs = _per_image(sweep_dir, original, config, OWN_FULL, seeds, endpoint)
         diff = ours - theirs

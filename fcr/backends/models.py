@@ -28,6 +28,7 @@ __all__ = [
     "check_prediction_type",
     "model_training_params",
     "noise_scheduler_for",
+    "read_cache_training",
     "read_distillation",
     "resolve_device",
     "embedded_unet_config",
@@ -162,6 +163,13 @@ def read_distillation(unet_dir: str | Path) -> dict[str, Any] | None:
     """The distillation record (:data:`fcr.contract.DISTILLATION_FILE`) of the round that produced a
     UNet folder (its parent folder); None for a model that is not a distilled student."""
     path = Path(unet_dir).parent / contract.DISTILLATION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_cache_training(unet_dir: str | Path) -> dict[str, Any] | None:
+    """The record (:data:`fcr.contract.CACHE_TRAINING_FILE`) of the cache-aware fine-tune that produced a
+    UNet folder (its parent folder); None for other models."""
+    path = Path(unet_dir).parent / contract.CACHE_TRAINING_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 

@@ -25,6 +25,7 @@ from fcr.backends.models import (
     ModelNotFoundError,
     embedded_unet_config,
     model_training_params,
+    read_cache_training,
     read_distillation,
     resolve_device,
     resolve_unet_dir,
@@ -68,14 +69,15 @@ def architecture_name(unet: torch.nn.Module) -> str:
 def model_meta(source: str) -> dict[str, Any]:
     """``original_model`` (the model it was fine-tuned or distilled from) and ``lambda_fcr`` of a run
     folder's params.yaml (None for models without one), and ``distillation``: a distilled student's
-    record (:func:`fcr.backends.models.read_distillation`; None for other models)."""
+    record (:func:`fcr.backends.models.read_distillation`), ``cache_training``: a cache-aware fine-tune's
+    (:func:`fcr.backends.models.read_cache_training`); None for other models."""
     try:
         unet_dir = resolve_unet_dir(source)
     except ModelNotFoundError:
-        return {"original_model": None, "lambda_fcr": None, "distillation": None}
+        return {"original_model": None, "lambda_fcr": None, "distillation": None, "cache_training": None}
     trained = model_training_params(unet_dir) or {}
     return {"original_model": trained.get("model"), "lambda_fcr": trained.get("lambda_fcr"),
-            "distillation": read_distillation(unet_dir)}
+            "distillation": read_distillation(unet_dir), "cache_training": read_cache_training(unet_dir)}
 
 
 def model_origins(models: Mapping[str, str]) -> dict[str, str]:
