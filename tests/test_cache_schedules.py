@@ -146,6 +146,33 @@ def test_the_search_command_writes_schedules_the_sweep_samples(tmp_path) -> None
     assert names[0] == "full" and set(names[1:]) == {c["name"] for c in written["chosen"]}
     from fcr.experiments.frontier import method_family
 
-    assert {method_family(n) for n in names[1:]} <= {"Searched DeepCache-b0", "Searched FD"}
+    assert {method_family(n) for n in names[1:]} <= {"Searched DeepCache-b0", "Searched FD", "DeepCache b0", "FD"}
+    assert {c["budget"] for c in written["candidates"]} == {0.5, 0.8}
+    assert all(c["calibration_psnr"] is not None for c in written["candidates"] + written["chosen"])
+    for chosen in written["chosen"]:  # the best measured candidate of its budget
+        tried = [c for c in written["candidates"] if c["budget"] == chosen["budget"]]
+        assert chosen["calibration_psnr"] == max(c["calibration_psnr"] for c in tried)
     with pytest.raises(ValueError, match="searched for 6 steps"):
         configurations_of(opts.sampling.__class__(num_inference_steps=50), opts.sweep)
+
+
+def test_candidates_are_the_largest_fitting_schedule_per_mode_and_source_and_rollouts_pick_one() -> None:
+    from fcr.experiments.cache_schedules import candidates_for_budget, select_by_rollouts, uniform_schedules
+
+    n = 6
+    table = torch.full((n, n), float("inf"))
+    for k in range(n):
+        for i in range(k + 1, n):
+            table[k, i] = float(i - k)
+    deep = CacheMode(0)
+    front = schedule_front({deep: table}, {deep: (10.0, 2.0)}) + uniform_schedules({deep: table}, {deep: (10.0, 2.0)})
+    uniform = [c for c in front if c.source == "uniform"]
+    assert [c.key_steps for c in uniform][:2] == [(0, 2, 4), (0, 3)] and uniform[0].name == "DeepCache-2-b0"
+    candidates = candidates_for_budget(front, 0.5)
+    assert {c.source for c in candidates} == {"proxy", "uniform"}
+    assert all(c.relative_flops <= 0.5 for c in candidates)
+    assert max(len(c.key_steps) for c in candidates if c.source == "proxy") == 2  # (2 * 10 + 4 * 2) / 60 <= 0.5
+    best, scored = select_by_rollouts(candidates, lambda c: 30.0 - len(c.key_steps) if c.source == "uniform" else 20.0)
+    assert best.source == "uniform" and all(c.calibration_psnr is not None for c in scored)
+    with pytest.raises(ValueError, match="below the cheapest"):
+        candidates_for_budget(front, 0.1)

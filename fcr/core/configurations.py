@@ -158,8 +158,10 @@ def configurations_of(sampling: SamplingOptions, sweep: SweepOptions) -> list[Sa
         sweep.deep_cache_branches, sweep.plain_steps, sweep.dpm_steps, sweep.tome_ratios, sweep.tome_max_downsample,
         sweep.tgate_gate_steps,
     )
-    if sweep.searched_schedules:
-        configs += searched_configurations(sweep.searched_schedules, sampling.num_inference_steps)
+    if sweep.searched_schedules:  # a uniform schedule the search chose may be one of the sweep's already
+        names = {c.name for c in configs}
+        configs += [c for c in searched_configurations(sweep.searched_schedules, sampling.num_inference_steps)
+                    if c.name not in names]
     return configs
 
 
