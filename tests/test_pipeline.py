@@ -294,10 +294,17 @@ def test_study_profile_plans_the_replicated_fine_tunes_and_its_sweeps(tmp_path: 
     # Issue #31's exp-2 at power: control and FCR on base-v and derivative, three training seeds each.
     exp2 = {t.name.split("fine-tune ")[1]: t.merged() for t in tasks
             if t.name.startswith("exp-2-generalisation-robustness: fine-tune")}
-    assert len(exp2) == 12 and fine_tunes[42:] == list(exp2)
+    assert len(exp2) == 12 and fine_tunes[42:54] == list(exp2)
     assert {(p["model"], p["lambda_fcr"], p["seed"]) for p in exp2.values()} == {
         (m, lam, seed) for m in ("base-v", "derivative") for lam in (0.0, 0.1) for seed in (0, 1, 2)}
     assert all(p["max_train_steps"] == 150 and p.get("validate_every", 0) == 0 for p in exp2.values())
+    # Issue #33's cache-aware arms, three training seeds each, after exp-1 and exp-2.
+    exp3 = {t.name.split("fine-tune ")[1]: t.merged() for t in tasks if t.name.startswith("exp-3-cache-aware: fine-tune")}
+    assert fine_tunes[54:] == list(exp3) and len(exp3) == 9
+    assert {(p["cache_mode"], p["cache_interval"], p.get("seed", 0)) for p in exp3.values()} == {
+        (mode, interval, seed) for mode, interval in (("deepcache", 10), ("deepcache", 5), ("encoder", 10))
+        for seed in (0, 1, 2)}
+    assert all(p["train_objective"] == "cache_aware" and p["learning_rate"] == 1e-5 for p in exp3.values())
     grid_params = {t.name.split("fine-tune ")[1]: t.merged() for t in tasks if "fine-tune grid_" in t.name}
     assert {p["seed"] for p in grid_params.values()} == {0, 1, 2}
     assert all(p["validate_every"] == 25 and p["max_train_steps"] == 150 for p in grid_params.values())
