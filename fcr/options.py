@@ -252,6 +252,7 @@ class SweepOptions:
     schedule_encoder_reuse: bool = option(True, "the search also tries Faster Diffusion's encoder reuse")
     schedule_max_gap: int = option(20, "most steps a cache is reused for", check=_at_least(1))
     schedule_calibration_images: int = option(32, "calibration prompts and noises of the search", check=_at_least(1))
+    schedule_refine_rounds: int = option(0, "rounds of local search (one key step moved by up to 2 steps, measured on the calibration set) from the chosen schedule; 0: none", check=_at_least(0))
     schedule_calibration_seed: int = option(9000, "seed of the calibration prompts and noises: never an evaluation seed", check=_at_least(0))
 
 

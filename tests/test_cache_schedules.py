@@ -176,3 +176,22 @@ def test_candidates_are_the_largest_fitting_schedule_per_mode_and_source_and_rol
     assert best.source == "uniform" and all(c.calibration_psnr is not None for c in scored)
     with pytest.raises(ValueError, match="below the cheapest"):
         candidates_for_budget(front, 0.1)
+
+
+def test_local_search_moves_key_steps_while_the_measured_score_improves() -> None:
+    from fcr.experiments.cache_schedules import refine_by_rollouts
+
+    start = ScheduleChoice(CacheMode(0), (0, 10, 20, 30, 40), 1.0, 0.26, 50, "uniform")
+    target = (0, 6, 14, 24, 38)  # a made-up optimum: the score is minus the distance to it
+    score = lambda c: -float(sum(abs(a - b) for a, b in zip(c.key_steps, target)))  # noqa: E731
+    best, scored = refine_by_rollouts(start, score, rounds=50, max_gap=20)
+    assert best.key_steps == target and best.source == "refined" and best.name == "Searched-DeepCache-b0-5kr"
+    assert best.relative_flops == start.relative_flops and best.key_steps[0] == 0 and scored > 0
+    assert best.calibration_psnr == 0.0
+    same, _ = refine_by_rollouts(replace_score := ScheduleChoice(CacheMode(0), target, 1.0, 0.26, 50), score, rounds=5)
+    assert same.key_steps == target and same.source == "proxy"  # nothing better nearby: unchanged
+    gapped, _ = refine_by_rollouts(start, score, rounds=50, max_gap=10)
+    assert max(b - a for a, b in zip(gapped.key_steps, [*gapped.key_steps[1:], 50])) <= 10
+    from fcr.experiments.frontier import method_family
+
+    assert method_family(best.name) == "Searched DeepCache-b0" and replace_score.source == "proxy"

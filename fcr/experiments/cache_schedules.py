@@ -37,7 +37,8 @@ from fcr.core.sampler import apply_guidance, guidance_context, sample
 from fcr.experiments.sweep import model_labels
 
 __all__ = ["CacheMode", "ScheduleChoice", "best_key_steps", "cache_error_table", "choose_schedule", "mode_costs",
-           "schedule_front", "search_schedules", "select_by_rollouts", "uniform_schedules", "candidates_for_budget"]
+           "schedule_front", "search_schedules", "select_by_rollouts", "uniform_schedules", "candidates_for_budget",
+           "refine_by_rollouts"]
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,8 @@ class ScheduleChoice:
         if self.source == "uniform":  # the sweep's own name for it
             stride = self.key_steps[1] - self.key_steps[0] if len(self.key_steps) > 1 else self.num_inference_steps
             return f"FD-{stride}" if self.mode.branch is None else f"DeepCache-{stride}-b{self.mode.branch}"
-        return f"Searched-{self.mode.label}-{len(self.key_steps)}k"
+        tag = "" if self.source != "refined" else "r"
+        return f"Searched-{self.mode.label}-{len(self.key_steps)}k{tag}"
 
     def config(self) -> SamplingConfig:
         """The configuration notebook 03 samples (explicit key steps, DDIM)."""
@@ -210,6 +212,37 @@ def candidates_for_budget(front: Sequence[ScheduleChoice], budget: float) -> lis
             if key not in best or (len(c.key_steps), -c.proxy) > (len(best[key].key_steps), -best[key].proxy):
                 best[key] = c
     return list(best.values())
+
+
+def refine_by_rollouts(start: ScheduleChoice, score: Any, rounds: int, max_shift: int = 2,
+                       max_gap: int | None = None) -> tuple[ScheduleChoice, int]:
+    """Local search from ``start`` at its cost (same mode, same number of key steps): each round tries
+    moving one key step (never step 0) by up to ``max_shift`` steps, keeping key steps distinct, ordered
+    and at most ``max_gap`` apart, and takes the move with the best ``score`` (measured calibration
+    PSNR) when it beats the current one; stops after ``rounds`` rounds or when no move helps. Returns the
+    best schedule (``source`` "refined" when it moved) and how many schedules were scored."""
+    best = start if start.calibration_psnr is not None else replace(start, calibration_psnr=float(score(start)))
+    n, scored = start.num_inference_steps, 0
+    for _ in range(rounds):
+        keys, moves = list(best.key_steps), []
+        for j in range(1, len(keys)):
+            for shift in (d for k in range(1, max_shift + 1) for d in (-k, k)):
+                new = sorted({*keys[:j], keys[j] + shift, *keys[j + 1:]})
+                if len(new) != len(keys) or not 0 < keys[j] + shift < n:
+                    continue
+                if max_gap is not None and max(b - a for a, b in zip([*new], [*new[1:], n])) > max_gap:
+                    continue
+                moves.append(tuple(new))
+        if not moves:
+            break
+        candidates = [replace(best, key_steps=m, source="refined", calibration_psnr=None) for m in dict.fromkeys(moves)]
+        candidates = [replace(c, calibration_psnr=float(score(c))) for c in candidates]
+        scored += len(candidates)
+        top = max(candidates, key=lambda c: c.calibration_psnr)
+        if top.calibration_psnr <= best.calibration_psnr:
+            break
+        best = top
+    return best, scored
 
 
 def select_by_rollouts(candidates: Sequence[ScheduleChoice], score: Any) -> tuple[ScheduleChoice, list[ScheduleChoice]]:
@@ -283,6 +316,9 @@ def search_schedules(opts: Any, out_file: str | Path, *, progress: bool = True) 
     chosen, tried = [], []
     for budget in s.schedule_budgets:
         best, scored = select_by_rollouts(candidates_for_budget(front, budget), score)
+        if s.schedule_refine_rounds:
+            best, _ = refine_by_rollouts(best, score, s.schedule_refine_rounds, max_gap=s.schedule_max_gap)
+            scored = [*scored, best] if best.source == "refined" else scored
         chosen.append(best)
         tried += [{"budget": budget, **c.record()} for c in scored]
         if progress:

@@ -56,7 +56,7 @@ _FAMILIES: tuple[tuple[str, str], ...] = (
     (r"^FD-(\d+|50ls)$", "FD"),
     (r"^ToMe-\d+-d\d+$", "ToMe"),
     (r"^TGATE-g\d+$", "T-GATE"),
-    (r"^Searched-(FD|DeepCache-b\d+)-\d+k$", "Searched {0}"),
+    (r"^Searched-(FD|DeepCache-b\d+)-\d+kr?$", "Searched {0}"),
 )
 
 
