@@ -15,7 +15,6 @@ from fcr.core.sampler import apply_guidance, sample
 from fcr.experiments.cache_schedules import (
     CacheMode,
     ScheduleChoice,
-    _segment,
     best_key_steps,
     cache_error_table,
     choose_schedule,
@@ -25,8 +24,18 @@ from fcr.experiments.cache_schedules import (
 
 
 def _proxy(table: torch.Tensor, keys: list[int]) -> float:
+    """The reference proxy, written out independently of the library's: each non-key step's entry."""
     bounds = [*keys, table.shape[0]]
-    return sum(_segment(table, k, stop) for k, stop in zip(bounds[:-1], bounds[1:]))
+    return sum(float(table[k, i]) for k, stop in zip(bounds[:-1], bounds[1:]) for i in range(k + 1, stop))
+
+
+def _gap_table(n: int) -> torch.Tensor:
+    """A table whose error grows with the distance to the key step (every gap allowed)."""
+    table = torch.full((n, n), float("inf"))
+    for k in range(n):
+        for i in range(k + 1, n):
+            table[k, i] = float(i - k)
+    return table
 
 
 def test_the_key_step_search_is_exact() -> None:
@@ -86,10 +95,7 @@ def test_the_error_table_measures_a_cached_step_along_the_full_trajectory(mode: 
 
 def test_the_budget_picks_the_least_proxy_that_fits_and_names_the_cheapest_otherwise() -> None:
     n = 5
-    table = torch.full((n, n), float("inf"))
-    for k in range(n):
-        for i in range(k + 1, n):
-            table[k, i] = float(i - k)
+    table = _gap_table(n)
     deep, enc = CacheMode(0), CacheMode(None)
     front = schedule_front({deep: table, enc: 2 * table}, {deep: (10.0, 3.0), enc: (10.0, 6.0)})
     assert {c.mode for c in front} == {deep, enc} and len(front) == 2 * n
@@ -159,11 +165,7 @@ def test_the_search_command_writes_schedules_the_sweep_samples(tmp_path) -> None
 def test_candidates_are_the_largest_fitting_schedule_per_mode_and_source_and_rollouts_pick_one() -> None:
     from fcr.experiments.cache_schedules import candidates_for_budget, select_by_rollouts, uniform_schedules
 
-    n = 6
-    table = torch.full((n, n), float("inf"))
-    for k in range(n):
-        for i in range(k + 1, n):
-            table[k, i] = float(i - k)
+    table = _gap_table(6)
     deep = CacheMode(0)
     front = schedule_front({deep: table}, {deep: (10.0, 2.0)}) + uniform_schedules({deep: table}, {deep: (10.0, 2.0)})
     uniform = [c for c in front if c.source == "uniform"]

@@ -14,6 +14,7 @@ Step indices count into ``scheduler.timesteps`` (index 0 = noisiest step).
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -294,7 +295,7 @@ def sample(
     num_train = scheduler.config.num_train_timesteps
     step_kwargs = _step_kwargs(scheduler, generator)
     stats = SamplerStats()
-    trajectory_steps: list[torch.Tensor] = []
+    step_index = itertools.count()  # steps run in order: the count is the step's index
 
     def net_input(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # Called exactly once per step: Euler-type schedulers scale by sigma and track state here.
@@ -302,9 +303,8 @@ def sample(
         return scheduler.scale_model_input(doubled, t)
 
     def scheduler_step(pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        if on_latents is not None:  # steps run in order: the count is the step's index
-            on_latents(len(trajectory_steps), latents)
-            trajectory_steps.append(t)
+        if on_latents is not None:
+            on_latents(next(step_index), latents)
         if prior_noise.enabled and float(t) / num_train < prior_noise.threshold:
             latents = latents + prior_noise.alpha * noise
         guided = apply_guidance(pred, guidance_scale) if do_cfg else pred

@@ -167,7 +167,7 @@ def sampler_training_cost(models: dict[str, str]) -> pd.DataFrame:
     examples seen; a progressive student's rounds so far summed: round r needs rounds 1..r) and
     ``train_wall_s`` (logged wall time); ``distillation`` (its method) or ``cache_training`` (the
     cached configuration it was trained for)."""
-    from fcr.backends.models import read_distillation, resolve_unet_dir
+    from fcr.backends.models import read_cache_training, read_distillation, resolve_unet_dir
 
     rows = []
     for label, source in models.items():
@@ -176,9 +176,8 @@ def sampler_training_cost(models: dict[str, str]) -> pd.DataFrame:
         except FileNotFoundError:
             continue
         folder = unet_dir.parent
-        cache_record = folder / contract.CACHE_TRAINING_FILE
-        if cache_record.is_file():
-            record = json.loads(cache_record.read_text())
+        record = read_cache_training(unet_dir)
+        if record is not None:
             flops, wall = round_cost(folder, contract.CACHE_TRAINING_FILE)
             rows.append({"model": label, "cache_training": record["configuration"], "lora_rank": record.get("lora_rank"),
                          "train_flops": flops, "train_wall_s": wall})

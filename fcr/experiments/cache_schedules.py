@@ -36,7 +36,7 @@ from fcr.core.grid_ddim import landing_scales, predicted_x0_eps
 from fcr.core.sampler import apply_guidance, guidance_context, sample
 from fcr.experiments.sweep import model_labels
 
-__all__ = ["CacheMode", "ScheduleChoice", "best_key_steps", "cache_error_table", "choose_schedule", "mode_costs",
+__all__ = ["CacheMode", "ScheduleChoice", "best_key_steps", "best_schedules", "relative_flops", "schedule_proxy", "cache_error_table", "choose_schedule", "mode_costs",
            "schedule_front", "search_schedules", "select_by_rollouts", "uniform_schedules", "candidates_for_budget",
            "refine_by_rollouts"]
 
@@ -72,7 +72,10 @@ def cache_error_table(unet: Any, scheduler: Any, noise: torch.Tensor, cond: torc
     def guided(out: torch.Tensor) -> torch.Tensor:
         return apply_guidance(out, guidance_scale) if two else out
 
-    latents, preds, caches = [], [], []
+    def noise_of(out: torch.Tensor, i: int) -> torch.Tensor:
+        return predicted_x0_eps(out.float(), latents[i].float(), a_t[i], scheduler.config.prediction_type)[1]
+
+    latents, full_noise, caches = [], [], []
     z = noise * scheduler.init_noise_sigma
     for i, t in enumerate(timesteps):
         x = net(z)
@@ -80,7 +83,7 @@ def cache_error_table(unet: Any, scheduler: Any, noise: torch.Tensor, cond: torc
         caches.append(features if branch is None else fcr_unet.deep_hidden(unet, x, t, context, branch))
         pred = guided(fcr_unet.decode(unet, features, t, context))
         latents.append(z)
-        preds.append(pred)
+        full_noise.append(noise_of(pred, i))
         z = scheduler.step(pred, t, z, eta=0.0, return_dict=False)[0]
     table = torch.full((n, n), float("inf"))
     for k in range(n):
@@ -90,44 +93,65 @@ def cache_error_table(unet: Any, scheduler: Any, noise: torch.Tensor, cond: torc
                 out = fcr_unet.decode(unet, caches[k], t, context)
             else:
                 out = fcr_unet.shallow_forward(unet, net(latents[i]), t, context, caches[k], branch)
-            eps = predicted_x0_eps(guided(out).float(), latents[i].float(), a_t[i], scheduler.config.prediction_type)[1]
-            ref = predicted_x0_eps(preds[i].float(), latents[i].float(), a_t[i], scheduler.config.prediction_type)[1]
-            table[k, i] = weight[i] * (eps - ref).pow(2).mean()
+            table[k, i] = weight[i] * (noise_of(guided(out), i) - full_noise[i]).pow(2).mean()
     return table
 
 
-def _segment(table: torch.Tensor, k: int, stop: int) -> float:
-    """Proxy of the non-key steps ``k+1 .. stop-1`` reading the cache of key step ``k``."""
-    return float(table[k, k + 1:stop].sum()) if stop > k + 1 else 0.0
-
-
-def best_key_steps(table: torch.Tensor, n_keys: int) -> tuple[list[int], float]:
-    """The ``n_keys`` key steps (step 0 always one) with the least summed proxy, and that proxy
-    (inf when no schedule keeps every gap within the table's ``max_gap``). Exact dynamic programming."""
+def _segment_costs(table: torch.Tensor) -> list[list[float]]:
+    """``S[k][stop]``: the proxy of the non-key steps ``k+1 .. stop-1`` reading the cache of key step
+    ``k`` (0 when there are none; inf once a step lies beyond the table's ``max_gap``)."""
     n = table.shape[0]
-    if not 1 <= n_keys <= n:
-        raise ValueError(f"need 1 <= n_keys <= {n}; got {n_keys}")
-    inf = float("inf")
+    out = [[0.0] * (n + 1) for _ in range(n)]
+    for k in range(n):
+        run = torch.cumsum(table[k, k + 1:].double(), 0).tolist()
+        for stop in range(k + 2, n + 1):
+            out[k][stop] = run[stop - k - 2]
+    return out
+
+
+def schedule_proxy(table: torch.Tensor, keys: Sequence[int]) -> float:
+    """The summed proxy of the schedule with key steps ``keys``."""
+    costs, bounds = _segment_costs(table), [*keys, table.shape[0]]
+    return sum(costs[k][stop] for k, stop in zip(bounds[:-1], bounds[1:]))
+
+
+def best_schedules(table: torch.Tensor, max_keys: int) -> dict[int, tuple[list[int], float]]:
+    """For every number of key steps ``m <= max_keys`` (step 0 always one): the key steps with the least
+    summed proxy and that proxy (``[]`` and inf when no schedule keeps every gap within the table's
+    ``max_gap``). One exact dynamic programme serves every ``m``."""
+    n = table.shape[0]
+    if not 1 <= max_keys <= n:
+        raise ValueError(f"need 1 <= n_keys <= {n}; got {max_keys}")
+    inf, seg = float("inf"), _segment_costs(table)
     # best[m][j]: least proxy of steps 0..j-1 with m keys, the last at j; back[m][j]: the key before j
-    best = [[inf] * n for _ in range(n_keys + 1)]
-    back = [[-1] * n for _ in range(n_keys + 1)]
+    best = [[inf] * n for _ in range(max_keys + 1)]
+    back = [[-1] * n for _ in range(max_keys + 1)]
     best[1][0] = 0.0
-    for m in range(2, n_keys + 1):
+    for m in range(2, max_keys + 1):
         for j in range(1, n):
             for k in range(j):
                 if best[m - 1][k] < inf:
-                    cost = best[m - 1][k] + _segment(table, k, j)
+                    cost = best[m - 1][k] + seg[k][j]
                     if cost < best[m][j]:
                         best[m][j], back[m][j] = cost, k
-    totals = [best[n_keys][j] + _segment(table, j, n) if best[n_keys][j] < inf else inf for j in range(n)]
-    last = min(range(n), key=lambda j: totals[j])
-    if totals[last] == inf:
-        return [], inf
-    keys, m = [last], n_keys
-    while keys[-1] != 0:
-        keys.append(back[m][keys[-1]])
-        m -= 1
-    return sorted(keys), totals[last]
+    out = {}
+    for m in range(1, max_keys + 1):
+        totals = [best[m][j] + seg[j][n] if best[m][j] < inf else inf for j in range(n)]
+        last = min(range(n), key=lambda j: totals[j])
+        if totals[last] == inf:
+            out[m] = ([], inf)
+            continue
+        keys, r = [last], m
+        while keys[-1] != 0:
+            keys.append(back[r][keys[-1]])
+            r -= 1
+        out[m] = (sorted(keys), totals[last])
+    return out
+
+
+def best_key_steps(table: torch.Tensor, n_keys: int) -> tuple[list[int], float]:
+    """The ``n_keys`` key steps with the least summed proxy, and that proxy (:func:`best_schedules`)."""
+    return best_schedules(table, n_keys)[n_keys]
 
 
 def mode_costs(unet: Any, sample_shape: Sequence[int], seq_len: int, mode: CacheMode) -> tuple[float, float]:
@@ -172,17 +196,20 @@ class ScheduleChoice:
                 "source": self.source, "calibration_psnr": self.calibration_psnr}
 
 
+def relative_flops(n_keys: int, num_steps: int, full: float, cached: float) -> float:
+    """FLOPs of a schedule relative to full sampling: key steps cost ``full``, the others ``cached``."""
+    return (n_keys * full + (num_steps - n_keys) * cached) / (num_steps * full)
+
+
 def schedule_front(tables: dict[CacheMode, torch.Tensor], costs: dict[CacheMode, tuple[float, float]],
                    source: str = "proxy") -> list[ScheduleChoice]:
     """For every mode and number of key steps, the best key steps and their relative FLOPs."""
     out = []
     for mode, table in tables.items():
         n = table.shape[0]
-        full, cached = costs[mode]
-        for m in range(1, n + 1):
-            keys, proxy = best_key_steps(table, m)
+        for m, (keys, proxy) in best_schedules(table, n).items():
             if keys:
-                out.append(ScheduleChoice(mode, tuple(keys), proxy, (m * full + (n - m) * cached) / (n * full), n, source))
+                out.append(ScheduleChoice(mode, tuple(keys), proxy, relative_flops(m, n, *costs[mode]), n, source))
     return out
 
 
@@ -191,13 +218,10 @@ def uniform_schedules(tables: dict[CacheMode, torch.Tensor], costs: dict[CacheMo
     out = []
     for mode, table in tables.items():
         n = table.shape[0]
-        full, cached = costs[mode]
         for stride in range(2, n):
-            keys = list(range(0, n, stride))
-            bounds = [*keys, n]
-            proxy = sum(_segment(table, k, stop) for k, stop in zip(bounds[:-1], bounds[1:]))
-            m = len(keys)
-            out.append(ScheduleChoice(mode, tuple(keys), proxy, (m * full + (n - m) * cached) / (n * full), n, "uniform"))
+            keys = tuple(range(0, n, stride))
+            out.append(ScheduleChoice(mode, keys, schedule_proxy(table, keys), relative_flops(len(keys), n, *costs[mode]),
+                                      n, "uniform"))
     return out
 
 
@@ -272,6 +296,7 @@ def search_schedules(opts: Any, out_file: str | Path, *, progress: bool = True) 
     from fcr.config import ConfigError
     from fcr.backends.models import resolve_device
     from fcr.eval.context import eval_prompts, load_models
+    from fcr.eval.fidelity import pixel_fidelity
 
     s, n = opts.sweep, opts.sampling.num_inference_steps
     if not s.schedule_budgets:
@@ -288,7 +313,7 @@ def search_schedules(opts: Any, out_file: str | Path, *, progress: bool = True) 
     if not modes:
         raise ConfigError("parameter 'schedule_branches': empty and schedule_encoder_reuse false: no mode to search")
     costs = {m: mode_costs(loaded.unet, shape, int(cond.shape[1]), m) for m in modes}
-    cheapest = min((full + (n - 1) * cached) / (n * full) for full, cached in costs.values())
+    cheapest = min(relative_flops(1, n, *c) for c in costs.values())
     low = [b for b in s.schedule_budgets if b < cheapest]
     if low:
         raise ConfigError(f"parameter 'schedule_budgets': {low[0]} is below the cheapest schedule ({cheapest:.3f} of "
@@ -310,8 +335,7 @@ def search_schedules(opts: Any, out_file: str | Path, *, progress: bool = True) 
         with torch.no_grad():
             out = sample(loaded.unet, loaded.make_scheduler("ddim"), noise, cond, key_steps=list(c.key_steps),
                          deep_cache_branch=c.mode.branch, **kw).latents
-        mse = (loaded.finish(out).float() - full).pow(2).flatten(1).mean(1).clamp(min=1e-12)
-        return float((10 * torch.log10(4.0 / mse)).mean())  # range [-1, 1]: peak-to-peak 2
+        return float(pixel_fidelity(loaded.finish(out).float(), full)["psnr"].mean())  # the evaluation's PSNR
 
     chosen, tried = [], []
     for budget in s.schedule_budgets:

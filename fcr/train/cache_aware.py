@@ -171,20 +171,11 @@ class CacheAwareObjective(TeacherStudent):
         one each step starts from, then the result (no gradient)."""
         path: list[torch.Tensor] = []
         t = self.target
-        sample(self.unet, self.scheduler, noise, states, uncond_hidden_states=self._uncond(len(noise), states),
+        sample(self.unet, self.scheduler, noise, states, uncond_hidden_states=self.uncond_states.to(states.dtype),
                guidance_scale=t.guidance_scale, num_inference_steps=t.num_inference_steps, key_steps=t.key_steps,
                parallel=False, prior_noise=t.prior_noise, deep_cache_branch=t.deep_branch,
                on_latents=lambda i, z: path.append(z.detach()))
         return torch.stack(path)
-
-    def _uncond(self, batch: int, states: torch.Tensor) -> torch.Tensor | None:
-        if self.target.guidance_scale <= 1:
-            return None
-        return self.uncond_states.to(states.dtype).expand(batch, *states.shape[1:])
-
-    def _context(self, states: torch.Tensor) -> torch.Tensor:
-        uncond = self._uncond(len(states), states)
-        return states if uncond is None else torch.cat([uncond, states])
 
     def student_cached(self, z_key: torch.Tensor, t_key: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
                        states: torch.Tensor) -> torch.Tensor:
@@ -194,7 +185,7 @@ class CacheAwareObjective(TeacherStudent):
             return _cached_prediction(self.unet, self.target, z_key, t_key, z, t, states, self.branch)
         two = lambda x: torch.cat([x, x])  # noqa: E731
         out = _cached_prediction(self.unet, self.target, two(z_key), two(t_key), two(z), two(t),
-                                 self._context(states), self.branch)
+                                 self.guided_context(states, g), self.branch)
         return apply_guidance(out, g)
 
     def _eps(self, pred: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -230,15 +221,12 @@ class CacheAwareObjective(TeacherStudent):
         return per_sample.mean()
 
     def _ddim_step(self, pred: torch.Tensor, z: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
-        """Diffusers' deterministic DDIM step ``i`` (differentiable), after prior noise as the sampler adds it."""
+        """Diffusers' deterministic DDIM step ``i`` (differentiable: plain tensor arithmetic), after prior
+        noise as the sampler adds it."""
         prior, t = self.target.prior_noise, self.timesteps[i]
         if prior.enabled and float(t) / self.scheduler.config.num_train_timesteps < prior.threshold:
             z = z + prior.alpha * noise
-        x0, eps = predicted_x0_eps(pred.float(), z.float(), self.alpha_t[i], self.prediction_type)
-        if self.scheduler.config.clip_sample:
-            r = self.scheduler.config.clip_sample_range
-            x0 = x0.clamp(-r, r)
-        return (self.alpha_next[i].sqrt() * x0 + (1 - self.alpha_next[i]).sqrt() * eps).to(z.dtype)
+        return self.scheduler.step(pred, t, z, eta=0.0, return_dict=False)[0]
 
     def _trajectory_loss(self, path: torch.Tensor, states: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         window = int(torch.randint(0, len(self.target.key_steps), (1,), generator=generator))
@@ -316,10 +304,8 @@ def cache_objective(opts: Any, setup: Any) -> tuple[CacheAwareObjective, dict[st
             raise ConfigError(f"parameter 'cache_branch': {err}") from err
     teacher = copy.deepcopy(setup.unet).requires_grad_(False).eval()
     n_train = trainable_parameters(setup.unet, target, c.cache_trainable, c.cache_lora_rank)
-    uncond = setup.data.batch(torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.bool),
-                              torch.Generator().manual_seed(0))[1].to(setup.unet.device)
     objective = CacheAwareObjective(setup.unet, teacher, sampling_scheduler("ddim", setup.noise_scheduler), target,
-                                    uncond, loss=c.cache_loss, horizon=c.cache_horizon, rollouts=c.cache_rollouts)
+                                    setup.empty_prompt_states(), loss=c.cache_loss, horizon=c.cache_horizon, rollouts=c.cache_rollouts)
     batch = opts.training.train_batch_size * opts.training.gradient_accumulation_steps
     record = {**target.record(), "loss": c.cache_loss, "horizon": c.cache_horizon, "rollouts": c.cache_rollouts,
               "trainable": c.cache_trainable, "lora_rank": c.cache_lora_rank if c.cache_trainable == "lora" else None,

@@ -203,8 +203,7 @@ def distill(opts: Any, *, progress: bool = True, stop_after: int | None = None) 
         raise ValueError("FCR + distillation compares encoder features: feature_group 'deep' is not supported")
     setup = training_setup(opts)
     ddim = sampling_scheduler("ddim", setup.noise_scheduler)
-    one = torch.zeros(1, dtype=torch.long)
-    uncond = setup.data.batch(one, torch.ones(1, dtype=torch.bool), torch.Generator().manual_seed(0))[1]
+    uncond = setup.empty_prompt_states()
     main = setup.accelerator is None or setup.accelerator.is_main_process
     train_args = dict(accelerator=setup.accelerator, progress=progress, stop_after=stop_after)
     if d.distill_method == "consistency":

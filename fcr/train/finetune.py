@@ -114,6 +114,13 @@ class TrainingSetup:
     accelerator: Any
     run_info: dict[str, Any]
 
+    def empty_prompt_states(self) -> Any:
+        """The empty prompt's text states (one row, on the model's device): a guided teacher's unconditional input."""
+        import torch
+
+        one = torch.zeros(1, dtype=torch.long)
+        return self.data.batch(one, torch.ones(1, dtype=torch.bool), torch.Generator().manual_seed(0))[1].to(self.unet.device)
+
 
 def training_setup(opts: Options) -> TrainingSetup:
     """Load the model, noise schedule and data that validated ``opts`` name (embedded or SD); write
@@ -202,8 +209,7 @@ def _sd_setup(opts: Options) -> TrainingSetup:
         from fcr.backends.sd.prompts import read_prompt_list
 
         try:
-            items = sample_subset([(None, p) for p in read_prompt_list(opts.data.train_data)], opts.data.train_subset,
-                                  opts.run.seed)
+            items = sample_subset(read_prompt_list(opts.data.train_data), opts.data.train_subset, opts.run.seed)
         except (OSError, ValueError) as err:
             raise ConfigError(f"parameter 'train_data': {err}") from err
     else:
@@ -233,7 +239,7 @@ def _sd_setup(opts: Options) -> TrainingSetup:
         from fcr.backends.sd.model import SDPromptData, vae_scale_factor
 
         side = opts.backbone.resolution // vae_scale_factor(parts.vae)
-        data = SDPromptData([c for _, c in items], parts.tokenizer, parts.text_encoder,
+        data = SDPromptData(items, parts.tokenizer, parts.text_encoder,
                             (parts.unet.config.in_channels, side, side))
     else:
         data = SDTrainData(items, parts.vae, parts.tokenizer, parts.text_encoder, opts.backbone.resolution)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from fcr.core.loss import FCRConfig
-from fcr.core.sampler import apply_guidance
+from fcr.core.sampler import apply_guidance, guidance_context
 
 __all__ = ["TeacherStudent"]
 
@@ -29,6 +29,9 @@ class TeacherStudent(torch.nn.Module):
         """The teacher's prediction at ``(z, t)``, guided at ``guidance_scale`` (> 1) or plain."""
         if guidance_scale <= 1:
             return self.teacher(z, t, states).sample
-        uncond = self.uncond_states.to(states.dtype).expand(len(z), *states.shape[1:])
-        out = self.teacher(torch.cat([z, z]), torch.cat([t, t]), torch.cat([uncond, states])).sample
+        out = self.teacher(torch.cat([z, z]), torch.cat([t, t]), self.guided_context(states, guidance_scale)).sample
         return apply_guidance(out, guidance_scale)
+
+    def guided_context(self, states: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """``[uncond; states]`` under guidance (``guidance_scale`` > 1), else ``states``."""
+        return guidance_context(states, self.uncond_states.to(states.dtype), len(states), guidance_scale)
