@@ -226,6 +226,9 @@ class EvaluationOptions:
     fid_inception_dir: str = option("", "SD: folder holding clean-fid's Inception file inception-2015-12-05.pt (no download); '' = clean-fid fetches it")
     clip_model: str = option("ViT-L-14", "SD CLIPScore: open_clip model name, or a local open_clip model-config .json")
     clip_pretrained: str = option("openai", "SD CLIPScore: open_clip pretrained tag, or a local checkpoint file (.safetensors)")
+    fid_mode: str = option("clean", "SD: clean-fid's resize mode of the Inception features ('clean': PIL bicubic; 'legacy_tensorflow': the TF FID code's)", choices=("clean", "legacy_tensorflow"))
+    eval_shards: int = option(16, "`python -m fcr evaluate`: shards of each configuration's prompts (written as they finish; the number of launched processes must divide it)", check=_at_least(1))
+    device_hour_price: float = option(0.0, "price of one hour of the timed device (e.g. USD per GPU-hour): the cost tables add cost per 1,000 images; 0 = no price", check=_at_least(0.0))
 
 
 @dataclass(frozen=True)

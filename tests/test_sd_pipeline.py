@@ -16,45 +16,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import yaml
-from conftest import TINY_OPEN_CLIP_CONFIG
-from safetensors.torch import save_file
+from sd_standins import local_metric_weights
 from test_sd import RES, tiny_components, write_caption_folder
 
 from fcr.backends.embedded.data import TRAIN_TEMPLATES, caption
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class _TinyInception(torch.nn.Module):
-    """Shape stand-in for clean-fid's Inception TorchScript: ``layers`` maps normalised
-    (B, 3, 299, 299) images to (B, 2048, 1, 1) features, as the real file's ``layers`` does."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 2048),
-                                          torch.nn.Unflatten(1, (2048, 1, 1)))
-
-    def forward(self, x: torch.Tensor, return_features: bool = True) -> torch.Tensor:
-        return self.layers(x)
-
-
-def _local_metric_weights(folder: Path) -> dict[str, str]:
-    """A tiny open_clip model (config .json + safetensors checkpoint) and an Inception stand-in file."""
-    import open_clip
-
-    folder.mkdir(parents=True)
-    config = folder / "fcr-e2e-tiny-clip.json"
-    config.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
-    open_clip.add_model_config(config)
-    torch.manual_seed(0)
-    model = open_clip.create_model("fcr-e2e-tiny-clip", pretrained=None)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "clip.safetensors"))
-    torch.manual_seed(0)
-    torch.jit.script(_TinyInception()).save(str(folder / "inception-2015-12-05.pt"))
-    return {"clip_model": str(config), "clip_pretrained": str(folder / "clip.safetensors"),
-            "fid_inception_dir": str(folder)}
 
 
 @pytest.mark.slow
@@ -68,7 +36,7 @@ def test_sd_setting_end_to_end_through_the_pipeline(tmp_path: Path) -> None:
     prompts.write_text("".join(f"{caption(label, TRAIN_TEMPLATES[0])}\n" for label in range(10)))
     overlay = {
         "model": str(model), "train_data": str(images), "eval_prompts": str(prompts), "fid_reference": str(reference),
-        **_local_metric_weights(tmp_path / "metric_weights"),
+        **local_metric_weights(tmp_path / "metric_weights"),
         "device": "cpu", "resolution": RES, "mixed_precision": "no", "prediction_type": "epsilon",
         "train_subset": 8, "train_batch_size": 2, "gradient_accumulation_steps": 1, "max_train_steps": 2,
         "checkpoint_every": 2, "log_every": 1, "fcr_sampling_steps": 10, "delta_max": 2,

@@ -150,6 +150,7 @@ def generate(
     deep_cache_branch: int | None = None,
     token_merge: float | TokenMergeSettings | None = None,
     tgate: TGateSettings | None = None,
+    first_index: int = 0,
     progress: bool = False,
     desc: str = "generate",
 ) -> GenerationResult:
@@ -164,6 +165,8 @@ def generate(
     ``token_merge``: Token Merging (a ratio: the paper's defaults; :mod:`fcr.core.token_merging`),
     its random destinations drawn from a generator seeded by ``seed`` and the batch's first index.
     ``tgate``: T-GATE (:func:`fcr.core.tgate.tgate_sample`; plain sampling with guidance only).
+    ``first_index``: the index of ``prompts[0]`` in a larger set (a shard of it): image ``j`` here is
+    image ``first_index + j`` there, noise and hooks' indices included.
     """
     if tgate is not None and (key_steps is not None or deep_cache_branch is not None or noise_hook is not None
                               or feature_hook is not None or (prior_noise is not None and prior_noise.enabled)):
@@ -181,9 +184,10 @@ def generate(
     chunks, stats, infos = [], {}, []
     batches = range(0, len(prompts), batch_size)
     for b, start in enumerate(tqdm(batches, disable=not progress, desc=desc)):
-        idx = range(start, min(start + batch_size, len(prompts)))
+        stop = min(start + batch_size, len(prompts))
+        idx = range(first_index + start, first_index + stop)
         noise = initial_noise(idx, shape, seed).to(device=device, dtype=dtype)
-        cond, uncond = model.condition(prompts, start, idx.stop, guidance)
+        cond, uncond = model.condition(prompts, start, stop, guidance)
 
         def make_scheduler(name: str = scheduler_name) -> Any:
             return model.make_scheduler(name)
@@ -197,7 +201,7 @@ def generate(
             scheduler = scheduler_hook(b, scheduler)
         tome = TokenMergeSettings(token_merge) if isinstance(token_merge, (int, float)) else token_merge
         merging = token_merging(unet, tome, tuple(noise.shape[-2:]),
-                                torch.Generator().manual_seed(int(seed) * 1_000_003 + start))
+                                torch.Generator().manual_seed(int(seed) * 1_000_003 + idx.start))
         with merging:
             out = tgate_sample(
                 unet, scheduler, noise, cond, uncond_hidden_states=uncond, guidance_scale=guidance_scale,

@@ -185,10 +185,12 @@ class RunContext:
         image_size: int | None = None,
         noise_hook: NoiseHook | None = None,
         scheduler_hook: SchedulerHook | None = None,
+        first_index: int = 0,
         progress: bool = False,
         desc: str = "generate",
     ) -> GenerationResult:
-        """:func:`fcr.backends.generate.generate` of one configuration with the run's sampling options."""
+        """:func:`fcr.backends.generate.generate` of one configuration with the run's sampling options
+        (``first_index``: where ``prompts`` start in the whole set, for a shard of it)."""
         s = self.sampling
         hook = scheduler_hook
         if config.grid_base_steps is not None:  # a distilled student's own sampler, then any stress
@@ -201,7 +203,7 @@ class RunContext:
             num_inference_steps=config.num_inference_steps, guidance_scale=guidance,
             key_steps=config.key_steps, parallel=s.parallel, prior_noise=s.prior_for(config),
             batch_size=s.batch_size, image_size=image_size, noise_hook=noise_hook, scheduler_hook=hook,
-            deep_cache_branch=config.deep_branch, token_merge=config.token_merge_settings(), tgate=config.tgate_settings(), progress=progress, desc=desc,
+            deep_cache_branch=config.deep_branch, token_merge=config.token_merge_settings(), tgate=config.tgate_settings(), first_index=first_index, progress=progress, desc=desc,
         )
 
     def images(self, loaded: LoadedModel, latents: torch.Tensor) -> Any:
