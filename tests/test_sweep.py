@@ -124,6 +124,10 @@ def test_sweep_writes_once_skips_then_refuses_stale(workspace: dict, monkeypatch
     assert (summary["n_seeds"] == 1).all() and summary["fd_fashioncnn_lo"].isna().all()
     table = sweep.cost_table(cost, reference="FD-3")
     assert math.isclose(table.set_index("config").loc["FD-3", "time_speedup_vs_FD-3"], 1.0)
+    assert "cost_per_1k_images" not in table  # no price, no money column
+    priced = sweep.cost_table(cost, reference="FD-3", device_hour_price=3.6).set_index("config")
+    # 3.6 per hour is 0.001 per second: 1,000 images cost their time per image in those units.
+    assert priced["cost_per_1k_images"].to_numpy() == pytest.approx(priced["time_per_image_s"].to_numpy())
 
 
 def test_missing_model_fails_before_anything_is_written(workspace: dict, tmp_path: Path, monkeypatch) -> None:

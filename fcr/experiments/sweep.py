@@ -264,9 +264,14 @@ def evaluate_cost(
     return out
 
 
-def cost_table(cost: pd.DataFrame, reference: str = "FD-5", batch_size: int | None = None) -> pd.DataFrame:
+def cost_table(cost: pd.DataFrame, reference: str = "FD-5", batch_size: int | None = None,
+               device_hour_price: float = 0.0) -> pd.DataFrame:
     """Cost per architecture x configuration with speed-ups against ``reference``: measured time
-    and FLOPs, next to the analytic FLOP bound (from the encoder share) of the same ratio."""
+    and FLOPs, next to the analytic FLOP bound (from the encoder share) of the same ratio. A
+    ``device_hour_price`` > 0 (the price of one hour of the timed device) adds the money cost of
+    1,000 images at the measured time per image (``cost_per_1k_images``)."""
+    if device_hour_price < 0:
+        raise ValueError(f"device_hour_price must be >= 0, got {device_hour_price}")
     if cost.empty:
         return cost
     rows = []
@@ -282,6 +287,8 @@ def cost_table(cost: pd.DataFrame, reference: str = "FD-5", batch_size: int | No
             out = {"architecture": arch, "config": name, "n_key_steps": row["n_key_steps"],
                    "num_inference_steps": row["num_inference_steps"], "flops_per_image": row["flops_per_image"],
                    "time_per_image_s": row[col], "time_column": col}
+            if device_hour_price > 0:
+                out["cost_per_1k_images"] = row[col] * 1000 / 3600 * device_hour_price
             if has_ref:
                 ref = group.loc[reference]
                 out[f"time_speedup_vs_{reference}"] = ref[col] / row[col]
