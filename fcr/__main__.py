@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         opts = load_options(*args.params, overrides=parse_sets(args.set))
-        tasks = ({"train": ["finetune"], "distill": ["distill"], "schedules": ["sweep"], "evaluate": ["sweep"]}.get(args.command) or args.task
+        tasks = ({"train": ["finetune"], "distill": ["distill"], "schedules": ["sweep"], "evaluate": ["evaluate"]}.get(args.command) or args.task
                  or list(SETTING_TASKS[opts.run.setting]))
         for task in tasks:
             check_task(opts, task)

@@ -210,9 +210,9 @@ def validate(params: Mapping[str, Any], *, fill_defaults: bool = True) -> dict[s
     return out
 
 
-TASKS = ("data", "finetune", "distill", "sweep", "robustness", "mechanistic", "frontier", "human")
-# The tasks each setting implements.
-SETTING_TASKS = {"embedded": TASKS, "sd": TASKS}
+TASKS = ("data", "finetune", "distill", "sweep", "robustness", "mechanistic", "frontier", "human", "evaluate")
+# The tasks each setting implements ("evaluate": the sharded evaluation at SD scale, python -m fcr evaluate).
+SETTING_TASKS = {"embedded": tuple(t for t in TASKS if t != "evaluate"), "sd": TASKS}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

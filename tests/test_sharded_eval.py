@@ -119,6 +119,8 @@ def test_set_metrics_merge_fid_statistics_over_shards() -> None:
         assert 0.0 <= out[name] <= 1.0, name
     moments_only = set_metrics(per_image, ReferenceSet(ref_mean, ref_cov), shard_sizes=[40], n_bootstrap=20, seed=0)
     assert np.isnan(moments_only["precision"]) and moments_only["fid"] == pytest.approx(out["fid"], rel=1e-9)
+    prompts_only = set_metrics(per_image, None, shard_sizes=[40], n_bootstrap=20, seed=0)  # a bare prompt list
+    assert np.isnan(prompts_only["fid"]) and prompts_only["inception_score"] == out["inception_score"]
 
 
 def test_a_shard_of_a_prompt_set_samples_the_images_of_the_whole_set() -> None:
@@ -212,4 +214,81 @@ def test_evaluate_refuses_a_process_count_that_does_not_divide_the_shards(tmp_pa
 def test_evaluate_is_for_stable_diffusion(capsys, monkeypatch) -> None:
     monkeypatch.chdir(REPO)
     assert cli.main(["evaluate", "-f", "params/fashion_mnist.yaml", "-f", "params/smoke.yaml"]) == 2
-    assert "`python -m fcr evaluate` evaluates Stable Diffusion" in capsys.readouterr().err
+    assert "the embedded setting has no 'evaluate' task" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- protocols
+
+
+def _coco_files(tmp_path: Path, n: int = 6) -> tuple[Path, Path]:
+    """A COCO-format captions file over n real Fashion-MNIST test images saved as JPEGs of odd sizes."""
+    import json
+
+    from PIL import Image
+
+    from fcr.backends.embedded.data import load_fashion_mnist
+
+    images, labels = load_fashion_mnist("test")
+    folder = tmp_path / "val2017"
+    folder.mkdir()
+    entries, annotations = [], []
+    for i in range(n):
+        name = f"{i:012d}.jpg"
+        Image.fromarray(images[i]).convert("RGB").resize((40 + 4 * i, 30)).save(folder / name)
+        entries.append({"id": 100 + i, "file_name": name})
+        for j in range(2):
+            annotations.append({"id": 10 * i + j, "image_id": 100 + i,
+                                "caption": caption(int(labels[i]), TRAIN_TEMPLATES[j]) + "\n"})
+    captions = tmp_path / "captions_val2017.json"
+    captions.write_text(json.dumps({"images": entries, "annotations": annotations}))
+    return captions, folder
+
+
+def test_coco_protocol_writes_prompts_and_captioned_reference_images_in_one_order(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from fcr.backends.sd.protocols import main as protocols_main
+
+    captions, images = _coco_files(tmp_path)
+    out = tmp_path / "coco"
+    assert protocols_main(["--captions", str(captions), "--images", str(images), "--out", str(out), "--n", "4",
+                           "--resolution", "16"]) == 0
+    prompts = (out / "prompts.txt").read_text().splitlines()
+    written = sorted((out / "images").glob("*.png"))
+    assert len(prompts) == len(written) == 4
+    for k, path in enumerate(written):
+        assert Image.open(path).size == (16, 16)
+        assert path.with_suffix(".txt").read_text().strip() == prompts[k]  # the caption of that very image
+    first = written[0].stat().st_mtime_ns
+    assert protocols_main(["--captions", str(captions), "--images", str(images), "--out", str(out), "--n", "4",
+                           "--resolution", "16"]) == 0
+    assert written[0].stat().st_mtime_ns == first  # resumed: kept, not rewritten
+    assert protocols_main(["--captions", str(captions), "--images", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("protocol", ["coco30k", "coco5k", "prompt_list"])
+def test_protocol_parameter_files_validate_on_every_backbone(protocol: str, tmp_path: Path) -> None:
+    params = load_options(REPO / "params" / "sd15.yaml", REPO / "params" / "eval" / f"{protocol}.yaml")
+    assert params.evaluation.eval_shards <= params.evaluation.num_eval_images
+    plan = ShardPlan(params.evaluation.num_eval_images, params.evaluation.eval_shards)
+    for processes in (1, 2, 4, 8, 16):  # the usual GPU counts share the shards evenly
+        assert len(plan.assigned(processes - 1, processes)) == plan.num_shards // processes
+
+
+def test_bad_prompt_files_fail_with_one_line(tmp_path: Path) -> None:
+    from fcr.backends.checks import check_task
+
+    model = tiny_components().save_pretrained(tmp_path / "tiny_sd")
+    empty, latin = tmp_path / "empty.txt", tmp_path / "latin.txt"
+    empty.write_text("")
+    latin.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    opts = load_options(REPO / "params" / "sd15.yaml", REPO / "params" / "eval" / "prompt_list.yaml", overrides={
+        "model": str(model), "sweep_models": [str(model)], "resolution": RES, "num_eval_images": 2, "eval_shards": 2})
+    from fcr.backends.sd.params import sd_eval_prompts
+
+    with pytest.raises(ConfigError, match=r"parameter 'eval_prompts': .*empty\.txt: empty"):
+        sd_eval_prompts(opts.with_flat(eval_prompts=str(empty)), 2, 0)
+    with pytest.raises(ConfigError, match=r"parameter 'eval_prompts': .*not UTF-8 text \(byte 0xe9 at offset 3\)"):
+        sd_eval_prompts(opts.with_flat(eval_prompts=str(latin)), 2, 0)
+    with pytest.raises(ConfigError, match="parameter 'fid_reference': 'no-such-stats' is neither a folder"):
+        check_task(opts.with_flat(eval_prompts=str(latin), fid_reference="no-such-stats"), "evaluate")

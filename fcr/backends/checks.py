@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fcr.backends.sd.params import check_sd_params
-from fcr.config import TASKS, ConfigError
+from fcr.config import SETTING_TASKS, TASKS, ConfigError
 from fcr.options import Options
 
 __all__ = ["check_task"]
@@ -42,5 +42,8 @@ def check_task(opts: Options, task: str) -> None:
             if batch not in opts.evaluation.profile_batches:
                 raise ConfigError(f"parameter 'frontier_cost': {opts.frontier.frontier_cost} needs batch {batch} in "
                                   f"profile_batches={opts.evaluation.profile_batches}")
+    if task not in SETTING_TASKS[opts.run.setting]:
+        raise ConfigError(f"parameter 'setting': the {opts.run.setting} setting has no {task!r} task "
+                          f"(it has {list(SETTING_TASKS[opts.run.setting])})")
     if opts.run.setting == "sd":
         check_sd_params(opts, task)

@@ -277,11 +277,13 @@ def build_context(
     *,
     reference_n: int | None = None,
     check_model: Callable[[LoadedModel], None] | None = None,
+    require_fid_reference: bool = True,
 ) -> RunContext:
     """The run context of validated ``opts`` for ``models`` ({label: model name or run folder}).
     ``out_dir`` holds the cached reference features (embedded); ``reference_n`` limits the real
     reference images (tests only). ``check_model`` runs on each model as it is loaded, before the
-    scorer is built or anything is written (e.g. a stress size against the native size)."""
+    scorer is built or anything is written (e.g. a stress size against the native size).
+    ``require_fid_reference=False``: an SD run may leave ``fid_reference`` empty (prompt lists)."""
     device = resolve_device(opts.run.device)
     sampling = Sampling.from_options(opts)
     if opts.run.setting == "sd":
@@ -289,7 +291,7 @@ def build_context(
         from fcr.config import ConfigError
         from fcr.eval.sd_metrics import load_clip
 
-        if not opts.evaluation.fid_reference:
+        if require_fid_reference and not opts.evaluation.fid_reference:
             raise ConfigError("parameter 'fid_reference': give a clean-fid statistics name or a folder of reference "
                               "images")
         loaded = load_models(opts, models, device, check_model)

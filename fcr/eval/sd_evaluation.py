@@ -166,15 +166,17 @@ def reference_set(reference: str, inception: InceptionFeatures, clip: ClipBundle
     return ReferenceSet(moments.mean, moments.covariance, stored["features"], stored.get("caption_text"), len(files))
 
 
-def set_metrics(per_image: dict[str, torch.Tensor], reference: ReferenceSet, *, shard_sizes: Sequence[int],
+def set_metrics(per_image: dict[str, torch.Tensor], reference: ReferenceSet | None, *, shard_sizes: Sequence[int],
                 n_bootstrap: int, seed: int, pr_k: int = 3, is_splits: int = 10) -> dict[str, float]:
     """Set metrics of one configuration from its gathered per-image tensors (in image order).
-    FID: Inception moments merged over the shards (``shard_sizes``), never per-shard FIDs averaged."""
+    FID: Inception moments merged over the shards (``shard_sizes``), never per-shard FIDs averaged.
+    Without a ``reference`` (a bare prompt list) FID and precision/recall are nan."""
     features = per_image["inception"]
     n = features.shape[0]
     moments = FeatureMoments.merged(torch.split(features, list(shard_sizes)))
     out: dict[str, float] = {"n_images": float(n)}
-    out["fid"] = frechet_distance(moments.mean, moments.covariance, reference.mean, reference.covariance)
+    out["fid"] = (math.nan if reference is None
+                  else frechet_distance(moments.mean, moments.covariance, reference.mean, reference.covariance))
     splits = min(is_splits, n)
     out["inception_score"], out["inception_score_std"] = inception_score(per_image["inception_probs"].double().numpy(),
                                                                          splits=splits)
@@ -183,7 +185,7 @@ def set_metrics(per_image: dict[str, torch.Tensor], reference: ReferenceSet, *, 
     nan = math.nan
     out["precision"], out["recall"] = nan, nan
     out["conditional_precision"], out["conditional_recall"] = nan, nan
-    if reference.features is not None and min(n, reference.features.shape[0]) > pr_k:
+    if reference is not None and reference.features is not None and min(n, reference.features.shape[0]) > pr_k:
         out["precision"], out["recall"] = precision_recall(reference.features, features, k=pr_k)
         if reference.caption_text is not None:
             real = joint_features(reference.features, reference.caption_text)

@@ -73,7 +73,7 @@ def evaluate_sharded(
         raise ConfigError("parameter 'setting': `python -m fcr evaluate` evaluates Stable Diffusion; the embedded "
                           "setting's sweep runs in notebook 03")
     out_dir = evaluation_dir(opts)
-    ctx = build_context(opts, models, out_dir)
+    ctx = build_context(opts, models, out_dir, require_fid_reference=False)
     plans = _plans(opts, ctx, rank, world)  # everything that can fail does so before a shard is written
     ev = opts.evaluation
     inception = InceptionFeatures(ev.fid_inception_dir or None, ev.fid_mode, ctx.device)
@@ -104,7 +104,8 @@ def evaluate_sharded(
     barrier()
     if rank != 0:
         return None
-    reference = reference_set(ev.fid_reference, inception, clip, ctx.device, out_dir / "reference", ev.fid_mode)
+    reference = (reference_set(ev.fid_reference, inception, clip, ctx.device, Path(opts.data.data_dir) / "fid_reference",
+                               ev.fid_mode) if ev.fid_reference else None)
     rows = []
     for seed, loaded, config, key in jobs:
         prompts, plan, _ = plans[seed]

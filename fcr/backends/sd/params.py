@@ -48,20 +48,34 @@ def _need_path(opts: Options, key: str, what: str) -> None:
         raise ConfigError(f"parameter {key!r}: {opts.value(key)!r} does not exist ({what})")
 
 
+def _check_reference(opts: Options) -> None:
+    """``fid_reference`` of the sharded evaluation: a folder of images or existing clean-fid statistics."""
+    reference = opts.evaluation.fid_reference
+    if Path(reference).expanduser().is_dir():
+        return
+    from cleanfid import fid
+
+    if not fid.test_stats_exists(reference.lower(), opts.evaluation.fid_mode):
+        raise ConfigError(f"parameter 'fid_reference': {reference!r} is neither a folder of images nor clean-fid "
+                          f"statistics of mode {opts.evaluation.fid_mode!r}")
+
+
 def check_sd_params(opts: Options, task: str) -> None:
     """SD checks of :func:`fcr.config.check_task`: local data paths, resolutions (multiples of the
     VAE factor 8, not below the model's native size), stresses that apply to SD, local metric weights."""
     if task in ("data", "finetune", "distill"):
         _need_path(opts, "train_data", "local training data (image+caption folder, img2dataset output, ArtBench-10, .parquet or .tar)")
-    if task in ("data", "sweep", "robustness"):
+    if task in ("data", "sweep", "robustness", "evaluate"):
         _need_path(opts, "eval_prompts", "evaluation prompts (e.g. MS-COCO's annotations/captions_val2017.json)")
-    if task in ("sweep", "robustness"):
-        if not opts.evaluation.fid_reference:
+    if task == "evaluate" and opts.evaluation.fid_reference:  # optional: a bare prompt list has none
+        _check_reference(opts)
+    if task in ("sweep", "robustness", "evaluate"):
+        if not opts.evaluation.fid_reference and task != "evaluate":
             raise ConfigError("parameter 'fid_reference': empty; give a clean-fid statistics name or a folder of reference images")
         if opts.evaluation.fid_inception_dir:
             if not (Path(opts.evaluation.fid_inception_dir) / "inception-2015-12-05.pt").is_file():
                 raise ConfigError(f"parameter 'fid_inception_dir': no inception-2015-12-05.pt in {opts.evaluation.fid_inception_dir!r}")
-            if not Path(opts.evaluation.fid_reference).is_dir():
+            if opts.evaluation.fid_reference and not Path(opts.evaluation.fid_reference).is_dir():
                 raise ConfigError(
                     "parameter 'fid_reference': with fid_inception_dir give a folder of reference images (clean-fid "
                     "builds cached statistics with its own Inception; or copy the file to /tmp, where clean-fid looks)"
@@ -75,7 +89,7 @@ def check_sd_params(opts: Options, task: str) -> None:
     sizes = [("resolution", opts.backbone.resolution)]
     if task == "robustness" and "high_resolution" in opts.robustness.stresses:
         sizes.append(("stress_resolution", opts.robustness.stress_resolution))
-    models = {"sweep": opts.sweep.sweep_models, "robustness": opts.robustness.robustness_models,
+    models = {"sweep": opts.sweep.sweep_models, "evaluate": opts.sweep.sweep_models, "robustness": opts.robustness.robustness_models,
               "mechanistic": opts.mechanistic.variance_models, "frontier": opts.frontier.frontier_models}.get(task, [opts.backbone.model])
     for key, size in sizes:
         if size % 8:

@@ -172,7 +172,12 @@ def _text_lines(path: Path, what: str, comments: bool = False) -> list[str]:
     """Stripped non-empty lines (``#`` comment lines dropped when ``comments``); errors name ``what``."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (expected a {what})")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                         f"save the {what} as UTF-8") from None
+    lines = [ln.strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if ln and not (comments and ln.startswith("#"))]
     if not lines:
         raise ValueError(f"{path}: empty; expected a {what}")
