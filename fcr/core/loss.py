@@ -247,6 +247,7 @@ def fcr_training_loss(
     cfg: FCRConfig,
     generator: torch.Generator | None = None,
     unet_kwargs: dict[str, Any] | None = None,
+    channel_condition: torch.Tensor | None = None,
 ) -> LossParts:
     """Denoising loss plus λ · FCR on one batch of clean latents ``x0``.
 
@@ -256,8 +257,14 @@ def fcr_training_loss(
     mean squared error of the UNet's prediction at t against ε (or ``get_velocity(x0, ε, t)`` for
     v-prediction); FCR is :func:`feature_distance` over ``cfg.feature_group``. With λ = 0 the
     encoder pass on ``x_{t−Δ}`` is skipped, ``fcr`` is a zero tensor and ``total is denoise``.
+    ``channel_condition`` (batch of ``x0``): channels the UNet reads beside the noisy latent (an
+    in-painting UNet's mask and masked-image latents, depth-to-image's depth), the same at t and t−Δ.
     """
     kw = dict(unet_kwargs or {})
+
+    def net_input(x: torch.Tensor) -> torch.Tensor:
+        return x if channel_condition is None else torch.cat([x, channel_condition.to(x.dtype)], dim=1)
+
     num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
     prediction_type = _resolve_prediction_type(cfg, noise_scheduler)
 
@@ -270,9 +277,9 @@ def fcr_training_loss(
     deep = cfg.feature_group == DEEP_GROUP
     if deep:
         branch = fcr_unet.deep_branch(unet, cfg.deep_branch)
-        pred, deep_t = fcr_unet.deep_forward(unet, x_t, t, encoder_hidden_states, branch, **kw)
+        pred, deep_t = fcr_unet.deep_forward(unet, net_input(x_t), t, encoder_hidden_states, branch, **kw)
     else:
-        feats_t = fcr_unet.encode(unet, x_t, t, encoder_hidden_states, **kw)
+        feats_t = fcr_unet.encode(unet, net_input(x_t), t, encoder_hidden_states, **kw)
         pred = fcr_unet.decode(unet, feats_t, t, encoder_hidden_states, **kw)
     target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
     denoise = F.mse_loss(pred.float(), target.float(), reduction="mean")
@@ -284,12 +291,12 @@ def fcr_training_loss(
     t_prev = t - delta
     x_prev = noise_scheduler.add_noise(x0, noise_prev, t_prev)
     if deep:
-        deep_prev = fcr_unet.deep_hidden(unet, x_prev, t_prev, encoder_hidden_states, branch, **kw)
+        deep_prev = fcr_unet.deep_hidden(unet, net_input(x_prev), t_prev, encoder_hidden_states, branch, **kw)
         # One tensor: the distance of a single-tensor feature set (the raw or normalised form alike).
         as_features = (lambda x: EncoderFeatures(skips=(), mid=x, forward_upsample_size=False))
         fcr = feature_distance(as_features(deep_t), as_features(deep_prev), [0], cfg.normalize)
     else:
-        feats_prev = fcr_unet.encode(unet, x_prev, t_prev, encoder_hidden_states, **kw)
+        feats_prev = fcr_unet.encode(unet, net_input(x_prev), t_prev, encoder_hidden_states, **kw)
         indices = fcr_unet.feature_group_indices(unet, cfg.feature_group)
         fcr = feature_distance(feats_t, feats_prev, indices, cfg.normalize)
     return LossParts(total=denoise + cfg.lambda_fcr * fcr, denoise=denoise, fcr=fcr, timesteps=t, deltas=delta)

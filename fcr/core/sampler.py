@@ -32,6 +32,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from fcr.core.unet import EncoderFeatures, decode, deep_branch, deep_forward, encode, shallow_forward
+from fcr.core.video_unet import check_latents
 
 __all__ = [
     "FD_50LS",
@@ -256,6 +257,9 @@ def sample(
     on_encoder: Callable[[int, EncoderFeatures], None] | None = None,
     deep_cache_branch: int | None = None,
     on_latents: Callable[[int, torch.Tensor], None] | None = None,
+    channel_condition: torch.Tensor | None = None,
+    image_latents: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> SampleOutput:
     """Denoise ``noise`` (z_T, unit variance, any latent shape) with ``scheduler``.
 
@@ -273,7 +277,22 @@ def sample(
     ``cache_branch_id``): the full UNet at the key steps, keeping the deep hidden state at that skip
     branch (:func:`fcr.core.unet.deep_forward`), and only the shallow path at the other steps
     (:func:`fcr.core.unet.shallow_forward`); ``parallel`` does not apply.
+    ``channel_condition``: channels concatenated to the scaled latents at every network call, as
+    diffusers' in-painting (mask + masked-image latents) and depth-to-image (depth map) pipelines
+    do; batch ``B`` (or 1), doubled under guidance like the latents. The scheduler never sees them.
+    ``image_latents``: image-to-image (depth-to-image) as diffusers runs it: only the last
+    ``int(n * strength)`` steps run, from ``image_latents`` noised with ``noise`` to the first of
+    them; ``key_steps`` then count from that first step run.
     """
+    steps_run = num_inference_steps
+    if image_latents is not None:
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1]; got {strength}")
+        steps_run = min(int(num_inference_steps * strength), num_inference_steps)
+        if steps_run < 1:
+            raise ValueError(f"strength {strength} runs no step of {num_inference_steps}")
+    elif strength != 1.0:
+        raise ValueError("strength < 1 needs image_latents (the image to start from)")
     if guidance_scale < 1:
         raise ValueError(f"guidance_scale must be >= 1; got {guidance_scale}")
     do_cfg = uncond_hidden_states is not None and guidance_scale > 1
@@ -281,17 +300,28 @@ def sample(
         raise ValueError("guidance_scale > 1 needs uncond_hidden_states (classifier-free guidance)")
     prior_noise = prior_noise if prior_noise is not None else PriorNoise()
     unet_kwargs = dict(unet_kwargs or {})
-    keys = None if key_steps is None else _validate_key_steps(num_inference_steps, key_steps)
+    keys = None if key_steps is None else _validate_key_steps(steps_run, key_steps)
     if deep_cache_branch is not None and keys is None:
         raise ValueError("deep_cache_branch needs key_steps (the steps that run the full UNet)")
     branch = None if deep_cache_branch is None else deep_branch(unet, deep_cache_branch)
 
+    check_latents(unet, noise)
     batch = noise.shape[0]
     context = guidance_context(encoder_hidden_states, uncond_hidden_states, batch, guidance_scale)
     net_batch = context.shape[0]
+    extra = None
+    if channel_condition is not None:
+        if channel_condition.ndim != noise.ndim or channel_condition.shape[2:] != noise.shape[2:]:
+            raise ValueError(f"channel_condition has shape {tuple(channel_condition.shape)}; it must match the "
+                             f"latents {tuple(noise.shape)} in every dimension but batch and channels")
+        extra = _expand_batch(channel_condition.to(noise.dtype), batch, "channel_condition")
+        extra = torch.cat([extra, extra]) if do_cfg else extra
 
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
-    timesteps = scheduler.timesteps
+    first = num_inference_steps - steps_run
+    timesteps = scheduler.timesteps[first:]  # every scheduler here is first order: one timestep per step
+    if first and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(first)
     num_train = scheduler.config.num_train_timesteps
     step_kwargs = _step_kwargs(scheduler, generator)
     stats = SamplerStats()
@@ -300,7 +330,8 @@ def sample(
     def net_input(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # Called exactly once per step: Euler-type schedulers scale by sigma and track state here.
         doubled = torch.cat([latents, latents]) if do_cfg else latents
-        return scheduler.scale_model_input(doubled, t)
+        scaled = scheduler.scale_model_input(doubled, t)
+        return scaled if extra is None else torch.cat([scaled, extra], dim=1)
 
     def scheduler_step(pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         if on_latents is not None:
@@ -322,12 +353,15 @@ def sample(
         stats.decoder_batch_sizes.append(out.shape[0])
         return list(out.chunk(k))
 
-    latents = noise * scheduler.init_noise_sigma
+    if image_latents is None:
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        latents = scheduler.add_noise(image_latents.to(noise.dtype), noise, timesteps[:1].repeat(batch))
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=num_inference_steps, desc="sampling")
+        bar = tqdm(total=steps_run, desc="sampling")
 
     with torch.no_grad():
         if branch is not None:
@@ -351,7 +385,7 @@ def sample(
                 if bar is not None:
                     bar.update(1)
         else:
-            bounds = [*keys, num_inference_steps]
+            bounds = [*keys, steps_run]
             for start, stop in zip(bounds[:-1], bounds[1:]):
                 features = encode(unet, net_input(latents, timesteps[start]), timesteps[start], context, **unet_kwargs)
                 stats.encoder_passes += 1
@@ -368,7 +402,7 @@ def sample(
                     if bar is not None:
                         bar.update(1)
     if on_latents is not None:
-        on_latents(num_inference_steps, latents)
+        on_latents(steps_run, latents)
     if bar is not None:
         bar.close()
     return SampleOutput(latents=latents, stats=stats)

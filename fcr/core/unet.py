@@ -4,7 +4,8 @@ Encoder = time embedding + ``conv_in`` + every down block + the mid block. Its o
 skip tuple (starting with the ``conv_in`` output, exactly diffusers' ``down_block_res_samples``)
 and the mid-block output. Decoder = up blocks + output head, run with the time embedding of the
 step it is asked for, which may differ from the step the features were computed at (that is the
-point of encoder caching). This is the only module of ``fcr`` that touches the UNet's blocks.
+point of encoder caching). With :mod:`fcr.core.video_unet` (the same split of a video UNet) this is
+the only module of ``fcr`` that touches the UNet's blocks.
 
 DeepCache (Ma et al., 2312.00858) splits the UNet elsewhere: a *skip branch* (a down block and a
 layer in it, :class:`DeepBranch`) cuts it into a shallow path (``conv_in``, the down layers above
@@ -21,6 +22,8 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
+
+from fcr.core import video_unet
 
 __all__ = [
     "DeepBranch",
@@ -54,16 +57,18 @@ class EncoderFeatures:
 
     ``skips``: ``down_block_res_samples`` (``conv_in`` output first); ``mid``: mid-block output
     (the last down block's output when the UNet has no mid block); ``forward_upsample_size``:
-    whether the input size was not a multiple of the UNet's overall down-sampling factor.
+    whether the input size was not a multiple of the UNet's overall down-sampling factor;
+    ``num_frames``: frames folded into each sample's rows (a video UNet, :mod:`fcr.core.video_unet`).
     """
 
     skips: tuple[torch.Tensor, ...]
     mid: torch.Tensor
     forward_upsample_size: bool
+    num_frames: int = 1
 
     @property
     def batch_size(self) -> int:
-        return self.mid.shape[0]
+        return self.mid.shape[0] // self.num_frames
 
     def tensors(self) -> list[torch.Tensor]:
         """All feature tensors, skips first then mid (the order ``feature_group_indices`` uses)."""
@@ -71,18 +76,21 @@ class EncoderFeatures:
 
     def map(self, fn) -> "EncoderFeatures":
         """Apply ``fn`` to every tensor (e.g. ``repeat_interleave`` for parallel decoding)."""
-        return EncoderFeatures(tuple(fn(s) for s in self.skips), fn(self.mid), self.forward_upsample_size)
+        return EncoderFeatures(tuple(fn(s) for s in self.skips), fn(self.mid), self.forward_upsample_size,
+                               self.num_frames)
 
     @staticmethod
     def cat(parts: list["EncoderFeatures"]) -> "EncoderFeatures":
         """Concatenate along the batch dimension."""
         skips = tuple(torch.cat(group, dim=0) for group in zip(*(p.skips for p in parts)))
         mid = torch.cat([p.mid for p in parts], dim=0)
-        return EncoderFeatures(skips, mid, parts[0].forward_upsample_size)
+        return EncoderFeatures(skips, mid, parts[0].forward_upsample_size, parts[0].num_frames)
 
 
 def check_supported(unet: UNet2DConditionModel) -> None:
     """Raise :class:`UnsupportedUNetError` for configurations the split would get wrong."""
+    if video_unet.is_video_unet(unet):
+        return  # its own split (fcr.core.video_unet) checks its arguments
     cfg = unet.config
     problems = []
     if cfg.class_embed_type is not None or cfg.num_class_embeds is not None:
@@ -178,8 +186,12 @@ def encode(
     """Run time embedding, ``conv_in``, the down blocks and the mid block.
 
     ``kwargs`` may hold ``attention_mask``, ``encoder_attention_mask``, ``cross_attention_kwargs``
-    and ``timestep_cond``, with the meaning they have in ``UNet2DConditionModel.forward``.
+    and ``timestep_cond``, with the meaning they have in ``UNet2DConditionModel.forward``. A video
+    UNet's latents (``UNet3DConditionModel``) go to :func:`fcr.core.video_unet.encode_video`.
     """
+    if video_unet.is_video_unet(unet):
+        return video_unet.encode_video(unet, sample, timestep, encoder_hidden_states, **kwargs)
+    video_unet.check_latents(unet, sample)
     cond = _prepare(unet, sample, encoder_hidden_states, kwargs)
     up_factor = 2**unet.num_upsamplers
     forward_upsample_size = any(dim % up_factor != 0 for dim in sample.shape[-2:])
@@ -214,6 +226,8 @@ def decode(
     ``timestep`` may be a scalar or one value per sample (parallel decoding of several steps in
     one batch). Returns what ``unet(...).sample`` returns: the noise (or v) prediction.
     """
+    if video_unet.is_video_unet(unet):
+        return video_unet.decode_video(unet, features, timestep, encoder_hidden_states, **kwargs)
     like = features.mid
     cond = _prepare(unet, like, encoder_hidden_states, kwargs)
     emb = _time_embedding(unet, like, timestep, kwargs.get("timestep_cond"))
@@ -275,6 +289,9 @@ class DeepBranch:
 def deep_branch(unet: UNet2DConditionModel, branch_id: int) -> DeepBranch:
     """The branch of DeepCacheSDHelper's ``cache_branch_id`` (block ``id // 3``, layer ``id % 3``),
     checked against ``unet``: the skips the shallow path makes must be exactly those it reads."""
+    if video_unet.is_video_unet(unet):
+        raise UnsupportedUNetError("DeepCache's split is implemented for image UNets (UNet2DConditionModel); "
+                                   "a video UNet supports encoder caching (key_steps) only")
     check_supported(unet)
     if branch_id < 0:
         raise ValueError(f"cache branch id must be >= 0; got {branch_id}")

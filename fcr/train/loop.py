@@ -151,6 +151,8 @@ class ConditioningData(Protocol):
 
     ``drop`` marks examples whose caption is replaced by the empty prompt (classifier-free
     guidance training); ``generator`` serves any other randomness (e.g. VAE posterior sampling).
+    A conditioned UNet's data (in-painting, :class:`fcr.backends.sd.domains.InpaintingTrainData`)
+    returns a third tensor: the channels the UNet reads beside the noisy latent.
     """
 
     def __len__(self) -> int: ...
@@ -168,8 +170,10 @@ class FCRObjective(torch.nn.Module):
         self.noise_scheduler = noise_scheduler
         self.fcr = fcr
 
-    def forward(self, x0: torch.Tensor, encoder_hidden_states: torch.Tensor, generator: torch.Generator):
-        parts = fcr_training_loss(self.unet, self.noise_scheduler, x0, encoder_hidden_states, self.fcr, generator)
+    def forward(self, x0: torch.Tensor, encoder_hidden_states: torch.Tensor, generator: torch.Generator,
+                channel_condition: torch.Tensor | None = None):
+        parts = fcr_training_loss(self.unet, self.noise_scheduler, x0, encoder_hidden_states, self.fcr, generator,
+                                  channel_condition=channel_condition)
         return parts.total, parts.denoise.detach(), parts.fcr.detach()
 
 
@@ -311,10 +315,10 @@ def train(
             gen = _generator(cfg.seed, step, micro, rank)
             idx = batch_indices(len(data), global_batch, micro_step, cfg.seed, rank, cfg.train_batch_size)
             drop = torch.rand(len(idx), generator=gen) < cfg.caption_dropout
-            x0, states = data.batch(idx, drop, gen)
+            x0, states, *condition = data.batch(idx, drop, gen)  # + channels a conditioned UNet reads
             x0, states = x0.to(accelerator.device), states.to(accelerator.device)
             with accelerator.accumulate(objective):
-                total, denoise, fcr_term = objective(x0, states, gen)
+                total, denoise, fcr_term = objective(x0, states, gen, *condition)
                 finite = torch.isfinite(total)
                 if world > 1:  # every process stops together (a lone one would leave the others waiting)
                     finite = accelerator.reduce(finite.float().reshape(1), reduction="sum").item() == world

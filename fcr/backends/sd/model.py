@@ -314,10 +314,14 @@ class SDTrainData:
         pixels = self.pixels(indices, generator).to(device=self.vae.device, dtype=self.vae.dtype)
         posterior = self.vae.encode(pixels).latent_dist
         latents = (posterior.sample(generator) - _shift(self.vae)) * self.vae.config.scaling_factor
-        captions = ["" if d else self.items[int(i)][1] for i, d in zip(indices, drop.tolist())]
-        states = encode_prompts(self.tokenizer, self.text_encoder, captions, self.text_encoder.device)
         # float32 out: the trained UNet holds float32 weights (accelerate autocasts when asked).
-        return latents.float(), states.float()
+        return latents.float(), self.states(indices, drop)
+
+    @torch.no_grad()
+    def states(self, indices: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        """float32 text states (B, 77, D) of the examples' captions; dropped captions become ""."""
+        captions = ["" if d else self.items[int(i)][1] for i, d in zip(indices, drop.tolist())]
+        return encode_prompts(self.tokenizer, self.text_encoder, captions, self.text_encoder.device).float()
 
 
 def load_train_items(train_data: str) -> list[tuple[ImageSource, str]]:

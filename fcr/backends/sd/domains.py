@@ -1,0 +1,119 @@
+"""Stable Diffusion's image-conditioned domains: in-painting and depth-to-image, as diffusers runs them.
+
+- **In-painting** (``StableDiffusionInpaintPipeline`` with SD-inpainting's 9-channel UNet): the UNet
+  reads ``[latents, mask, masked-image latents]`` (4 + 1 + 4 channels) at every step;
+  :func:`inpainting_condition` makes the last five.
+- **Depth-to-image** (``StableDiffusionDepth2ImgPipeline``, SD2-depth's 5-channel UNet): the UNet
+  reads ``[latents, depth]``; sampling starts from the image's latents noised to ``strength``
+  (:func:`depth_condition`, :func:`image_latents`).
+
+Both go through :func:`fcr.core.sampler.sample` (``channel_condition``, ``image_latents``), so
+encoder caching, DeepCache and the FCR loss (:func:`fcr.core.loss.fcr_training_loss`) apply as they
+do to text-to-image; :class:`InpaintingTrainData` feeds the fine-tuning loop (:mod:`fcr.train.loop`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fcr.backends.sd.model import SDTrainData
+
+__all__ = [
+    "InpaintingTrainData",
+    "check_domain_unet",
+    "depth_condition",
+    "image_latents",
+    "inpainting_condition",
+    "random_masks",
+]
+
+DOMAIN_EXTRA_CHANNELS = {"inpainting": 1 + 4, "depth2img": 1}  # beside SD's 4 latent channels
+
+
+def check_domain_unet(unet: Any, domain: str, latent_channels: int = 4) -> None:
+    """One clear line when ``unet`` cannot read ``domain``'s conditioning channels."""
+    if domain not in DOMAIN_EXTRA_CHANNELS:
+        raise ValueError(f"unknown domain {domain!r}; allowed: {sorted(DOMAIN_EXTRA_CHANNELS)}")
+    expected = latent_channels + (latent_channels + 1 if domain == "inpainting" else 1)
+    if unet.config.in_channels != expected:
+        raise ValueError(f"{domain} needs a UNet with {expected} input channels; this one has "
+                         f"{unet.config.in_channels} (use an in-painting / depth checkpoint)")
+
+
+def _check_images(images: torch.Tensor, name: str = "images") -> None:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"{name} must be (batch, 3, height, width) in [-1, 1]; got shape {tuple(images.shape)}")
+
+
+def image_latents(vae: Any, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled VAE latents of ``images`` ((B, 3, H, W) in [-1, 1]): a posterior sample drawn from
+    ``generator`` as diffusers' pipelines draw it, or the posterior mode without one."""
+    _check_images(images)
+    posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    latents = posterior.mode() if generator is None else posterior.sample(generator)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD1/2 VAEs: none
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def inpainting_condition(vae: Any, images: torch.Tensor, masks: torch.Tensor,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """The in-painting UNet's extra channels ``[mask, masked-image latents]`` at latent size.
+
+    ``masks``: (B, 1, H, W), 1 where the image is repainted, binarised at 0.5 as diffusers' mask
+    processor does; the masked image keeps the pixels where the mask is 0."""
+    _check_images(images)
+    if masks.ndim != 4 or masks.shape[1] != 1 or masks.shape[0] != images.shape[0] or masks.shape[2:] != images.shape[2:]:
+        raise ValueError(f"mask of shape {tuple(masks.shape)} does not fit images of shape {tuple(images.shape)}: "
+                         f"expected ({images.shape[0]}, 1, {images.shape[2]}, {images.shape[3]})")
+    binary = (masks >= 0.5).to(images.dtype)
+    masked = image_latents(vae, images * (binary < 0.5), generator)
+    small = F.interpolate(binary.to(masked.device, masked.dtype), size=masked.shape[-2:])
+    return torch.cat([small, masked], dim=1)
+
+
+def depth_condition(depth: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """A depth map (B, H, W) at latent size, normalised to [-1, 1] per image (the depth UNet's input)."""
+    if depth.ndim != 3:
+        raise ValueError(f"depth must be (batch, height, width); got shape {tuple(depth.shape)}")
+    small = F.interpolate(depth.unsqueeze(1), size=latent_size, mode="bicubic", align_corners=False)
+    low = torch.amin(small, dim=[1, 2, 3], keepdim=True)
+    high = torch.amax(small, dim=[1, 2, 3], keepdim=True)
+    if bool((high <= low).any()):
+        raise ValueError("a depth map is constant: it carries no depth to condition on")
+    return 2.0 * (small - low) / (high - low) - 1.0
+
+
+def random_masks(indices: Sequence[int], size: int, seed: int, min_frac: float = 0.25, max_frac: float = 0.6) -> torch.Tensor:
+    """One rectangular mask per example (B, 1, size, size), 1 = repaint: sides between ``min_frac``
+    and ``max_frac`` of the image, drawn from ``(seed, index)`` so an example's mask never depends
+    on the batch it is in."""
+    out = torch.zeros(len(indices), 1, size, size)
+    for row, index in enumerate(indices):
+        rng = np.random.default_rng([seed, int(index)])
+        h, w = (int(round(size * rng.uniform(min_frac, max_frac))) for _ in range(2))
+        top, left = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
+        out[row, :, top : top + h, left : left + w] = 1.0
+    return out
+
+
+class InpaintingTrainData(SDTrainData):
+    """In-painting fine-tuning examples for :func:`fcr.train.loop.train`: :class:`SDTrainData`'s
+    (latents, text states) plus the in-painting UNet's extra channels, with one rectangular mask
+    per example drawn from ``(mask_seed, index)`` (:func:`random_masks`)."""
+
+    def __init__(self, *args: Any, mask_seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mask_seed = mask_seed
+
+    @torch.no_grad()
+    def batch(self, indices: torch.Tensor, drop: torch.Tensor, generator: torch.Generator):
+        pixels = self.pixels(indices, generator)  # flips, then the posterior sample: SDTrainData's draws
+        latents = image_latents(self.vae, pixels, generator)
+        masks = random_masks(indices.tolist(), pixels.shape[-1], self.mask_seed)
+        condition = inpainting_condition(self.vae, pixels, masks)  # masked latents: the posterior mode
+        return latents.float(), self.states(indices, drop), condition.float()
