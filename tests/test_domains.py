@@ -17,8 +17,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from equivalence import assert_float32_equivalent
 from test_sd import RES, tiny_components, write_caption_folder
 
+from fcr.backends.inpainting import random_masks
 from fcr.backends.sd.domains import (InpaintingTrainData, check_domain_unet, depth_condition, image_latents,
-                                     inpainting_condition, random_masks)
+                                     inpainting_condition)
 from fcr.backends.sd.model import encode_prompts, load_train_items
 from fcr.core.loss import FCRConfig, fcr_training_loss
 from fcr.core.sampler import key_steps, sample

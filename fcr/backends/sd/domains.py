@@ -14,13 +14,12 @@ do to text-to-image; :class:`InpaintingTrainData` feeds the fine-tuning loop (:m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fcr.backends.inpainting import random_masks
 from fcr.backends.sd.model import SDTrainData
 
 __all__ = [
@@ -29,7 +28,6 @@ __all__ = [
     "depth_condition",
     "image_latents",
     "inpainting_condition",
-    "random_masks",
 ]
 
 DOMAIN_EXTRA_CHANNELS = {"inpainting": 1 + 4, "depth2img": 1}  # beside SD's 4 latent channels
@@ -86,19 +84,6 @@ def depth_condition(depth: torch.Tensor, latent_size: tuple[int, int]) -> torch.
     if bool((high <= low).any()):
         raise ValueError("a depth map is constant: it carries no depth to condition on")
     return 2.0 * (small - low) / (high - low) - 1.0
-
-
-def random_masks(indices: Sequence[int], size: int, seed: int, min_frac: float = 0.25, max_frac: float = 0.6) -> torch.Tensor:
-    """One rectangular mask per example (B, 1, size, size), 1 = repaint: sides between ``min_frac``
-    and ``max_frac`` of the image, drawn from ``(seed, index)`` so an example's mask never depends
-    on the batch it is in."""
-    out = torch.zeros(len(indices), 1, size, size)
-    for row, index in enumerate(indices):
-        rng = np.random.default_rng([seed, int(index)])
-        h, w = (int(round(size * rng.uniform(min_frac, max_frac))) for _ in range(2))
-        top, left = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
-        out[row, :, top : top + h, left : left + w] = 1.0
-    return out
 
 
 class InpaintingTrainData(SDTrainData):
