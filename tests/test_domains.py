@@ -18,7 +18,7 @@ from equivalence import assert_float32_equivalent
 from test_sd import RES, tiny_components, write_caption_folder
 
 from fcr.backends.inpainting import random_masks
-from fcr.backends.sd.domains import (InpaintingTrainData, check_domain_unet, depth_condition, image_latents,
+from fcr.backends.sd.domains import (DepthTrainData, InpaintingTrainData, check_domain_unet, depth_condition, image_latents,
                                      inpainting_condition)
 from fcr.backends.sd.model import encode_prompts, load_train_items
 from fcr.core.loss import FCRConfig, fcr_training_loss
@@ -144,6 +144,21 @@ def test_inpainting_fcr_fine_tune_end_to_end(tmp_path: Path) -> None:
     assert result.last_step == 2 and list(log["step"]) == [1, 2] and bool((log["fcr"] > 0).all())
     assert any(not torch.equal(before[k], v) for k, v in unet.state_dict().items())
     assert (result.unet_dir / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_depth_to_image_fcr_fine_tune_end_to_end(tmp_path: Path) -> None:
+    parts, unet = _domain_parts(5)
+    items = load_train_items(str(write_caption_folder(tmp_path / "images", n=4)))
+    # A stand-in for the depth estimator (code path only): distance from the image's top edge plus brightness.
+    depth_of = lambda pixels: pixels.mean(1) + torch.linspace(0, 1, pixels.shape[-2])[None, :, None]  # noqa: E731
+    data = DepthTrainData(items, parts.vae, parts.tokenizer, parts.text_encoder, RES, depth_of=depth_of)
+    x0, _, depth = data.batch(torch.tensor([1, 2]), torch.tensor([False, False]), torch.Generator().manual_seed(0))
+    assert depth.shape == (2, 1, 4, 4) and float(depth.min()) == -1.0 and float(depth.max()) == 1.0
+    cfg = TrainConfig(train_batch_size=2, max_train_steps=2, checkpoint_every=2, log_every=1, learning_rate=1e-3)
+    result = train(unet.train(), parts.noise_scheduler, data, cfg, FCRConfig(lambda_fcr=0.1, delta_max=2, sampling_steps=10),
+                   tmp_path / "run", progress=False)
+    assert result.last_step == 2 and bool((pd.read_csv(result.log_path)["fcr"] > 0).all())
 
 
 # ----------------------------------------------------------------------------- latent video UNet

@@ -9,11 +9,13 @@
 
 Both go through :func:`fcr.core.sampler.sample` (``channel_condition``, ``image_latents``), so
 encoder caching, DeepCache and the FCR loss (:func:`fcr.core.loss.fcr_training_loss`) apply as they
-do to text-to-image; :class:`InpaintingTrainData` feeds the fine-tuning loop (:mod:`fcr.train.loop`).
+do to text-to-image; :class:`InpaintingTrainData` and :class:`DepthTrainData` feed the fine-tuning
+loop (:mod:`fcr.train.loop`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from fcr.backends.inpainting import random_masks
 from fcr.backends.sd.model import SDTrainData
 
 __all__ = [
+    "DepthTrainData",
     "InpaintingTrainData",
     "check_domain_unet",
     "depth_condition",
@@ -102,3 +105,20 @@ class InpaintingTrainData(SDTrainData):
         masks = random_masks(indices.tolist(), pixels.shape[-1], self.mask_seed)
         condition = inpainting_condition(self.vae, pixels, masks)  # masked latents: the posterior mode
         return latents.float(), self.states(indices, drop), condition.float()
+
+
+class DepthTrainData(SDTrainData):
+    """Depth-to-image fine-tuning examples: :class:`SDTrainData`'s (latents, text states) plus the
+    depth UNet's extra channel. ``depth_of`` maps images (B, 3, H, W) in [-1, 1] to depth maps
+    (B, H, W): on a user's machine diffusers' depth estimator (DPT, as SD2-depth was trained with)."""
+
+    def __init__(self, *args: Any, depth_of: Callable[[torch.Tensor], torch.Tensor], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.depth_of = depth_of
+
+    @torch.no_grad()
+    def batch(self, indices: torch.Tensor, drop: torch.Tensor, generator: torch.Generator):
+        pixels = self.pixels(indices, generator)
+        latents = image_latents(self.vae, pixels, generator)
+        depth = depth_condition(self.depth_of(pixels).float(), tuple(latents.shape[-2:]))
+        return latents.float(), self.states(indices, drop), depth.to(latents.device).float()
