@@ -134,9 +134,9 @@ def overlay(args: argparse.Namespace, model: Path, work: Path) -> dict:
     resolution = 32 if args.tiny else 512
     prompts = work / "prompts.txt"
     prompts.write_text("".join(f"{caption(i % 10, TRAIN_TEMPLATES[i % 3])}\n" for i in range(args.prompts)))
+    images = Path(args.train_images) if args.train_images else write_images(work / "train_images", 8, resolution)
     return {
-        "model": str(model), "train_data": str(write_images(work / "train_images", 8, resolution)),
-        "eval_prompts": str(prompts), "fid_reference": str(work / "train_images"),
+        "model": str(model), "train_data": str(images), "eval_prompts": str(prompts), "fid_reference": str(images),
         **metric_weights(work / "metric_weights", args.tiny), "device": args.device, "resolution": resolution,
         "mixed_precision": "fp16" if args.device == "cuda" else "no", "prediction_type": "epsilon",
         "train_subset": 8, "train_batch_size": 2, "gradient_accumulation_steps": 1, "max_train_steps": 2,
@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny models (the code path on a CPU; CI)")
     parser.add_argument("--prompts", type=int, default=16, help="prompts of the sweep (reduced from COCO-30k)")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps")
+    parser.add_argument("--train-images", default=None,
+                        help="a folder of name.png/.jpg + name.txt pairs (at least 8) instead of Fashion-MNIST")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", default="benchmarks/results/gpu_readiness", help="prefix of the result files")
     args = parser.parse_args(argv)
@@ -164,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     model = random_sd_components(args.tiny).save_pretrained(work / ("sd_tiny_random" if args.tiny else "sd15_random"))
     stages.append({"stage": "build random SD1.5-sized models" + (" (tiny)" if args.tiny else ""), "status": "ran",
                    "seconds": time.perf_counter() - start})
-    params = overlay(args, model, work)
+    try:
+        params = overlay(args, model, work)
+    except (FileNotFoundError, OSError) as err:  # no Fashion-MNIST: no Debian package and no download
+        parser.error(f"Fashion-MNIST is not available here ({err}); pass --train-images with a caption folder")
     (work / "readiness.yaml").write_text(yaml.safe_dump(params))
     manifest = {"experiments": [{"experiment_id": "readiness", "settings": {"sd": {
         "params": [str(REPO / "params" / "sd15.yaml"), str(work / "readiness.yaml")],
