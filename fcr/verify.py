@@ -37,6 +37,7 @@ COMMITTED = (
     Committed("pilot", REPO_ROOT / "outputs" / "pilot"),
     Committed("demo reference", REPO_ROOT / "outputs" / "reference" / "demo"),
     Committed("demo reproductions", REPO_ROOT / "outputs" / "reference" / "reproductions"),
+    Committed("in-painting demo", REPO_ROOT / "outputs" / "inpainting_demo"),
 )
 
 

@@ -35,6 +35,7 @@ from fcr.backends.generate import initial_noise, sampling_scheduler
 from fcr.backends.inpainting import PixelInpaintingData, inpainting_unet, pixel_inpainting_condition, random_masks
 from fcr.backends.models import build_noise_scheduler, load_embedded_unet, load_unet_folder
 from fcr.core.loss import FCRConfig
+from fcr.markers import make_portable
 from fcr.core.sampler import key_steps, sample
 from fcr.eval.fidelity import pixel_fidelity
 from fcr.stats import holm, paired_mde, paired_test
@@ -190,7 +191,6 @@ def contrasts(table: pd.DataFrame, demo: InpaintingDemo) -> pd.DataFrame:
     frame["p_holm"] = np.nan
     for endpoint, rows in frame.groupby("endpoint").groups.items():
         frame.loc[rows, "p_holm"] = holm(frame.loc[rows, "p_t"].to_numpy())
-    frame["detectable"] = frame["mde_db"] <= frame["mean_diff_db"].abs()
     frame["reading"] = np.where(frame["p_holm"] < 0.05, np.where(frame["mean_diff_db"] > 0, "FCR better", "FCR worse"),
                                 "no difference detected at n = " + frame["n"].astype(str))
     return frame
@@ -246,9 +246,10 @@ def run(demo: InpaintingDemo, progress: bool = True) -> pd.DataFrame:
     frame = contrasts(table, demo)
     frame.to_csv(out / "contrasts.csv", index=False)
     _figures(demo, table, inputs)
+    make_portable(out)  # the weights' configs name the base model's folder: relative to the checkout
     planned = paired_mde(demo.planning_sd_diff_db, demo.n_eval)
     (out / "demo.json").write_text(json.dumps({"parameters": asdict(demo), "planned_mde_db": planned,
-                                               "tests": int(frame["primary"].sum()), "seconds_this_run": time.perf_counter() - start},
+                                               "tests": int(frame["primary"].sum()), "seconds_this_invocation": time.perf_counter() - start},
                                               indent=2))
     return frame
 
