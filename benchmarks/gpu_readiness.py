@@ -9,7 +9,7 @@ notebook 01 (data), notebook 02 (two FCR fine-tuning steps on real Fashion-MNIST
 batch 1 and 8). It checks that everything installs, fits and runs on the machine and records how
 long each stage took. Quality numbers of random networks mean nothing: only timings are written.
 
-    python benchmarks/gpu_readiness.py                      # CUDA, SD1.5 sizes, ~10 minutes on one H100
+    python benchmarks/gpu_readiness.py                      # CUDA, SD1.5 sizes (sized for 10 minutes; not yet timed on a GPU)
     python benchmarks/gpu_readiness.py --tiny --device cpu  # the same path with tiny models (CI)
 
 Writes ``<out>.csv`` (stage, status, seconds), ``<out>_cost.csv`` (notebook 03's cost rows: time
