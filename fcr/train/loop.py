@@ -317,6 +317,7 @@ def train(
             drop = torch.rand(len(idx), generator=gen) < cfg.caption_dropout
             x0, states, *condition = data.batch(idx, drop, gen)  # + channels a conditioned UNet reads
             x0, states = x0.to(accelerator.device), states.to(accelerator.device)
+            condition = [c.to(accelerator.device) for c in condition]
             with accelerator.accumulate(objective):
                 total, denoise, fcr_term = objective(x0, states, gen, *condition)
                 finite = torch.isfinite(total)
