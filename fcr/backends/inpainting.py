@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 
-__all__ = ["PixelInpaintingData", "inpainting_unet", "pixel_inpainting_condition", "random_masks"]
+__all__ = ["PixelInpaintingData", "binary_masks", "inpainting_unet", "pixel_inpainting_condition", "random_masks"]
 
 
 def random_masks(indices: Sequence[int], size: int, seed: int, min_frac: float = 0.25, max_frac: float = 0.6) -> torch.Tensor:
@@ -43,13 +43,19 @@ def inpainting_unet(unet: UNet2DConditionModel, condition_channels: int) -> UNet
     return wide.to(unet.device, unet.dtype)
 
 
-def pixel_inpainting_condition(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """``[mask, masked image]`` of pixel-space images (B, C, H, W): the masked pixels set to 0 (the
-    middle of the [-1, 1] range), as SD's masked image is before its VAE encoding."""
+def binary_masks(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``masks`` (B, 1, H, W) of ``images`` (B, C, H, W) binarised at 0.5 as diffusers' mask
+    processor does (1 = repaint), in the images' dtype; one clear line when they do not fit."""
     if masks.shape != (images.shape[0], 1, *images.shape[2:]):
         raise ValueError(f"mask of shape {tuple(masks.shape)} does not fit images of shape {tuple(images.shape)}: "
                          f"expected ({images.shape[0]}, 1, {images.shape[2]}, {images.shape[3]})")
-    binary = (masks >= 0.5).to(images.dtype)
+    return (masks >= 0.5).to(images.dtype)
+
+
+def pixel_inpainting_condition(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``[mask, masked image]`` of pixel-space images (B, C, H, W): the masked pixels set to 0 (the
+    middle of the [-1, 1] range), as SD's masked image is before its VAE encoding."""
+    binary = binary_masks(images, masks)
     return torch.cat([binary, images * (1 - binary)], dim=1)
 
 

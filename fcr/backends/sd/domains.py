@@ -5,7 +5,7 @@
   :func:`inpainting_condition` makes the last five.
 - **Depth-to-image** (``StableDiffusionDepth2ImgPipeline``, SD2-depth's 5-channel UNet): the UNet
   reads ``[latents, depth]``; sampling starts from the image's latents noised to ``strength``
-  (:func:`depth_condition`, :func:`image_latents`).
+  (:func:`depth_condition`, :func:`fcr.backends.sd.model.image_latents`).
 
 Both go through :func:`fcr.core.sampler.sample` (``channel_condition``, ``image_latents``), so
 encoder caching, DeepCache and the FCR loss (:func:`fcr.core.loss.fcr_training_loss`) apply as they
@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fcr.backends.inpainting import random_masks
-from fcr.backends.sd.model import SDTrainData
+from fcr.backends.inpainting import binary_masks, random_masks
+from fcr.backends.sd.model import SDTrainData, image_latents
 
 __all__ = [
     "DepthTrainData",
@@ -33,32 +33,16 @@ __all__ = [
     "inpainting_condition",
 ]
 
-DOMAIN_EXTRA_CHANNELS = {"inpainting": 1 + 4, "depth2img": 1}  # beside SD's 4 latent channels
-
-
 def check_domain_unet(unet: Any, domain: str, latent_channels: int = 4) -> None:
-    """One clear line when ``unet`` cannot read ``domain``'s conditioning channels."""
-    if domain not in DOMAIN_EXTRA_CHANNELS:
-        raise ValueError(f"unknown domain {domain!r}; allowed: {sorted(DOMAIN_EXTRA_CHANNELS)}")
-    expected = latent_channels + (latent_channels + 1 if domain == "inpainting" else 1)
+    """One clear line when ``unet`` cannot read ``domain``'s conditioning channels (in-painting:
+    mask + masked-image latents; depth-to-image: depth) beside its ``latent_channels``."""
+    extra = {"inpainting": 1 + latent_channels, "depth2img": 1}
+    if domain not in extra:
+        raise ValueError(f"unknown domain {domain!r}; allowed: {sorted(extra)}")
+    expected = latent_channels + extra[domain]
     if unet.config.in_channels != expected:
         raise ValueError(f"{domain} needs a UNet with {expected} input channels; this one has "
                          f"{unet.config.in_channels} (use an in-painting / depth checkpoint)")
-
-
-def _check_images(images: torch.Tensor, name: str = "images") -> None:
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"{name} must be (batch, 3, height, width) in [-1, 1]; got shape {tuple(images.shape)}")
-
-
-def image_latents(vae: Any, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scaled VAE latents of ``images`` ((B, 3, H, W) in [-1, 1]): a posterior sample drawn from
-    ``generator`` as diffusers' pipelines draw it, or the posterior mode without one."""
-    _check_images(images)
-    posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-    latents = posterior.mode() if generator is None else posterior.sample(generator)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD1/2 VAEs: none
-    return (latents - shift) * vae.config.scaling_factor
 
 
 def inpainting_condition(vae: Any, images: torch.Tensor, masks: torch.Tensor,
@@ -67,11 +51,7 @@ def inpainting_condition(vae: Any, images: torch.Tensor, masks: torch.Tensor,
 
     ``masks``: (B, 1, H, W), 1 where the image is repainted, binarised at 0.5 as diffusers' mask
     processor does; the masked image keeps the pixels where the mask is 0."""
-    _check_images(images)
-    if masks.ndim != 4 or masks.shape[1] != 1 or masks.shape[0] != images.shape[0] or masks.shape[2:] != images.shape[2:]:
-        raise ValueError(f"mask of shape {tuple(masks.shape)} does not fit images of shape {tuple(images.shape)}: "
-                         f"expected ({images.shape[0]}, 1, {images.shape[2]}, {images.shape[3]})")
-    binary = (masks >= 0.5).to(images.dtype)
+    binary = binary_masks(images, masks)
     masked = image_latents(vae, images * (binary < 0.5), generator)
     small = F.interpolate(binary.to(masked.device, masked.dtype), size=masked.shape[-2:])
     return torch.cat([small, masked], dim=1)

@@ -33,6 +33,7 @@ __all__ = [
     "decode_latents",
     "encode_prompts",
     "generate_sd",
+    "image_latents",
     "load_sd_components",
     "check_train_files",
     "load_train_items",
@@ -250,6 +251,17 @@ def _shift(vae: AutoencoderKL) -> float:
     return float(getattr(vae.config, "shift_factor", None) or 0.0)
 
 
+def image_latents(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Model latents of ``images`` ((B, 3, H, W) in [-1, 1]; the inverse of :func:`decode_latents`):
+    a posterior sample drawn from ``generator`` as diffusers' pipelines and training draw it, or
+    the posterior mode without one."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (batch, 3, height, width) in [-1, 1]; got shape {tuple(images.shape)}")
+    posterior = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    latents = posterior.mode() if generator is None else posterior.sample(generator)
+    return (latents - _shift(vae)) * vae.config.scaling_factor
+
+
 @torch.no_grad()
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> list[Any]:
     """Model latents -> RGB PIL images (``vae.decode(latents / scaling_factor)``, [-1, 1] -> [0, 255])."""
@@ -311,9 +323,7 @@ class SDTrainData:
         self, indices: torch.Tensor, drop: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents (B, 4, res/8, res/8), states (B, 77, D)), float32; dropped captions become ""."""
-        pixels = self.pixels(indices, generator).to(device=self.vae.device, dtype=self.vae.dtype)
-        posterior = self.vae.encode(pixels).latent_dist
-        latents = (posterior.sample(generator) - _shift(self.vae)) * self.vae.config.scaling_factor
+        latents = image_latents(self.vae, self.pixels(indices, generator), generator)
         # float32 out: the trained UNet holds float32 weights (accelerate autocasts when asked).
         return latents.float(), self.states(indices, drop)
 
