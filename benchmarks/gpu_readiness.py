@@ -31,12 +31,11 @@ import pandas as pd
 import torch
 import yaml
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from fcr import contract
-from fcr.backends.embedded.data import TRAIN_TEMPLATES, caption, load_fashion_mnist
+from fcr.backends.embedded.data import TRAIN_TEMPLATES, caption, write_caption_folder
 from fcr.backends.sd.model import SDComponents
 from fcr.eval.profiling import SD15_UNET_CONFIG, environment_info
 
@@ -120,21 +119,11 @@ def metric_weights(folder: Path, tiny: bool) -> dict[str, str]:
     return {"clip_model": str(path), "clip_pretrained": str(folder / "clip.safetensors"), "fid_inception_dir": str(folder)}
 
 
-def write_images(folder: Path, n: int, resolution: int) -> Path:
-    """``n`` real Fashion-MNIST test images, upscaled RGB, with captions (a caption folder)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    images, labels = load_fashion_mnist("test")
-    for i, (image, label) in enumerate(zip(images[:n], labels[:n])):
-        Image.fromarray(image).convert("RGB").resize((resolution, resolution), Image.BICUBIC).save(folder / f"{i:03d}.png")
-        (folder / f"{i:03d}.txt").write_text(caption(int(label), TRAIN_TEMPLATES[i % len(TRAIN_TEMPLATES)]))
-    return folder
-
-
 def overlay(args: argparse.Namespace, model: Path, work: Path) -> dict:
     resolution = 32 if args.tiny else 512
     prompts = work / "prompts.txt"
     prompts.write_text("".join(f"{caption(i % 10, TRAIN_TEMPLATES[i % 3])}\n" for i in range(args.prompts)))
-    images = Path(args.train_images) if args.train_images else write_images(work / "train_images", 8, resolution)
+    images = Path(args.train_images) if args.train_images else write_caption_folder(work / "train_images", 8, resolution)
     return {
         "model": str(model), "train_data": str(images), "eval_prompts": str(prompts), "fid_reference": str(images),
         **metric_weights(work / "metric_weights", args.tiny), "device": args.device, "resolution": resolution,

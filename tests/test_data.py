@@ -78,6 +78,22 @@ def test_load_debian_fashion_mnist(split: str, count: int) -> None:
     assert np.bincount(labels).tolist() == [count // 10] * 10  # Fashion-MNIST is balanced
 
 
+@needs_debian
+def test_caption_folder_holds_the_real_images_with_their_class_captions(tmp_path: Path) -> None:
+    folder = data.write_caption_folder(tmp_path / "images", 3, 40)
+    images, labels = load_fashion_mnist("test", download=False)
+    assert sorted(p.name for p in folder.iterdir()) == [f"0000{i}.{e}" for i in range(3) for e in ("png", "txt")]
+    for i in range(3):
+        image = Image.open(folder / f"0000{i}.png")
+        assert image.size == (40, 40) and image.mode == "RGB"
+        assert data.noun_phrase(int(labels[i])) in (folder / f"0000{i}.txt").read_text()
+    # Upscaling a 28x28 image keeps its content: downscaled back, it is close to the original.
+    back = np.asarray(Image.open(folder / "00000.png").convert("L").resize((28, 28), Image.BICUBIC), dtype=float)
+    assert np.abs(back - images[0]).mean() < 0.1 * 255
+    with pytest.raises(ValueError, match="n must lie"):
+        data.write_caption_folder(tmp_path / "none", 0, 40)
+
+
 def test_read_idx_roundtrip_raw_and_gzip(tmp_path: Path) -> None:
     array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
     (tmp_path / "a-idx3-ubyte").write_bytes(_idx_bytes(array))

@@ -11,15 +11,27 @@ import pandas as pd
 import pytest
 import torch
 from conftest import tiny_sd15_unet
-from diffusers import (DDIMScheduler, StableDiffusionDepth2ImgPipeline, StableDiffusionInpaintPipeline,
-                       UNet2DConditionModel, UNet3DConditionModel)
+from diffusers import (
+    DDIMScheduler,
+    StableDiffusionDepth2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    UNet2DConditionModel,
+    UNet3DConditionModel,
+)
 from diffusers.utils.torch_utils import randn_tensor
 from equivalence import assert_float32_equivalent
-from test_sd import RES, tiny_components, write_caption_folder
+from test_sd import RES, tiny_components
 
+from fcr.backends.embedded.data import write_caption_folder
 from fcr.backends.inpainting import random_masks
-from fcr.backends.sd.domains import (DepthTrainData, InpaintingTrainData, check_domain_unet, depth_condition, image_latents,
-                                     inpainting_condition)
+from fcr.backends.sd.domains import (
+    DepthTrainData,
+    InpaintingTrainData,
+    check_domain_unet,
+    depth_condition,
+    image_latents,
+    inpainting_condition,
+)
 from fcr.backends.sd.model import encode_prompts, load_train_items
 from fcr.core.loss import FCRConfig, fcr_training_loss
 from fcr.core.sampler import key_steps, sample
@@ -132,7 +144,7 @@ def test_masks_depend_on_the_example_not_the_batch() -> None:
 @pytest.mark.slow
 def test_inpainting_fcr_fine_tune_end_to_end(tmp_path: Path) -> None:
     parts, unet = _domain_parts(9)
-    items = load_train_items(str(write_caption_folder(tmp_path / "images", n=4)))
+    items = load_train_items(str(write_caption_folder(tmp_path / "images", 4, RES)))
     data = InpaintingTrainData(items, parts.vae, parts.tokenizer, parts.text_encoder, RES, mask_seed=1)
     x0, states, condition = data.batch(torch.tensor([0, 3]), torch.tensor([False, True]), torch.Generator().manual_seed(0))
     assert x0.shape == (2, 4, 4, 4) and states.shape[0] == 2 and condition.shape == (2, 5, 4, 4)
@@ -149,7 +161,7 @@ def test_inpainting_fcr_fine_tune_end_to_end(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_depth_to_image_fcr_fine_tune_end_to_end(tmp_path: Path) -> None:
     parts, unet = _domain_parts(5)
-    items = load_train_items(str(write_caption_folder(tmp_path / "images", n=4)))
+    items = load_train_items(str(write_caption_folder(tmp_path / "images", 4, RES)))
     # A stand-in for the depth estimator (code path only): distance from the image's top edge plus brightness.
     depth_of = lambda pixels: pixels.mean(1) + torch.linspace(0, 1, pixels.shape[-2])[None, :, None]  # noqa: E731
     data = DepthTrainData(items, parts.vae, parts.tokenizer, parts.text_encoder, RES, depth_of=depth_of)

@@ -19,12 +19,11 @@ from equivalence import assert_float32_equivalent
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from fcr.config import ConfigError, to_options
-from fcr.core.sampler import PriorNoise, key_steps
 from fcr.backends.checks import check_task
-from fcr.backends.embedded.data import TRAIN_TEMPLATES, caption, load_fashion_mnist
+from fcr.backends.embedded.data import write_caption_folder
 from fcr.backends.generate import generate
 from fcr.backends.models import ModelNotFoundError
+from fcr.backends.sd.data import open_image, sd_image_transform
 from fcr.backends.sd.model import (
     SD_MODEL_IDS,
     SDComponents,
@@ -35,8 +34,9 @@ from fcr.backends.sd.model import (
     load_train_items,
     sd_run_base,
 )
-from fcr.backends.sd.data import open_image, sd_image_transform
 from fcr.backends.sd.params import native_resolution
+from fcr.config import ConfigError, to_options
+from fcr.core.sampler import PriorNoise, key_steps
 from fcr.train.finetune import finetune as finetune_sd
 
 RES = 32
@@ -107,20 +107,10 @@ def model_dir(tmp_path_factory, components):
     return components.save_pretrained(tmp_path_factory.mktemp("tiny_sd"))
 
 
-def write_caption_folder(folder: Path, n: int = 8) -> Path:
-    """n real Fashion-MNIST test images as RES x RES RGB PNGs with .txt captions (code paths only)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    images, labels = load_fashion_mnist("test")
-    for i, (image, label) in enumerate(zip(images[:n], labels[:n])):
-        Image.fromarray(image).convert("RGB").resize((RES, RES), Image.BILINEAR).save(folder / f"{i:02d}.png")
-        (folder / f"{i:02d}.txt").write_text(caption(int(label), TRAIN_TEMPLATES[i % len(TRAIN_TEMPLATES)]))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     """8 real Fashion-MNIST test images as 32x32 RGB PNGs with captions (code path only)."""
-    return write_caption_folder(tmp_path_factory.mktemp("images"))
+    return write_caption_folder(tmp_path_factory.mktemp("images"), 8, RES)
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ import pandas as pd
 import pytest
 import yaml
 from sd_standins import local_metric_weights
-from test_sd import RES, tiny_components, write_caption_folder
+from test_sd import RES, tiny_components
 
-from fcr.backends.embedded.data import TRAIN_TEMPLATES, caption
+from fcr.backends.embedded.data import TRAIN_TEMPLATES, caption, write_caption_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_sd_setting_end_to_end_through_the_pipeline(tmp_path: Path) -> None:
     model = tiny_components().save_pretrained(tmp_path / "tiny_sd")
     # 12 images: the fine-tune takes 8 (train_subset), notebook 05 measures on the 4 it left out.
-    images = write_caption_folder(tmp_path / "train_images", n=12)
-    reference = write_caption_folder(tmp_path / "fid_reference")  # same images, no captions needed
+    images = write_caption_folder(tmp_path / "train_images", 12, RES)
+    reference = write_caption_folder(tmp_path / "fid_reference", 8, RES)  # same images, no captions needed
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"{caption(label, TRAIN_TEMPLATES[0])}\n" for label in range(10)))
     overlay = {

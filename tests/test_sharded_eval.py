@@ -16,16 +16,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from sd_standins import local_metric_weights
-from test_sd import RES, tiny_components, write_caption_folder
+from test_sd import RES, tiny_components
 
 from fcr import __main__ as cli
-from fcr.backends.embedded.data import TRAIN_TEMPLATES, caption
+from fcr.backends.embedded.data import TRAIN_TEMPLATES, caption, write_caption_folder
 from fcr.backends.generate import generate
 from fcr.config import ConfigError, load_options
 from fcr.eval.metrics import feature_statistics, frechet_distance
 from fcr.eval.results import StaleResultError
 from fcr.eval.sd_evaluation import ReferenceSet, set_metrics
-from fcr.eval.sharding import FeatureMoments, ShardPlan, ShardingError, gather_shards, run_shards, shard_file
+from fcr.eval.sharding import FeatureMoments, ShardingError, ShardPlan, gather_shards, run_shards, shard_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,7 +137,7 @@ def test_a_shard_of_a_prompt_set_samples_the_images_of_the_whole_set() -> None:
 
 def _evaluation_params(tmp_path: Path) -> Path:
     model = tiny_components().save_pretrained(tmp_path / "tiny_sd")
-    reference = write_caption_folder(tmp_path / "reference", n=8)
+    reference = write_caption_folder(tmp_path / "reference", 8, RES)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"{caption(i % 10, TRAIN_TEMPLATES[i % 3])}\n" for i in range(6)))
     params = {

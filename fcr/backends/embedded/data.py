@@ -292,3 +292,20 @@ def captions_for(labels: np.ndarray, template_indices: np.ndarray, templates: Se
     if len(labels) != len(template_indices):
         raise ValueError("labels and template_indices differ in length")
     return [caption(int(lab), templates[int(t)]) for lab, t in zip(labels, template_indices)]
+
+
+def write_caption_folder(folder: str | Path, n: int, resolution: int, split: Literal["train", "test"] = "test") -> Path:
+    """The first ``n`` real Fashion-MNIST images of ``split`` as an SD-style caption folder: RGB PNGs upscaled
+    (bicubic) to ``resolution`` with a ``.txt`` caption each (training templates in turn). Used to feed the SD
+    code paths real images where no caption dataset can be downloaded."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    images, labels = load_fashion_mnist(split)
+    if not 0 < n <= len(images):
+        raise ValueError(f"n must lie in [1, {len(images)}], got {n}")
+    for i, (image, label) in enumerate(zip(images[:n], labels[:n])):
+        Image.fromarray(image).convert("RGB").resize((resolution, resolution), Image.BICUBIC).save(folder / f"{i:05d}.png")
+        (folder / f"{i:05d}.txt").write_text(caption(int(label), TRAIN_TEMPLATES[i % len(TRAIN_TEMPLATES)]))
+    return folder
