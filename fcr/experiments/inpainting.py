@@ -2,12 +2,14 @@
 
 An in-painting UNet is made from the shipped ``base`` model (:func:`fcr.backends.inpainting.inpainting_unet`:
 ``conv_in`` widened with zero weights for ``[mask, masked image]``) and fine-tuned on Fashion-MNIST's
-training split with one random rectangular mask per image, once per arm (the λ = 0 control and FCR),
-from the same start, data order, noise and masks. Each arm then in-paints the same held-out test
-images, masks and noise with full DDIM sampling and with the cached samplers. Endpoints, per image:
-``psnr_vs_full``, the cached in-painting against the same model's full one (the study's primary
-endpoint), and ``masked_psnr``, the repainted region against the real image. Contrasts (FCR − control,
-paired per image, Holm over the cached configurations) are pre-registered in the parameter file.
+training split with one random rectangular mask per image, once per arm (the λ = 0 control and FCR)
+and training seed; both arms of a seed share the start, data order, noise and masks. Every run then
+in-paints the same held-out test images, masks and noise with full DDIM sampling and with the cached
+samplers. Endpoints, per image: ``psnr_vs_full``, the cached in-painting against the same model's full
+one (the study's primary endpoint), and ``masked_psnr``, the repainted region against the real image.
+Contrasts (FCR − control, per image the mean over each arm's training runs, paired; Holm over the cached
+configurations) are pre-registered in the parameter file; with several training seeds each contrast
+also gets a run-level interval over the seed-matched pairs, which carries the training runs' variance.
 
     python -m fcr.experiments.inpainting -f params/inpainting_demo.yaml
 
@@ -38,10 +40,10 @@ from fcr.core.loss import FCRConfig
 from fcr.markers import make_portable
 from fcr.core.sampler import key_steps, sample
 from fcr.eval.fidelity import pixel_fidelity
-from fcr.stats import holm, paired_mde, paired_test
+from fcr.stats import holm, mean_ci_over_seeds, paired_mde, paired_test
 from fcr.train.loop import TrainConfig, train
 
-__all__ = ["InpaintingDemo", "contrasts", "evaluate_arm", "per_image_table", "run", "train_arm"]
+__all__ = ["InpaintingDemo", "contrasts", "evaluate_arm", "per_image_table", "run", "run_name", "train_arm"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,9 @@ class InpaintingDemo:
     guidance_scale: float
     strides: list[int]
     deep_cache_intervals: list[int]
-    seed: int
+    seed: int  # the evaluation noise's seed
+    training_seeds: list[int]  # one training run per arm and seed (data order, noise); seed 0's run is named <arm>
+    eval_offset: int  # the first held-out test image evaluated: images eval_offset .. eval_offset + n_eval - 1
     train_mask_seed: int
     eval_mask_seed: int
     planning_sd_diff_db: float  # SD of paired per-image differences assumed for the power calculation
@@ -82,7 +86,16 @@ class InpaintingDemo:
         demo = cls(**raw)
         if len(demo.arms) != 2 or any(v < 0 for v in demo.arms.values()):
             raise ValueError(f"{path}: parameter 'arms' must name a control and one FCR arm with lambda >= 0")
+        seeds = demo.training_seeds
+        if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
+            raise ValueError(f"{path}: parameter 'training_seeds' must be distinct integers >= 0, at least one; got {seeds}")
+        if demo.eval_offset < 0 or demo.n_eval < 2:
+            raise ValueError(f"{path}: parameters 'eval_offset' >= 0 and 'n_eval' >= 2 required; got {demo.eval_offset}, {demo.n_eval}")
         return demo
+
+    def runs(self) -> list[tuple[str, str, int]]:
+        """Every training run as (run name, arm, training seed), seed-major: each seed's pair finishes together."""
+        return [(run_name(arm, s), arm, s) for s in self.training_seeds for arm in self.arms]
 
     def configs(self) -> dict[str, dict[str, Any]]:
         """Sampling configurations: name -> sample() keywords (full sampling first)."""
@@ -94,14 +107,19 @@ class InpaintingDemo:
         return out
 
 
-def train_arm(demo: InpaintingDemo, name: str, lambda_fcr: float, progress: bool = True) -> Path:
-    """Fine-tune the arm's in-painting UNet (skipped when its weights exist); returns its folder."""
-    run_dir = Path(demo.out_dir) / name
+def run_name(arm: str, training_seed: int) -> str:
+    """A training run's folder name: ``<arm>`` for seed 0, ``<arm>_seed<s>`` otherwise (the study's naming)."""
+    return arm if training_seed == 0 else f"{arm}_seed{training_seed}"
+
+
+def train_arm(demo: InpaintingDemo, arm: str, lambda_fcr: float, training_seed: int = 0, progress: bool = True) -> Path:
+    """Fine-tune one run of an arm's in-painting UNet (skipped when its weights exist); returns its folder."""
+    run_dir = Path(demo.out_dir) / run_name(arm, training_seed)
     if (run_dir / "unet" / "diffusion_pytorch_model.safetensors").is_file():
         return run_dir
     data, _ = load_split(demo.data_dir, "train")
     unet = inpainting_unet(load_embedded_unet(demo.base_model), condition_channels=2).train()
-    cfg = TrainConfig(seed=demo.seed, learning_rate=demo.learning_rate, train_batch_size=demo.train_batch_size,
+    cfg = TrainConfig(seed=training_seed, learning_rate=demo.learning_rate, train_batch_size=demo.train_batch_size,
                       max_train_steps=demo.train_steps, lr_warmup_steps=10, lr_schedule="constant", ema_decay=0.0,
                       caption_dropout=0.1, checkpoint_every=max(1, demo.train_steps // 4), keep_checkpoints=1,
                       log_every=10, mixed_precision="no")
@@ -114,11 +132,14 @@ def train_arm(demo: InpaintingDemo, name: str, lambda_fcr: float, progress: bool
 
 def _eval_inputs(demo: InpaintingDemo) -> dict[str, torch.Tensor]:
     test, _ = load_split(demo.data_dir, "test")
-    idx = torch.arange(demo.n_eval)
+    if demo.eval_offset + demo.n_eval > len(test.images):
+        raise ValueError(f"eval_offset + n_eval = {demo.eval_offset + demo.n_eval} exceeds the {len(test.images)} test images")
+    idx = torch.arange(demo.eval_offset, demo.eval_offset + demo.n_eval)
     images = test.images[idx]
     masks = random_masks(idx.tolist(), images.shape[-1], demo.eval_mask_seed)
-    return {"images": images, "masks": masks, "states": test.prompt_states[test.prompt_ids[idx]],
-            "empty": test.empty_state[None], "noise": initial_noise(range(demo.n_eval), tuple(images.shape[1:]), demo.seed),
+    # Noise, like masks, is keyed by the test image's index: the same image gets the same z_T in every run.
+    return {"images": images, "masks": masks, "states": test.prompt_states[test.prompt_ids[idx]], "index": idx,
+            "empty": test.empty_state[None], "noise": initial_noise(idx.tolist(), tuple(images.shape[1:]), demo.seed),
             "condition": pixel_inpainting_condition(images, masks)}
 
 
@@ -157,35 +178,44 @@ def _masked_psnr(images: torch.Tensor, real: torch.Tensor, masks: torch.Tensor) 
 
 def per_image_table(demo: InpaintingDemo, inputs: dict[str, torch.Tensor]) -> pd.DataFrame:
     rows = []
-    for name in demo.arms:
+    for name, arm, training_seed in demo.runs():
         folder = Path(demo.out_dir) / name / "samples"
         full = load_file(str(folder / "full.safetensors"))["images"]
         for config in demo.configs():
             images = load_file(str(folder / f"{config}.safetensors"))["images"]
             fid = pixel_fidelity(images, full)
-            rows.append(pd.DataFrame({"arm": name, "lambda_fcr": demo.arms[name], "config": config,
-                                      "index": np.arange(demo.n_eval), "psnr_vs_full": fid["psnr"].numpy(),
+            rows.append(pd.DataFrame({"arm": arm, "training_seed": training_seed, "lambda_fcr": demo.arms[arm],
+                                      "config": config, "index": inputs["index"].numpy(), "psnr_vs_full": fid["psnr"].numpy(),
                                       "ssim_vs_full": fid["ssim"].numpy(),
                                       "masked_psnr": _masked_psnr(images, inputs["images"], inputs["masks"])}))
     return pd.concat(rows, ignore_index=True)
 
 
-def contrasts(table: pd.DataFrame, demo: InpaintingDemo) -> pd.DataFrame:
-    """FCR − control per cached configuration and endpoint, paired per image; Holm within each endpoint."""
-    from scipy import stats
+def _per_run(table: pd.DataFrame, endpoint: str, config: str) -> pd.DataFrame:
+    """One configuration's endpoint: a row per test image, a column per (arm, training seed)."""
+    return table[table["config"] == config].pivot_table(index="index", columns=["arm", "training_seed"], values=endpoint)
 
+
+def contrasts(table: pd.DataFrame, demo: InpaintingDemo) -> pd.DataFrame:
+    """FCR − control per cached configuration and endpoint; Holm within each endpoint.
+
+    The paired test runs over test images, each image's value the mean over its arm's training runs (as the
+    study's primary contrast), so it is conditional on those runs. With several seeds, ``run_ci_lo/hi`` is the
+    t interval over the seed-matched run pairs' mean differences: it carries the training runs' variance.
+    """
     control, fcr = list(demo.arms)
     out = []
     for endpoint in ("psnr_vs_full", "masked_psnr"):
         for config in [c for c in demo.configs() if endpoint == "masked_psnr" or c != "full"]:
-            a = table.query("arm == @fcr and config == @config").sort_values("index")[endpoint].to_numpy()
-            b = table.query("arm == @control and config == @config").sort_values("index")[endpoint].to_numpy()
+            per_run = _per_run(table, endpoint, config)
+            a, b = per_run[fcr].mean(axis=1).to_numpy(), per_run[control].mean(axis=1).to_numpy()
             test = paired_test(a, b)
+            mean, lo, hi = mean_ci_over_seeds(a - b)
+            _, run_lo, run_hi = mean_ci_over_seeds((per_run[fcr] - per_run[control]).mean(axis=0).to_numpy())
             sd = float(np.std(a - b, ddof=1))
-            half = stats.t.ppf(0.975, len(a) - 1) * sd / np.sqrt(len(a))
-            out.append({"endpoint": endpoint, "config": config, "n": len(a), "mean_diff_db": test["mean_diff"],
-                        "ci_lo": test["mean_diff"] - half, "ci_hi": test["mean_diff"] + half, "p_t": test["p_t"],
-                        "sd_diff_db": sd, "mde_db": paired_mde(sd, len(a)),
+            out.append({"endpoint": endpoint, "config": config, "n": len(a), "runs_per_arm": len(demo.training_seeds),
+                        "mean_diff_db": mean, "ci_lo": lo, "ci_hi": hi, "p_t": test["p_t"], "sd_diff_db": sd,
+                        "mde_db": paired_mde(sd, len(a)), "run_ci_lo": run_lo, "run_ci_hi": run_hi,
                         "primary": endpoint == "psnr_vs_full"})
     frame = pd.DataFrame(out)
     frame["p_holm"] = np.nan
@@ -194,6 +224,19 @@ def contrasts(table: pd.DataFrame, demo: InpaintingDemo) -> pd.DataFrame:
     frame["reading"] = np.where(frame["p_holm"] < 0.05, np.where(frame["mean_diff_db"] > 0, "FCR better", "FCR worse"),
                                 "no difference detected at n = " + frame["n"].astype(str))
     return frame
+
+
+def run_contrasts(table: pd.DataFrame, demo: InpaintingDemo) -> pd.DataFrame:
+    """FCR − control per training seed (the two runs that share start, data order and noise), mean over images."""
+    control, fcr = list(demo.arms)
+    rows = []
+    for endpoint in ("psnr_vs_full", "masked_psnr"):
+        for config in [c for c in demo.configs() if endpoint == "masked_psnr" or c != "full"]:
+            per_run = _per_run(table, endpoint, config)
+            diff = (per_run[fcr] - per_run[control]).mean(axis=0)
+            rows += [{"endpoint": endpoint, "config": config, "training_seed": int(s), "mean_diff_db": float(d)}
+                     for s, d in diff.items()]
+    return pd.DataFrame(rows)
 
 
 def _figures(demo: InpaintingDemo, table: pd.DataFrame, inputs: dict[str, torch.Tensor]) -> None:
@@ -206,6 +249,8 @@ def _figures(demo: InpaintingDemo, table: pd.DataFrame, inputs: dict[str, torch.
     figures = Path(demo.out_dir) / "figures"
     figures.mkdir(exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    # One point per test image: the mean over its arm's training runs (the contrasts' unit).
+    table = table.groupby(["arm", "config", "index"], as_index=False, sort=False)[["psnr_vs_full", "masked_psnr"]].mean()
     cached = table[table["config"] != "full"]
     sns.pointplot(cached, x="config", y="psnr_vs_full", hue="arm", errorbar=("ci", 95), dodge=0.3, ax=axes[0])
     axes[0].set(title="cached vs the same model's full in-painting", ylabel="PSNR (dB)")
@@ -216,7 +261,8 @@ def _figures(demo: InpaintingDemo, table: pd.DataFrame, inputs: dict[str, torch.
     plt.close(fig)
     shown = min(6, demo.n_eval)
     columns = [("real", inputs["images"]), ("masked input", inputs["condition"][:, 1:])]
-    for name in demo.arms:
+    for arm in demo.arms:  # the first training run of each arm
+        name = run_name(arm, demo.training_seeds[0])
         for config in ("full", f"FD-{max(demo.strides)}"):
             columns.append((f"{name}\n{config}", load_file(str(Path(demo.out_dir) / name / "samples" / f"{config}.safetensors"))["images"]))
     fig, axes = plt.subplots(shown, len(columns), figsize=(1.4 * len(columns), 1.4 * shown), squeeze=False)
@@ -231,20 +277,20 @@ def _figures(demo: InpaintingDemo, table: pd.DataFrame, inputs: dict[str, torch.
 
 
 def run(demo: InpaintingDemo, progress: bool = True) -> pd.DataFrame:
-    """Train both arms, in-paint, write per_image.csv, contrasts.csv, figures and demo.json."""
+    """Train every run, in-paint, write per_image.csv, contrasts.csv, run_contrasts.csv, figures and demo.json."""
     start = time.perf_counter()
     if not (Path(demo.data_dir) / MANIFEST).is_file():
         prepare_embedded_data(demo.data_dir)
-    for name, lambda_fcr in demo.arms.items():
-        train_arm(demo, name, lambda_fcr, progress)
     inputs = _eval_inputs(demo)
-    for name in demo.arms:
+    for name, arm, training_seed in demo.runs():  # each run trained, then evaluated: finished runs are whole
+        train_arm(demo, arm, demo.arms[arm], training_seed, progress)
         evaluate_arm(demo, name, inputs, progress)
     out = Path(demo.out_dir)
     table = per_image_table(demo, inputs)
     table.to_csv(out / "per_image.csv", index=False)
     frame = contrasts(table, demo)
     frame.to_csv(out / "contrasts.csv", index=False)
+    run_contrasts(table, demo).to_csv(out / "run_contrasts.csv", index=False)
     _figures(demo, table, inputs)
     make_portable(out)  # the weights' configs name the base model's folder: relative to the checkout
     planned = paired_mde(demo.planning_sd_diff_db, demo.n_eval)
