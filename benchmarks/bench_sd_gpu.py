@@ -81,7 +81,7 @@ def bench_model(name: str, batch: int, args: argparse.Namespace, device: torch.d
         plain = call(None, True)().latents.float()
         fd1 = call(sampler.key_steps(args.steps, "uniform", 1), False)().latents.float()
         fd1_max_abs_diff = float((plain - fd1).abs().max())
-    del unet
+    unet = None  # free its GPU memory before the next model (the closures above are not called again)
     torch.cuda.empty_cache()
     plain_t = float(pd.Series(times["plain"]).median())
     fd5 = {k: float(pd.Series(v).median()) for k, v in times.items() if k.startswith("FD-5")}
