@@ -38,6 +38,7 @@ COMMITTED = (
     Committed("demo reference", REPO_ROOT / "outputs" / "reference" / "demo"),
     Committed("demo reproductions", REPO_ROOT / "outputs" / "reference" / "reproductions"),
     Committed("in-painting demo", REPO_ROOT / "outputs" / "inpainting_demo"),
+    Committed("in-painting replication", REPO_ROOT / "outputs" / "inpainting_replication"),
 )
 
 

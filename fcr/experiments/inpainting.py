@@ -285,6 +285,7 @@ def run(demo: InpaintingDemo, progress: bool = True) -> pd.DataFrame:
     for name, arm, training_seed in demo.runs():  # each run trained, then evaluated: finished runs are whole
         train_arm(demo, arm, demo.arms[arm], training_seed, progress)
         evaluate_arm(demo, name, inputs, progress)
+        make_portable(Path(demo.out_dir) / name)  # a finished run is committed as it is: no machine paths
     out = Path(demo.out_dir)
     table = per_image_table(demo, inputs)
     table.to_csv(out / "per_image.csv", index=False)
