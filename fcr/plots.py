@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
+
+MAX_REFERENCE_LABELS = 12  # reference configurations named in a stride plot's legend
 
 __all__ = [
     "config_sample_grid",
@@ -115,12 +118,17 @@ def quality_vs_stride(summary: pd.DataFrame, metric: str, ylabel: str | None = N
     sns.lineplot(data=strided, x="stride", y=metric, hue="model", palette=palette, marker="o", ax=ax, errorbar=None)
     for model, group in strided.groupby("model"):
         _metric_bars(ax, group, "stride", metric, palette[model])
-    styles = iter(["--", ":", "-."] * 10)
-    for config, group in summary[~on_line].groupby("config", sort=False):
+    styles = itertools.cycle(["--", ":", "-."])
+    references = summary[~on_line].groupby("config", sort=False)
+    named = references.ngroups <= MAX_REFERENCE_LABELS  # past that, three line styles identify nothing
+    for config, group in references:
         style = next(styles)
         for _, row in group.iterrows():
             ax.axhline(row[metric], color=palette[row["model"]], linestyle=style, linewidth=1)
-        ax.plot([], [], color="gray", linestyle=style, label=config)
+        if named:
+            ax.plot([], [], color="gray", linestyle=style, label=config)
+    if references.ngroups and not named:
+        ax.set_title(f"{references.ngroups} other configurations as horizontal lines (the frontier names them)", fontsize=8)
     ax.set_xticks(sorted(strided["stride"].unique()))
     ax.set_xlabel("key-step stride (1 = full UNet every step)")
     ax.set_ylabel(ylabel or metric)
