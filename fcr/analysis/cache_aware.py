@@ -15,10 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.stats
 
-from fcr.analysis.paired import load_fidelity, per_image_table
-from fcr.stats import holm, paired_mde, paired_test
+from fcr.analysis.paired import decide_family, load_fidelity, paired_difference, per_image_table
 
 __all__ = ["ORIGINAL_FULL", "OWN_FULL", "cache_aware_arms", "same_configuration_contrasts"]
 
@@ -65,22 +63,10 @@ def same_configuration_contrasts(sweep_dir: str | Path, arms: Mapping[str, tuple
                                                      & (table["reference"] == OWN_FULL), "seed"].unique())
         ours = np.mean([_per_image(sweep_dir, m, config, ORIGINAL_FULL, seeds, endpoint) for m in replicates], axis=0)
         theirs = _per_image(sweep_dir, original, config, OWN_FULL, seeds, endpoint)
-        diff = ours - theirs
-        test = paired_test(ours, theirs)
-        n, sd = diff.size, float(diff.std(ddof=1))
-        half = float(scipy.stats.t.ppf(0.975, n - 1)) * sd / np.sqrt(n)
-        rows.append({"arm": arm, "config": config, "replicates": len(replicates), "n": n,
-                     "estimate": float(diff.mean()), "ci_lo": float(diff.mean()) - half, "ci_hi": float(diff.mean()) + half,
-                     "original": float(theirs.mean()), "trained": float(ours.mean()), "p": test["p_t"], "sd_diff": sd})
+        rows.append({"arm": arm, "config": config, "replicates": len(replicates), "original": float(theirs.mean()),
+                     "trained": float(ours.mean()), **paired_difference(ours, theirs)})
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    m = len(table)
-    table["m"] = m
-    table["p_holm"] = holm(table["p"].to_numpy())
-    table["mde"] = [paired_mde(sd, n, alpha=alpha / m, power=power) for sd, n in zip(table["sd_diff"], table["n"])]
-    table["verdict"] = [
-        ("better" if est > 0 else "worse") if p < alpha else f"not detectable at n = {n} (MDE {mde:.2f})"
-        for est, p, n, mde in zip(table["estimate"], table["p_holm"], table["n"], table["mde"])
-    ]
+    table = decide_family(table, alpha, power)
     return table

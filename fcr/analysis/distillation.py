@@ -13,11 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.stats
 
 from fcr.analysis.cache_aware import ORIGINAL_FULL
-from fcr.analysis.paired import per_image_table
-from fcr.stats import holm, paired_mde, paired_test
+from fcr.analysis.paired import decide_family, paired_difference, per_image_table
 
 __all__ = ["student_contrasts"]
 
@@ -48,24 +46,13 @@ def student_contrasts(sweep_dir: str | Path, treated: str, control: str, *, conf
         if len(paired) != len(cell) or len(paired) != len(theirs):
             raise ValueError(f"{model} and {control}@round{r} at {config} were not sampled on the same images and seeds")
         a, b = paired[f"{endpoint}_t"].to_numpy(np.float64), paired[f"{endpoint}_c"].to_numpy(np.float64)
-        diff = a - b
-        n, sd = diff.size, float(diff.std(ddof=1))
-        half = float(scipy.stats.t.ppf(0.975, n - 1)) * sd / np.sqrt(n)
         rows.append({"round": r, "config": config, "treated": f"{treated}@round{r}", "control": f"{control}@round{r}",
-                     "n": n, "treated_mean": float(a.mean()), "control_mean": float(b.mean()), "estimate": float(diff.mean()),
-                     "ci_lo": float(diff.mean()) - half, "ci_hi": float(diff.mean()) + half, "p": paired_test(a, b)["p_t"],
-                     "sd_diff": sd})
+                     "treated_mean": float(a.mean()), "control_mean": float(b.mean()), **paired_difference(a, b)})
     out = pd.DataFrame(rows)
     if out.empty:
         return out
-    m = len(out)
-    out["m"] = m
-    out["p_holm"] = holm(out["p"].to_numpy())
-    out["mde"] = [paired_mde(sd, n, alpha=alpha / m, power=power) for sd, n in zip(out["sd_diff"], out["n"])]
-    out["verdict"] = [("better" if est > 0 else "worse") if p < alpha else f"not detectable at n = {n} (MDE {mde:.2f})"
-                      for est, p, n, mde in zip(out["estimate"], out["p_holm"], out["n"], out["mde"])]
+    out = decide_family(out, alpha, power)
     return out.sort_values(["round", "config"], ignore_index=True)
-
 
 
 def main(argv: list[str] | None = None) -> int:
