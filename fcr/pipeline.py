@@ -20,6 +20,7 @@ the failed notebook.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import signal
 import subprocess
 import sys
@@ -256,28 +257,44 @@ def _record_invocation(root: Path) -> None:
 def run(setting: str = "embedded", *, root: str | Path | None = None, experiments: list[str] | None = None,
         overlays: list[str | Path] = (), bench: bool = True, readme: str | Path | None = None,
         manifest: str | Path = MANIFEST, report: bool = True, data: bool = True,
-        timing_beside: str | Path | None = None, reference: str | Path | None = None) -> list[Stage]:
-    """Run (or resume) the main job; returns what each stage did."""
+        timing_beside: str | Path | None = None, reference: str | Path | None = None,
+        stages: str | None = None, rerun: bool = False) -> list[Stage]:
+    """Run (or resume) the main job; returns what each stage did. ``stages``: a glob on the stage
+    folders relative to the root (``exp-1-*/frontier/*``): only those run; ``rerun``: run the
+    chosen stages even when complete."""
     signal.signal(signal.SIGTERM, _terminate)
     tasks = plan(setting, root, experiments, overlays, manifest=manifest, bench=bench, report=report, data=data,
                  readme=readme, timing_beside=timing_beside, reference=reference)
     root_dir = Path(root) if root is not None else REPO_ROOT / "outputs" / setting
+    if stages is not None:
+        tasks = select_stages(tasks, root_dir, stages)
     _record_invocation(root_dir)
-    stages = []
+    done: list[Stage] = []
     start = time.perf_counter()
     for task in tasks:
         print(f"== {task.name}", flush=True)
-        stages.append(run_task(task))
-        print(f"   {stages[-1].status} ({stages[-1].seconds:.0f} s) -> {stages[-1].output}", flush=True)
+        done.append(run_task(task, rerun=rerun))
+        print(f"   {done[-1].status} ({done[-1].seconds:.0f} s) -> {done[-1].output}", flush=True)
     total = time.perf_counter() - start
-    timing = [{"name": s.name, "status": s.status, "seconds": s.seconds} for s in stages]
+    timing = [{"name": s.name, "status": s.status, "seconds": s.seconds} for s in done]
     write_json_atomic(root_dir / "report" / contract.PIPELINE_TIMING,
                       {"total_seconds_this_invocation": total, "stages": timing})
     print("\n== main job summary ==")
-    for s in stages:
+    for s in done:
         print(f"- {s.name}: {s.status} -> {s.output} ({s.seconds:.0f} s)")
     print(f"total {total:.0f} s this invocation")
-    return stages
+    return done
+
+
+def select_stages(tasks: list[Task], root: Path, pattern: str) -> list[Task]:
+    """The tasks whose folder, relative to ``root``, matches the glob ``pattern``; none is an error
+    that lists the folders there are."""
+    folders = [t.folder.relative_to(root).as_posix() if t.folder.is_relative_to(root) else t.folder.as_posix()
+               for t in tasks]
+    chosen = [t for t, f in zip(tasks, folders) if fnmatch.fnmatch(f, pattern)]
+    if not chosen:
+        raise SystemExit(f"--stage {pattern!r} matches no stage folder; there are: {', '.join(folders)}")
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--manifest", default=None, help="experiments manifest (default: the profile's)")
     r.add_argument("--no-report", action="store_true", help="skip the combined report")
     r.add_argument("--skip-data", action="store_true", help="skip data preparation (data_dir already prepared)")
+    r.add_argument("--stage", default=None, dest="stages",
+                   help="only the stages whose folder (relative to the root) matches this glob")
+    r.add_argument("--rerun", action="store_true", help="run the chosen stages even when complete")
     r.add_argument("--reference", default=None, help="committed run to compare this run's numbers with "
                    "(default: the profile's; 'none' for no comparison)")
     sub.add_parser("verify", help="check the committed results: markers, their files, fingerprints, machine paths")
@@ -334,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             bench=profile["bench"] and not args.no_bench, readme=args.readme,
             manifest=args.manifest if args.manifest is not None else profile["manifest"],
             report=not args.no_report, data=not args.skip_data, timing_beside=profile["timing_beside"],
-            reference=reference)
+            reference=reference, stages=args.stages, rerun=args.rerun)
     except PipelineError as exc:
         print(f"\nFAILED: {exc}", file=sys.stderr)
         return 1

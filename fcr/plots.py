@@ -202,30 +202,76 @@ def config_sample_grid(
 
 
 def frontier(points: pd.DataFrame, cost_column: str, quality: str, ylabel: str | None = None,
-             higher_is_better: bool = True) -> plt.Figure:
+             higher_is_better: bool = True, facet: str | None = None,
+             facet_order: Sequence[str] = ()) -> plt.Figure:
     """``quality`` (interval bars) against ``cost_column`` (log scale), one line per series in
     order of cost; the points on the Pareto front (``pareto``) ringed in black, the reference
-    configuration (``is_reference``: the original's full sampling) a dotted vertical line."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    configuration (``is_reference``: the original's full sampling) a dotted vertical line.
+    ``facet``: a column (e.g. ``approach``) whose values get one panel each (``facet_order`` first),
+    with a shared y axis and the whole front as a grey line in every panel; a frontier of dozens of
+    series is unreadable in one panel. A series is ``<model> · <method family>``: in a panel with
+    several models the colour is the model and the marker the method family."""
     shown = points[~points["is_reference"] & points[quality].notna()].sort_values(cost_column)
-    series = list(dict.fromkeys(shown["series"]))
-    palette = dict(zip(series, sns.color_palette("tab20", n_colors=max(len(series), 1))))
-    for name in series:
-        group = shown[shown["series"] == name]
-        ax.plot(group[cost_column], group[quality], marker="o", color=palette[name], label=name, linewidth=1.2)
-        _metric_bars(ax, group, cost_column, quality, palette[name])
+    panels: list[str | None] = [None]
+    if facet is not None and facet in shown:
+        present = list(dict.fromkeys(shown[facet]))
+        panels = [v for v in facet_order if v in present] + [v for v in present if v not in facet_order]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5, 4.5) if panels == [None] else (5.0 * len(panels), 5.5),
+                             sharey=True, squeeze=False)
     front = shown[shown["pareto"]] if "pareto" in shown else shown.iloc[:0]
-    ax.scatter(front[cost_column], front[quality], s=120, facecolors="none", edgecolors="black", linewidths=1.5,
-               label="Pareto front", zorder=5)
-    for _, row in points[points["is_reference"]].iterrows():
-        ax.axvline(row[cost_column], color="gray", linestyle=":", linewidth=1)
-        ax.plot([], [], color="gray", linestyle=":", label=f"{row['model']} {row['config']} (the reference)")
-    ax.set_xscale("log")
-    ax.set_xlabel(cost_column.replace("_", " "))
-    ax.set_ylabel((ylabel or quality) + ("" if higher_is_better else " (lower is better)"))
-    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    for ax, panel in zip(axes.flat, panels):
+        own = shown if panel is None else shown[shown[facet] == panel]
+        _frontier_panel(ax, own, front if panel is not None else None, cost_column, quality)
+        _ring_front_and_reference(ax, front[front.index.isin(own.index)], points[points["is_reference"]], cost_column,
+                                  quality)
+        ax.set_xscale("log")
+        ax.set_xlabel(cost_column.replace("_", " "))
+        if panel is None:
+            ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+        else:
+            ax.set_title(str(panel))
+            ax.legend(fontsize=6.5, bbox_to_anchor=(0.5, -0.2), loc="upper center", ncol=2)
+    axes.flat[0].set_ylabel((ylabel or quality) + ("" if higher_is_better else " (lower is better)"))
     fig.tight_layout()
     return fig
+
+
+_FAMILY_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")
+
+
+def _frontier_panel(ax: plt.Axes, shown: pd.DataFrame, context: pd.DataFrame | None, cost_column: str,
+                    quality: str) -> None:
+    if context is not None and not context.empty:  # the whole front: every panel reads against the best of all
+        ax.plot(context[cost_column], context[quality], color="grey", linewidth=3, alpha=0.35, label="Pareto front (all)")
+    series = list(dict.fromkeys(shown["series"]))
+    parts = [(name.split(" · ", 1) + [""])[:2] for name in series]
+    models = list(dict.fromkeys(m for m, _ in parts))
+    families = list(dict.fromkeys(f for _, f in parts))
+    by_model = context is not None and len(models) > 1 and len(series) > 6  # else one colour per series
+    keys = models if by_model else series
+    palette = dict(zip(keys, sns.color_palette("tab10" if len(keys) <= 10 else "tab20", n_colors=max(len(keys), 1))))
+    markers = dict(zip(families, itertools.cycle(_FAMILY_MARKERS)))
+    for name, (model, family) in zip(series, parts):
+        group = shown[shown["series"] == name]
+        color = palette[model if by_model else name]
+        # Colour by model: a series' points span step counts and strides, so its line is faint.
+        ax.plot(group[cost_column], group[quality], marker=markers[family] if by_model else "o", color=color,
+                label=None if by_model else name, linewidth=0.6 if by_model else 1.2, markersize=5)
+        _metric_bars(ax, group, cost_column, quality, color)
+    if by_model:  # a legend of models (colour) and method families (marker), not of every pair
+        for model in models:
+            ax.plot([], [], color=palette[model], linewidth=2, label=model)
+        for family in families:
+            ax.plot([], [], color="black", marker=markers[family], linestyle="none", label=family)
+
+
+def _ring_front_and_reference(ax: plt.Axes, front: pd.DataFrame, references: pd.DataFrame, cost_column: str,
+                              quality: str) -> None:
+    ax.scatter(front[cost_column], front[quality], s=120, facecolors="none", edgecolors="black", linewidths=1.5,
+               label="on the Pareto front", zorder=5)
+    for _, row in references.iterrows():
+        ax.axvline(row[cost_column], color="gray", linestyle=":", linewidth=1)
+        ax.plot([], [], color="gray", linestyle=":", label=f"{row['model']} {row['config']} (the reference)")
 
 
 def power_curves(curve: pd.DataFrame, needed: pd.DataFrame | None = None) -> plt.Figure:

@@ -15,7 +15,7 @@ from fcr import contract
 from fcr.config import load_yaml, merge, validate
 from fcr.contract import model_label
 from fcr.files import write_json_atomic
-from fcr.markers import incomplete, make_portable, missing_outputs, write_marker
+from fcr.markers import incomplete, make_portable, missing_outputs, read_marker, write_marker
 from fcr.notebooks import NOTEBOOKS_DIR, notebook_parameters, run_notebook
 from fcr.paths import REPO_ROOT
 
@@ -141,11 +141,16 @@ def begin_attempt(folder: Path) -> tuple[float, int]:
     return earlier
 
 
-def run_task(task: Task) -> Stage:
+def run_task(task: Task, *, rerun: bool = False) -> Stage:
     """Run one task unless it is complete (:func:`fcr.markers.incomplete`); a stage with a marker
     but missing or damaged files says which and runs again (per-cell results that are whole are
-    kept by the runners)."""
+    kept by the runners). ``rerun``: run it even when complete (its tables and figures are rebuilt
+    from the kept per-cell results, e.g. after a change to a plot)."""
     reasons = _incomplete(task)
+    # A rerun of a complete stage keeps its recorded time: what it took to compute the results
+    # (the rerun mostly reads the kept per-cell files) is the figure a reader of stage times wants.
+    kept = read_marker(task.folder) if rerun and not reasons else None
+    reasons = reasons or (["rerun requested"] if rerun else [])
     if not reasons:
         return Stage(task.name, "skipped (already complete)", rel_path(task.folder), 0.0)
     if (task.folder / DONE).exists() and task.name != "report":
@@ -170,8 +175,11 @@ def run_task(task: Task) -> Stage:
     make_portable(task.folder)  # results mean the same on every machine (no checkout or temp paths)
     # "seconds": the stage's whole wall time, earlier interrupted attempts included (estimated from
     # their files, see begin_attempt); "seconds_last_attempt": the run that finished.
-    write_marker(task.folder, task.fingerprint(), {"seconds": seconds + earlier_s, "seconds_last_attempt": seconds,
-                                                   "attempts": earlier_n + 1})
+    record = {"seconds": seconds + earlier_s, "seconds_last_attempt": seconds, "attempts": earlier_n + 1}
+    if kept is not None:
+        record = {**{k: v for k, v in kept.items() if k in ("seconds", "seconds_last_attempt", "attempts")},
+                  "rerun_seconds": seconds}
+    write_marker(task.folder, task.fingerprint(), record)
     (task.folder / ATTEMPTS).unlink(missing_ok=True)
     return Stage(task.name, "ran" if not earlier_n else f"ran (resumed; {earlier_n} earlier attempt(s))",
                  rel_path(task.folder), seconds)

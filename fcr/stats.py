@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import scipy.stats
 import statsmodels.api as sm
 
@@ -21,10 +22,12 @@ __all__ = [
     "bootstrap_ci_paired",
     "bootstrap_metric",
     "bootstrap_replicates",
+    "decide_family",
     "holm",
     "mean_ci_over_seeds",
     "ols",
     "paired_mde",
+    "paired_difference",
     "paired_n",
     "paired_test",
     "relative_change",
@@ -288,3 +291,26 @@ def paired_n(sd_diff: float, mde: float, alpha: float = 0.05, power: float = 0.8
     while paired_mde(sd_diff, n, alpha, power, sides) > mde:
         n += 1
     return n
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """``a - b`` paired per image: ``n``, ``estimate``, its 95 % t interval ``ci_lo``/``ci_hi``, the paired
+    t-test's ``p`` and the SD of the differences ``sd_diff``."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    estimate, lo, hi = mean_ci_over_seeds(diff)
+    return {"n": diff.size, "estimate": estimate, "ci_lo": lo, "ci_hi": hi, "p": paired_test(a, b)["p_t"],
+            "sd_diff": float(diff.std(ddof=1))}
+
+
+def decide_family(table: pd.DataFrame, alpha: float = 0.05, power: float = 0.8) -> pd.DataFrame:
+    """Every row of ``table`` (columns of :func:`paired_difference`) is one test of one Holm family: adds
+    ``m``, ``p_holm``, ``mde`` (at ``alpha / m`` and ``power``) and ``verdict`` (better / worse / not
+    detectable at n = ..., never "no difference")."""
+    table = table.copy()
+    m = len(table)
+    table["m"] = m
+    table["p_holm"] = holm(table["p"].to_numpy())
+    table["mde"] = [paired_mde(sd, int(n), alpha=alpha / m, power=power) for sd, n in zip(table["sd_diff"], table["n"])]
+    table["verdict"] = [("better" if est > 0 else "worse") if p < alpha else f"not detectable at n = {int(n)} (MDE {mde:.2f})"
+                        for est, p, n, mde in zip(table["estimate"], table["p_holm"], table["n"], table["mde"])]
+    return table

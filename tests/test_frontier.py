@@ -171,6 +171,24 @@ def test_frontier_from_sweep_reads_a_sweep_folder_and_plots(sweep: dict) -> None
     fig = plots.frontier(got, "flops_per_image", "psnr")
     assert len(fig.axes[0].lines) >= got["series"].nunique()
     plots.plt.close(fig)
+    assert set(got.loc[got["model"] == "base", "approach"]) == {"training-free"}
+    assert set(got.loc[got["model"] == "fcr", "approach"]) == {"fine-tuned"}
+    faceted = plots.frontier(got, "flops_per_image", "psnr", facet="approach", facet_order=["fine-tuned", "none"])
+    assert [ax.get_title() for ax in faceted.axes] == ["fine-tuned", "training-free"]
+    fine_tuned = faceted.axes[[ax.get_title() for ax in faceted.axes].index("fine-tuned")]
+    labels = fine_tuned.get_legend_handles_labels()[1]
+    assert "Pareto front (all)" in labels and all(not lab.startswith("base ·") for lab in labels)
+    plots.plt.close(faceted)
+
+
+def test_approach_separates_the_original_fine_tunes_and_students() -> None:
+    from fcr.experiments.frontier import approach
+
+    origins = {"fcr": "base", "pd@round2": "base", "cd": "base"}
+    assert approach("base", "FD", origins) == "training-free"
+    assert approach("fcr", "DeepCache b0", origins) == "fine-tuned"
+    assert approach("pd@round2", "PD + FD", origins) == "distilled"
+    assert approach("cd", "CD", origins) == "distilled"
 
 
 FRONTIER_MANIFEST = """

@@ -92,6 +92,10 @@ def test_contrasts_average_runs_per_image_and_pair_runs_by_seed(tmp_path: Path) 
     half = stats.t.ppf(0.975, 2) * by_seed.std(ddof=1) / np.sqrt(3)
     assert (row["run_ci_lo"], row["run_ci_hi"]) == pytest.approx((by_seed.mean() - half, by_seed.mean() + half))
     assert len(frame) == 2 + 3 and bool(frame["p_holm"].ge(frame["p_t"]).all())
+    assert frame["tests_in_family"].to_dict() == {k: (2 if k[0] == "psnr_vs_full" else 3) for k in frame.index}
+    undecided = frame.loc[frame["p_holm"] >= 0.05]
+    assert all(r.startswith("not detectable at n = 5 (MDE") for r in undecided["reading"])
+    assert set(frame.loc[frame["p_holm"] < 0.05, "reading"]) <= {"FCR better", "FCR worse"}
 
 
 @pytest.mark.slow  # data preparation (MiniLM), two 2-step fine-tunes, 4 configurations x 2 arms

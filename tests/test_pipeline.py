@@ -273,6 +273,28 @@ def test_resumed_stage_counts_its_interrupted_attempt(tmp_path: Path) -> None:
     assert marker["attempts"] == 1 and marker["seconds"] == marker["seconds_last_attempt"] and fresh.status == "ran"
 
 
+def test_rerun_rebuilds_a_complete_stage_and_keeps_its_time(tmp_path: Path) -> None:
+    import json
+
+    from fcr.pipeline import Task, run_task, select_stages
+
+    calls: list[int] = []
+    folder = tmp_path / "exp" / "frontier" / "frontier"
+    task = Task("f", folder, [], {"x": 1}, action=lambda: (calls.append(1), (folder / "t.csv").write_text(str(len(calls)))))
+    run_task(task)
+    first = json.loads((folder / DONE).read_text())
+    assert run_task(task).status.startswith("skipped") and len(calls) == 1
+    # A complete stage reruns on request (e.g. after a plot change); its files are re-inventoried
+    # and the time it took to compute is kept, the rerun's beside it.
+    assert run_task(task, rerun=True).status == "ran" and len(calls) == 2
+    marker = json.loads((folder / DONE).read_text())
+    assert marker["seconds"] == first["seconds"] and "rerun_seconds" in marker and (folder / "t.csv").read_text() == "2"
+    other = Task("g", tmp_path / "exp" / "sweep" / "grid", [], {}, action=lambda: None)
+    assert select_stages([task, other], tmp_path, "exp/frontier/*") == [task]
+    with pytest.raises(SystemExit, match="exp/sweep/grid"):
+        select_stages([task, other], tmp_path, "nothing/*")
+
+
 def test_study_profile_plans_the_replicated_fine_tunes_and_its_sweeps(tmp_path: Path) -> None:
     from fcr.manifest import NOTEBOOK_KINDS
     from fcr.pipeline import PROFILES, main

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fcr.analysis.paired import decide_family, load_fidelity, paired_difference, per_image_table
+from fcr.analysis.paired import load_fidelity, per_image_table
+from fcr.stats import decide_family, paired_difference
 
 __all__ = ["ORIGINAL_FULL", "OWN_FULL", "cache_aware_arms", "same_configuration_contrasts"]
 

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from fcr.analysis.cache_aware import ORIGINAL_FULL
-from fcr.analysis.paired import decide_family, paired_difference, per_image_table
+from fcr.analysis.paired import per_image_table
+from fcr.stats import decide_family, paired_difference
 
 __all__ = ["student_contrasts"]
 

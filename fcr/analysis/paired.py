@@ -13,9 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fcr.contract import FIDELITY_DIRECTIONS, FIDELITY_PER_IMAGE
-from fcr.stats import holm, mean_ci_over_seeds, paired_mde, paired_test
 
-__all__ = ["cell_tensors", "check_same_prompts", "decide_family", "load_fidelity", "paired_difference", "load_side_file", "per_image_table", "quality_stem", "side_file_with_images"]
+__all__ = ["cell_tensors", "check_same_prompts", "load_fidelity", "load_side_file", "per_image_table", "quality_stem", "side_file_with_images"]
 
 
 def quality_stem(model: str, config: str, seed: int) -> str:
@@ -104,24 +103,3 @@ def forget_tables() -> None:
     _TABLES.clear()
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """``a - b`` paired per image: ``n``, ``estimate``, its 95 % t interval ``ci_lo``/``ci_hi``, the paired
-    t-test's ``p`` and the SD of the differences ``sd_diff``."""
-    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    estimate, lo, hi = mean_ci_over_seeds(diff)
-    return {"n": diff.size, "estimate": estimate, "ci_lo": lo, "ci_hi": hi, "p": paired_test(a, b)["p_t"],
-            "sd_diff": float(diff.std(ddof=1))}
-
-
-def decide_family(table: pd.DataFrame, alpha: float = 0.05, power: float = 0.8) -> pd.DataFrame:
-    """Every row of ``table`` (columns of :func:`paired_difference`) is one test of one Holm family: adds
-    ``m``, ``p_holm``, ``mde`` (at ``alpha / m`` and ``power``) and ``verdict`` (better / worse / not
-    detectable at n = ..., never "no difference")."""
-    table = table.copy()
-    m = len(table)
-    table["m"] = m
-    table["p_holm"] = holm(table["p"].to_numpy())
-    table["mde"] = [paired_mde(sd, int(n), alpha=alpha / m, power=power) for sd, n in zip(table["sd_diff"], table["n"])]
-    table["verdict"] = [("better" if est > 0 else "worse") if p < alpha else f"not detectable at n = {int(n)} (MDE {mde:.2f})"
-                        for est, p, n, mde in zip(table["estimate"], table["p_holm"], table["n"], table["mde"])]
-    return table

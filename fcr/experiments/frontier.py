@@ -33,7 +33,9 @@ from fcr.analysis.paired import load_fidelity
 from fcr.experiments.sweep import summarize
 
 __all__ = [
+    "APPROACHES",
     "COST_COLUMNS",
+    "approach",
     "frontier_from_sweep",
     "frontier_points",
     "matched_cost",
@@ -73,6 +75,19 @@ def method_family(config: str, scheduler: str = "ddim") -> str:
     if config == "full" or re.match(rf"^{re.escape(scheduler.upper())}-\d+$", config):
         return scheduler.upper()
     raise ValueError(f"configuration {config!r} belongs to no method family")
+
+
+# What was done to the original to get a point: nothing (a sampler or cache on the original's
+# weights), fine-tuning of its weights (FCR, its control, cache-aware), or distillation into a student.
+APPROACHES: tuple[str, ...] = ("training-free", "fine-tuned", "distilled")
+
+
+def approach(model: str, family: str, origins: Mapping[str, str]) -> str:
+    """The :data:`APPROACHES` entry of a point: the original's own points are training-free, a
+    distilled student's (family ``PD…`` / ``CD…``) distilled, every other model's fine-tuned."""
+    if model not in origins:
+        return "training-free"
+    return "distilled" if family.startswith(("PD", "CD")) else "fine-tuned"
 
 
 def series_model(model: str, family: str) -> str:
@@ -118,6 +133,7 @@ def frontier_points(
             "num_inference_steps": s.get("num_inference_steps"),
         }
         row["series"] = f"{series_model(model, row['family'])} · {row['family']}"
+        row["approach"] = approach(model, row["family"], origins)
         key = (s["architecture"], config)
         if key not in costs.index:
             raise ValueError(f"no cost row for {config!r} on architecture {s['architecture']!r}: run_sweep writes one per "

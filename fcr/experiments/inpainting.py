@@ -20,6 +20,7 @@ reused; the tables and figures are rebuilt from them.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, fields
@@ -40,7 +41,7 @@ from fcr.core.loss import FCRConfig
 from fcr.markers import make_portable
 from fcr.core.sampler import key_steps, sample
 from fcr.eval.fidelity import pixel_fidelity
-from fcr.stats import holm, mean_ci_over_seeds, paired_mde, paired_test
+from fcr.stats import decide_family, mean_ci_over_seeds, paired_difference, paired_mde
 from fcr.train.loop import TrainConfig, train
 
 __all__ = ["InpaintingDemo", "contrasts", "evaluate_arm", "per_image_table", "run", "run_name", "train_arm"]
@@ -196,33 +197,36 @@ def _per_run(table: pd.DataFrame, endpoint: str, config: str) -> pd.DataFrame:
     return table[table["config"] == config].pivot_table(index="index", columns=["arm", "training_seed"], values=endpoint)
 
 
+def _pairs(table: pd.DataFrame, demo: InpaintingDemo):
+    """Per endpoint and configuration: the per-image table of (arm, training seed) columns."""
+    for endpoint in ("psnr_vs_full", "masked_psnr"):
+        for config in [c for c in demo.configs() if endpoint == "masked_psnr" or c != "full"]:
+            yield endpoint, config, _per_run(table, endpoint, config)
+
+
 def contrasts(table: pd.DataFrame, demo: InpaintingDemo) -> pd.DataFrame:
     """FCR − control per cached configuration and endpoint; Holm within each endpoint.
 
     The paired test runs over test images, each image's value the mean over its arm's training runs (as the
     study's primary contrast), so it is conditional on those runs. With several seeds, ``run_ci_lo/hi`` is the
-    t interval over the seed-matched run pairs' mean differences: it carries the training runs' variance.
+    t interval over the seed-matched run pairs' mean differences (:func:`run_contrasts`): it carries the
+    training runs' variance. ``mde_db`` is at Holm's strictest level, alpha / tests of the endpoint.
     """
     control, fcr = list(demo.arms)
-    out = []
-    for endpoint in ("psnr_vs_full", "masked_psnr"):
-        for config in [c for c in demo.configs() if endpoint == "masked_psnr" or c != "full"]:
-            per_run = _per_run(table, endpoint, config)
+    per_seed = run_contrasts(table, demo).groupby(["endpoint", "config"], sort=False)["mean_diff_db"]
+    families = []
+    for endpoint, configs in itertools.groupby(_pairs(table, demo), key=lambda item: item[0]):
+        rows = []
+        for _, config, per_run in configs:
             a, b = per_run[fcr].mean(axis=1).to_numpy(), per_run[control].mean(axis=1).to_numpy()
-            test = paired_test(a, b)
-            mean, lo, hi = mean_ci_over_seeds(a - b)
-            _, run_lo, run_hi = mean_ci_over_seeds((per_run[fcr] - per_run[control]).mean(axis=0).to_numpy())
-            sd = float(np.std(a - b, ddof=1))
-            out.append({"endpoint": endpoint, "config": config, "n": len(a), "runs_per_arm": len(demo.training_seeds),
-                        "mean_diff_db": mean, "ci_lo": lo, "ci_hi": hi, "p_t": test["p_t"], "sd_diff_db": sd,
-                        "mde_db": paired_mde(sd, len(a)), "run_ci_lo": run_lo, "run_ci_hi": run_hi,
-                        "primary": endpoint == "psnr_vs_full"})
-    frame = pd.DataFrame(out)
-    frame["p_holm"] = np.nan
-    for endpoint, rows in frame.groupby("endpoint").groups.items():
-        frame.loc[rows, "p_holm"] = holm(frame.loc[rows, "p_t"].to_numpy())
-    frame["reading"] = np.where(frame["p_holm"] < 0.05, np.where(frame["mean_diff_db"] > 0, "FCR better", "FCR worse"),
-                                "no difference detected at n = " + frame["n"].astype(str))
+            _, run_lo, run_hi = mean_ci_over_seeds(per_seed.get_group((endpoint, config)).to_numpy())
+            rows.append({"endpoint": endpoint, "config": config, "runs_per_arm": len(demo.training_seeds),
+                         **paired_difference(a, b), "run_ci_lo": run_lo, "run_ci_hi": run_hi,
+                         "primary": endpoint == "psnr_vs_full"})
+        families.append(decide_family(pd.DataFrame(rows)))
+    frame = pd.concat(families, ignore_index=True).rename(columns={
+        "estimate": "mean_diff_db", "p": "p_t", "sd_diff": "sd_diff_db", "mde": "mde_db", "m": "tests_in_family"})
+    frame["reading"] = frame.pop("verdict").map(lambda v: f"FCR {v}" if v in ("better", "worse") else v)
     return frame
 
 
@@ -230,12 +234,10 @@ def run_contrasts(table: pd.DataFrame, demo: InpaintingDemo) -> pd.DataFrame:
     """FCR − control per training seed (the two runs that share start, data order and noise), mean over images."""
     control, fcr = list(demo.arms)
     rows = []
-    for endpoint in ("psnr_vs_full", "masked_psnr"):
-        for config in [c for c in demo.configs() if endpoint == "masked_psnr" or c != "full"]:
-            per_run = _per_run(table, endpoint, config)
-            diff = (per_run[fcr] - per_run[control]).mean(axis=0)
-            rows += [{"endpoint": endpoint, "config": config, "training_seed": int(s), "mean_diff_db": float(d)}
-                     for s, d in diff.items()]
+    for endpoint, config, per_run in _pairs(table, demo):
+        diff = (per_run[fcr] - per_run[control]).mean(axis=0)
+        rows += [{"endpoint": endpoint, "config": config, "training_seed": int(s), "mean_diff_db": float(d)}
+                 for s, d in diff.items()]
     return pd.DataFrame(rows)
 
 
