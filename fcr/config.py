@@ -174,6 +174,9 @@ def _check_cache_training(params: dict[str, Any]) -> None:
     if params["validate_every"]:
         raise ConfigError("parameter 'validate_every': checkpoint selection scores FD against the model's own full "
                           f"sampling; cache-aware runs train a fixed length (set 0), got {params['validate_every']}")
+    if params["cache_trainable"] == "scale_shift" and params["ema_decay"]:
+        raise ConfigError("parameter 'ema_decay': cache_trainable scale_shift trains the correction beside a frozen "
+                          f"UNet, saved from the trained weights (set 0), got {params['ema_decay']}")
     if params["cache_rollouts"] > params["train_batch_size"]:
         raise ConfigError(f"parameter 'cache_rollouts': must be <= train_batch_size={params['train_batch_size']}, "
                           f"got {params['cache_rollouts']}")

@@ -209,7 +209,7 @@ class CacheTrainingOptions:
     cache_loss: str = option("step", "step (noise error at a step of the cached trajectory), step_weighted (weighted by the step's effect on the final image), trajectory (final-image error of a cached rollout over cache_horizon windows)", choices=("step", "step_weighted", "trajectory"))
     cache_horizon: int = option(1, "trajectory: key-step windows rolled out with gradient (0: to the end of sampling)", check=_at_least(0))
     cache_rollouts: int = option(8, "cached trajectories the student samples per micro-batch; training points are drawn from them", check=_at_least(1))
-    cache_trainable: str = option("all", "all weights, uncached (only the layers a cached step recomputes) or lora (peft adapters, merged at the end)", choices=("all", "uncached", "lora"))
+    cache_trainable: str = option("all", "all weights, uncached (only the layers a cached step recomputes), lora (peft adapters, merged at the end) or scale_shift (Block Caching's per-step, per-channel scale and shift of the reused tensors; the UNet frozen)", choices=("all", "uncached", "lora", "scale_shift"))
     cache_lora_rank: int = option(8, "LoRA rank (cache_trainable lora)", check=_at_least(1))
 
 

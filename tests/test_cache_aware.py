@@ -138,7 +138,7 @@ def test_a_student_that_is_the_original_still_pays_for_caching() -> None:
         path = objective.rollout(x0[:3], cond[:3])
         j = torch.tensor([0, 4])  # key steps: cached == full, zero error
         t = objective.timesteps[j]
-        pred = objective.student_cached(path[j, [0, 1]], t, path[j, [0, 1]], t, cond[:2])
+        pred = objective.student_cached(path[j, [0, 1]], t, path[j, [0, 1]], t, cond[:2], j, j < 0)
         teacher = objective.teacher_output(path[j, [0, 1]], t, cond[:2], DEEPCACHE.guidance_scale)
     torch.testing.assert_close(pred, teacher, rtol=1e-5, atol=1e-5)
 
@@ -207,6 +207,7 @@ def test_bad_cache_training_parameters_fail_with_one_line() -> None:
     for bad, key in [({"cache_interval": 50}, "cache_interval"), ({"cache_steps": 8, "cache_interval": 8}, "cache_interval"), ({"cache_interval": 1}, "cache_interval"),
                      ({"cache_lora_rank": 0}, "cache_lora_rank"), ({"lambda_fcr": 0.1}, "lambda_fcr"),
 ({"cache_rollouts": 200}, "cache_rollouts"),
+                     ({"cache_trainable": "scale_shift", "ema_decay": 0.99}, "ema_decay"),
                      ({"cache_loss": "fcr"}, "cache_loss"), ({"validate_every": 10}, "validate_every")]:
         with pytest.raises(ConfigError, match=f"'{key}'") as err:
             validate({**ok, **bad})

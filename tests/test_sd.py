@@ -546,3 +546,54 @@ def test_cache_aware_sd_from_a_caption_file_into_a_stock_pipeline(model_dir, tmp
     plain = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, num_inference_steps=4,
                  guidance_scale=2.0, output_type="latent").images
     assert (plain - ours).abs().max() > 1e-4  # caching was on, and is off again
+
+
+@pytest.mark.parametrize("mode", ["deepcache", "encoder"])
+def test_scale_shift_fine_tune_samples_the_same_in_a_stock_pipeline(model_dir, tmp_path, mode):
+    """Block Caching's scale-shift trained on the tiny SD model from a caption file, the UNet frozen:
+    the stock pipeline with ``enable_cache_trained`` samples what fcr's sampler samples with the
+    correction, and the correction is what changes the images."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    import fcr.diffusers_cache as fc
+    from fcr.core.sampler import PriorNoise, sample
+    from fcr.core.scale_shift import SCALE_SHIFT_FILE, load_scale_shift
+    from fcr.train.finetune import finetune
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a coat\na bag\na sandal\na shirt\n")
+    params = sd_params(model_dir, captions, tmp_path, train_objective="cache_aware", lambda_fcr=0.0, cache_interval=2,
+                       cache_rollouts=2, cache_steps=4, cache_guidance_scale=2.0, cache_trainable="scale_shift",
+                       cache_mode=mode, train_subset=4)
+    result = finetune(params, progress=False)
+    record = json.loads((result.run_dir / "cache_training.json").read_text())
+    correction = load_scale_shift(result.run_dir / "unet" / SCALE_SHIFT_FILE)
+    assert correction.configuration == record["configuration"] and record["trainable"] == "scale_shift"
+    assert any(p.abs().sum() > 0 for p in correction.parameters())  # trained
+    parts = load_sd_components(str(model_dir), device="cpu")
+    original = {k: v.clone() for k, v in parts.unet.state_dict().items()}
+    pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                   unet=parts.unet, scheduler=DDIMScheduler.from_config({**parts.scheduler_config,
+                                                                                         "set_alpha_to_one": False}),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    assert fc.enable_cache_trained(pipe, result.run_dir) == record
+    assert all(torch.equal(v, original[k]) for k, v in pipe.unet.state_dict().items())  # the UNet stayed frozen
+    cond, uncond = pipe.encode_prompt(PROMPTS[:2], "cpu", 1, True)
+    noise = torch.randn(2, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(0))
+    prior = PriorNoise(**record["prior_noise"])
+    kw = dict(uncond_hidden_states=uncond, guidance_scale=2.0, num_inference_steps=4, key_steps=[0, 2],
+              deep_cache_branch=record["deep_branch"], prior_noise=prior, parallel=False)
+    ours = sample(pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config), noise, cond, cache_correction=correction,
+                  **kw).latents
+    theirs = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, num_inference_steps=4,
+                  guidance_scale=2.0, output_type="latent").images
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    uncorrected = sample(pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config), noise, cond, **kw).latents
+    assert (uncorrected - ours).abs().max() > 1e-6
+    fc.disable_cache_trained(pipe)
+    with pytest.raises(ValueError, match="trained for"):
+        fc.enable_cache_trained(pipe, result.run_dir)
+        pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, num_inference_steps=5,
+             guidance_scale=2.0, output_type="latent")
+    fc.disable_cache_trained(pipe)

@@ -24,6 +24,7 @@ from diffusers import LCMScheduler
 from tqdm.auto import tqdm
 
 from fcr.core.sampler import PriorNoise, SamplerStats, build_scheduler, sample
+from fcr.core.scale_shift import CacheScaleShift
 from fcr.core.tgate import TGateSettings, tgate_sample
 from fcr.core.token_merging import TokenMergeSettings, token_merging
 
@@ -153,6 +154,7 @@ def generate(
     first_index: int = 0,
     progress: bool = False,
     desc: str = "generate",
+    cache_correction: CacheScaleShift | None = None,
 ) -> GenerationResult:
     """Sample one image per prompt (plain when ``key_steps`` is None, else encoder-cached).
 
@@ -166,7 +168,8 @@ def generate(
     its random destinations drawn from a generator seeded by ``seed`` and the batch's first index.
     ``tgate``: T-GATE (:func:`fcr.core.tgate.tgate_sample`; plain sampling with guidance only).
     ``first_index``: the index of ``prompts[0]`` in a larger set (a shard of it): image ``j`` here is
-    image ``first_index + j`` there, noise and hooks' indices included.
+    image ``first_index + j`` there, noise and hooks' indices included. ``cache_correction``: a
+    cache-aware fine-tune's scale-shift for its cached sampler (see ``sample``).
     """
     if tgate is not None and (key_steps is not None or deep_cache_branch is not None or noise_hook is not None
                               or feature_hook is not None or (prior_noise is not None and prior_noise.enabled)):
@@ -216,6 +219,7 @@ def generate(
                 prior_noise=prior_noise,
                 on_encoder=None if feature_hook is None else (lambda step, f, idx=idx: feature_hook(idx, step, f)),
                 deep_cache_branch=deep_cache_branch,
+                cache_correction=cache_correction,
                 generator=step_generators(scheduler, idx, seed),
             )
         chunks.append(model.finish(out.latents))

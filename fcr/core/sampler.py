@@ -31,6 +31,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from fcr.core.scale_shift import CacheScaleShift
 from fcr.core.unet import EncoderFeatures, decode, deep_branch, deep_forward, encode, shallow_forward
 from fcr.core.video_unet import check_latents
 
@@ -260,6 +261,7 @@ def sample(
     channel_condition: torch.Tensor | None = None,
     image_latents: torch.Tensor | None = None,
     strength: float = 1.0,
+    cache_correction: CacheScaleShift | None = None,
 ) -> SampleOutput:
     """Denoise ``noise`` (z_T, unit variance, any latent shape) with ``scheduler``.
 
@@ -283,6 +285,8 @@ def sample(
     ``image_latents``: image-to-image (depth-to-image) as diffusers runs it: only the last
     ``int(n * strength)`` steps run, from ``image_latents`` noised with ``noise`` to the first of
     them; ``key_steps`` then count from that first step run.
+    ``cache_correction``: Block Caching's learned scale-shift (:mod:`fcr.core.scale_shift`) applied to
+    the reused tensors at every cached step; it must belong to this sampler (steps, cache kind).
     """
     steps_run = num_inference_steps
     if image_latents is not None:
@@ -304,6 +308,12 @@ def sample(
     if deep_cache_branch is not None and keys is None:
         raise ValueError("deep_cache_branch needs key_steps (the steps that run the full UNet)")
     branch = None if deep_cache_branch is None else deep_branch(unet, deep_cache_branch)
+    if cache_correction is not None and (keys is None or cache_correction.deep_branch != deep_cache_branch
+                                         or cache_correction.num_inference_steps != steps_run):
+        raise ValueError(f"cache_correction belongs to {cache_correction.configuration} with "
+                         f"{cache_correction.num_inference_steps} steps; this call samples "
+                         f"{'without a cache' if keys is None else f'deep_cache_branch={deep_cache_branch}'} "
+                         f"over {steps_run} steps")
 
     check_latents(unet, noise)
     batch = noise.shape[0]
@@ -341,10 +351,15 @@ def sample(
         guided = apply_guidance(pred, guidance_scale) if do_cfg else pred
         return scheduler.step(guided, t, latents, **step_kwargs, return_dict=False)[0]
 
-    def run_decoder(features: EncoderFeatures, ts: torch.Tensor) -> list[torch.Tensor]:
-        """Decode ``features`` for each timestep in ``ts`` as one batched call."""
+    def run_decoder(features: EncoderFeatures, ts: torch.Tensor, first: int, key: int) -> list[torch.Tensor]:
+        """Decode ``features`` (of key step ``key``) for each timestep in ``ts`` (steps ``first, first
+        + 1, ...``) as one batched call."""
         k = len(ts)
-        feats = features if k == 1 else features.map(lambda x: x.repeat(k, *([1] * (x.ndim - 1))))
+        if cache_correction is not None:
+            feats = EncoderFeatures.cat([features if i == key else cache_correction.correct_features(features, i)
+                                         for i in range(first, first + k)])
+        else:
+            feats = features if k == 1 else features.map(lambda x: x.repeat(k, *([1] * (x.ndim - 1))))
         t_batch = ts.repeat_interleave(net_batch)
         ctx = context.repeat(k, *([1] * (context.ndim - 1)))
         out = decode(unet, feats, t_batch, ctx, **_repeat_kwargs(unet_kwargs, k, net_batch))
@@ -372,7 +387,8 @@ def sample(
                     pred, deep = deep_forward(unet, x, t, context, branch, **unet_kwargs)
                     stats.unet_passes += 1
                 else:
-                    pred = shallow_forward(unet, x, t, context, deep, branch, **unet_kwargs)
+                    reused = deep if cache_correction is None else cache_correction.correct_deep(deep, i)
+                    pred = shallow_forward(unet, x, t, context, reused, branch, **unet_kwargs)
                     stats.shallow_passes += 1
                 latents = scheduler_step(pred, t, latents)
                 if bar is not None:
@@ -392,12 +408,12 @@ def sample(
                 if on_encoder is not None:
                     on_encoder(start, features)
                 if parallel:
-                    preds = run_decoder(features, timesteps[start:stop])
+                    preds = run_decoder(features, timesteps[start:stop], start, start)
                 for offset, i in enumerate(range(start, stop)):
                     t = timesteps[i]
                     if i != start:
                         net_input(latents, t)  # scheduler state only; the decoder never sees this latent
-                    pred = preds[offset] if parallel else run_decoder(features, timesteps[i : i + 1])[0]
+                    pred = preds[offset] if parallel else run_decoder(features, timesteps[i : i + 1], i, start)[0]
                     latents = scheduler_step(pred, t, latents)
                     if bar is not None:
                         bar.update(1)

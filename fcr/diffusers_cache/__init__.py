@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from fcr.core.sampler import PriorNoise
+from fcr.core.scale_shift import SCALE_SHIFT_FILE, load_scale_shift
 from fcr.core.sampler import key_steps as resolve_key_steps
 from fcr.diffusers_cache.controller import _ATTR, _MATCHING_FIELDS, CacheSettings, CacheStats, EncoderCache, _check_unet
 
@@ -115,10 +116,17 @@ def enable_encoder_cache(
     late scheduler steps. Enabling again replaces the previous settings; after replacing
     ``pipe.unet`` by hand (rather than with :func:`load_fcr_unet`), enable again.
     """
-    settings = _settings(stride, key_steps, parallel, prior_noise)
+    return _enable(pipe, _settings(stride, key_steps, parallel, prior_noise))
+
+
+def _enable(pipe: Any, settings: CacheSettings) -> Any:
     if not hasattr(pipe, "unet") or not hasattr(pipe, "scheduler"):
         raise ValueError(f"expected a diffusers pipeline with .unet and .scheduler; got {type(pipe).__name__}")
     _check_unet_or_own(pipe)
+    if settings.deep_branch is not None:
+        from fcr.core.unet import deep_branch
+
+        deep_branch(pipe.unet, settings.deep_branch)  # ValueError for a branch the UNet does not have
     if settings.prior_noise.enabled and "sample" not in inspect.signature(pipe.scheduler.step).parameters:
         raise ValueError(f"prior noise injection needs a scheduler.step with a 'sample' argument; "
                          f"{type(pipe.scheduler).__name__}.step has none")
@@ -217,8 +225,10 @@ _DEEPCACHE_ATTR = "_fcr_deepcache_helper"
 def enable_cache_trained(pipe: Any, folder: str | Path) -> dict[str, Any]:
     """Load a cache-aware fine-tune (:mod:`fcr.train.cache_aware`) into ``pipe`` and switch on the cached
     sampler it was trained for: encoder caching (FD-N, with its prior noise) or DeepCache-N-bB through
-    the DeepCache package's ``DeepCacheSDHelper``. Returns the run's record: sample with its
-    ``num_inference_steps`` and ``guidance_scale`` and a DDIM ``pipe.scheduler``, as it was trained::
+    the DeepCache package's ``DeepCacheSDHelper``; a ``scale_shift`` fine-tune's correction
+    (``unet/cache_scale_shift.safetensors``) is applied by fcr's own controller, DeepCache included.
+    Returns the run's record: sample with its ``num_inference_steps`` and ``guidance_scale`` and a
+    DDIM ``pipe.scheduler``, as it was trained::
 
         record = fc.enable_cache_trained(pipe, "outputs/my_cache_aware_run")
         images = pipe(prompt, num_inference_steps=record["num_inference_steps"],
@@ -235,7 +245,12 @@ def enable_cache_trained(pipe: Any, folder: str | Path) -> dict[str, Any]:
     record = json.loads(record_file.read_text())
     disable_cache_trained(pipe)
     load_fcr_unet(pipe, folder, subfolder="unet")
-    if record["deep_branch"] is None:
+    correction_file = Path(folder).expanduser() / "unet" / SCALE_SHIFT_FILE
+    if correction_file.is_file():
+        correction = load_scale_shift(correction_file).to(pipe.unet.device)
+        prior = PriorNoise(**record["prior_noise"]) if record["deep_branch"] is None else PriorNoise(enabled=False)
+        _enable(pipe, CacheSettings("uniform", int(record["interval"]), False, prior, record["deep_branch"], correction))
+    elif record["deep_branch"] is None:
         enable_encoder_cache(pipe, stride=record["interval"], prior_noise=PriorNoise(**record["prior_noise"]))
     else:
         from DeepCache import DeepCacheSDHelper

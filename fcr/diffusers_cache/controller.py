@@ -1,5 +1,8 @@
 """The encoder cache's controller: follows a diffusers pipeline's step loop, runs the encoder at key
-steps and only the decoder between them (the public API is :mod:`fcr.diffusers_cache`)."""
+steps and only the decoder between them (the public API is :mod:`fcr.diffusers_cache`). With a
+``deep_branch`` it runs DeepCache instead (the full UNet at key steps, keeping the deep hidden state,
+only the shallow path between them), and a ``correction`` (:mod:`fcr.core.scale_shift`) corrects
+what a cached step reuses, as :func:`fcr.core.sampler.sample` does."""
 
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from fcr.core.sampler import PriorNoise, repeat_per_sample
 from fcr.core.sampler import key_steps as resolve_key_steps
-from fcr.core.unet import EncoderFeatures, UnsupportedUNetError, check_supported, decode, encode
+from fcr.core.unet import (EncoderFeatures, UnsupportedUNetError, check_supported, decode, deep_branch, deep_forward,
+                           encode, shallow_forward)
 
 __all__ = ["CacheSettings", "CacheStats", "EncoderCache"]
 
@@ -33,6 +37,8 @@ class CacheSettings:
     stride: int
     parallel: bool
     prior_noise: PriorNoise
+    deep_branch: int | None = None  # DeepCache's cache_branch_id instead of encoder caching
+    correction: Any = None  # a CacheScaleShift trained for this sampler (fcr.core.scale_shift)
 
     def key_steps(self, num_steps: int) -> list[int]:
         """Key-step indices for a call with ``num_steps`` scheduler timesteps."""
@@ -59,7 +65,7 @@ class _Run:
     keys: frozenset[int]
     stats: CacheStats
     next_index: int = 0
-    features: EncoderFeatures | None = None
+    features: EncoderFeatures | torch.Tensor | None = None  # DeepCache: the deep hidden state
     context: tuple[torch.Tensor, dict[str, Any]] | None = None  # conditioning used at the key step
     predictions: dict[int, torch.Tensor] = field(default_factory=dict)  # parallel decoding
     initial_noise: torch.Tensor | None = None  # z_T, for prior noise injection
@@ -199,6 +205,10 @@ class EncoderCache:
         return self.run
 
     def start(self, timesteps: torch.Tensor) -> None:
+        correction = self.settings.correction
+        if correction is not None and correction.num_inference_steps != len(timesteps):
+            raise ValueError(f"the scale-shift was trained for {correction.configuration} with "
+                             f"{correction.num_inference_steps} steps; this call runs {len(timesteps)}")
         keys = self.settings.key_steps(len(timesteps))
         self.run = _Run(timesteps, frozenset(keys), CacheStats(len(timesteps), keys))
         self.last_stats = self.run.stats
@@ -255,9 +265,13 @@ class EncoderCache:
             prediction = self.key_step(unet, run, i, sample, timestep, context, kwargs)
         else:
             prediction = run.predictions.pop(i, None)
-            if prediction is None or not _same(run.context, (context, kwargs)):
+            if self.settings.deep_branch is not None:
+                branch = deep_branch(unet, self.settings.deep_branch)
+                prediction = shallow_forward(unet, sample, timestep, context, self.reused(run.features, i), branch,
+                                             **kwargs)
+            elif prediction is None or not _same(run.context, (context, kwargs)):
                 # Sequential decoding, or the conditioning changed since the key step (a callback).
-                prediction = self.decode(unet, run, run.features, timestep, context, kwargs)
+                prediction = self.decode(unet, run, self.reused(run.features, i), timestep, context, kwargs)
         run.next_index = i + 1
         if run.next_index == len(run.timesteps):  # last step: free the features
             run.features, run.context, run.predictions = None, None, {}
@@ -275,6 +289,12 @@ class EncoderCache:
         context: torch.Tensor,
         kwargs: dict[str, Any],
     ) -> torch.Tensor:
+        if self.settings.deep_branch is not None:
+            prediction, deep = deep_forward(unet, sample, timestep, context,
+                                            deep_branch(unet, self.settings.deep_branch), **kwargs)
+            run.stats.encoder_steps.append(i)
+            run.features, run.context, run.predictions = deep, (context, kwargs), {}
+            return prediction
         features = encode(unet, sample, timestep, context, **kwargs)
         run.stats.encoder_steps.append(i)
         run.features, run.context, run.predictions = features, (context, kwargs), {}
@@ -285,7 +305,10 @@ class EncoderCache:
         # of steps i..stop-1 run as one batched call (as fcr.core.sampler.sample(parallel=True) does).
         k, batch = stop - i, sample.shape[0]
         ts = run.timesteps[i:stop].to(sample.device)
-        repeated = features.map(lambda x: x.repeat(k, *([1] * (x.ndim - 1))))
+        if self.settings.correction is None:
+            repeated = features.map(lambda x: x.repeat(k, *([1] * (x.ndim - 1))))
+        else:
+            repeated = EncoderFeatures.cat([features] + [self.reused(features, j) for j in range(i + 1, stop)])
         batched_kwargs = {name: repeat_per_sample(value, k, batch) for name, value in kwargs.items()}
         out = self.decode(
             unet, run, repeated, ts.repeat_interleave(batch), repeat_per_sample(context, k, batch), batched_kwargs
@@ -293,6 +316,16 @@ class EncoderCache:
         predictions = out.chunk(k)
         run.predictions = {i + j: p for j, p in enumerate(predictions) if j > 0}
         return predictions[0]
+
+    def reused(self, cached: Any, step: int) -> Any:
+        """What a cached step ``step`` reads: the kept features or deep state, corrected when a
+        scale-shift was given."""
+        correction = self.settings.correction
+        if correction is None:
+            return cached
+        if self.settings.deep_branch is not None:
+            return correction.correct_deep(cached, step)
+        return correction.correct_features(cached, step)
 
     def decode(
         self,

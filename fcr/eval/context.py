@@ -32,6 +32,7 @@ from fcr.backends.models import (
 )
 from fcr.core.configurations import SamplingConfig
 from fcr.core.sampler import PriorNoise
+from fcr.core.scale_shift import SCALE_SHIFT_FILE, CacheScaleShift, load_scale_shift
 from fcr.eval.results import weights_fingerprint
 from fcr.eval.scoring import EmbeddedScorer, SDScorer, reference_features
 from fcr.options import Options
@@ -142,6 +143,14 @@ class LoadedModel:
     weights: str
     architecture: str
     meta: dict[str, Any] = field(default_factory=dict)
+    # A scale_shift cache-aware fine-tune's correction (fcr.core.scale_shift), used by the one
+    # configuration it was trained for; None for every other model.
+    cache_correction: CacheScaleShift | None = None
+
+    def correction_for(self, config: SamplingConfig) -> CacheScaleShift | None:
+        """The correction that applies to ``config`` (None when it was trained for another one)."""
+        c = self.cache_correction
+        return c if c is not None and c.applies_to(config.name, config.num_inference_steps) else None
 
 
 @dataclass
@@ -204,6 +213,7 @@ class RunContext:
             key_steps=config.key_steps, parallel=s.parallel, prior_noise=s.prior_for(config),
             batch_size=s.batch_size, image_size=image_size, noise_hook=noise_hook, scheduler_hook=hook,
             deep_cache_branch=config.deep_branch, token_merge=config.token_merge_settings(), tgate=config.tgate_settings(), first_index=first_index, progress=progress, desc=desc,
+            cache_correction=loaded.correction_for(config),
         )
 
     def images(self, loaded: LoadedModel, latents: torch.Tensor) -> Any:
@@ -231,6 +241,17 @@ def eval_prompts(opts: Options, n: int, seed: int, templates: str = "train") -> 
     return embedded_prompt_set(opts.data.data_dir, n, seed, templates=templates)
 
 
+def _correction_of(source: str, device: torch.device) -> CacheScaleShift | None:
+    """The scale-shift saved in a UNet folder (or a run folder's ``unet/``), if any. Its file is one
+    of the folder's ``*.safetensors``, so it enters the weights' fingerprint."""
+    try:
+        unet_dir = resolve_unet_dir(source)
+    except ModelNotFoundError:
+        return None
+    path = unet_dir / SCALE_SHIFT_FILE
+    return load_scale_shift(path).to(device) if path.is_file() else None
+
+
 def load_models(
     opts: Options,
     models: Mapping[str, str],
@@ -251,7 +272,7 @@ def load_models(
                                        variant=opts.backbone.variant or None)
             # Cost depends on the architecture only: every SD model of a run shares the name "sd".
             loaded[label] = LoadedModel(label, str(source), parts, {}, sd_weights_id(str(source), opts), "sd",
-                                        model_meta(str(source)))
+                                        model_meta(str(source)), _correction_of(str(source), device))
             check(loaded[label])
         return loaded
     from fcr.backends.embedded.model import EmbeddedModel
@@ -264,7 +285,7 @@ def load_models(
         loaded[label] = LoadedModel(
             label, str(models[label]), EmbeddedModel(unet, noise_scheduler, device),
             schedule, weights_fingerprint(folder), architecture_name(unet),
-            model_meta(str(models[label])),
+            model_meta(str(models[label])), _correction_of(str(folder), device),
         )
         check(loaded[label])
     return loaded

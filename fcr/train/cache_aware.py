@@ -19,8 +19,10 @@ cached sampler actually reaches (on-policy, as HarmoniCa and Learning-to-Cache t
   final image's scale (``step_weighted`` is its first-order, one-step version).
 
 Trainable parts (:func:`trainable_parameters`): everything, the layers a cached step recomputes
-(``uncached``: DeepCache's shallow path, FD's decoder), or LoRA adapters (peft, merged at the end).
-Sampling cost is untouched: the trained model runs the same cached sampler, same passes, same FLOPs.
+(``uncached``: DeepCache's shallow path, FD's decoder), LoRA adapters (peft, merged at the end), or
+Block Caching's scale-shift of the reused tensors (``scale_shift``, :mod:`fcr.core.scale_shift`; the
+UNet frozen, the correction saved beside its weights). Sampling cost is untouched: the trained model
+runs the same cached sampler, same passes, same FLOPs (the scale-shift adds elementwise work only).
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ from fcr.core import unet as fcr_unet
 from fcr.core.grid_ddim import landing_scales, predicted_x0_eps
 from fcr.core.loss import FCRConfig
 from fcr.core.sampler import PriorNoise, apply_guidance, key_steps, sample
+from fcr.core.scale_shift import SCALE_SHIFT_FILE, CacheScaleShift
 from fcr.train.teacher import TeacherStudent
 
-__all__ = ["CACHE_LOSSES", "CacheAwareObjective", "CacheTarget", "cache_objective", "cache_target", "finish_cache_training",
-           "trainable_parameters", "training_flops_per_example", "uncached_parameter_names"]
+__all__ = ["CACHE_LOSSES", "SCALE_SHIFT_ATTR", "CacheAwareObjective", "CacheTarget", "cache_objective", "cache_target", "finish_cache_training",
+           "scale_shift_of", "trainable_parameters", "training_flops_per_example", "uncached_parameter_names"]
 
 CACHE_LOSSES = ("step", "step_weighted", "trajectory")
 
@@ -80,13 +83,31 @@ class CacheTarget:
         return {**out, "configuration": self.name}
 
 
+# Where a scale_shift fine-tune keeps its correction during training: a submodule of the student, so
+# the training loop's optimizer, checkpoints and resume carry it with no change.
+SCALE_SHIFT_ATTR = "cache_scale_shift"
+
+
+def scale_shift_of(unet: Any) -> CacheScaleShift | None:
+    """The correction a ``scale_shift`` fine-tune trains (None for the other trainable parts)."""
+    return getattr(unet, SCALE_SHIFT_ATTR, None)
+
+
 def _cached_prediction(unet: Any, target: CacheTarget, z_key: torch.Tensor, t_key: torch.Tensor, z: torch.Tensor,
-                       t: torch.Tensor, context: torch.Tensor, branch: Any) -> torch.Tensor:
+                       t: torch.Tensor, context: torch.Tensor, branch: Any, step: torch.Tensor | None = None,
+                       cached: torch.Tensor | None = None) -> torch.Tensor:
     """The cached sampler's network output at ``(z, t)`` with the cache filled at ``(z_key, t_key)``
-    (per-sample timesteps; ``t == t_key`` gives the full pass). Encoder caching never reads ``z``."""
+    (per-sample timesteps; ``t == t_key`` gives the full pass). Encoder caching never reads ``z``.
+    ``step``/``cached``: per-sample step index and whether it reads the cache, for the scale-shift."""
+    correction = scale_shift_of(unet)
     if target.deep_branch is None:
-        return fcr_unet.decode(unet, fcr_unet.encode(unet, z_key, t_key, context), t, context)
+        features = fcr_unet.encode(unet, z_key, t_key, context)
+        if correction is not None:
+            features = correction.correct_features(features, step, cached)
+        return fcr_unet.decode(unet, features, t, context)
     deep = fcr_unet.deep_hidden(unet, z_key, t_key, context, branch)
+    if correction is not None:
+        deep = correction.correct_deep(deep, step, cached)
     return fcr_unet.shallow_forward(unet, z, t, context, deep, branch)
 
 
@@ -121,8 +142,9 @@ def uncached_parameter_names(unet: Any, target: CacheTarget) -> set[str]:
 
 def trainable_parameters(unet: Any, target: CacheTarget, trainable: str, lora_rank: int = 8) -> int:
     """Set which of ``unet``'s weights train: ``all``, ``uncached`` (:func:`uncached_parameter_names`)
-    or ``lora`` (rank ``lora_rank`` adapters, :func:`fcr.train.consistency.add_lora`). Returns how many
-    parameters train."""
+    ``lora`` (rank ``lora_rank`` adapters, :func:`fcr.train.consistency.add_lora`) or ``scale_shift``
+    (a :class:`CacheScaleShift` attached as ``unet.cache_scale_shift``, the UNet frozen). Returns how
+    many parameters train."""
     if trainable == "all":
         unet.requires_grad_(True)
     elif trainable == "uncached":
@@ -133,8 +155,14 @@ def trainable_parameters(unet: Any, target: CacheTarget, trainable: str, lora_ra
         from fcr.train.consistency import add_lora
 
         add_lora(unet, lora_rank)
+    elif trainable == "scale_shift":
+        unet.requires_grad_(False)
+        if scale_shift_of(unet) is None:
+            unet.add_module(SCALE_SHIFT_ATTR, CacheScaleShift.for_unet(unet, target.name, target.num_inference_steps,
+                                                                       target.deep_branch))
+        scale_shift_of(unet).requires_grad_(True)
     else:
-        raise ValueError(f"unknown trainable part {trainable!r}; allowed: all, uncached, lora")
+        raise ValueError(f"unknown trainable part {trainable!r}; allowed: all, uncached, lora, scale_shift")
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
 
@@ -174,18 +202,19 @@ class CacheAwareObjective(TeacherStudent):
         sample(self.unet, self.scheduler, noise, states, uncond_hidden_states=self.uncond_states.to(states.dtype),
                guidance_scale=t.guidance_scale, num_inference_steps=t.num_inference_steps, key_steps=t.key_steps,
                parallel=False, prior_noise=t.prior_noise, deep_cache_branch=t.deep_branch,
-               on_latents=lambda i, z: path.append(z.detach()))
+               cache_correction=scale_shift_of(self.unet), on_latents=lambda i, z: path.append(z.detach()))
         return torch.stack(path)
 
     def student_cached(self, z_key: torch.Tensor, t_key: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
-                       states: torch.Tensor) -> torch.Tensor:
-        """The student's guided cached prediction (with gradient)."""
+                       states: torch.Tensor, step: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+        """The student's guided cached prediction (with gradient); ``step``: each sample's step
+        index, ``cached``: whether it reads the cache (False at its key step)."""
         g = self.target.guidance_scale
         if g <= 1:
-            return _cached_prediction(self.unet, self.target, z_key, t_key, z, t, states, self.branch)
+            return _cached_prediction(self.unet, self.target, z_key, t_key, z, t, states, self.branch, step, cached)
         two = lambda x: torch.cat([x, x])  # noqa: E731
         out = _cached_prediction(self.unet, self.target, two(z_key), two(t_key), two(z), two(t),
-                                 self.guided_context(states, g), self.branch)
+                                 self.guided_context(states, g), self.branch, two(step), two(cached))
         return apply_guidance(out, g)
 
     def _eps(self, pred: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -214,7 +243,7 @@ class CacheAwareObjective(TeacherStudent):
         t_j, t_k = self.timesteps[j], self.timesteps[k]
         with torch.no_grad():
             target = self._eps(self.teacher_output(z_j, t_j, cond, self.target.guidance_scale), z_j, self.alpha_t[j])
-        pred = self._eps(self.student_cached(z_k, t_k, z_j, t_j, cond), z_j, self.alpha_t[j])
+        pred = self._eps(self.student_cached(z_k, t_k, z_j, t_j, cond, j, j != k), z_j, self.alpha_t[j])
         per_sample = (pred - target).pow(2).flatten(1).mean(1)
         if self.loss == "step_weighted":
             per_sample = per_sample * self.step_weight[j]
@@ -244,8 +273,10 @@ class CacheAwareObjective(TeacherStudent):
         for i in range(start, stop):
             t = self.timesteps[i].expand(batch)
             if i in keys:
-                z_key, t_key = z_student, t
-            pred = checkpoint(self.student_cached, z_key, t_key, z_student, t, states, use_reentrant=False)
+                z_key, t_key, key = z_student, t, i
+            step = torch.full((batch,), i, device=t.device)
+            pred = checkpoint(self.student_cached, z_key, t_key, z_student, t, states, step, step != key,
+                              use_reentrant=False)
             z_student = self._ddim_step(pred, z_student, i, noise)
             with torch.no_grad():
                 z_teacher = self._ddim_step(self.teacher_output(z_teacher, t, states, g), z_teacher, i, noise)
@@ -316,9 +347,15 @@ def cache_objective(opts: Any, setup: Any) -> tuple[CacheAwareObjective, dict[st
 
 
 def finish_cache_training(unet: Any, folder: Path, record: dict[str, Any]) -> None:
-    """After training: LoRA adapters folded into ``unet/`` (a plain UNet folder), the record written."""
+    """After training: LoRA adapters folded into ``unet/`` (a plain UNet folder), or the scale-shift
+    taken off the UNet (saved again without it) into ``unet/cache_scale_shift.safetensors``; the
+    record written."""
     if record["trainable"] == "lora":
         from fcr.train.consistency import merge_lora
 
         merge_lora(unet).save_pretrained(Path(folder) / "unet", safe_serialization=True)
+    elif record["trainable"] == "scale_shift":
+        correction = unet._modules.pop(SCALE_SHIFT_ATTR)
+        unet.save_pretrained(Path(folder) / "unet", safe_serialization=True)
+        correction.save(Path(folder) / "unet" / SCALE_SHIFT_FILE)
     (Path(folder) / CACHE_TRAINING_FILE).write_text(json.dumps(record, indent=2))
