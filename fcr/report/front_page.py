@@ -86,7 +86,7 @@ def _criteria(verdict: pd.DataFrame) -> str:
     shown = []
     for _, row in verdict.iterrows():
         crit, kind, scope = str(row["criterion"]), str(row["kind"]), str(row["scope"])
-        label, measured = crit, str(row["measured"])
+        label, measured = crit, "n/a" if pd.isna(row["measured"]) else str(row["measured"])
         if crit == C_NAME:
             label = "c. robustness (the seed's definition: FCR's drop under each stress ≤ the original's)"
             if kind not in ("criterion", "part"):
