@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -24,9 +24,11 @@ from diffusers import LCMScheduler
 from tqdm.auto import tqdm
 
 from fcr.core.sampler import PriorNoise, SamplerStats, build_scheduler, sample
-from fcr.core.scale_shift import CacheScaleShift
 from fcr.core.tgate import TGateSettings, tgate_sample
 from fcr.core.token_merging import TokenMergeSettings, token_merging
+
+if TYPE_CHECKING:  # passed through to the sampler
+    from fcr.core.scale_shift import CacheScaleShift
 
 __all__ = [
     "step_generators",

@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from numbers import Integral
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import (
@@ -31,9 +31,11 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from fcr.core.scale_shift import CacheScaleShift
 from fcr.core.unet import EncoderFeatures, decode, deep_branch, deep_forward, encode, shallow_forward
 from fcr.core.video_unet import check_latents
+
+if TYPE_CHECKING:  # only a type here: the sampler calls its methods
+    from fcr.core.scale_shift import CacheScaleShift
 
 __all__ = [
     "FD_50LS",
