@@ -44,6 +44,12 @@ def test_an_arm_is_its_replicates_mean_against_the_original_at_the_same_configur
     assert again.loc[0, "n"] == 8  # seeds read from the table
     with pytest.raises(ValueError, match="no replicate"):
         same_configuration_contrasts(tmp_path, {"x": ("FD-10", [])}, "base", [0, 1])
+    # A scale-shift arm added later is its own Holm family: the pre-registered one keeps its m.
+    split = same_configuration_contrasts(tmp_path, {"dc10": ("DeepCache-10-b0", ["ca", "ca_seed1"]),
+                                                    "fd10": ("FD-10", ["fd"])}, "base", [0, 1],
+                                         families={"dc10": "scale_shift", "fd10": "all"}).set_index("arm")
+    assert split.loc["dc10", "m"] == 1 and split.loc["fd10", "m"] == 1 and split.loc["dc10", "family"] == "scale_shift"
+    assert split.loc["dc10", "p_holm"] == pytest.approx(split.loc["dc10", "p"])
 
 
 def test_arms_group_replicates_by_their_seed_suffix() -> None:
@@ -54,3 +60,8 @@ def test_arms_group_replicates_by_their_seed_suffix() -> None:
     assert arms == {"ca_dc10": ("DeepCache-10-b0", ["ca_dc10", "ca_dc10_seed1"]), "ca_fd10": ("FD-10", ["ca_fd10"])}
     with pytest.raises(ValueError, match="trained for FD-10"):
         cache_aware_arms({"a": dc, "a_seed1": {"configuration": "FD-10"}})
+    from fcr.analysis.cache_aware import arm_families
+
+    shift = {"configuration": "DeepCache-10-b0", "trainable": "scale_shift"}
+    assert arm_families({"base": None, "ca_dc10": dc, "ca_ss": shift, "ca_ss_seed1": shift}) == {
+        "ca_dc10": "all", "ca_ss": "scale_shift"}

@@ -322,11 +322,13 @@ def test_study_profile_plans_the_replicated_fine_tunes_and_its_sweeps(tmp_path: 
     assert all(p["max_train_steps"] == 150 and p.get("validate_every", 0) == 0 for p in exp2.values())
     # Issue #33's cache-aware arms, three training seeds each, after exp-1 and exp-2.
     exp3 = {t.name.split("fine-tune ")[1]: t.merged() for t in tasks if t.name.startswith("exp-3-cache-aware: fine-tune")}
-    assert fine_tunes[54:] == list(exp3) and len(exp3) == 9
-    assert {(p["cache_mode"], p["cache_interval"], p.get("seed", 0)) for p in exp3.values()} == {
-        (mode, interval, seed) for mode, interval in (("deepcache", 10), ("deepcache", 5), ("encoder", 10))
+    assert fine_tunes[54:] == list(exp3) and len(exp3) == 12
+    assert {(p["cache_mode"], p["cache_interval"], p["cache_trainable"], p.get("seed", 0)) for p in exp3.values()} == {
+        (mode, interval, part, seed) for mode, interval, part in (("deepcache", 10, "all"), ("deepcache", 5, "all"),
+                                                                   ("encoder", 10, "all"), ("deepcache", 10, "scale_shift"))
         for seed in (0, 1, 2)}
-    assert all(p["train_objective"] == "cache_aware" and p["learning_rate"] == 1e-5 for p in exp3.values())
+    assert all(p["train_objective"] == "cache_aware" and p["learning_rate"] == (1e-3 if p["cache_trainable"] == "scale_shift"
+                                                                                else 1e-5) for p in exp3.values())
     grid_params = {t.name.split("fine-tune ")[1]: t.merged() for t in tasks if "fine-tune grid_" in t.name}
     assert {p["seed"] for p in grid_params.values()} == {0, 1, 2}
     assert all(p["validate_every"] == 25 and p["max_train_steps"] == 150 for p in grid_params.values())

@@ -19,7 +19,7 @@ import pandas as pd
 from fcr.analysis.paired import load_fidelity, per_image_table
 from fcr.stats import decide_family, paired_difference
 
-__all__ = ["ORIGINAL_FULL", "OWN_FULL", "cache_aware_arms", "same_configuration_contrasts"]
+__all__ = ["ORIGINAL_FULL", "OWN_FULL", "arm_families", "cache_aware_arms", "same_configuration_contrasts"]
 
 ORIGINAL_FULL = "original_full"  # a trained model's images against the original's full sampling
 OWN_FULL = "own_full"  # the original's images against its own full sampling
@@ -40,6 +40,13 @@ def cache_aware_arms(records: Mapping[str, dict | None]) -> dict[str, tuple[str,
     return arms
 
 
+def arm_families(records: Mapping[str, dict | None]) -> dict[str, str]:
+    """The Holm family of each arm: its trainable part (``all`` weights were the pre-registered
+    family of the study; a ``scale_shift`` arm, added after it, is a family of its own)."""
+    return {re.sub(r"_seed\d+$", "", label): str(record.get("trainable", "all"))
+            for label, record in records.items() if record is not None}
+
+
 def _per_image(sweep_dir: Path, model: str, config: str, reference: str, seeds: Sequence[int], endpoint: str) -> np.ndarray:
     return np.concatenate([load_fidelity(sweep_dir, model, config, int(s), reference)[endpoint].double().numpy()
                            for s in seeds])
@@ -47,12 +54,13 @@ def _per_image(sweep_dir: Path, model: str, config: str, reference: str, seeds: 
 
 def same_configuration_contrasts(sweep_dir: str | Path, arms: Mapping[str, tuple[str, Sequence[str]]], original: str,
                                  seeds: Sequence[int] | None = None, *, endpoint: str = "psnr", alpha: float = 0.05,
-                                 power: float = 0.8) -> pd.DataFrame:
+                                 power: float = 0.8, families: Mapping[str, str] | None = None) -> pd.DataFrame:
     """One row per arm (``{arm: (configuration, [replicate model labels])}``): ``estimate`` (mean over
     images of the replicates' mean endpoint minus the original's, same configuration), its 95 % t
     interval, ``p`` and ``p_holm`` (family of every arm, ``m`` tests), ``sd_diff``, ``mde`` (at
     ``alpha / m``, ``power``) and ``verdict``: better / worse / not detectable at n = ... . ``seeds``
-    None: every seed the original sampled the configuration with."""
+    None: every seed the original sampled the configuration with. ``families`` ({arm: name},
+    :func:`arm_families`): Holm within each named family (column ``family``); None: one family."""
     sweep_dir = Path(sweep_dir)
     rows = []
     for arm, (config, replicates) in arms.items():
@@ -69,5 +77,6 @@ def same_configuration_contrasts(sweep_dir: str | Path, arms: Mapping[str, tuple
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    table = decide_family(table, alpha, power)
-    return table
+    table.insert(0, "family", [(families or {}).get(arm, "all") for arm in table["arm"]])
+    return pd.concat([decide_family(group, alpha, power) for _, group in table.groupby("family", sort=False)],
+                     ignore_index=True)
