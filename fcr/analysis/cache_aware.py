@@ -25,6 +25,10 @@ ORIGINAL_FULL = "original_full"  # a trained model's images against the original
 OWN_FULL = "own_full"  # the original's images against its own full sampling
 
 
+def _arm_of(label: str) -> str:
+    return re.sub(r"_seed\d+$", "", label)  # replicates differ only by their training seed's suffix
+
+
 def cache_aware_arms(records: Mapping[str, dict | None]) -> dict[str, tuple[str, list[str]]]:
     """The arms among models ``{label: cache-training record or None}``: runs trained for the same
     configuration whose labels differ only by a ``_seed<k>`` suffix are one arm's replicates."""
@@ -32,7 +36,7 @@ def cache_aware_arms(records: Mapping[str, dict | None]) -> dict[str, tuple[str,
     for label, record in records.items():
         if record is None:
             continue
-        arm = re.sub(r"_seed\d+$", "", label)
+        arm = _arm_of(label)
         config, replicates = arms.setdefault(arm, (record["configuration"], []))
         if config != record["configuration"]:
             raise ValueError(f"{label} was trained for {record['configuration']}, its arm {arm!r} for {config}")
@@ -43,7 +47,7 @@ def cache_aware_arms(records: Mapping[str, dict | None]) -> dict[str, tuple[str,
 def arm_families(records: Mapping[str, dict | None]) -> dict[str, str]:
     """The Holm family of each arm: its trainable part (``all`` weights were the pre-registered
     family of the study; a ``scale_shift`` arm, added after it, is a family of its own)."""
-    return {re.sub(r"_seed\d+$", "", label): str(record.get("trainable", "all"))
+    return {_arm_of(label): str(record.get("trainable", "all"))
             for label, record in records.items() if record is not None}
 
 

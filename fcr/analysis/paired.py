@@ -101,5 +101,3 @@ def load_fidelity(out_dir: str | Path, model: str, config: str, seed: int, refer
 def forget_tables() -> None:
     """Drop the cached per-image tables (after a writer replaced one)."""
     _TABLES.clear()
-
-

@@ -37,12 +37,8 @@ def cached_channels(unet: Any, deep_branch: int | None) -> list[int]:
     """Channels of every tensor a cached step reuses: the deep hidden state at ``deep_branch``
     (DeepCache), or the encoder features in :meth:`EncoderFeatures.tensors` order (``None``: encoder
     caching). Found from one forward pass on a tiny input."""
-    cfg = unet.config
-    side = 2 ** (len(cfg.block_out_channels) - 1)
-    param = next(unet.parameters())
-    z = torch.zeros(1, cfg.in_channels, side, side).to(param)
-    ctx = torch.zeros(1, 1, cfg.cross_attention_dim).to(param)
-    t = torch.tensor([500], device=param.device)
+    z, ctx = fcr_unet.probe_inputs(unet)
+    t = torch.tensor([500], device=z.device)
     with torch.no_grad():
         if deep_branch is None:
             return [int(x.shape[1]) for x in fcr_unet.encode(unet, z, t, ctx).tensors()]

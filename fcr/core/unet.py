@@ -36,6 +36,7 @@ __all__ = [
     "deep_hidden",
     "encode",
     "feature_group_indices",
+    "probe_inputs",
     "shallow_forward",
     "FEATURE_GROUPS",
 ]
@@ -85,6 +86,15 @@ class EncoderFeatures:
         skips = tuple(torch.cat(group, dim=0) for group in zip(*(p.skips for p in parts)))
         mid = torch.cat([p.mid for p in parts], dim=0)
         return EncoderFeatures(skips, mid, parts[0].forward_upsample_size, parts[0].num_frames)
+
+
+def probe_inputs(unet: UNet2DConditionModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest latent (seeded noise) and a one-token zero context for ``unet``: for finding
+    which weights a pass touches or which shapes it makes, never for results."""
+    cfg, param = unet.config, next(unet.parameters())
+    side = 2 ** (len(cfg.block_out_channels) - 1)
+    z = torch.randn(1, cfg.in_channels, side, side, generator=torch.Generator().manual_seed(0)).to(param)
+    return z, torch.zeros(1, 1, cfg.cross_attention_dim).to(param)
 
 
 def check_supported(unet: UNet2DConditionModel) -> None:

@@ -114,12 +114,8 @@ def _cached_prediction(unet: Any, target: CacheTarget, z_key: torch.Tensor, t_ke
 def uncached_parameter_names(unet: Any, target: CacheTarget) -> set[str]:
     """Names of the parameters a cached (non-key) step computes with: found by a backward pass of one
     cached step on a tiny input with the cache detached (DeepCache: the shallow path; FD: the decoder)."""
-    cfg = unet.config
-    side = 2 ** (len(cfg.block_out_channels) - 1)
-    param = next(unet.parameters())
-    z = torch.randn(1, cfg.in_channels, side, side, generator=torch.Generator().manual_seed(0)).to(param)
-    ctx = torch.zeros(1, 1, cfg.cross_attention_dim).to(param)
-    t_key, t = torch.tensor([500], device=param.device), torch.tensor([480], device=param.device)
+    z, ctx = fcr_unet.probe_inputs(unet)
+    t_key, t = torch.tensor([500], device=z.device), torch.tensor([480], device=z.device)
     with torch.no_grad():
         if target.deep_branch is None:
             cache = fcr_unet.encode(unet, z, t_key, ctx)
