@@ -248,6 +248,7 @@ class SweepOptions:
     tome_max_downsample: int = option(1, "Token Merging merges the transformer blocks at most this far downsampled from the latent (SD: 1; the embedded UNets have attention at 4 only)", choices=(1, 2, 4, 8))
     tgate_gate_steps: tuple[int, ...] = option((), "T-GATE gate steps of full sampling ('TGATE-gG'; fcr.core.tgate with the package's sp_interval 5, fi_interval 1, warm_up 2): cross-attention cached and guidance dropped from step G on", check=_each(_at_least(1)))
     reference_lines_all_models: bool = option(False, "run FD-50ls, plain DPM++, ToMe and T-GATE for every model, not only the first (the original)")
+    adopt_cells_from: tuple[str, ...] = option((), "sweep result folders whose finished quality cells this sweep adopts where its own are missing and every parameter that shaped them is identical (others are computed; embedded setting only)")
     searched_schedules: str = option("", "a schedules.json of `python -m fcr schedules`: its chosen budgeted schedules ('Searched-<mode>-<K>k') join the sweep for every model")
     # The schedule search (python -m fcr schedules; fcr.experiments.cache_schedules), on the first sweep model.
     schedule_budgets: tuple[float, ...] = option((), "FLOP budgets (relative to full sampling) the search picks a schedule for", check=_each(_described(lambda v: None if 0.0 < v < 1.0 else "must lie in (0, 1)", "in (0, 1)")))

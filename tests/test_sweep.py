@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fcr.config import to_options
+from fcr.config import ConfigError, to_options
 from fcr.options import Options
 from fcr.core.configurations import SamplingConfig, configs_for_model, sweep_configurations
 from fcr.core.sampler import FD_50LS, sample
@@ -128,6 +128,35 @@ def test_sweep_writes_once_skips_then_refuses_stale(workspace: dict, monkeypatch
     priced = sweep.cost_table(cost, reference="FD-3", device_hour_price=3.6).set_index("config")
     # 3.6 per hour is 0.001 per second: 1,000 images cost their time per image in those units.
     assert priced["cost_per_1k_images"].to_numpy() == pytest.approx(priced["time_per_image_s"].to_numpy())
+
+
+def test_a_sweep_adopts_another_sweeps_identical_cells_and_only_those(workspace: dict, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    params = workspace["params"].with_flat(strides=[1], include_50ls=False, dpm_reference_steps=0)
+    first = tmp_path / "first"
+    quality, _, calls = _sweep(params, first, monkeypatch)
+    assert len(calls) == 1  # full only
+
+    # A later sweep with one more configuration samples only that one; `full` is copied whole.
+    second = tmp_path / "second"
+    wider = params.with_flat(strides=[1, 3], adopt_cells_from=[str(first)])
+    both, _, calls = _sweep(wider, second, monkeypatch)
+    assert calls == [(0, 3)]  # FD-3 only
+    stored = json.loads((second / "quality" / "run__full__seed0.json").read_text())
+    assert stored["adopted_from"] == str(first / "quality" / "run__full__seed0.json")
+    assert (second / "quality" / "run__full__seed0.safetensors").read_bytes() == \
+        (first / "quality" / "run__full__seed0.safetensors").read_bytes()
+    assert both.set_index("config").loc["full", "fd_fashioncnn"] == quality.set_index("config").loc["full", "fd_fashioncnn"]
+
+    # Any parameter that shapes the images (here the guidance) makes a cell its own: nothing adopted.
+    _, _, calls = _sweep(wider.with_flat(guidance_scale=3.0), tmp_path / "third", monkeypatch)
+    assert len(calls) == 2
+    # A folder that is no sweep's, or the sweep's own, fails before anything is written.
+    for bad in (tmp_path / "nowhere", tmp_path / "fourth"):
+        (tmp_path / "fourth" / "quality").mkdir(parents=True, exist_ok=True)
+        with pytest.raises(ConfigError, match="adopt_cells_from"):
+            _sweep(wider.with_flat(adopt_cells_from=[str(bad)]), tmp_path / "fourth", monkeypatch)
+    assert not list((tmp_path / "fourth" / "quality").iterdir())
 
 
 def test_missing_model_fails_before_anything_is_written(workspace: dict, tmp_path: Path, monkeypatch) -> None:

@@ -24,6 +24,7 @@ from fcr.paths import portable
 
 __all__ = [
     "StaleResultError",
+    "adopt_cell",
     "adopt_result",
     "module_fingerprint",
     "run_or_load",
@@ -88,8 +89,19 @@ def adopt_result(source: str | Path, path: str | Path, config: Mapping[str, Any]
         tmp = dst.with_name(f".{dst.name}.tmp")
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
-    write_json_atomic(path, stored)
+    write_json_atomic(path, {**stored, "adopted_from": portable(str(source))})
     return True
+
+
+def adopt_cell(sources: Iterable[Path], out_dir: Path, sub: str, stem: str, config: Mapping[str, Any]) -> Path | None:
+    """:func:`adopt_result` for a cell ``out_dir/sub/<stem>.json`` with its per-image side file
+    ``<stem>.safetensors``, from the first of ``sources`` (run folders of the same layout) that
+    finished it with exactly ``config``; the folder it came from, or None."""
+    for source in sources:
+        side = {source / sub / f"{stem}.safetensors": out_dir / sub / f"{stem}.safetensors"}
+        if adopt_result(source / sub / f"{stem}.json", out_dir / sub / f"{stem}.json", config, side):
+            return source
+    return None
 
 
 def _whole_result(path: Path, requires: Mapping[str | Path, Iterable[str]]) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ import torch
 
 from fcr.backends.generate import sampling_scheduler
 from fcr.backends.models import build_noise_scheduler
+from fcr.config import ConfigError
 from fcr.contract import model_label
 from fcr.core.configurations import (
     SamplingConfig,
@@ -45,7 +46,7 @@ from fcr.eval.profiling import (
     time_fn,
     unet_flops,
 )
-from fcr.eval.results import run_or_load, save_safetensors_atomic
+from fcr.eval.results import adopt_cell, run_or_load, save_safetensors_atomic
 from fcr.eval.scoring import FD_COLUMN
 from fcr.stats import mean_ci_over_seeds, paired_test
 from fcr.analysis.paired import load_side_file, quality_stem
@@ -356,6 +357,17 @@ def architecture_configurations(configs: Sequence[SamplingConfig], ctx: RunConte
     return list(out.values())
 
 
+def adoption_sources(folders: Sequence[str], setting: str, out_dir: Path) -> list[Path]:
+    """The sweep folders named by ``adopt_cells_from``, checked before anything is written."""
+    sources = [Path(f) for f in folders]
+    if sources and setting == "sd":  # its images live as PNG folders beside the cells
+        raise ConfigError("parameter 'adopt_cells_from': the SD setting keeps its images as PNGs; not supported")
+    for source in sources:
+        if not (source / "quality").is_dir() or source.resolve() == out_dir.resolve():
+            raise ConfigError(f"parameter 'adopt_cells_from': {source} is not another sweep's result folder")
+    return sources
+
+
 def run_sweep(
     opts: Options,
     models: Mapping[str, str],
@@ -373,6 +385,7 @@ def run_sweep(
     configs = configurations_of(opts.sampling, opts.sweep)
     # Everything that can fail does so here, before anything is generated or written.
     ctx = build_context(opts, models, out_dir, reference_n=reference_n)
+    adopt_from = adoption_sources(opts.sweep.adopt_cells_from, ctx.setting, out_dir)
     templates = "train" if ctx.setting == "embedded" else "eval_prompts"
     quality_rows = []
     seq_len = 0
@@ -396,12 +409,13 @@ def run_sweep(
                     return evaluate_quality(ctx, loaded, config, prompts, seed=seed, out_dir=out_dir, stem=stem,
                                             progress=progress)
 
+                adopted = adopt_cell(adopt_from, out_dir, "quality", stem, key)
                 result, computed = run_or_load(
                     out_dir / "quality" / f"{stem}.json", key, compute, environment_info(ctx.device),
                     requires={out_dir / "quality" / f"{stem}.safetensors": ()},  # the paired tests read it
                 )
                 if progress:
-                    print(f"quality {stem}: {'computed' if computed else 'loaded'}", flush=True)
+                    print(f"quality {stem}: {'adopted' if adopted else 'computed' if computed else 'loaded'}", flush=True)
                 quality_rows.append({**key, **result, "architecture": loaded.architecture})
 
     cost_rows = []

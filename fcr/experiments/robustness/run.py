@@ -14,7 +14,7 @@ import pandas as pd
 from fcr.config import ConfigError
 from fcr.eval.context import LoadedModel, build_context
 from fcr.eval.profiling import environment_info
-from fcr.eval.results import adopt_result, run_or_load, save_safetensors_atomic
+from fcr.eval.results import adopt_cell, run_or_load, save_safetensors_atomic
 from fcr.eval.scoring import per_kind_means
 from fcr.experiments.robustness.attack import ATTACK_STEP_FACTOR
 from fcr.experiments.robustness.prompts import OOD_FILES, SD_OOD_FILES, StressPrompts, prompt_files_digest
@@ -161,10 +161,8 @@ def run_robustness(
                         )
                         return result
 
-                    if reuse is not None:  # a finished run's identical cell (embedded: images in the side file)
-                        adopt_result(reuse / "results" / f"{stem}.json", out_dir / "results" / f"{stem}.json", key,
-                                     {reuse / "results" / f"{stem}.safetensors":
-                                      out_dir / "results" / f"{stem}.safetensors"})
+                    # A finished run's identical cell (embedded: images in the side file).
+                    adopt_cell([reuse] if reuse is not None else [], out_dir, "results", stem, key)
                     result, computed = run_or_load(
                         out_dir / "results" / f"{stem}.json", key, compute, environment_info(ctx.device),
                         requires={out_dir / "results" / f"{stem}.safetensors": ()},
