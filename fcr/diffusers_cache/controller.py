@@ -18,8 +18,8 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from fcr.core.sampler import PriorNoise, repeat_per_sample
 from fcr.core.sampler import key_steps as resolve_key_steps
-from fcr.core.unet import (EncoderFeatures, UnsupportedUNetError, check_supported, decode, deep_branch, deep_forward,
-                           encode, shallow_forward)
+from fcr.core.unet import (DeepBranch, EncoderFeatures, UnsupportedUNetError, check_supported, decode, deep_branch,
+                           deep_forward, encode, shallow_forward)
 
 __all__ = ["CacheSettings", "CacheStats", "EncoderCache"]
 
@@ -69,6 +69,7 @@ class _Run:
     context: tuple[torch.Tensor, dict[str, Any]] | None = None  # conditioning used at the key step
     predictions: dict[int, torch.Tensor] = field(default_factory=dict)  # parallel decoding
     initial_noise: torch.Tensor | None = None  # z_T, for prior noise injection
+    branch: DeepBranch | None = None  # DeepCache: resolved (and checked) once, at the first key step
 
 
 def _equal_timestep(reference: torch.Tensor, timestep: Any) -> bool:
@@ -266,8 +267,7 @@ class EncoderCache:
         else:
             prediction = run.predictions.pop(i, None)
             if self.settings.deep_branch is not None:
-                branch = deep_branch(unet, self.settings.deep_branch)
-                prediction = shallow_forward(unet, sample, timestep, context, self.reused(run.features, i), branch,
+                prediction = shallow_forward(unet, sample, timestep, context, self.reused(run.features, i), run.branch,
                                              **kwargs)
             elif prediction is None or not _same(run.context, (context, kwargs)):
                 # Sequential decoding, or the conditioning changed since the key step (a callback).
@@ -290,8 +290,9 @@ class EncoderCache:
         kwargs: dict[str, Any],
     ) -> torch.Tensor:
         if self.settings.deep_branch is not None:
-            prediction, deep = deep_forward(unet, sample, timestep, context,
-                                            deep_branch(unet, self.settings.deep_branch), **kwargs)
+            if run.branch is None:
+                run.branch = deep_branch(unet, self.settings.deep_branch)
+            prediction, deep = deep_forward(unet, sample, timestep, context, run.branch, **kwargs)
             run.stats.encoder_steps.append(i)
             run.features, run.context, run.predictions = deep, (context, kwargs), {}
             return prediction
