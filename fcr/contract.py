@@ -12,6 +12,7 @@ from pathlib import Path
 
 __all__ = [
     "CACHE_AWARE_CONTRASTS",
+    "CACHE_AWARE_FAMILY",
     "CACHE_TRAINING_FILE",
     "ATTEMPTS_RECORD",
     "ANALYSIS_NOTES",
@@ -101,6 +102,7 @@ DISTILLATION_FILE = "distillation.json"
 CACHE_TRAINING_FILE = "cache_training.json"
 # Notebook 06: cache-aware fine-tunes against the original at the configuration they were trained for.
 CACHE_AWARE_CONTRASTS = "cache_aware_contrasts.csv"
+CACHE_AWARE_FAMILY = "cache-aware: "  # prefix of its Holm families among the study's CONTRASTS rows
 ROUND_FOLDER = re.compile(r"round\d+_steps\d+")  # a distillation round: round<r>_steps<N>
 # Stride sweep (notebook 03).
 QUALITY = "quality.csv"

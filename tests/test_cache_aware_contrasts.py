@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,6 +11,8 @@ import pytest
 from fcr.analysis.cache_aware import same_configuration_contrasts
 from fcr.analysis.paired import forget_tables
 from fcr.contract import FIDELITY_PER_IMAGE
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _table(tmp_path, cells: dict[tuple[str, str, str], np.ndarray]) -> None:
@@ -38,6 +42,11 @@ def test_an_arm_is_its_replicates_mean_against_the_original_at_the_same_configur
     assert out.loc["dc10", "n"] == 8 and out.loc["dc10", "replicates"] == 2 and (out["m"] == 2).all()
     assert out.loc["dc10", "ci_lo"] < out.loc["dc10", "estimate"] < out.loc["dc10", "ci_hi"]
     assert out.loc["dc10", "verdict"] == "better" and out.loc["dc10", "p_holm"] >= out.loc["dc10", "p"]
+    # Each training run's own estimate: run 0 gains bump, run 1 bump + 0.2.
+    runs = [float(v) for v in out.loc["dc10", "run_estimates"].split("; ")]
+    assert runs == pytest.approx([bump.mean(), bump.mean() + 0.2], abs=1e-3)
+    assert out.loc["dc10", "run_sd"] == pytest.approx(np.std(runs, ddof=1))
+    assert out.loc["dc10", "original_model"] == "base" and out.loc["dc10", "endpoint"] == "psnr"
     assert out.loc["fd10", "estimate"] == pytest.approx(0.0, abs=1e-12)
     assert out.loc["fd10", "verdict"].startswith("not detectable at n = 8 (MDE ")
     again = same_configuration_contrasts(tmp_path, {"dc10": ("DeepCache-10-b0", ["ca", "ca_seed1"])}, "base")
@@ -65,3 +74,49 @@ def test_arms_group_replicates_by_their_seed_suffix() -> None:
     shift = {"configuration": "DeepCache-10-b0", "trainable": "scale_shift"}
     assert arm_families({"base": None, "ca_dc10": dc, "ca_ss": shift, "ca_ss_seed1": shift}) == {
         "ca_dc10": "all", "ca_ss": "scale_shift"}
+
+
+def test_arm_rows_join_the_study_contrasts_table_in_its_schema(tmp_path) -> None:
+    from fcr.analysis.cache_aware import study_rows
+    from fcr.manifest import backbones_of
+    from fcr.report.study import StudyTables, study_section
+
+    base = np.array([30.0, 31.0, 29.0, 30.5, 28.0, 32.0, 30.0, 29.5])
+    _table(tmp_path, {
+        ("base", "DeepCache-10-b0", "own_full"): base,
+        ("ca", "DeepCache-10-b0", "original_full"): base - np.array([1.0, 1.2, 0.8, 1.1, 0.9, 1.0, 1.3, 0.7]),
+        ("base", "FD-10", "own_full"): base,
+        ("fd", "FD-10", "original_full"): base + np.array([0.1, -0.1] * 4),
+    })
+    table = same_configuration_contrasts(tmp_path, {"dc10": ("DeepCache-10-b0", ["ca"]), "fd10": ("FD-10", ["fd"])},
+                                         "base", [0, 1], families={"dc10": "all", "fd10": "scale_shift"})
+    rows = study_rows(table, "exp-3-cache-aware").set_index("model")
+    study = pd.read_csv(REPO / "outputs" / "study" / "report" / "contrasts.csv", nrows=1)
+    assert list(rows.reset_index()[study.columns].columns) == list(study.columns)  # the study's own columns
+    assert rows.loc["dc10", "family"] == "cache-aware: all" and rows.loc["fd10", "family"] == "cache-aware: scale_shift"
+    assert rows.loc["dc10", "decision"] == "trained worse" and rows.loc["dc10", "endpoint"] == "psnr_vs_original_full"
+    assert rows.loc["fd10", "decision"].startswith("not detectable at n = 8")
+    assert (rows["vs_model"] == "base").all() and (rows["backbone"] == "base").all()
+    assert rows.loc["dc10", "lo"] == table.set_index("arm").loc["dc10", "ci_lo"]
+    assert study_rows(pd.DataFrame(), "x").empty
+    # The study section lists them beside the FCR contrasts.
+    backbones = backbones_of("embedded", REPO / "params" / "study" / "experiments.yaml")
+    text = "\n".join(study_section(backbones, StudyTables(rows.reset_index(), pd.DataFrame(), [], pd.DataFrame())))
+    assert "cache-aware dc10 vs original" in text
+
+
+def test_every_frontier_runs_arms_are_found_under_a_run_root(tmp_path) -> None:
+    from fcr.analysis.cache_aware import study_rows_under
+    from fcr.contract import CACHE_AWARE_CONTRASTS
+
+    assert study_rows_under(tmp_path).empty
+    row = {"family": "all", "arm": "ca_dc10", "config": "DeepCache-10-b0", "endpoint": "psnr", "replicates": 3,
+           "original_model": "base", "original": 27.0, "trained": 27.5, "n": 384, "estimate": 0.5, "ci_lo": 0.2,
+           "ci_hi": 0.8, "p": 0.001, "sd_diff": 1.0, "run_estimates": "0.4; 0.5; 0.6", "run_sd": 0.1, "m": 3,
+           "p_holm": 0.003, "mde": 0.17, "verdict": "better"}
+    folder = tmp_path / "exp-3-cache-aware" / "frontier" / "cache_aware"
+    folder.mkdir(parents=True)
+    pd.DataFrame([row]).to_csv(folder / CACHE_AWARE_CONTRASTS, index=False)
+    found = study_rows_under(tmp_path)
+    assert len(found) == 1 and found.loc[0, "experiment"] == "exp-3-cache-aware"
+    assert found.loc[0, "decision"] == "trained better" and found.loc[0, "n_runs"] == 3

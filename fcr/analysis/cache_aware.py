@@ -17,12 +17,16 @@ import numpy as np
 import pandas as pd
 
 from fcr.analysis.paired import load_fidelity, per_image_table
+from fcr.analysis.rows import LAYOUT
+from fcr.contract import CACHE_AWARE_CONTRASTS, CACHE_AWARE_FAMILY
 from fcr.stats import decide_family, paired_difference
 
-__all__ = ["ORIGINAL_FULL", "OWN_FULL", "arm_families", "cache_aware_arms", "same_configuration_contrasts"]
+__all__ = ["ENDPOINT_SUFFIX", "ORIGINAL_FULL", "OWN_FULL", "arm_families", "cache_aware_arms",
+           "same_configuration_contrasts", "study_rows", "study_rows_under"]
 
 ORIGINAL_FULL = "original_full"  # a trained model's images against the original's full sampling
 OWN_FULL = "own_full"  # the original's images against its own full sampling
+ENDPOINT_SUFFIX = "_vs_original_full"  # its endpoint there: fidelity to the ORIGINAL's full sampling
 
 
 def _arm_of(label: str) -> str:
@@ -70,17 +74,56 @@ def same_configuration_contrasts(sweep_dir: str | Path, arms: Mapping[str, tuple
     for arm, (config, replicates) in arms.items():
         if not replicates:
             raise ValueError(f"arm {arm!r} has no replicate models")
-        if seeds is None:
+        arm_seeds = seeds
+        if arm_seeds is None:  # the seeds of this arm's configuration
             table = per_image_table(sweep_dir)
-            seeds = sorted(int(s) for s in table.loc[(table["model"] == original) & (table["config"] == config)
-                                                     & (table["reference"] == OWN_FULL), "seed"].unique())
-        ours = np.mean([_per_image(sweep_dir, m, config, ORIGINAL_FULL, seeds, endpoint) for m in replicates], axis=0)
-        theirs = _per_image(sweep_dir, original, config, OWN_FULL, seeds, endpoint)
-        rows.append({"arm": arm, "config": config, "replicates": len(replicates), "original": float(theirs.mean()),
-                     "trained": float(ours.mean()), **paired_difference(ours, theirs)})
+            arm_seeds = sorted(int(s) for s in table.loc[(table["model"] == original) & (table["config"] == config)
+                                                         & (table["reference"] == OWN_FULL), "seed"].unique())
+        runs = [_per_image(sweep_dir, m, config, ORIGINAL_FULL, arm_seeds, endpoint) for m in replicates]
+        ours = np.mean(runs, axis=0)
+        theirs = _per_image(sweep_dir, original, config, OWN_FULL, arm_seeds, endpoint)
+        per_run = [float(np.mean(r - theirs)) for r in runs]  # each training run's own estimate
+        rows.append({"arm": arm, "config": config, "endpoint": endpoint, "replicates": len(replicates),
+                     "original_model": original, "original": float(theirs.mean()), "trained": float(ours.mean()),
+                     **paired_difference(ours, theirs),
+                     "run_estimates": "; ".join(f"{e:.4g}" for e in per_run),
+                     "run_sd": float(np.std(per_run, ddof=1)) if len(per_run) > 1 else float("nan")})
     table = pd.DataFrame(rows)
     if table.empty:
         return table
     table.insert(0, "family", [(families or {}).get(arm, "all") for arm in table["arm"]])
     return pd.concat([decide_family(group, alpha, power) for _, group in table.groupby("family", sort=False)],
                      ignore_index=True)
+
+
+def study_rows(table: pd.DataFrame, experiment: str) -> pd.DataFrame:
+    """:func:`same_configuration_contrasts`' rows (notebook 06's ``cache_aware_contrasts.csv``) as rows
+    of the study's contrasts table (:data:`fcr.contract.CONTRASTS`): family ``cache-aware: <family>``,
+    the arm against the original at the same configuration, endpoint ``<endpoint>_vs_original_full``,
+    the decision ``trained better`` / ``trained worse`` / ``not detectable at n = ...``."""
+    if table.empty:
+        return pd.DataFrame()
+    endpoint = table["endpoint"].astype(str) if "endpoint" in table else pd.Series("psnr", index=table.index)
+    original = table["original_model"] if "original_model" in table else pd.Series("original", index=table.index)
+    family = table["family"] if "family" in table else pd.Series("all", index=table.index)
+    return pd.DataFrame({
+        "family": CACHE_AWARE_FAMILY + family.astype(str),
+        "contrast": "cache-aware " + table["arm"].astype(str) + " vs original",
+        "kind": "superiority", "endpoint": endpoint + ENDPOINT_SUFFIX,
+        "model": table["arm"], "config": table["config"], "vs_model": original, "vs_config": table["config"],
+        "n": table["n"], "estimate": table["estimate"], "lo": table["ci_lo"], "hi": table["ci_hi"],
+        "margin": np.nan, "p": table["p"], "p_holm": table["p_holm"], "m_tests": table["m"],
+        "sd_diff": table["sd_diff"], "mde": table["mde"],
+        "decision": [v if v.startswith("not detectable") else f"trained {v}" for v in table["verdict"].astype(str)],
+        "n_runs": table["replicates"], "run_estimates": table.get("run_estimates", np.nan),
+        "run_sd": table.get("run_sd", np.nan), "backbone": original, "experiment": experiment,
+    })
+
+
+def study_rows_under(root: str | Path) -> pd.DataFrame:
+    """:func:`study_rows` of every frontier run's ``cache_aware_contrasts.csv`` under a run's ``root``
+    (``<experiment>/frontier/<run>/``); empty when no frontier run has trained arms."""
+    paths = sorted(Path(root).glob(f"*/{LAYOUT['frontier']}/*/{CACHE_AWARE_CONTRASTS}"))
+    frames = [study_rows(pd.read_csv(p), p.parents[2].name) for p in paths]
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

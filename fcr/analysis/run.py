@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from fcr import contract
+from fcr.analysis.cache_aware import study_rows_under
 from fcr.analysis.experiment_tables import exp1_table, exp2_table_by_sweep_run
 from fcr.analysis.grid import grid_tables
 from fcr.analysis.robustness_criterion import robustness_rows
@@ -92,6 +93,9 @@ def write_study_tables(root: Path, backbones: Sequence[Backbone], out_dir: Path
         write(grid.secondary, contract.GRID_SECONDARY)
         write(grid.selections, contract.GRID_SELECTIONS)
         write(grid.sensitivity, contract.GRID_SENSITIVITY)
+    cache_aware = study_rows_under(root)  # issue #33's arms: rows of the same table, families "cache-aware: ..."
+    if not cache_aware.empty:
+        contrasts = pd.concat([contrasts, cache_aware], ignore_index=True) if not contrasts.empty else cache_aware
     write(contrasts, contract.CONTRASTS, when_empty=False)
     write(safe, contract.SAFE_STRIDES, when_empty=False)
     write(fd_inf, contract.FD_INFINITY, when_empty=False)

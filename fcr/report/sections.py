@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from fcr import contract, markers
-from fcr.analysis.rows import EXP1, EXP2, LAYOUT, format_number, markdown_table
+from fcr.analysis.rows import LAYOUT, format_number, markdown_table
 from fcr.paths import display_path
 
 __all__ = ["METRIC_TITLES", "collect_figures", "csv_section", "format_experiment_table", "format_verdict",
@@ -66,11 +66,16 @@ def format_verdict(verdict: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def experiments_under(root: Path) -> list[str]:
+    """The experiment folders of a run (``exp-1-...``, ``exp-2-...``, ...), in their order."""
+    return [p.name for p in sorted(root.glob("exp-*")) if p.is_dir()]
+
+
 def collect_figures(root: Path, out_dir: Path) -> list[Path]:
     """Copy the figures of the run (sweeps, robustness, mechanistic) into ``out_dir/figures``."""
     copied = []
     dest = out_dir / "figures"
-    for exp in (EXP1, EXP2):
+    for exp in experiments_under(root):
         for kind in ("sweep", "robustness", "mechanistic", "frontier"):
             base = root / exp / LAYOUT[kind]
             for fig in sorted(base.rglob("figures/*.png")) if base.is_dir() else []:
@@ -151,7 +156,7 @@ _MATCHED_COLUMNS = ("budget", "series", "config", "cost_vs_budget", "psnr", "dif
 def frontier_sections(root: Path) -> list[str]:
     """The matched-cost table of every frontier run (notebook 06) under ``root``."""
     parts: list[str] = []
-    for exp in (EXP1, EXP2):
+    for exp in experiments_under(root):
         base = root / exp / LAYOUT["frontier"]
         for path in sorted(base.glob(f"*/{contract.MATCHED_COST}")) if base.is_dir() else []:
             table = pd.read_csv(path)

@@ -54,6 +54,10 @@ def study_section(backbones: Sequence[Backbone], tables: StudyTables) -> list[st
              "Holm's correction within each family; `m_tests` says how many tests it covers. A contrast the design "
              "cannot decide is reported as not detectable / not established at its n, with the minimal detectable "
              "effect (power as pre-registered, at Holm's strictest level).\n"]
+    if not contrasts.empty and contrasts["family"].astype(str).str.startswith(contract.CACHE_AWARE_FAMILY).any():
+        lines.append("Families `cache-aware: ...` (issue #33, params/study/cache_aware.yaml): each arm's per-image "
+                     "mean over its training runs minus the original model at the same cached configuration, both "
+                     "scored by PSNR to the original's full sampling of the same prompt and noise (two-sided).\n")
     lines += [f"- {note}" for note in notes] + ([""] if notes else [])
     if not contrasts.empty:
         show = contrasts[["backbone", "family", "contrast", "endpoint", "config", "n", "estimate", "lo", "hi",
@@ -101,8 +105,13 @@ def study_summary(tables: StudyTables) -> list[str]:
     if run.empty:
         return lines + ["- No pre-registered contrast could be evaluated: the sweep has no cells at the study's "
                         f"strides ({', '.join(dict.fromkeys(contrasts['config'].astype(str)))}).", ""]
-    for family, label in (("primary", "Primary (superiority, FCR vs the λ = 0 control)"),
-                          ("secondary", "Secondary (non-inferiority vs the original's FD-5, the seed's margins)")):
+    families = [("primary", "Primary (superiority, FCR vs the λ = 0 control)"),
+                ("secondary", "Secondary (non-inferiority vs the original's FD-5, the seed's margins)")]
+    prefix = contract.CACHE_AWARE_FAMILY  # issue #33's arms against the original at the same configuration
+    families += [(f, f"Cache-aware fine-tuning, family `{f.removeprefix(prefix)}` (superiority vs the original "
+                     "at the same configuration; fidelity to the original's full sampling)")
+                 for f in dict.fromkeys(run["family"].astype(str)) if f.startswith(prefix)]
+    for family, label in families:
         rows = run[run["family"] == family]
         if rows.empty:
             continue
