@@ -36,6 +36,7 @@ __all__ = [
     "FIDELITY",
     "FD_INFINITY",
     "FRONTIER",
+    "FRONTIER_ARMS",
     "FEW_STEPS_CONTRASTS",
     "FEW_STEPS_SAFE_STRIDES",
     "LENGTH_CONTRASTS",
@@ -157,6 +158,7 @@ STOPPING_RULE = "stopping_rule.csv"  # the seed's stopping rule: each candidate 
 GRID_FOREST = "grid_forest.png"  # every arm's estimate and CI on one axis (the report draws it)
 # Quality-vs-cost frontier (notebook 06): one row per model x configuration, and the matched-cost table.
 FRONTIER = "frontier.csv"
+FRONTIER_ARMS = "frontier_arms.csv"  # the figure's points: a cache-aware arm's training runs pooled
 MATCHED_COST = "matched_cost.csv"
 
 # Files a notebook always writes into its stage folder, in both settings: a stage without them is

@@ -181,6 +181,46 @@ def test_frontier_from_sweep_reads_a_sweep_folder_and_plots(sweep: dict) -> None
     plots.plt.close(faceted)
 
 
+def test_an_arms_training_runs_become_one_cache_aware_point_per_configuration(sweep: dict) -> None:
+    from safetensors.torch import load_file
+
+    from fcr.experiments.frontier import pooled_arms
+
+    out, gen = sweep["out"], torch.Generator().manual_seed(1)
+    for seed in (0, 1):  # a second training run of the fine-tune: its own added error
+        full = load_file(str(out / "quality" / f"{quality_stem('base', 'full', seed)}.safetensors"))["images"]
+        prompts = [f"prompt {i} seed {seed}" for i in range(N)]
+        for config, level in (("full", 0.01), ("FD-10", 0.05)):
+            images = full.double() / 127.5 - 1 + torch.randn(full.shape, generator=gen, dtype=torch.float64) * level
+            _write_cell(out, "fcr_seed1", config, seed, images.float(), prompts)
+    quality = pd.DataFrame([{"model": m, "config": c, "seed": s} for m, c in sweep["points"][["model", "config"]]
+                            .itertuples(index=False) for s in (0, 1)]
+                           + [{"model": "fcr_seed1", "config": c, "seed": s} for c in ("full", "FD-10") for s in (0, 1)])
+    quality = quality.assign(architecture="tiny", scheduler="ddim", **{FD_COLUMN: 1.0})
+    summary = (quality.groupby(["model", "config"], sort=False)
+               .agg(n_seeds=("seed", "size"), architecture=("architecture", "first"), scheduler=("scheduler", "first"),
+                    **{FD_COLUMN: (FD_COLUMN, "mean")}).reset_index())
+    origins = {"fcr": "base", "fcr_seed1": "base"}
+    cost = pd.DataFrame([{"architecture": "tiny", "config": c, "flops_per_image": f} for c, f in
+                         {"full": 100.0, "FD-5": 75.0, "FD-10": 70.0, "DDIM-10": 20.0, "DeepCache-5-b0": 30.0}.items()])
+    points = frontier_points(summary, cost, fidelity_table(out, quality, origins, n_boot=20), origins)
+
+    pooled = pooled_arms(points, out, {"fcr": ("FD-10", ["fcr", "fcr_seed1"])}, [0, 1], n_boot=50)
+    arm = pooled[pooled["model"] == "fcr"].set_index("config")
+    assert "fcr_seed1" not in set(pooled["model"]) and set(arm.index) == {"full", "FD-10"}
+    assert (arm["approach"] == "cache-aware").all() and (arm["n_runs"] == 2).all()
+    runs = [per_image_fidelity(out, m, "FD-10", "original_full", [0, 1]) for m in ("fcr", "fcr_seed1")]
+    assert arm.loc["FD-10", "psnr"] == pytest.approx(np.mean(runs))  # the mean over images of the runs' mean
+    assert arm.loc["FD-10", "psnr_lo"] < arm.loc["FD-10", "psnr"] < arm.loc["FD-10", "psnr_hi"]
+    assert arm.loc["FD-10", "series"] == "fcr · FD" and arm.loc["FD-10", "flops_per_image"] == 70.0
+    assert len(pooled) == len(points) - 2 and pooled["pareto"].dtype == bool
+    untouched = pooled_arms(points, out, {}, [0, 1])  # no arms: the same points, with the front marked
+    assert untouched.drop(columns="pareto").equals(points) and untouched["pareto"].any()
+    with pytest.raises(ValueError, match="1 of its 2 runs"):
+        pooled_arms(points[~((points["model"] == "fcr_seed1") & (points["config"] == "full"))], out,
+                    {"fcr": ("FD-10", ["fcr", "fcr_seed1"])}, [0, 1])
+
+
 def test_approach_separates_the_original_fine_tunes_and_students() -> None:
     from fcr.experiments.frontier import approach
 

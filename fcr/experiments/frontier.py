@@ -42,6 +42,7 @@ __all__ = [
     "method_family",
     "pareto_mask",
     "per_image_fidelity",
+    "pooled_arms",
     "series_model",
 ]
 
@@ -79,7 +80,7 @@ def method_family(config: str, scheduler: str = "ddim") -> str:
 
 # What was done to the original to get a point: nothing (a sampler or cache on the original's
 # weights), fine-tuning of its weights (FCR, its control, cache-aware), or distillation into a student.
-APPROACHES: tuple[str, ...] = ("training-free", "fine-tuned", "distilled")
+APPROACHES: tuple[str, ...] = ("training-free", "fine-tuned", "cache-aware", "distilled")
 
 
 def approach(model: str, family: str, origins: Mapping[str, str]) -> str:
@@ -290,3 +291,37 @@ def frontier_from_sweep(
     table = matched_cost(points, sweep_dir, seeds, original=original, budgets=budgets, cost_column=cost_column,
                          endpoint=endpoint, n_boot=n_boot)
     return points, table
+
+
+def pooled_arms(points: pd.DataFrame, sweep_dir: str | Path, arms: Mapping[str, tuple[str, Sequence[str]]],
+                seeds: Sequence[int] | None = None, *, cost_column: str = "flops_per_image", endpoint: str = "psnr",
+                n_boot: int = 2000) -> pd.DataFrame:
+    """``points`` with each arm's training runs (``{arm: (configuration, [replicate labels])}``, as
+    :func:`fcr.analysis.cache_aware.cache_aware_arms` groups cache-aware fine-tunes) replaced by one
+    point per arm x configuration, approach ``cache-aware``: per image the mean over the runs of
+    ``endpoint``, its mean with a percentile bootstrap 95 % interval over the images (the unit the
+    contrasts test), ``n_runs``; the set metric is the runs' mean (no interval). ``pareto`` is
+    recomputed over the returned points. Costs are the runs' own (one architecture). ``seeds`` None:
+    every seed of the sweep's ``quality.csv``."""
+    if seeds is None:
+        seeds = sorted(int(v) for v in pd.read_csv(Path(sweep_dir) / contract.QUALITY)["seed"].unique())
+    runs = {label for _, replicates in arms.values() for label in replicates}
+    out = [points[~points["model"].isin(runs)]]
+    for arm, (_, replicates) in arms.items():
+        rows = points[points["model"].isin(replicates)]
+        for config, group in rows.groupby("config", sort=False):
+            if len(group) != len(replicates):
+                raise ValueError(f"arm {arm!r}: {config} was sampled by {len(group)} of its {len(replicates)} runs")
+            values = np.mean([per_image_fidelity(sweep_dir, m, config, str(r), seeds, endpoint)
+                              for m, r in zip(group["model"], group["reference"])], axis=0)
+            est, lo, hi = bootstrap_ci(values, n_boot=n_boot, seed=0)
+            row = group.iloc[0].copy()
+            row[["model", "series", "approach", endpoint, f"{endpoint}_lo", f"{endpoint}_hi", "n_images"]] = [
+                arm, f"{arm} · {row['family']}", "cache-aware", est, lo, hi, len(values)]
+            if FD_COLUMN in row:
+                row[[FD_COLUMN, f"{FD_COLUMN}_lo", f"{FD_COLUMN}_hi"]] = [group[FD_COLUMN].mean(), np.nan, np.nan]
+            row["n_runs"] = len(replicates)
+            out.append(row.to_frame().T)
+    pooled = pd.concat(out, ignore_index=True).infer_objects()
+    pooled["pareto"] = pareto_mask(pooled[cost_column], pooled[endpoint], FIDELITY_DIRECTIONS[endpoint] > 0)
+    return pooled
