@@ -13,6 +13,7 @@ from pathlib import Path
 __all__ = [
     "CACHE_AWARE_CONTRASTS",
     "CACHE_AWARE_FAMILY",
+    "CACHE_AWARE_FD_INF",
     "CACHE_TRAINING_FILE",
     "ATTEMPTS_RECORD",
     "ANALYSIS_NOTES",
@@ -103,6 +104,7 @@ DISTILLATION_FILE = "distillation.json"
 CACHE_TRAINING_FILE = "cache_training.json"
 # Notebook 06: cache-aware fine-tunes against the original at the configuration they were trained for.
 CACHE_AWARE_CONTRASTS = "cache_aware_contrasts.csv"
+CACHE_AWARE_FD_INF = "cache_aware_fd_infinity.csv"  # its secondary endpoint: FD∞ vs the original's full sampling
 CACHE_AWARE_FAMILY = "cache-aware: "  # prefix of its Holm families among the study's CONTRASTS rows
 ROUND_FOLDER = re.compile(r"round\d+_steps\d+")  # a distillation round: round<r>_steps<N>
 # Stride sweep (notebook 03).

@@ -120,3 +120,51 @@ def test_every_frontier_runs_arms_are_found_under_a_run_root(tmp_path) -> None:
     found = study_rows_under(tmp_path)
     assert len(found) == 1 and found.loc[0, "experiment"] == "exp-3-cache-aware"
     assert found.loc[0, "decision"] == "trained better" and found.loc[0, "n_runs"] == 3
+
+
+def test_fd_infinity_of_an_arm_against_the_originals_full_sampling(tmp_path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from fcr.analysis.cache_aware import fd_infinity_noninferiority
+    from fcr.analysis.paired import quality_stem
+    from fcr.contract import QUALITY
+
+    gen = torch.Generator().manual_seed(0)
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "quality").mkdir()
+    save_file({"features": torch.randn(2000, 4, generator=gen, dtype=torch.float64)},
+              str(tmp_path / "reference" / "fashioncnn.safetensors"))
+    # Mean shift from the reference per cell: FD grows with its square (4 dims).
+    shifts = {("base", "full"): 1.0, ("base", "DeepCache-10-b0"): 1.5, ("near", "DeepCache-10-b0"): 0.5,
+              ("near_seed1", "DeepCache-10-b0"): 0.5, ("far", "FD-10"): 2.0, ("base", "FD-10"): 1.2}
+    rows = []
+    for (model, config), shift in shifts.items():
+        for seed in range(4):
+            feats = torch.randn(100, 4, generator=gen, dtype=torch.float64) + shift
+            save_file({"features": feats, "correct": torch.ones(100, dtype=torch.float64)},
+                      str(tmp_path / "quality" / f"{quality_stem(model, config, seed)}.safetensors"))
+            rows.append({"model": model, "config": config, "seed": seed})
+    pd.DataFrame(rows).to_csv(tmp_path / QUALITY, index=False)
+    out = fd_infinity_noninferiority(tmp_path, {"near": ("DeepCache-10-b0", ["near", "near_seed1"]),
+                                                "far": ("FD-10", ["far"])}, "base").set_index("arm")
+    assert out.loc["near", "runs"] == 2 and out.loc["far", "runs"] == 1 and np.isnan(out.loc["far", "run_sd"])
+    assert out.loc["near", "fd_inf"] < out.loc["near", "fd_inf_hi"]
+    assert out.loc["near", "fd_inf"] < out.loc["near", "full_fd_inf"] < out.loc["far", "fd_inf"]
+    assert out.loc["near", "original_fd_inf"] > out.loc["near", "full_fd_inf"]  # base's DeepCache cell: shift 1.5
+    assert bool(out.loc["near", "non_inferior"]) and not bool(out.loc["far", "non_inferior"])
+
+
+def test_the_report_shows_each_frontier_runs_fd_infinity_table(tmp_path) -> None:
+    from fcr import contract
+    from fcr.report.sections import frontier_sections
+
+    run = tmp_path / "exp-3-cache-aware" / "frontier" / "cache_aware"
+    run.mkdir(parents=True)
+    pd.DataFrame([{"budget": "DeepCache-10-b0", "series": "base · DeepCache b0", "cost_column": "flops_per_image"}]
+                 ).to_csv(run / contract.MATCHED_COST, index=False)
+    assert not any("FD∞" in part for part in frontier_sections(tmp_path))
+    pd.DataFrame([{"arm": "ca_dc10", "config": "DeepCache-10-b0", "fd_inf": 11.0, "fd_inf_hi": 11.5,
+                   "full_fd_inf": 10.6, "non_inferior": False}]).to_csv(run / contract.CACHE_AWARE_FD_INF, index=False)
+    text = "\n".join(frontier_sections(tmp_path))
+    assert "exp-3-cache-aware" in text and "FD∞ (secondary" in text and "| ca_dc10 |" in text

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fcr.analysis.contrasts import fd_infinity_table
 from fcr.analysis.paired import load_fidelity, per_image_table
 from fcr.analysis.rows import LAYOUT
-from fcr.contract import CACHE_AWARE_CONTRASTS, CACHE_AWARE_FAMILY
+from fcr.contract import CACHE_AWARE_CONTRASTS, CACHE_AWARE_FAMILY, QUALITY
 from fcr.stats import decide_family, paired_difference
 
 __all__ = ["ENDPOINT_SUFFIX", "ORIGINAL_FULL", "OWN_FULL", "arm_families", "cache_aware_arms",
-           "same_configuration_contrasts", "study_rows", "study_rows_under"]
+           "fd_infinity_noninferiority", "same_configuration_contrasts", "study_rows", "study_rows_under"]
 
 ORIGINAL_FULL = "original_full"  # a trained model's images against the original's full sampling
 OWN_FULL = "own_full"  # the original's images against its own full sampling
@@ -127,3 +128,31 @@ def study_rows_under(root: str | Path) -> pd.DataFrame:
     frames = [study_rows(pd.read_csv(p), p.parents[2].name) for p in paths]
     frames = [f for f in frames if not f.empty]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def fd_infinity_noninferiority(sweep_dir: str | Path, arms: Mapping[str, tuple[str, Sequence[str]]], original: str, *,
+                               margin_pct: float = 5.0, z: float = 1.959964) -> pd.DataFrame:
+    """The secondary endpoint of issue #33 (descriptive): per arm at its configuration, FD∞
+    (:func:`fcr.eval.metrics.fd_infinity`, the classifier features of each training run's images
+    against the real reference) as the mean over its runs, ``fd_inf_hi`` = mean + ``z`` x the
+    extrapolations' standard error of that mean (``run_sd``: the spread between runs, beside it);
+    ``non_inferior`` when ``fd_inf_hi`` is below (1 + ``margin_pct`` %) x the original's full-sampling
+    FD∞. The original at the arm's configuration is shown for context (``original_fd_inf``)."""
+    sweep_dir = Path(sweep_dir)
+    quality = pd.read_csv(sweep_dir / QUALITY)
+    cells = {(original, "full")} | {(original, c) for c, _ in arms.values()} | {
+        (m, c) for c, reps in arms.values() for m in reps}
+    keep = [(str(m), str(c)) in cells for m, c in zip(quality["model"], quality["config"])]
+    table = fd_infinity_table(sweep_dir, quality[keep], list(dict.fromkeys(m for m, _ in sorted(cells))))
+    table = table.set_index(["model", "config"])
+    full = float(table.loc[(original, "full"), "fd_inf"])
+    rows = []
+    for arm, (config, replicates) in arms.items():
+        runs = table.loc[[(m, config) for m in replicates]]
+        est = float(runs["fd_inf"].mean())
+        hi = est + z * float(np.sqrt((runs["fd_inf_se"] ** 2).sum())) / len(runs)
+        rows.append({"arm": arm, "config": config, "runs": len(runs), "fd_inf": est, "fd_inf_hi": hi,
+                     "run_sd": float(runs["fd_inf"].std(ddof=1)) if len(runs) > 1 else np.nan,
+                     "original_fd_inf": float(table.loc[(original, config), "fd_inf"]), "full_fd_inf": full,
+                     "margin_pct": margin_pct, "non_inferior": bool(hi < (1 + margin_pct / 100) * full)})
+    return pd.DataFrame(rows)

@@ -170,4 +170,12 @@ def frontier_sections(root: Path) -> list[str]:
                       "series when it is better with an interval that excludes zero. Every point: "
                       f"`{display_path(path.parent / contract.FRONTIER)}`.\n",
                       markdown_table(shown) if not shown.empty else "_No series within a budget._\n"]
+            fd_inf = path.parent / contract.CACHE_AWARE_FD_INF
+            if fd_inf.is_file():
+                table = pd.read_csv(fd_inf).map(lambda x: format_number(x) if isinstance(x, float) else x)
+                parts += [f"### Cache-aware fine-tunes: FD∞ (secondary, descriptive; {exp}, {path.parent.name})\n",
+                          f"From `{display_path(fd_inf)}`: per arm at its configuration the mean FD∞ over its training "
+                          "runs, `fd_inf_hi` its upper 95 % bound (extrapolation error; `run_sd` the spread between "
+                          "runs); non-inferior when that bound is below (1 + margin) x the original's full-sampling "
+                          "FD∞ (`full_fd_inf`).\n", markdown_table(table)]
     return parts
