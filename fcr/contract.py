@@ -36,7 +36,9 @@ __all__ = [
     "DROPS",
     "FIDELITY",
     "FD_INFINITY",
+    "APPROACHES",
     "FRONTIER",
+    "HEADLINE_FRONTIER",
     "FRONTIER_ARMS",
     "FEW_STEPS_CONTRASTS",
     "FEW_STEPS_SAFE_STRIDES",
@@ -160,6 +162,9 @@ STOPPING_RULE = "stopping_rule.csv"  # the seed's stopping rule: each candidate 
 GRID_FOREST = "grid_forest.png"  # every arm's estimate and CI on one axis (the report draws it)
 # Quality-vs-cost frontier (notebook 06): one row per model x configuration, and the matched-cost table.
 FRONTIER = "frontier.csv"
+# The panels of a frontier figure: how a point's sampler came about (fcr.experiments.frontier.approach).
+APPROACHES: tuple[str, ...] = ("training-free", "fine-tuned", "cache-aware", "distilled")
+HEADLINE_FRONTIER = "frontier_all_psnr.png"  # the report's figure of every frontier run of one original
 FRONTIER_ARMS = "frontier_arms.csv"  # the figure's points: a cache-aware arm's training runs pooled
 MATCHED_COST = "matched_cost.csv"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -13,7 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
-import torch  # noqa: E402
+
+if TYPE_CHECKING:  # tensors are accepted, but plotting a table (the report) loads no torch
+    import torch
 
 MAX_REFERENCE_LABELS = 12  # reference configurations named in a stride plot's legend
 
@@ -42,6 +45,10 @@ def save_figure(fig: plt.Figure, path: str | Path) -> Path:
     return path
 
 
+def _is_tensor(x: object) -> bool:
+    return hasattr(x, "detach") and hasattr(x, "cpu")  # a torch tensor, without importing torch
+
+
 def image_grid(
     images: torch.Tensor | np.ndarray,
     nrows: int,
@@ -51,7 +58,7 @@ def image_grid(
     scale: float = 1.2,
 ) -> plt.Figure:
     """Grid of 1-channel (or RGB) images in [-1, 1] (tensor) or uint8 (array), row-major."""
-    imgs = images.detach().cpu().float().numpy() if torch.is_tensor(images) else np.asarray(images)
+    imgs = images.detach().cpu().float().numpy() if _is_tensor(images) else np.asarray(images)
     if imgs.dtype != np.uint8:
         imgs = np.clip((imgs + 1) * 127.5, 0, 255).astype(np.uint8)
     if imgs.ndim == 4 and imgs.shape[1] in (1, 3):
@@ -195,7 +202,7 @@ def config_sample_grid(
     """Rows = configurations, columns = the same prompts and initial noise (uint8 or [-1, 1] images)."""
     names = list(samples)
     ncols = min(len(v) for v in samples.values())
-    parts = [v[:ncols].cpu().numpy() if torch.is_tensor(v) else np.asarray(v[:ncols]) for v in samples.values()]
+    parts = [v[:ncols].cpu().numpy() if _is_tensor(v) else np.asarray(v[:ncols]) for v in samples.values()]
     images = np.concatenate(parts)
     full_titles = list(titles[:ncols]) + [""] * (len(images) - ncols) if titles is not None else None
     return image_grid(images, len(names), ncols, titles=full_titles, row_labels=names)

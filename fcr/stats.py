@@ -26,10 +26,11 @@ __all__ = [
     "holm",
     "mean_ci_over_seeds",
     "ols",
-    "paired_mde",
     "paired_difference",
+    "paired_mde",
     "paired_n",
     "paired_test",
+    "pareto_mask",
     "relative_change",
 ]
 
@@ -314,3 +315,16 @@ def decide_family(table: pd.DataFrame, alpha: float = 0.05, power: float = 0.8) 
     table["verdict"] = [("better" if est > 0 else "worse") if p < alpha else f"not detectable at n = {int(n)} (MDE {mde:.2f})"
                         for est, p, n, mde in zip(table["estimate"], table["p_holm"], table["n"], table["mde"])]
     return table
+
+
+def pareto_mask(cost: Sequence[float], quality: Sequence[float], higher_is_better: bool = True) -> np.ndarray:
+    """True for the points no other point dominates: none is at most as costly and at least as
+    good with one of the two strictly better. NaN quality is never on the front."""
+    c = np.asarray(cost, dtype=float)
+    q = np.asarray(quality, dtype=float) * (1.0 if higher_is_better else -1.0)
+    ok = np.isfinite(c) & np.isfinite(q)
+    mask = np.zeros(c.size, dtype=bool)
+    for i in np.flatnonzero(ok):
+        others = ok & (c <= c[i]) & (q >= q[i]) & ((c < c[i]) | (q > q[i]))
+        mask[i] = not others.any()
+    return mask

@@ -242,3 +242,38 @@ def test_supplementary_robustness_run_is_reported_beside_the_verdict(tmp_path):
     assert "1 pass, 1 FAIL of 2 stress × metric pairs" in md
     assert "above 0 (FCR worse) for 1 and below 0 (FCR better) for 0 of 2" in md
     assert out["verdict"].query("criterion == 'c. robustness'")["passed"].isna().all()  # main run absent
+
+
+def test_the_headline_frontier_joins_every_frontier_run_of_one_original(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from fcr import contract
+    from fcr.report.headline import combined_points, headline_figure
+
+    def run(folder: str, rows: list[tuple], name: str = contract.FRONTIER) -> None:
+        path = tmp_path / folder
+        path.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame([{"model": m, "config": c, "flops_per_image": f, "psnr": q, "psnr_lo": q - 1, "psnr_hi": q + 1,
+                       "is_reference": c == "full", "approach": a, "series": f"{m} · {c}"}
+                      for m, c, f, q, a in rows]).to_csv(path / name, index=False)
+
+    assert combined_points(tmp_path).empty and headline_figure(tmp_path, tmp_path / "report") is None
+    run("exp-1-x/frontier/frontier", [("base", "full", 100.0, float("nan"), "training-free"),
+                                      ("base", "DC-10", 26.0, 27.0, "training-free"),
+                                      ("base", "DC-5", 34.0, 34.0, "training-free")])
+    # The cache-aware run: its pooled table is read (not the per-run points); base's DC-10 again.
+    run("exp-3-y/frontier/cache_aware", [("base", "full", 100.0, float("nan"), "training-free"),
+                                         ("base", "DC-10", 26.0, 27.5, "training-free"),
+                                         ("ca_seed1", "DC-10", 26.0, 1.0, "fine-tuned")])
+    run("exp-3-y/frontier/cache_aware", [("base", "full", 100.0, float("nan"), "training-free"),
+                                         ("base", "DC-10", 26.0, 27.5, "training-free"),
+                                         ("ca", "DC-10", 26.0, 29.0, "cache-aware")], contract.FRONTIER_ARMS)
+    run("exp-2-z/frontier/frontier", [("base-v", "full", 100.0, float("nan"), "training-free"),  # another original
+                                      ("base-v", "DC-10", 26.0, 40.0, "training-free")])
+    points = combined_points(tmp_path).set_index(["model", "config"])
+    assert set(points.index) == {("base", "full"), ("base", "DC-10"), ("base", "DC-5"), ("ca", "DC-10")}
+    assert points.loc[("base", "DC-10"), "psnr"] == 27.0  # kept from the first run
+    assert points.loc[("ca", "DC-10"), "source"] == "exp-3-y/frontier/cache_aware"
+    assert bool(points.loc[("ca", "DC-10"), "pareto"]) and not bool(points.loc[("base", "DC-10"), "pareto"])
+    figure = headline_figure(tmp_path, tmp_path / "report")
+    assert figure == tmp_path / "report" / "figures" / contract.HEADLINE_FRONTIER and figure.is_file()

@@ -28,7 +28,7 @@ import pandas as pd
 from fcr import contract
 from fcr.contract import FIDELITY_DIRECTIONS
 from fcr.eval.scoring import FD_COLUMN
-from fcr.stats import bootstrap_ci
+from fcr.stats import bootstrap_ci, pareto_mask
 from fcr.analysis.paired import load_fidelity
 from fcr.experiments.sweep import summarize
 
@@ -80,7 +80,7 @@ def method_family(config: str, scheduler: str = "ddim") -> str:
 
 # What was done to the original to get a point: nothing (a sampler or cache on the original's
 # weights), fine-tuning of its weights (FCR, its control, cache-aware), or distillation into a student.
-APPROACHES: tuple[str, ...] = ("training-free", "fine-tuned", "cache-aware", "distilled")
+APPROACHES = contract.APPROACHES
 
 
 def approach(model: str, family: str, origins: Mapping[str, str]) -> str:
@@ -154,19 +154,6 @@ def frontier_points(
             row.update({endpoint: np.nan, f"{endpoint}_lo": np.nan, f"{endpoint}_hi": np.nan, "n_images": np.nan})
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def pareto_mask(cost: Sequence[float], quality: Sequence[float], higher_is_better: bool = True) -> np.ndarray:
-    """True for the points no other point dominates: none is at most as costly and at least as
-    good with one of the two strictly better. NaN quality is never on the front."""
-    c = np.asarray(cost, dtype=float)
-    q = np.asarray(quality, dtype=float) * (1.0 if higher_is_better else -1.0)
-    ok = np.isfinite(c) & np.isfinite(q)
-    mask = np.zeros(c.size, dtype=bool)
-    for i in np.flatnonzero(ok):
-        others = ok & (c <= c[i]) & (q >= q[i]) & ((c < c[i]) | (q > q[i]))
-        mask[i] = not others.any()
-    return mask
 
 
 def per_image_fidelity(sweep_dir: str | Path, model: str, config: str, reference: str, seeds: Sequence[int],

@@ -36,6 +36,7 @@ from fcr.report.sections import (
     timing_section,
 )
 from fcr.report.grid import grid_section
+from fcr.report.headline import headline_figure
 from fcr.report.study import (
     ablation_section,
     few_steps_section,
@@ -179,6 +180,8 @@ def build_report(
                           root / exp / "stopping_rule" / contract.STOPPING_RULE) for exp in gated]
     frontier = frontier_sections(root)
     figures = collect_figures(root, out_dir)
+    headline = headline_figure(root, out_dir)  # every frontier run of one original on one figure
+    figures += [headline] if headline is not None else []
     files += figures
 
     def figs(base: Path) -> list[str]:
