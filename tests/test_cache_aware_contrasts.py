@@ -168,3 +168,24 @@ def test_the_report_shows_each_frontier_runs_fd_infinity_table(tmp_path) -> None
                    "full_fd_inf": 10.6, "non_inferior": False}]).to_csv(run / contract.CACHE_AWARE_FD_INF, index=False)
     text = "\n".join(frontier_sections(tmp_path))
     assert "exp-3-cache-aware" in text and "FD∞ (secondary" in text and "| ca_dc10 |" in text
+
+
+def test_fd_infinity_reads_nan_where_a_cell_has_too_few_images(tmp_path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from fcr.analysis.cache_aware import fd_infinity_noninferiority
+    from fcr.analysis.paired import quality_stem
+    from fcr.contract import QUALITY
+
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "quality").mkdir()
+    save_file({"features": torch.randn(500, 4, dtype=torch.float64)}, str(tmp_path / "reference" / "f.safetensors"))
+    rows = []
+    for model, config in (("base", "full"), ("base", "FD-10"), ("ca", "FD-10")):
+        save_file({"features": torch.randn(5, 4, dtype=torch.float64), "correct": torch.ones(5, dtype=torch.float64)},
+                  str(tmp_path / "quality" / f"{quality_stem(model, config, 0)}.safetensors"))
+        rows.append({"model": model, "config": config, "seed": 0})
+    pd.DataFrame(rows).to_csv(tmp_path / QUALITY, index=False)
+    out = fd_infinity_noninferiority(tmp_path, {"ca": ("FD-10", ["ca"])}, "base")
+    assert np.isnan(out.loc[0, "fd_inf"]) and out.loc[0, "non_inferior"] is None

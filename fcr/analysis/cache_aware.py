@@ -144,7 +144,10 @@ def fd_infinity_noninferiority(sweep_dir: str | Path, arms: Mapping[str, tuple[s
         (m, c) for c, reps in arms.values() for m in reps}
     keep = [(str(m), str(c)) in cells for m, c in zip(quality["model"], quality["config"])]
     table = fd_infinity_table(sweep_dir, quality[keep], list(dict.fromkeys(m for m, _ in sorted(cells))))
-    table = table.set_index(["model", "config"])
+    # A cell with too few images for FD∞ (fcr.analysis.contrasts.fd_infinity_table skips it) reads NaN.
+    table = table.set_index(["model", "config"]) if not table.empty else pd.DataFrame(
+        columns=["fd_inf", "fd_inf_se"], index=pd.MultiIndex.from_tuples([], names=["model", "config"]))
+    table = table.reindex(sorted(cells))
     full = float(table.loc[(original, "full"), "fd_inf"])
     rows = []
     for arm, (config, replicates) in arms.items():
@@ -154,5 +157,6 @@ def fd_infinity_noninferiority(sweep_dir: str | Path, arms: Mapping[str, tuple[s
         rows.append({"arm": arm, "config": config, "runs": len(runs), "fd_inf": est, "fd_inf_hi": hi,
                      "run_sd": float(runs["fd_inf"].std(ddof=1)) if len(runs) > 1 else np.nan,
                      "original_fd_inf": float(table.loc[(original, config), "fd_inf"]), "full_fd_inf": full,
-                     "margin_pct": margin_pct, "non_inferior": bool(hi < (1 + margin_pct / 100) * full)})
+                     "margin_pct": margin_pct,
+                     "non_inferior": bool(hi < (1 + margin_pct / 100) * full) if np.isfinite(hi + full) else None})
     return pd.DataFrame(rows)
