@@ -67,6 +67,14 @@ def test_hand_written_numbers_match_their_files() -> None:
     assert "at most 27.5 min" in text and "27 min 33 s" in ci and "real 21m8.560s" in ci and "real 6m24.325s" in ci
     seconds = pd.read_csv(again / contract.STAGE_TIMES)["seconds"].sum()
     assert f"{seconds:.0f} s = {seconds / 60:.1f} min" in reproducing
+    inpainting = pd.read_csv(REPO / "outputs" / "inpainting_replication" / "contrasts.csv").query(
+        "endpoint == 'psnr_vs_full'").set_index("config")
+    for config, words in (("DeepCache-5-b0", "under DeepCache-5-b0"), ("FD-10", "at FD-10")):
+        r = inpainting.loc[config]
+        signed = [f"{v:+.2f}".replace("-", "−") for v in (r["mean_diff_db"], r["ci_lo"], r["ci_hi"])]
+        assert f"{signed[0]} dB [{signed[1]}, {signed[2]}] {words}" in text.replace("\n", " "), config
+    dc = inpainting.loc["DeepCache-5-b0"]
+    assert f"[{dc['run_ci_lo']:+.2f}, {dc['run_ci_hi']:+.2f}] lies above 0" in text and dc["run_ci_lo"] > 0
 
 
 def test_every_relative_link_resolves() -> None:
