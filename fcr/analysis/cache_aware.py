@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from fcr.analysis.contrasts import fd_infinity_table
-from fcr.analysis.paired import load_fidelity, per_image_table
+from fcr.analysis.paired import per_image_fidelity, per_image_table
 from fcr.analysis.rows import LAYOUT
 from fcr.contract import CACHE_AWARE_CONTRASTS, CACHE_AWARE_FAMILY, QUALITY
 from fcr.stats import decide_family, paired_difference
@@ -56,11 +56,6 @@ def arm_families(records: Mapping[str, dict | None]) -> dict[str, str]:
             for label, record in records.items() if record is not None}
 
 
-def _per_image(sweep_dir: Path, model: str, config: str, reference: str, seeds: Sequence[int], endpoint: str) -> np.ndarray:
-    return np.concatenate([load_fidelity(sweep_dir, model, config, int(s), reference)[endpoint].double().numpy()
-                           for s in seeds])
-
-
 def same_configuration_contrasts(sweep_dir: str | Path, arms: Mapping[str, tuple[str, Sequence[str]]], original: str,
                                  seeds: Sequence[int] | None = None, *, endpoint: str = "psnr", alpha: float = 0.05,
                                  power: float = 0.8, families: Mapping[str, str] | None = None) -> pd.DataFrame:
@@ -80,9 +75,9 @@ def same_configuration_contrasts(sweep_dir: str | Path, arms: Mapping[str, tuple
             table = per_image_table(sweep_dir)
             arm_seeds = sorted(int(s) for s in table.loc[(table["model"] == original) & (table["config"] == config)
                                                          & (table["reference"] == OWN_FULL), "seed"].unique())
-        runs = [_per_image(sweep_dir, m, config, ORIGINAL_FULL, arm_seeds, endpoint) for m in replicates]
+        runs = [per_image_fidelity(sweep_dir, m, config, ORIGINAL_FULL, arm_seeds, endpoint) for m in replicates]
         ours = np.mean(runs, axis=0)
-        theirs = _per_image(sweep_dir, original, config, OWN_FULL, arm_seeds, endpoint)
+        theirs = per_image_fidelity(sweep_dir, original, config, OWN_FULL, arm_seeds, endpoint)
         per_run = [float(np.mean(r - theirs)) for r in runs]  # each training run's own estimate
         rows.append({"arm": arm, "config": config, "endpoint": endpoint, "replicates": len(replicates),
                      "original_model": original, "original": float(theirs.mean()), "trained": float(ours.mean()),

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from fcr.contract import FIDELITY_DIRECTIONS, FIDELITY_PER_IMAGE
 
-__all__ = ["cell_tensors", "check_same_prompts", "load_fidelity", "load_side_file", "per_image_table", "quality_stem", "side_file_with_images"]
+__all__ = ["cell_tensors", "check_same_prompts", "load_fidelity", "load_side_file", "per_image_fidelity", "per_image_table", "quality_stem", "side_file_with_images"]
 
 
 def quality_stem(model: str, config: str, seed: int) -> str:
@@ -96,6 +96,14 @@ def load_fidelity(out_dir: str | Path, model: str, config: str, seed: int, refer
                                 f"vs {reference}: it is written by fcr.experiments.paired_fidelity.fidelity_table")
     return {name: torch.from_numpy(rows[name].to_numpy(dtype=np.float64).copy())
             for name in FIDELITY_DIRECTIONS if name in rows and rows[name].notna().all()}
+
+
+def per_image_fidelity(out_dir: str | Path, model: str, config: str, reference: str, seeds: Sequence[int],
+                       endpoint: str = "psnr") -> np.ndarray:
+    """The per-image ``endpoint`` of one cell against ``reference``, images of ``seeds`` in order
+    (image ``i`` of seed ``k`` pairs with the same image of every other cell of the sweep)."""
+    return np.concatenate([load_fidelity(out_dir, model, config, int(s), reference)[endpoint].double().numpy()
+                           for s in seeds])
 
 
 def forget_tables() -> None:

@@ -29,7 +29,7 @@ from fcr import contract
 from fcr.contract import FIDELITY_DIRECTIONS
 from fcr.eval.scoring import FD_COLUMN
 from fcr.stats import bootstrap_ci, pareto_mask
-from fcr.analysis.paired import load_fidelity
+from fcr.analysis.paired import per_image_fidelity
 from fcr.experiments.sweep import summarize
 
 __all__ = [
@@ -154,14 +154,6 @@ def frontier_points(
             row.update({endpoint: np.nan, f"{endpoint}_lo": np.nan, f"{endpoint}_hi": np.nan, "n_images": np.nan})
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def per_image_fidelity(sweep_dir: str | Path, model: str, config: str, reference: str, seeds: Sequence[int],
-                       endpoint: str = "psnr") -> np.ndarray:
-    """The per-image ``endpoint`` of one cell against ``reference``, images of ``seeds`` in order
-    (image ``i`` of seed ``k`` pairs with the same image of every other cell of the sweep)."""
-    return np.concatenate([load_fidelity(sweep_dir, model, config, int(s), reference)[endpoint].double().numpy()
-                           for s in seeds])
 
 
 def _paired_row(a: np.ndarray, b: np.ndarray, n_boot: int, prefix: str) -> dict[str, float]:
