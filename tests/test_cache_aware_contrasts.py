@@ -103,6 +103,11 @@ def test_arm_rows_join_the_study_contrasts_table_in_its_schema(tmp_path) -> None
     backbones = backbones_of("embedded", REPO / "params" / "study" / "experiments.yaml")
     text = "\n".join(study_section(backbones, StudyTables(rows.reset_index(), pd.DataFrame(), [], pd.DataFrame())))
     assert "cache-aware dc10 vs original" in text
+    # The README's results block shows them in a table of their own, and nothing where there are none.
+    from fcr.report.front_page import _cache_aware
+    front = _cache_aware(pd.concat([study, rows.reset_index()[study.columns]], ignore_index=True))
+    assert front.count("\n| dc10 | all | DeepCache-10-b0 | 8 |") == 1 and "| fd10 | scale_shift | FD-10 |" in front
+    assert "| trained worse |" in front and _cache_aware(study) == ""
 
 
 def test_every_frontier_runs_arms_are_found_under_a_run_root(tmp_path) -> None:

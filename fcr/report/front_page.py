@@ -76,6 +76,26 @@ def _primary(contrasts: pd.DataFrame) -> str:
     return markdown_table(table)
 
 
+def _cache_aware(contrasts: pd.DataFrame) -> str:
+    """Issue #33's contrasts (each cache-aware arm against the original at the same cached
+    configuration); empty when the study has none yet."""
+    rows = contrasts[contrasts["family"].astype(str).str.startswith(contract.CACHE_AWARE_FAMILY)]
+    if rows.empty:
+        return ""
+    table = pd.DataFrame({
+        "arm": rows["model"], "Holm family": rows["family"].str[len(contract.CACHE_AWARE_FAMILY):],
+        "configuration": rows["config"], "n pairs": rows["n"].astype(int),
+        "estimate (dB)": rows["estimate"].map(format_number), "95 % CI": rows.apply(_ci, axis=1),
+        "p (Holm)": rows["p_holm"].map(format_number), "tests in family": rows["m_tests"].astype(int),
+        "MDE": rows["mde"].map(format_number), "training runs": rows["n_runs"].astype(int),
+        "SD over runs": rows["run_sd"].map(format_number), "decision": rows["decision"]})
+    return "\n".join([
+        "**Cache-aware fine-tuning** (issue #33: fine-tuned so that its cached sampling reproduces the original's "
+        "full sampling; PSNR to the original's full-sampling image, trained arm (mean over its training runs) minus "
+        "the original at the same cached configuration, paired over prompt and initial noise):", "",
+        markdown_table(table)])
+
+
 def _criteria(verdict: pd.DataFrame) -> str:
     """The criterion rows as the verdict decided them, with rows of the same verdict beside two of
     them: criterion c per backbone and its difference-in-differences analysis (context, decides
@@ -118,6 +138,7 @@ def front_page_block(report_dir: Path = STUDY_REPORT) -> str:
         "control, paired over prompt and initial noise, mean over the training runs of each arm):",
         "",
         _primary(contrasts),
+        *([cache_aware] if (cache_aware := _cache_aware(contrasts)) else []),
         "**The seed's success criteria** (embedded equivalents: FD of the `fashioncnn` features plays FID, "
         "the prompted class's accuracy plays CLIPScore):",
         "",
