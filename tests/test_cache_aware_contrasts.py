@@ -74,6 +74,11 @@ def test_arms_group_replicates_by_their_seed_suffix() -> None:
     shift = {"configuration": "DeepCache-10-b0", "trainable": "scale_shift"}
     assert arm_families({"base": None, "ca_dc10": dc, "ca_ss": shift, "ca_ss_seed1": shift}) == {
         "ca_dc10": "all", "ca_ss": "scale_shift"}
+    from fcr.analysis.cache_aware import differs_only_at
+
+    # Only a frozen UNet's scale-shift is the original everywhere but at its own configuration.
+    assert differs_only_at({"base": None, "ca_dc10": dc, "ca_ss": shift, "ca_ss_seed1": shift}) == {
+        "ca_ss": "DeepCache-10-b0", "ca_ss_seed1": "DeepCache-10-b0"}
 
 
 def test_arm_rows_join_the_study_contrasts_table_in_its_schema(tmp_path) -> None:

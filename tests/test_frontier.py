@@ -173,6 +173,13 @@ def test_frontier_from_sweep_reads_a_sweep_folder_and_plots(sweep: dict) -> None
     plots.plt.close(fig)
     assert set(got.loc[got["model"] == "base", "approach"]) == {"training-free"}
     assert set(got.loc[got["model"] == "fcr", "approach"]) == {"fine-tuned"}
+    # A model that is its original except at one configuration keeps only that point (and the
+    # matched-cost table never meets its other cells).
+    only, only_table = frontier_from_sweep(out, {"fcr": "base"}, "base", budgets=["FD-5"], n_boot=50,
+                                           differs_only_at={"fcr": "FD-10"})
+    assert set(only.loc[only["model"] == "fcr", "config"]) == {"FD-10"}
+    assert only[only["model"] == "base"].reset_index(drop=True).equals(got[got["model"] == "base"].reset_index(drop=True))
+    assert set(only_table.loc[only_table["model"] == "fcr", "config"]) <= {"FD-10"}
     faceted = plots.frontier(got, "flops_per_image", "psnr", facet="approach", facet_order=["fine-tuned", "none"])
     assert [ax.get_title() for ax in faceted.axes] == ["fine-tuned", "training-free"]
     fine_tuned = faceted.axes[[ax.get_title() for ax in faceted.axes].index("fine-tuned")]

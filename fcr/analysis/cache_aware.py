@@ -22,7 +22,7 @@ from fcr.analysis.rows import LAYOUT
 from fcr.contract import CACHE_AWARE_CONTRASTS, CACHE_AWARE_FAMILY, QUALITY
 from fcr.stats import decide_family, paired_difference
 
-__all__ = ["ENDPOINT_SUFFIX", "ORIGINAL_FULL", "OWN_FULL", "arm_families", "cache_aware_arms",
+__all__ = ["ENDPOINT_SUFFIX", "ORIGINAL_FULL", "OWN_FULL", "arm_families", "cache_aware_arms", "differs_only_at",
            "fd_infinity_noninferiority", "same_configuration_contrasts", "study_rows", "study_rows_under"]
 
 ORIGINAL_FULL = "original_full"  # a trained model's images against the original's full sampling
@@ -54,6 +54,15 @@ def arm_families(records: Mapping[str, dict | None]) -> dict[str, str]:
     family of the study; a ``scale_shift`` arm, added after it, is a family of its own)."""
     return {_arm_of(label): str(record.get("trainable", "all"))
             for label, record in records.items() if record is not None}
+
+
+def differs_only_at(records: Mapping[str, dict | None]) -> dict[str, str]:
+    """{label: configuration} of the runs that trained a scale-shift beside the frozen UNet
+    (``trainable: scale_shift``): the correction acts only at the configuration it was trained for
+    (:meth:`fcr.eval.context.LoadedModel.correction_for`), so at every other one the run samples
+    with the original's weights and sampler: the original's images again, not a point of its own."""
+    return {label: str(record["configuration"]) for label, record in records.items()
+            if record is not None and str(record.get("trainable", "all")) == "scale_shift"}
 
 
 def same_configuration_contrasts(sweep_dir: str | Path, arms: Mapping[str, tuple[str, Sequence[str]]], original: str,

@@ -252,15 +252,21 @@ def frontier_from_sweep(
     endpoint: str = "psnr",
     budgets: Sequence[str] = ("FD-5", "FD-10"),
     n_boot: int = 2000,
+    differs_only_at: Mapping[str, str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The frontier points (with ``pareto``: on the front of all points, on ``cost_column`` x
     ``endpoint``) and the matched-cost table of a finished sweep folder (notebook 03's
-    ``quality.csv``, ``cost.csv`` and ``fidelity.csv``, per-image fidelity files under it)."""
+    ``quality.csv``, ``cost.csv`` and ``fidelity.csv``, per-image fidelity files under it).
+    ``differs_only_at`` ({model: configuration}, :func:`fcr.analysis.cache_aware.differs_only_at`):
+    models that are their original at every other configuration (a scale-shift beside a frozen
+    UNet); their cells there are the original's sampler again and are no points of the frontier."""
     sweep_dir = Path(sweep_dir)
     missing = [name for name in (contract.QUALITY, contract.COST, contract.FIDELITY) if not (sweep_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{sweep_dir} lacks {missing}: the frontier reads a finished 03_stride_sweep run")
     quality = pd.read_csv(sweep_dir / contract.QUALITY)
+    for model, config in (differs_only_at or {}).items():
+        quality = quality[(quality["model"] != model) | (quality["config"] == config)]
     points = frontier_points(summarize(quality), pd.read_csv(sweep_dir / contract.COST),
                              pd.read_csv(sweep_dir / contract.FIDELITY), origins, endpoint=endpoint)
     if original not in set(points["model"]):
