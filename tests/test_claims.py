@@ -76,6 +76,33 @@ def test_hand_written_numbers_match_their_files() -> None:
     dc = inpainting.loc["DeepCache-5-b0"]
     assert f"[{dc['run_ci_lo']:+.2f}, {dc['run_ci_hi']:+.2f}] lies above 0" in text and dc["run_ci_lo"] > 0
 
+    # Cache-aware fine-tuning (issue #33): the pre-registered family, the frontier points named.
+    flat = text.replace("\n", " ")
+    contrasts = pd.read_csv(STUDY_REPORT / contract.CONTRASTS)
+    aware = contrasts[contrasts["family"] == f"{contract.CACHE_AWARE_FAMILY}all"]
+    assert len(aware) == 3 and set(aware["decision"]) == {"trained better"} and set(aware["n"]) == {384}
+    assert set(aware["n_runs"]) == {3} and "384 pairs, 3 runs per arm" in flat
+    assert f"+{aware['estimate'].min():.2f} to +{aware['estimate'].max():.2f} dB" in flat
+    frontiers = REPO / "outputs" / "study"
+    arms = pd.read_csv(frontiers / "exp-3-cache-aware" / "frontier" / "cache_aware" / contract.FRONTIER_ARMS)
+    peers = pd.read_csv(frontiers / "exp-1-main-ablation" / "frontier" / "frontier" / contract.FRONTIER)
+    full = peers.loc[peers["is_reference"].astype(bool), "flops_per_image"].iloc[0]
+
+    def point(table: pd.DataFrame, model: str, config: str) -> tuple[str, str]:
+        row = table[(table["model"] == model) & (table["config"] == config)].iloc[0]
+        return f"{row['flops_per_image'] / full:.2f}", f"{row['psnr']:.1f} dB"
+
+    cost, psnr = point(arms, "ca_dc5", "DeepCache-5-b0")
+    assert f"DeepCache-5-b0 ({cost} of full sampling's FLOPs) it is on the frontier at {psnr}" in flat
+    assert f"({point(arms, 'ca_dc10', 'DeepCache-10-b0')[0]}: {point(arms, 'ca_dc10', 'DeepCache-10-b0')[1]})" in flat
+    assert f"DPM-Solver++-12 ({': '.join(point(peers, 'base', 'DPM++-12'))})" in flat
+    from fcr.report.headline import combined_points
+
+    combined = combined_points(frontiers).set_index(["model", "config"])
+    assert combined.loc[("ca_dc5", "DeepCache-5-b0"), "pareto"] and not combined.loc[("ca_dc10", "DeepCache-10-b0"), "pareto"]
+    dpm, ours = combined.loc[("base", "DPM++-12")], combined.loc[("ca_dc10", "DeepCache-10-b0")]
+    assert dpm["flops_per_image"] < ours["flops_per_image"] and dpm["psnr"] > ours["psnr"]  # "still dominates"
+
 
 def test_every_relative_link_resolves() -> None:
     pages = [README, REPO / "outputs" / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
